@@ -1,0 +1,44 @@
+# Set-up is part of every target: a fresh Debian machine needs only `make demo` or `make test`.
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 fio
+DEBSTAMP := $(VENV)/.debs
+
+.PHONY: demo test lint bench fuzz clean debs
+
+demo: $(STAMP)
+	$(VENV)/bin/backendd demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+debs: $(DEBSTAMP)
+
+# Install only what is missing, so a prepared machine does no network round trip.
+$(DEBSTAMP):
+	@missing=""; for p in $(DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+$(STAMP): pyproject.toml $(DEBSTAMP)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,94 @@
+"""What the daemon needs from a device backend, and what a device gets from the daemon.
+
+A device sees only consumer interfaces: GuestMemory, GrantTable, EventChannel, and a
+notice sink. It never learns how memory was mapped or where the VMM is.
+
+Lifecycle, driven by backendd.xenbus from the frontend's state changes:
+  __init__(config)          -> validate the toolstack config (ConfigError on a bad key)
+  backend_keys()            -> feature keys published at InitWait
+  await connect(keys, chans)-> map rings, start serving; returns keys to publish at
+                               Connected (blk: sectors, info, sector-size ...)
+  await disconnect()        -> stop taking requests, wait for in-flight I/O, answer it,
+                               release grants and ring mappings; idempotent
+  stats()                   -> counters for `backendd stats`
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from backendd.evtchn import EventChannel
+    from backendd.grants import GrantTable
+    from backendd.memory import GuestMemory
+
+
+class NoticeSink(abc.ABC):
+    """Daemon -> VMM notices (sent unsolicited on the control socket)."""
+
+    @abc.abstractmethod
+    def device_failed(self, devid: int, code: int, message: str) -> None: ...
+
+    @abc.abstractmethod
+    def frontend_misbehaved(self, devid: int, message: str) -> None: ...
+
+    @abc.abstractmethod
+    def keys_changed(self, devid: int, keys: Mapping[str, str]) -> None: ...
+
+
+@dataclass
+class DeviceContext:
+    """What the daemon hands every device of one guest."""
+
+    memory: GuestMemory
+    grants: GrantTable
+    loop: asyncio.AbstractEventLoop
+    notices: NoticeSink
+    # Runs blocking work (file I/O) off the event loop.
+    run_blocking: Callable[..., asyncio.Future] | None = None
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+class Device(abc.ABC):
+    type_name: ClassVar[str]
+
+    def __init__(self, devid: int, config: Mapping[str, str], ctx: DeviceContext) -> None:
+        self.devid = devid
+        self.config = dict(config)
+        self.ctx = ctx
+
+    @abc.abstractmethod
+    def backend_keys(self) -> dict[str, str]:
+        """Keys the backend publishes before the frontend connects (features)."""
+
+    @abc.abstractmethod
+    async def connect(self, frontend_keys: Mapping[str, str],
+                      channels: Mapping[int, EventChannel]) -> dict[str, str]:
+        """Map the rings named in frontend_keys, start serving. `channels` maps each
+        event-channel port named in the keys to its EventChannel. Returns the keys to
+        publish on reaching Connected. Raises ControlError / GuestError on bad keys."""
+
+    @abc.abstractmethod
+    async def disconnect(self) -> None:
+        """Stop serving, finish or answer in-flight requests, release every grant and
+        mapping. Safe to call twice and when never connected."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, int]:
+        """Counters: requests, bytes, errors, drops ..."""
+
+    async def close(self) -> None:
+        """Device removal: disconnect, then release backing resources (files, taps)."""
+        await self.disconnect()
+
+
+DEVICE_TYPES: dict[str, type[Device]] = {}
+
+
+def register(cls: type[Device]) -> type[Device]:
+    DEVICE_TYPES[cls.type_name] = cls
+    return cls
