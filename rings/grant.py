@@ -37,7 +37,7 @@ grant_entry_v2_transitive = Struct(
     "trans_domid" / Int16ul,
     Padding(2),
     "gref" / Int32ul,
-    Padding(8),
+    Padding(4),
 )
 
 GRANT_ENTRY_V1_SIZE = grant_entry_v1.sizeof()

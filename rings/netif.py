@@ -62,14 +62,14 @@ netif_rx_response = Struct(
 )
 
 netif_ctrl_request = Struct(
-    "type" / Int16ul,
     "id" / Int16ul,
+    "type" / Int16ul,
     "data" / Array(3, Int32ul),
 )
 
 netif_ctrl_response = Struct(
-    "type" / Int16ul,
     "id" / Int16ul,
+    "type" / Int16ul,
     "status" / Int32ul,
     "data" / Int32ul,
 )

@@ -1,0 +1,148 @@
+"""Back-end and front-end ring halves over real shared memory (an anonymous mmap)."""
+
+import mmap
+import random
+import struct
+
+import pytest
+
+from rings import BLKIF, BLKIF_CODECS, BackRing, FrontRing, RingCorrupted, SharedRing
+from rings.consts import BlkifAbi
+from rings.netif import CTRL_ENTRY_SIZE, RX_ENTRY_SIZE, TX_ENTRY_SIZE
+from rings.sring import REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD, ring_entries_for_pages
+
+ABI = BlkifAbi.X86_64
+CODECS = BLKIF_CODECS[ABI]
+
+
+def make_ring(pages: int = 1, start: int = 0) -> tuple[SharedRing, FrontRing, BackRing]:
+    area = mmap.mmap(-1, pages * 4096)
+    shared = SharedRing(memoryview(area), BLKIF[ABI].entry_size)
+    shared.init()
+    for word in (REQ_PROD, RSP_PROD):
+        shared.idx[word] = start & 0xFFFFFFFF
+    for word in (REQ_EVENT, RSP_EVENT):
+        shared.idx[word] = (start + 1) & 0xFFFFFFFF
+    return shared, FrontRing(shared, start), BackRing(shared, start)
+
+
+def request(rid: int) -> bytes:
+    return CODECS.request.pack(0, 1, 0, rid, rid * 8, *([0, 0, 7] * 11))
+
+
+def request_id(raw: bytes) -> int:
+    return CODECS.request.unpack_from(raw)[3]
+
+
+@pytest.mark.parametrize(("entry", "pages", "expected"), [
+    (BLKIF[BlkifAbi.X86_64].entry_size, 1, 32), (BLKIF[BlkifAbi.X86_32].entry_size, 1, 32),
+    (BLKIF[BlkifAbi.X86_64].entry_size, 16, 512), (BLKIF[BlkifAbi.X86_64].entry_size, 3, 64),
+    (TX_ENTRY_SIZE, 1, 256), (RX_ENTRY_SIZE, 1, 256), (CTRL_ENTRY_SIZE, 1, 128),
+])
+def test_ring_sizes(entry: int, pages: int, expected: int) -> None:
+    assert ring_entries_for_pages(pages, entry) == expected
+
+
+@pytest.mark.parametrize("start", [0, 0xFFFFFFF0, 0x7FFFFFFA])
+def test_requests_and_responses_flow_across_wraparound(start: int) -> None:
+    shared, front, back = make_ring(start=start)
+    rng = random.Random(start)
+    next_id, answered = 0, []
+    for _ in range(200):
+        for _ in range(rng.randint(0, front.free_requests())):
+            front.put_request(request(next_id))
+            next_id += 1
+        front.push_requests()
+        for raw in back.take_requests(rng.randint(1, 40)):
+            back.put_response(CODECS.response.pack(request_id(raw), 0, 0))
+        back.push_responses()
+        answered += [CODECS.response.unpack_from(r)[0] for r in front.take_responses()]
+    assert answered == list(range(len(answered)))
+    assert len(answered) > 1000
+    assert shared.idx[REQ_PROD] == (start + next_id) & 0xFFFFFFFF
+
+
+def test_budget_is_respected_and_private_copies_are_taken() -> None:
+    shared, front, back = make_ring()
+    for i in range(10):
+        front.put_request(request(i))
+    front.push_requests()
+    taken = back.take_requests(4)
+    assert [request_id(r) for r in taken] == [0, 1, 2, 3]
+    # The guest rewrites a slot after we copied it: our copy must not change.
+    shared.write_slot(0, request(999))
+    assert request_id(taken[0]) == 0
+    assert back.unconsumed_requests() == 6
+
+
+def test_overflowing_producer_is_ring_corruption() -> None:
+    shared, _front, back = make_ring()
+    shared.idx[REQ_PROD] = shared.size + 1
+    with pytest.raises(RingCorrupted):
+        back.take_requests(64)
+    shared.idx[REQ_PROD] = 0x80000000
+    with pytest.raises(RingCorrupted):
+        back.take_requests(64)
+
+
+def test_full_ring_of_requests_is_not_corruption() -> None:
+    shared, front, back = make_ring()
+    while front.free_requests():
+        front.put_request(request(0))
+    front.push_requests()
+    assert len(back.take_requests(1000)) == shared.size
+
+
+def test_more_responses_than_requests_is_refused() -> None:
+    _shared, front, back = make_ring()
+    front.put_request(request(1))
+    front.push_requests()
+    back.take_requests(8)
+    back.put_response(CODECS.response.pack(1, 0, 0))
+    with pytest.raises(RuntimeError):
+        back.put_response(CODECS.response.pack(1, 0, 0))
+
+
+def test_notify_follows_event_index() -> None:
+    shared, front, back = make_ring()
+    front.put_request(request(0))
+    assert front.push_requests()  # req_event == 1: the first request notifies
+    front.put_request(request(1))
+    assert not front.push_requests()  # back end has not re-armed req_event
+    back.take_requests(8)
+    assert not back.final_check_for_requests()
+    assert shared.idx[REQ_EVENT] == back.req_cons + 1
+    front.put_request(request(2))
+    assert front.push_requests()  # re-armed: notify again
+
+    back.take_requests(8)
+    for rid in range(3):
+        back.put_response(CODECS.response.pack(rid, 0, 0))
+    assert back.push_responses()  # rsp_event == 1 is inside the pushed range
+    assert not back.push_responses()  # nothing new
+    front.take_responses()
+    shared.idx[RSP_EVENT] = front.rsp_cons + 5  # front end asks to be woken later
+    assert not back.final_check_for_requests()
+
+
+def test_final_check_sees_work_that_raced_in() -> None:
+    shared, front, back = make_ring()
+    front.put_request(request(0))
+    front.push_requests()
+    assert back.final_check_for_requests()
+    back.take_requests(8)
+    assert not back.final_check_for_requests()
+
+
+def test_front_refuses_responses_beyond_its_requests() -> None:
+    shared, front, _back = make_ring()
+    shared.idx[RSP_PROD] = 3
+    with pytest.raises(RingCorrupted):
+        front.take_responses()
+
+
+def test_indices_are_native_single_words() -> None:
+    shared, front, _back = make_ring(start=0xFFFFFFFF)
+    front.put_request(request(0))
+    front.push_requests()
+    assert struct.unpack_from("<I", shared.area, 0)[0] == 0  # wrapped to 0
