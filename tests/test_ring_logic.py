@@ -126,7 +126,7 @@ def test_notify_follows_event_index() -> None:
 
 
 def test_final_check_sees_work_that_raced_in() -> None:
-    shared, front, back = make_ring()
+    _shared, front, back = make_ring()
     front.put_request(request(0))
     front.push_requests()
     assert back.final_check_for_requests()
