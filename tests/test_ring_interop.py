@@ -139,6 +139,17 @@ class PyBack:
         pass
 
 
+def consume_or_sleep(label: str, items: list, final, log: list) -> bool:
+    """A consumer's step: log what it got; with nothing, the final check decides whether
+    it stays awake. Returns whether it is still awake."""
+    log.append((label, items))
+    if items:
+        return True
+    work = final()
+    log.append((f"{label}-final", work))
+    return work
+
+
 def run_scenario(front, back, shared: SharedRing, seed: int, start: int, total: int) -> list:
     """Drive both halves; returns the log of every decision."""
     shared.init()
@@ -151,9 +162,7 @@ def run_scenario(front, back, shared: SharedRing, seed: int, start: int, total: 
     sent = taken = responded = 0
     answered: list[tuple[int, int, int]] = []
     back_awake = front_awake = False
-    idle_rounds = 0
     while len(answered) < total:
-        progress = False
         roll = rng.random()
         in_flight = sent - len(answered)
         if roll < 0.35 and sent < total and in_flight < shared.size:
@@ -162,33 +171,20 @@ def run_scenario(front, back, shared: SharedRing, seed: int, start: int, total: 
             sent += k
             log.append(("push", k, notify))
             back_awake |= notify
-            progress = True
         elif roll < 0.6 and back_awake:
             ids = back.take(rng.randint(1, 16))
             taken += len(ids)
-            log.append(("take", ids))
-            if not ids:
-                work = back.final()
-                log.append(("back-final", work))
-                back_awake = work
-            progress = True
+            back_awake = consume_or_sleep("take", ids, back.final, log)
         elif roll < 0.8 and taken > responded:
             k = rng.randint(1, taken - responded)  # completions arrive whenever I/O ends
             notify = back.respond(k)
             responded += k
             log.append(("respond", k, notify))
             front_awake |= notify
-            progress = True
         elif front_awake:
             rsps = front.consume()
             answered += rsps
-            log.append(("consume", rsps))
-            if not rsps:
-                work = front.final()
-                log.append(("front-final", work))
-                front_awake = work
-            progress = True
-        idle_rounds = 0 if progress or back_awake or front_awake else idle_rounds + 1
+            front_awake = consume_or_sleep("consume", rsps, front.final, log)
         # Nobody awake, nothing left to send or complete: a lost wakeup.
         stuck = not back_awake and not front_awake and taken == responded and (
             sent == total or in_flight >= shared.size)
