@@ -64,7 +64,8 @@ class Flags(IntFlag):
     NOTICE = 0x8
 
 
-KNOWN_FLAGS = Flags.VERSION_MASK | Flags.REPLY | Flags.NOTICE
+# A plain int: ~ on an IntFlag stays within the declared bits and would hide unknown ones.
+KNOWN_FLAGS = int(Flags.VERSION_MASK | Flags.REPLY | Flags.NOTICE)
 
 
 class DeviceType(IntEnum):
