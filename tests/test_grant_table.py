@@ -188,3 +188,15 @@ def test_only_v1_and_sane_geometry(guest, table):
         with pytest.raises(ControlError) as e:
             table.set_table(**args)
         assert e.value.code == code
+
+
+def test_memory_region_busy_while_a_grant_is_mapped(guest, table):
+    ram, gt = guest
+    gref = gt.grant_access(ram.alloc_page())
+    m = table.map(gref, writable=False)
+    (gpa, size, _, _), = ram.regions
+    with pytest.raises(ControlError) as e:
+        table.memory.remove_region(gpa, size)
+    assert e.value.code == errno.EBUSY
+    m.release()
+    table.memory.remove_region(gpa, size)
