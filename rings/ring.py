@@ -66,6 +66,57 @@ class SharedRing:
     def release(self) -> None:
         self.idx.release()
 
+    @classmethod
+    def over_pages(cls, pages: "list[memoryview]", entry_size: int) -> "SharedRing":
+        """A ring over separately mapped pages (multi-page rings: ring-ref0..N each name
+        their own grant, so the pages are not contiguous in our address space). One page
+        gives the plain SharedRing, so the single-page path costs nothing extra."""
+        if not pages:
+            raise ValueError("a ring needs at least one page")
+        if len(pages) == 1:
+            return cls(pages[0], entry_size)
+        return PagedSharedRing(pages, entry_size)
+
+
+class PagedSharedRing(SharedRing):
+    """A shared ring laid over equal-sized pages that are contiguous only in the other
+    side's view: the header sits in page 0 and a slot may straddle two pages."""
+
+    __slots__ = ("page_size", "pages")
+
+    def __init__(self, pages: "list[memoryview]", entry_size: int) -> None:
+        page_size = len(pages[0])
+        if page_size < SRING_HEADER_SIZE or any(len(p) != page_size for p in pages):
+            raise ValueError("ring pages must all have the same size")
+        self.pages = list(pages)
+        self.page_size = page_size
+        size = ring_entries(page_size * len(pages), entry_size)
+        if size < 1:
+            raise ValueError(f"{len(pages)} pages hold no {entry_size}-byte entry")
+        self.area = pages[0]
+        self.entry_size = entry_size
+        self.size = size
+        self.mask = size - 1
+        self.idx = pages[0][:16].cast("I")
+
+    def read_slot(self, index: int) -> bytes:
+        off = SRING_HEADER_SIZE + (index & self.mask) * self.entry_size
+        page, start = divmod(off, self.page_size)
+        end = start + self.entry_size
+        if end <= self.page_size:
+            return bytes(self.pages[page][start:end])
+        return bytes(self.pages[page][start:]) + bytes(self.pages[page + 1][:end - self.page_size])
+
+    def write_slot(self, index: int, data: bytes) -> None:
+        if len(data) > self.entry_size:
+            raise ValueError(f"{len(data)}-byte message in a {self.entry_size}-byte slot")
+        off = SRING_HEADER_SIZE + (index & self.mask) * self.entry_size
+        page, start = divmod(off, self.page_size)
+        first = min(len(data), self.page_size - start)
+        self.pages[page][start:start + first] = data[:first]
+        if first < len(data):
+            self.pages[page + 1][:len(data) - first] = data[first:]
+
 
 class BackRing:
     """The back end's private state (req_cons, rsp_prod_pvt) over a shared ring."""
