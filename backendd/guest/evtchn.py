@@ -1,5 +1,6 @@
 """The guest's end of event channels: it kicks the backend and collects its notifies."""
 
+import asyncio
 import os
 import select
 
@@ -29,6 +30,22 @@ class GuestPort:
         """Block until notified (or timeout); returns how many arrived."""
         ready, _, _ = select.select([self._call], [], [], timeout)
         return self.poll() if ready else 0
+
+    async def notified(self, timeout: float | None = None) -> int:
+        """Wait on the event loop until notified; returns how many arrived (0 on timeout)."""
+        n = self.poll()
+        if n:
+            return n
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        loop.add_reader(self._call, lambda: ready.done() or ready.set_result(None))
+        try:
+            await asyncio.wait_for(ready, timeout)
+        except TimeoutError:
+            return 0
+        finally:
+            loop.remove_reader(self._call)
+        return self.poll()
 
     def close(self) -> None:
         for fd in (self._kick, self._call):

@@ -1,0 +1,209 @@
+"""A VMM's side of the control protocol, for the simulated guest, tests, the demo and as a
+reference for VMM authors (docs/protocol.md is the specification)."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import socket
+from collections.abc import Mapping, Sequence
+
+from backendd.errors import ControlError
+from backendd.protocol.framing import Framer, Role, encode_request
+from backendd.protocol.messages import (
+    ALL_DEVICES,
+    PROTOCOL_VERSION,
+    AddDevice,
+    AddMemRegion,
+    Code,
+    DeviceType,
+    ErrorReply,
+    Flags,
+    FrontendState,
+    GetBackendState,
+    GetStats,
+    Hello,
+    HelloReply,
+    Message,
+    RemoveDevice,
+    RemoveMemRegion,
+    SetGrantTable,
+    StateReply,
+    StatsReply,
+    decode_notice,
+    decode_reply,
+)
+from rings.consts import XenbusState
+
+DEVICE_TYPES = {"blk": DeviceType.BLK, "net": DeviceType.NET}
+
+
+class RequestFailed(ControlError):
+    """The daemon answered a request with an error reply."""
+
+
+class ConnectionLost(ConnectionError):
+    """The daemon closed the connection before answering."""
+
+
+class VmmClient:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.framer = Framer(Role.VMM)
+        self.notices: asyncio.Queue[Message] = asyncio.Queue()
+        self._seq = 0
+        self._waiting: dict[int, tuple[int, asyncio.Future[Message | ErrorReply]]] = {}
+        self._lock = asyncio.Lock()
+        self._reader = self.loop.create_task(self._read_loop())
+        self.closed = False
+        self.version = 0
+        self.features = 0
+
+    @classmethod
+    async def connect(cls, path: str, features: int = 0) -> VmmClient:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, path)
+        except BaseException:
+            sock.close()
+            raise
+        client = cls(sock)
+        try:
+            reply = await client.request(Hello(PROTOCOL_VERSION, features))
+        except BaseException:
+            await client.close()
+            raise
+        assert isinstance(reply, HelloReply)
+        client.version, client.features = reply.version, reply.features
+        return client
+
+    # --- transport ---------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self.loop.sock_recv(self.sock, 65536)
+                if not data:
+                    break
+                for frame in self.framer.feed(data):
+                    h = frame.header
+                    if h.flags & Flags.NOTICE:
+                        self.notices.put_nowait(decode_notice(h.code, frame.payload))
+                        continue
+                    code, fut = self._waiting.pop(h.seq, (None, None))
+                    if fut is None or code != h.code:
+                        raise ConnectionLost(f"reply with unexpected seq {h.seq} code {h.code}")
+                    if not fut.done():
+                        try:
+                            fut.set_result(decode_reply(h.code, frame.payload))
+                        except Exception as exc:
+                            fut.set_exception(exc)
+        except (OSError, ConnectionError, ControlError) as exc:
+            self._fail_all(exc)
+        finally:
+            self._fail_all(ConnectionLost("daemon closed the connection"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for _, fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(exc if isinstance(exc, ConnectionError)
+                                  else ConnectionLost(str(exc)))
+        self._waiting.clear()
+
+    async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Send bytes (and fds with their first byte) as they are: for tests of bad input."""
+        if fds:
+            n = await self._sendmsg(data, fds)
+            data = data[n:]
+        if data:
+            await self.loop.sock_sendall(self.sock, data)
+
+    async def _sendmsg(self, data: bytes, fds: Sequence[int]) -> int:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        while True:
+            try:
+                return self.sock.sendmsg([data], anc)
+            except BlockingIOError:
+                fut = self.loop.create_future()
+                self.loop.add_writer(self.sock.fileno(), fut.set_result, None)
+                try:
+                    await fut
+                finally:
+                    self.loop.remove_writer(self.sock.fileno())
+
+    async def request(self, msg: Message, fds: Sequence[int] = ()) -> Message:
+        """Send one request and wait for its reply; an error reply raises RequestFailed."""
+        if self.closed:
+            raise ConnectionLost("client closed")
+        async with self._lock:  # one request's bytes and fds are never interleaved
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            seq = self._seq
+            fut: asyncio.Future[Message | ErrorReply] = self.loop.create_future()
+            self._waiting[seq] = (msg.code, fut)
+            await self.send_raw(encode_request(seq, msg), fds)
+        reply = await fut
+        if isinstance(reply, ErrorReply):
+            raise RequestFailed(reply.errno, f"{Code(msg.code).name}: {reply.message}")
+        return reply
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader
+        self.sock.close()
+        self.framer.close()
+
+    # --- requests ----------------------------------------------------------------
+
+    async def add_mem_region(self, gpa: int, size: int, fd: int, offset: int = 0) -> None:
+        await self.request(AddMemRegion(gpa, size, offset), [fd])
+
+    async def remove_mem_region(self, gpa: int, size: int) -> None:
+        await self.request(RemoveMemRegion(gpa, size))
+
+    async def set_grant_table(self, fd: int, nr_frames: int, offset: int = 0,
+                              version: int = 1, backend_domid: int = 0) -> None:
+        await self.request(SetGrantTable(version, nr_frames, offset, backend_domid), [fd])
+
+    async def add_device(self, devid: int, dtype: str,
+                         config: Mapping[str, str]) -> tuple[int, dict[str, str]]:
+        if dtype not in DEVICE_TYPES:
+            raise ValueError(f"device type {dtype!r}: not one of {', '.join(DEVICE_TYPES)}")
+        reply = await self.request(AddDevice(devid, DEVICE_TYPES[dtype], dict(config)))
+        assert isinstance(reply, StateReply)
+        return int(reply.state), reply.keys
+
+    async def remove_device(self, devid: int) -> None:
+        await self.request(RemoveDevice(devid))
+
+    async def frontend_state(self, devid: int, state: int, keys: Mapping[str, str],
+                             channels: Sequence[tuple[int, int, int]] = ()
+                             ) -> tuple[int, dict[str, str]]:
+        """`channels`: (port, kick_fd, call_fd) per event channel, in the device's order."""
+        ports = tuple(port for port, _, _ in channels)
+        fds = [fd for _, kick, call in channels for fd in (kick, call)]
+        reply = await self.request(FrontendState(devid, XenbusState(state), dict(keys), ports),
+                                   fds)
+        assert isinstance(reply, StateReply)
+        return int(reply.state), reply.keys
+
+    async def backend_state(self, devid: int) -> tuple[int, dict[str, str]]:
+        reply = await self.request(GetBackendState(devid))
+        assert isinstance(reply, StateReply)
+        return int(reply.state), reply.keys
+
+    async def stats(self, devid: int = ALL_DEVICES) -> dict[str, str]:
+        reply = await self.request(GetStats(devid))
+        assert isinstance(reply, StatsReply)
+        return reply.counters
+
+
+__all__ = ["ConnectionLost", "RequestFailed", "VmmClient"]

@@ -1,0 +1,290 @@
+"""The control socket: accepts VMM connections and feeds each one's bytes and fds to its
+Session. A thin adapter: framing lives in protocol/, request handling in session.py.
+
+Each connection is isolated: its own Session (memory, grants, devices), its own request
+queue and worker task. A connection that breaks framing is closed; one that is slow to
+read its replies gets them buffered and written when the socket drains.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import stat
+import struct
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .config import Config
+from .log import EventLog, GuestLogLimiter
+from .protocol.framing import FatalFramingError, Frame, Framer, Role
+from .protocol.messages import MAX_CHANNELS
+from .session import Session, load_device_types
+
+# The largest fd count any request carries (FRONTEND_STATE: a kick and a call per channel).
+MAX_FDS_PER_RECV = 2 * MAX_CHANNELS
+RECV_SIZE = 65536
+_CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECV * array.array("i").itemsize)
+# Stop reading a connection once this many requests wait: the VMM must read its replies.
+MAX_QUEUED_REQUESTS = 64
+
+
+def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process on the other end of a unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class Connection:
+    def __init__(self, server: Server, sock: socket.socket, conn_id: int,
+                 creds: tuple[int, int, int]) -> None:
+        self.server = server
+        self.sock = sock
+        self.conn_id = conn_id
+        self.pid, self.uid, _ = creds
+        loop = server.loop
+        self.framer = Framer(Role.DAEMON)
+        self.session = Session(conn_id, server.config, loop, self.send, server.log,
+                               server.guest_log, server.run_blocking,
+                               peer=f"pid={self.pid},uid={self.uid}")
+        self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self._out = bytearray()
+        self._writing = False
+        self._reading = False
+        self._closing = False
+        self.done = loop.create_future()
+        self._worker = loop.create_task(self._work())
+        self._resume_reading()
+
+    # --- input -------------------------------------------------------------------
+
+    def _resume_reading(self) -> None:
+        if not self._reading and not self._closing:
+            self.server.loop.add_reader(self.sock.fileno(), self._readable)
+            self._reading = True
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self.server.loop.remove_reader(self.sock.fileno())
+            self._reading = False
+
+    def _readable(self) -> None:
+        try:
+            data, ancdata, msg_flags, _ = self.sock.recvmsg(
+                RECV_SIZE, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._hang_up(f"recvmsg: {exc.strerror}")
+            return
+        fds = _fds_from_ancillary(ancdata)
+        if msg_flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            self._hang_up(f"more than {MAX_FDS_PER_RECV} fds in one message")
+            return
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self._hang_up("peer closed")
+            return
+        try:
+            frames = self.framer.feed(data, fds)
+        except FatalFramingError as exc:
+            self.server.log.warning("connection_framing_error", conn=self.conn_id,
+                                    errno=errno.errorcode.get(exc.code, exc.code),
+                                    message=str(exc))
+            self._hang_up("framing error")
+            return
+        for frame in frames:
+            self._queue.put_nowait(frame)
+        if self._queue.qsize() >= MAX_QUEUED_REQUESTS:
+            self._pause_reading()
+
+    async def _work(self) -> None:
+        while True:
+            frame = await self._queue.get()
+            if frame is None:
+                break
+            await self.session.handle(frame)
+            if self._queue.qsize() < MAX_QUEUED_REQUESTS // 2:
+                self._resume_reading()
+
+    # --- output ------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._out += data
+        if not self._writing:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._out:
+            try:
+                n = self.sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._out.clear()
+                self._hang_up(f"send: {exc.strerror}")
+                return
+            del self._out[:n]
+        if self._out and not self._writing:
+            self.server.loop.add_writer(self.sock.fileno(), self._flush)
+            self._writing = True
+        elif not self._out and self._writing:
+            self.server.loop.remove_writer(self.sock.fileno())
+            self._writing = False
+
+    # --- teardown ----------------------------------------------------------------
+
+    def _hang_up(self, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._pause_reading()
+        if self._writing:
+            self.server.loop.remove_writer(self.sock.fileno())
+            self._writing = False
+        self.server.log.info("connection_closed", conn=self.conn_id, reason=reason)
+        # Requests already queued are dropped, their fds closed; the one being handled
+        # finishes first so teardown never races a device connect.
+        while not self._queue.empty():
+            frame = self._queue.get_nowait()
+            if frame is not None:
+                for fd in frame.fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+        self._queue.put_nowait(None)
+        self.server.loop.create_task(self._teardown())
+
+    async def _teardown(self) -> None:
+        try:
+            await self._worker
+        except Exception:
+            self.server.log.error("connection_worker_crashed", conn=self.conn_id,
+                                  traceback=traceback.format_exc())
+        try:
+            await self.session.close()
+        finally:
+            self.framer.close()
+            self.sock.close()
+            self.server.connections.pop(self.conn_id, None)
+            if not self.done.done():
+                self.done.set_result(None)
+
+    async def close(self) -> None:
+        self._hang_up("daemon stopping")
+        await self.done
+
+
+class Server:
+    def __init__(self, config: Config, log: EventLog | None = None) -> None:
+        self.config = config
+        self.log = log if log is not None else EventLog(config.daemon.log_level)
+        self.guest_log = GuestLogLimiter(self.log, burst=config.daemon.guest_log_burst)
+        self.connections: dict[int, Connection] = {}
+        self._next_id = 1
+        self._pool = ThreadPoolExecutor(config.daemon.io_threads,
+                                        thread_name_prefix="backendd-io")
+        self._listener: socket.socket | None = None
+        self._owns_path: Path | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        load_device_types()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("server not started")
+        return self._loop
+
+    def run_blocking(self, fn: Callable, *args: object) -> asyncio.Future:
+        return self.loop.run_in_executor(self._pool, fn, *args)
+
+    @property
+    def address(self) -> str:
+        assert self._listener is not None
+        name = self._listener.getsockname()
+        return name if isinstance(name, str) else name.decode()
+
+    async def start(self, path: str | None = None, sock: socket.socket | None = None) -> None:
+        """Listen on `sock` (socket activation) or on a new socket bound at `path`."""
+        self._loop = asyncio.get_running_loop()
+        if sock is None:
+            sock = self._bind(Path(path or self.config.daemon.socket))
+        sock.setblocking(False)
+        self._listener = sock
+        self.loop.add_reader(sock.fileno(), self._accept)
+        self.log.info("listening", socket=self.address)
+
+    def _bind(self, path: Path) -> socket.socket:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            # A socket left by a previous run; refuse to remove anything else.
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # The socket is born 0600 (umask) so no other user ever gets a window to connect.
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        sock.listen(64)
+        self._owns_path = path
+        return sock
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE and friends: keep the daemon alive, the VMM will retry.
+                self.log.error("accept_failed", error=exc.strerror)
+                return
+            sock.setblocking(False)
+            creds = peer_credentials(sock)
+            if not self.config.peer_allowed(creds[1]):
+                self.log.warning("peer_refused", pid=creds[0], uid=creds[1])
+                sock.close()
+                continue
+            conn_id = self._next_id
+            self._next_id += 1
+            self.log.info("connection_accepted", conn=conn_id, pid=creds[0], uid=creds[1])
+            self.connections[conn_id] = Connection(self, sock, conn_id, creds)
+
+    async def close(self) -> None:
+        if self._loop is None:
+            self._pool.shutdown(wait=True)
+            return
+        if self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            if self._owns_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self._owns_path.unlink()
+        for conn in list(self.connections.values()):
+            await conn.close()
+        self._pool.shutdown(wait=True)

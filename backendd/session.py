@@ -1,0 +1,294 @@
+"""One VMM connection: its guest's memory, grant table and devices, and the requests that
+drive them.
+
+The session is the single point where the two error families become replies: a
+ControlError (including ProtocolError and ConfigError) or a GuestError raised while
+handling a request becomes an error reply for that request and changes nothing; any other
+exception is a local bug, logged with its traceback and answered with EIO. Requests are
+handled one at a time, in order, so replies come back in request order.
+
+Teardown (VMM disconnect) runs in dependency order: devices first (they hold grant
+mappings and ring views), then the grant table, then guest memory, so no mapping outlives
+what it points into.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from rings.consts import XenbusState
+
+from .config import Config
+from .devices.base import DEVICE_TYPES, Device, DeviceContext, NoticeSink
+from .errors import ControlError, GuestError
+from .evtchn import EventChannel
+from .grants import GrantTable
+from .log import EventLog, GuestLogLimiter
+from .memory import GuestMemory
+from .protocol.framing import Frame, encode_error, encode_notice, encode_reply
+from .protocol.messages import (
+    ALL_DEVICES,
+    PROTOCOL_VERSION,
+    AddDevice,
+    AddMemRegion,
+    Code,
+    DeviceFailed,
+    DeviceType,
+    EmptyReply,
+    FrontendMisbehaved,
+    FrontendState,
+    GetBackendState,
+    GetStats,
+    Hello,
+    HelloReply,
+    KeysChanged,
+    Message,
+    ProtocolError,
+    RemoveDevice,
+    RemoveMemRegion,
+    SetGrantTable,
+    StateReply,
+    StatsReply,
+    decode_request,
+)
+from .xenbus import Action, XenbusBackend
+
+# Features the daemon understands; none are defined by protocol version 1 yet.
+SUPPORTED_FEATURES = 0
+
+DEVICE_TYPE_NAMES = {DeviceType.BLK: "blk", DeviceType.NET: "net"}
+
+
+def load_device_types() -> None:
+    """Import the device packages so they register themselves in DEVICE_TYPES."""
+    import importlib
+
+    for name in ("backendd.devices.blk", "backendd.devices.net"):
+        with contextlib.suppress(ModuleNotFoundError):
+            importlib.import_module(name)
+
+
+@dataclass
+class DeviceSlot:
+    device: Device
+    type_name: str
+    xenbus: XenbusBackend = field(default_factory=XenbusBackend)
+    # Everything published so far under the backend's xenstore directory.
+    keys: dict[str, str] = field(default_factory=dict)
+
+
+class Session(NoticeSink):
+    def __init__(self, conn_id: int, config: Config, loop: asyncio.AbstractEventLoop,
+                 send: Callable[[bytes], None], log: EventLog, guest_log: GuestLogLimiter,
+                 run_blocking: Callable[..., asyncio.Future], peer: str = "") -> None:
+        self.conn_id = conn_id
+        self.config = config
+        self.loop = loop
+        self._send = send
+        self.log = log
+        self.guest_log = guest_log
+        self.run_blocking = run_blocking
+        self.peer = peer
+        self.hello_done = False
+        self.memory = GuestMemory()
+        self.grants = GrantTable(self.memory)
+        self.devices: dict[int, DeviceSlot] = {}
+        self.closed = False
+        self.requests = 0
+        self.errors = 0
+
+    # --- requests ----------------------------------------------------------------
+
+    async def handle(self, frame: Frame) -> None:
+        """Answer one request. Every fd that came with it is closed afterwards unless a
+        handler took ownership (the eventfds of a connected device)."""
+        header = frame.header
+        fds = list(frame.fds)
+        self.requests += 1
+        try:
+            msg = decode_request(header.code, frame.payload, len(fds))
+            body = await self._dispatch(msg, fds)
+            self._send(encode_reply(header.seq, header.code, 0, body))
+        except (ControlError, GuestError) as exc:
+            self.errors += 1
+            code = exc.code if isinstance(exc, ControlError) else errno.EINVAL
+            message = exc.message if isinstance(exc, ControlError) else str(exc)
+            self.log.info("request_failed", conn=self.conn_id, code=_code_name(header.code),
+                          errno=errno.errorcode.get(code, code), message=message)
+            self._send(encode_error(header.seq, header.code, code, message))
+        except Exception as exc:  # a local bug: answer, keep the daemon alive
+            self.errors += 1
+            self.log.error("request_crashed", conn=self.conn_id, code=_code_name(header.code),
+                           error=repr(exc), traceback=traceback.format_exc())
+            self._send(encode_error(header.seq, header.code, errno.EIO,
+                                    f"internal error: {exc!r}"))
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    async def _dispatch(self, msg: Message, fds: list[int]) -> bytes | Message:
+        if isinstance(msg, Hello):
+            return self._hello(msg)
+        if not self.hello_done:
+            raise ProtocolError(errno.EPROTO, f"{msg.code.name} before HELLO")
+        match msg:
+            case AddMemRegion():
+                self.memory.add_region(msg.gpa, msg.size, fds[0], msg.mmap_offset)
+                return EmptyReply()
+            case RemoveMemRegion():
+                self.memory.remove_region(msg.gpa, msg.size)
+                return EmptyReply()
+            case SetGrantTable():
+                self.grants.set_table(fds[0], msg.mmap_offset, msg.nr_frames, msg.version)
+                self.grants.backend_domid = msg.backend_domid
+                return EmptyReply()
+            case AddDevice():
+                return self._add_device(msg)
+            case RemoveDevice():
+                await self._remove_device(msg.devid)
+                return EmptyReply()
+            case FrontendState():
+                return await self._frontend_state(msg, fds)
+            case GetBackendState():
+                slot = self._slot(msg.devid)
+                return StateReply(slot.xenbus.state, dict(slot.keys))
+            case GetStats():
+                return StatsReply(self._stats(msg.devid))
+        raise ProtocolError(errno.EOPNOTSUPP, f"{msg.code.name}: not handled")
+
+    def _hello(self, msg: Hello) -> HelloReply:
+        if self.hello_done:
+            raise ProtocolError(errno.EPROTO, "HELLO sent twice")
+        if msg.version != PROTOCOL_VERSION:
+            raise ProtocolError(errno.EOPNOTSUPP,
+                                f"HELLO: version {msg.version}, daemon speaks {PROTOCOL_VERSION}")
+        self.hello_done = True
+        return HelloReply(PROTOCOL_VERSION, msg.features & SUPPORTED_FEATURES)
+
+    def _slot(self, devid: int) -> DeviceSlot:
+        slot = self.devices.get(devid)
+        if slot is None:
+            raise ControlError(errno.ENOENT, f"device {devid}: no such device")
+        return slot
+
+    def _add_device(self, msg: AddDevice) -> StateReply:
+        if msg.devid in self.devices:
+            raise ControlError(errno.EEXIST, f"device {msg.devid}: already added")
+        type_name = DEVICE_TYPE_NAMES[msg.type]
+        cls = DEVICE_TYPES.get(type_name)
+        if cls is None:
+            raise ControlError(errno.EOPNOTSUPP, f"device type {type_name}: not available")
+        ctx = DeviceContext(memory=self.memory, grants=self.grants, loop=self.loop,
+                            notices=self, run_blocking=self.run_blocking,
+                            extras={"config": self.config, "log": self.log,
+                                    "guest_log": self.guest_log, "conn": self.conn_id})
+        device = cls(msg.devid, msg.config, ctx)
+        slot = DeviceSlot(device, type_name)
+        try:
+            slot.keys.update(device.backend_keys())
+        except BaseException:
+            self.loop.create_task(device.close())
+            raise
+        self.devices[msg.devid] = slot
+        self.log.info("device_added", conn=self.conn_id, devid=msg.devid, type=type_name)
+        return StateReply(slot.xenbus.state, dict(slot.keys))
+
+    async def _remove_device(self, devid: int) -> None:
+        slot = self._slot(devid)
+        del self.devices[devid]
+        await slot.device.close()
+        self.guest_log.forget((self.conn_id, devid))
+        self.log.info("device_removed", conn=self.conn_id, devid=devid)
+
+    async def _frontend_state(self, msg: FrontendState, fds: list[int]) -> StateReply:
+        slot = self._slot(msg.devid)
+        transition = slot.xenbus.on_frontend(msg.state)
+        if transition.action is Action.CONNECT:
+            if not msg.ports:
+                raise ProtocolError(errno.EINVAL, f"device {msg.devid}: connecting "
+                                    "without event channels")
+            if len(set(msg.ports)) != len(msg.ports):
+                raise ProtocolError(errno.EINVAL, f"device {msg.devid}: a port is repeated")
+            # The channels own their eventfds from here on; take them out of `fds` so
+            # handle() does not close them.
+            channels = {port: EventChannel(port, fds[2 * i], fds[2 * i + 1])
+                        for i, port in enumerate(msg.ports)}
+            fds.clear()
+            try:
+                published = await slot.device.connect(msg.keys, channels)
+            except BaseException:
+                # The device may have taken some channels; closing twice is harmless.
+                for ch in channels.values():
+                    ch.close()
+                with contextlib.suppress(Exception):
+                    await slot.device.disconnect()
+                raise
+            slot.keys.update(published)
+            self.log.info("device_connected", conn=self.conn_id, devid=msg.devid)
+        elif transition.action is Action.DISCONNECT:
+            await slot.device.disconnect()
+            self.log.info("device_disconnected", conn=self.conn_id, devid=msg.devid,
+                          frontend_state=XenbusState(msg.state).name)
+        slot.xenbus.commit(transition)
+        return StateReply(slot.xenbus.state, dict(slot.keys))
+
+    def _stats(self, devid: int) -> dict[str, str]:
+        chosen = self.devices if devid == ALL_DEVICES else {devid: self._slot(devid)}
+        return {f"{d}.{name}": str(value)
+                for d, slot in chosen.items() for name, value in slot.device.stats().items()}
+
+    # --- notices (NoticeSink) ----------------------------------------------------
+
+    def _notice(self, msg: Message) -> None:
+        if not self.closed:
+            self._send(encode_notice(msg))
+
+    def device_failed(self, devid: int, code: int, message: str) -> None:
+        self.log.error("device_failed", conn=self.conn_id, devid=devid,
+                       errno=errno.errorcode.get(code, code), message=message)
+        self._notice(DeviceFailed(devid, code, message))
+
+    def frontend_misbehaved(self, devid: int, message: str) -> None:
+        self.guest_log.warning((self.conn_id, devid, "misbehaved"), "frontend_misbehaved",
+                               conn=self.conn_id, devid=devid, message=message)
+        self._notice(FrontendMisbehaved(devid, message))
+
+    def keys_changed(self, devid: int, keys: Mapping[str, str]) -> None:
+        slot = self.devices.get(devid)
+        if slot is None:
+            return
+        slot.keys.update(keys)
+        self.log.info("keys_changed", conn=self.conn_id, devid=devid, keys=",".join(keys))
+        self._notice(KeysChanged(devid, slot.xenbus.state, dict(keys)))
+
+    # --- teardown ----------------------------------------------------------------
+
+    async def close(self) -> None:
+        """The VMM went away: release devices, then grants, then memory. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for devid in list(self.devices):
+            slot = self.devices.pop(devid)
+            try:
+                await slot.device.close()
+            except Exception as exc:
+                self.log.error("device_close_failed", conn=self.conn_id, devid=devid,
+                               error=repr(exc), traceback=traceback.format_exc())
+            self.guest_log.forget((self.conn_id, devid))
+        self.grants.close()
+        self.memory.close()
+
+
+def _code_name(code: int) -> str:
+    try:
+        return Code(code).name
+    except ValueError:
+        return f"{code:#x}"

@@ -1,0 +1,232 @@
+"""Malformed control traffic against the real daemon: each case gets an error reply or a
+clean close, never a crash, a leaked fd, or harm to other connections."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import struct
+import subprocess
+import sys
+
+import pytest
+from procstat import open_fds
+
+from backendd.guest import RequestFailed, VmmClient
+from backendd.protocol.framing import encode_message, encode_request
+from backendd.protocol.messages import (
+    HEADER,
+    Code,
+    Flags,
+    GetStats,
+    Hello,
+    decode_reply,
+)
+
+
+async def raw_connection(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(s, path)
+    return s
+
+
+async def recv_exactly(s: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    while len(data) < n:
+        chunk = await asyncio.wait_for(loop.sock_recv(s, n - len(data)), 5)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+async def reply_to(s: socket.socket) -> tuple[int, object]:
+    header = HEADER.unpack(await recv_exactly(s, 16))
+    code, flags, size, seq = header
+    assert flags & Flags.REPLY
+    return seq, decode_reply(code, await recv_exactly(s, size))
+
+
+async def assert_closed(s: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    data = await asyncio.wait_for(loop.sock_recv(s, 4096), 5)
+    assert data == b""
+    s.close()
+
+
+async def hello(s: socket.socket) -> None:
+    await asyncio.get_running_loop().sock_sendall(s, encode_request(1, Hello(1, 0)))
+    seq, reply = await reply_to(s)
+    assert seq == 1 and reply.version == 1
+
+
+def memfd() -> int:
+    fd = os.memfd_create("stray")
+    os.ftruncate(fd, 4096)
+    return fd
+
+
+async def test_short_header_then_close_is_a_clean_close(daemon):
+    s = await raw_connection(daemon.path)
+    await asyncio.get_running_loop().sock_sendall(s, b"\x01\x00\x00")
+    s.shutdown(socket.SHUT_WR)
+    await assert_closed(s)
+    await still_serving(daemon)
+
+
+async def test_wrong_payload_size_gets_ebadmsg(daemon):
+    s = await raw_connection(daemon.path)
+    await hello(s)
+    # GET_STATS with 3 payload bytes instead of 4, then a valid one: both answered.
+    bad = encode_message(Code.GET_STATS, 0, 2, b"\xff\xff\xff")
+    await asyncio.get_running_loop().sock_sendall(s, bad + encode_request(3, GetStats(0xFFFFFFFF)))
+    seq, reply = await reply_to(s)
+    assert seq == 2 and reply.errno == errno.EBADMSG
+    seq, reply = await reply_to(s)
+    assert seq == 3 and reply.counters == {}
+    s.close()
+
+
+async def test_unknown_code_gets_eopnotsupp_and_notice_code_eproto(daemon):
+    s = await raw_connection(daemon.path)
+    await hello(s)
+    loop = asyncio.get_running_loop()
+    for seq, code, expected in ((5, 77, errno.EOPNOTSUPP), (6, Code.DEVICE_FAILED, errno.EPROTO)):
+        await loop.sock_sendall(s, encode_message(code, 0, seq, b"abc"))
+        header = HEADER.unpack(await recv_exactly(s, 16))
+        payload = await recv_exactly(s, header[2])
+        assert header[0] == code and header[3] == seq
+        assert struct.unpack_from("<i", payload)[0] == -expected
+    s.close()
+
+
+async def test_unexpected_fds_get_ebadf_and_are_closed(daemon):
+    before = open_fds()
+    client = await VmmClient.connect(daemon.path)
+    fd = memfd()
+    with pytest.raises(RequestFailed) as exc:
+        await client.request(GetStats(0xFFFFFFFF), [fd, fd])
+    assert exc.value.code == errno.EBADF
+    # ADD_MEM_REGION without its fd.
+    from backendd.protocol.messages import AddMemRegion
+    with pytest.raises(RequestFailed) as exc:
+        await client.request(AddMemRegion(0, 4096, 0))
+    assert exc.value.code == errno.EBADF
+    os.close(fd)
+    await client.close()
+    await settle(daemon)
+    assert open_fds() <= before
+
+
+@pytest.mark.parametrize("header", [
+    HEADER.pack(Code.HELLO, 2, 12, 1),                    # version 2
+    HEADER.pack(Code.HELLO, 1 | 0x100, 12, 1),            # unknown flag bit
+    HEADER.pack(Code.HELLO, 1 | Flags.REPLY, 12, 1),      # a reply sent to the daemon
+    HEADER.pack(Code.HELLO, 1, 0xFFFFFFFF, 1),            # huge size
+])
+async def test_fatal_headers_close_the_connection(daemon, header):
+    before = open_fds()
+    s = await raw_connection(daemon.path)
+    fd = memfd()
+    s.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+    os.close(fd)
+    await assert_closed(s)
+    await settle(daemon)
+    assert open_fds() <= before
+    await still_serving(daemon)
+
+
+async def test_fds_without_a_header_close_the_connection(daemon):
+    s = await raw_connection(daemon.path)
+    await hello(s)
+    msg = encode_request(2, GetStats(0xFFFFFFFF))
+    # Half a message, then the fd with the second half: no header begins there.
+    await asyncio.get_running_loop().sock_sendall(s, msg[:10])
+    await asyncio.sleep(0.05)
+    fd = memfd()
+    s.sendmsg([msg[10:]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+    os.close(fd)
+    await assert_closed(s)
+    await still_serving(daemon)
+
+
+async def test_random_garbage_never_crashes_the_daemon(daemon):
+    import random
+
+    rng = random.Random(7)
+    for _ in range(200):
+        s = await raw_connection(daemon.path)
+        blob = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 200)))
+        if rng.random() < 0.5:
+            # A valid header with a random code and payload: must be answered.
+            blob = encode_message(rng.randrange(0, 12), 0, 1, blob)
+        await asyncio.get_running_loop().sock_sendall(s, blob)
+        s.shutdown(socket.SHUT_WR)
+        loop = asyncio.get_running_loop()
+        while await asyncio.wait_for(loop.sock_recv(s, 65536), 5):
+            pass
+        s.close()
+    await still_serving(daemon)
+
+
+async def test_peer_with_an_unlisted_uid_is_refused():
+    import io
+    import tempfile
+
+    from backendd.config import Config, DaemonSection
+    from backendd.log import EventLog
+    from backendd.server import Server
+
+    # SO_PEERCRED is taken at connect(), so the peer must connect as the other user: the
+    # socket lives in a directory that user can reach (pytest's tmp dirs are private).
+    where = tempfile.mkdtemp(prefix="backendd-peer-")
+    os.chmod(where, 0o755)
+    path = os.path.join(where, "s.sock")
+    log = io.StringIO()
+    server = Server(Config(daemon=DaemonSection(socket=path, allowed_uids=[4242])),
+                    EventLog("info", log))
+    await server.start()
+    os.chmod(path, 0o666)
+    script = (
+        "import os, socket, sys\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        f"s.connect({path!r})\n"
+        "s.sendall(b'\\x01\\x00\\x00\\x00\\x01\\x00\\x00\\x00\\x0c\\x00\\x00\\x00"
+        "\\x01\\x00\\x00\\x00' + bytes(12))\n"
+        "try:\n"
+        "    print(len(s.recv(100)))\n"
+        "except ConnectionResetError:\n"
+        "    print(0)\n"
+    )
+    try:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script,
+                                                    stdout=subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+        assert proc.returncode == 0
+        assert out.strip() == b"0"  # closed without a reply
+        assert "event=peer_refused" in log.getvalue() and "uid=65534" in log.getvalue()
+        # Root (the daemon's own uid) is still let in.
+        client = await VmmClient.connect(path)
+        assert await client.stats() == {}
+        await client.close()
+    finally:
+        await server.close()
+        os.rmdir(where)
+
+
+async def settle(daemon) -> None:
+    for _ in range(200):
+        if not daemon.server.connections:
+            return
+        await asyncio.sleep(0.005)
+
+
+async def still_serving(daemon) -> None:
+    client = await VmmClient.connect(daemon.path)
+    assert await client.stats() == {}
+    await client.close()
