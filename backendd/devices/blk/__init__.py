@@ -1,0 +1,1 @@
+"""The block backend: blkif rings served from an image file or block device."""
