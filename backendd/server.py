@@ -22,9 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .config import Config
+from .errors import ControlError
 from .log import EventLog, GuestLogLimiter
 from .protocol.framing import FatalFramingError, Frame, Framer, Role
-from .protocol.messages import MAX_CHANNELS
+from .protocol.messages import MAX_CHANNELS, RingDumpReply
 from .session import Session, load_device_types
 
 # The largest fd count any request carries (FRONTEND_STATE: a kick and a call per channel).
@@ -63,7 +64,7 @@ class Connection:
         self.framer = Framer(Role.DAEMON)
         self.session = Session(conn_id, server.config, loop, self.send, server.log,
                                server.guest_log, server.run_blocking,
-                               peer=f"pid={self.pid},uid={self.uid}")
+                               peer=f"pid={self.pid},uid={self.uid}", daemon=server)
         self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
         self._out = bytearray()
         self._writing = False
@@ -273,6 +274,21 @@ class Server:
             self._next_id += 1
             self.log.info("connection_accepted", conn=conn_id, pid=creds[0], uid=creds[1])
             self.connections[conn_id] = Connection(self, sock, conn_id, creds)
+
+    # --- operator view (DaemonView) ----------------------------------------------
+
+    def status(self) -> dict[str, str]:
+        out = {"connections": str(len(self.connections))}
+        for conn_id, conn in self.connections.items():
+            for key, value in conn.session.status().items():
+                out[f"conn.{conn_id}.{key}"] = value
+        return out
+
+    def ring_dump(self, conn: int, devid: int, ring: int) -> RingDumpReply:
+        connection = self.connections.get(conn)
+        if connection is None:
+            raise ControlError(errno.ENOENT, f"connection {conn}: no such connection")
+        return connection.session.ring_dump(devid, ring)
 
     async def close(self) -> None:
         if self._loop is None:

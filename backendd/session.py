@@ -21,6 +21,7 @@ import os
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from rings.consts import XenbusState
 
@@ -34,10 +35,12 @@ from .memory import GuestMemory
 from .protocol.framing import Frame, encode_error, encode_notice, encode_reply
 from .protocol.messages import (
     ALL_DEVICES,
+    MAX_PAYLOAD,
     PROTOCOL_VERSION,
     AddDevice,
     AddMemRegion,
     Code,
+    DaemonStatus,
     DeviceFailed,
     DeviceType,
     EmptyReply,
@@ -52,12 +55,22 @@ from .protocol.messages import (
     ProtocolError,
     RemoveDevice,
     RemoveMemRegion,
+    RingDump,
+    RingDumpReply,
     SetGrantTable,
     StateReply,
     StatsReply,
     decode_request,
 )
 from .xenbus import Action, XenbusBackend
+
+
+class DaemonView(Protocol):
+    """What a session may ask of the whole daemon (operator requests)."""
+
+    def status(self) -> dict[str, str]: ...
+
+    def ring_dump(self, conn: int, devid: int, ring: int) -> RingDumpReply: ...
 
 # Features the daemon understands; none are defined by protocol version 1 yet.
 SUPPORTED_FEATURES = 0
@@ -86,7 +99,8 @@ class DeviceSlot:
 class Session(NoticeSink):
     def __init__(self, conn_id: int, config: Config, loop: asyncio.AbstractEventLoop,
                  send: Callable[[bytes], None], log: EventLog, guest_log: GuestLogLimiter,
-                 run_blocking: Callable[..., asyncio.Future], peer: str = "") -> None:
+                 run_blocking: Callable[..., asyncio.Future], peer: str = "",
+                 daemon: DaemonView | None = None) -> None:
         self.conn_id = conn_id
         self.config = config
         self.loop = loop
@@ -95,6 +109,7 @@ class Session(NoticeSink):
         self.guest_log = guest_log
         self.run_blocking = run_blocking
         self.peer = peer
+        self.daemon = daemon
         self.hello_done = False
         self.memory = GuestMemory()
         self.grants = GrantTable(self.memory)
@@ -161,6 +176,14 @@ class Session(NoticeSink):
                 return StateReply(slot.xenbus.state, dict(slot.keys))
             case GetStats():
                 return StatsReply(self._stats(msg.devid))
+            case DaemonStatus():
+                if self.daemon is None:
+                    raise ControlError(errno.EOPNOTSUPP, "DAEMON_STATUS: no daemon view")
+                return StatsReply(self.daemon.status())
+            case RingDump():
+                if self.daemon is None:
+                    raise ControlError(errno.EOPNOTSUPP, "RING_DUMP: no daemon view")
+                return self.daemon.ring_dump(msg.conn, msg.devid, msg.ring)
         raise ProtocolError(errno.EOPNOTSUPP, f"{msg.code.name}: not handled")
 
     def _hello(self, msg: Hello) -> HelloReply:
@@ -238,6 +261,35 @@ class Session(NoticeSink):
                           frontend_state=XenbusState(msg.state).name)
         slot.xenbus.commit(transition)
         return StateReply(slot.xenbus.state, dict(slot.keys))
+
+    def status(self) -> dict[str, str]:
+        """This connection's part of DAEMON_STATUS, keys relative to "conn.<id>."."""
+        out = {"peer": self.peer, "devices": str(len(self.devices)),
+               "requests": str(self.requests), "errors": str(self.errors),
+               "memory_bytes": str(sum(size for _, size in self.memory.regions)),
+               "grant_frames": str(self.grants.nr_frames)}
+        for devid, slot in self.devices.items():
+            out[f"dev.{devid}.type"] = slot.type_name
+            out[f"dev.{devid}.state"] = slot.xenbus.state.name
+            rings = slot.device.ring_snapshots()
+            out[f"dev.{devid}.rings"] = ",".join(r.name for r in rings)
+            for name, value in slot.device.stats().items():
+                out[f"dev.{devid}.stat.{name}"] = str(value)
+        return out
+
+    def ring_dump(self, devid: int, ring: int) -> RingDumpReply:
+        slot = self._slot(devid)
+        rings = slot.device.ring_snapshots()
+        if not 0 <= ring < len(rings):
+            raise ControlError(errno.ENOENT, f"device {devid}: no ring {ring} "
+                               f"({len(rings)} connected)")
+        snap = rings[ring]
+        # Whole rings up to order 4 do not fit one reply; the header and the first slots
+        # do, and the indices in the header say which slots matter.
+        data = snap.data[:MAX_PAYLOAD - 1024]
+        info = {"name": snap.name, "layout": snap.layout, "size": str(len(snap.data)),
+                "truncated": str(int(len(data) < len(snap.data)))}
+        return RingDumpReply(info, data)
 
     def _stats(self, devid: int) -> dict[str, str]:
         chosen = self.devices if devid == ALL_DEVICES else {devid: self._slot(devid)}

@@ -11,6 +11,7 @@ Lifecycle, driven by backendd.xenbus from the frontend's state changes:
   await disconnect()        -> stop taking requests, wait for in-flight I/O, answer it,
                                release grants and ring mappings; idempotent
   stats()                   -> counters for `backendd stats`
+  ring_snapshots()          -> copies of the live rings for `backendd ring-dump`
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ class NoticeSink(abc.ABC):
 
     @abc.abstractmethod
     def keys_changed(self, devid: int, keys: Mapping[str, str]) -> None: ...
+
+
+@dataclass(frozen=True)
+class RingSnapshot:
+    """A copy of one shared ring, for debugging: `layout` names how to decode the slots
+    ("blkif-x86_64", "blkif-x86_32", "netif-tx", "netif-rx"), `data` is the ring's bytes
+    (shared header then slots) concatenated across its pages."""
+
+    name: str
+    layout: str
+    data: bytes
 
 
 @dataclass
@@ -80,6 +92,10 @@ class Device(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict[str, int]:
         """Counters: requests, bytes, errors, drops ..."""
+
+    def ring_snapshots(self) -> list[RingSnapshot]:
+        """Copies of the connected rings, in a stable order (queue 0 first)."""
+        return []
 
     async def close(self) -> None:
         """Device removal: disconnect, then release backing resources (files, taps)."""

@@ -48,6 +48,9 @@ class Code(IntEnum):
     FRONTEND_STATE = 7
     GET_BACKEND_STATE = 8
     GET_STATS = 9
+    # Operator requests (backendd status / ring-dump): daemon-wide, read-only.
+    DAEMON_STATUS = 10
+    RING_DUMP = 11
     # Notices have their own range so a stray one is never mistaken for a request.
     DEVICE_FAILED = 0x100
     FRONTEND_MISBEHAVED = 0x101
@@ -399,6 +402,37 @@ class FrontendState(Message):
         return cls(devid, state, keys, tuple(ports))
 
 
+@dataclass(frozen=True)
+class DaemonStatus(Message):
+    """Every connection and device of the daemon, not only the asker's."""
+
+    code: ClassVar[Code] = Code.DAEMON_STATUS
+
+    def encode(self) -> bytes:
+        return b""
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        _end("DAEMON_STATUS", payload, 0)
+        return cls()
+
+
+@dataclass(frozen=True)
+class RingDump(Message):
+    code: ClassVar[Code] = Code.RING_DUMP
+    _S: ClassVar[struct.Struct] = struct.Struct("<III")
+    conn: int
+    devid: int
+    ring: int  # index into the device's rings, in the order DAEMON_STATUS lists them
+
+    def encode(self) -> bytes:
+        return self._S.pack(self.conn, self.devid, self.ring)
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        return cls(*_fixed("RING_DUMP", cls._S, payload))
+
+
 # --- reply bodies -------------------------------------------------------------------
 
 
@@ -462,6 +496,22 @@ class StatsReply(Message):
         counters, end = decode_kv(payload, 0)
         _end("GET_STATS reply", payload, end)
         return cls(counters)
+
+
+@dataclass(frozen=True)
+class RingDumpReply(Message):
+    """kv {name, layout, entry_size, size} then the ring's raw bytes (header + slots)."""
+
+    info: dict[str, str]
+    data: bytes
+
+    def encode(self) -> bytes:
+        return encode_kv(self.info) + self.data
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        info, end = decode_kv(payload, 0)
+        return cls(info, bytes(payload[end:]))
 
 
 @dataclass(frozen=True)
@@ -547,6 +597,8 @@ REQUESTS: dict[Code, type[Message]] = {
         FrontendState,
         GetBackendState,
         GetStats,
+        DaemonStatus,
+        RingDump,
     )
 }
 NOTICES: dict[Code, type[Message]] = {
@@ -562,6 +614,8 @@ REPLIES: dict[Code, type[Message]] = {
     Code.FRONTEND_STATE: StateReply,
     Code.GET_BACKEND_STATE: StateReply,
     Code.GET_STATS: StatsReply,
+    Code.DAEMON_STATUS: StatsReply,
+    Code.RING_DUMP: RingDumpReply,
 }
 # Fixed fd counts, checked before decoding. None: depends on the payload
 # (FRONTEND_STATE: 2 per channel), checked right after decoding.

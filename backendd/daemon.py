@@ -1,0 +1,108 @@
+"""The composition root of `backendd serve`: config, the control socket (bound or handed
+over by systemd), sd_notify readiness and watchdog, signals, the metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+
+from .config import Config
+from .log import EventLog
+from .metrics import render
+from .sdnotify import Notifier, listen_fds, watchdog_interval
+from .server import Server
+
+
+def prometheus_text(server: Server) -> str:
+    devices = []
+    for conn_id, conn in server.connections.items():
+        for devid, slot in conn.session.devices.items():
+            labels = {"conn": str(conn_id), "devid": str(devid), "type": slot.type_name}
+            devices.append((labels, slot.device.stats()))
+    return render(devices)
+
+
+async def _serve_metrics(server: Server, listen: str) -> asyncio.AbstractServer:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            # Drain the request headers; the body of a GET is empty.
+            while (line := await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b""):
+                del line
+            path = request.split()[1] if len(request.split()) > 1 else b"/"
+            if path == b"/metrics":
+                body = prometheus_text(server).encode()
+                head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+            else:
+                body = b"not found\n"
+                head = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
+            writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, int(port))
+
+
+async def run(config: Config, socket_path: str | None = None,
+              log: EventLog | None = None, notifier: Notifier | None = None) -> int:
+    log = log if log is not None else EventLog(config.daemon.log_level)
+    notifier = notifier if notifier is not None else Notifier()
+    loop = asyncio.get_running_loop()
+    server = Server(config, log)
+    activated = listen_fds()
+    sock = None
+    if activated:
+        sock = socket.socket(fileno=activated[0])
+        for extra in activated[1:]:
+            socket.socket(fileno=extra).close()
+    await server.start(socket_path, sock)
+
+    metrics = None
+    if config.metrics.listen:
+        metrics = await _serve_metrics(server, config.metrics.listen)
+        log.info("metrics_listening", address=config.metrics.listen)
+
+    stop = loop.create_future()
+
+    def request_stop(signame: str) -> None:
+        log.info("stopping", signal=signame)
+        if not stop.done():
+            stop.set_result(None)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop, sig.name)
+
+    async def watchdog(interval: float) -> None:
+        # Pinged from the loop itself: a wedged loop stops the pings and systemd restarts us.
+        while True:
+            notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    interval = watchdog_interval()
+    dog = loop.create_task(watchdog(interval)) if interval else None
+    notifier.ready(f"listening on {server.address}"
+                   + (" (socket activation)" if activated else ""))
+    try:
+        await stop
+    finally:
+        notifier.stopping()
+        if dog is not None:
+            dog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dog
+        if metrics is not None:
+            metrics.close()
+            await metrics.wait_closed()
+        await server.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return 0

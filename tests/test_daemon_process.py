@@ -1,0 +1,153 @@
+"""`backendd serve` as a real process, with the test playing systemd's part: it binds the
+listening socket and hands it over with LISTEN_FDS/LISTEN_PID, and reads READY=1,
+WATCHDOG=1 and STOPPING=1 from its NOTIFY_SOCKET. The operator commands (`status`,
+`stats`, `ring-dump`) run against that daemon."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass
+class Activated:
+    proc: subprocess.Popen
+    path: str
+    notify: socket.socket
+
+    def datagrams(self, until: bytes, timeout: float = 10.0) -> list[bytes]:
+        got: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.notify.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                msg = self.notify.recv(4096)
+            except TimeoutError:
+                break
+            got.append(msg)
+            if until in msg:
+                return got
+        raise AssertionError(f"no {until!r} within {timeout}s; got {got}")
+
+
+def cli(*args: str, path: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "backendd", "--socket", path, *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def start_activated(tmp_path: Path, config_text: str = "") -> Activated:
+    path = str(tmp_path / "backendd.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    notify_path = str(tmp_path / "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    config = tmp_path / "backendd.toml"
+    config.write_text(config_text)
+    env = {**os.environ, "LISTEN_FDS": "1", "NOTIFY_SOCKET": notify_path,
+           "WATCHDOG_USEC": "200000"}
+    fd = listener.fileno()
+    # What systemd does between fork and exec: the listener becomes fd 3 and LISTEN_PID
+    # names the process that will exec the daemon.
+    launcher = (
+        "import os, sys\n"
+        f"os.dup2({fd}, 3)\n"
+        f"os.close({fd})\n"
+        "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'backendd', "
+        f"'--config', {str(config)!r}, 'serve'])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", launcher], env=env, pass_fds=(fd,),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    listener.close()
+    return Activated(proc, path, notify)
+
+
+@pytest.fixture
+def activated(tmp_path: Path) -> Iterator[Activated]:
+    daemon = start_activated(tmp_path)
+    try:
+        yield daemon
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+        daemon.notify.close()
+
+
+def test_socket_activation_ready_watchdog_and_stop(activated: Activated) -> None:
+    first = activated.datagrams(until=b"READY=1")
+    assert any(b"STATUS=listening on" in m and b"socket activation" in m for m in first)
+    # The watchdog is pinged from the loop at half of WATCHDOG_USEC.
+    activated.datagrams(until=b"WATCHDOG=1", timeout=2)
+    activated.datagrams(until=b"WATCHDOG=1", timeout=2)
+
+    status = cli("status", path=activated.path)
+    assert status.returncode == 0, status.stderr
+    # The status request itself is a connection.
+    assert "connections: 1" in status.stdout
+
+    activated.proc.send_signal(signal.SIGTERM)
+    activated.datagrams(until=b"STOPPING=1")
+    out, err = activated.proc.communicate(timeout=10)
+    assert activated.proc.returncode == 0, err
+    assert "event=stopped" in out
+    # The activated socket belongs to systemd: the daemon must not remove it.
+    assert os.path.exists(activated.path)
+
+
+def test_operator_commands_against_a_running_daemon(activated: Activated) -> None:
+    activated.datagrams(until=b"READY=1")
+    stats = cli("stats", path=activated.path)
+    assert stats.returncode == 0 and stats.stdout == ""
+    prom = cli("stats", "--prometheus", path=activated.path)
+    assert prom.returncode == 0
+    dump = cli("ring-dump", "99", "51712", path=activated.path)
+    assert dump.returncode == 1
+    assert "connection 99: no such connection" in dump.stderr
+
+
+def test_daemon_not_running_is_a_clear_error(tmp_path: Path) -> None:
+    result = cli("status", path=str(tmp_path / "absent.sock"))
+    assert result.returncode == 1
+    assert "cannot reach the daemon" in result.stderr
+
+
+def test_bad_config_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[daemon]\nio_thread = 4\n")
+    result = subprocess.run([sys.executable, "-m", "backendd", "--config", str(config),
+                             "serve"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "io_thread: unknown key" in result.stderr
+
+
+def test_metrics_endpoint_on_loopback(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = start_activated(tmp_path, f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    try:
+        daemon.datagrams(until=b"READY=1")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
+        assert exc.value.code == 404
+    finally:
+        daemon.proc.terminate()
+        daemon.proc.wait(timeout=10)
+        daemon.notify.close()
