@@ -12,16 +12,17 @@ import mmap
 import struct
 from types import TracebackType
 
-from rings.atomic import PinnedAddress, cmpxchg16, cmpxchg32, read_barrier
+from rings.atomic import PinnedAddress, cmpxchg16, cmpxchg32, full_barrier, read_barrier
 from rings.consts import (
     GTF_READING,
     GTF_READONLY,
+    GTF_SUB_PAGE,
     GTF_TYPE_MASK,
     GTF_WRITING,
     PAGE_SIZE,
     GrantType,
 )
-from rings.grant import GRANT_ENTRY_V1_SIZE
+from rings.grant import GRANT_ENTRY_V1_SIZE, GRANT_ENTRY_V2_SIZE, GRANT_STATUS_SIZE
 
 from .errors import ControlError, GuestError
 from .memory import GuestMemory, GuestMemoryError
@@ -37,18 +38,25 @@ class GrantMapping:
     """One use of a granted page. Release it (or use it as a context manager) when done."""
 
     def __init__(self, table: "GrantTable", gref: int, writable: bool, frame: int,
-                 page: memoryview) -> None:
+                 page: memoryview, window: tuple[int, int] = (0, PAGE_SIZE)) -> None:
         self.gref = gref
         self.writable = writable
         self.frame = frame
+        # The part of the page the guest granted: all of it, or a v2 sub-page.
+        self.window = window
         self._table: GrantTable | None = table
         self._page: memoryview | None = page if writable else page.toreadonly()
 
-    def page_view(self, start: int = 0, length: int = PAGE_SIZE) -> memoryview:
+    def page_view(self, start: int = 0, length: int | None = None) -> memoryview:
+        lo, hi = self.window
         if self._page is None:
             raise GrantError(f"gref {self.gref}: mapping already released")
-        if start < 0 or length < 0 or start + length > PAGE_SIZE:
-            raise GrantError(f"gref {self.gref}: range {start}+{length} outside the granted page")
+        if length is None:
+            length = hi - start
+        if start < lo or length < 0 or start + length > hi:
+            raise GrantError(f"gref {self.gref}: range {start}+{length} outside the granted "
+                             f"{'sub-page' if (lo, hi) != (0, PAGE_SIZE) else 'page'} "
+                             f"{lo}..{hi}")
         return self._page[start:start + length]
 
     def release(self) -> None:
@@ -67,7 +75,15 @@ class GrantMapping:
 
 
 class GrantTable:
-    """The guest's grant table as seen by the backend domain `backend_domid`."""
+    """The guest's grant table as seen by the backend domain `backend_domid`.
+
+    v1: 8-byte entries whose flags word also carries GTF_reading/GTF_writing.
+    v2: 16-byte entries (full page or sub-page; transitive grants are refused) and a
+    separate array of u16 status words in the status frames, which is where the backend's
+    in-use bits go. Because the guest may rewrite an entry at any moment, v2 sets the
+    status bits first and then checks that the entry still says what was checked (Xen's
+    _set_status_v2); if it changed, the bits are withdrawn and the map retried.
+    """
 
     def __init__(self, memory: GuestMemory, backend_domid: int = 0) -> None:
         self.memory = memory
@@ -76,26 +92,41 @@ class GrantTable:
         self.nr_frames = 0
         self._map: mmap.mmap | None = None
         self._pin: PinnedAddress | None = None
+        self._status_base = 0  # v2: byte offset of the status words in _map
         # gref -> [uses, writable uses]; the shared flags mirror "uses > 0" and
         # "writable uses > 0", so they are cleared only when the last such use ends.
         self._uses: dict[int, list[int]] = {}
 
     @property
-    def entries(self) -> int:
-        return self.nr_frames * PAGE_SIZE // GRANT_ENTRY_V1_SIZE if self._map else 0
+    def entry_size(self) -> int:
+        return GRANT_ENTRY_V2_SIZE if self.version == 2 else GRANT_ENTRY_V1_SIZE
 
-    def set_table(self, fd: int, offset: int, nr_frames: int, version: int = 1,
-                  status_fd: int | None = None, status_offset: int = 0,
-                  nr_status_frames: int = 0) -> None:
-        if version != 1:
-            raise ControlError(errno.EOPNOTSUPP, f"grant table version {version}: only v1")
+    @property
+    def entries(self) -> int:
+        return self.nr_frames * PAGE_SIZE // self.entry_size if self._map else 0
+
+    @staticmethod
+    def status_frames(nr_frames: int) -> int:
+        """v2: status frames that follow `nr_frames` shared frames in the same fd."""
+        entries = nr_frames * PAGE_SIZE // GRANT_ENTRY_V2_SIZE
+        return -(-entries * GRANT_STATUS_SIZE // PAGE_SIZE)
+
+    def set_table(self, fd: int, offset: int, nr_frames: int, version: int = 1) -> None:
+        if version not in (1, 2):
+            raise ControlError(errno.EOPNOTSUPP, f"grant table version {version}: "
+                               "only 1 and 2")
         if nr_frames <= 0 or offset < 0 or offset % PAGE_SIZE:
             raise ControlError(errno.EINVAL, f"grant table {nr_frames} frames at {offset}")
-        new_entries = nr_frames * PAGE_SIZE // GRANT_ENTRY_V1_SIZE
+        if self._uses and version != self.version:
+            raise ControlError(errno.EBUSY, "grant table version change while grants are "
+                               "in use")
+        entry = GRANT_ENTRY_V2_SIZE if version == 2 else GRANT_ENTRY_V1_SIZE
+        new_entries = nr_frames * PAGE_SIZE // entry
         if any(g >= new_entries for g in self._uses):
             raise ControlError(errno.EBUSY, "grant table shrink: grefs beyond it are in use")
+        total = nr_frames + (self.status_frames(nr_frames) if version == 2 else 0)
         try:
-            m = mmap.mmap(fd, nr_frames * PAGE_SIZE, flags=mmap.MAP_SHARED,
+            m = mmap.mmap(fd, total * PAGE_SIZE, flags=mmap.MAP_SHARED,
                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         except (OSError, ValueError, OverflowError) as e:
             raise ControlError(errno.EINVAL, f"grant table: cannot map: {e}") from e
@@ -104,6 +135,7 @@ class GrantTable:
         self._drop_map()
         self._map = m
         self._pin = PinnedAddress(m)
+        self._status_base = nr_frames * PAGE_SIZE
         self.nr_frames = nr_frames
         self.version = version
 
@@ -115,27 +147,49 @@ class GrantTable:
             self._map.close()
             self._map = None
 
-    def _entry(self, gref: int) -> tuple[int, int, int]:
+    def _header(self, gref: int) -> tuple[int, int]:
         assert self._map is not None
-        return struct.unpack_from("<HHI", self._map, gref * GRANT_ENTRY_V1_SIZE)
+        return struct.unpack_from("<HH", self._map, gref * self.entry_size)
 
     def map(self, gref: int, writable: bool) -> GrantMapping:
         if self._map is None or self._pin is None:
             raise GrantError(f"gref {gref}: no grant table set up")
         if not isinstance(gref, int) or gref < 0 or gref >= self.entries:
             raise GrantError(f"gref {gref}: beyond the grant table ({self.entries} entries)")
+        if self.version == 2:
+            frame, window = self._pin_v2(gref, writable)
+        else:
+            frame, window = self._pin_v1(gref, writable), (0, PAGE_SIZE)
+        uses = self._uses.setdefault(gref, [0, 0])
+        uses[0] += 1
+        uses[1] += bool(writable)
+        try:
+            page = self.memory.page(frame)
+        except GuestMemoryError as e:
+            self._end_use(gref, writable)
+            raise GrantError(f"gref {gref}: frame {frame:#x} is not guest memory") from e
+        return GrantMapping(self, gref, writable, frame, page, window)
+
+    def _check(self, gref: int, flags: int, domid: int, writable: bool) -> None:
+        kind = flags & GTF_TYPE_MASK
+        if kind == GrantType.TRANSITIVE and self.version == 2:
+            raise GrantError(f"gref {gref}: transitive grants are not supported")
+        if kind != GrantType.PERMIT_ACCESS:
+            raise GrantError(f"gref {gref}: type {kind} is not permit_access "
+                             "(revoked or never granted)")
+        if domid != self.backend_domid:
+            raise GrantError(f"gref {gref}: granted to domain {domid}, "
+                             f"not to the backend ({self.backend_domid})")
+        if writable and flags & GTF_READONLY:
+            raise GrantError(f"gref {gref}: readonly grant used for writing")
+
+    def _pin_v1(self, gref: int, writable: bool) -> int:
+        assert self._pin is not None
         addr = self._pin.address + gref * GRANT_ENTRY_V1_SIZE
         want = GTF_READING | (GTF_WRITING if writable else 0)
-        flags, domid, _ = self._entry(gref)
+        flags, domid = self._header(gref)
         for _ in range(MAX_TRIES):
-            if flags & GTF_TYPE_MASK != GrantType.PERMIT_ACCESS:
-                raise GrantError(f"gref {gref}: type {flags & GTF_TYPE_MASK} is not "
-                                 "permit_access (revoked or never granted)")
-            if domid != self.backend_domid:
-                raise GrantError(f"gref {gref}: granted to domain {domid}, "
-                                 f"not to the backend ({self.backend_domid})")
-            if writable and flags & GTF_READONLY:
-                raise GrantError(f"gref {gref}: readonly grant used for writing")
+            self._check(gref, flags, domid, writable)
             # flags and domid swap together (as Xen does for v1), so a guest cannot
             # re-target the grant to another domain between our check and our pin.
             old = flags | domid << 16
@@ -149,16 +203,61 @@ class GrantTable:
         # The frame is read after pinning: from here on the guest cannot legitimately
         # change the entry (end_access refuses while our flags are set).
         read_barrier()
-        frame = self._entry(gref)[2]
-        uses = self._uses.setdefault(gref, [0, 0])
-        uses[0] += 1
-        uses[1] += bool(writable)
-        try:
-            page = self.memory.page(frame)
-        except GuestMemoryError as e:
-            self._end_use(gref, writable)
-            raise GrantError(f"gref {gref}: frame {frame:#x} is not guest memory") from e
-        return GrantMapping(self, gref, writable, frame, page)
+        assert self._map is not None
+        return struct.unpack_from("<I", self._map, gref * GRANT_ENTRY_V1_SIZE + 4)[0]
+
+    def _pin_v2(self, gref: int, writable: bool) -> tuple[int, tuple[int, int]]:
+        assert self._pin is not None and self._map is not None
+        want = GTF_READING | (GTF_WRITING if writable else 0)
+        for _ in range(MAX_TRIES):
+            flags, domid = self._header(gref)
+            self._check(gref, flags, domid, writable)
+            added = self._status_or(gref, want)
+            # The status store must be visible before the entry is re-read, or a guest
+            # revoking now could miss our bits while we miss its revocation.
+            full_barrier()
+            if self._header(gref) == (flags, domid):
+                break
+            self._status_clear(gref, added)
+        else:
+            raise GrantError(f"gref {gref}: entry unstable, changed during "
+                             f"{MAX_TRIES} tries")
+        read_barrier()
+        page_off, length, frame = struct.unpack_from("<HHQ", self._map,
+                                                     gref * GRANT_ENTRY_V2_SIZE + 4)
+        if not flags & GTF_SUB_PAGE:
+            return frame, (0, PAGE_SIZE)
+        if page_off + length > PAGE_SIZE:
+            self._status_clear(gref, added)
+            raise GrantError(f"gref {gref}: sub-page {page_off}+{length} crosses the page")
+        return frame, (page_off, page_off + length)
+
+    def _status_addr(self, gref: int) -> int:
+        assert self._pin is not None
+        return self._pin.address + self._status_base + gref * GRANT_STATUS_SIZE
+
+    def _status_or(self, gref: int, bits: int) -> int:
+        """Set `bits` in gref's v2 status word; returns those that were not set before."""
+        addr = self._status_addr(gref)
+        assert self._map is not None
+        seen = struct.unpack_from("<H", self._map, self._status_base + gref * 2)[0]
+        while True:
+            ok, now = cmpxchg16(addr, seen, seen | bits)
+            if ok:
+                return bits & ~seen
+            seen = now
+
+    def _status_clear(self, gref: int, bits: int) -> None:
+        if not bits:
+            return
+        addr = self._status_addr(gref)
+        assert self._map is not None
+        seen = struct.unpack_from("<H", self._map, self._status_base + gref * 2)[0]
+        while True:
+            ok, now = cmpxchg16(addr, seen, seen & ~bits)
+            if ok:
+                return
+            seen = now
 
     def in_use(self, gref: int) -> int:
         return self._uses.get(gref, [0, 0])[0]
@@ -176,8 +275,11 @@ class GrantTable:
             del self._uses[gref]
         if not clear or self._pin is None:
             return
+        if self.version == 2:
+            self._status_clear(gref, clear)
+            return
         addr = self._pin.address + gref * GRANT_ENTRY_V1_SIZE
-        flags = self._entry(gref)[0]
+        flags = self._header(gref)[0]
         # Clear only our bits: the guest may change the others at any moment, so loop
         # until our swap lands on the value actually there.
         while True:

@@ -336,3 +336,22 @@ async def test_connections_are_isolated(daemon):
     await b.close()
     guest_a.close()
     guest_b.close()
+
+
+async def test_grant_table_v2_through_the_socket(daemon):
+    client = await VmmClient.connect(daemon.path)
+    guest = SimGuest(ram_size=1 << 20, gnttab_frames=1, gnttab_version=2)
+    await guest.attach(client)
+    front = Frontend(guest)
+    await client.add_device(DEVID, "blk", {})
+    await client.frontend_state(DEVID, XenbusState.CONNECTED, front.keys(), front.channels())
+    assert await front.echo() == 1
+    # v2 keeps the daemon's in-use bits in the status frame.
+    assert guest.gnttab.status(front.gref) == GTF_READING | GTF_WRITING
+    assert guest.gnttab.entry(front.gref)[0] & (GTF_READING | GTF_WRITING) == 0
+    await client.frontend_state(DEVID, XenbusState.CLOSED, {})
+    assert guest.gnttab.status(front.gref) == 0
+    assert guest.gnttab.end_access(front.gref)
+    front.close()
+    await client.close()
+    guest.close()

@@ -180,9 +180,9 @@ def test_grow_table_keeps_uses(guest, table):
         gt4.close()
 
 
-def test_only_v1_and_sane_geometry(guest, table):
+def test_versions_and_sane_geometry(guest, table):
     _, gt = guest
-    for kwargs, code in [({"version": 2}, errno.EOPNOTSUPP), ({"nr_frames": 0}, errno.EINVAL),
+    for kwargs, code in [({"version": 3}, errno.EOPNOTSUPP), ({"nr_frames": 0}, errno.EINVAL),
                          ({"offset": 5}, errno.EINVAL), ({"nr_frames": 99}, errno.EINVAL)]:
         args = {"fd": gt.fd, "offset": 0, "nr_frames": 1} | kwargs
         with pytest.raises(ControlError) as e:

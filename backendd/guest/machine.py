@@ -9,10 +9,10 @@ from .vmm import VmmClient
 
 class SimGuest:
     def __init__(self, ram_size: int = 64 << 20, gnttab_frames: int = 32,
-                 layout: list[tuple[int, int]] | None = None) -> None:
+                 layout: list[tuple[int, int]] | None = None, gnttab_version: int = 1) -> None:
         self.ram = GuestRAM(ram_size, layout)
         try:
-            self.gnttab = GuestGrantTable(gnttab_frames)
+            self.gnttab = GuestGrantTable(gnttab_frames, gnttab_version)
         except BaseException:
             self.ram.close()
             raise
@@ -21,7 +21,8 @@ class SimGuest:
         """Give the daemon this guest's memory regions and grant table."""
         for gpa, size, fd, offset in self.ram.regions:
             await client.add_mem_region(gpa, size, fd, offset)
-        await client.set_grant_table(self.gnttab.fd, self.gnttab.nr_frames)
+        await client.set_grant_table(self.gnttab.fd, self.gnttab.nr_frames,
+                                     version=self.gnttab.version)
 
     def close(self) -> None:
         self.gnttab.close()
