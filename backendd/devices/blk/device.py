@@ -1,0 +1,126 @@
+"""The blk Device: toolstack config -> backing image; frontend keys -> served rings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from backendd.devices.base import Device, DeviceContext, register
+from rings.blkif import BLKIF_CODECS
+from rings.ring import BackRing, SharedRing
+
+from .config import parse_config
+from .image import Image
+from .keys import (
+    MAX_QUEUES,
+    FrontendKeyError,
+    connected_keys,
+    feature_keys,
+    parse_frontend_keys,
+)
+from .queue import BATCH, Counters, RingQueue
+from .request import Geometry
+
+if TYPE_CHECKING:
+    from backendd.evtchn import EventChannel
+    from backendd.grants import GrantMapping
+
+log = logging.getLogger(__name__)
+
+
+@register
+class BlkDevice(Device):
+    type_name = "blk"
+
+    def __init__(self, devid: int, config: Mapping[str, str], ctx: DeviceContext) -> None:
+        super().__init__(devid, config, ctx)
+        daemon_config = ctx.extras.get("config")
+        allowed = getattr(daemon_config, "image_allowed", None)
+        self.cfg = parse_config(config, allowed)
+        self.image = Image(self.cfg)
+        self.geometry = Geometry(sectors=self.image.sectors,
+                                 sector_size=self.cfg.sector_size,
+                                 readonly=self.cfg.readonly, discard=self.image.discard,
+                                 discard_secure=self.image.discard_secure)
+        self.counters = Counters()
+        self.batch = BATCH
+        self.queues: list[RingQueue] = []
+        self._channels: list[EventChannel] = []
+        self._connected: dict[str, str] | None = None
+
+    def backend_keys(self) -> dict[str, str]:
+        return feature_keys(self.image)
+
+    def _submit(self, fn, *args) -> asyncio.Future:
+        if self.ctx.run_blocking is not None:
+            return self.ctx.run_blocking(fn, *args)
+        return self.ctx.loop.run_in_executor(None, functools.partial(fn, *args))
+
+    async def connect(self, frontend_keys: Mapping[str, str],
+                      channels: Mapping[int, EventChannel]) -> dict[str, str]:
+        if self._connected is not None:
+            return dict(self._connected)  # Initialised then Connected: already serving
+        # Every channel handed to us is ours to close, used or not.
+        self._channels = list(channels.values())
+        front = parse_frontend_keys(frontend_keys, MAX_QUEUES)
+        for q in front.queues:
+            if q.port not in channels:
+                raise FrontendKeyError(f"event-channel: port {q.port} has no channel")
+        codecs = BLKIF_CODECS[front.abi]
+        queues: list[RingQueue] = []
+        try:
+            for i, qk in enumerate(front.queues):
+                maps: list[GrantMapping] = []
+                try:
+                    # Ring pages stay mapped (and writable: we write responses) until
+                    # disconnect.
+                    for gref in qk.ring_refs:
+                        maps.append(self.ctx.grants.map(gref, writable=True))
+                    shared = SharedRing.over_pages([m.page_view() for m in maps],
+                                                   codecs.entry_size)
+                except BaseException:
+                    for m in maps:
+                        m.release()
+                    raise
+                queues.append(RingQueue(
+                    index=i, back=BackRing(shared), ring_maps=maps,
+                    channel=channels[qk.port], codecs=codecs, geometry=self.geometry,
+                    image=self.image, grants=self.ctx.grants, submit=self._submit,
+                    loop=self.ctx.loop, counters=self.counters,
+                    on_corrupt=self._corrupt, batch=self.batch))
+        except BaseException:
+            for q in queues:
+                q.release()
+            raise
+        self.queues = queues
+        for q in queues:
+            q.start()
+        self._connected = connected_keys(self.image)
+        return dict(self._connected)
+
+    def _corrupt(self, message: str) -> None:
+        log.warning("blk %d: frontend misbehaved: %s", self.devid, message)
+        self.ctx.notices.frontend_misbehaved(self.devid, message)
+
+    async def disconnect(self) -> None:
+        queues, self.queues = self.queues, []
+        self._connected = None
+        if queues:
+            await asyncio.gather(*(q.stop() for q in queues))
+        for q in queues:
+            q.release()
+        for ch in self._channels:
+            with contextlib.suppress(OSError):
+                ch.close()
+        self._channels = []
+
+    def stats(self) -> dict[str, int]:
+        return self.counters.as_dict() | {"queues": len(self.queues)}
+
+    async def close(self) -> None:
+        await self.disconnect()
+        self.image.close()

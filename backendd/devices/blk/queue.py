@@ -1,0 +1,303 @@
+"""One blkif ring: take requests, validate, map grants, hand I/O to the pool, answer.
+
+Pipeline per request (all on the event loop except the system calls):
+  take (private copy) -> parse/validate -> map grants -> queued -> pool job -> completed
+  -> release grants -> response -> push (notify only when the ring's rule says so).
+
+Back-pressure: at most `max_pending` requests are taken and not yet answered; when the
+pool is full we stop consuming and the next completion resumes us. Work per wakeup is
+bounded (`BUDGET`); a busy guest gets the rest on a later loop turn, not all at once.
+
+Flush and barrier requests drain: they start only when everything taken before them has
+completed, and nothing taken after them starts until they have completed.
+
+A guest that corrupts the ring (producer index overflow) halts this ring only: we stop
+listening to its event channel, report it, let in-flight I/O finish and release its
+grants, but write nothing more into the ring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from backendd.errors import GuestError
+from rings.blkif import BlkifCodecs
+from rings.consts import SECTOR_SIZE, BlkifOp, BlkifStatus
+from rings.ring import BackRing, RingCorrupted
+
+from .engine import IoItem, execute_batch
+from .request import (
+    SEGMENT_SIZE,
+    BadRequest,
+    Geometry,
+    Request,
+    pack_response,
+    parse_indirect_segments,
+    parse_request,
+)
+
+if TYPE_CHECKING:
+    from backendd.evtchn import EventChannel
+    from backendd.grants import GrantMapping, GrantTable
+
+    from .image import Image
+
+log = logging.getLogger(__name__)
+
+BUDGET = 64  # requests taken per loop turn
+MAX_PENDING = 64
+BATCH = 4  # requests per pool job (see docs/blk.md for the measurement)
+
+Submit = Callable[..., "asyncio.Future[list[IoItem]]"]
+
+
+class Counters:
+    __slots__ = ("bytes_read", "bytes_written", "discards", "errors", "flushes",
+                 "invalid", "reads", "requests", "rings_halted", "unsupported", "writes")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class RingQueue:
+    def __init__(self, *, index: int, back: BackRing, ring_maps: list[GrantMapping],
+                 channel: EventChannel, codecs: BlkifCodecs, geometry: Geometry,
+                 image: Image, grants: GrantTable, submit: Submit,
+                 loop: asyncio.AbstractEventLoop, counters: Counters,
+                 on_corrupt: Callable[[str], None], batch: int = BATCH) -> None:
+        self.index = index
+        self.back = back
+        self.ring_maps = ring_maps
+        self.channel = channel
+        self.codecs = codecs
+        self.geo = geometry
+        self.image = image
+        self.grants = grants
+        self.submit = submit
+        self.loop = loop
+        self.counters = counters
+        self.on_corrupt = on_corrupt
+        self.batch = batch
+        self.max_pending = min(MAX_PENDING, back.size)
+        self.halted = False
+        self._stopping = False
+        self._scheduled = False
+        self._blocked = False  # stopped taking because the pending pool is full
+        self._waiting: collections.deque[IoItem] = collections.deque()
+        self._inflight = 0  # items handed to the pool, not yet back
+        self._draining = False  # a flush/barrier is in flight: start nothing else
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- taking requests -----------------------------------------------------------
+
+    def start(self) -> None:
+        self.channel.start(self.loop, self._kick)
+        # Requests may have been queued before we listened (the frontend does not kick
+        # for them again).
+        self._schedule()
+
+    def _kick(self) -> None:
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._service)
+
+    def _service(self) -> None:
+        self._scheduled = False
+        if self.halted or self._stopping:
+            return
+        try:
+            self._take()
+        except RingCorrupted as e:
+            self._halt(str(e))
+            return
+        self._dispatch()
+        self._push()
+
+    def _take(self) -> None:
+        budget = BUDGET
+        while budget > 0:
+            room = self.max_pending - self.back.pending_responses()
+            if room <= 0:
+                self._blocked = True  # a completion resumes us
+                return
+            raws = self.back.take_requests(min(room, budget))
+            budget -= len(raws)
+            for raw in raws:
+                self._accept(raw)
+            if not raws and not self.back.final_check_for_requests():
+                return
+        self._schedule()  # budget spent, more may be waiting: continue next turn
+
+    def _accept(self, raw: bytes) -> None:
+        self.counters.requests += 1
+        req: Request | None = None
+        try:
+            req = parse_request(raw, self.codecs, self.geo)
+            if req.indirect_grefs:
+                self._read_indirect(req)
+            item = self._map(req)
+        except BadRequest as bad:
+            if bad.status == BlkifStatus.EOPNOTSUPP:
+                self.counters.unsupported += 1
+            else:
+                self.counters.invalid += 1
+            log.debug("blk ring %d: request %d refused: %s", self.index, bad.id, bad.reason)
+            self._answer(bad.id, bad.op, bad.status)
+            return
+        except GuestError as e:  # a bad grant: this request fails, the ring goes on
+            assert req is not None
+            log.debug("blk ring %d: request %d: %s", self.index, req.id, e)
+            self.counters.invalid += 1
+            self._answer(req.id, req.op, BlkifStatus.ERROR)
+            return
+        self._idle.clear()
+        self._waiting.append(item)
+
+    def _read_indirect(self, req: Request) -> None:
+        pages = []
+        left = req.nr_segments * SEGMENT_SIZE
+        for gref in req.indirect_grefs:
+            with self.grants.map(gref, writable=False) as m:
+                n = min(left, 4096)
+                pages.append(bytes(m.page_view(0, n)))  # a private copy, then let go
+                left -= n
+        parse_indirect_segments(req, pages, self.codecs, self.geo)
+
+    def _map(self, req: Request) -> IoItem:
+        item = IoItem(req)
+        # A read fills guest pages, so it needs them writable; a write only reads them.
+        writable = req.op == BlkifOp.READ
+        try:
+            for gref, first, last in req.segments:
+                m = self.grants.map(gref, writable)
+                item.mappings.append(m)
+                item.views.append(m.page_view(first * SECTOR_SIZE,
+                                              (last - first + 1) * SECTOR_SIZE))
+        except BaseException:
+            item.release()
+            raise
+        return item
+
+    # --- running I/O -----------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        batch: list[IoItem] = []
+        while self._waiting and not self._draining:
+            item = self._waiting[0]
+            if item.is_flush:
+                if batch or self._inflight:
+                    break  # the flush waits for everything before it
+                self._draining = True
+            self._waiting.popleft()
+            batch.append(item)
+            if len(batch) >= self.batch or self._draining:
+                self._run(batch)
+                batch = []
+        if batch:
+            self._run(batch)
+
+    def _run(self, batch: list[IoItem]) -> None:
+        self._inflight += len(batch)
+        fut = self.submit(execute_batch, self.image, batch)
+        fut.add_done_callback(lambda f, b=batch: self._completed(f, b))
+
+    def _completed(self, fut: asyncio.Future[list[IoItem]], batch: list[IoItem]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            # The pool failed, not the disk (e.g. shut down): still answer every request.
+            if not fut.cancelled():
+                log.error("blk ring %d: I/O job failed", self.index, exc_info=fut.exception())
+            for item in batch:
+                item.status = BlkifStatus.ERROR
+        self._inflight -= len(batch)
+        for item in batch:
+            if item.is_flush:
+                self._draining = False
+            # Grants go back before the response: once answered, the guest may revoke
+            # and reuse the pages, and we must not touch them again (XSA-396).
+            item.release()
+            self._account(item)
+            self._answer(item.req.id, item.req.op, item.status)
+        if not self.halted:
+            self._dispatch()
+            self._push()
+            if self._blocked:
+                self._blocked = False
+                self._schedule()
+        self._check_idle()
+
+    def _account(self, item: IoItem) -> None:
+        c, req = self.counters, item.req
+        if item.status != BlkifStatus.OKAY:
+            c.errors += 1
+            log.debug("blk ring %d: request %d failed: errno %d", self.index, req.id,
+                      item.error)
+            return
+        if item.is_flush:
+            c.flushes += 1
+        if req.op == BlkifOp.DISCARD:
+            c.discards += 1
+        elif req.op == BlkifOp.READ:
+            c.reads += 1
+            c.bytes_read += req.nbytes
+        elif req.nr_sectors:
+            c.writes += 1
+            c.bytes_written += req.nbytes
+
+    # --- responses -------------------------------------------------------------------
+
+    def _answer(self, rid: int, op: int, status: int) -> None:
+        if self.halted:
+            return  # the ring is corrupt: write nothing more into it
+        self.back.put_response(pack_response(self.codecs, rid, op, status))
+
+    def _push(self) -> None:
+        if not self.halted and self.back.push_responses():
+            self.channel.notify()
+
+    # --- stopping --------------------------------------------------------------------
+
+    def _halt(self, message: str) -> None:
+        self.halted = True
+        self.counters.rings_halted += 1
+        self.channel.stop()
+        while self._waiting:  # never started: nothing to wait for, just let go
+            self._waiting.popleft().release()
+        self._check_idle()
+        self.on_corrupt(f"blk ring {self.index}: {message}")
+
+    def _check_idle(self) -> None:
+        if self.halted:
+            while self._waiting:
+                self._waiting.popleft().release()
+        if not self._waiting and not self._inflight:
+            self._idle.set()
+
+    async def stop(self) -> None:
+        """Stop taking requests, let what was taken complete and be answered."""
+        self._stopping = True
+        self.channel.stop()
+        await self._idle.wait()
+        self._push()
+
+    def release(self) -> None:
+        """After stop(): let go of the ring pages and the event channel."""
+        ring = self.back.ring
+        ring.release()
+        for view in getattr(ring, "pages", [ring.area]):
+            view.release()
+        for m in self.ring_maps:
+            m.release()
+        self.ring_maps.clear()
+        self.channel.close()
