@@ -178,6 +178,8 @@ async def test_x86_32_abi(rig, tmp_path, ring_order):
     image = make_image(tmp_path / "disk.img", 8 * MiB)
     dev, front = await rig.attach({"path": image}, abi="x86_32-abi", ring_order=ring_order)
     assert dev.queues[0].codecs.entry_size == 108
+    (snap,) = dev.ring_snapshots()
+    assert snap.layout == "blkif-x86_32" and len(snap.data) == 4096 << ring_order
     await random_workload(front, image, 8 * MiB, workers=8, ops=10, seed=3)
 
 

@@ -9,8 +9,9 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from backendd.devices.base import Device, DeviceContext, register
+from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
 from rings.blkif import BLKIF_CODECS
+from rings.consts import BLKIF_PROTOCOL_NAMES
 from rings.ring import BackRing, SharedRing
 
 from .config import parse_config
@@ -117,6 +118,16 @@ class BlkDevice(Device):
             with contextlib.suppress(OSError):
                 ch.close()
         self._channels = []
+
+    def ring_snapshots(self) -> list[RingSnapshot]:
+        out = []
+        for q in self.queues:
+            ring = q.back.ring
+            pages = getattr(ring, "pages", [ring.area])
+            abi = BLKIF_PROTOCOL_NAMES[q.codecs.abi].removesuffix("-abi")
+            out.append(RingSnapshot(f"queue-{q.index}", f"blkif-{abi}",
+                                    b"".join(bytes(p) for p in pages)))
+        return out
 
     def stats(self) -> dict[str, int]:
         return self.counters.as_dict() | {"queues": len(self.queues)}

@@ -1,0 +1,140 @@
+"""The blk device through the real daemon: control socket, fds passed with SCM_RIGHTS,
+the session's xenbus state machine and its I/O pool."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+
+import pytest
+
+from backendd.guest.blkfront import BlkFront, BlkIOError
+from backendd.guest.machine import SimGuest
+from backendd.guest.vmm import RequestFailed, VmmClient
+from rings.consts import BlkifStatus, XenbusState
+from rings.sring import REQ_PROD
+
+MiB = 1 << 20
+DEVID = 51712
+
+
+def make_image(path, size: int) -> str:
+    with open(path, "wb") as f:
+        f.write(random.Random(size).randbytes(size))
+    return str(path)
+
+
+def file_bytes(path: str, offset: int = 0, n: int = -1) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
+async def connect_front(client: VmmClient, front: BlkFront, devid: int = DEVID
+                        ) -> tuple[int, dict[str, str]]:
+    channels = front.channels()
+    try:
+        state, keys = await client.frontend_state(devid, XenbusState.CONNECTED,
+                                                  front.frontend_keys(), channels)
+    finally:
+        for _port, kick, call in channels:  # the daemon has its own copies now
+            os.close(kick)
+            os.close(call)
+    front.update_backend_keys(keys)
+    front.start()
+    return state, keys
+
+
+@pytest.fixture
+async def vm(daemon):
+    client = await VmmClient.connect(daemon.path)
+    guest = SimGuest(ram_size=48 * MiB, gnttab_frames=8)
+    await guest.attach(client)
+    yield client, guest
+    await client.close()
+    guest.close()
+
+
+async def test_read_write_flush_discard_through_the_daemon(vm, tmp_path):
+    client, guest = vm
+    image = make_image(tmp_path / "disk.img", 8 * MiB)
+    state, keys = await client.add_device(DEVID, "blk", {"path": image})
+    assert state == XenbusState.INIT_WAIT
+    assert keys["feature-max-indirect-segments"] == "256"
+    front = BlkFront(guest.ram, guest.gnttab, DEVID, queues=2, ring_order=2,
+                     backend_keys=keys)
+    state, keys = await connect_front(client, front)
+    assert state == XenbusState.CONNECTED and keys["sectors"] == str(8 * MiB // 512)
+
+    model = bytearray(file_bytes(image))
+
+    async def worker(w: int) -> None:
+        rng = random.Random(w)
+        base = w * MiB
+        for _ in range(40):
+            n = rng.choice([512, 4096, 12288, 65536, 262144, MiB])
+            off = base + rng.randrange(0, MiB - n + 1, 512)
+            if rng.random() < 0.5:
+                data = rng.randbytes(n)
+                await front.write(off // 512, data)
+                model[off:off + n] = data
+            else:
+                assert await front.read(off // 512, n) == model[off:off + n]
+
+    await asyncio.gather(*(worker(w) for w in range(8)))
+    await front.flush()
+    assert file_bytes(image) == model
+    await front.discard(0, 2048)
+    assert await front.read(0, 4096) == bytes(4096)
+
+    stats = await client.stats(DEVID)
+    assert int(stats[f"{DEVID}.flushes"]) == 1
+    assert int(stats[f"{DEVID}.discards"]) == 1
+    assert int(stats[f"{DEVID}.errors"]) == 0
+    assert int(stats[f"{DEVID}.reads"]) + int(stats[f"{DEVID}.writes"]) == 8 * 40 + 1
+
+    state, _ = await client.frontend_state(DEVID, XenbusState.CLOSING, {})
+    state, _ = await client.frontend_state(DEVID, XenbusState.CLOSED, {})
+    assert state == XenbusState.CLOSED
+    front.close()
+    assert front.refused_revokes == [] and front.stray_responses == []
+    await client.remove_device(DEVID)
+
+
+async def test_corrupt_ring_reported_and_other_devices_serve(vm, tmp_path):
+    client, guest = vm
+    image = make_image(tmp_path / "disk.img", MiB)
+    fronts = []
+    for devid in (1, 2):
+        _, keys = await client.add_device(devid, "blk", {"path": image, "mode": "r"})
+        front = BlkFront(guest.ram, guest.gnttab, devid, backend_keys=keys,
+                         first_port=devid * 10)
+        await connect_front(client, front, devid)
+        fronts.append(front)
+    bad = fronts[0].queues[0]
+    bad.shared.idx[REQ_PROD] = (bad.front.req_prod_pvt + 1000) & 0xFFFFFFFF
+    bad.port.send()
+    notice = await asyncio.wait_for(client.notices.get(), 10)
+    assert notice.devid == 1 and "blk ring 0" in str(notice)
+    with pytest.raises(BlkIOError) as info:
+        await fronts[1].write(0, b"x" * 512)
+    assert info.value.status == BlkifStatus.ERROR  # read-only, and still serving
+    assert await fronts[1].read(0, 4096) == file_bytes(image, 0, 4096)
+    stats = await client.stats()
+    assert stats["1.rings_halted"] == "1" and stats["2.rings_halted"] == "0"
+    for devid, front in zip((1, 2), fronts, strict=True):
+        await client.remove_device(devid)
+        front.close()
+
+
+async def test_bad_config_refused_with_its_key(vm, tmp_path):
+    client, _guest = vm
+    image = make_image(tmp_path / "disk.img", MiB)
+    with pytest.raises(RequestFailed) as info:
+        await client.add_device(5, "blk", {"path": image, "cache": "none"})
+    assert info.value.code == errno.EINVAL and "cache" in info.value.message
+    with pytest.raises(RequestFailed) as info:
+        await client.add_device(5, "blk", {"path": str(tmp_path / "nope.img")})
+    assert "path" in info.value.message
