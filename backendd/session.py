@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import mmap
 import os
 import traceback
 from collections.abc import Callable, Mapping
@@ -58,6 +59,7 @@ from .protocol.messages import (
     RingDump,
     RingDumpReply,
     SetGrantTable,
+    SetInflight,
     StateReply,
     StatsReply,
     decode_request,
@@ -94,6 +96,14 @@ class DeviceSlot:
     xenbus: XenbusBackend = field(default_factory=XenbusBackend)
     # Everything published so far under the backend's xenstore directory.
     keys: dict[str, str] = field(default_factory=dict)
+    # SET_INFLIGHT's mapping; unmapped after the device is closed.
+    inflight: mmap.mmap | None = None
+
+    def release_inflight(self) -> None:
+        if self.inflight is not None:
+            with contextlib.suppress(BufferError):
+                self.inflight.close()
+            self.inflight = None
 
 
 class Session(NoticeSink):
@@ -171,6 +181,9 @@ class Session(NoticeSink):
                 return EmptyReply()
             case FrontendState():
                 return await self._frontend_state(msg, fds)
+            case SetInflight():
+                self._set_inflight(msg, fds[0])
+                return EmptyReply()
             case GetBackendState():
                 slot = self._slot(msg.devid)
                 return StateReply(slot.xenbus.state, dict(slot.keys))
@@ -223,10 +236,28 @@ class Session(NoticeSink):
         self.log.info("device_added", conn=self.conn_id, devid=msg.devid, type=type_name)
         return StateReply(slot.xenbus.state, dict(slot.keys))
 
+    def _set_inflight(self, msg: SetInflight, fd: int) -> None:
+        slot = self._slot(msg.devid)
+        if slot.xenbus.state == XenbusState.CONNECTED:
+            raise ControlError(errno.EBUSY, f"device {msg.devid}: SET_INFLIGHT after connect")
+        try:
+            region = mmap.mmap(fd, msg.size, flags=mmap.MAP_SHARED,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=msg.mmap_offset)
+        except (OSError, ValueError, OverflowError) as e:
+            raise ControlError(errno.EINVAL, f"SET_INFLIGHT: cannot map: {e}") from e
+        try:
+            slot.device.set_inflight(memoryview(region))
+        except BaseException:
+            region.close()
+            raise
+        slot.release_inflight()
+        slot.inflight = region
+
     async def _remove_device(self, devid: int) -> None:
         slot = self._slot(devid)
         del self.devices[devid]
         await slot.device.close()
+        slot.release_inflight()
         self.guest_log.forget((self.conn_id, devid))
         self.log.info("device_removed", conn=self.conn_id, devid=devid)
 
@@ -334,6 +365,7 @@ class Session(NoticeSink):
             except Exception as exc:
                 self.log.error("device_close_failed", conn=self.conn_id, devid=devid,
                                error=repr(exc), traceback=traceback.format_exc())
+            slot.release_inflight()
             self.guest_log.forget((self.conn_id, devid))
         self.grants.close()
         self.memory.close()

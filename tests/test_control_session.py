@@ -355,3 +355,21 @@ async def test_grant_table_v2_through_the_socket(daemon):
     front.close()
     await client.close()
     guest.close()
+
+
+async def test_set_inflight_is_refused_by_devices_that_cannot_replay(daemon):
+    from backendd.inflight import region_size
+
+    client, guest = await connected(daemon)
+    fd = os.memfd_create("inflight")
+    os.ftruncate(fd, region_size(1))
+    with pytest.raises(RequestFailed) as exc:
+        await client.set_inflight(DEVID, fd, region_size(1))
+    assert exc.value.code == errno.ENOENT
+    await client.add_device(DEVID, "blk", {})
+    with pytest.raises(RequestFailed) as exc:
+        await client.set_inflight(DEVID, fd, region_size(1))
+    assert exc.value.code == errno.EOPNOTSUPP  # the echo device keeps no table
+    os.close(fd)
+    await client.close()
+    guest.close()

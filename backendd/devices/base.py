@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import errno
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
+
+from backendd.errors import ControlError
 
 if TYPE_CHECKING:
     from backendd.evtchn import EventChannel
@@ -92,6 +95,12 @@ class Device(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict[str, int]:
         """Counters: requests, bytes, errors, drops ..."""
+
+    def set_inflight(self, region: memoryview) -> None:
+        """Memory that survives the daemon, for recording in-flight requests (see
+        backendd/inflight.py). Devices that cannot replay requests refuse it."""
+        raise ControlError(errno.EOPNOTSUPP,
+                           f"{self.type_name} devices do not track in-flight requests")
 
     def ring_snapshots(self) -> list[RingSnapshot]:
         """Copies of the connected rings, in a stable order (queue 0 first)."""

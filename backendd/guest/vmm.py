@@ -29,6 +29,7 @@ from backendd.protocol.messages import (
     RemoveDevice,
     RemoveMemRegion,
     SetGrantTable,
+    SetInflight,
     StateReply,
     StatsReply,
     decode_notice,
@@ -194,6 +195,9 @@ class VmmClient:
                                    fds)
         assert isinstance(reply, StateReply)
         return int(reply.state), reply.keys
+
+    async def set_inflight(self, devid: int, fd: int, size: int, offset: int = 0) -> None:
+        await self.request(SetInflight(devid, offset, size), [fd])
 
     async def backend_state(self, devid: int) -> tuple[int, dict[str, str]]:
         reply = await self.request(GetBackendState(devid))

@@ -51,6 +51,7 @@ class Code(IntEnum):
     # Operator requests (backendd status / ring-dump): daemon-wide, read-only.
     DAEMON_STATUS = 10
     RING_DUMP = 11
+    SET_INFLIGHT = 12
     # Notices have their own range so a stray one is never mistaken for a request.
     DEVICE_FAILED = 0x100
     FRONTEND_MISBEHAVED = 0x101
@@ -403,6 +404,31 @@ class FrontendState(Message):
 
 
 @dataclass(frozen=True)
+class SetInflight(Message):
+    """Memory the VMM keeps across daemon restarts, where a device records its in-flight
+    requests (backendd/inflight.py); sent after ADD_DEVICE, before the frontend connects."""
+
+    code: ClassVar[Code] = Code.SET_INFLIGHT
+    fds: ClassVar[int] = 1
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIQQ")
+    devid: int
+    mmap_offset: int
+    size: int
+
+    def encode(self) -> bytes:
+        return self._S.pack(self.devid, 0, self.mmap_offset, self.size)
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        devid, pad, offset, size = _fixed("SET_INFLIGHT", cls._S, payload)
+        if pad:
+            raise ProtocolError(_errno.EINVAL, "SET_INFLIGHT: padding is not zero")
+        if size == 0 or offset % 4096:
+            raise ProtocolError(_errno.EINVAL, "SET_INFLIGHT: empty or unaligned region")
+        return cls(devid, offset, size)
+
+
+@dataclass(frozen=True)
 class DaemonStatus(Message):
     """Every connection and device of the daemon, not only the asker's."""
 
@@ -599,6 +625,7 @@ REQUESTS: dict[Code, type[Message]] = {
         GetStats,
         DaemonStatus,
         RingDump,
+        SetInflight,
     )
 }
 NOTICES: dict[Code, type[Message]] = {
@@ -616,6 +643,7 @@ REPLIES: dict[Code, type[Message]] = {
     Code.GET_STATS: StatsReply,
     Code.DAEMON_STATUS: StatsReply,
     Code.RING_DUMP: RingDumpReply,
+    Code.SET_INFLIGHT: EmptyReply,
 }
 # Fixed fd counts, checked before decoding. None: depends on the payload
 # (FRONTEND_STATE: 2 per channel), checked right after decoding.
