@@ -245,9 +245,11 @@ class Session(NoticeSink):
                                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=msg.mmap_offset)
         except (OSError, ValueError, OverflowError) as e:
             raise ControlError(errno.EINVAL, f"SET_INFLIGHT: cannot map: {e}") from e
+        view = memoryview(region)
         try:
-            slot.device.set_inflight(memoryview(region))
+            slot.device.set_inflight(view)
         except BaseException:
+            view.release()
             region.close()
             raise
         slot.release_inflight()
