@@ -64,7 +64,7 @@ class BlkFront:
     def __init__(self, ram: GuestRAM, gnttab: GuestGrantTable, devid: int, *,
                  queues: int = 1, ring_order: int = 0, abi: str = "x86_64-abi",
                  backend_keys: Mapping[str, str] | None = None, first_port: int = 1,
-                 seed: int = 0, domid: int = 0) -> None:
+                 seed: int = 0, domid: int = 0, random_layout: bool = True) -> None:
         self.ram = ram
         self.gnttab = gnttab
         self.devid = devid
@@ -73,6 +73,8 @@ class BlkFront:
         self.ring_order = ring_order
         self.domid = domid
         self.rng = random.Random(seed)
+        # False: whole pages, one segment per 4 KiB, as Linux lays out page-cache I/O.
+        self.random_layout = random_layout
         self.backend_keys: dict[str, str] = dict(backend_keys or {})
         self.refused_revokes: list[int] = []
         self.stray_responses: list[bytes] = []
@@ -192,11 +194,11 @@ class BlkFront:
         max_segs segments."""
         segs: list[tuple[int, int]] = []
         left = nsectors
-        whole_pages = self.sector_size > SECTOR_SIZE
+        whole_pages = self.sector_size > SECTOR_SIZE or not self.random_layout
         while left:
             budget = max_segs - len(segs) - 1
             first = 0 if whole_pages else self.rng.randint(0, 7)
-            n = 8 if whole_pages else self.rng.randint(1, min(8 - first, left))
+            n = min(8, left) if whole_pages else self.rng.randint(1, min(8 - first, left))
             if -(-(left - n) // 8) > budget:  # random choice would not fit: use a page
                 first, n = 0, min(8, left)
             segs.append((first, n))
@@ -211,8 +213,8 @@ class BlkFront:
         nsectors = nbytes // SECTOR_SIZE
         limit = self.max_indirect_segments
         use_indirect = indirect if indirect is not None else \
-            -(-nsectors // 8) > BLKIF_MAX_SEGMENTS_PER_REQUEST or (
-                limit and self.rng.random() < 0.2)
+            -(-nsectors // 8) > BLKIF_MAX_SEGMENTS_PER_REQUEST or bool(
+                limit and self.random_layout and self.rng.random() < 0.2)
         max_segs = limit if use_indirect else BLKIF_MAX_SEGMENTS_PER_REQUEST
         if use_indirect and not limit:
             raise ValueError("backend does not offer indirect requests")
