@@ -41,6 +41,7 @@ class GuestGrantTable:
         # A native u16 view: one aligned 2-byte store, never torn for the backend.
         self._flags = memoryview(self._map).cast("H")
         self._free = list(range(self.entries - 1, NR_RESERVED_ENTRIES - 1, -1))
+        self._granted: set[int] = set()  # so a double revoke never frees a gref twice
 
     def grant_access(self, gfn: int, domid: int = 0, readonly: bool = False,
                      sub_page: tuple[int, int] | None = None) -> int:
@@ -50,6 +51,7 @@ class GuestGrantTable:
         if sub_page is not None and self.version != 2:
             raise ValueError("sub-page grants need grant table v2")
         gref = self._free.pop()
+        self._granted.add(gref)
         off = gref * self.entry_size
         flags = GrantType.PERMIT_ACCESS | (GTF_READONLY if readonly else 0)
         if self.version == 2:
@@ -91,7 +93,8 @@ class GuestGrantTable:
         return True
 
     def _release(self, gref: int) -> None:
-        if gref >= NR_RESERVED_ENTRIES and gref not in self._free:
+        if gref in self._granted:
+            self._granted.discard(gref)
             self._free.append(gref)
 
     def entry(self, gref: int) -> tuple[int, int, int]:
