@@ -8,9 +8,11 @@ DEBSTAMP := $(VENV)/.debs
 
 .PHONY: demo test lint bench fuzz clean debs
 
-# Until the daemon's own demo lands, `make demo` runs the ring layouts' self-check.
+# The daemon and a simulated guest with a disk and a nic, for about 20 seconds.
+DEMO_SECONDS ?= 20
 demo: $(STAMP)
 	$(PY) -m rings
+	$(VENV)/bin/backendd demo --seconds $(DEMO_SECONDS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
