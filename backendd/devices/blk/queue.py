@@ -122,6 +122,10 @@ class RingQueue:
         except RingCorrupted as e:
             self._halt(str(e))
             return
+        except Exception:  # a local bug: stop this ring, never the event loop
+            log.exception("blk ring %d: stopped on an internal error", self.index)
+            self._halt("internal error while taking requests")
+            return
         self._dispatch()
         self._push()
 
