@@ -500,3 +500,24 @@ async def test_bad_frontend_keys_refuse_connect(rig, tmp_path):
             os.close(call)
         front.close()
         await dev.close()
+
+
+async def test_block_device_backing(rig, tmp_path):
+    backing = make_image(tmp_path / "backing.img", 4 * MiB)
+    loop_dev = subprocess.run(["losetup", "--find", "--show", backing], check=True,
+                              capture_output=True, text=True).stdout.strip()
+    try:
+        dev, front = await rig.attach({"path": loop_dev})
+        assert front.backend_keys["sectors"] == str(4 * MiB // 512)
+        assert dev.image.is_block
+        data = random.Random(8).randbytes(MiB)
+        await front.write(2048, data)
+        await front.flush()
+        assert await front.read(2048, MiB) == data
+        if front.backend_keys["feature-discard"] == "1":
+            await front.discard(2048, 2048)
+            assert await front.read(2048, 4096) == bytes(4096)
+        await rig.close()
+        rig.pairs.clear()
+    finally:
+        subprocess.run(["losetup", "-d", loop_dev], check=True)
