@@ -1,0 +1,265 @@
+"""The host -> guest path of one queue: frames read from the tap with one readv straight
+into the pages the guest posted on its rx ring, then one response per slot.
+
+tun cannot tell a frame's length before it is read, so a read is attempted only once
+enough buffers are posted for the largest frame the tap may hand us (the MTU, or 64 KiB
+with GSO); a frame uses the first of them and the rest stay posted for the next frame.
+Responses go in ring order, and Linux's netfront finds an rx buffer by the response's
+ring index, not its id, so the data of slot k must be in the page of request k.
+
+A GSO frame needs an extra-info slot right after its first data slot. When the frontend
+takes GSO, the read therefore skips the second posted buffer (keeping it for that slot);
+a frame that turns out not to be GSO and still spans pages (jumbo frames only) is moved
+down one page afterwards. When the guest posts no buffers we stop reading and the frames
+wait in the tap's queue, whose length (txqueuelen) bounds what a stalled guest costs
+(XSA-392); the kernel drops and counts beyond it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections import deque
+
+from backendd.errors import GuestError
+from backendd.grants import GrantMapping, GrantTable
+from rings.consts import ETH_HLEN, PAGE_SIZE, NetExtraType, NetGsoType, NetifRsp, NetRxFlags
+from rings.netif import EXTRA_GSO, RX_ENTRY_SIZE, RX_REQUEST, RX_RESPONSE
+from rings.ring import BackRing, RingCorrupted
+
+from .vif import VifState
+from .vnet import VNET_HDR_LEN, VnetHeader, rx_gso, rx_netif_flags
+
+BUDGET = 64  # frames per wakeup (XSA-332)
+MAX_GSO_FRAME = 65536 + ETH_HLEN + 4  # a 64 KiB GSO super-frame plus a VLAN tag
+VLAN_HLEN = 4
+
+
+def pages_for(nbytes: int) -> int:
+    return max(1, -(-nbytes // PAGE_SIZE))
+
+
+def data_slot_sizes(frame_len: int) -> list[int]:
+    """How a frame is spread over whole pages, each slot's data at offset 0."""
+    sizes = [PAGE_SIZE] * (frame_len // PAGE_SIZE)
+    if frame_len % PAGE_SIZE or not sizes:
+        sizes.append(frame_len % PAGE_SIZE)
+    return sizes
+
+
+def rx_responses(ids: list[int], frame_len: int, csum_flags: int,
+                 gso: tuple[int, int] | None) -> list[bytes]:
+    """The ring slots for one frame, in order: the first data slot, the GSO extra-info
+    slot when there is one, then the other data slots. `ids` are the request ids of the
+    slots used (the extra slot's id is not echoed: it holds extra info instead)."""
+    sizes = data_slot_sizes(frame_len)
+    out: list[bytes] = []
+    data_ids = [ids[0], *ids[2:]] if gso else ids
+    for n, size in enumerate(sizes):
+        flags = csum_flags if n == 0 else 0
+        if n == 0 and gso:
+            flags |= NetRxFlags.EXTRA_INFO
+        if n < len(sizes) - 1:
+            flags |= NetRxFlags.MORE_DATA
+        out.append(RX_RESPONSE.pack(data_ids[n], 0, flags, size))
+        if n == 0 and gso:
+            out.append(EXTRA_GSO.pack(NetExtraType.GSO, 0, gso[0], gso[1], 0, 0))
+    return out
+
+
+class _Posted:
+    __slots__ = ("id", "mapping")
+
+    def __init__(self, req_id: int, mapping: GrantMapping | None) -> None:
+        self.id = req_id
+        self.mapping = mapping  # None: the grant was bad; answered with an error
+
+
+class RxPath:
+    def __init__(self, ring: BackRing, grants: GrantTable, fd: int, vif: VifState,
+                 loop: asyncio.AbstractEventLoop, name: str, gso_offload: bool) -> None:
+        self.ring = ring
+        self.grants = grants
+        self.fd = fd
+        self.vif = vif
+        self.loop = loop
+        self.name = name
+        # The tap was told it may hand us GSO frames (TUN_F_TSO*): reserve the extra slot.
+        self.gso_offload = gso_offload
+        self.notify = lambda: None
+        self.posted: deque[_Posted] = deque()
+        self._hdr = bytearray(VNET_HDR_LEN)
+        self._reading = False
+        self._poll: asyncio.TimerHandle | None = None
+        self.stopped = False
+        mtu_frame = vif.mtu + ETH_HLEN + VLAN_HLEN
+        if gso_offload:
+            self.need = pages_for(MAX_GSO_FRAME) + 1
+        elif vif.features.sg:
+            self.need = pages_for(mtu_frame)
+        else:
+            self.need = 1
+
+    def start(self) -> None:
+        self._resume()
+
+    def _resume(self) -> None:
+        if not self._reading and not self.stopped and not self.vif.halted:
+            self._reading = True
+            self.loop.add_reader(self.fd, self._readable)
+
+    def _pause(self) -> None:
+        if self._reading:
+            self._reading = False
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.fd)
+
+    def kick(self) -> None:
+        """The frontend posted buffers."""
+        if not self._reading and not self.stopped and not self.vif.halted:
+            self._resume()
+            self.loop.call_soon(self._readable)
+
+    def stop(self) -> None:
+        self.stopped = True
+        self._pause()
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+        while self.posted:
+            p = self.posted.popleft()
+            if p.mapping is not None:
+                p.mapping.release()
+
+    # --- buffers ------------------------------------------------------------------
+
+    def _fill(self) -> bool:
+        """Make sure `need` usable buffers are at the head; False if the guest has not
+        posted enough."""
+        while True:
+            self._answer_bad_head()
+            if len(self.posted) >= self.need:
+                bad = next((i for i in range(self.need) if self.posted[i].mapping is None),
+                           None)
+                if bad is None:
+                    return True
+                # Buffers before a bad one cannot be used in ring order: answer them
+                # all with an error, as a failed grant copy would be.
+                for _ in range(bad + 1):
+                    self._respond_error(self.posted.popleft())
+                continue
+            if not self._take(self.need - len(self.posted)):
+                return False
+
+    def _take(self, want: int) -> bool:
+        try:
+            raws = self.ring.take_requests(max(want, 1))
+        except RingCorrupted as e:
+            self.vif.counters["rx_fatal"] += 1
+            self.vif.fatal(f"{self.name}: rx: {e}")
+            return False
+        if not raws:
+            return False
+        for raw in raws:
+            req_id, gref = RX_REQUEST.unpack(raw)
+            try:
+                mapping: GrantMapping | None = self.grants.map(gref, writable=True)
+            except GuestError:
+                self.vif.counters["rx_bad_grant"] += 1
+                mapping = None
+            self.posted.append(_Posted(req_id, mapping))
+        return True
+
+    def _answer_bad_head(self) -> None:
+        while self.posted and self.posted[0].mapping is None:
+            self._respond_error(self.posted.popleft())
+
+    def _respond_error(self, p: _Posted) -> None:
+        if p.mapping is not None:
+            p.mapping.release()
+        self.ring.put_response(RX_RESPONSE.pack(p.id, 0, 0, NetifRsp.ERROR))
+
+    # --- frames -------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        if self.stopped or self.vif.halted or not self._reading:
+            return
+        for _ in range(BUDGET):
+            if not self._fill():
+                self._stall()
+                break
+            if not self._read_one():
+                break
+        if self.ring.push_responses():
+            self.notify()
+
+    def _stall(self) -> None:
+        self._pause()
+        self.vif.counters["rx_stalls"] += 1
+        if self.vif.halted or self.stopped:
+            return
+        if self.ring.final_check_for_requests():
+            self.kick()
+        elif not self.vif.features.rx_notify:
+            # A frontend that does not notify on rx requests is polled, as netback's
+            # shortened drain timeout does.
+            self._poll = self.loop.call_later(0.01, self._polled)
+
+    def _polled(self) -> None:
+        self._poll = None
+        self.kick()
+
+    def _read_one(self) -> bool:
+        """Read one frame into the posted buffers; False when the tap is empty."""
+        posted = self.posted
+        bufs = [posted[0]] + ([posted[i] for i in range(2, self.need)] if self.gso_offload
+                              else [posted[i] for i in range(1, self.need)])
+        views = [p.mapping.page_view(0, PAGE_SIZE) for p in bufs]  # type: ignore[union-attr]
+        try:
+            n = os.readv(self.fd, [self._hdr, *views])
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.vif.counters["rx_dropped"] += 1
+            return True
+        counters = self.vif.counters
+        frame_len = n - VNET_HDR_LEN
+        if frame_len < ETH_HLEN or frame_len > len(views) * PAGE_SIZE:
+            counters["rx_dropped"] += 1
+            return True
+        vnet = VnetHeader.unpack(self._hdr)
+        try:
+            gso = rx_gso(vnet)
+        except ValueError:
+            counters["rx_dropped"] += 1
+            return True
+        if gso is not None and not self._gso_allowed(gso[1]):
+            counters["rx_dropped"] += 1
+            return True
+        if not self.vif.rx_wanted(bytes(views[0][:6])):
+            # The frame was written into posted buffers we simply keep posted.
+            counters["rx_mcast_filtered"] += 1
+            return True
+        npages = pages_for(frame_len)
+        if gso is None and self.gso_offload and npages > 1:
+            # Not GSO after all: slot 1's page, left free for extra info, takes data.
+            order = [posted[0], posted[1], *bufs[1:]]
+            for k in range(1, npages):
+                order[k].mapping.page_view()[:] = order[k + 1].mapping.page_view()  # type: ignore[union-attr]
+        used = npages + (1 if gso is not None else 0)
+        entries = [posted.popleft() for _ in range(used)]
+        for p in entries:
+            p.mapping.release()  # type: ignore[union-attr]
+        for slot in rx_responses([p.id for p in entries], frame_len,
+                                 rx_netif_flags(vnet), gso):
+            self.ring.put_response(slot + bytes(RX_ENTRY_SIZE - len(slot)))
+        counters["rx_packets"] += 1
+        counters["rx_bytes"] += frame_len
+        if gso is not None:
+            counters["rx_gso"] += 1
+        return True
+
+    def _gso_allowed(self, gtype: int) -> bool:
+        f = self.vif.features
+        return (f.gso_tcpv4 if gtype == NetGsoType.TCPV4 else f.gso_tcpv6)

@@ -1,0 +1,173 @@
+"""Tap devices: the /dev/net/tun file descriptors we open ourselves, and the link setup
+(MAC, MTU, up, bridge, network namespace) done over rtnetlink with pyroute2.
+
+pyroute2's synchronous API runs its own event loop and refuses to run inside ours, and its
+asyncio API does not work on uvloop (datagram endpoints of family AF_NETLINK), so link
+setup runs in a worker thread, which has no running loop. Netlink requests take a few
+milliseconds; the daemon waits for them only when a device is added or removed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import errno
+import fcntl
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from backendd.errors import ConfigError, ControlError
+
+from .vnet import VNET_HDR_LEN
+
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+TUNSETQUEUE = 0x400454D9
+
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
+
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+
+IFNAMSIZ = 16
+NETLINK_TIMEOUT = 10.0
+
+T = TypeVar("T")
+
+
+def check_ifname(name: str) -> str:
+    """Interface names the kernel accepts and that cannot escape sysfs paths."""
+    raw = name.encode()
+    if not raw or len(raw) >= IFNAMSIZ or "/" in name or any(c.isspace() for c in name) \
+            or name in (".", "..") or ":" in name or "\0" in name:
+        raise ConfigError(f"net: interface name {name!r}: must be 1-15 bytes without "
+                          "'/', ':' or whitespace")
+    return name
+
+
+def _ifreq(name: str, flags: int) -> bytes:
+    return struct.pack("16sH22x", name.encode(), flags)
+
+
+def open_tap(name: str, multi_queue: bool = False) -> int:
+    """Create (or attach to) tap `name`: a non-blocking fd with 10-byte vnet headers."""
+    check_ifname(name)
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if multi_queue else 0)
+        fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, flags))
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+        fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+    except OSError as e:
+        os.close(fd)
+        raise ControlError(e.errno or errno.EIO, f"tap {name}: {e.strerror}") from e
+    return fd
+
+
+def set_offload(fd: int, csum: bool, tso4: bool, tso6: bool) -> int:
+    """Which offloaded frames the kernel may hand us (what the frontend can take)."""
+    flags = 0
+    if csum:
+        flags = TUN_F_CSUM | (TUN_F_TSO4 if tso4 else 0) | (TUN_F_TSO6 if tso6 else 0)
+    fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+    return flags
+
+
+def set_queue_attached(fd: int, attached: bool) -> None:
+    """Attach or detach one queue of a multi-queue tap: the kernel spreads frames over
+    attached queues only, so queues nobody serves are detached."""
+    fcntl.ioctl(fd, TUNSETQUEUE, _ifreq("", IFF_ATTACH_QUEUE if attached
+                                        else IFF_DETACH_QUEUE))
+
+
+# --- link setup (worker thread) -------------------------------------------------------
+
+_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+
+
+def run_netlink(fn: Callable[..., T], *args: Any) -> T:
+    """Run a pyroute2 job in the netlink thread and wait for it."""
+    return _executor.submit(fn, *args).result(timeout=NETLINK_TIMEOUT)
+
+
+async def run_netlink_async(fn: Callable[..., T], *args: Any) -> T:
+    import asyncio
+
+    return await asyncio.wrap_future(_executor.submit(fn, *args))
+
+
+def netns_exists(name: str) -> bool:
+    return os.path.exists(os.path.join("/run/netns", name))
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    name: str
+    mac: str | None = None
+    mtu: int | None = None
+    bridge: str | None = None
+    netns: str | None = None
+    up: bool = True
+
+
+def configure_link(cfg: LinkConfig) -> None:
+    """MAC, MTU, bridge, namespace, up: the toolstack's hotplug work for a vif. Runs in
+    the netlink thread; raises ConfigError naming what is wrong."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with IPRoute() as ip:
+            found = ip.link_lookup(ifname=cfg.name)
+            if not found:
+                raise ConfigError(f"net: tap {cfg.name}: not found after creation")
+            index = found[0]
+            settings: dict[str, Any] = {}
+            if cfg.mac:
+                settings["address"] = cfg.mac
+            if cfg.mtu:
+                settings["mtu"] = cfg.mtu
+            if settings:
+                ip.link("set", index=index, **settings)
+            if cfg.bridge:
+                bridges = ip.link_lookup(ifname=cfg.bridge)
+                if not bridges or not _is_bridge(ip, bridges[0]):
+                    raise ConfigError(f"net: bridge {cfg.bridge}: no such bridge")
+                ip.link("set", index=index, master=bridges[0])
+            if cfg.netns:
+                ip.link("set", index=index, net_ns_fd=cfg.netns)
+            elif cfg.up:
+                ip.link("set", index=index, state="up")
+        if cfg.netns and cfg.up:
+            # Moving a link brings it down; it is raised inside its new namespace.
+            with IPRoute(netns=cfg.netns, flags=0) as ip:
+                found = ip.link_lookup(ifname=cfg.name)
+                if not found:
+                    raise ConfigError(f"net: tap {cfg.name}: not in netns {cfg.netns}")
+                ip.link("set", index=found[0], state="up")
+    except NetlinkError as e:
+        raise ConfigError(f"net: tap {cfg.name}: link setup failed: {e}") from e
+
+
+def _is_bridge(ip: Any, index: int) -> bool:
+    for link in ip.link("get", index=index):
+        info = link.get_attr("IFLA_LINKINFO")
+        if info is not None and info.get_attr("IFLA_INFO_KIND") == "bridge":
+            return True
+    return False
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
