@@ -134,6 +134,21 @@ class BlkFront:
             q.space.set()
             self._loop.add_reader(q.call_fd, self._on_call, q)
 
+    def new_channels(self) -> list[tuple[int, int, int]]:
+        """Fresh event channels for every queue, as a VMM makes for a restarted daemon
+        (the old daemon's eventfds died with it). Returns the daemon's ends, like
+        channels(); the rings, grants and requests in flight are kept."""
+        for q in self.queues:
+            if self._loop is not None:
+                self._loop.remove_reader(q.call_fd)
+            os.close(q.call_fd)
+            q.port.close()
+            port, kick, call = new_channel_pair(q.port.port)
+            q.port, q.call_fd, q.daemon_fds = port, os.dup(call), (kick, call)
+            if self._loop is not None:
+                self._loop.add_reader(q.call_fd, self._on_call, q)
+        return self.channels()
+
     # --- responses ---------------------------------------------------------------------
 
     def _on_call(self, q: _Queue) -> None:

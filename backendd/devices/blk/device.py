@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
+from backendd.errors import ControlError
+from backendd.inflight import InflightError, InflightRegion
 from rings.blkif import BLKIF_CODECS
 from rings.consts import BLKIF_PROTOCOL_NAMES
 from rings.ring import BackRing, SharedRing
+from rings.sring import RSP_PROD
 
 from .config import parse_config
 from .image import Image
@@ -52,9 +56,15 @@ class BlkDevice(Device):
         self.queues: list[RingQueue] = []
         self._channels: list[EventChannel] = []
         self._connected: dict[str, str] | None = None
+        self._inflight: memoryview | None = None
 
     def backend_keys(self) -> dict[str, str]:
         return feature_keys(self.image)
+
+    def set_inflight(self, region: memoryview) -> None:
+        if self._inflight is not None:
+            self._inflight.release()
+        self._inflight = region
 
     def _submit(self, fn, *args) -> asyncio.Future:
         if self.ctx.run_blocking is not None:
@@ -73,6 +83,12 @@ class BlkDevice(Device):
                 raise FrontendKeyError(f"event-channel: port {q.port} has no channel")
         codecs = BLKIF_CODECS[front.abi]
         queues: list[RingQueue] = []
+        region = None
+        if self._inflight is not None:
+            try:
+                region = InflightRegion(self._inflight, len(front.queues))
+            except InflightError as e:
+                raise ControlError(errno.EINVAL, f"blk {self.devid}: in-flight region: {e}") from e
         try:
             for i, qk in enumerate(front.queues):
                 maps: list[GrantMapping] = []
@@ -87,8 +103,23 @@ class BlkDevice(Device):
                     for m in maps:
                         m.release()
                     raise
+                back = BackRing(shared)
+                table, replay = None, []
+                if region is not None:
+                    try:
+                        table = region.queue(i, shared.size)
+                        rec = table.recover(shared.idx[RSP_PROD])
+                    except InflightError as e:
+                        for m in maps:
+                            m.release()
+                        raise ControlError(errno.EINVAL,
+                                           f"blk {self.devid} queue {i}: {e}") from e
+                    # Resume where the earlier daemon stopped, not at BACK_RING_INIT.
+                    back.req_cons = rec.req_cons
+                    back.rsp_prod_pvt = back._pushed = rec.rsp_prod
+                    replay = rec.replay
                 queues.append(RingQueue(
-                    index=i, back=BackRing(shared), ring_maps=maps,
+                    index=i, back=back, ring_maps=maps, inflight=table, replay=replay,
                     channel=channels[qk.port], codecs=codecs, geometry=self.geometry,
                     image=self.image, grants=self.ctx.grants, submit=self._submit,
                     loop=self.ctx.loop, counters=self.counters,
@@ -135,3 +166,6 @@ class BlkDevice(Device):
     async def close(self) -> None:
         await self.disconnect()
         self.image.close()
+        if self._inflight is not None:
+            self._inflight.release()
+            self._inflight = None

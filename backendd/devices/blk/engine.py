@@ -32,6 +32,7 @@ class IoItem:
     views: list[memoryview] = field(default_factory=list)
     status: int = BlkifStatus.OKAY
     error: int = 0  # errno of a failed system call, for the stats and the log
+    ring_index: int = 0  # where the request sat in the ring (the in-flight table's key)
 
     @property
     def is_flush(self) -> bool:

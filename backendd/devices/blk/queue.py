@@ -14,6 +14,11 @@ completed, and nothing taken after them starts until they have completed.
 A guest that corrupts the ring (producer index overflow) halts this ring only: we stop
 listening to its event channel, report it, let in-flight I/O finish and release its
 grants, but write nothing more into the ring.
+
+With an in-flight table (SET_INFLIGHT, backendd/inflight.py) every request taken is
+recorded before the recorded req_cons moves past it, and the slot of its response before
+that response is published; a restarted daemon replays what the table says was never
+visibly answered, before taking anything new.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from .request import (
 if TYPE_CHECKING:
     from backendd.evtchn import EventChannel
     from backendd.grants import GrantMapping, GrantTable
+    from backendd.inflight import InflightQueue
 
     from .image import Image
 
@@ -57,7 +63,8 @@ Submit = Callable[..., "asyncio.Future[list[IoItem]]"]
 
 class Counters:
     __slots__ = ("bytes_read", "bytes_written", "discards", "errors", "flushes",
-                 "invalid", "reads", "requests", "rings_halted", "unsupported", "writes")
+                 "invalid", "reads", "replayed", "requests", "rings_halted", "unsupported",
+                 "writes")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -72,7 +79,9 @@ class RingQueue:
                  channel: EventChannel, codecs: BlkifCodecs, geometry: Geometry,
                  image: Image, grants: GrantTable, submit: Submit,
                  loop: asyncio.AbstractEventLoop, counters: Counters,
-                 on_corrupt: Callable[[str], None], batch: int = BATCH) -> None:
+                 on_corrupt: Callable[[str], None], batch: int = BATCH,
+                 inflight: InflightQueue | None = None,
+                 replay: list[tuple[int, bytes]] | None = None) -> None:
         self.index = index
         self.back = back
         self.ring_maps = ring_maps
@@ -96,10 +105,24 @@ class RingQueue:
         self._draining = False  # a flush/barrier is in flight: start nothing else
         self._idle = asyncio.Event()
         self._idle.set()
+        self.inflight = inflight
+        self._replay = list(replay or [])
+        self._unpublished: list[int] = []  # ring indices answered, response not pushed
 
     # --- taking requests -----------------------------------------------------------
 
     def start(self) -> None:
+        if self._replay:
+            # Requests an earlier daemon took and never visibly answered go first, in
+            # ring order; the table's req_cons is already past them.
+            replay, self._replay = self._replay, []
+            for index, raw in replay:
+                if self.inflight is not None:
+                    self.inflight.in_flight(index, raw)
+                self._accept(raw, index)
+            self.counters.replayed += len(replay)
+            self._dispatch()
+            self._push()
         self.channel.start(self.loop, self._kick)
         # Requests may have been queued before we listened (the frontend does not kick
         # for them again).
@@ -136,15 +159,20 @@ class RingQueue:
             if room <= 0:
                 self._blocked = True  # a completion resumes us
                 return
+            first = self.back.req_cons
             raws = self.back.take_requests(min(room, budget))
             budget -= len(raws)
-            for raw in raws:
-                self._accept(raw)
+            if self.inflight is not None and raws:
+                for k, raw in enumerate(raws):
+                    self.inflight.in_flight(first + k, raw)
+                self.inflight.consumed_up_to(self.back.req_cons)
+            for k, raw in enumerate(raws):
+                self._accept(raw, (first + k) & 0xFFFFFFFF)
             if not raws and not self.back.final_check_for_requests():
                 return
         self._schedule()  # budget spent, more may be waiting: continue next turn
 
-    def _accept(self, raw: bytes) -> None:
+    def _accept(self, raw: bytes, index: int) -> None:
         self.counters.requests += 1
         req: Request | None = None
         try:
@@ -158,14 +186,15 @@ class RingQueue:
             else:
                 self.counters.invalid += 1
             log.debug("blk ring %d: request %d refused: %s", self.index, bad.id, bad.reason)
-            self._answer(bad.id, bad.op, bad.status)
+            self._answer(bad.id, bad.op, bad.status, index)
             return
         except GuestError as e:  # a bad grant: this request fails, the ring goes on
             assert req is not None
             log.debug("blk ring %d: request %d: %s", self.index, req.id, e)
             self.counters.invalid += 1
-            self._answer(req.id, req.op, BlkifStatus.ERROR)
+            self._answer(req.id, req.op, BlkifStatus.ERROR, index)
             return
+        item.ring_index = index
         self._idle.clear()
         self._waiting.append(item)
 
@@ -232,7 +261,7 @@ class RingQueue:
             # and reuse the pages, and we must not touch them again (XSA-396).
             item.release()
             self._account(item)
-            self._answer(item.req.id, item.req.op, item.status)
+            self._answer(item.req.id, item.req.op, item.status, item.ring_index)
         if not self.halted:
             self._dispatch()
             self._push()
@@ -261,13 +290,24 @@ class RingQueue:
 
     # --- responses -------------------------------------------------------------------
 
-    def _answer(self, rid: int, op: int, status: int) -> None:
+    def _answer(self, rid: int, op: int, status: int, index: int) -> None:
         if self.halted:
             return  # the ring is corrupt: write nothing more into it
+        if self.inflight is not None:
+            self.inflight.answering(index, self.back.rsp_prod_pvt)
+            self._unpublished.append(index)
         self.back.put_response(pack_response(self.codecs, rid, op, status))
 
     def _push(self) -> None:
-        if not self.halted and self.back.push_responses():
+        if self.halted:
+            return
+        notify = self.back.push_responses()
+        if self._unpublished and self.inflight is not None:
+            # Published now: a restarted daemon must not run these again.
+            for index in self._unpublished:
+                self.inflight.answered(index)
+            self._unpublished.clear()
+        if notify:
             self.channel.notify()
 
     # --- stopping --------------------------------------------------------------------
