@@ -327,3 +327,7 @@ class BlkFront:
             q.shared.release()
             self._revoke(list(zip(q.grefs, q.pages, strict=True)))
         self.queues = []
+        # Pages go back to the guest's allocator (those the backend still holds do not).
+        for gfn in self._free_pages:
+            self.ram.free_page(gfn)
+        self._free_pages.clear()
