@@ -191,3 +191,25 @@ async def tcp_transfer(src_ns: str, dst_ns: str, dst_ip: str, nbytes: int,
         if sink.returncode is None:
             sink.kill()
         await sink.wait()
+
+
+INJECT = """
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+for frame in sys.argv[2:]:
+    s.send(bytes.fromhex(frame))
+"""
+
+
+async def inject(ns: str, ifname: str, frames: list[bytes]) -> None:
+    """Transmit raw Ethernet frames on the host side of a tap (they reach the daemon)."""
+    await run("python3", "-c", INJECT, ifname, *(f.hex() for f in frames), ns=ns)
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    """Wait (on the loop) until predicate() holds."""
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.005)
+    await asyncio.wait_for(poll(), timeout)
