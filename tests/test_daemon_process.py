@@ -151,3 +151,56 @@ def test_metrics_endpoint_on_loopback(tmp_path: Path) -> None:
         daemon.proc.terminate()
         daemon.proc.wait(timeout=10)
         daemon.notify.close()
+
+
+def test_cli_shows_a_live_disk(activated: Activated, tmp_path: Path) -> None:
+    """status, stats (plain and Prometheus) and ring-dump while a guest has a disk."""
+    import asyncio
+
+    from backendd.guest.blkfront import BlkFront
+    from backendd.guest.machine import SimGuest
+    from backendd.guest.vmm import VmmClient
+    from rings.consts import XenbusState
+
+    activated.datagrams(until=b"READY=1")
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+
+    async def scenario() -> dict[str, subprocess.CompletedProcess]:
+        client = await VmmClient.connect(activated.path)
+        guest = SimGuest(ram_size=8 << 20, gnttab_frames=2)
+        await guest.attach(client)
+        _, keys = await client.add_device(51712, "blk", {"path": str(image)})
+        front = BlkFront(guest.ram, guest.gnttab, 51712, backend_keys=keys)
+        channels = front.channels()
+        await client.frontend_state(51712, XenbusState.CONNECTED, front.frontend_keys(),
+                                    channels)
+        for _, kick, call in channels:
+            os.close(kick)
+            os.close(call)
+        front.start()
+        for i in range(5):
+            await front.write(i * 8, bytes([i]) * 4096)
+        loop = asyncio.get_running_loop()
+        results = {}
+        for name, args in (("status", ["status"]), ("stats", ["stats"]),
+                           ("prom", ["stats", "--prometheus"]),
+                           ("dump", ["ring-dump", "1", "51712", "0", "--slots", "5"])):
+            results[name] = await loop.run_in_executor(
+                None, lambda a=args: cli(*a, path=activated.path))
+        front.close()
+        await client.close()
+        guest.close()
+        return results
+
+    results = asyncio.run(scenario())
+    for r in results.values():
+        assert r.returncode == 0, r.stderr
+    assert "device 51712: type=blk state=CONNECTED rings=queue-0" in results["status"].stdout
+    assert "conn=1 devid=51712 type=blk" in results["stats"].stdout
+    assert "writes=5" in results["stats"].stdout
+    assert 'backendd_writes{conn="1",devid="51712",type="blk"} 5' in results["prom"].stdout
+    dump = results["dump"].stdout
+    assert "layout=blkif-x86_64 entries=32 req_prod=5" in dump and "rsp_prod=5" in dump
+    # The last five slots hold the five responses, decoded with the response layout.
+    assert dump.count("operation=1 status=0") == 5
