@@ -63,7 +63,8 @@ async def test_read_write_flush_discard_through_the_daemon(vm, tmp_path):
     state, keys = await client.add_device(DEVID, "blk", {"path": image})
     assert state == XenbusState.INIT_WAIT
     assert keys["feature-max-indirect-segments"] == "256"
-    front = BlkFront(guest.ram, guest.gnttab, DEVID, queues=2, ring_order=2,
+    # 4 queues of 32-entry rings: 320 requests wrap every ring's indices twice or more.
+    front = BlkFront(guest.ram, guest.gnttab, DEVID, queues=4, ring_order=0,
                      backend_keys=keys)
     state, keys = await connect_front(client, front)
     assert state == XenbusState.CONNECTED and keys["sectors"] == str(8 * MiB // 512)
@@ -84,6 +85,7 @@ async def test_read_write_flush_discard_through_the_daemon(vm, tmp_path):
                 assert await front.read(off // 512, n) == model[off:off + n]
 
     await asyncio.gather(*(worker(w) for w in range(8)))
+    assert all(q.front.req_prod_pvt > 2 * q.shared.size for q in front.queues)
     await front.flush()
     assert file_bytes(image) == model
     await front.discard(0, 2048)
