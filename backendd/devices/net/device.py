@@ -208,9 +208,10 @@ class NetDevice(Device):
         self.vif = vif = VifState(self.devid, features, mtu, self._on_fatal)
         # Offloads the kernel may hand us: only what the frontend takes, for v4 and v6.
         csum = features.csum and features.ipv6_csum
-        credit = (CreditScheduler(*self.rate, self.ctx.loop.time())
-                  if self.rate else None)
         for q in range(nq):
+            # Each queue has its own credit, as in netback.
+            credit = (CreditScheduler(*self.rate, self.ctx.loop.time())
+                      if self.rate else None)
             prefix = "" if nq == 1 else f"queue-{q}/"
             fd = self.fds[q]
             offload = set_offload(fd, csum, features.gso_tcpv4, features.gso_tcpv6)
