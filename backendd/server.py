@@ -18,11 +18,11 @@ import stat
 import struct
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .config import Config
 from .errors import ControlError
+from .iopool import FairPool
 from .log import EventLog, GuestLogLimiter
 from .protocol.framing import FatalFramingError, Frame, Framer, Role
 from .protocol.messages import MAX_CHANNELS, RingDumpReply
@@ -64,7 +64,8 @@ class Connection:
         self.framer = Framer(Role.DAEMON)
         self.session = Session(conn_id, server.config, loop, self.send, server.log,
                                server.guest_log, server.run_blocking,
-                               peer=f"pid={self.pid},uid={self.uid}", daemon=server)
+                               peer=f"pid={self.pid},uid={self.uid}", daemon=server,
+                               submit=server.pool.submit)
         self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
         self._out = bytearray()
         self._writing = False
@@ -204,8 +205,7 @@ class Server:
         self.guest_log = GuestLogLimiter(self.log, burst=config.daemon.guest_log_burst)
         self.connections: dict[int, Connection] = {}
         self._next_id = 1
-        self._pool = ThreadPoolExecutor(config.daemon.io_threads,
-                                        thread_name_prefix="backendd-io")
+        self.pool = FairPool(config.daemon.io_threads)
         self._listener: socket.socket | None = None
         self._owns_path: Path | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -218,7 +218,7 @@ class Server:
         return self._loop
 
     def run_blocking(self, fn: Callable, *args: object) -> asyncio.Future:
-        return self.loop.run_in_executor(self._pool, fn, *args)
+        return self.pool.submit(None, fn, *args)
 
     @property
     def address(self) -> str:
@@ -292,7 +292,7 @@ class Server:
 
     async def close(self) -> None:
         if self._loop is None:
-            self._pool.shutdown(wait=True)
+            self.pool.shutdown()
             return
         if self._listener is not None:
             self.loop.remove_reader(self._listener.fileno())
@@ -303,4 +303,4 @@ class Server:
                     self._owns_path.unlink()
         for conn in list(self.connections.values()):
             await conn.close()
-        self._pool.shutdown(wait=True)
+        self.pool.shutdown()

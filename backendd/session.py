@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import mmap
 import os
 import traceback
@@ -110,7 +111,8 @@ class Session(NoticeSink):
     def __init__(self, conn_id: int, config: Config, loop: asyncio.AbstractEventLoop,
                  send: Callable[[bytes], None], log: EventLog, guest_log: GuestLogLimiter,
                  run_blocking: Callable[..., asyncio.Future], peer: str = "",
-                 daemon: DaemonView | None = None) -> None:
+                 daemon: DaemonView | None = None,
+                 submit: Callable[..., asyncio.Future] | None = None) -> None:
         self.conn_id = conn_id
         self.config = config
         self.loop = loop
@@ -120,6 +122,8 @@ class Session(NoticeSink):
         self.run_blocking = run_blocking
         self.peer = peer
         self.daemon = daemon
+        # submit(key, fn, *args): the shared I/O pool, served fairly per key (device).
+        self.submit = submit
         self.hello_done = False
         self.memory = GuestMemory()
         self.grants = GrantTable(self.memory)
@@ -221,8 +225,10 @@ class Session(NoticeSink):
         cls = DEVICE_TYPES.get(type_name)
         if cls is None:
             raise ControlError(errno.EOPNOTSUPP, f"device type {type_name}: not available")
+        run_blocking = (functools.partial(self.submit, (self.conn_id, msg.devid))
+                        if self.submit is not None else self.run_blocking)
         ctx = DeviceContext(memory=self.memory, grants=self.grants, loop=self.loop,
-                            notices=self, run_blocking=self.run_blocking,
+                            notices=self, run_blocking=run_blocking,
                             extras={"config": self.config, "log": self.log,
                                     "guest_log": self.guest_log, "conn": self.conn_id})
         device = cls(msg.devid, msg.config, ctx)
