@@ -119,3 +119,41 @@ async def test_rate_limit_holds_tx_to_the_credit():
             assert elapsed >= 0.9 * total / rate
         finally:
             await guest.close()
+
+
+class _Policy:
+    def __init__(self, allowed: set[str]) -> None:
+        self.allowed = allowed
+
+    def bridge_allowed(self, name: str) -> bool:
+        return name in self.allowed
+
+
+async def test_bridge_attach_and_policy():
+    import json
+    import subprocess
+
+    from backendd.devices.net import NetDevice
+    from backendd.errors import ConfigError
+
+    bridge, tap = uniq("bnbr"), uniq("bv") + "j"
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    guest = make_guest()
+    try:
+        guest.ctx.extras["config"] = _Policy({bridge})
+        dev = NetDevice(9, {"tap": tap, "bridge": bridge}, guest.ctx)
+        guest.devices.append(dev)
+        link = json.loads(subprocess.run(["ip", "-j", "link", "show", tap], check=True,
+                                         capture_output=True).stdout)[0]
+        assert link["master"] == bridge
+        with pytest.raises(ConfigError, match="not allowed"):
+            NetDevice(10, {"tap": tap + "x", "bridge": "br-other"}, guest.ctx)
+        with pytest.raises(ConfigError, match="no such bridge"):
+            guest.ctx.extras["config"] = _Policy({"lo"})
+            NetDevice(11, {"tap": tap + "y", "bridge": "lo"}, guest.ctx)
+        # The refused devices left no tap behind.
+        shown = subprocess.run(["ip", "link", "show", tap + "y"], capture_output=True)
+        assert shown.returncode != 0
+    finally:
+        await guest.close()
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
