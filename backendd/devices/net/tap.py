@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -120,6 +121,37 @@ class LinkConfig:
     up: bool = True
 
 
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    # os.setns arrives in Python 3.12; libc's is the same system call.
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Switch the calling thread (only it: setns is per thread) into netns `name` and back.
+
+    pyroute2's own netns support forks a child to open the socket; forking a process
+    that runs an event loop and I/O threads is unsafe (the child shares the loop's epoll
+    and the parent's locks), so the netlink thread moves itself instead."""
+    target = os.open(os.path.join("/run/netns", name), os.O_RDONLY | os.O_CLOEXEC)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(target)
+        os.close(home)
+
+
 def configure_link(cfg: LinkConfig) -> None:
     """MAC, MTU, bridge, namespace, up: the toolstack's hotplug work for a vif. Runs in
     the netlink thread; raises ConfigError naming what is wrong."""
@@ -150,7 +182,7 @@ def configure_link(cfg: LinkConfig) -> None:
                 ip.link("set", index=index, state="up")
         if cfg.netns and cfg.up:
             # Moving a link brings it down; it is raised inside its new namespace.
-            with IPRoute(netns=cfg.netns, flags=0) as ip:
+            with in_netns(cfg.netns), IPRoute() as ip:
                 found = ip.link_lookup(ifname=cfg.name)
                 if not found:
                     raise ConfigError(f"net: tap {cfg.name}: not in netns {cfg.netns}")
