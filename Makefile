@@ -24,6 +24,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
+fuzz: $(STAMP)
+	$(PY) -m bench.fuzz
+
 debs: $(DEBSTAMP)
 
 # Install only what is missing, so a prepared machine does no network round trip.
