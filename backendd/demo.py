@@ -91,14 +91,8 @@ async def demo_disk(client: VmmClient, guest: SimGuest, workdir: Path, seconds: 
         f"discard={keys.get('feature-discard', '0')}")
     front = BlkFront(guest.ram, guest.gnttab, DISK_DEVID, queues=2, ring_order=1,
                      backend_keys=keys)
-    channels = front.channels()
-    try:
-        state, keys = await client.frontend_state(DISK_DEVID, XenbusState.CONNECTED,
-                                                  front.frontend_keys(), channels)
-    finally:
-        for _, kick, call in channels:
-            os.close(kick)
-            os.close(call)
+    state, keys = await client.hand_over_channels(DISK_DEVID, XenbusState.CONNECTED,
+                                                  front.frontend_keys(), front.channels())
     front.update_backend_keys(keys)
     front.start()
     say(f"disk: connected ({XenbusState(state).name}), sectors={keys['sectors']}, "

@@ -20,11 +20,8 @@ async def plug(daemon, image: str, devid: int) -> tuple[VmmClient, SimGuest, Blk
     await guest.attach(client)
     _, keys = await client.add_device(devid, "blk", {"path": image})
     front = BlkFront(guest.ram, guest.gnttab, devid, ring_order=1, backend_keys=keys)
-    channels = front.channels()
-    await client.frontend_state(devid, XenbusState.CONNECTED, front.frontend_keys(), channels)
-    for _, kick, call in channels:
-        os.close(kick)
-        os.close(call)
+    await client.hand_over_channels(devid, XenbusState.CONNECTED, front.frontend_keys(),
+                                    front.channels())
     front.start()
     return client, guest, front
 

@@ -34,12 +34,8 @@ async def test_a_thousand_device_cycles_leave_fds_mappings_and_rss_flat(daemon, 
     async def cycle(devid: int) -> None:
         _, keys = await client.add_device(devid, "blk", {"path": str(image)})
         front = BlkFront(guest.ram, guest.gnttab, devid, backend_keys=keys)
-        channels = front.channels()
-        _, keys = await client.frontend_state(devid, XenbusState.CONNECTED,
-                                              front.frontend_keys(), channels)
-        for _, kick, call in channels:
-            os.close(kick)
-            os.close(call)
+        _, keys = await client.hand_over_channels(devid, XenbusState.CONNECTED,
+                                                  front.frontend_keys(), front.channels())
         front.start()
         data = os.urandom(4096)
         await front.write(devid % 256 * 8, data)

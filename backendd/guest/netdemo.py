@@ -93,14 +93,8 @@ async def run_nic_demo(client: VmmClient, guest: SimGuest, seconds: float,
         say(f"nic: vif {tap} added in netns {host_ns}; backend offers "
             + ", ".join(k for k in sorted(keys) if k.startswith("feature-") and keys[k] == "1"))
         front = NetFront(guest.ram, guest.gnttab, NIC_DEVID, first_port=20)
-        channels = front.channels()
-        try:
-            state, keys = await client.frontend_state(NIC_DEVID, XenbusState.CONNECTED,
-                                                      front.frontend_keys(), channels)
-        finally:
-            for _, kick, call in channels:
-                os.close(kick)
-                os.close(call)
+        state, keys = await client.hand_over_channels(NIC_DEVID, XenbusState.CONNECTED,
+                                                      front.frontend_keys(), front.channels())
         front.start()
         await front.attach_tap(gtap, netns=guest_ns, mac="00:16:3e:12:34:56")
         await _run("ip", "addr", "add", f"{HOST_IP}/24", "dev", tap, ns=host_ns)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import Mapping, Sequence
 
@@ -198,6 +199,19 @@ class VmmClient:
 
     async def set_inflight(self, devid: int, fd: int, size: int, offset: int = 0) -> None:
         await self.request(SetInflight(devid, offset, size), [fd])
+
+    async def hand_over_channels(self, devid: int, state: int, keys: Mapping[str, str],
+                                 channels: Sequence[tuple[int, int, int]]
+                                 ) -> tuple[int, dict[str, str]]:
+        """frontend_state() with channels whose fds are only for the daemon: once sent
+        (the daemon receives its own copies), ours are closed, whatever the reply."""
+        try:
+            return await self.frontend_state(devid, state, keys, channels)
+        finally:
+            for _, kick, call in channels:
+                for fd in (kick, call):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
 
     async def backend_state(self, devid: int) -> tuple[int, dict[str, str]]:
         reply = await self.request(GetBackendState(devid))
