@@ -16,6 +16,8 @@ def table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -
 
 
 def _fmt(value: object) -> str:
+    if isinstance(value, float) and value != value:  # NaN: not measured for this column
+        return "-"
     if isinstance(value, float):
         return f"{value:,.2f}" if value < 1000 else f"{value:,.0f}"
     return str(value)
