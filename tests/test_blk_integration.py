@@ -140,3 +140,58 @@ async def test_bad_config_refused_with_its_key(vm, tmp_path):
     with pytest.raises(RequestFailed) as info:
         await client.add_device(5, "blk", {"path": str(tmp_path / "nope.img")})
     assert "path" in info.value.message
+
+
+async def test_discard_frees_blocks_and_a_full_disk_errors_through_the_daemon(vm, tmp_path):
+    """Through the socket: discard zeroes and frees blocks (st_blocks drops); a disk that
+    runs out of space answers ERROR, the daemon and its other disk keep serving."""
+    import subprocess
+
+    from backendd.guest.blkfront import BlkIOError
+
+    client, guest = vm
+    image = make_image(tmp_path / "disk.img", 4 * MiB)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    fronts = []
+    try:
+        small = str(mnt / "sparse.img")
+        with open(small, "wb") as f:
+            f.truncate(8 * MiB)  # holes only: writes need space the filesystem lacks
+        for devid, path in ((1, image), (2, small)):
+            _, keys = await client.add_device(devid, "blk", {"path": path})
+            front = BlkFront(guest.ram, guest.gnttab, devid, first_port=1 + devid * 4,
+                             backend_keys=keys)
+            await connect_front(client, front, devid)
+            fronts.append(front)
+        disk, full = fronts
+
+        before = os.stat(image).st_blocks
+        await disk.discard(0, 2 * MiB // 512)
+        for off in range(0, 2 * MiB, MiB):
+            assert await disk.read(off // 512, MiB) == bytes(MiB)
+        assert os.stat(image).st_blocks < before - (MiB // 512)
+
+        failures = 0
+        for i in range(8):
+            try:
+                await full.write(i * 2048, random.Random(i).randbytes(MiB))
+            except BlkIOError as e:
+                assert e.status == BlkifStatus.ERROR
+                failures += 1
+        assert failures >= 5
+        stats = await client.stats()
+        assert int(stats["2.errors"]) == failures
+        # The same daemon, the same guest: the healthy disk and the full one still serve.
+        data = random.Random(9).randbytes(65536)
+        await disk.write(4096, data)
+        assert await disk.read(4096, 65536) == data
+        assert len(await full.read(0, 4096)) == 4096
+        for devid in (1, 2):
+            await client.frontend_state(devid, XenbusState.CLOSED, {})
+            await client.remove_device(devid)
+    finally:
+        for front in fronts:
+            front.close()
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
