@@ -195,3 +195,34 @@ async def test_discard_frees_blocks_and_a_full_disk_errors_through_the_daemon(vm
         for front in fronts:
             front.close()
         subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+async def test_a_resized_image_is_reported_and_served(vm, tmp_path):
+    from backendd.guest.blkfront import BlkIOError
+    from backendd.protocol.messages import KeysChanged
+
+    client, guest = vm
+    image = make_image(tmp_path / "disk.img", MiB)
+    _, keys = await client.add_device(DEVID, "blk", {"path": image})
+    front = BlkFront(guest.ram, guest.gnttab, DEVID, backend_keys=keys)
+    _, keys = await connect_front(client, front)
+    assert keys["sectors"] == str(MiB // 512)
+    with pytest.raises(BlkIOError):  # beyond the disk
+        await front.read(MiB // 512, 4096)
+
+    os.truncate(image, 2 * MiB)  # the operator grows the image
+    notice = await asyncio.wait_for(client.notices.get(), 10)
+    assert isinstance(notice, KeysChanged) and notice.devid == DEVID
+    assert notice.keys == {"sectors": str(2 * MiB // 512)}
+    assert notice.state == XenbusState.CONNECTED
+    _, published = await client.backend_state(DEVID)
+    assert published["sectors"] == str(2 * MiB // 512)
+    assert await front.read(MiB // 512, 4096) == bytes(4096)  # the new space is served
+
+    os.truncate(image, MiB // 2)  # and shrinks it
+    notice = await asyncio.wait_for(client.notices.get(), 10)
+    assert notice.keys == {"sectors": str(MiB // 2 // 512)}
+    with pytest.raises(BlkIOError):
+        await front.read(MiB // 2 // 512, 512)
+    await client.frontend_state(DEVID, XenbusState.CLOSED, {})
+    front.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# How often a connected disk looks at its backing store's size. Like blkback's resize
+# watch, a change is published ("sectors", via KEYS_CHANGED) for the frontend to pick up.
+RESIZE_CHECK_SECONDS = 1.0
+
 
 @register
 class BlkDevice(Device):
@@ -57,6 +62,7 @@ class BlkDevice(Device):
         self._channels: list[EventChannel] = []
         self._connected: dict[str, str] | None = None
         self._inflight: memoryview | None = None
+        self._resize_timer: asyncio.TimerHandle | None = None
 
     def backend_keys(self) -> dict[str, str]:
         return feature_keys(self.image)
@@ -132,13 +138,39 @@ class BlkDevice(Device):
         for q in queues:
             q.start()
         self._connected = connected_keys(self.image)
+        self._resize_timer = self.ctx.loop.call_later(RESIZE_CHECK_SECONDS,
+                                                      self._check_size)
         return dict(self._connected)
+
+    def _check_size(self) -> None:
+        self._resize_timer = None
+        if self._connected is None:
+            return
+        try:
+            changed = self.image.resized()
+        except OSError as e:
+            log.warning("blk %d: cannot read the backing store's size: %s", self.devid, e)
+            changed = False
+        if changed:
+            # Requests validated from now on see the new bounds; those in flight were
+            # checked against the old ones, which is what a guest may assume until told.
+            self.geometry = dataclasses.replace(self.geometry, sectors=self.image.sectors)
+            for q in self.queues:
+                q.geo = self.geometry
+            self._connected["sectors"] = str(self.image.sectors)
+            log.info("blk %d: resized to %d sectors", self.devid, self.image.sectors)
+            self.ctx.notices.keys_changed(self.devid, {"sectors": str(self.image.sectors)})
+        self._resize_timer = self.ctx.loop.call_later(RESIZE_CHECK_SECONDS,
+                                                      self._check_size)
 
     def _corrupt(self, message: str) -> None:
         log.warning("blk %d: frontend misbehaved: %s", self.devid, message)
         self.ctx.notices.frontend_misbehaved(self.devid, message)
 
     async def disconnect(self) -> None:
+        if self._resize_timer is not None:
+            self._resize_timer.cancel()
+            self._resize_timer = None
         queues, self.queues = self.queues, []
         self._connected = None
         if queues:

@@ -99,6 +99,23 @@ class Image:
             return False
         return True
 
+    def current_size(self) -> int:
+        """The addressable size now (whole logical blocks): a grown or shrunk image."""
+        if self.is_block:
+            size = struct.unpack("Q", fcntl.ioctl(self.fd, BLKGETSIZE64, bytes(8)))[0]
+        else:
+            size = os.fstat(self.fd).st_size
+        return size - size % self.cfg.sector_size
+
+    def resized(self) -> bool:
+        """Take a new size if the backing store changed; True if it did."""
+        size = self.current_size()
+        if size == self.size or size == 0:
+            return False
+        self.size = size
+        self.sectors = size // 512
+        return True
+
     def discard_range(self, offset: int, length: int) -> None:
         """Blocking: run it in the I/O pool."""
         if self.is_block:
