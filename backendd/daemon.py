@@ -9,7 +9,7 @@ import signal
 import socket
 
 from .config import Config
-from .log import EventLog
+from .log import EventLog, route_stdlib_logging
 from .metrics import render
 from .sdnotify import Notifier, listen_fds, watchdog_interval
 from .server import Server
@@ -54,6 +54,7 @@ async def _serve_metrics(server: Server, listen: str) -> asyncio.AbstractServer:
 async def run(config: Config, socket_path: str | None = None,
               log: EventLog | None = None, notifier: Notifier | None = None) -> int:
     log = log if log is not None else EventLog(config.daemon.log_level)
+    route_stdlib_logging(log, config.daemon.log_level)
     notifier = notifier if notifier is not None else Notifier()
     loop = asyncio.get_running_loop()
     server = Server(config, log)

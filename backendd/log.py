@@ -7,6 +7,7 @@ a guest that floods bad requests must not flood the host's journal (XSA-332's sp
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -88,3 +89,42 @@ class GuestLogLimiter:
         n = len(key_prefix)
         for key in [k for k in self._state if k[:n] == key_prefix]:
             del self._state[key]
+
+
+class EventLogHandler(logging.Handler):
+    """Routes stdlib `logging` records (the device modules log through it) into the
+    EventLog, so every line the daemon prints has the same logfmt shape and priority."""
+
+    def __init__(self, log: EventLog) -> None:
+        super().__init__()
+        self._log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            level = "error"
+        elif record.levelno >= logging.WARNING:
+            level = "warning"
+        elif record.levelno >= logging.INFO:
+            level = "info"
+        else:
+            level = "debug"
+        fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            fields["traceback"] = logging.Formatter().formatException(record.exc_info)
+        try:
+            self._log.log(level, "log", **fields)
+        except Exception:
+            self.handleError(record)
+
+
+def route_stdlib_logging(log: EventLog, level: str) -> EventLogHandler:
+    """Install the bridge on the root logger (idempotent per EventLog)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, EventLogHandler):
+            root.removeHandler(handler)
+    handler = EventLogHandler(log)
+    root.addHandler(handler)
+    root.setLevel({"debug": logging.DEBUG, "info": logging.INFO,
+                   "warning": logging.WARNING, "error": logging.ERROR}[level])
+    return handler

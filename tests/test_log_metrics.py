@@ -43,3 +43,29 @@ def test_prometheus_render_groups_by_name() -> None:
     assert 'backendd_requests{guest="g1",devid="1",type="blk"} 5' in lines
     assert 'backendd_requests{guest="g1",devid="2",type="net"} 7' in lines
     assert text.endswith("\n")
+
+
+def test_stdlib_logging_from_device_modules_becomes_logfmt_lines() -> None:
+    import io
+    import logging
+
+    from backendd.log import EventLog, route_stdlib_logging
+
+    out = io.StringIO()
+    handler = route_stdlib_logging(EventLog("info", out), "info")
+    try:
+        logging.getLogger("backendd.devices.blk.device").warning("blk %d: ring halted", 7)
+        logging.getLogger("backendd.devices.net").debug("not shown at info")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("backendd.x").exception("failed")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == ('<4>level=warning event=log logger=backendd.devices.blk.device '
+                        'message="blk 7: ring halted"')
+    assert len(lines) == 2
+    assert lines[1].startswith("<3>level=error event=log logger=backendd.x message=failed "
+                               "traceback=")
+    assert "ValueError: boom" in lines[1]
