@@ -17,7 +17,6 @@ import socket
 import stat
 import struct
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config
@@ -63,9 +62,8 @@ class Connection:
         loop = server.loop
         self.framer = Framer(Role.DAEMON)
         self.session = Session(conn_id, server.config, loop, self.send, server.log,
-                               server.guest_log, server.run_blocking,
-                               peer=f"pid={self.pid},uid={self.uid}", daemon=server,
-                               submit=server.pool.submit)
+                               server.guest_log, server.pool.submit,
+                               peer=f"pid={self.pid},uid={self.uid}", daemon=server)
         self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
         self._out = bytearray()
         self._writing = False
@@ -216,9 +214,6 @@ class Server:
         if self._loop is None:
             raise RuntimeError("server not started")
         return self._loop
-
-    def run_blocking(self, fn: Callable, *args: object) -> asyncio.Future:
-        return self.pool.submit(None, fn, *args)
 
     @property
     def address(self) -> str:

@@ -110,20 +110,18 @@ class DeviceSlot:
 class Session(NoticeSink):
     def __init__(self, conn_id: int, config: Config, loop: asyncio.AbstractEventLoop,
                  send: Callable[[bytes], None], log: EventLog, guest_log: GuestLogLimiter,
-                 run_blocking: Callable[..., asyncio.Future], peer: str = "",
-                 daemon: DaemonView | None = None,
-                 submit: Callable[..., asyncio.Future] | None = None) -> None:
+                 submit: Callable[..., asyncio.Future], peer: str = "",
+                 daemon: DaemonView | None = None) -> None:
         self.conn_id = conn_id
         self.config = config
         self.loop = loop
         self._send = send
         self.log = log
         self.guest_log = guest_log
-        self.run_blocking = run_blocking
-        self.peer = peer
-        self.daemon = daemon
         # submit(key, fn, *args): the shared I/O pool, served fairly per key (device).
         self.submit = submit
+        self.peer = peer
+        self.daemon = daemon
         self.hello_done = False
         self.memory = GuestMemory()
         self.grants = GrantTable(self.memory)
@@ -179,7 +177,7 @@ class Session(NoticeSink):
                 self.grants.backend_domid = msg.backend_domid
                 return EmptyReply()
             case AddDevice():
-                return self._add_device(msg)
+                return await self._add_device(msg)
             case RemoveDevice():
                 await self._remove_device(msg.devid)
                 return EmptyReply()
@@ -218,17 +216,17 @@ class Session(NoticeSink):
             raise ControlError(errno.ENOENT, f"device {devid}: no such device")
         return slot
 
-    def _add_device(self, msg: AddDevice) -> StateReply:
+    async def _add_device(self, msg: AddDevice) -> StateReply:
         if msg.devid in self.devices:
             raise ControlError(errno.EEXIST, f"device {msg.devid}: already added")
         type_name = DEVICE_TYPE_NAMES[msg.type]
         cls = DEVICE_TYPES.get(type_name)
         if cls is None:
             raise ControlError(errno.EOPNOTSUPP, f"device type {type_name}: not available")
-        run_blocking = (functools.partial(self.submit, (self.conn_id, msg.devid))
-                        if self.submit is not None else self.run_blocking)
         ctx = DeviceContext(memory=self.memory, grants=self.grants, loop=self.loop,
-                            notices=self, run_blocking=run_blocking,
+                            notices=self,
+                            run_blocking=functools.partial(self.submit,
+                                                           (self.conn_id, msg.devid)),
                             extras={"config": self.config, "log": self.log,
                                     "guest_log": self.guest_log, "conn": self.conn_id})
         device = cls(msg.devid, msg.config, ctx)
@@ -236,7 +234,7 @@ class Session(NoticeSink):
         try:
             slot.keys.update(device.backend_keys())
         except BaseException:
-            self.loop.create_task(device.close())
+            await device.close()
             raise
         self.devices[msg.devid] = slot
         self.log.info("device_added", conn=self.conn_id, devid=msg.devid, type=type_name)
