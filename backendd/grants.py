@@ -232,32 +232,29 @@ class GrantTable:
             raise GrantError(f"gref {gref}: sub-page {page_off}+{length} crosses the page")
         return frame, (page_off, page_off + length)
 
-    def _status_addr(self, gref: int) -> int:
-        assert self._pin is not None
-        return self._pin.address + self._status_base + gref * GRANT_STATUS_SIZE
+    def _update16(self, offset: int, set_bits: int = 0, clear_bits: int = 0) -> int:
+        """Set and clear bits of the shared u16 at `offset` in the table mapping, leaving
+        the others as they are: the guest may change them at any moment, so loop until
+        our swap lands on the value actually there. Returns the value before."""
+        assert self._map is not None and self._pin is not None
+        addr = self._pin.address + offset
+        seen = struct.unpack_from("<H", self._map, offset)[0]
+        while True:
+            ok, now = cmpxchg16(addr, seen, (seen | set_bits) & ~clear_bits)
+            if ok:
+                return seen
+            seen = now
+
+    def _status_offset(self, gref: int) -> int:
+        return self._status_base + gref * GRANT_STATUS_SIZE
 
     def _status_or(self, gref: int, bits: int) -> int:
         """Set `bits` in gref's v2 status word; returns those that were not set before."""
-        addr = self._status_addr(gref)
-        assert self._map is not None
-        seen = struct.unpack_from("<H", self._map, self._status_base + gref * 2)[0]
-        while True:
-            ok, now = cmpxchg16(addr, seen, seen | bits)
-            if ok:
-                return bits & ~seen
-            seen = now
+        return bits & ~self._update16(self._status_offset(gref), set_bits=bits)
 
     def _status_clear(self, gref: int, bits: int) -> None:
-        if not bits:
-            return
-        addr = self._status_addr(gref)
-        assert self._map is not None
-        seen = struct.unpack_from("<H", self._map, self._status_base + gref * 2)[0]
-        while True:
-            ok, now = cmpxchg16(addr, seen, seen & ~bits)
-            if ok:
-                return
-            seen = now
+        if bits:
+            self._update16(self._status_offset(gref), clear_bits=bits)
 
     def in_use(self, gref: int) -> int:
         return self._uses.get(gref, [0, 0])[0]
@@ -277,16 +274,9 @@ class GrantTable:
             return
         if self.version == 2:
             self._status_clear(gref, clear)
-            return
-        addr = self._pin.address + gref * GRANT_ENTRY_V1_SIZE
-        flags = self._header(gref)[0]
-        # Clear only our bits: the guest may change the others at any moment, so loop
-        # until our swap lands on the value actually there.
-        while True:
-            ok, seen = cmpxchg16(addr, flags, flags & ~clear)
-            if ok:
-                return
-            flags = seen
+        else:
+            # v1 keeps the bits in the entry's own flags word.
+            self._update16(gref * GRANT_ENTRY_V1_SIZE, clear_bits=clear)
 
     def close(self) -> None:
         self._drop_map()
