@@ -23,6 +23,7 @@ from rings.consts import XenbusState
 
 from .guest.blkfront import BlkFront
 from .guest.machine import SimGuest
+from .guest.netdemo import run_nic_demo
 from .guest.vmm import VmmClient
 from .protocol.messages import DaemonStatus
 
@@ -142,15 +143,6 @@ async def demo_disk(client: VmmClient, guest: SimGuest, workdir: Path, seconds: 
     return same and mismatches == 0
 
 
-async def demo_nic(client: VmmClient, guest: SimGuest, seconds: float) -> bool:
-    try:
-        from .guest.netdemo import run_nic_demo
-    except ImportError:
-        say("nic: not available in this build")
-        return False
-    return await run_nic_demo(client, guest, seconds, say)
-
-
 async def show_status(client: VmmClient) -> None:
     """What `backendd status` shows, from the same operator request."""
     status = (await client.request(DaemonStatus())).counters
@@ -174,7 +166,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                 await guest.attach(client)
                 say("guest: 256 MiB of RAM and a 64-frame grant table handed to the daemon")
                 disk_ok = await demo_disk(client, guest, workdir, seconds / 2)
-                nic_ok = await demo_nic(client, guest, seconds / 2)
+                nic_ok = await run_nic_demo(client, guest, seconds / 2, say)
                 await show_status(client)
                 ok = disk_ok and nic_ok
             finally:

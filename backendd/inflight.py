@@ -71,7 +71,6 @@ class InflightQueue:
                                 f"{MAX_ENTRIES}, a power of two")
         self.view = view
         self.ring_size = ring_size
-        self._state = view  # byte-wise stores for the state field
 
     def _entry_off(self, index: int) -> int:
         return QUEUE_HEADER_SIZE + (index % self.ring_size) * ENTRY_SIZE
@@ -101,7 +100,7 @@ class InflightQueue:
             if consumed and not published:
                 raw = bytes(self.view[off + ENTRY_HEADER_SIZE:off + ENTRY_SIZE])
                 replay.append((index & U32, raw))
-            self._state[off] = FREE
+            self.view[off] = FREE
         replay.sort(key=lambda item: (item[0] - rsp_prod) & U32)
         if len(replay) > outstanding:
             raise InflightError(f"{len(replay)} requests to replay, {outstanding} outstanding")
@@ -119,7 +118,7 @@ class InflightQueue:
         raw = raw[:REQUEST_BYTES]
         self.view[off + ENTRY_HEADER_SIZE:off + ENTRY_HEADER_SIZE + len(raw)] = raw
         struct.pack_into("<I", self.view, off + 4, index & U32)
-        self._state[off] = IN_FLIGHT
+        self.view[off] = IN_FLIGHT
 
     def consumed_up_to(self, req_cons: int) -> None:
         struct.pack_into("<I", self.view, 8, req_cons & U32)
@@ -129,11 +128,11 @@ class InflightQueue:
         before the response is published)."""
         off = self._entry_off(index)
         struct.pack_into("<I", self.view, off + 8, rsp_index & U32)
-        self._state[off] = ANSWERED
+        self.view[off] = ANSWERED
 
     def answered(self, index: int) -> None:
         """The response to the request at `index` is published: forget the request."""
-        self._state[self._entry_off(index)] = FREE
+        self.view[self._entry_off(index)] = FREE
 
 
 class InflightRegion:

@@ -232,6 +232,7 @@ class Message:
 class Hello(Message):
     code: ClassVar[Code] = Code.HELLO
     _S: ClassVar[struct.Struct] = struct.Struct("<IQ")
+    _NAME: ClassVar[str] = "HELLO"
     version: int
     features: int
 
@@ -240,7 +241,7 @@ class Hello(Message):
 
     @classmethod
     def decode(cls, payload: bytes | memoryview) -> Self:
-        return cls(*_fixed("HELLO", cls._S, payload))
+        return cls(*_fixed(cls._NAME, cls._S, payload))
 
 
 @dataclass(frozen=True)
@@ -463,18 +464,10 @@ class RingDump(Message):
 
 
 @dataclass(frozen=True)
-class HelloReply(Message):
-    code: ClassVar[Code] = Code.HELLO
-    _S: ClassVar[struct.Struct] = struct.Struct("<IQ")
-    version: int
-    features: int
+class HelloReply(Hello):
+    """The daemon's version and the accepted features: the same layout as HELLO."""
 
-    def encode(self) -> bytes:
-        return self._S.pack(self.version, self.features)
-
-    @classmethod
-    def decode(cls, payload: bytes | memoryview) -> Self:
-        return cls(*_fixed("HELLO reply", cls._S, payload))
+    _NAME: ClassVar[str] = "HELLO reply"
 
 
 @dataclass(frozen=True)
