@@ -38,7 +38,11 @@ class Notifier:
         if address:
             # A leading '@' names an abstract-namespace socket.
             self._address = "\0" + address[1:] if address.startswith("@") else address
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a service manager that reads slowly (or not at all) must never
+            # stall the event loop that serves the guests. A dropped WATCHDOG=1 only risks
+            # a restart by the manager; a blocked sendto stops every guest at once.
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
 
     @property
     def enabled(self) -> bool:
@@ -47,8 +51,10 @@ class Notifier:
     def send(self, *fields: str) -> None:
         if self._sock is None or self._address is None:
             return
-        with contextlib.suppress(OSError):  # the manager went away; nothing to tell it
-            self._sock.sendto("\n".join(fields).encode(), self._address)
+        # OSError covers both a manager that went away and a full datagram queue
+        # (BlockingIOError): either way the message is dropped, never waited for.
+        with contextlib.suppress(OSError):
+            self._sock.sendto("\n".join(fields).encode(), socket.MSG_DONTWAIT, self._address)
 
     def ready(self, status: str = "") -> None:
         self.send("READY=1", *([f"STATUS={status}"] if status else []))

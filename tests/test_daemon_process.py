@@ -5,11 +5,15 @@ WATCHDOG=1 and STOPPING=1 from its NOTIFY_SOCKET. The operator commands (`status
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,20 +29,46 @@ class Activated:
     proc: subprocess.Popen
     path: str
     notify: socket.socket
+    notify_path: str
+    received: queue.Queue[bytes] | None = None
+
+    def drain_continuously(self) -> None:
+        """Read the notify socket all the time, as systemd does, into `received`."""
+        self.received = queue.Queue()
+
+        def pump() -> None:
+            while True:
+                try:
+                    msg = self.notify.recv(4096)
+                except OSError:
+                    return  # closed at teardown
+                assert self.received is not None
+                self.received.put(msg)
+
+        threading.Thread(target=pump, daemon=True).start()
 
     def datagrams(self, until: bytes, timeout: float = 10.0) -> list[bytes]:
+        assert self.received is not None, "datagrams() needs drain_continuously()"
         got: list[bytes] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.notify.settimeout(max(0.01, deadline - time.monotonic()))
             try:
-                msg = self.notify.recv(4096)
-            except TimeoutError:
+                msg = self.received.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
                 break
             got.append(msg)
             if until in msg:
                 return got
         raise AssertionError(f"no {until!r} within {timeout}s; got {got}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        # shutdown wakes the pump thread's recv; close alone may not.
+        with contextlib.suppress(OSError):
+            self.notify.shutdown(socket.SHUT_RDWR)
+        self.notify.close()
 
 
 def cli(*args: str, path: str) -> subprocess.CompletedProcess:
@@ -46,7 +76,7 @@ def cli(*args: str, path: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=30)
 
 
-def start_activated(tmp_path: Path, config_text: str = "") -> Activated:
+def start_activated(tmp_path: Path, config_text: str = "", drain: bool = True) -> Activated:
     path = str(tmp_path / "backendd.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -72,7 +102,10 @@ def start_activated(tmp_path: Path, config_text: str = "") -> Activated:
     proc = subprocess.Popen([sys.executable, "-c", launcher], env=env, pass_fds=(fd,),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     listener.close()
-    return Activated(proc, path, notify)
+    daemon = Activated(proc, path, notify, notify_path)
+    if drain:
+        daemon.drain_continuously()
+    return daemon
 
 
 @pytest.fixture
@@ -81,10 +114,7 @@ def activated(tmp_path: Path) -> Iterator[Activated]:
     try:
         yield daemon
     finally:
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait()
-        daemon.notify.close()
+        daemon.close()
 
 
 def test_socket_activation_ready_watchdog_and_stop(activated: Activated) -> None:
@@ -150,11 +180,12 @@ def test_metrics_endpoint_on_loopback(tmp_path: Path) -> None:
     finally:
         daemon.proc.terminate()
         daemon.proc.wait(timeout=10)
-        daemon.notify.close()
+        daemon.close()
 
 
-def test_cli_shows_a_live_disk(activated: Activated, tmp_path: Path) -> None:
-    """status, stats (plain and Prometheus) and ring-dump while a guest has a disk."""
+def serve_a_disk_and_ask_the_cli(daemon: Activated,
+                                 tmp_path: Path) -> dict[str, subprocess.CompletedProcess]:
+    """A guest writes five blocks to a disk; status, stats and ring-dump run meanwhile."""
     import asyncio
 
     from backendd.guest.blkfront import BlkFront
@@ -162,12 +193,11 @@ def test_cli_shows_a_live_disk(activated: Activated, tmp_path: Path) -> None:
     from backendd.guest.vmm import VmmClient
     from rings.consts import XenbusState
 
-    activated.datagrams(until=b"READY=1")
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
 
     async def scenario() -> dict[str, subprocess.CompletedProcess]:
-        client = await VmmClient.connect(activated.path)
+        client = await VmmClient.connect(daemon.path)
         guest = SimGuest(ram_size=8 << 20, gnttab_frames=2)
         await guest.attach(client)
         _, keys = await client.add_device(51712, "blk", {"path": str(image)})
@@ -187,13 +217,19 @@ def test_cli_shows_a_live_disk(activated: Activated, tmp_path: Path) -> None:
                            ("prom", ["stats", "--prometheus"]),
                            ("dump", ["ring-dump", "1", "51712", "0", "--slots", "5"])):
             results[name] = await loop.run_in_executor(
-                None, lambda a=args: cli(*a, path=activated.path))
+                None, lambda a=args: cli(*a, path=daemon.path))
         front.close()
         await client.close()
         guest.close()
         return results
 
-    results = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_cli_shows_a_live_disk(activated: Activated, tmp_path: Path) -> None:
+    """status, stats (plain and Prometheus) and ring-dump while a guest has a disk."""
+    activated.datagrams(until=b"READY=1")
+    results = serve_a_disk_and_ask_the_cli(activated, tmp_path)
     for r in results.values():
         assert r.returncode == 0, r.stderr
     assert "device 51712: type=blk state=CONNECTED rings=queue-0" in results["status"].stdout
@@ -204,3 +240,38 @@ def test_cli_shows_a_live_disk(activated: Activated, tmp_path: Path) -> None:
     assert "layout=blkif-x86_64 entries=32 req_prod=5" in dump and "rsp_prod=5" in dump
     # The last five slots hold the five responses, decoded with the response layout.
     assert dump.count("operation=1 status=0") == 5
+
+
+def notify_queue_is_full(notify_path: str) -> bool:
+    """True once the manager's datagram queue holds as much as the kernel lets it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.sendto(b"PROBE=1", socket.MSG_DONTWAIT, notify_path)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                return True
+            raise
+    return False
+
+
+def test_unread_notify_socket_does_not_stop_the_daemon(tmp_path: Path) -> None:
+    """A service manager that stops reading NOTIFY_SOCKET must not freeze the daemon: the
+    watchdog pings (every 0.1 s here) fill the queue, and after that the daemon still serves
+    a guest's disk and the operator's commands."""
+    daemon = start_activated(tmp_path, drain=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not notify_queue_is_full(daemon.notify_path):
+            assert daemon.proc.poll() is None, daemon.proc.communicate()
+            assert time.monotonic() < deadline, "the notify queue never filled"
+            time.sleep(0.1)
+        # Full now: every further ping the daemon sends would block a blocking sendto.
+        results = serve_a_disk_and_ask_the_cli(daemon, tmp_path)
+        for r in results.values():
+            assert r.returncode == 0, r.stderr
+        assert "writes=5" in results["stats"].stdout
+        assert daemon.proc.poll() is None
+    finally:
+        daemon.close()

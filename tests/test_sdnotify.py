@@ -58,3 +58,29 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     assert watchdog_interval() == 15.0
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
     assert watchdog_interval() is None
+
+
+def test_notifier_never_blocks_on_a_manager_that_does_not_read(tmp_path: Path) -> None:
+    """Past the kernel's datagram queue limit a blocking sendto would wait for the manager
+    forever; the notifier drops the message instead."""
+    import threading
+
+    path = str(tmp_path / "notify")
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(path)
+    notifier = Notifier(path)
+    sent = threading.Event()
+
+    def ping_a_lot() -> None:
+        for _ in range(1000):  # the queue holds max_dgram_qlen (10 by default) datagrams
+            notifier.watchdog()
+        sent.set()
+
+    worker = threading.Thread(target=ping_a_lot, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert sent.is_set(), "Notifier.watchdog() blocked on a full notify socket"
+    # What did fit is intact and in order.
+    assert manager.recv(64) == b"WATCHDOG=1"
+    notifier.close()
+    manager.close()
