@@ -583,7 +583,7 @@ def _control_message(rng: random.Random) -> tuple[int, int, int, bytes, int]:
 
 async def _control(n: int, seed: int, res: Result) -> None:
     from backendd.config import Config, DaemonSection
-    from backendd.guest import SimGuest, VmmClient
+    from backendd.guest import SimGuest, VmmClient, sealed_memfd
     from backendd.log import EventLog
     from backendd.protocol.framing import Framer, Role
     from backendd.server import Server
@@ -596,8 +596,7 @@ async def _control(n: int, seed: int, res: Result) -> None:
     server = Server(Config(daemon=DaemonSection(socket=path, log_level="info")),
                     EventLog("info", log))
     await server.start()
-    memfd = os.memfd_create("fuzz")
-    os.ftruncate(memfd, 1 << 20)
+    memfd = sealed_memfd("fuzz", 1 << 20)
     good = await VmmClient.connect(path)
     guest = SimGuest(ram_size=1 << 20, gnttab_frames=1)
     await guest.attach(good)
