@@ -151,9 +151,10 @@ async def test_a_saturated_nonblocking_call_eventfd_leaves_nothing_behind(daemon
     front._on_call(front.queues[0])  # the response was published all the same
     await write
     conn = daemon.server.connections[max(daemon.server.connections)]
-    await client.frontend_state(DEVID, XenbusState.CLOSED, {})
+    # The ring goes idle, so CLOSED is answered (a ring left busy never answers it),
+    # and the connection is torn down.
+    await asyncio.wait_for(client.frontend_state(DEVID, XenbusState.CLOSED, {}), 30)
     await client.close()
-    # The ring went idle, CLOSED was answered and the connection torn down.
     await asyncio.wait_for(conn.done, 30)
     assert not daemon.server.connections
     disk.close()
@@ -329,12 +330,14 @@ async def test_unread_replies_stop_the_daemon_reading_that_connection(daemon, tm
     n = 12_500
     blob = b"".join(encode_request(2 + i, RingDump(conn_id, DEVID, 0)) for i in range(n))
     sending = asyncio.create_task(loop.sock_sendall(sock, blob))
-    await dumper.backlogged.wait()
+    stalled = asyncio.create_task(dumper.backlogged.wait())
+    await asyncio.wait([sending, stalled], return_when=asyncio.FIRST_COMPLETED)
     # The daemon stopped reading and handling: what waits for the peer is bounded, and
     # the rest of the requests are still in the peer's socket.
     assert len(dumper._out) <= MAX_REPLY_BACKLOG + MAX_PAYLOAD + 16
     assert not dumper._reading
     assert not sending.done()
+    assert stalled.done()
     # Other connections are served meanwhile.
     assert (await client.stats(DEVID))[f"{DEVID}.requests"] == "0"
     # Reading the replies lets it carry on, to the last one.
