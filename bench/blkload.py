@@ -132,8 +132,13 @@ def _contiguous(frames: list[int]) -> int:
 
 async def run_load(socket_path: str, image: str, load: Load, *,
                    daemon_pid: int | None = None, binary: Path | None = None,
-                   device_config: dict[str, str] | None = None) -> LoadResult:
-    """One connection, one guest, one disk, one run of the load generator."""
+                   device_config: dict[str, str] | None = None,
+                   force_pool: bool = False) -> LoadResult:
+    """One connection, one guest, one disk, one run of the load generator.
+
+    `force_pool` (tests): with load.persistent, copy through a pool of kept grants even
+    when the daemon does not offer feature-persistent. Kept grants are valid for any
+    backend; only the negotiated result tells whether the backend kept them mapped."""
     if load.bs % PAGE_SIZE or load.bs <= 0:
         raise ValueError("bs must be a multiple of 4096")
     binary = binary or build("blkfront_load")
@@ -200,7 +205,8 @@ async def run_load(socket_path: str, image: str, load: Load, *,
                 "--sectors", str(os.path.getsize(image) // 512),
                 "--max-indirect", str(max_indirect), "--qd", str(load.qd),
                 "--bs", str(load.bs), "--rw", load.rw, "--pattern", load.pattern,
-                "--persistent", str(int(persistent)), "--seed", str(load.seed),
+                "--persistent", str(int(persistent or (load.persistent and force_pool))),
+                "--seed", str(load.seed),
                 "--handle", str(DEVID & 0xFFFF)]
         args += ["--count", str(load.count)] if load.count else ["--seconds", str(load.seconds)]
         if load.verify:

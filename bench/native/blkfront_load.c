@@ -379,12 +379,14 @@ static unsigned take_responses(struct queue *q)
     return n;
 }
 
-/* Runs `total` requests of `op` (0: until the deadline), keeping qd in flight. */
+/* Runs `total` requests of `op` (0: until the deadline), keeping qd in flight. After a
+ * failure it issues nothing more but still collects what is in flight. */
 static bool run_phase(struct queue *q, uint8_t op, uint64_t total)
 {
     uint64_t issued = 0;
     for (;;) {
-        bool more_to_issue = total ? issued < total : now_ns() < cfg.deadline_ns;
+        bool more_to_issue = !q->failure[0] &&
+                             (total ? issued < total : now_ns() < cfg.deadline_ns);
         unsigned added = 0;
         while (more_to_issue && q->nfree_slots && !RING_FULL(&q->front)) {
             q->batch[added++] = submit(q, op, pick_block(q, issued));
@@ -407,13 +409,11 @@ static bool run_phase(struct queue *q, uint8_t op, uint64_t total)
                 q->kicks++;
             }
         }
-        if (q->failure[0])
-            return false;
         if (take_responses(q))
             continue;
         if (q->nfree_slots == cfg.qd) {
             if (!more_to_issue)
-                return true;
+                return !q->failure[0];
             continue;
         }
         struct pollfd pfd = { .fd = q->call_fd, .events = POLLIN };
