@@ -29,7 +29,7 @@ from pathlib import Path
 
 from backendd.demo import start_daemon
 
-from .blkload import Load, LoadResult, pingpong, run_load
+from .blkload import Load, LoadFailed, LoadResult, pingpong, run_load
 from .native import build
 from .report import table
 
@@ -101,6 +101,9 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
 
         async def run(key: str, load: Load) -> LoadResult:
             result = await run_load(path, image, load, daemon_pid=proc.pid)
+            if result.held_after_close:
+                raise LoadFailed(f"{len(result.held_after_close)} grants still in use after "
+                                 "the device was closed")
             results[key] = result
             rows.append(_row(load, result))
             return result
