@@ -7,7 +7,8 @@ measured in this one run.
 
 The frontend is C so that the figures are the daemon's: the Python simulated guest costs
 more per request than the daemon does. Daemon CPU per I/O is the daemon process's
-utime + stime over the run divided by the I/Os answered. QD is per queue. fio is required:
+utime + stime over the run divided by the I/Os answered; the frontend's is the load
+generator's own, so that one can see it is not the limit. QD is per queue. fio is required:
 without it there is no baseline, and the bench stops.
 """
 
@@ -47,9 +48,11 @@ class Row:
     p50_us: float
     p99_us: float
     cpu_us: float = NAN
+    front_cpu_us: float = NAN
 
     def cells(self) -> tuple[object, ...]:
-        return (self.what, self.iops, self.mb_per_s, self.p50_us, self.p99_us, self.cpu_us)
+        return (self.what, self.iops, self.mb_per_s, self.p50_us, self.p99_us, self.cpu_us,
+                self.front_cpu_us)
 
 
 def _describe(load: Load, result: LoadResult) -> str:
@@ -64,7 +67,7 @@ def _describe(load: Load, result: LoadResult) -> str:
 def _row(load: Load, result: LoadResult) -> Row:
     lat = result.lat_ns
     return Row(_describe(load, result), result.iops, result.mb_per_s, lat["p50"] / 1e3,
-               lat["p99"] / 1e3, result.cpu_us_per_io)
+               lat["p99"] / 1e3, result.cpu_us_per_io, result.frontend_cpu_us_per_io)
 
 
 def fio(image: str, engine: str, bs: str, rw: str, depth: int, seconds: float) -> Row:
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(table(f"blk on a warm {IMAGE_SIZE // MiB} MiB image file, {args.seconds:g} s a "
                 f"line, {os.cpu_count()} CPUs, {when} (QD per queue)",
-                ["what", "IOPS", "MB/s", "p50 us", "p99 us", "daemon CPU us/IO"],
+                ["what", "IOPS", "MB/s", "p50 us", "p99 us", "daemon CPU us/IO",
+                 "frontend CPU us/IO"],
                 [r.cells() for r in rows]))
     print()
     print(table("targets (ratios from this run)", ["what", "measured", "goal", "met"],

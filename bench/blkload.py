@@ -76,6 +76,10 @@ class LoadResult:
         return self.bytes / self.seconds / 1e6 if self.seconds else 0.0
 
     @property
+    def frontend_cpu_us_per_io(self) -> float:
+        return self.raw["cpu_seconds"] / self.ios * 1e6 if self.ios else float("nan")
+
+    @property
     def cpu_us_per_io(self) -> float:
         if self.daemon_cpu_s is None or not self.ios:
             return float("nan")

@@ -22,9 +22,11 @@
  *   - more than 11 pages per request go as BLKIF_OP_INDIRECT with segment pages.
  *
  * Protocol on stdio: after mapping, ring set-up and granting, print "ready"; wait for one
- * line on stdin (sent once the backend is connected); run; print one line of JSON with the results. Exit status 0, or 1 when any
- * request failed, a response was malformed, a grant was still in use after its response,
- * a verified read did not match, or the ring stalled; 2 for bad arguments.
+ * line on stdin (sent once the backend is connected); run; print one line of JSON (I/Os,
+ * bytes, seconds, this program's own CPU seconds, latency percentiles, counters). Exit
+ * status 0, or 1 when any request failed, a response was malformed, a grant was still
+ * in use after its response, a verified read did not match, or the ring stalled; 2 for
+ * bad arguments.
  *
  * --verify: per queue, write COUNT distinct blocks with a pattern, then read them back
  * and check every byte here. The pattern's 8-byte word at disk byte offset o is
@@ -42,6 +44,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -686,6 +689,8 @@ int main(int argc, char **argv)
     if (!fgets(line, sizeof(line), stdin))
         return 2;
 
+    struct rusage ru0, ru1;
+    getrusage(RUSAGE_SELF, &ru0);
     cfg.go_ns = now_ns();
     cfg.deadline_ns = cfg.go_ns + (uint64_t)(cfg.seconds * 1e9);
     pthread_t threads[MAX_QUEUES];
@@ -699,6 +704,11 @@ int main(int argc, char **argv)
             end = cfg.q[i].end_ns;
     }
 
+    getrusage(RUSAGE_SELF, &ru1);
+    double cpu = (double)(ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec + ru1.ru_stime.tv_sec -
+                          ru0.ru_stime.tv_sec) +
+                 (double)(ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec + ru1.ru_stime.tv_usec -
+                          ru0.ru_stime.tv_usec) / 1e6;
     uint64_t ios = 0, bytes = 0, errors = 0, bad = 0, refused = 0, mismatches = 0, kicks = 0,
              waits = 0, nlat = 0;
     const char *failure = "";
@@ -729,13 +739,13 @@ int main(int argc, char **argv)
 #define PCT(p) (nlat ? lat[(size_t)((double)(nlat - 1) * (p))] : 0)
     double seconds = (double)(end - cfg.go_ns) / 1e9;
     printf("{\"ios\": %" PRIu64 ", \"bytes\": %" PRIu64 ", \"seconds\": %.6f, "
-           "\"queues\": %u, \"qd\": %u, \"bs\": %u, \"persistent\": %d, "
+           "\"cpu_seconds\": %.6f, \"queues\": %u, \"qd\": %u, \"bs\": %u, \"persistent\": %d, "
            "\"errors\": %" PRIu64 ", \"bad_responses\": %" PRIu64 ", "
            "\"refused_end_access\": %" PRIu64 ", \"mismatches\": %" PRIu64 ", "
            "\"kicks\": %" PRIu64 ", \"waits\": %" PRIu64 ", "
            "\"lat_ns\": {\"mean\": %.0f, \"p50\": %u, \"p90\": %u, \"p99\": %u, "
            "\"p999\": %u, \"max\": %u}, \"failure\": \"%s\"}\n",
-           ios, bytes, seconds, cfg.nqueues, cfg.qd, cfg.bs, cfg.persistent, errors, bad,
+           ios, bytes, seconds, cpu, cfg.nqueues, cfg.qd, cfg.bs, cfg.persistent, errors, bad,
            refused, mismatches, kicks, waits, nlat ? sum / (double)nlat : 0.0, PCT(0.5),
            PCT(0.9), PCT(0.99), PCT(0.999), PCT(1.0), failure);
     fflush(stdout);
