@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.blkload import Load, LoadFailed, pattern_bytes, run_load
+from bench.blkload import Load, LoadFailed, pattern_bytes, pingpong, run_load
 from bench.native import build
 
 MiB = 1 << 20
@@ -96,3 +96,9 @@ async def test_sanitizer_build(daemon, image, sanitized):
                  Load(bs=MiB, qd=2, count=4, verify=True, seed=12),
                  Load(bs=64 * 1024, qd=4, count=20, verify=True, persistent=True, seed=13)):
         await check(daemon, image, load, binary=sanitized, force_pool=load.persistent)
+
+
+async def test_eventfd_pingpong_builds_and_runs():
+    """The latency baseline bench.blk prints beside the daemon's QD1 figure."""
+    result = await pingpong(200)
+    assert result["rounds"] == 200 and 0 < result["p50_ns"] <= result["p99_ns"]

@@ -98,6 +98,7 @@ struct queue {
     uint64_t rng, cursor, gen;
     uint64_t ios, bytes, errors, bad_responses, refused, mismatches, kicks, waits;
     uint64_t end_ns;
+    bool corrupt;                  /* the backend's rsp_prod made no sense: stop at once */
     char failure[160];
 };
 
@@ -309,7 +310,7 @@ static void complete(struct queue *q, const blkif_response_t *rsp, uint64_t t)
 {
     uint64_t id = rsp->id;
     unsigned s = (unsigned)(id & 0xffff);
-    if (s >= cfg.qd || q->slots[s].id != id) {
+    if (id == 0 || s >= cfg.qd || q->slots[s].id != id) { /* a free slot's id is 0 */
         q->bad_responses++;
         fail(q, "response with an id no request in flight has: %#" PRIx64, id);
         return;
@@ -369,6 +370,13 @@ static unsigned take_responses(struct queue *q)
     do {
         RING_IDX prod = q->front.sring->rsp_prod;
         rmb(); /* the responses up to prod are visible once prod is */
+        if (prod - q->front.rsp_cons > q->front.req_prod_pvt - q->front.rsp_cons) {
+            /* More responses than requests (as blkfront's "illegal number of responses"). */
+            fail(q, "rsp_prod %u is beyond the requests made (%u)", prod,
+                 q->front.req_prod_pvt);
+            q->corrupt = true;
+            return n;
+        }
         if (q->front.rsp_cons != prod) {
             uint64_t t = now_ns();
             for (; q->front.rsp_cons != prod; q->front.rsp_cons++, n++) {
@@ -414,6 +422,8 @@ static bool run_phase(struct queue *q, uint8_t op, uint64_t total)
         }
         if (take_responses(q))
             continue;
+        if (q->corrupt)
+            return false;
         if (q->nfree_slots == cfg.qd) {
             if (!more_to_issue)
                 return !q->failure[0];
