@@ -87,11 +87,12 @@ class LoadResult:
 
 
 def _proc_cpu(pid: int) -> float:
-    """utime + stime of pid and its live descendants, plus its reaped children, seconds."""
+    """CPU seconds of pid and its descendants: each live one's utime + stime + cutime +
+    cstime (a reaped child's time moves into its parent's cutime/cstime, so the sum does
+    not jump when one exits)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     pending = [pid]
-    first = True
     while pending:
         p = pending.pop()
         try:
@@ -100,10 +101,7 @@ def _proc_cpu(pid: int) -> float:
         except FileNotFoundError:
             continue
         # fields[0] is field 3 (state): utime 14, stime 15, cutime 16, cstime 17.
-        total += int(fields[11]) + int(fields[12])
-        if first:
-            total += int(fields[13]) + int(fields[14])
-            first = False
+        total += sum(int(v) for v in fields[11:15])
         for task in os.listdir(f"/proc/{p}/task") if os.path.isdir(f"/proc/{p}/task") else ():
             with contextlib.suppress(FileNotFoundError), \
                     open(f"/proc/{p}/task/{task}/children") as f:
