@@ -125,7 +125,8 @@ class NetDevice(Device):
         self.fds: list[int] = []
         self.queues: list[_Queue] = []
         self.vif: VifState | None = None
-        self._open_tap()
+        network = getattr(daemon_config, "network", None)
+        self._open_tap(bool(getattr(network, "attach_existing_taps", False)))
 
     def _int_key(self, key: str, default: int, low: int, high: int) -> int:
         value = self.config.get(key)
@@ -135,18 +136,22 @@ class NetDevice(Device):
             raise ConfigError(f"net: {key} {value!r}: expected {low}..{high}")
         return int(value)
 
-    def _open_tap(self) -> None:
+    def _open_tap(self, attach_existing: bool) -> None:
         multi = self.max_queues > 1
         try:
             # Every queue's fd is opened now: once the tap moves to another namespace,
             # a new fd could not find it by name. Queues beyond the first stay detached
-            # until a frontend asks for them.
-            for _ in range(self.max_queues):
-                self.fds.append(open_tap(self.tap_name, multi_queue=multi))
+            # until a frontend asks for them. The first open creates the tap, and fails
+            # if the name is taken, unless the configuration lets us attach to it.
+            for i in range(self.max_queues):
+                self.fds.append(open_tap(self.tap_name, multi_queue=multi,
+                                         create=i == 0 and not attach_existing))
             for fd in self.fds[1:]:
                 set_queue_attached(fd, False)
+            # configure_link first checks that no fd but ours holds a queue of the tap.
             run_netlink(configure_link, LinkConfig(self.tap_name, mtu=self.mtu,
-                                                   bridge=self.bridge, netns=self.netns))
+                                                   bridge=self.bridge, netns=self.netns,
+                                                   queues=len(self.fds)))
         except BaseException:
             close_fds(self.fds)
             self.fds = []
