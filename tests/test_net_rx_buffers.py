@@ -1,10 +1,12 @@
 """Unusable rx buffers through the real daemon: a posted request whose grant cannot be
 used fails alone, in its turn, and every other buffer is used as usual; rx buffers
 granted as v2 sub-pages are guest errors answered on the ring and logged within the
-per-guest limit, never an exception escaping the tap's reader."""
+per-guest limit, never an exception escaping the tap's reader; and the documented
+recovery of a vif halted by a fatal error."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -13,7 +15,9 @@ from test_net_harness import inject, namespaces, uniq, until
 
 from backendd.guest import SimGuest, VmmClient
 from backendd.guest.netfront import NetFront
-from rings.consts import XenbusState
+from backendd.protocol.messages import FrontendMisbehaved
+from rings.consts import NetTxFlags, XenbusState
+from rings.netif import TX_REQUEST
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -141,3 +145,46 @@ async def test_sub_page_rx_buffers_are_guest_errors(daemon, caplog):
     lines = [line for line in daemon.log_lines() if "kind=rx_bad_grant" in line]
     assert 1 <= len(lines) <= 10
     assert "whole page" in lines[0] and "sub-page 0..2048" in lines[0]
+
+
+async def test_recovery_after_a_fatal_error(daemon):
+    """The documented sequence: FRONTEND_MISBEHAVED, then Closing, Closed, Initialising
+    and Connected with fresh rings; the nic serves again and its counters carry on."""
+    host = uniq("rbh")
+    tap = uniq("rb") + "d"
+    with namespaces(host):
+        client = await VmmClient.connect(daemon.path)
+        guest = SimGuest(ram_size=48 << 20, gnttab_frames=16)
+        fronts: list[NetFront] = []
+        try:
+            await guest.attach(client)
+            front = await plug(client, guest, 3, {"tap": tap, "netns": host,
+                                                  "queues": "1"})
+            fronts.append(front)
+            await connect(client, front)
+            gref = front.tx_page(0)[1]
+            # A data slot crossing its page: fatal.
+            front.put_tx_raw([TX_REQUEST.pack(gref, 0, NetTxFlags.MORE_DATA, 1, 2000),
+                              TX_REQUEST.pack(gref, 3500, 0, 2, 1000)])
+            notice = await asyncio.wait_for(client.notices.get(), 5)
+            assert isinstance(notice, FrontendMisbehaved) and notice.devid == 3
+            for state in (XenbusState.CLOSING, XenbusState.CLOSED):
+                got, _ = await client.frontend_state(3, state, {})
+                assert got == state
+            got, _ = await client.frontend_state(3, XenbusState.INITIALISING, {})
+            assert got == XenbusState.INIT_WAIT
+            front.close()
+            front = NetFront(guest.ram, guest.gnttab, 3, first_port=100)
+            fronts.append(front)
+            await connect(client, front)
+            await inject(host, tap, [frame(60, 7)])
+            got_frames = await front.wait_rx(1)
+            assert got_frames[0][1] == frame(60, 7)
+            stats = await client.stats(3)
+            assert stats["3.fatal"] == "1" and stats["3.tx_fatal"] == "1"
+            assert stats["3.rx_packets"] == "1"
+        finally:
+            for f in fronts:
+                f.close()
+            await client.close()
+            guest.close()
