@@ -143,6 +143,7 @@ class TxPath:
         if packet.kind is TxKind.MCAST_ADD:
             if self.vif.mcast_add(packet.mcast):
                 return NetifRsp.OKAY
+            counters["tx_errors"] += 1
             self._guest_error(packet, "tx: multicast add beyond the list's "
                               f"{NETBK_MCAST_MAX} addresses")
             return NetifRsp.ERROR
