@@ -7,8 +7,8 @@ kernel's stack is on both ends: iperf3 in the guest namespace talks to iperf3 in
 "host" namespace, where the daemon's tap is. The baseline is the same iperf3 runs over a
 veth pair between two namespaces.
 
-Measured: TCP for a few seconds each way with one queue (one flow) and two queues (two
-flows, `-P 2`); UDP with 64-byte payloads each way (`-b 0`, received packets per
+Measured: TCP for a few seconds each way: one flow, and FLOWS flows with one and with
+two queues; UDP with 64-byte payloads each way (`-b 0`, received packets per
 second); the daemon's CPU time (its process and descendants, from /proc) per frame it
 moved in the UDP runs and per 64 KiB moved in the one-queue TCP runs, where the frames are
 GSO super-frames.
@@ -39,6 +39,9 @@ from .report import table
 
 TCP_SECONDS = 4
 UDP_SECONDS = 3
+# Flows for the multi-queue rows: the taps pin each flow to one queue by its hash, so a
+# few flows make an even spread likely (each run prints how the frames fell).
+FLOWS = 4
 PORT = 5301
 HOST_IP, GUEST_IP = "10.78.1.1", "10.78.1.2"
 VETH_A, VETH_B = "10.78.0.1", "10.78.0.2"
@@ -135,7 +138,9 @@ Sampler = Callable[[], Awaitable[Sample]]
 class Figures:
     tcp_out: float = float("nan")    # guest -> host (veth: a -> b), one flow
     tcp_in: float = float("nan")
-    tcp_out_2: float = float("nan")  # two queues / two flows
+    tcp_out_m: float = float("nan")  # FLOWS flows, one queue
+    tcp_in_m: float = float("nan")
+    tcp_out_2: float = float("nan")  # FLOWS flows, two queues
     tcp_in_2: float = float("nan")
     udp_out: float = float("nan")    # kpps received
     udp_in: float = float("nan")
@@ -177,11 +182,11 @@ async def _tcp_udp(f: Figures, server_ns: str, client_ns: str, ip: str,
         f.us_per_frame = (d1[0] + d2[0]) / (d1[1] + d2[1]) * 1e6
 
 
-async def _tcp2(f: Figures, server_ns: str, client_ns: str, ip: str) -> None:
-    f.tcp_out_2 = _gbit(await _iperf(server_ns, client_ns, ip, "-t", str(TCP_SECONDS),
-                                     "-P", "2"))
-    f.tcp_in_2 = _gbit(await _iperf(server_ns, client_ns, ip, "-t", str(TCP_SECONDS),
-                                    "-P", "2", "-R"))
+async def _flows(server_ns: str, client_ns: str, ip: str) -> tuple[float, float]:
+    """FLOWS TCP flows each way (Gbit/s out, in)."""
+    many = ("-t", str(TCP_SECONDS), "-P", str(FLOWS))
+    return (_gbit(await _iperf(server_ns, client_ns, ip, *many)),
+            _gbit(await _iperf(server_ns, client_ns, ip, *many, "-R")))
 
 
 async def _veth(nss: Namespaces) -> Figures:
@@ -193,7 +198,8 @@ async def _veth(nss: Namespaces) -> Figures:
         await _run("ip", "link", "set", dev, "up", ns=ns)
     f = Figures()
     await _tcp_udp(f, a, b, VETH_A, None)
-    await _tcp2(f, a, b, VETH_A)
+    f.tcp_out_m, f.tcp_in_m = await _flows(a, b, VETH_A)
+    f.tcp_out_2, f.tcp_in_2 = f.tcp_out_m, f.tcp_in_m  # a veth pair has no queues to set
     return f
 
 
@@ -220,7 +226,7 @@ async def _daemon_process():
 
 
 async def _daemon(nss: Namespaces, queues: int, f: Figures) -> dict:
-    host, guest = nss.add(f"h{queues}"), nss.add(f"g{queues}")
+    host, guest = nss.add(f"h{queues}{len(nss.made)}"), nss.add(f"g{queues}{len(nss.made)}")
     tap, gtap = f"{nss.tag}h", f"{nss.tag}g"
     async with _daemon_process() as (sock, pid), \
             netfront(sock, host_ns=host, guest_ns=guest, host_tap=tap, guest_tap=gtap,
@@ -235,8 +241,9 @@ async def _daemon(nss: Namespaces, queues: int, f: Figures) -> dict:
 
         if queues == 1:
             await _tcp_udp(f, host, guest, HOST_IP, sample)
+            f.tcp_out_m, f.tcp_in_m = await _flows(host, guest, HOST_IP)
         else:
-            await _tcp2(f, host, guest, HOST_IP)
+            f.tcp_out_2, f.tcp_in_2 = await _flows(host, guest, HOST_IP)
         result = await bridge.finish()
     return result.raw
 
@@ -256,16 +263,25 @@ def rows(daemon: Figures, veth: Figures) -> list[list[object]]:
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.0%}" if a == a and b == b and b else "-"
 
+    def times(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if a == a and b == b and b else "-"
+
     out: list[list[object]] = []
     for label, name in (("TCP guest->host, 1 queue, Gbit/s", "tcp_out"),
                         ("TCP host->guest, 1 queue, Gbit/s", "tcp_in"),
-                        ("TCP guest->host, 2 queues (-P 2), Gbit/s", "tcp_out_2"),
-                        ("TCP host->guest, 2 queues (-P 2), Gbit/s", "tcp_in_2"),
+                        (f"TCP guest->host, 1 queue, {FLOWS} flows, Gbit/s", "tcp_out_m"),
+                        (f"TCP host->guest, 1 queue, {FLOWS} flows, Gbit/s", "tcp_in_m"),
+                        (f"TCP guest->host, 2 queues, {FLOWS} flows, Gbit/s", "tcp_out_2"),
+                        (f"TCP host->guest, 2 queues, {FLOWS} flows, Gbit/s", "tcp_in_2"),
                         ("UDP 64 B guest->host, kpps received", "udp_out"),
                         ("UDP 64 B host->guest, kpps received", "udp_in")):
         d, v = getattr(daemon, name), getattr(veth, name)
         out.append([label, d, v, ratio(d, v)])
-    out += [["daemon CPU per frame (UDP runs), us", daemon.us_per_frame, float("nan"), "-"],
+    out += [[f"{FLOWS} flows: 2 queues / 1 queue, guest->host",
+             times(daemon.tcp_out_2, daemon.tcp_out_m), "-", "-"],
+            [f"{FLOWS} flows: 2 queues / 1 queue, host->guest",
+             times(daemon.tcp_in_2, daemon.tcp_in_m), "-", "-"],
+            ["daemon CPU per frame (UDP runs), us", daemon.us_per_frame, float("nan"), "-"],
             ["daemon CPU per 64 KiB (TCP, 1 queue), us", daemon.us_per_64k, float("nan"),
              "-"],
             ["mean frame the daemon moved (TCP), bytes", daemon.tcp_frame_bytes,
@@ -290,7 +306,8 @@ def main() -> None:
         per = raw["cpu_seconds"] / frames * 1e6 if frames else float("nan")
         print(f"C netfront, {raw['queues']} queue(s): {frames} frames "
               f"({raw['tx_gso']} tx + {raw['rx_gso']} rx GSO), {per:.1f} us CPU per frame, "
-              f"{raw['kicks']} kicks, {raw['wakeups']} wakeups")
+              f"{raw['kicks']} kicks, {raw['wakeups']} wakeups, frames per queue "
+              f"{raw['frames_per_queue']}")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,6 @@ struct queue {
     unsigned ntx_free;
     bool tx_busy[TX_RING];
     /* rx buffers: the one posted at ring index i is page (i % RX_RING), gref likewise */
-    bool rx_posted[RX_RING];
     uint64_t tx_frames, tx_bytes, tx_gso, tx_slots, tx_errors, tx_too_big;
     uint64_t rx_frames, rx_bytes, rx_gso, rx_slots, rx_errors, rx_tap_drops, rx_unparsed;
     uint64_t refused, bad_responses, kicks, wakeups;
@@ -324,7 +323,6 @@ static void post_rx(struct queue *q)
         RING_IDX i = q->rx.req_prod_pvt;
         unsigned slot = i % RX_RING;
         grant_access(q->rx_gref0 + slot, q->rx_frame0 + slot, false);
-        q->rx_posted[slot] = true;
         netif_rx_request_t req = { .id = (uint16_t)slot, .gref = q->rx_gref0 + slot };
         memcpy(RING_GET_REQUEST(&q->rx, i), &req, sizeof(req));
         q->rx.req_prod_pvt++;
@@ -420,7 +418,6 @@ static void deliver(struct queue *q, unsigned nslots)
         memcpy(&e, RING_GET_RESPONSE(&q->rx, i), sizeof(e));
         /* Every buffer, the extra-info slot's too, was mapped by the backend and must be
          * released by now. */
-        q->rx_posted[slot] = false;
         end_access(q, q->rx_gref0 + slot);
         q->rx_slots++;
         if (k == 0) {
@@ -750,11 +747,15 @@ int main(int argc, char **argv)
            "\"rx_slots\": %" PRIu64 ", \"rx_errors\": %" PRIu64 ", "
            "\"rx_tap_drops\": %" PRIu64 ", \"rx_unparsed\": %" PRIu64 ", "
            "\"refused_end_access\": %" PRIu64 ", \"bad_responses\": %" PRIu64 ", "
-           "\"kicks\": %" PRIu64 ", \"wakeups\": %" PRIu64 ", \"failure\": \"%s\"}\n",
+           "\"kicks\": %" PRIu64 ", \"wakeups\": %" PRIu64 ", \"failure\": \"%s\", "
+           "\"frames_per_queue\": [",
            cfg.nqueues, cpu, t.tx_frames, t.tx_bytes, t.tx_gso, t.tx_slots, t.tx_errors,
            t.tx_too_big, t.rx_frames, t.rx_bytes, t.rx_gso, t.rx_slots, t.rx_errors,
            t.rx_tap_drops, t.rx_unparsed, t.refused, t.bad_responses, t.kicks, t.wakeups,
            failure);
+    for (unsigned i = 0; i < cfg.nqueues; i++)
+        printf("%s%" PRIu64, i ? ", " : "", cfg.q[i].tx_frames + cfg.q[i].rx_frames);
+    printf("]}\n");
     fflush(stdout);
     bool ok = !t.tx_errors && !t.rx_errors && !t.refused && !t.bad_responses && !failure[0];
     return ok ? 0 : 1;
