@@ -45,6 +45,7 @@ async def bridge_and_check(daemon, queues: int, split: bool, nbytes: int,
             stats = await bridge.stats()
             result = await bridge.finish()
     assert result["failure"] == "" and result["refused_end_access"] == 0
+    assert result["tx_too_big"] == 0 and result["rx_tap_drops"] == 0
     assert result.held_after_close == []  # the closed device holds none of our grants
     # GSO super-frames went through the rings both ways (tx extra-info slots, rx extras).
     assert result["tx_gso"] > 0 and result["rx_gso"] > 0
@@ -71,7 +72,7 @@ async def test_sanitizer_build(daemon, sanitized):
     await bridge_and_check(daemon, queues=2, split=True, nbytes=2 * MiB, binary=sanitized)
 
 
-async def test_a_bad_argument_fails_to_start(daemon):
+async def test_a_program_that_does_not_start_is_reported(daemon):
     host, gns = uniq("nlh"), uniq("nlg")
     with namespaces(host, gns), pytest.raises(NetLoadFailed, match="did not start"):
         async with netfront(daemon.path, host_ns=host, guest_ns=gns, host_tap=uniq("nlt") + "h",
