@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
 from backendd.errors import ControlError
-from backendd.inflight import InflightError, InflightRegion
+from backendd.inflight import InflightError, InflightRegion, ring_id
 from rings.blkif import BLKIF_CODECS
 from rings.consts import BLKIF_PROTOCOL_NAMES
 from rings.ring import BackRing, SharedRing
-from rings.sring import RSP_PROD
+from rings.sring import REQ_PROD, RSP_PROD
 
 from .config import parse_config
 from .image import Image
@@ -109,23 +109,34 @@ class BlkDevice(Device):
                     for m in maps:
                         m.release()
                     raise
-                back = BackRing(shared)
-                table, replay = None, []
+                table, rec = None, None
                 if region is not None:
                     try:
                         table = region.queue(i, shared.size)
-                        rec = table.recover(shared.idx[RSP_PROD])
+                        # Decide now, write once every queue is set up (a failed connect
+                        # leaves the table as it was, for the next attempt).
+                        rec = table.plan(shared.idx[REQ_PROD], shared.idx[RSP_PROD],
+                                         ring_id(qk.ring_refs, qk.port))
                     except InflightError as e:
                         for m in maps:
                             m.release()
                         raise ControlError(errno.EINVAL,
                                            f"blk {self.devid} queue {i}: {e}") from e
+                    if rec.reason:
+                        log.warning("blk %d queue %d: in-flight table not resumed (%s): "
+                                    "starting generation %d", self.devid, i, rec.reason,
+                                    rec.generation)
+                if rec is not None and not rec.fresh:
                     # Resume where the earlier daemon stopped, not at BACK_RING_INIT.
+                    back = BackRing(shared, rec.rsp_prod)
                     back.req_cons = rec.req_cons
-                    back.rsp_prod_pvt = back._pushed = rec.rsp_prod
-                    replay = rec.replay
+                else:
+                    # A fresh ring, or a restart without a table: the shared rsp_prod says
+                    # what was answered; everything past it is read again from the ring
+                    # (BACK_RING_ATTACH). A fresh ring has it at 0.
+                    back = BackRing.attach(shared)
                 queues.append(RingQueue(
-                    index=i, back=back, ring_maps=maps, inflight=table, replay=replay,
+                    index=i, back=back, ring_maps=maps, inflight=table, recovery=rec,
                     channel=channels[qk.port], codecs=codecs, geometry=self.geometry,
                     image=self.image, grants=self.ctx.grants, submit=self._submit,
                     loop=self.ctx.loop, counters=self.counters,
@@ -136,7 +147,7 @@ class BlkDevice(Device):
             raise
         self.queues = queues
         for q in queues:
-            q.start()
+            q.start()  # writes the table's decision first
         self._connected = connected_keys(self.image)
         self._resize_timer = self.ctx.loop.call_later(RESIZE_CHECK_SECONDS,
                                                       self._check_size)
