@@ -28,6 +28,7 @@ from .keys import (
     feature_keys,
     parse_frontend_keys,
 )
+from .persistent import DEFAULT_LIMIT, PersistentGrants
 from .queue import BATCH, Counters, RingQueue
 from .request import Geometry
 
@@ -58,6 +59,10 @@ class BlkDevice(Device):
                                  discard_secure=self.image.discard_secure)
         self.counters = Counters()
         self.batch = BATCH
+        self.pgrant_limit = DEFAULT_LIMIT  # per ring
+        self.persistent = False  # negotiated at the last connect
+        # Persistent-grant counters of rings already disconnected (stats are per device).
+        self._pgrant_done: dict[str, int] = {}
         self.queues: list[RingQueue] = []
         self._channels: list[EventChannel] = []
         self._connected: dict[str, str] | None = None
@@ -88,6 +93,8 @@ class BlkDevice(Device):
             if q.port not in channels:
                 raise FrontendKeyError(f"event-channel: port {q.port} has no channel")
         codecs = BLKIF_CODECS[front.abi]
+        # Used only when both ends say 1 (the frontend's key is read at every connect).
+        self.persistent = self.cfg.persistent and front.persistent
         queues: list[RingQueue] = []
         region = None
         if self._inflight is not None:
@@ -140,7 +147,9 @@ class BlkDevice(Device):
                     channel=channels[qk.port], codecs=codecs, geometry=self.geometry,
                     image=self.image, grants=self.ctx.grants, submit=self._submit,
                     loop=self.ctx.loop, counters=self.counters,
-                    on_corrupt=self._corrupt, batch=self.batch))
+                    on_corrupt=self._corrupt, batch=self.batch,
+                    pgrants=PersistentGrants(self.ctx.grants, self.pgrant_limit)
+                    if self.persistent else None))
         except BaseException:
             for q in queues:
                 q.release()
@@ -188,6 +197,9 @@ class BlkDevice(Device):
             await asyncio.gather(*(q.stop() for q in queues))
         for q in queues:
             q.release()
+            if q.pgrants is not None:
+                for k, v in q.pgrants.stats().items():
+                    self._pgrant_done[k] = self._pgrant_done.get(k, 0) + v
         for ch in self._channels:
             with contextlib.suppress(OSError):
                 ch.close()
@@ -204,7 +216,17 @@ class BlkDevice(Device):
         return out
 
     def stats(self) -> dict[str, int]:
-        return self.counters.as_dict() | {"queues": len(self.queues)}
+        pg = dict.fromkeys(("pgrant_hits", "pgrant_misses", "pgrant_purged",
+                            "pgrant_overflow", "pgrant_upgrades"), 0)
+        for k, v in self._pgrant_done.items():
+            pg[k] += v
+        for q in self.queues:
+            if q.pgrants is not None:
+                for k, v in q.pgrants.stats().items():
+                    pg[k] += v
+        pg["pgrants"] = sum(len(q.pgrants) for q in self.queues if q.pgrants is not None)
+        return self.counters.as_dict() | pg | {"queues": len(self.queues),
+                                              "persistent": int(self.persistent)}
 
     async def close(self) -> None:
         await self.disconnect()

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from backendd.inflight import InflightQueue, Recovery
 
     from .image import Image
+    from .persistent import PersistentGrants
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ class RingQueue:
                  loop: asyncio.AbstractEventLoop, counters: Counters,
                  on_corrupt: Callable[[str], None], batch: int = BATCH,
                  inflight: InflightQueue | None = None,
-                 recovery: Recovery | None = None) -> None:
+                 recovery: Recovery | None = None,
+                 pgrants: PersistentGrants | None = None) -> None:
         self.index = index
         self.back = back
         self.ring_maps = ring_maps
@@ -94,6 +96,10 @@ class RingQueue:
         self.geo = geometry
         self.image = image
         self.grants = grants
+        # With persistent grants (both ends said feature-persistent=1) data and indirect
+        # pages are pinned through the ring's cache; ring pages never are.
+        self.pgrants = pgrants
+        self._pin = pgrants.acquire if pgrants is not None else grants.map
         self.submit = submit
         self.loop = loop
         self.counters = counters
@@ -214,7 +220,7 @@ class RingQueue:
         pages = []
         left = req.nr_segments * SEGMENT_SIZE
         for gref in req.indirect_grefs:
-            with self.grants.map(gref, writable=False) as m:
+            with self._pin(gref, False) as m:
                 n = min(left, 4096)
                 pages.append(bytes(m.page_view(0, n)))  # a private copy, then let go
                 left -= n
@@ -226,7 +232,7 @@ class RingQueue:
         writable = req.op == BlkifOp.READ
         try:
             for gref, first, last in req.segments:
-                m = self.grants.map(gref, writable)
+                m = self._pin(gref, writable)
                 item.mappings.append(m)
                 item.views.append(m.page_view(first * SECTOR_SIZE,
                                               (last - first + 1) * SECTOR_SIZE))
@@ -361,7 +367,10 @@ class RingQueue:
             self.inflight.close()
 
     def release(self) -> None:
-        """After stop(): let go of the ring pages and the event channel."""
+        """After stop(): let go of the ring pages, the persistent grants and the event
+        channel."""
+        if self.pgrants is not None:
+            self.pgrants.close()
         ring = self.back.ring
         ring.release()
         for view in getattr(ring, "pages", [ring.area]):
