@@ -17,8 +17,11 @@ import mmap
 import os
 import random
 import signal
+import socket
 import sys
 from pathlib import Path
+
+import pytest
 
 from backendd.guest.blkfront import BlkFront
 from backendd.guest.machine import SimGuest
@@ -46,8 +49,14 @@ class RecordingFront(FrontRing):
 
 
 class Vmm:
-    def __init__(self, tmp: Path, *, inflight: bool) -> None:
+    def __init__(self, tmp: Path, *, inflight: bool, persistent: bool = False) -> None:
+        self.persistent = persistent  # the frontend offers persistent grants
         self.sock = str(tmp / "backendd.sock")
+        # As systemd's socket unit: one listener for every daemon incarnation, so the VMM
+        # can connect while the daemon restarts (its connection waits in the backlog).
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.sock)
+        self.listener.listen(16)
         self.image = tmp / "disk.img"
         self.image.write_bytes(bytes(IMAGE))
         self.log_path = tmp / "daemon.log"
@@ -63,16 +72,20 @@ class Vmm:
         self.model = bytearray(IMAGE)
 
     async def start_daemon(self) -> None:
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
+        fd = self.listener.fileno()
+        # What systemd does between fork and exec: the listener becomes fd 3 and
+        # LISTEN_PID names the process that execs the daemon.
+        launcher = (
+            "import os, sys\n"
+            f"os.dup2({fd}, 3)\n"
+            f"os.close({fd})\n"
+            "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+            "os.execv(sys.executable, [sys.executable, '-m', 'backendd', 'serve'])\n")
+        env = {**os.environ, "LISTEN_FDS": "1"}
+        env.pop("NOTIFY_SOCKET", None)
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "backendd", "--socket", self.sock, "serve",
+            sys.executable, "-c", launcher, env=env, pass_fds=(fd,),
             stdout=self.log, stderr=self.log)
-        for _ in range(1000):
-            if os.path.exists(self.sock):
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("daemon did not come up")
 
     async def _connect_front(self) -> None:
         assert self.client is not None and self.front is not None
@@ -94,7 +107,7 @@ class Vmm:
         self.client = client
         if self.front is None:
             self.front = BlkFront(self.guest.ram, self.guest.gnttab, DEVID,
-                                  backend_keys=keys)
+                                  backend_keys=keys, persistent=self.persistent)
             q = self.front.queues[0]
             q.front = RecordingFront(q.shared)
             q.front.sent = {}
@@ -109,7 +122,8 @@ class Vmm:
         self.front.close()
         state, _ = await self.client.frontend_state(DEVID, XenbusState.INITIALISING, {})
         assert state == XenbusState.INIT_WAIT
-        self.front = BlkFront(self.guest.ram, self.guest.gnttab, DEVID, backend_keys=keys)
+        self.front = BlkFront(self.guest.ram, self.guest.gnttab, DEVID, backend_keys=keys,
+                              persistent=self.persistent)
         await self._connect_front()
 
     def table_plan(self):
@@ -184,6 +198,7 @@ class Vmm:
         self.guest.close()
         if self.inflight is not None:
             os.close(self.inflight)
+        self.listener.close()
         self.log.close()
 
 
@@ -220,8 +235,9 @@ def assert_clean(vmm: Vmm) -> None:
     assert all(not q.waiters for q in vmm.front.queues)
 
 
-async def test_driver_reload_with_the_same_inflight_memory(tmp_path):
-    vmm = Vmm(tmp_path, inflight=True)
+@pytest.mark.parametrize("persistent", [False, True])
+async def test_driver_reload_with_the_same_inflight_memory(tmp_path, persistent):
+    vmm = Vmm(tmp_path, inflight=True, persistent=persistent)
     try:
         await vmm.start_daemon()
         await vmm.connect()
@@ -241,6 +257,7 @@ async def test_driver_reload_with_the_same_inflight_memory(tmp_path):
         stats = await vmm.stats()
         assert stats["rings_halted"] == 0
         assert stats["replayed"] == 0
+        assert stats["persistent"] == int(persistent)
         assert_clean(vmm)
 
         # The new ring's generation is resumed by a restarted daemon: kill -9 while the
@@ -267,8 +284,10 @@ async def test_driver_reload_with_the_same_inflight_memory(tmp_path):
             await vmm.stop()
 
 
-async def test_restart_without_inflight_resumes_at_the_published_rsp_prod(tmp_path):
-    vmm = Vmm(tmp_path, inflight=False)
+@pytest.mark.parametrize("persistent", [False, True])
+async def test_restart_without_inflight_resumes_at_the_published_rsp_prod(tmp_path,
+                                                                           persistent):
+    vmm = Vmm(tmp_path, inflight=False, persistent=persistent)
     try:
         await vmm.start_daemon()
         await vmm.connect()
