@@ -10,9 +10,11 @@ little-endian:
   per queue q, at 64 + q * QUEUE_BYTES:
     queue header (64 bytes): u32 live, u32 ring_size, u32 req_cons, u32 generation,
       u32 rsp_prod (last published, as recorded), u32 ring_id
-    MAX_ENTRIES entries of 128 bytes, entry for ring index i at (i % ring_size):
-      u8 state (0 free, 1 in flight, 2 answered), 3 pad, u32 ring index,
-      u32 response index (state 2), u32 generation, 112 bytes: the request as consumed
+    MAX_ENTRIES entries of 128 bytes, of which the first 2 * ring_size are used, each
+    request in any free one: u8 state (0 free, 1 in flight, 2 answered), 3 pad,
+    u32 ring index, u32 response index (state 2), u32 generation, 112 bytes: the request
+    as consumed. (Not one entry per slot: answered out of order, request i may still be
+    in flight when request i + ring_size is taken.)
 
 Generations: every ring a frontend sets up is served under one generation of the queue's
 table. A connect that finds no live generation for the same ring (first use, a driver
@@ -48,6 +50,7 @@ ENTRY_HEADER_SIZE = ENTRY_HEADER.size  # 16
 REQUEST_BYTES = 112  # sizeof(union blkif_sring_entry), the largest request we keep
 ENTRY_SIZE = ENTRY_HEADER_SIZE + REQUEST_BYTES  # 128
 MAX_ENTRIES = 1024
+MAX_RING = MAX_ENTRIES // 2  # a blkif ring has at most 512 slots (16 pages)
 QUEUE_BYTES = QUEUE_HEADER_SIZE + MAX_ENTRIES * ENTRY_SIZE
 
 # Queue header field offsets
@@ -100,14 +103,35 @@ class InflightQueue:
     """One ring's table. The owner records every consumed request and response."""
 
     def __init__(self, view: memoryview, ring_size: int) -> None:
-        if not 0 < ring_size <= MAX_ENTRIES or ring_size & (ring_size - 1):
-            raise InflightError(f"ring of {ring_size} entries: table holds up to "
-                                f"{MAX_ENTRIES}, a power of two")
+        if not 0 < ring_size <= MAX_RING or ring_size & (ring_size - 1):
+            raise InflightError(f"ring of {ring_size} entries: table holds rings of up to "
+                                f"{MAX_RING}, a power of two")
         self.view = view
         self.ring_size = ring_size
+        # Taken and not answered: at most ring_size; answered, not yet published: at
+        # most ring_size more. Which entry holds which ring index is ours to remember.
+        self.capacity = 2 * ring_size
+        self._pos: dict[int, int] = {}  # ring index -> entry offset
+        self._free: list[int] = []
+        self._scan()
+
+    def _offsets(self) -> range:
+        return range(QUEUE_HEADER_SIZE, QUEUE_HEADER_SIZE + self.capacity * ENTRY_SIZE,
+                     ENTRY_SIZE)
+
+    def _scan(self) -> None:
+        """Learn which entries hold requests of the current generation."""
+        gen = self.generation
+        self._pos, self._free = {}, []
+        for off in reversed(self._offsets()):
+            state, index, _, egen = ENTRY_HEADER.unpack_from(self.view, off)
+            if state != FREE and egen == gen and index not in self._pos:
+                self._pos[index] = off
+            else:
+                self._free.append(off)
 
     def _entry_off(self, index: int) -> int:
-        return QUEUE_HEADER_SIZE + (index % self.ring_size) * ENTRY_SIZE
+        return self._pos[index & U32]
 
     @property
     def generation(self) -> int:
@@ -139,16 +163,20 @@ class InflightQueue:
         outstanding = _sub(req_cons, rsp_prod)
         replay: list[tuple[int, bytes]] = []
         drop: list[int] = []
-        for k in range(self.ring_size):
-            off = QUEUE_HEADER_SIZE + k * ENTRY_SIZE
+        seen: set[int] = set()
+        for off in self._offsets():
             state, index, rsp_index, egen = ENTRY_HEADER.unpack_from(self.view, off)
             if state == FREE or egen != gen:
                 continue  # free, or left by an older generation: void
-            # Everything between rsp_prod and req_cons was consumed and not (visibly)
-            # answered; more than a ring's worth cannot be.
-            consumed = _sub(req_cons, index + 1) < self.ring_size
-            published = state == ANSWERED and _sub(rsp_prod, rsp_index + 1) < self.ring_size
-            if consumed and not published and index % self.ring_size == k:
+            # Recorded at or past req_cons: the daemon died before moving req_cons, the
+            # request is still in the ring and is read again from there. Anything before
+            # req_cons was taken, however long ago (one slow request may stay in flight
+            # while many later ones are answered).
+            consumed = _sub(index, req_cons) >= self.ring_size
+            # A response not yet published sits at or past rsp_prod, within a ring.
+            published = state == ANSWERED and _sub(rsp_index, rsp_prod) >= self.ring_size
+            if consumed and not published and index not in seen:
+                seen.add(index)
                 raw = bytes(self.view[off + ENTRY_HEADER_SIZE:off + ENTRY_SIZE])
                 replay.append((index & U32, raw))
             else:
@@ -174,10 +202,11 @@ class InflightQueue:
                              rec.generation & U32)
             struct.pack_into("<II", v, Q_RSP_PROD, rec.rsp_prod & U32, rec.ring_id)
             struct.pack_into("<I", v, Q_LIVE, 1)
-            return
-        for off in rec._drop:
-            v[off] = FREE
-        struct.pack_into("<I", v, Q_RSP_PROD, rec.rsp_prod & U32)
+        else:
+            for off in rec._drop:
+                v[off] = FREE
+            struct.pack_into("<I", v, Q_RSP_PROD, rec.rsp_prod & U32)
+        self._scan()
 
     def recover(self, req_prod: int, rsp_prod: int, rid: int) -> Recovery:
         """plan() then begin()."""
@@ -186,8 +215,16 @@ class InflightQueue:
         return rec
 
     def in_flight(self, index: int, raw: bytes) -> None:
-        """Request at ring index `index` consumed (before req_cons moves past it)."""
-        off = self._entry_off(index)
+        """Request at ring index `index` consumed (before req_cons moves past it); a
+        replayed request is recorded again in the entry it has."""
+        index &= U32
+        off = self._pos.get(index)
+        if off is None:
+            if not self._free:  # more than the ring protocol allows: a bug of ours
+                raise InflightError(f"no free entry for ring index {index}")
+            off = self._pos[index] = self._free.pop()
+            if self.view[off] != FREE:  # void (an older generation): make it free first
+                self.view[off] = FREE
         raw = raw[:REQUEST_BYTES]
         self.view[off + E_REQUEST:off + E_REQUEST + len(raw)] = raw
         struct.pack_into("<I", self.view, off + E_INDEX, index & U32)
@@ -207,7 +244,9 @@ class InflightQueue:
 
     def answered(self, index: int) -> None:
         """The response to the request at `index` is published: forget the request."""
-        self.view[self._entry_off(index)] = FREE
+        off = self._pos.pop(index & U32)
+        self.view[off] = FREE
+        self._free.append(off)
 
     def published(self, rsp_prod: int) -> None:
         """The ring's rsp_prod is now `rsp_prod` (recorded after publishing)."""

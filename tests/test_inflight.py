@@ -240,3 +240,31 @@ def test_a_plan_writes_nothing():
     rec = s.daemon_table().plan(s.shared.idx[0], s.shared.idx[2], RID)
     assert rec.fresh
     assert bytes(table.view[:4096]) == before
+
+
+def test_a_slow_request_survives_later_ones_reusing_its_slot():
+    """Request 0 stays in flight while 1..31 are answered (out of order) and the frontend
+    reuses their slots: 32.. are taken while 0 still is. A crash then replays 0 too."""
+    s = Setup()
+    size = s.shared.size
+    reqs = s.send(size)
+    back = BackRing(s.shared)
+    table = s.daemon_table()
+    recover(table, s.shared)
+    got = consume(back, table, size)
+    for index, _ in got[1:]:
+        answer(back, table, index)
+    for _ in s.front.take_responses():
+        pass
+    later = s.send(size - 1, start=size)
+    more = consume(back, table, size)
+    assert [i for i, _ in more] == list(range(size, 2 * size - 1))
+    rec = recover(s.daemon_table(), s.shared)
+    assert not rec.fresh
+    assert [raw for _, raw in rec.replay] == [reqs[0], *later]
+    # Recorded again by the restarted daemon, they replay again after a second crash.
+    t2 = s.daemon_table()
+    for index, raw in rec.replay:
+        t2.in_flight(index, raw)
+    assert [raw for _, raw in recover(s.daemon_table(), s.shared).replay] == \
+        [reqs[0], *later]
