@@ -221,12 +221,12 @@ class BlkFront:
     def _page(self) -> int:
         return self._free_pages.pop() if self._free_pages else self.ram.alloc_page()
 
-    def _grant(self, q: _Queue | None, gfn_readonly: bool) -> tuple[int, int]:
+    def _grant(self, q: _Queue | None, readonly: bool) -> tuple[int, int]:
         """(gref, gfn) for one page of a request: from the queue's persistent pool (granted
         writable once, as Linux's blkfront does), or a fresh page and grant."""
         if q is None:
             gfn = self._page()
-            return self.gnttab.grant_access(gfn, self.domid, readonly=gfn_readonly), gfn
+            return self.gnttab.grant_access(gfn, self.domid, readonly=readonly), gfn
         if not q.pool_free:
             gfn = self._page()
             q.pool.append((self.gnttab.grant_access(gfn, self.domid), gfn))
