@@ -61,4 +61,3 @@ def _describe(fd: int) -> str:
         return repr(os.readlink(f"/proc/self/fd/{fd}"))
     except OSError:
         return f"fd {fd}"
-
