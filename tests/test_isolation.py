@@ -137,6 +137,45 @@ async def test_a_saturated_blocking_call_eventfd_counts_as_signalled(daemon, tmp
     disk.close()
 
 
+async def test_a_saturated_blocking_call_eventfd_does_not_freeze_a_daemon_process(tmp_path):
+    """The same through a real `backendd serve`: the daemon that blocked in the write
+    stopped every guest and `status`; here a stuck daemon would be a clean failure."""
+    path = str(tmp_path / "backendd.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    notify.bind(str(tmp_path / "notify"))
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    env.pop("WATCHDOG_USEC", None)
+    log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "backendd", "--socket", path, "serve", env=env,
+        stdout=log, stderr=log)
+    loop = asyncio.get_running_loop()
+    try:
+        while b"READY=1" not in await asyncio.wait_for(loop.sock_recv(notify, 4096), 60):
+            pass
+        client = await VmmClient.connect(path)
+        disk = Disk(tmp_path, client)
+        await disk.connect(os.EFD_CLOEXEC, os.EFD_CLOEXEC, preload=SATURATED)
+        front = disk.front
+        assert front is not None
+        start_unwatched(front)
+        write = asyncio.create_task(front.write(0, b"p" * PAGE))
+        await asyncio.wait_for(until_stat(client, "writes", 1), 60)
+        status = await asyncio.wait_for(client.daemon_status(), 60)
+        assert status["connections"] == "1"
+        assert eventfd_count(front.queues[0].call_fd) == SATURATED
+        front._on_call(front.queues[0])
+        await write
+        await client.close()
+        disk.close()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        notify.close()
+        log.close()
+
+
 async def test_a_saturated_nonblocking_call_eventfd_leaves_nothing_behind(daemon, tmp_path):
     fds, maps = open_fds(), mapping_count()
     client = await VmmClient.connect(daemon.path)
