@@ -31,8 +31,10 @@ async def _with_client(path: str, work: Callable[..., Awaitable[int]]) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import run
+    from .supervisor import prepare
 
     config = load_config(args.config)
+    prepare(config)  # per-connection: fork the zygote before any loop or thread exists
     return uvloop.run(run(config, args.socket))
 
 
@@ -54,7 +56,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"conn {conn_id}: {info.get('peer', '')} devices={info.get('devices')} "
                   f"memory={int(info.get('memory_bytes', '0')) >> 20}MiB "
                   f"grant_frames={info.get('grant_frames')} requests={info.get('requests')} "
-                  f"errors={info.get('errors')}")
+                  f"errors={info.get('errors')}"
+                  + (f" worker={info['worker']}" if info.get("worker", "ok") != "ok" else ""))
             devids = sorted({k.split(".")[1] for k in info if k.startswith("dev.")}, key=int)
             for devid in devids:
                 d = f"dev.{devid}."

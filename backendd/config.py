@@ -5,6 +5,7 @@ key, since a silently ignored typo in a security setting is worse than a refusal
 from __future__ import annotations
 
 import os
+import pwd
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -28,6 +29,14 @@ class DaemonSection:
     io_threads: int = 4
     # Per guest-caused message kind, at most this many log lines per minute.
     guest_log_burst: int = 10
+    # "single": one process serves every connection. "per-connection": a supervisor
+    # accepts and hands each VMM connection to a worker process of its own.
+    process_model: str = "single"
+    # per-connection: the user workers switch to (empty: they keep the daemon's uid).
+    worker_user: str = ""
+    # per-connection: workers keep CAP_NET_ADMIN, so they can create and configure the
+    # taps of their nics; false: workers hold no capability at all.
+    worker_net_admin: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,7 @@ class Config:
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_PROCESS_MODELS = ("single", "per-connection")
 
 
 def _check_type(where: str, value: Any, expected: Any) -> Any:
@@ -136,6 +146,16 @@ def _validate(config: Config, source: str) -> None:
     if not 1 <= config.daemon.io_threads <= 256:
         raise ConfigFileError(f"{source}: [daemon] io_threads: {config.daemon.io_threads} "
                               "is outside 1..256")
+    if config.daemon.process_model not in _PROCESS_MODELS:
+        raise ConfigFileError(f"{source}: [daemon] process_model: "
+                              f"{config.daemon.process_model!r} is not one of "
+                              f"{', '.join(_PROCESS_MODELS)}")
+    if config.daemon.worker_user:
+        try:
+            pwd.getpwnam(config.daemon.worker_user)
+        except KeyError:
+            raise ConfigFileError(f"{source}: [daemon] worker_user: no user "
+                                  f"{config.daemon.worker_user!r}") from None
     if config.daemon.guest_log_burst < 0:
         raise ConfigFileError(f"{source}: [daemon] guest_log_burst: must not be negative")
     for d in config.block.allowed_dirs:

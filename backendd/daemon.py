@@ -13,6 +13,7 @@ from .log import EventLog, route_stdlib_logging
 from .metrics import render
 from .sdnotify import Notifier, listen_fds, watchdog_interval
 from .server import Server
+from .supervisor import daemon_server
 
 
 def prometheus_text(server: Server) -> str:
@@ -57,7 +58,7 @@ async def run(config: Config, socket_path: str | None = None,
     route_stdlib_logging(log, config.daemon.log_level)
     notifier = notifier if notifier is not None else Notifier()
     loop = asyncio.get_running_loop()
-    server = Server(config, log)
+    server = daemon_server(config, log)
     activated = listen_fds()
     sock = None
     if activated:

@@ -18,7 +18,7 @@ import socket
 import stat
 import struct
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .config import Config
@@ -27,7 +27,7 @@ from .iopool import FairPool
 from .log import EventLog, GuestLogLimiter
 from .protocol.framing import FatalFramingError, Frame, Framer, Role
 from .protocol.messages import ALL_DEVICES, MAX_CHANNELS, MAX_PAYLOAD, RingDumpReply
-from .session import Session, load_device_types
+from .session import DaemonView, Session, load_device_types
 
 # The largest fd count any request carries (FRONTEND_STATE: a kick and a call per channel).
 MAX_FDS_PER_RECV = 2 * MAX_CHANNELS
@@ -69,7 +69,7 @@ class Connection:
         self.framer = Framer(Role.DAEMON)
         self.session = Session(conn_id, server.config, loop, self.send, server.log,
                                server.guest_log, server.pool.submit,
-                               peer=f"pid={self.pid},uid={self.uid}", daemon=server)
+                               peer=f"pid={self.pid},uid={self.uid}", daemon=server.view)
         self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
         self._out = bytearray()
         self._writing = False
@@ -236,6 +236,35 @@ def _kv_size(kv: dict[str, str]) -> int:
     return 4 + sum(4 + len(k.encode()) + len(v.encode()) for k, v in kv.items())
 
 
+ConnView = tuple[Callable[[], dict[str, str]], Mapping[int, Callable[[], dict[str, str]]]]
+
+
+def status_page(conns: Mapping[int, ConnView], conn: int = 0,
+                devid: int = ALL_DEVICES) -> dict[str, str]:
+    """One DAEMON_STATUS page, from cursor (conn, devid) on: whole connection summaries
+    and whole devices only, as much as fits one reply; `next.conn` and `next.devid` say
+    where the next page starts. `conns` maps a connection id to its summary and its
+    devices' parts, each made only when it is put on the page."""
+    out = {"connections": str(len(conns))}
+    size = _kv_size(out) + _STATUS_CURSOR_ROOM
+    for cid in sorted(c for c in conns if c >= conn):
+        summary, devices = conns[cid]
+        within = cid == conn and devid != ALL_DEVICES
+        parts: list[tuple[int, Callable[[], dict[str, str]]]] = []
+        if not within:
+            parts.append((ALL_DEVICES, summary))
+        parts += [(d, devices[d]) for d in sorted(devices) if not within or d >= devid]
+        for d, make in parts:
+            part = {f"conn.{cid}.{k}": v for k, v in make().items()}
+            n = _kv_size(part) - 4
+            if size + n > STATUS_PAGE_BYTES and len(out) > 1:
+                out["next.conn"], out["next.devid"] = str(cid), str(d)
+                return out
+            out.update(part)
+            size += n
+    return out
+
+
 class Server:
     def __init__(self, config: Config, log: EventLog | None = None) -> None:
         self.config = config
@@ -247,6 +276,9 @@ class Server:
         self._listener: socket.socket | None = None
         self._owns_path: Path | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # What sessions ask for operator requests: this server, or (in a worker process)
+        # the supervisor's view of every worker.
+        self.view: DaemonView = self
         load_device_types()
 
     @property
@@ -308,33 +340,26 @@ class Server:
             conn_id = self._next_id
             self._next_id += 1
             self.log.info("connection_accepted", conn=conn_id, pid=creds[0], uid=creds[1])
-            self.connections[conn_id] = Connection(self, sock, conn_id, creds)
+            self.adopt(sock, conn_id, creds)
+
+    def adopt(self, sock: socket.socket, conn_id: int,
+              creds: tuple[int, int, int]) -> Connection:
+        """Serve an accepted, checked, non-blocking connection (a worker process is handed
+        its one connection this way, without a listener of its own)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        conn = self.connections[conn_id] = Connection(self, sock, conn_id, creds)
+        return conn
 
     # --- operator view (DaemonView) ----------------------------------------------
 
     def status(self, conn: int = 0, devid: int = ALL_DEVICES) -> dict[str, str]:
-        """One DAEMON_STATUS page, from cursor (conn, devid) on, whole connection
-        summaries and whole devices only, as much as fits one reply; `next.conn` and
-        `next.devid` say where the next page starts."""
-        out = {"connections": str(len(self.connections))}
-        size = _kv_size(out) + _STATUS_CURSOR_ROOM
-        for cid in sorted(c for c in self.connections if c >= conn):
-            session = self.connections[cid].session
-            within = cid == conn and devid != ALL_DEVICES
-            parts: list[tuple[int, Callable[[], dict[str, str]]]] = []
-            if not within:
-                parts.append((ALL_DEVICES, functools.partial(self._conn_status, cid)))
-            parts += [(d, functools.partial(session.device_status, d))
-                      for d in sorted(session.devices) if not within or d >= devid]
-            for d, make in parts:
-                part = {f"conn.{cid}.{k}": v for k, v in make().items()}
-                n = _kv_size(part) - 4
-                if size + n > STATUS_PAGE_BYTES and len(out) > 1:
-                    out["next.conn"], out["next.devid"] = str(cid), str(d)
-                    return out
-                out.update(part)
-                size += n
-        return out
+        """One DAEMON_STATUS page from cursor (conn, devid) on (see status_page)."""
+        views = {cid: (functools.partial(self._conn_status, cid),
+                       {d: functools.partial(c.session.device_status, d)
+                        for d in sorted(c.session.devices)})
+                 for cid, c in self.connections.items()}
+        return status_page(views, conn, devid)
 
     def _conn_status(self, conn_id: int) -> dict[str, str]:
         conn = self.connections[conn_id]

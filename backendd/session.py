@@ -18,12 +18,13 @@ import asyncio
 import contextlib
 import errno
 import functools
+import inspect
 import mmap
 import os
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from rings.consts import PAGE_SIZE, XenbusState
 
@@ -68,13 +69,22 @@ from .protocol.messages import (
 )
 from .xenbus import Action, XenbusBackend
 
+T = TypeVar("T")
+
 
 class DaemonView(Protocol):
-    """What a session may ask of the whole daemon (operator requests)."""
+    """What a session may ask of the whole daemon (operator requests). A worker process
+    answers them by asking its supervisor, so the answers may be awaitables."""
 
-    def status(self, conn: int = 0, devid: int = ALL_DEVICES) -> dict[str, str]: ...
+    def status(self, conn: int = 0, devid: int = ALL_DEVICES
+               ) -> dict[str, str] | Awaitable[dict[str, str]]: ...
 
-    def ring_dump(self, conn: int, devid: int, ring: int) -> RingDumpReply: ...
+    def ring_dump(self, conn: int, devid: int, ring: int
+                  ) -> RingDumpReply | Awaitable[RingDumpReply]: ...
+
+
+async def _resolved(value: T | Awaitable[T]) -> T:
+    return await value if inspect.isawaitable(value) else value  # type: ignore[return-value]
 
 # Features the daemon understands; none are defined by protocol version 1 yet.
 SUPPORTED_FEATURES = 0
@@ -213,11 +223,11 @@ class Session(NoticeSink):
             case DaemonStatus():
                 if self.daemon is None:
                     raise ControlError(errno.EOPNOTSUPP, "DAEMON_STATUS: no daemon view")
-                return StatsReply(self.daemon.status(msg.conn, msg.devid))
+                return StatsReply(await _resolved(self.daemon.status(msg.conn, msg.devid)))
             case RingDump():
                 if self.daemon is None:
                     raise ControlError(errno.EOPNOTSUPP, "RING_DUMP: no daemon view")
-                return self.daemon.ring_dump(msg.conn, msg.devid, msg.ring)
+                return await _resolved(self.daemon.ring_dump(msg.conn, msg.devid, msg.ring))
         raise ProtocolError(errno.EOPNOTSUPP, f"{msg.code.name}: not handled")
 
     def _hello(self, msg: Hello) -> HelloReply:

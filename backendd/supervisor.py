@@ -1,0 +1,372 @@
+"""The per-connection process model (`[daemon] process_model = "per-connection"`).
+
+Three kinds of process:
+- the supervisor: binds (or is handed) the control socket, accepts, checks the peer
+  (SO_PEERCRED), numbers the connection, and hands it to a new worker; it gathers the
+  workers' status for DAEMON_STATUS and RING_DUMP, logs a worker that dies with its
+  guest's identity, and stops every worker on SIGTERM. It never reads a VMM's bytes.
+- the zygote: forked by `start_zygote()` before any event loop or thread exists, with
+  every module a worker needs already imported. It forks one worker per connection on the
+  supervisor's request (the connection and the worker's channel arrive as SCM_RIGHTS),
+  and reports each worker's exit status, since only a parent can reap.
+- a worker (worker.py): one connection, its own event loop and I/O threads, no
+  capabilities, no new privileges.
+
+Forking the zygote early, not the supervisor later, is what makes fork safe: the
+supervisor runs an event loop and threads, and a fork copies none of their locks' owners.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvloop
+
+from .config import Config
+from .errors import ControlError
+from .log import EventLog
+from .protocol.messages import ALL_DEVICES, RingDumpReply
+from .server import Server, status_page
+from .worker import (
+    Channel,
+    ChannelClosed,
+    drop_privileges,
+    raise_for_error,
+    ring_dump_from_json,
+    ring_dump_to_json,
+    serve_connection,
+)
+
+# How long the supervisor waits for one worker's status before marking it unresponsive.
+WORKER_STATUS_TIMEOUT = 2.0
+# How long SIGTERM waits for the workers to drain their guests before SIGKILL.
+WORKER_STOP_TIMEOUT = 30.0
+_ZYGOTE_MSG = 4096
+
+
+def _send_json(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = json.dumps(msg).encode()
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.send(data)
+
+
+# --- the zygote ------------------------------------------------------------------------
+
+
+@dataclass
+class Zygote:
+    pid: int
+    sock: socket.socket
+
+
+def start_zygote(config: Config) -> Zygote:
+    """Fork the zygote. Call before any event loop or thread exists in this process."""
+    from .session import load_device_types
+
+    load_device_types()  # imported once here, shared copy-on-write by every worker
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # Socket activation's fds belong to the supervisor only.
+    activated: list[int] = []
+    with contextlib.suppress(ValueError):
+        if int(os.environ.get("LISTEN_PID", "")) == os.getpid():
+            activated = list(range(3, 3 + int(os.environ.get("LISTEN_FDS", "0"))))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            ours.close()
+            for fd in activated:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
+                        "WATCHDOG_USEC", "WATCHDOG_PID"):
+                os.environ.pop(var, None)
+            _zygote_main(config, theirs)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    theirs.close()
+    return Zygote(pid, ours)
+
+
+def _zygote_main(config: Config, sock: socket.socket) -> None:
+    # Termination is the supervisor's to decide (by closing the socket); a signal to the
+    # whole group (Ctrl-C, systemd's stop) must not take the zygote before its workers.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ, None)
+    while True:
+        for key, _ in sel.select():
+            if key.data is None:
+                fds: list[int] = []
+                msg, anc, _, _ = sock.recvmsg(_ZYGOTE_MSG, socket.CMSG_SPACE(8))
+                for level, kind, data in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        arr = array.array("i")
+                        arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+                        fds.extend(arr)
+                if not msg:
+                    return  # the supervisor is gone; workers see their channels close
+                req = json.loads(msg)
+                if len(fds) != 2:
+                    for fd in fds:
+                        os.close(fd)
+                    continue
+                pid = _fork_worker(config, sock, sel, req, fds[0], fds[1])
+                for fd in fds:
+                    os.close(fd)
+                pidfd = os.pidfd_open(pid)
+                sel.register(pidfd, selectors.EVENT_READ, (pid, req["conn"]))
+                _send_json(sock, {"spawned": req["conn"], "pid": pid})
+            else:
+                pid, conn = key.data
+                sel.unregister(key.fd)
+                os.close(key.fd)
+                _, status = os.waitpid(pid, 0)
+                _send_json(sock, {"exited": conn, "pid": pid, "status": status})
+
+
+def _fork_worker(config: Config, zsock: socket.socket, sel: selectors.BaseSelector,
+                 req: dict[str, Any], vmm_fd: int, chan_fd: int) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        for key in list(sel.get_map().values()):
+            if key.data is not None:
+                os.close(key.fd)
+        sel.close()
+        zsock.close()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        keep = (12,) if config.daemon.worker_net_admin else ()
+        drop_privileges(config.daemon.worker_user, keep)
+        vmm = socket.socket(fileno=vmm_fd)
+        chan = socket.socket(fileno=chan_fd)
+        creds = (int(req["pid"]), int(req["uid"]), int(req["gid"]))
+        code = uvloop.run(serve_connection(config, vmm, chan, int(req["conn"]), creds))
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
+
+
+# --- the supervisor --------------------------------------------------------------------
+
+
+def _future() -> asyncio.Future[Any]:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass
+class Worker:
+    conn_id: int
+    creds: tuple[int, int, int]
+    pid: int = 0
+    channel: asyncio.Future[Channel] = field(default_factory=_future)
+    exited: asyncio.Future[int] = field(default_factory=_future)
+
+
+class Supervisor(Server):
+    """The listener of a per-connection daemon: accepts as Server does, serves nothing."""
+
+    def __init__(self, config: Config, log: EventLog | None = None,
+                 zygote: Zygote | None = None) -> None:
+        self.zygote = zygote if zygote is not None else start_zygote(config)
+        super().__init__(config, log)
+        self.pool.shutdown()  # the supervisor does no guest I/O
+        self.workers: dict[int, Worker] = {}
+        self._zygote_reader = False
+
+    async def start(self, path: str | None = None, sock: socket.socket | None = None) -> None:
+        await super().start(path, sock)
+        self.zygote.sock.setblocking(False)
+        self.loop.add_reader(self.zygote.sock.fileno(), self._from_zygote)
+        self._zygote_reader = True
+
+    def adopt(self, sock: socket.socket, conn_id: int, creds: tuple[int, int, int]) -> Any:
+        """Hand an accepted, checked connection to a new worker."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            _send_json(self.zygote.sock, {"conn": conn_id, "pid": creds[0], "uid": creds[1],
+                                          "gid": creds[2]}, [sock.fileno(), theirs.fileno()])
+        except OSError as exc:
+            self.log.error("worker_spawn_failed", conn=conn_id, error=exc.strerror)
+            ours.close()
+            return None
+        finally:
+            # The worker holds the connection now: when it dies, the VMM sees the hang-up.
+            sock.close()
+            theirs.close()
+        worker = self.workers[conn_id] = Worker(conn_id, creds)
+        self.loop.create_task(self._open_channel(worker, ours))
+        return None
+
+    async def _open_channel(self, worker: Worker, sock: socket.socket) -> None:
+        channel = await Channel.open(sock,
+                                     lambda msg: self._from_worker(worker.conn_id, msg))
+        worker.channel.set_result(channel)
+
+    def _from_zygote(self) -> None:
+        while True:
+            try:
+                data = self.zygote.sock.recv(_ZYGOTE_MSG)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                self.log.error("zygote_lost", pid=self.zygote.pid)
+                self.loop.remove_reader(self.zygote.sock.fileno())
+                self._zygote_reader = False
+                return
+            msg = json.loads(data)
+            if "spawned" in msg:
+                self.loop.create_task(self._spawned(int(msg["spawned"]), int(msg["pid"])))
+            elif "exited" in msg:
+                self.loop.create_task(self._exited(int(msg["exited"]), int(msg["pid"]),
+                                                   int(msg["status"])))
+
+    async def _spawned(self, conn_id: int, pid: int) -> None:
+        worker = self.workers.get(conn_id)
+        if worker is None:
+            return
+        worker.pid = pid
+        self.log.info("worker_started", conn=conn_id, worker_pid=pid,
+                      pid=worker.creds[0], uid=worker.creds[1])
+
+    async def _exited(self, conn_id: int, pid: int, status: int) -> None:
+        worker = self.workers.pop(conn_id, None)
+        creds = worker.creds if worker is not None else (0, 0, 0)
+        fields: dict[str, Any] = {"conn": conn_id, "worker_pid": pid,
+                                  "pid": creds[0], "uid": creds[1]}
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            self.log.error("worker_crashed", **fields, signal=signal.Signals(sig).name)
+        elif os.WEXITSTATUS(status) != 0:
+            self.log.error("worker_failed", **fields, exit_code=os.WEXITSTATUS(status))
+        else:
+            self.log.info("worker_exited", **fields)
+        if worker is not None:
+            await (await worker.channel).close()
+            if not worker.exited.done():
+                worker.exited.set_result(status)
+
+    # --- requests from workers (operator requests of their sessions) ------------------
+
+    async def _from_worker(self, conn_id: int, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg.get("op")
+        if op == "daemon_status":
+            return {"status": await self.gather_status(int(msg["conn"]), int(msg["devid"]))}
+        if op == "ring_dump":
+            return ring_dump_to_json(await self.forward_ring_dump(
+                int(msg["conn"]), int(msg["devid"]), int(msg["ring"])))
+        raise ControlError(errno.EOPNOTSUPP, f"supervisor: unknown request {op!r}")
+
+    async def _worker_status(self, worker: Worker) -> tuple[dict[str, str],
+                                                             dict[int, dict[str, str]]]:
+        ident = {"peer": f"pid={worker.creds[0]},uid={worker.creds[1]}",
+                 "worker_pid": str(worker.pid)}
+        try:
+            reply = raise_for_error(await (await worker.channel).request(
+                {"op": "status"}, WORKER_STATUS_TIMEOUT))
+        except (TimeoutError, ChannelClosed, ControlError) as exc:
+            why = "unresponsive" if isinstance(exc, TimeoutError) else "gone"
+            return {**ident, "worker": why}, {}
+        summary = reply.get("summary") or {}
+        devices = {int(d): {str(k): str(v) for k, v in part.items()}
+                   for d, part in reply.get("devices", {}).items()}
+        return {**{str(k): str(v) for k, v in summary.items()}, **ident,
+                "worker": "ok"}, devices
+
+    async def gather_status(self, conn: int = 0, devid: int = ALL_DEVICES) -> dict[str, str]:
+        """One DAEMON_STATUS page, gathered from every worker at or after the cursor. A
+        worker that does not answer in time is listed with `worker=unresponsive`."""
+        chosen = [w for cid, w in sorted(self.workers.items()) if cid >= conn]
+        answers = await asyncio.gather(*(self._worker_status(w) for w in chosen))
+        views = {w.conn_id: (lambda s=summary: s,
+                             {d: (lambda p=part: p) for d, part in devices.items()})
+                 for w, (summary, devices) in zip(chosen, answers, strict=True)}
+        page = status_page(views, conn, devid)
+        page["connections"] = str(len(self.workers))
+        return page
+
+    async def forward_ring_dump(self, conn: int, devid: int, ring: int) -> RingDumpReply:
+        worker = self.workers.get(conn)
+        if worker is None:
+            raise ControlError(errno.ENOENT, f"connection {conn}: no such connection")
+        try:
+            reply = await (await worker.channel).request(
+                {"op": "ring_dump", "devid": devid, "ring": ring}, WORKER_STATUS_TIMEOUT)
+        except TimeoutError:
+            raise ControlError(errno.ETIMEDOUT,
+                               f"connection {conn}: worker does not answer") from None
+        except ChannelClosed:
+            raise ControlError(errno.ENOENT, f"connection {conn}: worker gone") from None
+        return ring_dump_from_json(raise_for_error(reply))
+
+    # --- shutdown ---------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop accepting, then SIGTERM every worker (each drains its guest as the single
+        process does) and wait for them; a worker still there after WORKER_STOP_TIMEOUT
+        is killed. Then the zygote goes."""
+        await super().close()
+        workers = list(self.workers.values())
+        for w in workers:
+            if w.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGTERM)
+        if workers:
+            _, late = await asyncio.wait([w.exited for w in workers],
+                                         timeout=WORKER_STOP_TIMEOUT)
+            for w in workers:
+                if w.exited in late and w.pid:
+                    self.log.error("worker_stop_timeout", conn=w.conn_id, worker_pid=w.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(w.pid, signal.SIGKILL)
+                        os.kill(w.pid, signal.SIGCONT)
+            if late:
+                await asyncio.wait(late, timeout=5)
+        if self._zygote_reader:
+            self.loop.remove_reader(self.zygote.sock.fileno())
+        self.zygote.sock.close()
+        await asyncio.to_thread(os.waitpid, self.zygote.pid, 0)
+
+
+def daemon_server(config: Config, log: EventLog) -> Server:
+    """The Server `backendd serve` runs: this one, or the supervisor of workers."""
+    if config.daemon.process_model == "per-connection":
+        return Supervisor(config, log, _early_zygote)
+    return Server(config, log)
+
+
+_early_zygote: Zygote | None = None
+
+
+def prepare(config: Config) -> None:
+    """Called by `backendd serve` before its event loop starts: fork the zygote then."""
+    global _early_zygote
+    if config.daemon.process_model == "per-connection" and _early_zygote is None:
+        _early_zygote = start_zygote(config)

@@ -1,0 +1,267 @@
+"""A worker process: serves one VMM connection (its guest's memory, grants, devices and data
+plane) and nothing else, on its own event loop. Forked by the zygote (supervisor.py) with the
+accepted connection and one end of a control channel to the supervisor.
+
+The channel carries length-prefixed JSON messages both ways, each with an id; a message
+with "reply" answers the request of that id. The supervisor asks a worker for its status
+and its rings; a worker asks the supervisor for the whole daemon's view when its own VMM
+(or an operator) sends DAEMON_STATUS or RING_DUMP. JSON, not pickle: a worker serves an
+untrusted guest, and what it sends must never be able to run code in the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import pwd
+import signal
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import ControlError
+from .log import EventLog
+from .protocol.messages import ALL_DEVICES, RingDumpReply
+
+_LEN = struct.Struct("<I")
+# A worker's whole status (32 devices of ~25 counters) or one ring dump is far below this.
+MAX_CHANNEL_MESSAGE = 4 << 20
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class ChannelClosed(ConnectionError):
+    pass
+
+
+class Channel:
+    """Requests and replies, both ways, over one stream socket."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 handler: Handler) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._handler = handler
+        self._next_id = 1
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.closed = asyncio.get_running_loop().create_future()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reading = asyncio.get_running_loop().create_task(self._read())
+
+    @classmethod
+    async def open(cls, sock: socket.socket, handler: Handler) -> Channel:
+        reader, writer = await asyncio.open_unix_connection(sock=sock,
+                                                            limit=MAX_CHANNEL_MESSAGE)
+        return cls(reader, writer, handler)
+
+    def _write(self, msg: dict[str, Any]) -> None:
+        if self._writer.is_closing():
+            raise ChannelClosed("channel closed")
+        data = json.dumps(msg, separators=(",", ":")).encode()
+        self._writer.write(_LEN.pack(len(data)) + data)
+
+    async def request(self, msg: dict[str, Any], timeout: float | None = None
+                      ) -> dict[str, Any]:
+        rid = self._next_id
+        self._next_id += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        try:
+            self._write({**msg, "id": rid})
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._waiting.pop(rid, None)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                head = await self._reader.readexactly(_LEN.size)
+                (n,) = _LEN.unpack(head)
+                if n > MAX_CHANNEL_MESSAGE:
+                    raise ValueError(f"channel message of {n} bytes")
+                msg = json.loads(await self._reader.readexactly(n))
+                if not isinstance(msg, dict) or not isinstance(msg.get("id"), int):
+                    raise ValueError("channel message without an id")
+                if msg.get("reply"):
+                    fut = self._waiting.get(msg["id"])
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+                else:
+                    task = asyncio.get_running_loop().create_task(self._answer(msg))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+            reason = exc
+        else:  # pragma: no cover - the loop only ends by an exception
+            reason = None
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(ChannelClosed(f"channel closed: {reason!r}"))
+        self._writer.close()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    async def _answer(self, msg: dict[str, Any]) -> None:
+        try:
+            reply = await self._handler(msg)
+        except ControlError as exc:
+            reply = {"errno": exc.code, "message": exc.message}
+        except Exception as exc:  # a bug here answers the request, it does not hang it
+            reply = {"errno": errno.EIO, "message": f"internal error: {exc!r}"}
+        with contextlib.suppress(ChannelClosed):
+            self._write({**reply, "id": msg["id"], "reply": True})
+
+    async def close(self) -> None:
+        self._writer.close()
+        self._reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reading
+
+
+def raise_for_error(reply: dict[str, Any]) -> dict[str, Any]:
+    if "errno" in reply:
+        raise ControlError(int(reply["errno"]), str(reply.get("message", "")))
+    return reply
+
+
+def ring_dump_to_json(reply: RingDumpReply) -> dict[str, Any]:
+    return {"info": reply.info, "data": base64.b64encode(reply.data).decode()}
+
+
+def ring_dump_from_json(msg: dict[str, Any]) -> RingDumpReply:
+    return RingDumpReply({str(k): str(v) for k, v in msg["info"].items()},
+                         base64.b64decode(msg["data"]))
+
+
+# --- least privilege ------------------------------------------------------------------
+
+PR_SET_KEEPCAPS = 8
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+CAP_NET_ADMIN = 12
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(libc: ctypes.CDLL, *args: int) -> None:
+    if libc.prctl(*(ctypes.c_ulong(a) for a in args), *([ctypes.c_ulong(0)] * (5 - len(args)))):
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl{args}: {os.strerror(err)}")
+
+
+def drop_privileges(user: str = "", keep: tuple[int, ...] = ()) -> None:
+    """No new privileges, then every capability dropped from the bounding, ambient,
+    inheritable, permitted and effective sets except `keep`, and with `user`, that user's
+    uid and gid. Irreversible for this process and everything it starts."""
+    libc = _libc()
+    _prctl(libc, PR_SET_NO_NEW_PRIVS, 1)
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for cap in range(last + 1):
+        if cap not in keep:
+            _prctl(libc, PR_CAPBSET_DROP, cap)
+    _prctl(libc, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    if user:
+        entry = pwd.getpwnam(user)
+        if keep:
+            _prctl(libc, PR_SET_KEEPCAPS, 1)
+        os.setgroups([])
+        os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
+        os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for cap in keep:
+        data[cap // 32].effective |= 1 << (cap % 32)
+        data[cap // 32].permitted |= 1 << (cap % 32)
+    if libc.capset(ctypes.byref(header), data):
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+# --- the worker -----------------------------------------------------------------------
+
+
+class SupervisorView:
+    """The DaemonView of a worker's session: operator requests answered by the supervisor,
+    which gathers every worker's part."""
+
+    def __init__(self) -> None:
+        self.channel: Channel | None = None
+
+    async def status(self, conn: int = 0, devid: int = ALL_DEVICES) -> dict[str, str]:
+        assert self.channel is not None
+        reply = raise_for_error(await self.channel.request(
+            {"op": "daemon_status", "conn": conn, "devid": devid}))
+        return {str(k): str(v) for k, v in reply["status"].items()}
+
+    async def ring_dump(self, conn: int, devid: int, ring: int) -> RingDumpReply:
+        assert self.channel is not None
+        reply = raise_for_error(await self.channel.request(
+            {"op": "ring_dump", "conn": conn, "devid": devid, "ring": ring}))
+        return ring_dump_from_json(reply)
+
+
+async def serve_connection(config: Config, vmm: socket.socket, chan: socket.socket,
+                           conn_id: int, creds: tuple[int, int, int]) -> int:
+    from .server import Server
+
+    log = EventLog(config.daemon.log_level)
+    server = Server(config, log)
+    view = SupervisorView()
+    server.view = view
+    loop = asyncio.get_running_loop()
+
+    async def handle(msg: dict[str, Any]) -> dict[str, Any]:
+        conn = server.connections.get(conn_id)
+        if msg.get("op") == "status":
+            if conn is None:
+                return {"summary": None, "devices": {}}
+            return {"summary": server._conn_status(conn_id),
+                    "devices": {str(d): conn.session.device_status(d)
+                                for d in sorted(conn.session.devices)}}
+        if msg.get("op") == "ring_dump":
+            if conn is None:
+                raise ControlError(errno.ENOENT, f"connection {conn_id}: no such connection")
+            return ring_dump_to_json(conn.session.ring_dump(int(msg["devid"]),
+                                                            int(msg["ring"])))
+        raise ControlError(errno.EOPNOTSUPP, f"worker: unknown request {msg.get('op')!r}")
+
+    view.channel = await Channel.open(chan, handle)
+    vmm.setblocking(False)
+    connection = server.adopt(vmm, conn_id, creds)
+    stop = loop.create_future()
+
+    def request_stop(signame: str) -> None:
+        log.info("worker_stopping", conn=conn_id, signal=signame)
+        if not stop.done():
+            stop.set_result(None)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop, sig.name)
+    # The worker ends with its connection, on a signal, or when the supervisor is gone.
+    await asyncio.wait([connection.done, stop, view.channel.closed],
+                       return_when=asyncio.FIRST_COMPLETED)
+    await server.close()
+    await view.channel.close()
+    return 0
