@@ -1,0 +1,338 @@
+"""The per-connection process model, through real processes: a supervisor, its zygote and a
+worker per VMM connection (backendd/supervisor.py, backendd/worker.py).
+
+Faults stay with their guest: a worker killed with SIGKILL or stopped with SIGSTOP while
+two guests do verified I/O leaves the other guest's I/O and `backendd status` working; the
+killed guest's VMM reconnects and its requests in flight are answered exactly once. The
+timeouts here only turn a hang into a failure; nothing asserts a duration."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backendd.guest.blkfront import BlkFront
+from backendd.guest.machine import SimGuest
+from backendd.guest.memory import sealed_memfd
+from backendd.guest.vmm import ConnectionLost, RequestFailed, VmmClient
+from backendd.inflight import region_size
+from rings.consts import XenbusState
+
+MiB = 1 << 20
+DEVID = 51712
+IMAGE = 4 * MiB
+GUARD = 30.0  # seconds: only a hang fails on it
+
+
+class Daemon:
+    def __init__(self, tmp: Path, extra: str = "") -> None:
+        self.sock = str(tmp / "backendd.sock")
+        self.config = tmp / "backendd.toml"
+        self.config.write_text(f'[daemon]\nprocess_model = "per-connection"\n{extra}')
+        self.log_path = tmp / "daemon.log"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "backendd", "--config", str(self.config),
+                "--socket", self.sock, "serve", stdout=log, stderr=log)
+        for _ in range(3000):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                if probe.connect_ex(self.sock) == 0:
+                    return
+            await asyncio.sleep(0.01)
+        raise AssertionError("daemon did not come up")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    async def wait_log(self, text: str) -> str:
+        for _ in range(int(GUARD * 100)):
+            for line in self.log().splitlines():
+                if text in line:
+                    return line
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no log line with {text!r}:\n{self.log()}")
+
+    async def status(self) -> dict[str, str]:
+        client = await VmmClient.connect(self.sock)
+        try:
+            return await asyncio.wait_for(client.daemon_status(), GUARD)
+        finally:
+            await client.close()
+
+    async def worker_pid(self, conn: int) -> int:
+        status = await self.status()
+        assert f"conn.{conn}.worker_pid" in status, status
+        return int(status[f"conn.{conn}.worker_pid"])
+
+    async def newest_guest(self) -> int:
+        """The id of the newest connection with a device (the asking one has none)."""
+        status = await self.status()
+        return max(int(k.split(".")[1]) for k, v in status.items()
+                   if k.endswith(".devices") and v != "0")
+
+    async def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        return await asyncio.wait_for(self.proc.wait(), GUARD)
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.count = 0
+        self._event = asyncio.Event()
+
+    def tick(self) -> None:
+        self.count += 1
+        self._event.set()
+
+    async def beyond(self, n: int) -> None:
+        async def wait() -> None:
+            while self.count <= n:
+                self._event.clear()
+                await self._event.wait()
+        await asyncio.wait_for(wait(), GUARD)
+
+
+class Guest:
+    """A simulated guest with one disk, and the VMM that hands it to the daemon."""
+
+    def __init__(self, tmp: Path, name: str) -> None:
+        self.image = tmp / f"{name}.img"
+        self.image.write_bytes(bytes(IMAGE))
+        self.sim = SimGuest(ram_size=32 * MiB, gnttab_frames=8)
+        self.inflight = sealed_memfd("inflight", region_size(1))
+        self.client: VmmClient | None = None
+        self.front: BlkFront | None = None
+        self.model = bytearray(IMAGE)
+        self.progress = Progress()
+        self.replayed = 0
+        self.conn = 0
+
+    async def connect(self, sock: str) -> None:
+        client = await VmmClient.connect(sock)
+        await self.sim.attach(client)
+        _, keys = await client.add_device(DEVID, "blk", {"path": str(self.image)})
+        await client.set_inflight(DEVID, self.inflight, region_size(1))
+        if self.front is None:
+            self.front = BlkFront(self.sim.ram, self.sim.gnttab, DEVID, queues=1,
+                                  backend_keys=keys)
+            channels = self.front.channels()
+        else:
+            channels = self.front.new_channels()
+        try:
+            _, keys = await client.frontend_state(DEVID, XenbusState.CONNECTED,
+                                                  self.front.frontend_keys(), channels)
+        finally:
+            for _, kick, call in channels:
+                os.close(kick)
+                os.close(call)
+        self.front.update_backend_keys(keys)
+        if self.front._loop is None:
+            self.front.start()
+        self.replayed += int((await client.stats(DEVID))[f"{DEVID}.replayed"])
+        self.client = client
+
+    async def verified_io(self, worker: int, stop: asyncio.Event, verify: bool) -> None:
+        """Writes to this worker's own slice; with `verify`, each read back and compared."""
+        front = self.front
+        assert front is not None
+        rng = random.Random(worker)
+        span = IMAGE // 4
+        base = worker * span
+        while not stop.is_set():
+            n = rng.choice([4096, 16384, 65536])
+            off = base + rng.randrange(0, span - n + 1, 4096)
+            data = rng.randbytes(n)
+            await front.write(off // 512, data)
+            self.model[off:off + n] = data
+            if verify:
+                assert await front.read(off // 512, n) == data
+            self.progress.tick()
+
+    async def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(ConnectionLost, RequestFailed):
+                await self.client.close()
+        if self.front is not None:
+            self.front.close()
+        self.sim.close()
+        os.close(self.inflight)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+@contextlib.asynccontextmanager
+async def two_guests(tmp_path: Path):
+    daemon = Daemon(tmp_path)
+    await daemon.start()
+    a, b = Guest(tmp_path, "a"), Guest(tmp_path, "b")
+    try:
+        await a.connect(daemon.sock)
+        a.conn = await daemon.newest_guest()
+        await b.connect(daemon.sock)
+        b.conn = await daemon.newest_guest()
+        yield daemon, a, b
+    finally:
+        await a.close()
+        await b.close()
+        await daemon.stop()
+
+
+async def test_kill_9_of_one_worker_leaves_the_other_guest_running(tmp_path):
+    async with two_guests(tmp_path) as (daemon, a, b):
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(a.verified_io(w, stop, verify=False)) for w in range(4)]
+        tasks += [asyncio.create_task(b.verified_io(w, stop, verify=True)) for w in range(2)]
+        try:
+            await a.progress.beyond(10)
+            await b.progress.beyond(10)
+            victim = await daemon.worker_pid(a.conn)
+            os.kill(victim, signal.SIGKILL)
+            line = await daemon.wait_log("event=worker_crashed")
+            assert f"conn={a.conn}" in line and "signal=SIGKILL" in line
+            assert f"worker_pid={victim}" in line and f"pid={os.getpid()}" in line
+            # The other guest's verified I/O carries on while guest a has no backend.
+            await b.progress.beyond(b.progress.count + 20)
+            status = await daemon.status()
+            assert f"conn.{a.conn}.peer" not in status
+            assert status[f"conn.{b.conn}.worker"] == "ok"
+            # Guest a's VMM reconnects; its requests in flight are replayed, and it runs on.
+            assert a.client is not None
+            await a.client.close()
+            before = a.progress.count
+            await a.connect(daemon.sock)
+            await a.progress.beyond(before + 10)
+        finally:
+            stop.set()
+            done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True),
+                                          GUARD)
+        assert not [d for d in done if isinstance(d, BaseException)], done
+        for guest in (a, b):
+            assert guest.front is not None
+            await guest.front.flush()
+            # Every request answered exactly once, and the disk holds what was acked.
+            assert guest.front.stray_responses == []
+            assert all(not q.waiters for q in guest.front.queues)
+            assert guest.image.read_bytes() == bytes(guest.model)
+        assert b.replayed == 0
+
+
+async def test_a_stopped_worker_stalls_neither_the_other_guest_nor_status(tmp_path):
+    async with two_guests(tmp_path) as (daemon, a, b):
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(b.verified_io(w, stop, verify=True)) for w in range(2)]
+        victim = await daemon.worker_pid(a.conn)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            await b.progress.beyond(b.progress.count + 20)
+            # `backendd status`, the command, answers and marks the stopped worker.
+            out = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "backendd", "--socket", daemon.sock,
+                                 "status"], capture_output=True, text=True, timeout=GUARD)
+            assert out.returncode == 0, out.stderr
+            lines = {line.split(":")[0]: line for line in out.stdout.splitlines()}
+            assert "worker=unresponsive" in lines[f"conn {a.conn}"]
+            assert "worker=" not in lines[f"conn {b.conn}"]
+            assert "device 51712: type=blk state=CONNECTED" in out.stdout
+        finally:
+            os.kill(victim, signal.SIGCONT)
+            stop.set()
+            done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True),
+                                          GUARD)
+        assert not [d for d in done if isinstance(d, BaseException)], done
+
+
+async def test_status_stats_and_ring_dump_gather_every_worker(tmp_path):
+    async with two_guests(tmp_path) as (daemon, a, b):
+        assert a.front is not None and b.front is not None
+        await a.front.write(0, b"a" * 4096)
+        await b.front.write(0, b"b" * 4096)
+        status = await daemon.status()
+        # Both guests and the asking connection, each in a worker of its own.
+        assert status["connections"] == "3"
+        conns = {int(k.split(".")[1]) for k in status if k.endswith(".worker_pid")}
+        assert {a.conn, b.conn} < conns and len(conns) == 3
+        assert len({status[f"conn.{c}.worker_pid"] for c in conns}) == 3
+        for c in (a.conn, b.conn):
+            assert status[f"conn.{c}.dev.{DEVID}.stat.writes"] == "1"
+        run = [sys.executable, "-m", "backendd", "--socket", daemon.sock]
+        stats = await asyncio.to_thread(subprocess.run, [*run, "stats", "--prometheus"],
+                                        capture_output=True, text=True, timeout=GUARD)
+        assert stats.returncode == 0, stats.stderr
+        assert f'conn="{a.conn}"' in stats.stdout and f'conn="{b.conn}"' in stats.stdout
+        dump = await asyncio.to_thread(subprocess.run,
+                                       [*run, "ring-dump", str(b.conn), str(DEVID)],
+                                       capture_output=True, text=True, timeout=GUARD)
+        assert dump.returncode == 0, dump.stderr
+        assert f"of device {DEVID} (connection {b.conn})" in dump.stdout
+        missing = await asyncio.to_thread(subprocess.run, [*run, "ring-dump", "99", "1"],
+                                          capture_output=True, text=True, timeout=GUARD)
+        assert missing.returncode == 1 and "no such connection" in missing.stderr
+
+
+async def test_sigterm_reaches_every_worker(tmp_path):
+    daemon = Daemon(tmp_path)
+    await daemon.start()
+    a, b = Guest(tmp_path, "a"), Guest(tmp_path, "b")
+    try:
+        await a.connect(daemon.sock)
+        a.conn = await daemon.newest_guest()
+        await b.connect(daemon.sock)
+        b.conn = await daemon.newest_guest()
+        pids = [await daemon.worker_pid(c) for c in (a.conn, b.conn)]
+        assert await daemon.stop() == 0
+        log = daemon.log()
+        for conn, pid in zip((a.conn, b.conn), pids, strict=True):
+            assert f"event=worker_exited conn={conn} worker_pid={pid}" in log
+            assert not Path(f"/proc/{pid}").exists()
+        assert "worker_crashed" not in log and "worker_failed" not in log
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to have capabilities to drop")
+@pytest.mark.parametrize("user", ["", "nobody"])
+async def test_workers_hold_no_capabilities(tmp_path, user):
+    daemon = Daemon(tmp_path, f'worker_user = "{user}"\n')
+    await daemon.start()
+    try:
+        client = await VmmClient.connect(daemon.sock)
+        try:
+            status = await client.daemon_status()
+            # Read while the worker serves this very connection (the newest).
+            newest = max(int(k.split(".")[1]) for k in status if k.endswith(".worker_pid"))
+            worker = proc_status(int(status[f"conn.{newest}.worker_pid"]))
+        finally:
+            await client.close()
+        assert daemon.proc is not None
+        supervisor = proc_status(daemon.proc.pid)
+        # The supervisor is root with capabilities; what its worker holds is its own doing.
+        assert int(supervisor["CapEff"], 16) != 0
+        for key in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
+            assert int(worker[key], 16) == 0, (key, worker[key])
+        assert worker["NoNewPrivs"] == "1"
+        if user:
+            uid = str(__import__("pwd").getpwnam(user).pw_uid)
+            assert worker["Uid"].split() == [uid] * 4
+    finally:
+        await daemon.stop()
