@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHES = ["bench.rings", "bench.blk", "bench.net"]
+BENCHES = ["bench.rings", "bench.blk", "bench.net", "bench.workers"]
 
 
 def main() -> int:

@@ -86,7 +86,7 @@ class Daemon:
         assert self.proc is not None
         if self.proc.returncode is None:
             self.proc.terminate()
-        return await asyncio.wait_for(self.proc.wait(), GUARD)
+        return await asyncio.wait_for(self.proc.wait(), 2 * GUARD)
 
 
 class Progress:

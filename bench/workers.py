@@ -1,0 +1,160 @@
+"""What each additional guest costs in unique memory (USS), per process model: a real
+`backendd serve` process with `process_model = "single"` and one with "per-connection",
+measured in the same run with the same simulated guests.
+
+    python -m bench.workers [--guests N]
+
+USS is Private_Clean + Private_Dirty + Private_Hugetlb of /proc/PID/smaps_rollup, summed
+over the daemon's processes (per-connection: the supervisor, its zygote and the workers).
+Guest RAM and grant tables are the VMM's memfds, shared, so they count in no process's
+USS. Each guest has one disk, connected, with some I/O done; the cost per guest is the
+growth from an idle daemon (before any guest) to N guests, divided by N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from backendd.guest.blkfront import BlkFront
+from backendd.guest.machine import SimGuest
+from backendd.guest.vmm import VmmClient
+from rings.consts import XenbusState
+
+from .report import table
+
+MiB = 1 << 20
+GUESTS = 4
+IMAGE = 16 * MiB
+DEVID = 51712
+TARGET_MIB = 25.0
+
+
+def uss(pid: int) -> int:
+    total = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Private_Clean", "Private_Dirty", "Private_Hugetlb"):
+            total += int(value.split()[0]) * 1024
+    return total
+
+
+def family(pid: int) -> list[int]:
+    """`pid` and all its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(FileNotFoundError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                children = (task / "children").read_text().split()
+                todo.extend(int(c) for c in children)
+    return out
+
+
+class Guest:
+    def __init__(self, workdir: Path, n: int) -> None:
+        self.image = workdir / f"disk{n}.img"
+        self.image.write_bytes(bytes(IMAGE))
+        self.sim = SimGuest(ram_size=32 * MiB, gnttab_frames=8)
+        self.client: VmmClient | None = None
+        self.front: BlkFront | None = None
+
+    async def start(self, sock: str) -> None:
+        self.client = await VmmClient.connect(sock)
+        await self.sim.attach(self.client)
+        _, keys = await self.client.add_device(DEVID, "blk", {"path": str(self.image)})
+        self.front = BlkFront(self.sim.ram, self.sim.gnttab, DEVID, queues=1,
+                              backend_keys=keys)
+        channels = self.front.channels()
+        try:
+            _, keys = await self.client.frontend_state(
+                DEVID, XenbusState.CONNECTED, self.front.frontend_keys(), channels)
+        finally:
+            for _, kick, call in channels:
+                os.close(kick)
+                os.close(call)
+        self.front.update_backend_keys(keys)
+        self.front.start()
+        for i in range(64):  # warm the data path: writes and reads of a few sizes
+            await self.front.write(i * 256, os.urandom(4096 << (i % 4)))
+            await self.front.read(i * 256, 4096 << (i % 4))
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+        if self.front is not None:
+            self.front.close()
+        self.sim.close()
+
+
+async def measure(model: str, workdir: Path, guests: int) -> tuple[int, int, int]:
+    """(idle USS, USS with `guests` guests, process count) of a daemon in `model`."""
+    sock = str(workdir / f"{model}.sock")
+    config = workdir / f"{model}.toml"
+    config.write_text(f'[daemon]\nprocess_model = "{model}"\nlog_level = "warning"\n')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "backendd", "--config", str(config), "--socket", sock, "serve",
+        stdout=asyncio.subprocess.DEVNULL)
+    made: list[Guest] = []
+    try:
+        for _ in range(3000):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                if probe.connect_ex(sock) == 0:
+                    break
+            await asyncio.sleep(0.01)
+        # The probe's own worker (per-connection) goes when it hangs up: wait for that.
+        while len(family(proc.pid)) > (2 if model == "per-connection" else 1):
+            await asyncio.sleep(0.01)
+        idle = sum(uss(p) for p in family(proc.pid))
+        for n in range(guests):
+            guest = Guest(workdir, n)
+            made.append(guest)
+            await guest.start(sock)
+        pids = family(proc.pid)
+        return idle, sum(uss(p) for p in pids), len(pids)
+    finally:
+        for guest in made:
+            await guest.close()
+        proc.send_signal(signal.SIGTERM)
+        await proc.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.workers")
+    parser.add_argument("--guests", type=int, default=GUESTS)
+    args = parser.parse_args(argv or [])
+    workdir = Path(tempfile.mkdtemp(prefix="bench-workers-", dir="/var/tmp"))
+    rows = []
+    per_guest = {}
+    try:
+        for model in ("single", "per-connection"):
+            idle, loaded, procs = asyncio.run(measure(model, workdir, args.guests))
+            per_guest[model] = (loaded - idle) / args.guests / MiB
+            rows.append([model, procs, idle / MiB, loaded / MiB, per_guest[model]])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(table(f"daemon USS, idle and with {args.guests} guests (one disk each), {when}",
+                ["process model", "processes", "idle MiB", "loaded MiB", "MiB per guest"],
+                rows))
+    print()
+    got = per_guest["per-connection"]
+    print(table("targets", ["what", "measured", "goal", "met"],
+                [["USS per additional guest, per-connection", f"{got:.1f} MiB",
+                  f"<= {TARGET_MIB:g} MiB", "yes" if got <= TARGET_MIB else "NO"]]))
+
+
+__all__ = ["main", "measure", "uss"]
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
