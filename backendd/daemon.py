@@ -13,7 +13,7 @@ from .log import EventLog, route_stdlib_logging
 from .metrics import render
 from .sdnotify import Notifier, listen_fds, watchdog_interval
 from .server import Server
-from .supervisor import daemon_server
+from .supervisor import Supervisor, daemon_server
 
 
 def prometheus_text(server: Server) -> str:
@@ -37,7 +37,9 @@ async def _serve_metrics(server: Server, listen: str) -> asyncio.AbstractServer:
                 del line
             path = request.split()[1] if len(request.split()) > 1 else b"/"
             if path == b"/metrics":
-                body = prometheus_text(server).encode()
+                text = (await server.prometheus_text() if isinstance(server, Supervisor)
+                        else prometheus_text(server))
+                body = text.encode()
                 head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
             else:
                 body = b"not found\n"

@@ -37,6 +37,7 @@ import uvloop
 from .config import Config
 from .errors import ControlError
 from .log import EventLog
+from .metrics import render
 from .protocol.messages import ALL_DEVICES, RingDumpReply
 from .server import Server, status_page
 from .worker import (
@@ -311,6 +312,22 @@ class Supervisor(Server):
         page = status_page(views, conn, devid)
         page["connections"] = str(len(self.workers))
         return page
+
+    async def prometheus_text(self) -> str:
+        """Every worker's device counters for the metrics endpoint; a worker that does
+        not answer in time is left out of this scrape (its counters resume later)."""
+        chosen = sorted(self.workers.items())
+        answers = await asyncio.gather(*(self._worker_status(w) for _, w in chosen))
+        devices = []
+        for (cid, _), (_, parts) in zip(chosen, answers, strict=True):
+            for d, part in sorted(parts.items()):
+                prefix = f"dev.{d}.stat."
+                counters = {k[len(prefix):]: int(v) for k, v in part.items()
+                            if k.startswith(prefix)}
+                labels = {"conn": str(cid), "devid": str(d),
+                          "type": part.get(f"dev.{d}.type", "")}
+                devices.append((labels, counters))
+        return render(devices)
 
     async def forward_ring_dump(self, conn: int, devid: int, ring: int) -> RingDumpReply:
         worker = self.workers.get(conn)

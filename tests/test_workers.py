@@ -181,8 +181,8 @@ def proc_status(pid: int) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def two_guests(tmp_path: Path):
-    daemon = Daemon(tmp_path)
+async def two_guests(tmp_path: Path, extra: str = ""):
+    daemon = Daemon(tmp_path, extra)
     await daemon.start()
     a, b = Guest(tmp_path, "a"), Guest(tmp_path, "b")
     try:
@@ -261,8 +261,24 @@ async def test_a_stopped_worker_stalls_neither_the_other_guest_nor_status(tmp_pa
         assert not [d for d in done if isinstance(d, BaseException)], done
 
 
-async def test_status_stats_and_ring_dump_gather_every_worker(tmp_path):
-    async with two_guests(tmp_path) as (daemon, a, b):
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def http_get(port: int, path: str) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+    body = await asyncio.wait_for(reader.read(), GUARD)
+    writer.close()
+    return body.decode()
+
+
+async def test_status_stats_metrics_and_ring_dump_gather_every_worker(tmp_path):
+    port = free_port()
+    async with two_guests(tmp_path, f'[metrics]\nlisten = "127.0.0.1:{port}"\n') as (
+            daemon, a, b):
         assert a.front is not None and b.front is not None
         await a.front.write(0, b"a" * 4096)
         await b.front.write(0, b"b" * 4096)
@@ -284,6 +300,10 @@ async def test_status_stats_and_ring_dump_gather_every_worker(tmp_path):
                                        capture_output=True, text=True, timeout=GUARD)
         assert dump.returncode == 0, dump.stderr
         assert f"of device {DEVID} (connection {b.conn})" in dump.stdout
+        scrape = await http_get(port, "/metrics")
+        assert scrape.startswith("HTTP/1.0 200")
+        for c in (a.conn, b.conn):
+            assert f'backendd_writes{{conn="{c}",devid="{DEVID}",type="blk"}} 1' in scrape
         missing = await asyncio.to_thread(subprocess.run, [*run, "ring-dump", "99", "1"],
                                           capture_output=True, text=True, timeout=GUARD)
         assert missing.returncode == 1 and "no such connection" in missing.stderr
