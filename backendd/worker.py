@@ -144,6 +144,7 @@ def ring_dump_from_json(msg: dict[str, Any]) -> RingDumpReply:
 # --- least privilege ------------------------------------------------------------------
 
 PR_SET_KEEPCAPS = 8
+PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
@@ -179,7 +180,12 @@ def drop_privileges(user: str = "", keep: tuple[int, ...] = ()) -> None:
     _prctl(libc, PR_SET_NO_NEW_PRIVS, 1)
     last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     for cap in range(last + 1):
-        if cap not in keep:
+        if cap in keep or libc.prctl(PR_CAPBSET_READ, ctypes.c_ulong(cap), 0, 0, 0) != 1:
+            continue
+        # Without CAP_SETPCAP (a unit's CapabilityBoundingSet may leave it out) the
+        # bounding set stays; with no_new_privs and the empty permitted and effective sets
+        # below, nothing this process runs can gain a capability back.
+        with contextlib.suppress(PermissionError):
             _prctl(libc, PR_CAPBSET_DROP, cap)
     _prctl(libc, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     if user:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,7 +35,8 @@ GUARD = 30.0  # seconds: only a hang fails on it
 
 
 class Daemon:
-    def __init__(self, tmp: Path, extra: str = "") -> None:
+    def __init__(self, tmp: Path, extra: str = "", prefix: tuple[str, ...] = ()) -> None:
+        self.prefix = prefix
         self.sock = str(tmp / "backendd.sock")
         self.config = tmp / "backendd.toml"
         self.config.write_text(f'[daemon]\nprocess_model = "per-connection"\n{extra}')
@@ -44,7 +46,7 @@ class Daemon:
     async def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "backendd", "--config", str(self.config),
+                *self.prefix, sys.executable, "-m", "backendd", "--config", str(self.config),
                 "--socket", self.sock, "serve", stdout=log, stderr=log)
         for _ in range(3000):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -354,5 +356,36 @@ async def test_workers_hold_no_capabilities(tmp_path, user):
         if user:
             uid = str(__import__("pwd").getpwnam(user).pw_uid)
             assert worker["Uid"].split() == [uid] * 4
+    finally:
+        await daemon.stop()
+
+
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv")
+@pytest.mark.parametrize("net_admin", [False, True])
+async def test_workers_under_the_units_capabilities(tmp_path, net_admin):
+    """Started as systemd starts the unit (its bounding set, no CAP_SETPCAP, no new
+    privileges), workers still start, serve, and hold nothing (or CAP_NET_ADMIN alone
+    with worker_net_admin)."""
+    from test_net_unit_caps import cap_mask, unit_caps
+
+    bounding = unit_caps("CapabilityBoundingSet")
+    caps = ",".join(["-all", *("+" + n.removeprefix("CAP_").lower() for n in bounding)])
+    daemon = Daemon(tmp_path, f"worker_net_admin = {str(net_admin).lower()}\n",
+                    ("setpriv", "--bounding-set", caps, "--inh-caps", caps,
+                     "--ambient-caps", caps, "--no-new-privs", "--"))
+    await daemon.start()
+    try:
+        client = await VmmClient.connect(daemon.sock)
+        try:
+            status = await client.daemon_status()
+            newest = max(int(k.split(".")[1]) for k in status if k.endswith(".worker_pid"))
+            worker = proc_status(int(status[f"conn.{newest}.worker_pid"]))
+        finally:
+            await client.close()
+        kept = cap_mask(["CAP_NET_ADMIN"]) if net_admin else 0
+        assert int(worker["CapEff"], 16) == int(worker["CapPrm"], 16) == kept
+        assert int(worker["CapAmb"], 16) == int(worker["CapInh"], 16) == 0
+        assert worker["NoNewPrivs"] == "1"
     finally:
         await daemon.stop()
