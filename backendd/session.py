@@ -24,7 +24,7 @@ import os
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from rings.consts import PAGE_SIZE, XenbusState
 
@@ -145,6 +145,8 @@ class Session(NoticeSink):
         self.grants = GrantTable(self.memory)
         self.devices: dict[int, DeviceSlot] = {}
         self.closed = False
+        # Added to every device's DeviceContext.extras (a worker's "open_image").
+        self.device_extras: dict[str, Any] = {}
         self.requests = 0
         self.errors = 0
 
@@ -260,7 +262,8 @@ class Session(NoticeSink):
                             run_blocking=functools.partial(self.submit,
                                                            (self.conn_id, msg.devid)),
                             extras={"config": self.config, "log": self.log,
-                                    "guest_log": self.guest_log, "conn": self.conn_id})
+                                    "guest_log": self.guest_log, "conn": self.conn_id,
+                                    **self.device_extras})
         device = cls(msg.devid, msg.config, ctx)
         slot = DeviceSlot(device, type_name)
         try:

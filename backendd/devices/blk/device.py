@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import functools
 import logging
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,7 @@ class BlkDevice(Device):
         daemon_config = ctx.extras.get("config")
         allowed = getattr(daemon_config, "image_allowed", None)
         self.cfg = parse_config(config, allowed)
-        self.image = Image(self.cfg)
+        self.image = Image(self.cfg, ctx.extras.get("open_image", os.open))
         self.geometry = Geometry(sectors=self.image.sectors,
                                  sector_size=self.cfg.sector_size,
                                  readonly=self.cfg.readonly, discard=self.image.discard,
