@@ -469,10 +469,26 @@ def test_config_keys(tmp_path):
                          "sector-size": "4096", "device-type": "disk"}))
 
 
-async def test_direct_io(rig, tmp_path):
+def open_flags(fd: int) -> int:
+    """The file status flags the kernel holds for one of our descriptors."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8)
+    raise AssertionError(f"fd {fd}: no flags in fdinfo")
+
+
+@pytest.mark.parametrize(("direct", "mode"), [("1", "w"), ("1", "r"), ("0", "w")])
+async def test_direct_io(rig, tmp_path, direct, mode):
     image = make_image(tmp_path / "disk.img", 8 * MiB)
-    _dev, front = await rig.attach({"path": image, "direct-io": "1"})
-    await random_workload(front, image, 8 * MiB, workers=4, ops=10, seed=6)
+    dev, front = await rig.attach({"path": image, "direct-io": direct, "mode": mode})
+    flags = open_flags(dev.image.fd)
+    assert bool(flags & os.O_DIRECT) is (direct == "1")
+    assert flags & os.O_ACCMODE == (os.O_RDWR if mode == "w" else os.O_RDONLY)
+    if mode == "w":
+        await random_workload(front, image, 8 * MiB, workers=4, ops=10, seed=6)
+    else:
+        assert await front.read(8, 64 * 1024) == file_bytes(image, 4096, 64 * 1024)
 
 
 async def test_bad_frontend_keys_refuse_connect(rig, tmp_path):

@@ -173,7 +173,13 @@ async def test_random_garbage_never_crashes_the_daemon(daemon):
     await still_serving(daemon)
 
 
-async def test_peer_with_an_unlisted_uid_is_refused():
+@pytest.mark.parametrize(("uid", "gid", "accepted"), [
+    (65534, 65534, False),
+    (65534, 4242, False),  # only the gid is listed: the uid decides
+    (65534, 0, False),  # root's gid does not make root
+    (4242, 65534, True),  # the listed uid with any gid
+])
+async def test_peer_is_checked_by_uid_not_gid(uid, gid, accepted):
     import io
     import tempfile
 
@@ -193,7 +199,7 @@ async def test_peer_with_an_unlisted_uid_is_refused():
     os.chmod(path, 0o666)
     script = (
         "import os, socket, sys\n"
-        "os.setgid(65534); os.setuid(65534)\n"
+        f"os.setgroups([]); os.setgid({gid}); os.setuid({uid})\n"
         "s = socket.socket(socket.AF_UNIX)\n"
         f"s.connect({path!r})\n"
         "try:\n"
@@ -208,8 +214,15 @@ async def test_peer_with_an_unlisted_uid_is_refused():
                                                     stdout=subprocess.PIPE)
         out, _ = await asyncio.wait_for(proc.communicate(), 10)
         assert proc.returncode == 0
-        assert out.strip() == b"0"  # closed without a reply
-        assert "event=peer_refused" in log.getvalue() and "uid=65534" in log.getvalue()
+        if accepted:
+            assert int(out) > 0  # HELLO answered
+            assert f"event=connection_accepted conn=1 pid={proc.pid} uid={uid}" \
+                in log.getvalue()
+            assert "peer_refused" not in log.getvalue()
+        else:
+            assert out.strip() == b"0"  # closed without a reply
+            assert f"event=peer_refused pid={proc.pid} uid={uid}" in log.getvalue()
+            assert "connection_accepted" not in log.getvalue()
         # Root (the daemon's own uid) is still let in.
         client = await VmmClient.connect(path)
         assert await client.stats() == {}
