@@ -12,9 +12,13 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from backendd.guest.blkfront import BlkFront
 from backendd.guest.machine import SimGuest
@@ -30,10 +34,12 @@ KILLS = 20
 
 
 class Vmm:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, image: Path | None = None,
+                 config: dict[str, str] | None = None) -> None:
         self.sock = str(tmp / "backendd.sock")
-        self.image = tmp / "disk.img"
+        self.image = image or tmp / "disk.img"
         self.image.write_bytes(bytes(IMAGE))
+        self.config = {"path": str(self.image)} | (config or {})
         self.log = open(tmp / "daemon.log", "ab")  # noqa: SIM115
         self.guest = SimGuest(ram_size=64 * MiB, gnttab_frames=8)
         self.inflight = os.memfd_create("inflight")
@@ -58,7 +64,7 @@ class Vmm:
         """Everything a VMM sends, first time and after each restart."""
         client = await VmmClient.connect(self.sock)
         await self.guest.attach(client)
-        _, keys = await client.add_device(DEVID, "blk", {"path": str(self.image)})
+        _, keys = await client.add_device(DEVID, "blk", self.config)
         await client.set_inflight(DEVID, self.inflight, region_size(2))
         if self.front is None:
             self.front = BlkFront(self.guest.ram, self.guest.gnttab, DEVID, queues=2,
@@ -154,5 +160,89 @@ async def test_kill_9_twenty_times_during_random_writes(tmp_path):
         assert replayed > 0
         assert acked[0] > KILLS
     finally:
+        with contextlib.suppress(ConnectionLost, RequestFailed):
+            await vmm.stop()
+
+
+@pytest.fixture
+def freezable_dir(tmp_path):
+    """A small ext4 filesystem on a loop device, which the test can freeze: writes to it
+    block (in the daemon's I/O threads) until it is thawed."""
+    for tool in ("mkfs.ext4", "mount", "fsfreeze", "umount"):
+        assert shutil.which(tool), f"{tool} is missing (e2fsprogs, util-linux)"
+    assert os.geteuid() == 0, "mounting a loop filesystem needs root"
+    fs, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(fs, "wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", str(fs)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(fs), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+async def wait_for_counter(vmm: Vmm, name: str, value: int) -> None:
+    assert vmm.client is not None
+    for _ in range(1000):
+        if int((await vmm.client.stats(DEVID))[f"{DEVID}.{name}"]) >= value:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{name} never reached {value}")
+
+
+async def kill_while_frozen(vmm: Vmm, mnt: Path) -> None:
+    """SIGKILL takes the event loop at once, so nothing more is answered; the process
+    finishes dying only when its I/O thread leaves the frozen write, after the thaw."""
+    assert vmm.proc is not None and vmm.client is not None
+    vmm.proc.send_signal(signal.SIGKILL)
+    subprocess.run(["fsfreeze", "-u", str(mnt)], check=True)
+    await vmm.proc.wait()
+    await vmm.client.close()
+
+
+async def test_second_crash_before_the_replay_is_answered(tmp_path, freezable_dir):
+    """Crash with writes taken, restart (they are replayed), crash again before the
+    replayed writes are answered, restart: every write is answered exactly once. The
+    replayed requests must be in the table again, or the second crash loses them."""
+    mnt = freezable_dir
+    # No discard: probing for it punches a hole, which would block on the frozen fs.
+    vmm = Vmm(tmp_path, image=mnt / "disk.img", config={"discard": "0"})
+    writes = 8
+    tasks: list[asyncio.Task] = []
+    try:
+        await vmm.start_daemon()
+        await vmm.connect()
+        front = vmm.front
+        assert front is not None
+        subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
+        data = [bytes([i + 1]) * 4096 for i in range(writes)]
+        tasks = [asyncio.create_task(front.write(i * 64, data[i])) for i in range(writes)]
+        await wait_for_counter(vmm, "requests", writes)  # all taken, their I/O stuck
+        await kill_while_frozen(vmm, mnt)
+
+        subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
+        await vmm.start_daemon()
+        await vmm.connect()
+        assert int((await vmm.client.stats(DEVID))[f"{DEVID}.replayed"]) == writes
+        assert not any(t.done() for t in tasks)  # the replayed writes are stuck too
+        await kill_while_frozen(vmm, mnt)
+
+        await vmm.start_daemon()
+        await vmm.connect()
+        assert int((await vmm.client.stats(DEVID))[f"{DEVID}.replayed"]) == writes
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        await front.flush()
+        assert front.stray_responses == []
+        assert all(not q.waiters for q in front.queues)
+        image = vmm.image.read_bytes()
+        for i in range(writes):
+            assert image[i * 64 * 512:i * 64 * 512 + 4096] == data[i]
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
+        for t in tasks:
+            t.cancel()
         with contextlib.suppress(ConnectionLost, RequestFailed):
             await vmm.stop()
