@@ -12,13 +12,10 @@ import asyncio
 import contextlib
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from backendd.guest.blkfront import BlkFront
 from backendd.guest.machine import SimGuest
@@ -162,26 +159,6 @@ async def test_kill_9_twenty_times_during_random_writes(tmp_path):
     finally:
         with contextlib.suppress(ConnectionLost, RequestFailed):
             await vmm.stop()
-
-
-@pytest.fixture
-def freezable_dir(tmp_path):
-    """A small ext4 filesystem on a loop device, which the test can freeze: writes to it
-    block (in the daemon's I/O threads) until it is thawed."""
-    for tool in ("mkfs.ext4", "mount", "fsfreeze", "umount"):
-        assert shutil.which(tool), f"{tool} is missing (e2fsprogs, util-linux)"
-    assert os.geteuid() == 0, "mounting a loop filesystem needs root"
-    fs, mnt = tmp_path / "fs.img", tmp_path / "mnt"
-    mnt.mkdir()
-    with open(fs, "wb") as f:
-        f.truncate(64 * MiB)
-    subprocess.run(["mkfs.ext4", "-q", str(fs)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(fs), str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 async def wait_for_counter(vmm: Vmm, name: str, value: int) -> None:
