@@ -47,12 +47,11 @@ async def daemon(tmp_path: Path) -> AsyncIterator[DaemonHandle]:
 
 
 @pytest.fixture
-def freezable_dir(tmp_path):
+def freezable_dir(root, tmp_path):
     """A small ext4 filesystem on a loop device, which the test can freeze: writes to it
     block (in the daemon's I/O threads) until it is thawed."""
     for tool in ("mkfs.ext4", "mount", "fsfreeze", "umount"):
         assert shutil.which(tool), f"{tool} is missing (e2fsprogs, util-linux)"
-    assert os.geteuid() == 0, "mounting a loop filesystem needs root"
     fs, mnt = tmp_path / "fs.img", tmp_path / "mnt"
     mnt.mkdir()
     with open(fs, "wb") as f:
@@ -64,3 +63,10 @@ def freezable_dir(tmp_path):
     finally:
         subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
+def root() -> None:
+    """One rule for tests that need privileges (taps, namespaces, loop devices, mounts):
+    without them they fail with this message, they are never skipped."""
+    assert os.geteuid() == 0, "this test needs root (taps, namespaces, mounts): run it as root"

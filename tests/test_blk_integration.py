@@ -158,7 +158,8 @@ async def test_bad_config_refused_with_its_key(vm, tmp_path):
     assert "path" in info.value.message
 
 
-async def test_discard_frees_blocks_and_a_full_disk_errors_through_the_daemon(vm, tmp_path):
+async def test_discard_frees_blocks_and_a_full_disk_errors_through_the_daemon(root, vm,
+                                                                           tmp_path):
     """Through the socket: discard zeroes and frees blocks (st_blocks drops); a disk that
     runs out of space answers ERROR, the daemon and its other disk keep serving."""
     import subprocess
