@@ -14,9 +14,12 @@ demo: $(STAMP)
 	$(PY) -m rings
 	$(VENV)/bin/backendd demo --seconds $(DEMO_SECONDS)
 
+# Hypothesis profile (tests/profiles.py): derandomized for `make test`, longer for `make fuzz`.
+HYPOTHESIS_PROFILE ?= ci
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -25,6 +28,8 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz_*.py tests/test_blk_request.py \
+	  tests/test_protocol_messages.py tests/test_layout_codecs.py
 	$(PY) -m bench.fuzz
 
 debs: $(DEBSTAMP)

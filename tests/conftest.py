@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 import uvloop
+from profiles import register
 
 from backendd.config import Config, DaemonSection
 from backendd.log import EventLog
 from backendd.server import Server
+
+register()  # Hypothesis profiles: see tests/profiles.py
 
 
 def pytest_asyncio_loop_factories(config, item):

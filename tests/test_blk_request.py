@@ -5,6 +5,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from backendd.devices.blk.request import (
     BadRequest,
@@ -210,7 +211,7 @@ def test_response_padding_is_zero(abi):
         assert raw == b"\xff" * 8 + b"\xff\x00" + b"\xfe\xff"
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(abi=st.sampled_from(ABIS), data=st.binary(min_size=112, max_size=112),
        op=st.integers(0, 8), readonly=st.booleans(), sector_size=st.sampled_from([512, 4096]))
 def test_any_slot_is_a_request_or_a_bad_request(abi, data, op, readonly, sector_size):
