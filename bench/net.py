@@ -4,7 +4,16 @@ The daemon runs as its own process (`python -m backendd serve`), so its CPU time
 measured alone; this process plays the VMM and the guest (netfront bridged to a tap in a
 "guest" namespace). iperf3 runs in the namespaces: TCP for ~4 s each way, and UDP with
 64-byte payloads for small-packet rates. The baseline is the same iperf3 runs over a veth
-pair between two namespaces.
+pair between two namespaces. The daemon's column includes the simulated guest: its
+netfront is Python code in this process, so those figures are the daemon and a Python
+guest together, not the daemon alone.
+
+A second table sets a transmit rate limit on the vif and prints the rate the guest
+actually reached beside the one set.
+
+Namespaces are created under names unique to this run (and fail if taken), and only those
+are deleted afterwards; iperf3's port is inside those private namespaces. Without root or
+iperf3 the benchmark exits with an error instead of printing a partial table.
 
     python -m bench.net        (root; needs iperf3)
 """
@@ -15,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -27,6 +37,10 @@ from .report import table
 
 TCP_SECONDS = 4
 UDP_SECONDS = 3
+# Inside namespaces this run created: nothing else listens there.
+IPERF_PORT = "5301"
+RATE_CREDIT, RATE_USEC = 20_000, 10_000  # 2 MB/s in 10 ms windows
+RATE_BYTES, RATE_FRAME = 4_000_000, 1000
 
 
 async def _run(*argv: str, ns: str | None = None) -> str:
@@ -40,19 +54,19 @@ async def _run(*argv: str, ns: str | None = None) -> str:
 
 
 def _ns(name: str) -> None:
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    """A new namespace; one of that name already there is an error, never replaced."""
     subprocess.run(["ip", "netns", "add", name], check=True)
     subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
 
 
 async def _iperf(server_ns: str, client_ns: str, ip: str, *args: str) -> dict:
     server = await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", "5301",
+        "ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", IPERF_PORT,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
         for _ in range(50):
             with contextlib.suppress(RuntimeError):
-                out = await _run("iperf3", "-c", ip, "-p", "5301", "-J", *args, ns=client_ns)
+                out = await _run("iperf3", "-c", ip, "-p", IPERF_PORT, "-J", *args, ns=client_ns)
                 result = json.loads(out)
                 if "error" in result:
                     raise RuntimeError(f"iperf3 {' '.join(args)}: {result['error']}")
@@ -104,7 +118,10 @@ async def _veth(a: str, b: str) -> list[float]:
     return await _measure(a, b, "10.78.0.1")
 
 
-async def _daemon(host: str, gns: str) -> list[float]:
+@contextlib.asynccontextmanager
+async def _guest_on_daemon(host: str, gns: str, config: dict[str, str]):
+    """A daemon process and a simulated guest whose vif has `config`; the backend's tap
+    is up in `host` (10.78.1.1), the guest's own tap in `gns` (10.78.1.2)."""
     from backendd.guest import SimGuest, VmmClient
     from backendd.guest.netfront import NetFront
 
@@ -123,7 +140,8 @@ async def _daemon(host: str, gns: str) -> list[float]:
             await asyncio.sleep(0.05)
         client = await VmmClient.connect(sock)
         await guest.attach(client)
-        await client.add_device(0, "net", {"tap": "bnvtap", "netns": host, "queues": "1"})
+        await client.add_device(0, "net", {"tap": "bnvtap", "netns": host, "queues": "1"}
+                                | config)
         front = NetFront(guest.ram, guest.gnttab, 0)
         channels = front.channels()
         await client.frontend_state(0, 4, front.frontend_keys(), channels)
@@ -136,12 +154,7 @@ async def _daemon(host: str, gns: str) -> list[float]:
         await _run("ip", "link", "set", "bnvtap", "up", ns=host)
         await _run("ip", "addr", "add", "10.78.1.2/24", "dev", "bnvgtap", ns=gns)
         await _run("ip", "link", "set", "bnvgtap", "up", ns=gns)
-        async def packets() -> int:
-            assert client is not None
-            s = await client.stats(0)
-            return int(s.get("0.tx_packets", 0)) + int(s.get("0.rx_packets", 0))
-
-        return await _measure(host, gns, "10.78.1.1", proc.pid, packets)
+        yield proc, client, front
     finally:
         if front is not None:
             front.close()
@@ -154,28 +167,69 @@ async def _daemon(host: str, gns: str) -> list[float]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def _main() -> list[list[object]]:
-    names = ["bnv-a", "bnv-b", "bnv-host", "bnv-guest"]
+async def _daemon(host: str, gns: str) -> list[float]:
+    async with _guest_on_daemon(host, gns, {}) as (proc, client, _front):
+        async def packets() -> int:
+            s = await client.stats(0)
+            return int(s.get("0.tx_packets", 0)) + int(s.get("0.rx_packets", 0))
+
+        return await _measure(host, gns, "10.78.1.1", proc.pid, packets)
+
+
+async def _rate_limited(host: str, gns: str) -> list[float]:
+    """[set MB/s, measured MB/s]: frames from the guest through a vif with a rate."""
+    async with _guest_on_daemon(host, gns, {"rate": f"{RATE_CREDIT},{RATE_USEC}"}) as (
+            _proc, client, front):
+        frame = (b"\xff" * 6 + bytes.fromhex("020000000099") + b"\x88\xb5").ljust(
+            RATE_FRAME, b"\0")
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for _ in range(RATE_BYTES // RATE_FRAME):
+            await front.send_frame(frame)
+        await front.wait_tx_done(timeout=RATE_BYTES / (RATE_CREDIT / RATE_USEC * 1e6) * 4)
+        elapsed = loop.time() - start
+        # The guest's kernel may add a few frames of its own (IPv6 neighbour discovery).
+        sent = int((await client.stats(0))["0.tx_bytes"])
+        if sent < RATE_BYTES:
+            raise RuntimeError(f"rate run: {sent} of {RATE_BYTES} bytes sent")
+        return [RATE_CREDIT / (RATE_USEC / 1e6) / 1e6, sent / elapsed / 1e6]
+
+
+async def _main() -> tuple[list[list[object]], list[list[object]]]:
+    run = f"bnv{os.getpid()}{secrets.token_hex(2)}"
+    a, b, host, gns = (f"{run}-{role}" for role in ("a", "b", "host", "guest"))
+    made: list[str] = []
     try:
-        for n in names:
+        for n in (a, b, host, gns):
             _ns(n)
-        veth = await _veth("bnv-a", "bnv-b")
-        daemon = await _daemon("bnv-host", "bnv-guest")
+            made.append(n)
+        veth = await _veth(a, b)
+        daemon = await _daemon(host, gns)
+        set_rate, measured = await _rate_limited(host, gns)
     finally:
-        for n in names:
+        for n in made:
             subprocess.run(["ip", "netns", "del", n], capture_output=True)
     labels = ["TCP guest->host Gbit/s", "TCP host->guest Gbit/s",
               "UDP 64 B received kpps", "daemon CPU us/packet (UDP run)"]
-    return [[label, d, v] for label, d, v in zip(labels, daemon, veth, strict=True)]
+    rows = [[label, d, v] for label, d, v in zip(labels, daemon, veth, strict=True)]
+    rate = [[f"{RATE_BYTES // 1000} kB of {RATE_FRAME} B frames", set_rate, measured,
+             measured / set_rate]]
+    return rows, rate
 
 
 def main() -> None:
-    if os.geteuid() != 0 or shutil.which("iperf3") is None:
-        print("bench.net: needs root and iperf3; skipped")
-        return
-    rows = uvloop.run(_main())
+    missing = [what for what, ok in (("root", os.geteuid() == 0),
+                                     ("iperf3", shutil.which("iperf3") is not None)) if not ok]
+    if missing:
+        raise SystemExit(f"bench.net: needs {' and '.join(missing)} (`make bench` installs "
+                         "iperf3; run as root); no figures without the veth baseline")
+    rows, rate = uvloop.run(_main())
     print(table("netif through the daemon vs a veth pair (iperf3)",
-                ["", "daemon + netfront", "veth"], rows))
+                ["", "daemon + simulated guest (Python netfront)", "veth"], rows))
+    print()
+    print(table("tx rate limit: the rate set on the vif vs the rate reached "
+                "(daemon + simulated guest)",
+                ["", "set MB/s", "measured MB/s", "measured/set"], rate))
 
 
 if __name__ == "__main__":
