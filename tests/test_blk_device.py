@@ -4,11 +4,11 @@ real eventfds; the simulated guest's blkfront drives it."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import subprocess
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -20,6 +20,7 @@ from backendd.evtchn import EventChannel
 from backendd.grants import GrantTable
 from backendd.guest import GuestGrantTable, GuestRAM
 from backendd.guest.blkfront import BlkFront, BlkIOError
+from backendd.iopool import FairPool
 from backendd.memory import GuestMemory
 from rings.consts import GTF_READING, GTF_WRITING, BlkifOp, BlkifStatus
 from rings.sring import REQ_PROD
@@ -54,19 +55,21 @@ class Rig:
             self.mem.add_region(gpa, size, fd, offset)
         self.grants = GrantTable(self.mem)
         self.grants.set_table(self.gt.fd, 0, self.gt.nr_frames)
-        self.pool = ThreadPoolExecutor(4)
+        # The daemon's own I/O pool, keyed per device as the session keys it.
+        self.pool = FairPool(4)
         self.notices = Notices()
-        self.ctx = DeviceContext(self.mem, self.grants, asyncio.get_running_loop(),
-                                 self.notices, self._run_blocking, extras or {})
+        self.extras = extras or {}
+        self.ctx = self.context(0)
         self.pairs: list[tuple[BlkDevice, BlkFront]] = []
 
-    def _run_blocking(self, fn, *args) -> asyncio.Future:
-        return asyncio.wrap_future(self.pool.submit(fn, *args))
+    def context(self, devid: int) -> DeviceContext:
+        return DeviceContext(self.mem, self.grants, asyncio.get_running_loop(), self.notices,
+                             functools.partial(self.pool.submit, devid), self.extras)
 
     async def attach(self, config: dict[str, str], *, devid: int = 51712, queues: int = 1,
                      ring_order: int = 0, abi: str = "x86_64-abi", seed: int = 0
                      ) -> tuple[BlkDevice, BlkFront]:
-        dev = BlkDevice(devid, config, self.ctx)
+        dev = BlkDevice(devid, config, self.context(devid))
         front = BlkFront(self.ram, self.gt, devid, queues=queues, ring_order=ring_order,
                          abi=abi, backend_keys=dev.backend_keys(),
                          first_port=1 + 16 * len(self.pairs), seed=seed)

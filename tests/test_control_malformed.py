@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import socket
 import struct
 import subprocess
 import sys
+import termios
 
 import pytest
 from procstat import open_fds
@@ -62,6 +64,11 @@ async def hello(s: socket.socket) -> None:
     await asyncio.get_running_loop().sock_sendall(s, encode_request(1, Hello(1, 0)))
     seq, reply = await reply_to(s)
     assert seq == 1 and reply.version == 1
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes waiting in a socket's receive queue (SIOCINQ)."""
+    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)), "little")
 
 
 def memfd() -> int:
@@ -144,9 +151,12 @@ async def test_fds_without_a_header_close_the_connection(daemon):
     s = await raw_connection(daemon.path)
     await hello(s)
     msg = encode_request(2, GetStats(0xFFFFFFFF))
-    # Half a message, then the fd with the second half: no header begins there.
+    # Half a message, then the fd with the second half: no header begins there. The
+    # daemon has read the first half once its end of the socket holds nothing unread.
     await asyncio.get_running_loop().sock_sendall(s, msg[:10])
-    await asyncio.sleep(0.05)
+    (conn,) = daemon.server.connections.values()
+    while unread_bytes(conn.sock):
+        await asyncio.sleep(0)
     fd = memfd()
     s.sendmsg([msg[10:]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
     os.close(fd)
@@ -233,10 +243,10 @@ async def test_peer_is_checked_by_uid_not_gid(uid, gid, accepted):
 
 
 async def settle(daemon) -> None:
-    for _ in range(200):
-        if not daemon.server.connections:
-            return
-        await asyncio.sleep(0.005)
+    """Until every connection the daemon still has is torn down (they are all closing)."""
+    while daemon.server.connections:
+        await asyncio.wait_for(asyncio.gather(
+            *(c.done for c in list(daemon.server.connections.values()))), 60)
 
 
 async def still_serving(daemon) -> None:
