@@ -351,10 +351,12 @@ async def test_producer_overflow_halts_only_that_ring(rig, tmp_path):
     bad = front.queues[1]
     bad.shared.idx[REQ_PROD] = (bad.front.req_prod_pvt + bad.front.size + 5) & 0xFFFFFFFF
     bad.port.send()
-    for _ in range(100):
-        if rig.notices.misbehaved:
-            break
-        await asyncio.sleep(0.01)
+
+    async def reported() -> None:
+        while not rig.notices.misbehaved:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(reported(), 60)  # a hang guard, no speed requirement
     assert len(rig.notices.misbehaved) == 1
     devid, message = rig.notices.misbehaved[0]
     assert devid == 7 and "blk ring 1" in message

@@ -134,7 +134,7 @@ async def test_corrupt_ring_reported_and_other_devices_serve(vm, tmp_path):
     bad = fronts[0].queues[0]
     bad.shared.idx[REQ_PROD] = (bad.front.req_prod_pvt + 1000) & 0xFFFFFFFF
     bad.port.send()
-    notice = await asyncio.wait_for(client.notices.get(), 10)
+    notice = await asyncio.wait_for(client.notices.get(), 30)
     assert notice.devid == 1 and "blk ring 0" in str(notice)
     with pytest.raises(BlkIOError) as info:
         await fronts[1].write(0, b"x" * 512)
@@ -228,7 +228,7 @@ async def test_a_resized_image_is_reported_and_served(vm, tmp_path):
         await front.read(MiB // 512, 4096)
 
     os.truncate(image, 2 * MiB)  # the operator grows the image
-    notice = await asyncio.wait_for(client.notices.get(), 10)
+    notice = await asyncio.wait_for(client.notices.get(), 30)
     assert isinstance(notice, KeysChanged) and notice.devid == DEVID
     assert notice.keys == {"sectors": str(2 * MiB // 512)}
     assert notice.state == XenbusState.CONNECTED
@@ -237,7 +237,7 @@ async def test_a_resized_image_is_reported_and_served(vm, tmp_path):
     assert await front.read(MiB // 512, 4096) == bytes(4096)  # the new space is served
 
     os.truncate(image, MiB // 2)  # and shrinks it
-    notice = await asyncio.wait_for(client.notices.get(), 10)
+    notice = await asyncio.wait_for(client.notices.get(), 30)
     assert notice.keys == {"sectors": str(MiB // 2 // 512)}
     with pytest.raises(BlkIOError):
         await front.read(MiB // 2 // 512, 512)

@@ -39,7 +39,7 @@ async def recv_exactly(s: socket.socket, n: int) -> bytes:
     loop = asyncio.get_running_loop()
     data = b""
     while len(data) < n:
-        chunk = await asyncio.wait_for(loop.sock_recv(s, n - len(data)), 5)
+        chunk = await asyncio.wait_for(loop.sock_recv(s, n - len(data)), 30)
         if not chunk:
             break
         data += chunk
@@ -55,7 +55,7 @@ async def reply_to(s: socket.socket) -> tuple[int, object]:
 
 async def assert_closed(s: socket.socket) -> None:
     loop = asyncio.get_running_loop()
-    data = await asyncio.wait_for(loop.sock_recv(s, 4096), 5)
+    data = await asyncio.wait_for(loop.sock_recv(s, 4096), 30)
     assert data == b""
     s.close()
 
@@ -177,7 +177,7 @@ async def test_random_garbage_never_crashes_the_daemon(daemon):
         await asyncio.get_running_loop().sock_sendall(s, blob)
         s.shutdown(socket.SHUT_WR)
         loop = asyncio.get_running_loop()
-        while await asyncio.wait_for(loop.sock_recv(s, 65536), 5):
+        while await asyncio.wait_for(loop.sock_recv(s, 65536), 30):
             pass
         s.close()
     await still_serving(daemon)

@@ -123,7 +123,7 @@ async def test_requests_before_hello_and_a_second_hello_are_refused(daemon):
     loop = asyncio.get_running_loop()
     await loop.sock_connect(s, daemon.path)
     await loop.sock_sendall(s, encode_request(9, GetStats(0xFFFFFFFF)))
-    data = await asyncio.wait_for(loop.sock_recv(s, 4096), 5)
+    data = await asyncio.wait_for(loop.sock_recv(s, 4096), 30)
     reply = decode_reply(9, data[16:])
     assert reply.errno == errno.EPROTO and "before HELLO" in reply.message
     s.close()
