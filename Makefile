@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 fio e2fsprogs
 DEBSTAMP := $(VENV)/.debs
 
-.PHONY: demo test lint bench fuzz clean debs
+.PHONY: demo test lint bench fuzz clean debs native
 
 # The daemon and a simulated guest with a disk and a nic, for about 20 seconds.
 DEMO_SECONDS ?= 20
@@ -17,15 +17,19 @@ demo: $(STAMP)
 # Hypothesis profile (tests/profiles.py): derandomized for `make test`, longer for `make fuzz`.
 HYPOTHESIS_PROFILE ?= ci
 
-test: $(STAMP)
+test: $(STAMP) native
 	$(VENV)/bin/ruff check .
 	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)
+bench: $(STAMP) native
 	$(PY) -m bench
+
+# The benchmarks' C programs (bench/native/*.c) into build/native/.
+native: $(STAMP)
+	$(PY) -m bench.native
 
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz_*.py tests/test_blk_request.py \
