@@ -3,8 +3,7 @@ Session. A thin adapter: framing lives in protocol/, request handling in session
 
 Each connection is isolated: its own Session (memory, grants, devices), its own request
 queue and worker task. A connection that breaks framing is closed; one that is slow to
-read its replies gets them buffered and written when the socket drains, up to
-MAX_UNSENT_BYTES; beyond that its requests wait and then stay unread in its socket.
+read its replies gets them buffered and written when the socket drains.
 """
 
 from __future__ import annotations
@@ -34,10 +33,6 @@ RECV_SIZE = 65536
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECV * array.array("i").itemsize)
 # Stop reading a connection once this many requests wait: the VMM must read its replies.
 MAX_QUEUED_REQUESTS = 64
-# Replies the VMM has not read yet (beyond what its socket holds) are kept up to this
-# much; past it the connection's next request waits, so its queue fills and reading
-# pauses. Memory per connection stays bounded whatever a VMM sends.
-MAX_UNSENT_BYTES = 1 << 20
 
 
 def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -71,8 +66,6 @@ class Connection:
                                peer=f"pid={self.pid},uid={self.uid}", daemon=server)
         self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
         self._out = bytearray()
-        self._drained = asyncio.Event()  # set while unsent replies are under the limit
-        self._drained.set()
         self._writing = False
         self._reading = False
         self._closing = False
@@ -131,7 +124,6 @@ class Connection:
             if frame is None:
                 break
             await self.session.handle(frame)
-            await self._drained.wait()  # the VMM reads its replies before we go on
             if self._queue.qsize() < MAX_QUEUED_REQUESTS // 2:
                 self._resume_reading()
 
@@ -143,8 +135,6 @@ class Connection:
         self._out += data
         if not self._writing:
             self._flush()
-        elif len(self._out) >= MAX_UNSENT_BYTES:
-            self._drained.clear()
 
     def _flush(self) -> None:
         while self._out:
@@ -163,10 +153,6 @@ class Connection:
         elif not self._out and self._writing:
             self.server.loop.remove_writer(self.sock.fileno())
             self._writing = False
-        if len(self._out) < MAX_UNSENT_BYTES:
-            self._drained.set()
-        else:
-            self._drained.clear()
 
     # --- teardown ----------------------------------------------------------------
 
@@ -188,7 +174,6 @@ class Connection:
                     with contextlib.suppress(OSError):
                         os.close(fd)
         self._queue.put_nowait(None)
-        self._drained.set()  # nothing more is sent: the worker must not wait for it
         self.server.loop.create_task(self._teardown())
 
     async def _teardown(self) -> None:

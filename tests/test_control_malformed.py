@@ -4,7 +4,6 @@ clean close, never a crash, a leaked fd, or harm to other connections."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import fcntl
 import os
@@ -254,55 +253,3 @@ async def still_serving(daemon) -> None:
     client = await VmmClient.connect(daemon.path)
     assert await client.stats() == {}
     await client.close()
-
-
-async def test_a_vmm_that_reads_no_replies_stops_being_read(daemon):
-    """A VMM that keeps sending requests and never reads the replies: the daemon buffers
-    replies only up to MAX_UNSENT_BYTES past what the socket holds, then handles no more
-    of its requests and stops reading it (they stay in its socket) while another VMM is
-    served; once the replies are read, every request is answered, in order."""
-    from backendd.protocol.messages import MAX_PAYLOAD, DaemonStatus
-    from backendd.server import MAX_UNSENT_BYTES
-
-    s = await raw_connection(daemon.path)
-    await hello(s)
-    (conn,) = daemon.server.connections.values()
-    other = await VmmClient.connect(daemon.path)
-    request = encode_request(2, DaemonStatus())
-    total = 4 * MAX_UNSENT_BYTES // 256  # replies of a few hundred bytes each
-    flood = request * total
-    sent = 0
-    while sent < len(flood):
-        try:
-            sent += s.send(flood[sent:])
-            continue
-        except BlockingIOError:
-            pass
-        # The socket is full: the daemon's turn (another VMM's round trip runs its loop).
-        assert await other.stats() == {}
-        if not conn._reading and unread_bytes(conn.sock):
-            break  # paused with requests left unread
-    assert sent < len(flood), "the daemon read everything and buffered every reply"
-    # Bounded: at most one reply beyond the limit.
-    assert len(conn._out) <= MAX_UNSENT_BYTES + HEADER.size + MAX_PAYLOAD
-    assert await other.stats() == {}  # the other VMM is still served
-    await other.close()
-    # Now read: reading resumes and every request sent is answered, in order.
-    loop = asyncio.get_running_loop()
-    answered, data = 0, b""
-    while answered < sent // len(request):
-        if sent < len(flood):
-            with contextlib.suppress(BlockingIOError):
-                sent += s.send(flood[sent:])
-        chunk = await asyncio.wait_for(loop.sock_recv(s, 1 << 20), 30)
-        assert chunk
-        data += chunk
-        while len(data) >= HEADER.size:
-            code, _flags, size, seq = HEADER.unpack_from(data)
-            if len(data) < HEADER.size + size:
-                break
-            assert (code, seq) == (Code.DAEMON_STATUS, 2)
-            data = data[HEADER.size + size:]
-            answered += 1
-    assert sent == len(flood) and answered == total
-    s.close()
