@@ -20,6 +20,7 @@ from pathlib import Path
 
 from backendd.guest.blkfront import BlkFront
 from backendd.guest.machine import SimGuest
+from backendd.guest.memory import sealed_memfd
 from backendd.guest.vmm import ConnectionLost, RequestFailed, VmmClient
 from backendd.inflight import region_size
 from rings.consts import XenbusState
@@ -41,8 +42,7 @@ class Vmm:
         self.config = {"path": str(self.image)} | (config or {})
         self.log = open(tmp / "daemon.log", "ab")  # noqa: SIM115
         self.guest = SimGuest(ram_size=64 * MiB, gnttab_frames=8)
-        self.inflight = os.memfd_create("inflight")
-        os.ftruncate(self.inflight, region_size(2))
+        self.inflight = sealed_memfd("inflight", region_size(2))
         self.proc: asyncio.subprocess.Process | None = None
         self.client: VmmClient | None = None
         self.front: BlkFront | None = None

@@ -16,7 +16,7 @@ import termios
 import pytest
 from procstat import open_fds
 
-from backendd.guest import RequestFailed, VmmClient
+from backendd.guest import RequestFailed, VmmClient, sealed_memfd
 from backendd.protocol.framing import encode_message, encode_request
 from backendd.protocol.messages import (
     HEADER,
@@ -72,9 +72,7 @@ def unread_bytes(sock: socket.socket) -> int:
 
 
 def memfd() -> int:
-    fd = os.memfd_create("stray")
-    os.ftruncate(fd, 4096)
-    return fd
+    return sealed_memfd("stray", 4096)
 
 
 async def test_short_header_then_close_is_a_clean_close(daemon):

@@ -16,7 +16,7 @@ from procstat import mapping_count, open_fds
 from test_net_harness import namespaces, uniq
 
 from backendd.devices.blk.device import RESIZE_CHECK_SECONDS
-from backendd.guest import RequestFailed, SimGuest, VmmClient
+from backendd.guest import RequestFailed, SimGuest, VmmClient, sealed_memfd
 from backendd.guest.blkfront import BlkFront
 from backendd.protocol.messages import KeysChanged
 from rings.consts import GTF_READING, GTF_WRITING, XenbusState
@@ -216,8 +216,7 @@ async def test_errors_name_the_problem_and_change_nothing(daemon, image):
         assert await front.echo() == 1
 
         # Overlapping memory and a region still mapped by a device.
-        fd = os.memfd_create("x")
-        os.ftruncate(fd, PAGE)
+        fd = sealed_memfd("x", PAGE)
         with pytest.raises(RequestFailed) as exc:
             await client.add_mem_region(0, PAGE, fd)
         assert exc.value.code == errno.EEXIST
@@ -332,8 +331,7 @@ async def test_set_inflight_is_refused_by_devices_that_cannot_replay(root, daemo
     from backendd.inflight import region_size
 
     client, guest = await connected(daemon)
-    fd = os.memfd_create("inflight")
-    os.ftruncate(fd, region_size(1))
+    fd = sealed_memfd("inflight", region_size(1))
     with pytest.raises(RequestFailed) as exc:
         await client.set_inflight(DEVID, fd, region_size(1))
     assert exc.value.code == errno.ENOENT
