@@ -27,6 +27,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from .metrics import render
 from .protocol.messages import ALL_DEVICES, RingDumpReply
 from .server import Server, status_page
 from .worker import (
+    BROKER_FLAGS,
     Channel,
     ChannelClosed,
     drop_privileges,
@@ -119,7 +121,7 @@ def _zygote_main(config: Config, sock: socket.socket) -> None:
         for key, _ in sel.select():
             if key.data is None:
                 fds: list[int] = []
-                msg, anc, _, _ = sock.recvmsg(_ZYGOTE_MSG, socket.CMSG_SPACE(8))
+                msg, anc, _, _ = sock.recvmsg(_ZYGOTE_MSG, socket.CMSG_SPACE(12))
                 for level, kind, data in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         arr = array.array("i")
@@ -128,11 +130,11 @@ def _zygote_main(config: Config, sock: socket.socket) -> None:
                 if not msg:
                     return  # the supervisor is gone; workers see their channels close
                 req = json.loads(msg)
-                if len(fds) != 2:
+                if len(fds) != 3:
                     for fd in fds:
                         os.close(fd)
                     continue
-                pid = _fork_worker(config, sock, sel, req, fds[0], fds[1])
+                pid = _fork_worker(config, sock, sel, req, fds)
                 for fd in fds:
                     os.close(fd)
                 pidfd = os.pidfd_open(pid)
@@ -147,7 +149,7 @@ def _zygote_main(config: Config, sock: socket.socket) -> None:
 
 
 def _fork_worker(config: Config, zsock: socket.socket, sel: selectors.BaseSelector,
-                 req: dict[str, Any], vmm_fd: int, chan_fd: int) -> int:
+                 req: dict[str, Any], fds: list[int]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -164,10 +166,10 @@ def _fork_worker(config: Config, zsock: socket.socket, sel: selectors.BaseSelect
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         keep = (12,) if config.daemon.worker_net_admin else ()
         drop_privileges(config.daemon.worker_user, keep)
-        vmm = socket.socket(fileno=vmm_fd)
-        chan = socket.socket(fileno=chan_fd)
+        vmm, chan, broker = (socket.socket(fileno=fd) for fd in fds)
         creds = (int(req["pid"]), int(req["uid"]), int(req["gid"]))
-        code = uvloop.run(serve_connection(config, vmm, chan, int(req["conn"]), creds))
+        code = uvloop.run(serve_connection(config, vmm, chan, int(req["conn"]), creds,
+                                           broker))
     except BaseException:
         traceback.print_exc()
     finally:
@@ -187,6 +189,7 @@ class Worker:
     conn_id: int
     creds: tuple[int, int, int]
     pid: int = 0
+    broker: socket.socket | None = None
     channel: asyncio.Future[Channel] = field(default_factory=_future)
     exited: asyncio.Future[int] = field(default_factory=_future)
 
@@ -211,20 +214,73 @@ class Supervisor(Server):
     def adopt(self, sock: socket.socket, conn_id: int, creds: tuple[int, int, int]) -> Any:
         """Hand an accepted, checked connection to a new worker."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        broker, broker_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             _send_json(self.zygote.sock, {"conn": conn_id, "pid": creds[0], "uid": creds[1],
-                                          "gid": creds[2]}, [sock.fileno(), theirs.fileno()])
+                                          "gid": creds[2]},
+                       [sock.fileno(), theirs.fileno(), broker_theirs.fileno()])
         except OSError as exc:
             self.log.error("worker_spawn_failed", conn=conn_id, error=exc.strerror)
             ours.close()
+            broker.close()
             return None
         finally:
             # The worker holds the connection now: when it dies, the VMM sees the hang-up.
             sock.close()
             theirs.close()
-        worker = self.workers[conn_id] = Worker(conn_id, creds)
+            broker_theirs.close()
+        worker = self.workers[conn_id] = Worker(conn_id, creds, broker=broker)
+        broker.setblocking(False)
+        self.loop.add_reader(broker.fileno(), self._broker_request, worker)
         self.loop.create_task(self._open_channel(worker, ours))
         return None
+
+    def _broker_request(self, worker: Worker) -> None:
+        """A worker asks for an image: checked against `[block] allowed_dirs` here, opened
+        with the supervisor's privilege, passed back with SCM_RIGHTS."""
+        assert worker.broker is not None
+        try:
+            data = worker.broker.recv(_ZYGOTE_MSG)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_broker(worker)
+            return
+        fd = -1
+        try:
+            msg = json.loads(data)
+            path, flags = str(msg["path"]), int(msg["flags"])
+            if msg.get("op") != "open_image" or flags & ~BROKER_FLAGS or "\0" in path:
+                raise OSError(errno.EINVAL, "bad request")
+            if not self.config.image_allowed(path):
+                raise OSError(errno.EACCES, "outside allowed_dirs")
+            # The checked path, resolved, is what is opened, and its last component must
+            # not have become a symlink since.
+            real = os.path.realpath(path)
+            fd = os.open(real, flags | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW)
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise OSError(errno.EINVAL, "neither a file nor a block device")
+            self.log.info("image_opened", conn=worker.conn_id, path=real)
+            with contextlib.suppress(OSError):
+                _send_json(worker.broker, {"ok": 1}, [fd])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+            self.log.warning("image_refused", conn=worker.conn_id,
+                             errno=errno.errorcode.get(code, code), message=str(exc))
+            with contextlib.suppress(OSError):
+                _send_json(worker.broker, {"errno": code})
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _close_broker(self, worker: Worker) -> None:
+        if worker.broker is not None:
+            self.loop.remove_reader(worker.broker.fileno())
+            worker.broker.close()
+            worker.broker = None
 
     async def _open_channel(self, worker: Worker, sock: socket.socket) -> None:
         channel = await Channel.open(sock,
@@ -270,6 +326,7 @@ class Supervisor(Server):
         else:
             self.log.info("worker_exited", **fields)
         if worker is not None:
+            self._close_broker(worker)
             await (await worker.channel).close()
             if not worker.exited.done():
                 worker.exited.set_result(status)

@@ -141,6 +141,41 @@ def ring_dump_from_json(msg: dict[str, Any]) -> RingDumpReply:
                          base64.b64decode(msg["data"]))
 
 
+# --- opening images with the supervisor's privilege -----------------------------------
+
+# The open flags a worker may ask for; the supervisor adds O_CLOEXEC and O_NOCTTY.
+BROKER_FLAGS = os.O_ACCMODE | os.O_DIRECT | os.O_CLOEXEC
+_BROKER_MSG = 8192
+
+
+def broker_opener(sock: socket.socket) -> Callable[[str, int], int]:
+    """An `open(path, flags) -> fd` that asks the supervisor over `sock` (SEQPACKET),
+    which checks `[block] allowed_dirs`, opens, and passes the fd back with SCM_RIGHTS.
+    Blocking: it runs while a device is added, one request at a time per connection."""
+
+    def open_image(path: str, flags: int) -> int:
+        sock.send(json.dumps({"op": "open_image", "path": path, "flags": flags}).encode())
+        data, anc, _, _ = sock.recvmsg(_BROKER_MSG, socket.CMSG_SPACE(4),
+                                       socket.MSG_CMSG_CLOEXEC)
+        fds = [fd for level, kind, raw in anc
+               if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+               for fd in struct.unpack(f"{len(raw) // 4}i", raw[: len(raw) - len(raw) % 4])]
+        if not data:
+            raise OSError(errno.EPIPE, "supervisor gone")
+        reply = json.loads(data)
+        if "errno" in reply:
+            for fd in fds:
+                os.close(fd)
+            raise OSError(int(reply["errno"]), os.strerror(int(reply["errno"])))
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise OSError(errno.EPROTO, "supervisor sent no fd")
+        return fds[0]
+
+    return open_image
+
+
 # --- least privilege ------------------------------------------------------------------
 
 PR_SET_KEEPCAPS = 8
@@ -229,7 +264,8 @@ class SupervisorView:
 
 
 async def serve_connection(config: Config, vmm: socket.socket, chan: socket.socket,
-                           conn_id: int, creds: tuple[int, int, int]) -> int:
+                           conn_id: int, creds: tuple[int, int, int],
+                           broker: socket.socket | None = None) -> int:
     from .server import Server
 
     log = EventLog(config.daemon.log_level)
@@ -256,6 +292,8 @@ async def serve_connection(config: Config, vmm: socket.socket, chan: socket.sock
     view.channel = await Channel.open(chan, handle)
     vmm.setblocking(False)
     connection = server.adopt(vmm, conn_id, creds)
+    if broker is not None:
+        connection.session.device_extras["open_image"] = broker_opener(broker)
     stop = loop.create_future()
 
     def request_stop(signame: str) -> None:

@@ -389,3 +389,29 @@ async def test_workers_under_the_units_capabilities(tmp_path, net_admin):
         assert worker["NoNewPrivs"] == "1"
     finally:
         await daemon.stop()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to switch workers to nobody")
+async def test_a_worker_as_nobody_serves_an_image_only_root_can_open(tmp_path):
+    """The supervisor opens images for its workers: a worker running as nobody serves a
+    disk whose file (in a directory only root may enter) it could not open itself."""
+    images = tmp_path / "images"
+    images.mkdir(mode=0o700)
+    daemon = Daemon(tmp_path, f'worker_user = "nobody"\n[block]\nallowed_dirs = '
+                              f'["{images}"]\n')
+    await daemon.start()
+    guest = Guest(images, "root-only")
+    guest.image.chmod(0o600)
+    try:
+        await guest.connect(daemon.sock)
+        assert guest.front is not None
+        await guest.front.write(8, b"x" * 4096)
+        assert await guest.front.read(8, 4096) == b"x" * 4096
+        assert guest.image.read_bytes()[4096:8192] == b"x" * 4096
+        line = await daemon.wait_log("event=image_opened")
+        assert str(guest.image) in line
+        worker = proc_status(await daemon.worker_pid(await daemon.newest_guest()))
+        assert worker["Uid"].split()[0] == str(__import__("pwd").getpwnam("nobody").pw_uid)
+    finally:
+        await guest.close()
+        await daemon.stop()
