@@ -34,9 +34,6 @@ class DaemonSection:
     process_model: str = "single"
     # per-connection: the user workers switch to (empty: they keep the daemon's uid).
     worker_user: str = ""
-    # per-connection: workers keep CAP_NET_ADMIN, so they can create and configure the
-    # taps of their nics; false: workers hold no capability at all.
-    worker_net_admin: bool = False
 
 
 @dataclass(frozen=True)

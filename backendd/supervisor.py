@@ -43,6 +43,8 @@ from .protocol.messages import ALL_DEVICES, RingDumpReply
 from .server import Server, status_page
 from .worker import (
     BROKER_FLAGS,
+    BROKER_MAX_FDS,
+    BROKER_MSG,
     Channel,
     ChannelClosed,
     drop_privileges,
@@ -164,8 +166,7 @@ def _fork_worker(config: Config, zsock: socket.socket, sel: selectors.BaseSelect
         zsock.close()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        keep = (12,) if config.daemon.worker_net_admin else ()
-        drop_privileges(config.daemon.worker_user, keep)
+        drop_privileges(config.daemon.worker_user)
         vmm, chan, broker = (socket.socket(fileno=fd) for fd in fds)
         creds = (int(req["pid"]), int(req["uid"]), int(req["gid"]))
         code = uvloop.run(serve_connection(config, vmm, chan, int(req["conn"]), creds,
@@ -231,16 +232,14 @@ class Supervisor(Server):
             broker_theirs.close()
         worker = self.workers[conn_id] = Worker(conn_id, creds, broker=broker)
         broker.setblocking(False)
-        self.loop.add_reader(broker.fileno(), self._broker_request, worker)
+        self.loop.add_reader(broker.fileno(), self._broker_readable, worker)
         self.loop.create_task(self._open_channel(worker, ours))
         return None
 
-    def _broker_request(self, worker: Worker) -> None:
-        """A worker asks for an image: checked against `[block] allowed_dirs` here, opened
-        with the supervisor's privilege, passed back with SCM_RIGHTS."""
+    def _broker_readable(self, worker: Worker) -> None:
         assert worker.broker is not None
         try:
-            data = worker.broker.recv(_ZYGOTE_MSG)
+            data = worker.broker.recv(BROKER_MSG)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -248,33 +247,87 @@ class Supervisor(Server):
         if not data:
             self._close_broker(worker)
             return
-        fd = -1
+        # One request at a time per worker (it waits for each answer anyway).
+        self.loop.remove_reader(worker.broker.fileno())
+        self.loop.create_task(self._broker_request(worker, data))
+
+    async def _broker_request(self, worker: Worker, data: bytes) -> None:
+        """A worker asks for an image or a tap: checked here against the configuration,
+        opened or created with the supervisor's privilege (in a thread: netlink and
+        opens may block), and the fds passed back with SCM_RIGHTS."""
+        fds: list[int] = []
         try:
             msg = json.loads(data)
-            path, flags = str(msg["path"]), int(msg["flags"])
-            if msg.get("op") != "open_image" or flags & ~BROKER_FLAGS or "\0" in path:
-                raise OSError(errno.EINVAL, "bad request")
-            if not self.config.image_allowed(path):
-                raise OSError(errno.EACCES, "outside allowed_dirs")
-            # The checked path, resolved, is what is opened, and its last component must
-            # not have become a symlink since.
-            real = os.path.realpath(path)
-            fd = os.open(real, flags | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW)
-            mode = os.fstat(fd).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-                raise OSError(errno.EINVAL, "neither a file nor a block device")
-            self.log.info("image_opened", conn=worker.conn_id, path=real)
-            with contextlib.suppress(OSError):
-                _send_json(worker.broker, {"ok": 1}, [fd])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
-            self.log.warning("image_refused", conn=worker.conn_id,
-                             errno=errno.errorcode.get(code, code), message=str(exc))
-            with contextlib.suppress(OSError):
-                _send_json(worker.broker, {"errno": code})
+            op = msg.get("op") if isinstance(msg, dict) else None
+            if op == "open_image":
+                fds = [await asyncio.to_thread(self._open_image, worker, msg)]
+            elif op == "open_tap":
+                fds = await asyncio.to_thread(self._open_tap, worker, msg)
+            else:
+                raise ControlError(errno.EINVAL, f"unknown request {op!r}")
+            reply: dict[str, Any] = {"ok": 1}
+        except Exception as exc:  # every request is answered, or the worker would wait
+            if isinstance(exc, ControlError):
+                code, message = exc.code, exc.message
+            elif isinstance(exc, OSError) and exc.errno:
+                code, message = exc.errno, exc.strerror or str(exc)
+            elif isinstance(exc, ValueError | KeyError | TypeError):
+                code, message = errno.EINVAL, f"bad request: {exc!r}"
+            else:
+                code, message = errno.EIO, f"internal error: {exc!r}"
+            self.log.warning("broker_refused", conn=worker.conn_id,
+                             errno=errno.errorcode.get(code, code), message=message)
+            reply = {"errno": code, "message": message}
+        try:
+            if worker.broker is not None:
+                with contextlib.suppress(OSError):
+                    _send_json(worker.broker, reply, fds)
+                self.loop.add_reader(worker.broker.fileno(), self._broker_readable, worker)
         finally:
-            if fd >= 0:
+            for fd in fds:
                 os.close(fd)
+
+    def _open_image(self, worker: Worker, msg: dict[str, Any]) -> int:
+        path, flags = msg["path"], msg["flags"]
+        if not isinstance(path, str) or not isinstance(flags, int) or "\0" in path:
+            raise ControlError(errno.EINVAL, "open_image: bad request")
+        if flags & ~BROKER_FLAGS:
+            raise ControlError(errno.EINVAL, f"open_image: flags {flags:#o} not allowed")
+        if not self.config.image_allowed(path):
+            raise ControlError(errno.EACCES, f"path: {path!r} is outside allowed_dirs")
+        # The checked path, resolved, is what is opened, and its last component must not
+        # have become a symlink since.
+        real = os.path.realpath(path)
+        fd = os.open(real, flags | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW)
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            os.close(fd)
+            raise ControlError(errno.EINVAL, f"path: {path!r} is neither a file nor a "
+                               "block device")
+        self.log.info("image_opened", conn=worker.conn_id, path=real)
+        return fd
+
+    def _open_tap(self, worker: Worker, msg: dict[str, Any]) -> list[int]:
+        from .devices.net.tap import check_ifname, make_tap, netns_exists
+
+        name, queues, mtu = msg["name"], msg["queues"], msg["mtu"]
+        bridge, netns = msg["bridge"], msg["netns"]
+        if not (isinstance(name, str) and isinstance(queues, int)
+                and 1 <= queues <= BROKER_MAX_FDS and (mtu is None or isinstance(mtu, int))
+                and (bridge is None or isinstance(bridge, str))
+                and (netns is None or isinstance(netns, str))):
+            raise ControlError(errno.EINVAL, "open_tap: bad request")
+        check_ifname(name)
+        if bridge is not None and not self.config.bridge_allowed(bridge):
+            raise ControlError(errno.EACCES, f"net: bridge {bridge!r} is not allowed")
+        if netns is not None and ("/" in netns or netns in (".", "..")
+                                  or not netns_exists(netns)):
+            raise ControlError(errno.EINVAL, f"net: netns {netns!r}: no such network "
+                               "namespace")
+        fds = make_tap(name, queues, mtu, bridge, netns,
+                       self.config.network.attach_existing_taps)
+        self.log.info("tap_created", conn=worker.conn_id, tap=name, queues=queues)
+        return fds
 
     def _close_broker(self, worker: Worker) -> None:
         if worker.broker is not None:

@@ -141,39 +141,62 @@ def ring_dump_from_json(msg: dict[str, Any]) -> RingDumpReply:
                          base64.b64decode(msg["data"]))
 
 
-# --- opening images with the supervisor's privilege -----------------------------------
+# --- what the supervisor opens for a worker (images, taps) ------------------------------
 
-# The open flags a worker may ask for; the supervisor adds O_CLOEXEC and O_NOCTTY.
+# The open flags a worker may ask for an image with; the supervisor adds O_CLOEXEC and
+# O_NOCTTY.
 BROKER_FLAGS = os.O_ACCMODE | os.O_DIRECT | os.O_CLOEXEC
-_BROKER_MSG = 8192
+BROKER_MSG = 8192
+# The most fds one broker reply carries (a nic's queues).
+BROKER_MAX_FDS = 64
 
 
-def broker_opener(sock: socket.socket) -> Callable[[str, int], int]:
-    """An `open(path, flags) -> fd` that asks the supervisor over `sock` (SEQPACKET),
-    which checks `[block] allowed_dirs`, opens, and passes the fd back with SCM_RIGHTS.
-    Blocking: it runs while a device is added, one request at a time per connection."""
+class Broker:
+    """Requests to the supervisor over a SEQPACKET socket, answered with fds (SCM_RIGHTS):
+    `open_image` (the supervisor checks `[block] allowed_dirs` and opens) and `open_tap`
+    (it creates and configures the tap). Blocking: used while a device is added, one
+    request at a time per connection; the supervisor is trusted to answer."""
 
-    def open_image(path: str, flags: int) -> int:
-        sock.send(json.dumps({"op": "open_image", "path": path, "flags": flags}).encode())
-        data, anc, _, _ = sock.recvmsg(_BROKER_MSG, socket.CMSG_SPACE(4),
-                                       socket.MSG_CMSG_CLOEXEC)
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def _request(self, msg: dict[str, Any]) -> list[int]:
+        self.sock.send(json.dumps(msg).encode())
+        data, anc, _, _ = self.sock.recvmsg(
+            BROKER_MSG, socket.CMSG_SPACE(4 * BROKER_MAX_FDS), socket.MSG_CMSG_CLOEXEC)
         fds = [fd for level, kind, raw in anc
                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
                for fd in struct.unpack(f"{len(raw) // 4}i", raw[: len(raw) - len(raw) % 4])]
         if not data:
-            raise OSError(errno.EPIPE, "supervisor gone")
+            raise ControlError(errno.EPIPE, f"{msg['op']}: supervisor gone")
         reply = json.loads(data)
         if "errno" in reply:
             for fd in fds:
                 os.close(fd)
-            raise OSError(int(reply["errno"]), os.strerror(int(reply["errno"])))
+            raise ControlError(int(reply["errno"]), str(reply.get("message", "")))
+        return fds
+
+    def open_image(self, path: str, flags: int) -> int:
+        try:
+            fds = self._request({"op": "open_image", "path": path, "flags": flags})
+        except ControlError as exc:
+            raise OSError(exc.code, exc.message) from None
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
             raise OSError(errno.EPROTO, "supervisor sent no fd")
         return fds[0]
 
-    return open_image
+    def open_tap(self, name: str, queues: int, mtu: int | None, bridge: str | None,
+                 netns: str | None) -> list[int]:
+        fds = self._request({"op": "open_tap", "name": name, "queues": queues, "mtu": mtu,
+                             "bridge": bridge, "netns": netns})
+        if len(fds) != queues:
+            for fd in fds:
+                os.close(fd)
+            raise ControlError(errno.EPROTO, f"net: tap {name}: supervisor sent "
+                               f"{len(fds)} fds for {queues} queues")
+        return fds
 
 
 # --- least privilege ------------------------------------------------------------------
@@ -184,7 +207,6 @@ PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
-CAP_NET_ADMIN = 12
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
@@ -293,7 +315,9 @@ async def serve_connection(config: Config, vmm: socket.socket, chan: socket.sock
     vmm.setblocking(False)
     connection = server.adopt(vmm, conn_id, creds)
     if broker is not None:
-        connection.session.device_extras["open_image"] = broker_opener(broker)
+        opener = Broker(broker)
+        connection.session.device_extras.update(open_image=opener.open_image,
+                                                open_tap=opener.open_tap)
     stop = loop.create_future()
 
     def request_stop(signame: str) -> None:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -360,35 +359,60 @@ async def test_workers_hold_no_capabilities(tmp_path, user):
         await daemon.stop()
 
 
-@pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None,
-                    reason="needs root and setpriv")
-@pytest.mark.parametrize("net_admin", [False, True])
-async def test_workers_under_the_units_capabilities(tmp_path, net_admin):
-    """Started as systemd starts the unit (its bounding set, no CAP_SETPCAP, no new
-    privileges), workers still start, serve, and hold nothing (or CAP_NET_ADMIN alone
-    with worker_net_admin)."""
-    from test_net_unit_caps import cap_mask, unit_caps
+@pytest.mark.usefixtures("root")
+async def test_a_worker_without_capabilities_serves_a_nic_under_the_units_capabilities(
+        tmp_path):
+    """Started as systemd starts the unit (its bounding set, which has no CAP_SETPCAP, and
+    no new privileges), a worker still starts and holds no capability, and still serves a
+    nic moved into a namespace: the supervisor made the tap and handed over its fds."""
+    from test_net_harness import addr, namespaces, run, uniq
+    from test_net_unit_caps import unit_caps
+
+    from backendd.guest.netfront import NetFront
 
     bounding = unit_caps("CapabilityBoundingSet")
     caps = ",".join(["-all", *("+" + n.removeprefix("CAP_").lower() for n in bounding)])
-    daemon = Daemon(tmp_path, f"worker_net_admin = {str(net_admin).lower()}\n",
-                    ("setpriv", "--bounding-set", caps, "--inh-caps", caps,
-                     "--ambient-caps", caps, "--no-new-privs", "--"))
-    await daemon.start()
-    try:
-        client = await VmmClient.connect(daemon.sock)
+    daemon = Daemon(tmp_path, "", ("setpriv", "--bounding-set", caps, "--inh-caps", caps,
+                                   "--ambient-caps", caps, "--no-new-privs", "--"))
+    host, gns = uniq("wkh"), uniq("wkg")
+    tap, gtap = uniq("wk") + "t", uniq("wk") + "g"
+    with namespaces(host, gns):
+        await daemon.start()
+        guest = SimGuest(ram_size=48 * MiB, gnttab_frames=16)
+        client = front = None
         try:
-            status = await client.daemon_status()
-            newest = max(int(k.split(".")[1]) for k in status if k.endswith(".worker_pid"))
-            worker = proc_status(int(status[f"conn.{newest}.worker_pid"]))
+            client = await VmmClient.connect(daemon.sock)
+            await guest.attach(client)
+            _, keys = await client.add_device(0, "net", {"tap": tap, "netns": host,
+                                                         "queues": "1"})
+            worker = proc_status(await daemon.worker_pid(await daemon.newest_guest()))
+            for key in ("CapEff", "CapPrm", "CapInh", "CapAmb"):
+                assert int(worker[key], 16) == 0, (key, worker[key])
+            assert worker["NoNewPrivs"] == "1"
+            front = NetFront(guest.ram, guest.gnttab, 0)
+            channels = front.channels()
+            state, _ = await client.frontend_state(0, XenbusState.CONNECTED,
+                                                   front.frontend_keys(), channels)
+            assert state == XenbusState.CONNECTED
+            for _, kick, call in channels:
+                os.close(kick)
+                os.close(call)
+            front.start()
+            await front.attach_tap(gtap, netns=gns, mac=keys["mac"])
+            _, shown = await run("ip", "link", "show", tap, ns=host)
+            assert "UP" in shown
+            await addr(host, tap, "10.77.31.1/24")
+            await addr(gns, gtap, "10.77.31.2/24")
+            await run("ping", "-c", "3", "-i", "0.2", "-W", "2", "10.77.31.1", ns=gns)
+            assert "event=tap_created" in daemon.log()
+            await client.remove_device(0)
         finally:
-            await client.close()
-        kept = cap_mask(["CAP_NET_ADMIN"]) if net_admin else 0
-        assert int(worker["CapEff"], 16) == int(worker["CapPrm"], 16) == kept
-        assert int(worker["CapAmb"], 16) == int(worker["CapInh"], 16) == 0
-        assert worker["NoNewPrivs"] == "1"
-    finally:
-        await daemon.stop()
+            if front is not None:
+                front.close()
+            if client is not None:
+                await client.close()
+            guest.close()
+            await daemon.stop()
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to switch workers to nobody")

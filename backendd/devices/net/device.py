@@ -26,13 +26,10 @@ from rings.ring import BackRing, SharedRing
 from .ratelimit import CreditScheduler, parse_rate
 from .rx import RxPath
 from .tap import (
-    LinkConfig,
     check_ifname,
     close_fds,
-    configure_link,
+    make_tap,
     netns_exists,
-    open_tap,
-    run_netlink,
     set_offload,
     set_queue_attached,
 )
@@ -138,25 +135,15 @@ class NetDevice(Device):
         return int(value)
 
     def _open_tap(self, attach_existing: bool) -> None:
-        multi = self.max_queues > 1
-        try:
-            # Every queue's fd is opened now: once the tap moves to another namespace,
-            # a new fd could not find it by name. Queues beyond the first stay detached
-            # until a frontend asks for them. The first open creates the tap, and fails
-            # if the name is taken, unless the configuration lets us attach to it.
-            for i in range(self.max_queues):
-                self.fds.append(open_tap(self.tap_name, multi_queue=multi,
-                                         create=i == 0 and not attach_existing))
-            for fd in self.fds[1:]:
-                set_queue_attached(fd, False)
-            # configure_link first checks that no fd but ours holds a queue of the tap.
-            run_netlink(configure_link, LinkConfig(self.tap_name, mtu=self.mtu,
-                                                   bridge=self.bridge, netns=self.netns,
-                                                   queues=len(self.fds)))
-        except BaseException:
-            close_fds(self.fds)
-            self.fds = []
-            raise
+        # A worker process has the supervisor make the tap (open_tap in its extras); the
+        # fds come back in the same state.
+        make = self.ctx.extras.get("open_tap")
+        if make is None:
+            self.fds = make_tap(self.tap_name, self.max_queues, self.mtu, self.bridge,
+                                self.netns, attach_existing)
+        else:
+            self.fds = make(self.tap_name, self.max_queues, self.mtu, self.bridge,
+                            self.netns)
 
     # --- xenbus -------------------------------------------------------------------
 

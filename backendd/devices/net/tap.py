@@ -145,6 +145,29 @@ class LinkConfig:
     queues: int | None = None
 
 
+def make_tap(name: str, queues: int, mtu: int | None, bridge: str | None,
+             netns: str | None, attach_existing: bool) -> list[int]:
+    """A nic's tap with `queues` queue fds, configured (MTU, bridge or namespace, up).
+    Every queue's fd is opened now: once the tap moves to another namespace, a new fd
+    could not find it by name. Queues beyond the first stay detached until a frontend asks
+    for them. The first open creates the tap, and fails if the name is taken, unless
+    `attach_existing`. Blocking (netlink): called while a device is added."""
+    fds: list[int] = []
+    try:
+        for i in range(queues):
+            fds.append(open_tap(name, multi_queue=queues > 1,
+                                create=i == 0 and not attach_existing))
+        for fd in fds[1:]:
+            set_queue_attached(fd, False)
+        # configure_link first checks that no fd but ours holds a queue of the tap.
+        run_netlink(configure_link, LinkConfig(name, mtu=mtu, bridge=bridge, netns=netns,
+                                               queues=len(fds)))
+    except BaseException:
+        close_fds(fds)
+        raise
+    return fds
+
+
 def open_netns(name: str) -> int:
     """An fd of the named network namespace (/run/netns/<name>), for IFLA_NET_NS_FD."""
     try:
