@@ -405,11 +405,16 @@ class Supervisor(Server):
         except (TimeoutError, ChannelClosed, ControlError) as exc:
             why = "unresponsive" if isinstance(exc, TimeoutError) else "gone"
             return {**ident, "worker": why}, {}
-        summary = reply.get("summary") or {}
-        devices = {int(d): {str(k): str(v) for k, v in part.items()}
-                   for d, part in reply.get("devices", {}).items()}
-        return {**{str(k): str(v) for k, v in summary.items()}, **ident,
-                "worker": "ok"}, devices
+        try:
+            summary = reply.get("summary") or {}
+            devices = {int(d): {str(k): str(v) for k, v in part.items()}
+                       for d, part in reply.get("devices", {}).items()}
+            return {**{str(k): str(v) for k, v in summary.items()}, **ident,
+                    "worker": "ok"}, devices
+        except (AttributeError, TypeError, ValueError):
+            # A worker serves an untrusted guest: its answer is checked, and a bad one
+            # marks that worker only.
+            return {**ident, "worker": "bad_reply"}, {}
 
     async def gather_status(self, conn: int = 0, devid: int = ALL_DEVICES) -> dict[str, str]:
         """One DAEMON_STATUS page, gathered from every worker at or after the cursor. A

@@ -31,6 +31,7 @@ MiB = 1 << 20
 DEVID = 51712
 IMAGE = 4 * MiB
 GUARD = 30.0  # seconds: only a hang fails on it
+KILLS = 10
 
 
 class Daemon:
@@ -206,22 +207,28 @@ async def test_kill_9_of_one_worker_leaves_the_other_guest_running(tmp_path):
         try:
             await a.progress.beyond(10)
             await b.progress.beyond(10)
-            victim = await daemon.worker_pid(a.conn)
-            os.kill(victim, signal.SIGKILL)
-            line = await daemon.wait_log("event=worker_crashed")
-            assert f"conn={a.conn}" in line and "signal=SIGKILL" in line
-            assert f"worker_pid={victim}" in line and f"pid={os.getpid()}" in line
-            # The other guest's verified I/O carries on while guest a has no backend.
-            await b.progress.beyond(b.progress.count + 20)
-            status = await daemon.status()
-            assert f"conn.{a.conn}.peer" not in status
-            assert status[f"conn.{b.conn}.worker"] == "ok"
-            # Guest a's VMM reconnects; its requests in flight are replayed, and it runs on.
-            assert a.client is not None
-            await a.client.close()
-            before = a.progress.count
-            await a.connect(daemon.sock)
-            await a.progress.beyond(before + 10)
+            # Guest a has four writes in flight nearly all the time; kill until a kill
+            # has caught some (almost always the first).
+            for _ in range(KILLS):
+                victim = await daemon.worker_pid(a.conn)
+                os.kill(victim, signal.SIGKILL)
+                line = await daemon.wait_log(f"event=worker_crashed conn={a.conn} ")
+                assert f"worker_pid={victim}" in line and "signal=SIGKILL" in line
+                assert f"pid={os.getpid()}" in line
+                # The other guest's verified I/O carries on while a has no backend.
+                await b.progress.beyond(b.progress.count + 20)
+                status = await daemon.status()
+                assert f"conn.{a.conn}.peer" not in status
+                assert status[f"conn.{b.conn}.worker"] == "ok"
+                # a's VMM reconnects; its requests in flight are replayed, and it runs on.
+                assert a.client is not None
+                await a.client.close()
+                before = a.progress.count
+                await a.connect(daemon.sock)
+                a.conn = await daemon.newest_guest()
+                await a.progress.beyond(before + 10)
+                if a.replayed:
+                    break
         finally:
             stop.set()
             done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True),
@@ -234,7 +241,7 @@ async def test_kill_9_of_one_worker_leaves_the_other_guest_running(tmp_path):
             assert guest.front.stray_responses == []
             assert all(not q.waiters for q in guest.front.queues)
             assert guest.image.read_bytes() == bytes(guest.model)
-        assert b.replayed == 0
+        assert a.replayed > 0 and b.replayed == 0
 
 
 async def test_a_stopped_worker_stalls_neither_the_other_guest_nor_status(tmp_path):
