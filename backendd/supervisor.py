@@ -48,6 +48,7 @@ from .worker import (
     Channel,
     ChannelClosed,
     drop_privileges,
+    install_seccomp,
     raise_for_error,
     ring_dump_from_json,
     ring_dump_to_json,
@@ -167,6 +168,7 @@ def _fork_worker(config: Config, zsock: socket.socket, sel: selectors.BaseSelect
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         drop_privileges(config.daemon.worker_user)
+        install_seccomp()
         vmm, chan, broker = (socket.socket(fileno=fd) for fd in fds)
         creds = (int(req["pid"]), int(req["uid"]), int(req["gid"]))
         code = uvloop.run(serve_connection(config, vmm, chan, int(req["conn"]), creds,

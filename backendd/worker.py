@@ -262,6 +262,75 @@ def drop_privileges(user: str = "", keep: tuple[int, ...] = ()) -> None:
         raise OSError(err, f"capset: {os.strerror(err)}")
 
 
+# A worker's system-call filter: a deny-list, since Python itself needs a broad and
+# version-dependent set of calls. What a worker never does (run programs, debug or read
+# other processes, mount, switch namespaces, load kernel code, manage keys, change the
+# clock) fails with EPERM. x86_64 numbers; on other machines no filter is installed.
+SECCOMP_DENIED_X86_64 = {
+    "execve": 59, "execveat": 322, "ptrace": 101, "process_vm_readv": 310,
+    "process_vm_writev": 311, "mount": 165, "umount2": 166, "pivot_root": 155,
+    "chroot": 161, "setns": 308, "unshare": 272, "bpf": 321, "kexec_load": 246,
+    "kexec_file_load": 320, "init_module": 175, "finit_module": 313,
+    "delete_module": 176, "keyctl": 250, "add_key": 248, "request_key": 249,
+    "perf_event_open": 298, "open_by_handle_at": 304, "name_to_handle_at": 303,
+    "userfaultfd": 323, "swapon": 167, "swapoff": 168, "reboot": 169,
+    "settimeofday": 164, "clock_settime": 227, "clock_adjtime": 305, "adjtimex": 159,
+    "iopl": 172, "ioperm": 173, "acct": 163, "quotactl": 179, "open_tree": 428,
+    "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+    "mount_setattr": 442, "personality": 135, "vhangup": 153, "syslog": 103,
+    "lookup_dcookie": 212, "mbind": 237, "migrate_pages": 256, "move_pages": 279,
+}
+AUDIT_ARCH_X86_64 = 0xC000003E
+_X32_SYSCALL_BIT = 0x40000000
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_ERRNO = 0x00050000
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x06
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def seccomp_program(denied: list[int]) -> list[tuple[int, int, int, int]]:
+    """Classic BPF over struct seccomp_data: another architecture, an x32 call or a
+    denied number gets EPERM; everything else is allowed."""
+    # 0-3 arch check and load, 4 x32 check, then one test per number, ALLOW, EPERM.
+    deny_at = 5 + len(denied) + 1
+    prog = [(_BPF_LD_W_ABS, 0, 0, 4),                      # arch
+            (_BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+            (_BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM),
+            (_BPF_LD_W_ABS, 0, 0, 0)]                      # nr
+    prog.append((_BPF_JGE_K, deny_at - len(prog) - 1, 0, _X32_SYSCALL_BIT))
+    for nr in denied:
+        prog.append((_BPF_JEQ_K, deny_at - len(prog) - 1, 0, nr))
+    prog.append((_BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
+    prog.append((_BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM))
+    assert len(prog) == deny_at + 1
+    return prog
+
+
+def install_seccomp() -> bool:
+    """Install the worker's filter (needs no_new_privs first); False on a machine the
+    list is not for."""
+    if os.uname().machine != "x86_64":
+        return False
+    prog = seccomp_program(sorted(SECCOMP_DENIED_X86_64.values()))
+    filters = (_SockFilter * len(prog))(*(_SockFilter(*ins) for ins in prog))
+    fprog = _SockFprog(len(prog), filters)
+    libc = _libc()
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0):
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp: {os.strerror(err)}")
+    return True
+
+
 # --- the worker -----------------------------------------------------------------------
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -359,6 +361,8 @@ async def test_workers_hold_no_capabilities(tmp_path, user):
         for key in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
             assert int(worker[key], 16) == 0, (key, worker[key])
         assert worker["NoNewPrivs"] == "1"
+        if os.uname().machine == "x86_64":
+            assert worker["Seccomp"] == "2"  # a filter
         if user:
             uid = str(__import__("pwd").getpwnam(user).pw_uid)
             assert worker["Uid"].split() == [uid] * 4
@@ -446,3 +450,43 @@ async def test_a_worker_as_nobody_serves_an_image_only_root_can_open(tmp_path):
     finally:
         await guest.close()
         await daemon.stop()
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filter lists x86_64 calls")
+def test_the_workers_system_call_filter_denies_exec_and_allows_the_data_path():
+    """In a forked child, as in a worker: privileges dropped, filter installed, then what
+    the data path does works and running a program fails with EPERM."""
+    from backendd.worker import drop_privileges, install_seccomp
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports one letter per check and never returns
+        code = 1
+        try:
+            os.close(r)
+            drop_privileges()
+            assert install_seccomp()
+            efd = os.eventfd(0)
+            os.eventfd_write(efd, 1)
+            with mmap.mmap(-1, 4096) as m:
+                m[:1] = b"x"
+            a, b = socket.socketpair()
+            a.send(b"y")
+            out = [b.recv(1)]
+            t = threading.Thread(target=out.append, args=[b"t"])
+            t.start()
+            t.join()
+            try:
+                os.execv("/bin/true", ["true"])
+            except PermissionError:
+                out.append(b"e")
+            os.write(w, b"".join(out))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        report = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert report == b"yte"
