@@ -300,12 +300,15 @@ class Supervisor(Server):
         # The checked path, resolved, is what is opened, and its last component must not
         # have become a symlink since.
         real = os.path.realpath(path)
-        fd = os.open(real, flags | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW)
+        # O_NONBLOCK: opening a FIFO must not hang this thread; it is refused below.
+        fd = os.open(real, flags | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW | os.O_NONBLOCK)
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             os.close(fd)
             raise ControlError(errno.EINVAL, f"path: {path!r} is neither a file nor a "
                                "block device")
+        if not flags & os.O_NONBLOCK:
+            os.set_blocking(fd, True)
         self.log.info("image_opened", conn=worker.conn_id, path=real)
         return fd
 

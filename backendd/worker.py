@@ -143,9 +143,9 @@ def ring_dump_from_json(msg: dict[str, Any]) -> RingDumpReply:
 
 # --- what the supervisor opens for a worker (images, taps) ------------------------------
 
-# The open flags a worker may ask for an image with; the supervisor adds O_CLOEXEC and
-# O_NOCTTY.
-BROKER_FLAGS = os.O_ACCMODE | os.O_DIRECT | os.O_CLOEXEC
+# The open flags a worker may ask for an image with; the supervisor always opens with
+# O_CLOEXEC, O_NOCTTY and O_NONBLOCK (and clears O_NONBLOCK again unless asked for).
+BROKER_FLAGS = os.O_ACCMODE | os.O_DIRECT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 BROKER_MSG = 8192
 # The most fds one broker reply carries (a nic's queues).
 BROKER_MAX_FDS = 64

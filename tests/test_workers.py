@@ -490,3 +490,24 @@ def test_the_workers_system_call_filter_denies_exec_and_allows_the_data_path():
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert report == b"yte"
+
+
+async def test_the_supervisor_refuses_to_open_a_fifo_for_a_worker(tmp_path):
+    """A FIFO named as an image is opened by the supervisor without blocking and refused;
+    the worker answers ADD_DEVICE with the error and goes on serving."""
+    fifo = tmp_path / "not-an-image"
+    os.mkfifo(fifo)
+    daemon = Daemon(tmp_path)
+    await daemon.start()
+    try:
+        client = await VmmClient.connect(daemon.sock)
+        try:
+            with pytest.raises(RequestFailed, match="neither a file nor a block device"):
+                await asyncio.wait_for(client.add_device(DEVID, "blk", {"path": str(fifo)}),
+                                       GUARD)
+            assert (await client.daemon_status())["connections"] == "1"
+        finally:
+            await client.close()
+        assert "event=broker_refused" in daemon.log()
+    finally:
+        await daemon.stop()
