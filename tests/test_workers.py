@@ -53,9 +53,12 @@ class Daemon:
         for _ in range(3000):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 if probe.connect_ex(self.sock) == 0:
-                    return
+                    break
             await asyncio.sleep(0.01)
-        raise AssertionError("daemon did not come up")
+        else:
+            raise AssertionError("daemon did not come up")
+        # The probe was connection 1, served by a worker: counts start once it is gone.
+        await self.wait_log("event=worker_exited conn=1 ")
 
     def log(self) -> str:
         return self.log_path.read_text()
