@@ -142,7 +142,8 @@ def describe(layout: str, data: bytes, ring_bytes: int,
         entry["text"] = _entry_text(family, entry)
         return entry
 
-    answered = min(slots, size - outstanding)
+    # Rings start at index 0: below rsp_prod's count nothing was ever answered.
+    answered = min(slots, size - outstanding, head.rsp_prod)
     out["slots"] += [slot((head.rsp_prod - k) % U32, parse_rsp, "answered")
                      for k in range(answered, 0, -1)]
     out["slots"] += [slot((head.rsp_prod + k) % U32, parse_req, "pending")
