@@ -251,7 +251,8 @@ class Server:
             self._clear_stale(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         except OSError as exc:
-            raise StartupError(f"control socket {path}: cannot listen: {exc.strerror or exc}") from None
+            raise StartupError(f"control socket {path}: cannot listen: "
+                               f"{exc.strerror or exc}") from None
         temp = path.parent / f".backendd-{os.getpid()}.sock"
         try:
             # Only a process with this pid could have left this name.
@@ -285,7 +286,8 @@ class Server:
             raise
         except OSError as exc:
             sock.close()
-            raise StartupError(f"control socket {path}: cannot listen: {exc.strerror or exc}") from None
+            raise StartupError(f"control socket {path}: cannot listen: "
+                               f"{exc.strerror or exc}") from None
         self._owns_path = (path, st.st_dev, st.st_ino)
         return sock
 

@@ -93,7 +93,7 @@ def test_wrapped_ring_never_shows_overwritten_slots() -> None:
 
 
 def test_corrupt_indices_are_reported_not_decoded() -> None:
-    area, front, _ = blk_ring(BlkifAbi.X86_64)
+    area, _, _ = blk_ring(BlkifAbi.X86_64)
     area[0:4] = (1000).to_bytes(4, "little")  # req_prod far past rsp_prod + 32
     desc = describe("blkif-x86_64", bytes(area), PAGE)
     assert desc["slots"] == [] and "exceeds the 32 slots" in desc["corrupt"]
