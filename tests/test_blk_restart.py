@@ -43,16 +43,22 @@ class Vmm:
         self.front: BlkFront | None = None
 
     async def start_daemon(self) -> None:
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "backendd", "--socket", self.sock, "serve",
-            stdout=self.log, stderr=self.log)
-        for _ in range(400):
-            if os.path.exists(self.sock):
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("daemon did not come up")
+        """Start the daemon and wait for it on --ready-fd: no polling for the socket file.
+        The socket the killed daemon left behind is the daemon's to replace."""
+        read, write = os.pipe()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "backendd", "serve", "--socket", self.sock,
+                "--ready-fd", str(write), pass_fds=(write,), stdout=self.log, stderr=self.log)
+            os.close(write)
+            write = -1
+            # READY=1, or end-of-file if the daemon exited first.
+            ready = await asyncio.get_running_loop().run_in_executor(None, os.read, read, 64)
+        finally:
+            os.close(read)
+            if write >= 0:
+                os.close(write)
+        assert ready == b"READY=1\n", "daemon did not come up (see daemon.log)"
 
     async def connect(self) -> None:
         """Everything a VMM sends, first time and after each restart."""
@@ -85,20 +91,36 @@ class Vmm:
         await self.client.close()
 
     async def stop(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            await self.proc.wait()
-        if self.front is not None:
-            self.front.close()
-        self.guest.close()
-        os.close(self.inflight)
-        self.log.close()
+        """Tear everything down, whatever state the test left: the daemon goes first, so
+        no process outlives the test even if closing the client fails."""
+        try:
+            if self.proc is not None and self.proc.returncode is None:
+                self.proc.terminate()
+                try:
+                    await asyncio.wait_for(self.proc.wait(), 30)
+                except TimeoutError:
+                    self.proc.kill()
+                    await self.proc.wait()
+        finally:
+            if self.client is not None:
+                with contextlib.suppress(ConnectionLost, RequestFailed, OSError):
+                    await self.client.close()
+            if self.front is not None:
+                self.front.close()
+            self.guest.close()
+            os.close(self.inflight)
+            self.log.close()
 
 
 async def test_kill_9_twenty_times_during_random_writes(tmp_path):
     vmm = Vmm(tmp_path)
+    try:
+        await restarts_under_writes(vmm)
+    finally:
+        await vmm.stop()
+
+
+async def restarts_under_writes(vmm: Vmm) -> None:
     await vmm.start_daemon()
     await vmm.connect()
     front = vmm.front
@@ -144,15 +166,11 @@ async def test_kill_9_twenty_times_during_random_writes(tmp_path):
         done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
     errors = [d for d in done if isinstance(d, BaseException)]
     assert not errors, errors
-    try:
-        await front.flush()
-        # Exactly one response per request: none unknown or repeated, none outstanding.
-        assert front.stray_responses == []
-        assert all(not q.waiters for q in front.queues)
-        assert vmm.image.read_bytes() == bytes(model)
-        # Kills landed while requests were in flight, and those were replayed.
-        assert replayed > 0
-        assert acked[0] > KILLS
-    finally:
-        with contextlib.suppress(ConnectionLost, RequestFailed):
-            await vmm.stop()
+    await front.flush()
+    # Exactly one response per request: none unknown or repeated, none outstanding.
+    assert front.stray_responses == []
+    assert all(not q.waiters for q in front.queues)
+    assert vmm.image.read_bytes() == bytes(model)
+    # Kills landed while requests were in flight, and those were replayed.
+    assert replayed > 0
+    assert acked[0] > KILLS
