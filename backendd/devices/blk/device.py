@@ -103,8 +103,10 @@ class BlkDevice(Device):
                     # disconnect.
                     for gref in qk.ring_refs:
                         maps.append(self.ctx.grants.map(gref, writable=True))
-                    shared = SharedRing.over_pages([m.page_view() for m in maps],
-                                                   codecs.entry_size)
+                    # Whole pages only: a v2 sub-page grant is the guest's error.
+                    shared = SharedRing.over_pages(
+                        [m.whole_page(f"ring page {n}") for n, m in enumerate(maps)],
+                        codecs.entry_size)
                 except BaseException:
                     for m in maps:
                         m.release()
