@@ -48,6 +48,22 @@ DEVICE_FAMILIES: dict[str, dict[str, Family]] = {
                        "In-flight requests run again after a daemon restart."),
         "rings_halted": _c("backendd_blk_rings_halted_total",
                            "Rings halted because the guest corrupted them."),
+        "persistent": Family("backendd_blk_persistent_grants_negotiated", "gauge",
+                             "1 when the frontend negotiated persistent grants at the "
+                             "last connect."),
+        "pgrants": Family("backendd_blk_persistent_grants_cached", "gauge",
+                          "Persistent grants pinned and cached now, all rings."),
+        "pgrant_hits": _c("backendd_blk_persistent_grant_hits_total",
+                          "Segments served from a cached persistent grant."),
+        "pgrant_misses": _c("backendd_blk_persistent_grant_misses_total",
+                            "Persistent grants pinned and cached."),
+        "pgrant_purged": _c("backendd_blk_persistent_grant_purged_total",
+                            "Cached persistent grants released by a purge."),
+        "pgrant_overflow": _c("backendd_blk_persistent_grant_overflow_total",
+                              "Pins not cached: cache full and busy, or an entry in use "
+                              "needing an upgrade."),
+        "pgrant_upgrades": _c("backendd_blk_persistent_grant_upgrades_total",
+                              "Read-only cached grants made writable."),
         "queues": _QUEUES,
     },
     "net": {

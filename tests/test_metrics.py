@@ -63,8 +63,17 @@ async def test_exposition_passes_promtool_and_parses(daemon, guest_with_disk_and
     tx_errors = fams["backendd_net_tx_errors"].samples
     assert [(s.labels, s.value) for s in tx_errors] == [
         ({"guest": "vm1", "devid": "0", "type": "net"}, 0.0)]
-    for counter, family in DEVICE_FAMILIES["net"].items():
-        assert family.name.removesuffix("_total") in fams, counter
+    for kind in ("blk", "net"):
+        for counter, family in DEVICE_FAMILIES[kind].items():
+            assert family.name.removesuffix("_total") in fams, counter
+    # Every counter the devices report has its own family (none from the fallback).
+    status = daemon.server.status()
+    for key in status:
+        parts = key.split(".")
+        if len(parts) == 6 and parts[4] == "stat":
+            kind = status[".".join(parts[:4]) + ".type"]
+            assert parts[5] in DEVICE_FAMILIES[kind], f"{kind} counter {parts[5]}: no family"
+    assert fams["backendd_blk_persistent_grants_cached"].type == "gauge"
     # Daemon-level families.
     assert fams["backendd_connections"].samples[0].value == 1
     assert fams["backendd_devices"].samples[0].value == 2
