@@ -65,10 +65,8 @@ async def _with_client(args: argparse.Namespace, work: Callable[..., Awaitable[i
 
 
 async def _fetch_status(client) -> dict[str, str]:
-    """The whole DAEMON_STATUS map."""
-    from .protocol.messages import DaemonStatus
-
-    return dict((await client.request(DaemonStatus())).counters)
+    """The whole DAEMON_STATUS map, every page of it."""
+    return await client.daemon_status()
 
 
 def _print_json(value: Any) -> None:

@@ -18,7 +18,7 @@ from .server import Server
 
 
 def prometheus_text(server: Server) -> str:
-    return render_status(server.status())
+    return render_status(server.full_status())
 
 
 async def _serve_metrics(server: Server, listen: str) -> asyncio.AbstractServer:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from backendd.guest.blkfront import BlkFront
 from backendd.guest.machine import SimGuest
+from backendd.guest.memory import sealed_memfd
 from backendd.guest.vmm import ConnectionLost, RequestFailed, VmmClient
 from backendd.inflight import region_size
 from rings.consts import XenbusState
@@ -36,8 +37,7 @@ class Vmm:
         self.image.write_bytes(bytes(IMAGE))
         self.log = open(tmp / "daemon.log", "ab")  # noqa: SIM115
         self.guest = SimGuest(ram_size=64 * MiB, gnttab_frames=8)
-        self.inflight = os.memfd_create("inflight")
-        os.ftruncate(self.inflight, region_size(2))
+        self.inflight = sealed_memfd("inflight", region_size(2))
         self.proc: asyncio.subprocess.Process | None = None
         self.client: VmmClient | None = None
         self.front: BlkFront | None = None

@@ -14,7 +14,7 @@ import sys
 import pytest
 from procstat import open_fds
 
-from backendd.guest import RequestFailed, VmmClient
+from backendd.guest import RequestFailed, VmmClient, sealed_memfd
 from backendd.protocol.framing import encode_message, encode_request
 from backendd.protocol.messages import (
     HEADER,
@@ -65,9 +65,7 @@ async def hello(s: socket.socket) -> None:
 
 
 def memfd() -> int:
-    fd = os.memfd_create("stray")
-    os.ftruncate(fd, 4096)
-    return fd
+    return sealed_memfd("stray", 4096)
 
 
 async def test_short_header_then_close_is_a_clean_close(daemon):

@@ -20,7 +20,7 @@ from procstat import mapping_count, open_fds
 from backendd.devices.base import DEVICE_TYPES, Device
 from backendd.evtchn import EventChannel
 from backendd.grants import GrantMapping
-from backendd.guest import RequestFailed, SimGuest, VmmClient, new_channel_pair
+from backendd.guest import RequestFailed, SimGuest, VmmClient, new_channel_pair, sealed_memfd
 from backendd.protocol.messages import KeysChanged
 from rings.consts import GTF_READING, GTF_WRITING, XenbusState
 
@@ -240,8 +240,7 @@ async def test_errors_name_the_problem_and_change_nothing(daemon):
         assert state == XenbusState.CONNECTED
 
         # Overlapping memory and a region still mapped by a device.
-        fd = os.memfd_create("x")
-        os.ftruncate(fd, PAGE)
+        fd = sealed_memfd("x", PAGE)
         with pytest.raises(RequestFailed) as exc:
             await client.add_mem_region(0, PAGE, fd)
         assert exc.value.code == errno.EEXIST
@@ -361,8 +360,7 @@ async def test_set_inflight_is_refused_by_devices_that_cannot_replay(daemon):
     from backendd.inflight import region_size
 
     client, guest = await connected(daemon)
-    fd = os.memfd_create("inflight")
-    os.ftruncate(fd, region_size(1))
+    fd = sealed_memfd("inflight", region_size(1))
     with pytest.raises(RequestFailed) as exc:
         await client.set_inflight(DEVID, fd, region_size(1))
     assert exc.value.code == errno.ENOENT

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from procstat import mapping_count, open_fds
 
-from backendd.guest import SimGuest, VmmClient
+from backendd.guest import SimGuest, VmmClient, sealed_memfd
 from backendd.protocol.framing import Framer, Role
 from backendd.protocol.messages import (
     HEADER,
@@ -181,9 +181,7 @@ def messages(draw) -> Msg:
 def make_fd(kind: str) -> list[int]:
     """One fd to send (plus, for a pipe, its other end to close afterwards)."""
     if kind == "memfd":
-        fd = os.memfd_create("fuzz", os.MFD_CLOEXEC)
-        os.ftruncate(fd, 1 << 20)
-        return [fd]
+        return [sealed_memfd("fuzz", 1 << 20)]
     if kind == "eventfd":
         return [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)]
     r, w = os.pipe()
