@@ -49,7 +49,7 @@ async def guest_with_disk_and_nic(daemon, tmp_path) -> AsyncIterator[VmmClient]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a tap in a namespace)")
 async def test_exposition_passes_promtool_and_parses(daemon, guest_with_disk_and_nic) -> None:
-    text = render_status(daemon.server.status())
+    text = render_status(daemon.server.full_status())
     result = promtool(text)
     assert result.returncode == 0 and result.stdout == "" and result.stderr == "", \
         result.stdout + result.stderr
@@ -67,7 +67,7 @@ async def test_exposition_passes_promtool_and_parses(daemon, guest_with_disk_and
         for counter, family in DEVICE_FAMILIES[kind].items():
             assert family.name.removesuffix("_total") in fams, counter
     # Every counter the devices report has its own family (none from the fallback).
-    status = daemon.server.status()
+    status = daemon.server.full_status()
     for key in status:
         parts = key.split(".")
         if len(parts) == 6 and parts[4] == "stat":
@@ -116,3 +116,29 @@ async def test_guest_names_in_hello(daemon) -> None:
     await gone
     again = await VmmClient.connect(daemon.path, name="vm-7.a")
     await again.close()
+
+
+async def test_the_endpoint_reads_every_status_page(daemon, tmp_path, monkeypatch) -> None:
+    """The metrics endpoint's text covers every device even when DAEMON_STATUS needs
+    several pages for them."""
+    import backendd.server as server_module
+    from backendd.daemon import prometheus_text
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    clients = [await VmmClient.connect(daemon.path, name=f"g{i}") for i in range(3)]
+    try:
+        for client in clients:
+            for devid in (51712, 51728):
+                await client.add_device(devid, "blk", {"path": str(image), "mode": "r"})
+        whole = prometheus_text(daemon.server)
+        monkeypatch.setattr(server_module, "STATUS_PAGE_BYTES", 1200)
+        assert "next.conn" in daemon.server.status()  # several pages now
+        paged = prometheus_text(daemon.server)
+        drop = ("backendd_uptime_seconds ",)
+        assert [x for x in paged.splitlines() if not x.startswith(drop)] == \
+            [x for x in whole.splitlines() if not x.startswith(drop)]
+        assert families(paged)["backendd_devices"].samples[0].value == 6
+    finally:
+        for client in clients:
+            await client.close()
