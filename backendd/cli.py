@@ -104,6 +104,8 @@ def _connections(status: dict[str, str]) -> list[dict[str, Any]]:
         out.append({"conn": int(conn_id), "guest": info.get("guest", ""),
                     "peer": info.get("peer", ""),
                     "memory_bytes": int(info.get("memory_bytes", "0") or 0),
+                    "memory_regions": int(info.get("memory_regions", "0") or 0),
+                    "unread_reply_bytes": int(info.get("unread_reply_bytes", "0") or 0),
                     "grant_frames": int(info.get("grant_frames", "0") or 0),
                     "requests": int(info.get("requests", "0") or 0),
                     "errors": int(info.get("errors", "0") or 0),
