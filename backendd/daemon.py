@@ -80,9 +80,13 @@ async def run(config: Config, socket_path: str | None = None,
     try:
         await server.start(socket_path, sock)
         metrics = None
+        metrics_address = ""
         if config.metrics.listen:
             metrics = await _serve_metrics(server, config.metrics.listen)
-            log.info("metrics_listening", address=config.metrics.listen)
+            # The address bound, so port 0 (any free port) can be found in the log and status.
+            host, port = metrics.sockets[0].getsockname()[:2]
+            metrics_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            log.info("metrics_listening", address=metrics_address)
     except BaseException:
         # A start that fails leaves no socket file behind.
         await server.close()
@@ -107,7 +111,8 @@ async def run(config: Config, socket_path: str | None = None,
     interval = watchdog_interval()
     dog = loop.create_task(watchdog(interval)) if interval else None
     notifier.ready(f"listening on {server.address}"
-                   + (" (socket activation)" if activated else ""))
+                   + (" (socket activation)" if activated else "")
+                   + (f", metrics on {metrics_address}" if metrics is not None else ""))
     if ready_fd is not None:
         _signal_ready_fd(ready_fd)
     try:

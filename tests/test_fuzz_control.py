@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from procstat import mapping_count, open_fds
+from profiles import examples
 
 from backendd.guest import SimGuest, VmmClient, sealed_memfd
 from backendd.protocol.framing import Framer, Role
@@ -321,7 +322,7 @@ async def fuzz_one(daemon, hello_first: bool, msgs: list[Msg]) -> None:
     assert mapping_count() == maps_before
 
 
-FUZZ = settings(max_examples=70, deadline=None,
+FUZZ = settings(max_examples=examples(70), deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 
@@ -382,7 +383,7 @@ def test_generated_messages_reach_success_and_each_failure():
     """Guards the fuzzing above against exercising only one outcome."""
     seen = set()
 
-    @settings(max_examples=300, deadline=None, database=None)
+    @settings(max_examples=examples(300), deadline=None, database=None)
     @given(msgs=st.lists(messages(), min_size=1, max_size=3))
     def collect(msgs):
         for m in msgs:
