@@ -21,6 +21,7 @@ import functools
 import inspect
 import mmap
 import os
+import re
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -73,8 +74,9 @@ T = TypeVar("T")
 
 
 class DaemonView(Protocol):
-    """What a session may ask of the whole daemon (operator requests). A worker process
-    answers them by asking its supervisor, so the answers may be awaitables."""
+    """What a session may ask of the whole daemon (operator requests, guest names). A
+    worker process answers them by asking its supervisor, so the answers may be
+    awaitables."""
 
     def status(self, conn: int = 0, devid: int = ALL_DEVICES
                ) -> dict[str, str] | Awaitable[dict[str, str]]: ...
@@ -82,12 +84,17 @@ class DaemonView(Protocol):
     def ring_dump(self, conn: int, devid: int, ring: int
                   ) -> RingDumpReply | Awaitable[RingDumpReply]: ...
 
+    def guest_name_in_use(self, name: str) -> bool | Awaitable[bool]: ...
+
 
 async def _resolved(value: T | Awaitable[T]) -> T:
     return await value if inspect.isawaitable(value) else value  # type: ignore[return-value]
 
+
 # Features the daemon understands; none are defined by protocol version 1 yet.
 SUPPORTED_FEATURES = 0
+# HELLO's optional guest name: a metrics label and a status column.
+GUEST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
 # Per-connection bounds (docs/hardening.md, "Per-connection bounds"). Each memory region
 # holds one fd (the mapping's: CPython's mmap keeps a duplicate, and the daemon closes the
@@ -141,6 +148,7 @@ class Session(NoticeSink):
         self.peer = peer
         self.daemon = daemon
         self.hello_done = False
+        self.guest_name = ""
         self.memory = GuestMemory()
         self.grants = GrantTable(self.memory)
         self.devices: dict[int, DeviceSlot] = {}
@@ -185,7 +193,7 @@ class Session(NoticeSink):
 
     async def _dispatch(self, msg: Message, fds: list[int]) -> bytes | Message:
         if isinstance(msg, Hello):
-            return self._hello(msg)
+            return await self._hello(msg)
         if not self.hello_done:
             raise ProtocolError(errno.EPROTO, f"{msg.code.name} before HELLO")
         match msg:
@@ -225,19 +233,31 @@ class Session(NoticeSink):
             case DaemonStatus():
                 if self.daemon is None:
                     raise ControlError(errno.EOPNOTSUPP, "DAEMON_STATUS: no daemon view")
-                return StatsReply(await _resolved(self.daemon.status(msg.conn, msg.devid)))
+                # "self" names the asking connection, so a tool can leave itself out.
+                return StatsReply(await _resolved(self.daemon.status(msg.conn, msg.devid))
+                                  | {"self": str(self.conn_id)})
             case RingDump():
                 if self.daemon is None:
                     raise ControlError(errno.EOPNOTSUPP, "RING_DUMP: no daemon view")
                 return await _resolved(self.daemon.ring_dump(msg.conn, msg.devid, msg.ring))
         raise ProtocolError(errno.EOPNOTSUPP, f"{msg.code.name}: not handled")
 
-    def _hello(self, msg: Hello) -> HelloReply:
+    async def _hello(self, msg: Hello) -> HelloReply:
         if self.hello_done:
             raise ProtocolError(errno.EPROTO, "HELLO sent twice")
         if msg.version != PROTOCOL_VERSION:
             raise ProtocolError(errno.EOPNOTSUPP,
                                 f"HELLO: version {msg.version}, daemon speaks {PROTOCOL_VERSION}")
+        name = msg.info.get("name")  # other keys are reserved and ignored
+        if name is not None:
+            if not GUEST_NAME.fullmatch(name):
+                raise ProtocolError(errno.EINVAL, f"HELLO: guest name {name!r}: 1-64 of "
+                                    "A-Z a-z 0-9 . _ : -, starting with a letter or digit")
+            if self.daemon is not None and await _resolved(
+                    self.daemon.guest_name_in_use(name)):
+                raise ControlError(errno.EEXIST, f"HELLO: guest name {name!r} is in use "
+                                   "by another connection")
+            self.guest_name = name
         self.hello_done = True
         return HelloReply(PROTOCOL_VERSION, msg.features & SUPPORTED_FEATURES)
 
@@ -340,7 +360,8 @@ class Session(NoticeSink):
 
     def status(self) -> dict[str, str]:
         """This connection's own part of DAEMON_STATUS, keys relative to "conn.<id>."."""
-        return {"peer": self.peer, "devices": str(len(self.devices)),
+        return {"peer": self.peer, "guest": self.guest_name,
+                "devices": str(len(self.devices)),
                 "requests": str(self.requests), "errors": str(self.errors),
                 "memory_bytes": str(sum(size for _, size in self.memory.regions)),
                 "memory_regions": str(len(self.memory.regions)),

@@ -38,7 +38,7 @@ import uvloop
 from .config import Config
 from .errors import ControlError
 from .log import EventLog
-from .metrics import render
+from .metrics import render_status
 from .protocol.messages import ALL_DEVICES, RingDumpReply
 from .server import Server, status_page
 from .worker import (
@@ -192,6 +192,7 @@ class Worker:
     conn_id: int
     creds: tuple[int, int, int]
     pid: int = 0
+    guest_name: str = ""
     broker: socket.socket | None = None
     channel: asyncio.Future[Channel] = field(default_factory=_future)
     exited: asyncio.Future[int] = field(default_factory=_future)
@@ -395,6 +396,8 @@ class Supervisor(Server):
         op = msg.get("op")
         if op == "daemon_status":
             return {"status": await self.gather_status(int(msg["conn"]), int(msg["devid"]))}
+        if op == "guest_name":
+            return {"in_use": await self.claim_guest_name(conn_id, str(msg["name"]))}
         if op == "ring_dump":
             return ring_dump_to_json(await self.forward_ring_dump(
                 int(msg["conn"]), int(msg["devid"]), int(msg["ring"])))
@@ -421,33 +424,59 @@ class Supervisor(Server):
             # marks that worker only.
             return {**ident, "worker": "bad_reply"}, {}
 
+    async def _gather(self, conn: int = 0) -> dict[int, Any]:
+        """Every worker's part at or after connection `conn`, asked all at once."""
+        chosen = [w for cid, w in sorted(self.workers.items()) if cid >= conn]
+        answers = await asyncio.gather(*(self._worker_status(w) for w in chosen))
+        return {w.conn_id: (lambda s=summary: s,
+                            {d: (lambda p=part: p) for d, part in devices.items()})
+                for w, (summary, devices) in zip(chosen, answers, strict=True)}
+
     async def gather_status(self, conn: int = 0, devid: int = ALL_DEVICES) -> dict[str, str]:
         """One DAEMON_STATUS page, gathered from every worker at or after the cursor. A
         worker that does not answer in time is listed with `worker=unresponsive`."""
-        chosen = [w for cid, w in sorted(self.workers.items()) if cid >= conn]
-        answers = await asyncio.gather(*(self._worker_status(w) for w in chosen))
-        views = {w.conn_id: (lambda s=summary: s,
-                             {d: (lambda p=part: p) for d, part in devices.items()})
-                 for w, (summary, devices) in zip(chosen, answers, strict=True)}
-        page = status_page(views, conn, devid)
-        page["connections"] = str(len(self.workers))
-        return page
+        views = await self._gather(conn)
+        return status_page(self.status_header(len(self.workers)), views, conn, devid)
+
+    async def gather_full_status(self) -> dict[str, str]:
+        """Every page merged, from one gathering (the metrics endpoint)."""
+        views = await self._gather()
+        out: dict[str, str] = {}
+        cursor = (0, ALL_DEVICES)
+        while True:
+            page = status_page(self.status_header(len(self.workers)), views, *cursor)
+            nxt = page.pop("next.conn", None), page.pop("next.devid", None)
+            out.update(page)
+            if nxt[0] is None or nxt[1] is None:
+                return out
+            cursor = (int(nxt[0]), int(nxt[1]))
 
     async def prometheus_text(self) -> str:
-        """Every worker's device counters for the metrics endpoint; a worker that does
-        not answer in time is left out of this scrape (its counters resume later)."""
-        chosen = sorted(self.workers.items())
-        answers = await asyncio.gather(*(self._worker_status(w) for _, w in chosen))
-        devices = []
-        for (cid, _), (_, parts) in zip(chosen, answers, strict=True):
-            for d, part in sorted(parts.items()):
-                prefix = f"dev.{d}.stat."
-                counters = {k[len(prefix):]: int(v) for k, v in part.items()
-                            if k.startswith(prefix)}
-                labels = {"conn": str(cid), "devid": str(d),
-                          "type": part.get(f"dev.{d}.type", "")}
-                devices.append((labels, counters))
-        return render(devices)
+        """The metrics endpoint's text: every worker's guests, gathered."""
+        return render_status(await self.gather_full_status())
+
+    async def claim_guest_name(self, conn_id: int, name: str) -> bool:
+        """HELLO's guest name for `conn_id`, unless another live worker holds it; True if
+        it is in use. Claimed here, in the supervisor's one loop, so that two workers
+        cannot both take a name."""
+        for other in list(self.workers.values()):
+            if other.conn_id == conn_id or other.guest_name != name:
+                continue
+            # A worker that died (its VMM reconnecting) may not be reaped yet: a closed
+            # channel means it holds nothing.
+            try:
+                await (await other.channel).request({"op": "status"}, WORKER_STATUS_TIMEOUT)
+            except ChannelClosed:
+                other.guest_name = ""
+                continue
+            except TimeoutError:
+                pass
+            if other.guest_name == name:
+                return True
+        worker = self.workers.get(conn_id)
+        if worker is not None:
+            worker.guest_name = name
+        return False
 
     async def forward_ring_dump(self, conn: int, devid: int, ring: int) -> RingDumpReply:
         worker = self.workers.get(conn)

@@ -347,6 +347,12 @@ class SupervisorView:
             {"op": "daemon_status", "conn": conn, "devid": devid}))
         return {str(k): str(v) for k, v in reply["status"].items()}
 
+    async def guest_name_in_use(self, name: str) -> bool:
+        assert self.channel is not None
+        reply = raise_for_error(await self.channel.request({"op": "guest_name",
+                                                            "name": name}))
+        return bool(reply["in_use"])
+
     async def ring_dump(self, conn: int, devid: int, ring: int) -> RingDumpReply:
         assert self.channel is not None
         reply = raise_for_error(await self.channel.request(
