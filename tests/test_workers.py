@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import mmap
 import os
 import random
@@ -307,7 +308,9 @@ async def test_status_stats_metrics_and_ring_dump_gather_every_worker(tmp_path):
         stats = await asyncio.to_thread(subprocess.run, [*run, "stats", "--prometheus"],
                                         capture_output=True, text=True, timeout=GUARD)
         assert stats.returncode == 0, stats.stderr
-        assert f'conn="{a.conn}"' in stats.stdout and f'conn="{b.conn}"' in stats.stdout
+        for c in (a.conn, b.conn):
+            assert (f'backendd_blk_writes_total{{guest="conn-{c}",devid="{DEVID}",'
+                    f'type="blk"}} 1') in stats.stdout
         dump = await asyncio.to_thread(subprocess.run,
                                        [*run, "ring-dump", str(b.conn), str(DEVID)],
                                        capture_output=True, text=True, timeout=GUARD)
@@ -316,7 +319,8 @@ async def test_status_stats_metrics_and_ring_dump_gather_every_worker(tmp_path):
         scrape = await http_get(port, "/metrics")
         assert scrape.startswith("HTTP/1.0 200")
         for c in (a.conn, b.conn):
-            assert f'backendd_writes{{conn="{c}",devid="{DEVID}",type="blk"}} 1' in scrape
+            assert (f'backendd_blk_writes_total{{guest="conn-{c}",devid="{DEVID}",'
+                    f'type="blk"}} 1') in scrape
         missing = await asyncio.to_thread(subprocess.run, [*run, "ring-dump", "99", "1"],
                                           capture_output=True, text=True, timeout=GUARD)
         assert missing.returncode == 1 and "no such connection" in missing.stderr
@@ -512,5 +516,30 @@ async def test_the_supervisor_refuses_to_open_a_fifo_for_a_worker(tmp_path):
         finally:
             await client.close()
         assert "event=broker_refused" in daemon.log()
+    finally:
+        await daemon.stop()
+
+
+async def test_a_guest_name_is_held_by_one_worker_and_freed_by_its_crash(tmp_path):
+    """HELLO's guest name is unique across workers (the supervisor claims it), and a
+    worker killed with SIGKILL frees it for its VMM's reconnection."""
+    daemon = Daemon(tmp_path)
+    await daemon.start()
+    try:
+        first = await VmmClient.connect(daemon.sock, name="vm-1")
+        try:
+            status = await daemon.status()
+            conn = next(int(k.split(".")[1]) for k, v in status.items()
+                        if k.endswith(".guest") and v == "vm-1")
+            with pytest.raises(RequestFailed) as exc:
+                await VmmClient.connect(daemon.sock, name="vm-1")
+            assert exc.value.code == errno.EEXIST
+            os.kill(int(status[f"conn.{conn}.worker_pid"]), signal.SIGKILL)
+            # Reconnecting at once, before or after the supervisor hears of the exit.
+            again = await VmmClient.connect(daemon.sock, name="vm-1")
+            await again.close()
+        finally:
+            with contextlib.suppress(ConnectionLost, RequestFailed):
+                await first.close()
     finally:
         await daemon.stop()
