@@ -543,3 +543,15 @@ async def test_a_guest_name_is_held_by_one_worker_and_freed_by_its_crash(tmp_pat
                 await first.close()
     finally:
         await daemon.stop()
+
+
+def test_process_model_and_worker_user_are_checked():
+    from backendd.config import ConfigFileError, parse_config
+
+    config = parse_config('[daemon]\nprocess_model = "per-connection"\nworker_user = "nobody"\n')
+    assert config.daemon.process_model == "per-connection"
+    assert parse_config("").daemon.process_model == "single"
+    with pytest.raises(ConfigFileError, match="process_model"):
+        parse_config('[daemon]\nprocess_model = "per-guest"\n')
+    with pytest.raises(ConfigFileError, match="worker_user: no user"):
+        parse_config('[daemon]\nworker_user = "no-such-user-here"\n')
