@@ -137,12 +137,23 @@ def _zygote_main(config: Config, sock: socket.socket) -> None:
                     for fd in fds:
                         os.close(fd)
                     continue
-                pid = _fork_worker(config, sock, sel, req, fds)
-                for fd in fds:
-                    os.close(fd)
-                pidfd = os.pidfd_open(pid)
-                sel.register(pidfd, selectors.EVENT_READ, (pid, req["conn"]))
+                try:
+                    pid = _fork_worker(config, sock, sel, req, fds)
+                except OSError as exc:  # EAGAIN, ENOMEM: this connection fails, not all
+                    _send_json(sock, {"failed": req["conn"], "errno": exc.errno})
+                    continue
+                finally:
+                    for fd in fds:
+                        os.close(fd)
                 _send_json(sock, {"spawned": req["conn"], "pid": pid})
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:
+                    # Cannot watch it: wait for it here, as the exit is reported.
+                    _, status = os.waitpid(pid, 0)
+                    _send_json(sock, {"exited": req["conn"], "pid": pid, "status": status})
+                    continue
+                sel.register(pidfd, selectors.EVENT_READ, (pid, req["conn"]))
             else:
                 pid, conn = key.data
                 sel.unregister(key.fd)
@@ -360,6 +371,9 @@ class Supervisor(Server):
             msg = json.loads(data)
             if "spawned" in msg:
                 self.loop.create_task(self._spawned(int(msg["spawned"]), int(msg["pid"])))
+            elif "failed" in msg:
+                self.loop.create_task(self._spawn_failed(int(msg["failed"]),
+                                                         int(msg["errno"] or 0)))
             elif "exited" in msg:
                 self.loop.create_task(self._exited(int(msg["exited"]), int(msg["pid"]),
                                                    int(msg["status"])))
@@ -371,6 +385,16 @@ class Supervisor(Server):
         worker.pid = pid
         self.log.info("worker_started", conn=conn_id, worker_pid=pid,
                       pid=worker.creds[0], uid=worker.creds[1])
+
+    async def _spawn_failed(self, conn_id: int, code: int) -> None:
+        worker = self.workers.pop(conn_id, None)
+        self.log.error("worker_spawn_failed", conn=conn_id,
+                       error=os.strerror(code) if code else "fork failed")
+        if worker is not None:
+            self._close_broker(worker)
+            await (await worker.channel).close()
+            if not worker.exited.done():
+                worker.exited.set_result(-1)
 
     async def _exited(self, conn_id: int, pid: int, status: int) -> None:
         worker = self.workers.pop(conn_id, None)
