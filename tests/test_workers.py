@@ -555,3 +555,29 @@ def test_process_model_and_worker_user_are_checked():
         parse_config('[daemon]\nprocess_model = "per-guest"\n')
     with pytest.raises(ConfigFileError, match="worker_user: no user"):
         parse_config('[daemon]\nworker_user = "no-such-user-here"\n')
+
+
+def test_socket_activation_per_connection(tmp_path):
+    """Handed the listening socket by systemd (LISTEN_FDS), the supervisor serves it
+    through workers; neither the zygote nor a worker holds the listening socket."""
+    from test_daemon_process import cli, start_activated
+
+    daemon = start_activated(tmp_path, '[daemon]\nprocess_model = "per-connection"\n')
+    try:
+        daemon.datagrams(until=b"READY=1")
+        status = cli("status", path=daemon.path)
+        assert status.returncode == 0, status.stderr
+        sup = daemon.proc.pid
+        listener = os.readlink(f"/proc/{sup}/fd/3")
+        assert listener.startswith("socket:")
+        children = Path(f"/proc/{sup}/task/{sup}/children").read_text().split()
+        assert len(children) == 1  # the zygote; the status worker is its child, and gone
+        zygote = int(children[0])
+        held = {os.readlink(f"/proc/{zygote}/fd/{fd}")
+                for fd in os.listdir(f"/proc/{zygote}/fd")}
+        assert listener not in held
+        daemon.proc.terminate()
+        assert daemon.proc.wait(timeout=GUARD) == 0
+        daemon.datagrams(until=b"STOPPING=1")
+    finally:
+        daemon.close()
