@@ -34,6 +34,7 @@ from rings.ring import FrontRing, SharedRing
 from .evtchn import GuestPort, new_channel_pair
 from .gnttab import GuestGrantTable
 from .memory import GuestRAM
+from .vmm import ConnectionLost, VmmClient
 
 _ABI_BY_NAME = {name: abi for abi, name in BLKIF_PROTOCOL_NAMES.items()}
 SEGS_PER_INDIRECT_PAGE = PAGE_SIZE // 8
@@ -64,7 +65,8 @@ class BlkFront:
     def __init__(self, ram: GuestRAM, gnttab: GuestGrantTable, devid: int, *,
                  queues: int = 1, ring_order: int = 0, abi: str = "x86_64-abi",
                  backend_keys: Mapping[str, str] | None = None, first_port: int = 1,
-                 seed: int = 0, domid: int = 0, random_layout: bool = True) -> None:
+                 seed: int = 0, domid: int = 0, random_layout: bool = True,
+                 max_inflight: int | None = None) -> None:
         self.ram = ram
         self.gnttab = gnttab
         self.devid = devid
@@ -82,6 +84,7 @@ class BlkFront:
         self._next_id = 0
         self._rr = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._init_bounds(max_inflight)
         self.queues: list[_Queue] = []
         for q in range(queues):
             pages = [ram.alloc_page() for _ in range(1 << ring_order)]
@@ -126,6 +129,11 @@ class BlkFront:
     @property
     def max_indirect_segments(self) -> int:
         return int(self.backend_keys.get("feature-max-indirect-segments", 0))
+
+    @property
+    def started(self) -> bool:
+        """Whether start() ran: responses are being collected."""
+        return self._loop is not None
 
     def start(self) -> None:
         """Begin collecting responses (call once, on the running loop)."""
@@ -184,8 +192,10 @@ class BlkFront:
         (operation, status). Tests use it to send malformed requests."""
         q = self._pick(queue)
         while q.front.free_requests() == 0:
+            self._check_lost()
             q.space.clear()
             await q.space.wait()
+        self._check_lost()
         assert self._loop is not None, "start() first"
         fut = self._loop.create_future()
         q.waiters[rid] = fut
@@ -236,29 +246,49 @@ class BlkFront:
         if -(-nsectors // 8) > max_segs:
             raise ValueError(f"{nbytes} bytes do not fit one request")
         layout = self._layout(nsectors, max_segs)
+        async with self._slot():
+            return await self._data_request_in_slot(op, sector, data, queue, use_indirect,
+                                                    layout)
+
+    async def _data_request_in_slot(self, op: int, sector: int, data: bytes | None,
+                                    queue: int | None, use_indirect: bool,
+                                    layout: list[tuple[int, int]]) -> bytes:
         readonly = op == BlkifOp.WRITE  # the backend only reads pages we write from
-        grants: list[tuple[int, int]] = []
-        segs: list[tuple[int, int, int]] = []
-        slices: list[tuple[int, int, int]] = []  # (gfn, byte offset, length)
-        pos = 0
-        for first, n in layout:
-            gfn = self._page()
-            if data is not None:
-                self.ram.write(gfn * PAGE_SIZE + first * SECTOR_SIZE,
-                               data[pos:pos + n * SECTOR_SIZE])
-            gref = self.gnttab.grant_access(gfn, self.domid, readonly=readonly)
-            grants.append((gref, gfn))
-            segs.append((gref, first, first + n - 1))
-            slices.append((gfn, first * SECTOR_SIZE, n * SECTOR_SIZE))
-            pos += n * SECTOR_SIZE
-        rid = self.new_id()
-        if use_indirect:
-            raw = self._indirect(op, rid, sector, segs, grants)
-        else:
-            flat = [v for s in segs for v in s]
-            flat += [0, 0, 0] * (BLKIF_MAX_SEGMENTS_PER_REQUEST - len(segs))
-            raw = self.codecs.request.pack(op, len(segs), self.devid & 0xFFFF, rid, sector,
-                                           *flat)
+        while True:
+            grants: list[tuple[int, int]] = []
+            segs: list[tuple[int, int, int]] = []
+            slices: list[tuple[int, int, int]] = []  # (gfn, byte offset, length)
+            pos = 0
+            rid = self.new_id()
+            try:
+                for first, n in layout:
+                    gfn = self._page()
+                    if data is not None:
+                        self.ram.write(gfn * PAGE_SIZE + first * SECTOR_SIZE,
+                                       data[pos:pos + n * SECTOR_SIZE])
+                    try:
+                        gref = self.gnttab.grant_access(gfn, self.domid, readonly=readonly)
+                    except MemoryError:
+                        self._free_pages.append(gfn)
+                        raise
+                    grants.append((gref, gfn))
+                    segs.append((gref, first, first + n - 1))
+                    slices.append((gfn, first * SECTOR_SIZE, n * SECTOR_SIZE))
+                    pos += n * SECTOR_SIZE
+                if use_indirect:
+                    raw = self._indirect(op, rid, sector, segs, grants)
+                else:
+                    flat = [v for s in segs for v in s]
+                    flat += [0, 0, 0] * (BLKIF_MAX_SEGMENTS_PER_REQUEST - len(segs))
+                    raw = self.codecs.request.pack(op, len(segs), self.devid & 0xFFFF, rid,
+                                                   sector, *flat)
+            except MemoryError:
+                # Grant table or RAM full: give back what we took and wait for a request
+                # in flight to end (raises if none is, so nothing could ever free them).
+                self._revoke(grants)
+                await self._wait_for_resources()
+                continue
+            break
         try:
             rop, status = await self.send_raw(raw, rid, queue)
         except BaseException:
@@ -282,7 +312,11 @@ class BlkFront:
             for i, seg in enumerate(segs[start:start + SEGS_PER_INDIRECT_PAGE]):
                 seg_codec.pack_into(page, i * 8, *seg)
             self.ram.write(gfn * PAGE_SIZE, page)
-            gref = self.gnttab.grant_access(gfn, self.domid, readonly=True)
+            try:
+                gref = self.gnttab.grant_access(gfn, self.domid, readonly=True)
+            except MemoryError:
+                self._free_pages.append(gfn)
+                raise
             grants.append((gref, gfn))
             igrefs.append(gref)
         igrefs += [0] * (8 - len(igrefs))
@@ -301,7 +335,8 @@ class BlkFront:
                     op: int = BlkifOp.FLUSH_DISKCACHE) -> None:
         rid = self.new_id()
         raw = self.codecs.request.pack(op, 0, self.devid & 0xFFFF, rid, 0, *[0] * 33)
-        rop, status = await self.send_raw(raw, rid, queue)
+        async with self._slot():
+            rop, status = await self.send_raw(raw, rid, queue)
         if status != BlkifStatus.OKAY:
             raise BlkIOError(rop, status)
 
@@ -310,9 +345,142 @@ class BlkFront:
         rid = self.new_id()
         raw = self.codecs.discard.pack(BlkifOp.DISCARD, int(secure), self.devid & 0xFFFF,
                                        rid, sector, nsectors)
-        rop, status = await self.send_raw(raw, rid, queue)
+        async with self._slot():
+            rop, status = await self.send_raw(raw, rid, queue)
         if status != BlkifStatus.OKAY:
             raise BlkIOError(rop, status)
+
+    # --- bounds: requests in flight, grant table and RAM --------------------------------
+
+    def _init_bounds(self, max_inflight: int | None) -> None:
+        # At most this many requests between taking their resources and their response;
+        # None: as many as the rings hold. Callers beyond it wait their turn.
+        self.max_inflight = max_inflight
+        self._slots: asyncio.Semaphore | None = None
+        self._holding = 0  # requests holding grants and pages
+        self._released = asyncio.Event()
+        self._lost: BaseException | None = None
+
+    @contextlib.asynccontextmanager
+    async def _slot(self):
+        if self._slots is None:
+            bound = self.max_inflight or sum(q.front.size for q in self.queues)
+            self._slots = asyncio.Semaphore(max(1, bound))
+        async with self._slots:
+            self._check_lost()
+            self._holding += 1
+            try:
+                yield
+            finally:
+                self._holding -= 1
+                self._released.set()
+
+    async def _wait_for_resources(self) -> None:
+        """The grant table or RAM is full: wait until a request in flight gives some back.
+        With none in flight nothing ever will: the guest is too small for the request."""
+        self._check_lost()
+        if self._holding <= 1:  # only the caller itself
+            raise MemoryError("grant table or guest RAM too small for one request")
+        self._released.clear()
+        await self._released.wait()
+        self._check_lost()
+
+    # --- losing the daemon ----------------------------------------------------------------
+
+    def _check_lost(self) -> None:
+        if self._lost is not None:
+            raise self._lost
+
+    def fail_pending(self, exc: BaseException) -> None:
+        """The daemon is gone and will not answer: every request waiting for a response,
+        for ring space or for resources fails with `exc`, and so do new ones until
+        resume(). Their grants stay with the requests' pages until the guest revokes."""
+        self._lost = exc
+        for q in self.queues:
+            waiters, q.waiters = q.waiters, {}
+            for fut in waiters.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+            q.space.set()
+        self._released.set()
+
+    def resume(self) -> None:
+        """Accept requests again (after reconnecting to a daemon)."""
+        self._lost = None
+
+    def watch(self, client: VmmClient, keep_pending: bool = False) -> None:
+        """Tie this frontend to the control connection that serves it. When that
+        connection is lost: with keep_pending False, pending requests fail with
+        ConnectionLost instead of waiting forever; with True (an in-flight table was
+        given with SET_INFLIGHT), they stay pending for the daemon that takes over."""
+        def lost() -> None:
+            if not keep_pending:
+                self.fail_pending(ConnectionLost(f"blk {self.devid}: connection to the "
+                                                 "daemon lost"))
+        client.add_lost_callback(lost)
+
+    # --- byte-granular I/O ------------------------------------------------------------
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest read or write one request carries (whole pages per segment)."""
+        segs = self.max_indirect_segments or BLKIF_MAX_SEGMENTS_PER_REQUEST
+        return segs * PAGE_SIZE // self.sector_size * self.sector_size
+
+    async def _chunked(self, op: int, offset: int, buf: bytearray) -> None:
+        """Read into, or write from, `buf` at sector-aligned `offset`, in requests no
+        larger than max_request_bytes, all in flight at once (within the bound)."""
+        step = self.max_request_bytes
+
+        async def one(pos: int) -> None:
+            n = min(step, len(buf) - pos)
+            sector = (offset + pos) // SECTOR_SIZE
+            if op == BlkifOp.WRITE:
+                await self.write(sector, bytes(buf[pos:pos + n]))
+            else:
+                buf[pos:pos + n] = await self.read(sector, n)
+
+        tasks = [asyncio.ensure_future(one(pos)) for pos in range(0, len(buf), step)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        """`length` bytes at byte `offset`, any alignment and size: split into requests,
+        the sectors around an unaligned range read and trimmed."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"range {offset}+{length}")
+        if length == 0:
+            return b""
+        ss = self.sector_size
+        start = offset // ss * ss
+        end = -(-(offset + length) // ss) * ss
+        buf = bytearray(end - start)
+        await self._chunked(BlkifOp.READ, start, buf)
+        return bytes(buf[offset - start:offset - start + length])
+
+    async def write_at(self, offset: int, data: bytes) -> None:
+        """Write `data` at byte `offset`, any alignment and size. Partly covered sectors
+        at either end are read first and written back whole (read-modify-write), so two
+        concurrent unaligned writes that share a sector must be ordered by the caller,
+        as a filesystem orders writes to one block."""
+        if offset < 0:
+            raise ValueError(f"offset {offset}")
+        if not data:
+            return
+        ss = self.sector_size
+        start = offset // ss * ss
+        end = -(-(offset + len(data)) // ss) * ss
+        buf = bytearray(end - start)
+        if start != offset:
+            buf[:ss] = await self.read(start // SECTOR_SIZE, ss)
+        if end != offset + len(data) and (end - ss > start or start == offset):
+            buf[-ss:] = await self.read((end - ss) // SECTOR_SIZE, ss)
+        buf[offset - start:offset - start + len(data)] = data
+        await self._chunked(BlkifOp.WRITE, start, buf)
 
     # --- teardown ----------------------------------------------------------------------
 
