@@ -39,9 +39,9 @@ async def test_bad_requests_are_logged_at_warning_within_the_burst(daemon, tmp_p
     finally:
         await client.close()
         guest.close()
-    lines = [line for line in daemon.log_lines() if "event=guest_bad_request" in line]
+    lines = [line for line in daemon.log_lines() if "event=guest_error" in line]
     # guest_log_burst (10) lines a minute for this device, at warning, naming it.
     assert len(lines) == 10, daemon.log_lines()
     assert all(line.startswith("<4>level=warning") and f"devid={DEVID}" in line
-               for line in lines)
+               and "kind=bad_request" in line for line in lines)
     assert "beyond the disk" in lines[0], lines[0]

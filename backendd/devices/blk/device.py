@@ -103,8 +103,10 @@ class BlkDevice(Device):
                     # disconnect.
                     for gref in qk.ring_refs:
                         maps.append(self.ctx.grants.map(gref, writable=True))
-                    shared = SharedRing.over_pages([m.page_view() for m in maps],
-                                                   codecs.entry_size)
+                    # Whole pages only: a v2 sub-page grant is the guest's error.
+                    shared = SharedRing.over_pages(
+                        [m.whole_page(f"ring page {n}") for n, m in enumerate(maps)],
+                        codecs.entry_size)
                 except BaseException:
                     for m in maps:
                         m.release()
@@ -172,8 +174,8 @@ class BlkDevice(Device):
             log.debug("blk %d: %s", self.devid, message)
             return
         conn = self.ctx.extras.get("conn")
-        guest_log.warning((conn, self.devid, "bad_request"), "guest_bad_request",
-                          conn=conn, devid=self.devid, message=message)
+        guest_log.warning((conn, self.devid, "bad_request"), "guest_error", conn=conn,
+                          devid=self.devid, kind="bad_request", message=message)
 
     def _corrupt(self, message: str) -> None:
         log.warning("blk %d: frontend misbehaved: %s", self.devid, message)
