@@ -10,8 +10,10 @@
  *  - An error reply from the daemon returns its -errno; bkd_last_error() gives the
  *    daemon's message. The connection carries on.
  *  - A transport or framing failure (daemon gone, malformed reply, fds where none may
- *    come) returns -EPIPE, -ECONNRESET or -EPROTO and marks the client dead: every later
- *    call returns -EPIPE. Close it and reconnect (see "After a restart" in protocol.md).
+ *    come, no reply within bkd_set_timeout) returns -errno (-ECONNRESET, -EPROTO,
+ *    -ETIMEDOUT, or the failed send's) and marks the client dead: every later
+ *    call returns -EPIPE. Close it and reconnect (protocol.md, SET_INFLIGHT: the replay
+ *    after a restart).
  *
  * File descriptors passed in are never closed by the library: the daemon receives its own
  * copies (SCM_RIGHTS), so the caller may close its fds once the call returns.
