@@ -60,7 +60,8 @@ async def test_read_at_write_at_split_and_read_modify_write(daemon, tmp_path, se
         guest.close()
 
 
-async def test_a_full_grant_table_waits_instead_of_raising(daemon, tmp_path):
+@pytest.mark.parametrize("persistent", [False, True], ids=["grants", "persistent"])
+async def test_a_full_grant_table_waits_instead_of_raising(daemon, tmp_path, persistent):
     path = image(tmp_path)
     client = await VmmClient.connect(daemon.path)
     # One frame: 504 grefs for the guest, while 64 writes of 1 MiB need 257 each.
@@ -68,11 +69,14 @@ async def test_a_full_grant_table_waits_instead_of_raising(daemon, tmp_path):
     try:
         await guest.attach(client)
         _, keys = await client.add_device(DEVID, "blk", {"path": str(path)})
-        front = BlkFront(guest.ram, guest.gnttab, DEVID, queues=2, backend_keys=keys)
-        await connect_front(client, front)
+        front = BlkFront(guest.ram, guest.gnttab, DEVID, queues=2, backend_keys=keys,
+                         persistent=persistent)
+        _, keys = await connect_front(client, front)
+        assert front.use_persistent == persistent
         blobs = [random.Random(i).randbytes(MiB) for i in range(8)]
-        await asyncio.gather(*(front.write(i % 8 * 2048, blobs[i % 8], indirect=True)
-                               for i in range(64)))
+        await asyncio.wait_for(asyncio.gather(
+            *(front.write(i % 8 * 2048, blobs[i % 8], indirect=True) for i in range(64))),
+            120)  # a guard against a hang, not a timing
         reads = await asyncio.gather(*(front.read(i * 2048, MiB) for i in range(8)))
         assert reads == blobs
         front.close()
