@@ -16,6 +16,12 @@ revoked only by close().
 
 Responses are collected without blocking the loop: each queue's call eventfd is watched
 with loop.add_reader.
+
+For callers that think in bytes, read_at/write_at take any offset and length, split them
+into requests and read-modify-write partly covered sectors. At most max_inflight requests
+hold pages and grants at once; when the grant table or RAM is full a request waits for
+one in flight to end. watch(client) makes pending requests fail with ConnectionLost when
+the daemon goes away, instead of waiting for a response that will never come.
 """
 
 from __future__ import annotations
