@@ -24,6 +24,7 @@ from backendd.guest.machine import SimGuest
 from backendd.guest.vmm import VmmClient
 from rings.consts import GTF_READING, GTF_WRITING, PAGE_SIZE, XenbusState
 
+from .loadgen import contiguous, daemon_cpu, start_ready
 from .native import build
 
 DEVID = 51712  # xvda
@@ -86,33 +87,6 @@ class LoadResult:
         return self.daemon_cpu_s / self.ios * 1e6
 
 
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds of pid and its descendants: each live one's utime + stime + cutime +
-    cstime (a reaped child's time moves into its parent's cutime/cstime, so the sum does
-    not jump when one exits)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    pending = [pid]
-    while pending:
-        p = pending.pop()
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        # fields[0] is field 3 (state): utime 14, stime 15, cutime 16, cstime 17.
-        total += sum(int(v) for v in fields[11:15])
-        for task in os.listdir(f"/proc/{p}/task") if os.path.isdir(f"/proc/{p}/task") else ():
-            with contextlib.suppress(FileNotFoundError), \
-                    open(f"/proc/{p}/task/{task}/children") as f:
-                pending.extend(int(c) for c in f.read().split())
-    return total / tick
-
-
-def daemon_cpu(pid: int | None) -> float | None:
-    return None if pid is None else _proc_cpu(pid)
-
-
 def _pages_per_request(bs: int) -> tuple[int, int]:
     nsegs = bs // PAGE_SIZE
     nind = -(-nsegs // SEGMENTS_PER_INDIRECT_PAGE) if nsegs > DIRECT_SEGMENTS else 0
@@ -124,12 +98,6 @@ def _ring_order(qd: int) -> int:
     while RING_ENTRIES_PER_PAGE << order < qd:
         order += 1
     return order
-
-
-def _contiguous(frames: list[int]) -> int:
-    if frames != list(range(frames[0], frames[0] + len(frames))):
-        raise RuntimeError("guest RAM allocator handed out non-contiguous frames")
-    return frames[0]
 
 
 async def run_load(socket_path: str, image: str, load: Load, *,
@@ -177,7 +145,7 @@ async def run_load(socket_path: str, image: str, load: Load, *,
         ring_grefs: list[int] = []
         for q in range(load.queues):
             frames = [ram.alloc_page() for _ in range(1 << order)]
-            first = _contiguous(frames)
+            first = contiguous(frames)
             grefs = [gt.grant_access(gfn) for gfn in frames]
             ring_grefs += grefs
             prefix = f"queue-{q}/" if load.queues > 1 else ""
@@ -193,7 +161,7 @@ async def run_load(socket_path: str, image: str, load: Load, *,
             fds.append(call)
             channels.append((port, kick, call))
             queue_args += ["--queue", f"{first}:{order}:{kick}:{call}"]
-        frame_first = _contiguous([ram.alloc_page() for _ in range(data_pages)])
+        frame_first = contiguous([ram.alloc_page() for _ in range(data_pages)])
         # Python's grant allocator hands out the lowest free entries: everything above
         # the rings' grants is the program's.
         gref_first = max(ring_grefs) + 1
@@ -213,14 +181,10 @@ async def run_load(socket_path: str, image: str, load: Load, *,
         args += ["--count", str(load.count)] if load.count else ["--seconds", str(load.seconds)]
         if load.verify:
             args.append("--verify")
-        proc = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, pass_fds=[ram.fd, gt.fd, *fds])
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        ready = await proc.stdout.readline()
-        if ready.strip() != b"ready":
-            await proc.wait()
-            raise LoadFailed(f"blkfront_load did not start: {(await proc.stderr.read()).decode()}")
+        proc, why = await start_ready(args, [ram.fd, gt.fd, *fds])
+        if why or proc.returncode is not None:
+            raise LoadFailed(f"blkfront_load did not start: {why}")
+        assert proc.stdin is not None
 
         _, ckeys = await client.frontend_state(DEVID, XenbusState.CONNECTED, fkeys, channels)
         for fd in fds:  # the daemon and the program have their own now

@@ -1,5 +1,5 @@
-"""The benchmarks' C programs (blkfront_load, eventfd_pingpong): built with the Debian gcc
-against Xen's public headers, on demand, into build/native/ of the checkout.
+"""The benchmarks' C programs (blkfront_load, netfront_load, eventfd_pingpong): built with
+the Debian gcc against Xen's public headers, on demand, into build/native/ of the checkout.
 
     python -m bench.native          build them all (what `make bench` and `make test` run)
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parent
 OUT = SOURCES.parent.parent / "build" / "native"
-PROGRAMS = ("blkfront_load", "eventfd_pingpong")
+PROGRAMS = ("blkfront_load", "netfront_load", "eventfd_pingpong")
 CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-pthread"]
 SANITIZE = ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
             "-fno-sanitize-recover=all"]
