@@ -575,7 +575,17 @@ static int request_state(struct bkd_client *c, uint32_t code, const uint8_t *pay
 
 int bkd_connect_fd(int sock, uint64_t features, struct bkd_client **out)
 {
+    return bkd_connect_fd_info(sock, features, NULL, out);
+}
+
+int bkd_connect_fd_info(int sock, uint64_t features, const struct bkd_kv *info,
+                        struct bkd_client **out)
+{
     *out = NULL;
+    if (kv_check(info)) {
+        close(sock);
+        return -EINVAL;
+    }
     struct bkd_client *c = calloc(1, sizeof(*c));
     uint8_t *buf = malloc(BKD_HEADER_SIZE + BKD_MAX_PAYLOAD);
     if (!c || !buf) {
@@ -587,13 +597,22 @@ int bkd_connect_fd(int sock, uint64_t features, struct bkd_client **out)
     c->sock = sock;
     c->buf = buf;
     c->timeout_ms = -1;
-    /* HELLO: u32 version, u64 features. Reply: u32 version, u64 accepted features. */
-    uint8_t hello[12];
+    /* HELLO: u32 version, u64 features, then the optional kv (absent when empty).
+     * Reply: u32 version, u64 accepted features. */
+    size_t len = 12 + (info && info->count ? kv_encoded_size(info) : 0);
+    uint8_t *hello = len <= BKD_MAX_PAYLOAD ? malloc(len) : NULL;
+    if (!hello) {
+        bkd_close(c);
+        return len <= BKD_MAX_PAYLOAD ? -ENOMEM : -EMSGSIZE;
+    }
     put32(hello, BKD_PROTOCOL_VERSION);
     put64(hello + 4, features);
+    if (len > 12)
+        kv_encode(info, hello + 12);
     uint8_t *body;
     size_t blen;
-    int r = bkd_request_raw(c, BKD_HELLO, hello, sizeof(hello), NULL, 0, &body, &blen);
+    int r = bkd_request_raw(c, BKD_HELLO, hello, len, NULL, 0, &body, &blen);
+    free(hello);
     if (r == 0) {
         if (blen != 12) {
             r = -EPROTO;
@@ -615,6 +634,12 @@ int bkd_connect_fd(int sock, uint64_t features, struct bkd_client **out)
 
 int bkd_connect(const char *socket_path, uint64_t features, struct bkd_client **out)
 {
+    return bkd_connect_info(socket_path, features, NULL, out);
+}
+
+int bkd_connect_info(const char *socket_path, uint64_t features, const struct bkd_kv *info,
+                     struct bkd_client **out)
+{
     *out = NULL;
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (strlen(socket_path) >= sizeof(addr.sun_path))
@@ -628,7 +653,7 @@ int bkd_connect(const char *socket_path, uint64_t features, struct bkd_client **
         close(sock);
         return -e;
     }
-    return bkd_connect_fd(sock, features, out);
+    return bkd_connect_fd_info(sock, features, info, out);
 }
 
 void bkd_close(struct bkd_client *c)

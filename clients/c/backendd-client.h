@@ -111,6 +111,12 @@ int bkd_connect(const char *socket_path, uint64_t features, struct bkd_client **
 /* The same over an already connected AF_UNIX SOCK_STREAM socket, which the client takes
  * over (it is closed by bkd_close, or here on failure). */
 int bkd_connect_fd(int sock, uint64_t features, struct bkd_client **out);
+/* Both with HELLO's optional map (`info`, NULL or empty: the 12-byte HELLO), e.g.
+ * {"name": "vm1"} to name the guest in the daemon's status and metrics. */
+int bkd_connect_info(const char *socket_path, uint64_t features, const struct bkd_kv *info,
+                     struct bkd_client **out);
+int bkd_connect_fd_info(int sock, uint64_t features, const struct bkd_kv *info,
+                        struct bkd_client **out);
 /* Close the socket and free everything; queued notices are dropped. NULL is allowed.
  * The daemon then removes this guest's devices, grant table and memory. */
 void bkd_close(struct bkd_client *c);
