@@ -4,7 +4,6 @@ and its disks, which it can hand to a restarted daemon again."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -14,21 +13,8 @@ from rings.consts import PAGE_SIZE, XenbusState
 
 from .blkfront import BlkFront
 from .gnttab import GuestGrantTable
-from .memory import GuestRAM
+from .memory import GuestRAM, sealed_memfd
 from .vmm import VmmClient
-
-
-def sealed_memfd(name: str, size: int) -> int:
-    """A zero-filled memfd that can never shrink (F_SEAL_SHRINK), as a VMM hands the
-    daemon memory it maps."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 @dataclass

@@ -207,8 +207,9 @@ int bkd_next_notice(struct bkd_client *c, struct bkd_notice *out);
  * never lose their pages. It may still grow (ftruncate), as a growing grant table needs.
  * Returns the fd or -errno. */
 int bkd_memfd(const char *name, uint64_t size);
-/* An eventfd for one end of an event channel: eventfd(0, EFD_CLOEXEC | flags), where
- * flags may add EFD_NONBLOCK for the VMM's own use. Returns the fd or -errno. */
+/* An eventfd for one end of an event channel: eventfd(0, EFD_CLOEXEC | flags). The flags
+ * are the VMM's choice and the daemon never changes them; EFD_NONBLOCK is recommended
+ * (protocol.md, "What a VMM must do"). Returns the fd or -errno. */
 int bkd_eventfd(int flags);
 /* A kick/call eventfd pair for `port`: 0 or -errno (nothing left open on failure). */
 int bkd_channel_open(struct bkd_channel *ch, uint32_t port, int flags);

@@ -114,6 +114,13 @@ int main(int argc, char **argv)
     EXPECT(ftruncate(ram, 4096) < 0 && errno == EPERM, "shrink a sealed memfd");
     printf("memfd: F_SEAL_SHRINK set, grows, does not shrink\n");
 
+    /* fd kinds: memory must be a sealed memfd. */
+    int unsealed = memfd_create("unsealed", MFD_CLOEXEC);
+    EXPECT(unsealed >= 0 && ftruncate(unsealed, 4096) == 0, "memfd");
+    r = bkd_add_mem_region(c, 0, 4096, unsealed, 0);
+    EXPECT(r == -EBADF && strstr(bkd_last_error(c), "fd rule"), "unsealed memfd: %d", r);
+    close(unsealed);
+
     /* A guest that corrupts its ring: FRONTEND_MISBEHAVED arrives as a notice. */
     uint8_t *mem = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, ram, 0);
     EXPECT(mem != MAP_FAILED, "mmap");
@@ -138,6 +145,17 @@ int main(int argc, char **argv)
     bkd_kv_set(&keys, "ring-ref", "8");
     bkd_kv_set(&keys, "event-channel", "3");
     uint32_t state;
+    /* fd kinds: event channels must be eventfds; a pipe is refused, nothing changes. */
+    int pipefd[2];
+    EXPECT(pipe2(pipefd, O_CLOEXEC) == 0, "pipe");
+    struct bkd_channel bad_ch = {3, pipefd[0], pipefd[1]};
+    r = bkd_frontend_state(c, 51712, BKD_XB_CONNECTED, &keys, &bad_ch, 1, &state, NULL);
+    EXPECT(r == -EBADF && strstr(bkd_last_error(c), "eventfd"), "pipe as a channel: %d", r);
+    close(pipefd[0]);
+    close(pipefd[1]);
+    EXPECT(bkd_get_backend_state(c, 51712, &state, NULL) == 0 && state == BKD_XB_INIT_WAIT,
+           "device left InitWait after a refused connect: %u", state);
+    printf("fd rules: an unsealed memfd and a pipe refused with EBADF\n");
     EXPECT(bkd_frontend_state(c, 51712, BKD_XB_CONNECTED, &keys, &ch, 1, &state, NULL) == 0 &&
                state == BKD_XB_CONNECTED,
            "connect");
@@ -156,6 +174,23 @@ int main(int argc, char **argv)
     bkd_kv_free(&n.kv);
     uint32_t bstate;
     EXPECT(bkd_get_backend_state(c, 51712, &bstate, NULL) == 0, "daemon still answers");
+
+    /* Per-connection bound: memory regions until -ENOSPC; removing one makes room. */
+    unsigned added = 1; /* the region at gpa 0 */
+    for (;;) {
+        uint64_t gpa = 0x10000000ull + (uint64_t)added * 4096;
+        r = bkd_add_mem_region(c, gpa, 4096, ram, 0);
+        if (r)
+            break;
+        added++;
+        EXPECT(added < 100000, "no bound on memory regions");
+    }
+    EXPECT(r == -ENOSPC, "past the last region: %d", r);
+    uint64_t last = 0x10000000ull + (uint64_t)(added - 1) * 4096;
+    EXPECT(bkd_remove_mem_region(c, last, 4096) == 0 &&
+               bkd_add_mem_region(c, last, 4096, ram, 0) == 0,
+           "room after a removal");
+    printf("bound: %u memory regions, then ENOSPC\n", added);
 
     /* No reply in time (the daemon is stopped): -ETIMEDOUT, and the client is dead. */
     EXPECT(kill(daemon, SIGSTOP) == 0, "SIGSTOP");
