@@ -146,7 +146,7 @@ async def test_reconnect_replays_the_setup_and_completes_pending_writes(tmp_path
     client = second = None
     try:
         first.wait_ready()
-        client = await VmmClient.connect(first.path)
+        client = await VmmClient.connect(first.path, name="vm1")
         await guest.attach(client)
         front = await guest.add_disk(client, DEVID, {"path": str(path)}, queues=2)
         for i in range(5):
@@ -179,7 +179,9 @@ async def test_reconnect_replays_the_setup_and_completes_pending_writes(tmp_path
         (tmp_path / "second").mkdir()
         second = Serve(tmp_path / "second")
         second.wait_ready()
-        client = await guest.reconnect(second.path)
+        client = await guest.reconnect(second.path, name="vm1")
+        status = await client.daemon_status()
+        assert "vm1" in {v for k, v in status.items() if k.endswith(".guest")}, status
         await asyncio.wait_for(pending, 30)
         for i, w in enumerate(writes):
             model[(1 + i) * 64 * 512:(1 + i) * 64 * 512 + 8192] = w

@@ -84,12 +84,13 @@ class SimGuest:
         front.update_backend_keys(keys)
         front.watch(client, keep_pending=disk.inflight_fd >= 0)
 
-    async def reconnect(self, path: str) -> VmmClient:
+    async def reconnect(self, path: str, name: str | None = None) -> VmmClient:
         """After a daemon restart: a new connection that replays this guest's setup
         (HELLO, memory, grant table, then per disk ADD_DEVICE, SET_INFLIGHT with the same
         memfd, and FRONTEND_STATE Connected with fresh event channels). The rings, grants
-        and requests in flight are kept; the daemon completes those it had taken."""
-        client = await VmmClient.connect(path)
+        and requests in flight are kept; the daemon completes those it had taken. `name`:
+        HELLO's guest name, the same as before the restart."""
+        client = await VmmClient.connect(path, name=name)
         try:
             await self.attach(client)
             for disk in self.disks.values():

@@ -66,6 +66,21 @@ int main(int argc, char **argv)
     r = bkd_connect(argv[1], 0, &c);
     EXPECT(r == 0, "connect: %d", r);
 
+    /* HELLO's optional map: a guest name, held by one connection at a time. */
+    struct bkd_kv info = {0};
+    struct bkd_client *named = NULL, *twin = NULL;
+    bkd_kv_set(&info, "name", "vm-check.1");
+    r = bkd_connect_info(argv[1], 0, &info, &named);
+    EXPECT(r == 0, "HELLO with a name: %d", r);
+    r = bkd_connect_info(argv[1], 0, &info, &twin);
+    EXPECT(r == -EEXIST && twin == NULL, "a name already held: %d", r);
+    bkd_kv_set(&info, "name", "bad name!");
+    r = bkd_connect_info(argv[1], 0, &info, &twin);
+    EXPECT(r == -EINVAL && twin == NULL, "an invalid name: %d", r);
+    bkd_close(named);
+    bkd_kv_free(&info);
+    printf("hello: a named guest; the name held once (EEXIST), checked (EINVAL)\n");
+
     /* Error replies: each named, the connection carries on. */
     uint8_t hello[12] = {1};
     r = bkd_request_raw(c, BKD_HELLO, hello, sizeof(hello), NULL, 0, NULL, NULL);
