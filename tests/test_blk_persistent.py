@@ -8,14 +8,14 @@ import os
 import random
 
 import pytest
+from grantrig import backend_grant_table, guest_ram_and_table
 
 from backendd.devices.blk.persistent import PersistentGrants
-from backendd.grants import GrantError, GrantTable
-from backendd.guest import GuestGrantTable, GuestRAM
+from backendd.grants import GrantError
+from backendd.guest import GuestGrantTable
 from backendd.guest.blkfront import BlkFront
 from backendd.guest.machine import SimGuest
 from backendd.guest.vmm import VmmClient
-from backendd.memory import GuestMemory
 from rings.consts import GTF_READING, GTF_WRITING, XenbusState
 
 PAGE = 4096
@@ -28,24 +28,14 @@ IN_USE = GTF_READING | GTF_WRITING
 
 @pytest.fixture
 def guest():
-    ram = GuestRAM(64 * PAGE)
-    gt = GuestGrantTable(nr_frames=1)
-    yield ram, gt
-    gt.close()
-    ram.close()
+    with guest_ram_and_table(64) as pair:
+        yield pair
 
 
 @pytest.fixture
 def table(guest):
-    ram, gt = guest
-    mem = GuestMemory()
-    for gpa, size, fd, offset in ram.regions:
-        mem.add_region(gpa, size, fd, offset)
-    t = GrantTable(mem, backend_domid=0)
-    t.set_table(gt.fd, 0, gt.nr_frames)
-    yield t
-    t.close()
-    mem.close()
+    with backend_grant_table(*guest) as t:
+        yield t
 
 
 def flags(gt: GuestGrantTable, gref: int) -> int:
