@@ -121,16 +121,6 @@ def test_full_cache_purges_the_least_recently_released_and_overflows_when_all_bu
 
 # --- both ends through the daemon -------------------------------------------------------
 
-@pytest.fixture
-async def vm(daemon):
-    client = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=48 * MiB, gnttab_frames=8)
-    await guest.attach(client)
-    yield client, guest
-    await client.close()
-    guest.close()
-
-
 def grants_in_use(guest: SimGuest) -> list[int]:
     gt = guest.gnttab
     return [g for g in range(gt.entries) if gt.entry(g)[0] & IN_USE]

@@ -36,16 +36,6 @@ async def refused(client: VmmClient, devid: int, keys: dict[str, str],
     return info.value
 
 
-@pytest.fixture
-async def v2_vm(daemon):
-    client = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=48 << 20, gnttab_frames=8, gnttab_version=2)
-    await guest.attach(client)
-    yield client, guest
-    await client.close()
-    guest.close()
-
-
 async def test_blk_ring_as_sub_page_is_einval(daemon, v2_vm, tmp_path):
     client, guest = v2_vm
     image = tmp_path / "disk.img"
