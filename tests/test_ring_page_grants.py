@@ -29,6 +29,15 @@ def make_whole(guest: SimGuest, gref: int) -> None:
     guest.gnttab.set_entry(gref, GrantType.PERMIT_ACCESS, domid, frame)
 
 
+def close_front(front: BlkFront | NetFront) -> None:
+    """Close the front and the daemon's ends of its event channels (frontend_state with
+    them was refused, or the daemon holds its own copies)."""
+    for _, kick, call in front.channels():
+        os.close(kick)
+        os.close(call)
+    front.close()
+
+
 async def refused(client: VmmClient, devid: int, keys: dict[str, str],
                   channels: list[tuple[int, int, int]]) -> RequestFailed:
     with pytest.raises(RequestFailed) as info:
@@ -60,10 +69,7 @@ async def test_blk_ring_as_sub_page_is_einval(daemon, v2_vm, tmp_path):
         await front.write(0, b"x" * 4096)
         assert await front.read(0, 4096) == b"x" * 4096
     finally:
-        for _, kick, call in front.channels():
-            os.close(kick)
-            os.close(call)
-        front.close()
+        close_front(front)
     assert not any("request_crashed" in line for line in daemon.log_lines())
 
 
@@ -87,8 +93,5 @@ async def test_net_ring_as_sub_page_is_einval(root, daemon, v2_vm):
                                                front.frontend_keys(), channels)
         assert state == XenbusState.CONNECTED
     finally:
-        for _, kick, call in front.channels():
-            os.close(kick)
-            os.close(call)
-        front.close()
+        close_front(front)
     assert not any("request_crashed" in line for line in daemon.log_lines())
