@@ -126,6 +126,16 @@ def grants_in_use(guest: SimGuest) -> list[int]:
     return [g for g in range(gt.entries) if gt.entry(g)[0] & IN_USE]
 
 
+async def close_and_check_released(client: VmmClient, guest: SimGuest, front: BlkFront
+                                   ) -> None:
+    """Close the device (xenbus Closed): the daemon holds no grant of the guest's after
+    it, and the frontend takes back every grant it made."""
+    await client.frontend_state(DEVID, XenbusState.CLOSED, {})
+    assert grants_in_use(guest) == []
+    front.close()
+    assert front.refused_revokes == []
+
+
 async def connect(client: VmmClient, guest: SimGuest, image: str, *, backend: str | None,
                   frontend: bool, queues: int = 1) -> BlkFront:
     config = {"path": image}
@@ -183,10 +193,7 @@ async def test_negotiation_matrix(vm, tmp_path, backend, frontend):
     pool_refs = {g for q in front.queues for g, _ in q.pool}
     assert set(grants_in_use(guest)) == ring_refs | pool_refs
     # Disconnect releases every pin: every flag clear, every revoke accepted.
-    await client.frontend_state(DEVID, XenbusState.CLOSED, {})
-    assert grants_in_use(guest) == []
-    front.close()
-    assert front.refused_revokes == []
+    await close_and_check_released(client, guest, front)
 
 
 async def test_a_frontend_beyond_the_bound_still_works(vm, tmp_path):
@@ -212,10 +219,7 @@ async def test_a_frontend_beyond_the_bound_still_works(vm, tmp_path):
     assert stats["pgrant_hits"] > 0
     through_guest = [await front.read(w * (MiB // 512), MiB) for w in range(8)]
     assert image.read_bytes() == b"".join(through_guest)
-    await client.frontend_state(DEVID, XenbusState.CLOSED, {})
-    assert grants_in_use(guest) == []
-    front.close()
-    assert front.refused_revokes == []
+    await close_and_check_released(client, guest, front)
 
 
 async def test_reconnect_and_remove_release_the_cache(vm, tmp_path):
@@ -228,10 +232,7 @@ async def test_reconnect_and_remove_release_the_cache(vm, tmp_path):
     gref, _ = front.queues[0].pool[0]
     assert not guest.gnttab.end_access(gref)
     keys = dict(front.backend_keys)
-    await client.frontend_state(DEVID, XenbusState.CLOSED, {})
-    assert grants_in_use(guest) == []
-    front.close()
-    assert front.refused_revokes == []
+    await close_and_check_released(client, guest, front)
     # The driver comes back, this time without persistent grants, then with them again.
     for persistent in (False, True):
         state, _ = await client.frontend_state(DEVID, XenbusState.INITIALISING, {})
