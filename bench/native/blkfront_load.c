@@ -306,8 +306,7 @@ static unsigned take_responses(struct queue *q)
     do {
         RING_IDX prod = q->front.sring->rsp_prod;
         rmb(); /* the responses up to prod are visible once prod is */
-        if (prod - q->front.rsp_cons > q->front.req_prod_pvt - q->front.rsp_cons) {
-            /* More responses than requests (as blkfront's "illegal number of responses"). */
+        if (RING_RSP_PROD_BEYOND_REQUESTS(&q->front, prod)) {
             fail(q, "rsp_prod %u is beyond the requests made (%u)", prod,
                  q->front.req_prod_pvt);
             q->corrupt = true;

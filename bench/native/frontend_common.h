@@ -24,6 +24,11 @@
 #include <xen/xen.h>
 #include <xen/grant_table.h>
 
+/* Whether the backend's rsp_prod `prod` claims more responses than front ring `r` has
+ * made requests (Linux blkfront's "illegal number of responses"): the ring is corrupt. */
+#define RING_RSP_PROD_BEYOND_REQUESTS(r, prod) \
+    ((RING_IDX)((prod) - (r)->rsp_cons) > (RING_IDX)((r)->req_prod_pvt - (r)->rsp_cons))
+
 #define PAGE 4096u
 #define MAX_QUEUES 16
 #define FAILURE_LEN 160

@@ -134,7 +134,7 @@ static void tx_responses(struct queue *q)
     do {
         RING_IDX prod = q->tx.sring->rsp_prod;
         rmb(); /* the responses up to prod are visible once prod is */
-        if (prod - q->tx.rsp_cons > q->tx.req_prod_pvt - q->tx.rsp_cons) {
+        if (RING_RSP_PROD_BEYOND_REQUESTS(&q->tx, prod)) {
             fail(q, "tx rsp_prod %u is beyond the requests made (%u)", prod,
                  q->tx.req_prod_pvt);
             q->corrupt = true;
@@ -434,7 +434,7 @@ static void rx_responses(struct queue *q)
     for (;;) {
         RING_IDX prod = q->rx.sring->rsp_prod;
         rmb();
-        if (prod - q->rx.rsp_cons > q->rx.req_prod_pvt - q->rx.rsp_cons) {
+        if (RING_RSP_PROD_BEYOND_REQUESTS(&q->rx, prod)) {
             fail(q, "rx rsp_prod %u is beyond the buffers posted (%u)", prod,
                  q->rx.req_prod_pvt);
             q->corrupt = true;
