@@ -51,15 +51,19 @@ class Daemon:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.prefix, sys.executable, "-m", "backendd", "--config", str(self.config),
                 "--socket", self.sock, "serve", stdout=log, stderr=log)
-        for _ in range(3000):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                if probe.connect_ex(self.sock) == 0:
-                    break
-            await asyncio.sleep(0.01)
-        else:
-            raise AssertionError("daemon did not come up")
-        # The probe was connection 1, served by a worker: counts start once it is gone.
-        await self.wait_log("event=worker_exited conn=1 ")
+        try:
+            for _ in range(3000):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    if probe.connect_ex(self.sock) == 0:
+                        break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("daemon did not come up")
+            # The probe was connection 1, served by a worker: counts start once it is gone.
+            await self.wait_log("event=worker_exited conn=1 ")
+        except BaseException:
+            await self.stop()
+            raise
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -345,6 +349,7 @@ async def test_sigterm_reaches_every_worker(tmp_path):
     finally:
         await a.close()
         await b.close()
+        await daemon.stop()
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to have capabilities to drop")
