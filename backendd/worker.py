@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import pwd
+import resource
 import signal
 import socket
 import struct
@@ -201,6 +202,7 @@ class Broker:
 
 # --- least privilege ------------------------------------------------------------------
 
+PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
@@ -232,7 +234,8 @@ def _prctl(libc: ctypes.CDLL, *args: int) -> None:
 def drop_privileges(user: str = "", keep: tuple[int, ...] = ()) -> None:
     """No new privileges, then every capability dropped from the bounding, ambient,
     inheritable, permitted and effective sets except `keep`, and with `user`, that user's
-    uid and gid. Irreversible for this process and everything it starts."""
+    uid and gid; then not dumpable, and no core dumps. Irreversible for this process and
+    everything it starts."""
     libc = _libc()
     _prctl(libc, PR_SET_NO_NEW_PRIVS, 1)
     last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
@@ -260,6 +263,10 @@ def drop_privileges(user: str = "", keep: tuple[int, ...] = ()) -> None:
     if libc.capset(ctypes.byref(header), data):
         err = ctypes.get_errno()
         raise OSError(err, f"capset: {os.strerror(err)}")
+    # A worker maps its guest's memory: no core dump may hold it, and no other process of
+    # the same user may attach to it or read its /proc files.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _prctl(libc, PR_SET_DUMPABLE, 0)
 
 
 # A worker's system-call filter: a deny-list, since Python itself needs a broad and

@@ -457,8 +457,15 @@ async def test_a_worker_as_nobody_serves_an_image_only_root_can_open(tmp_path):
         assert guest.image.read_bytes()[4096:8192] == b"x" * 4096
         line = await daemon.wait_log("event=image_opened")
         assert str(guest.image) in line
-        worker = proc_status(await daemon.worker_pid(await daemon.newest_guest()))
+        pid = await daemon.worker_pid(await daemon.newest_guest())
+        worker = proc_status(pid)
         assert worker["Uid"].split()[0] == str(__import__("pwd").getpwnam("nobody").pw_uid)
+        # Not dumpable: its /proc files stay root's, out of reach of nobody's other
+        # processes; and no core file may hold its guest's memory.
+        assert os.stat(f"/proc/{pid}/mem").st_uid == 0
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        assert [line.split()[4:6] for line in limits.splitlines()
+                if line.startswith("Max core file size")] == [["0", "0"]]
     finally:
         await guest.close()
         await daemon.stop()
