@@ -1,0 +1,121 @@
+"""The netif tx path on the compiled data plane: TxPath's scheduling, credit, multicast
+list and counters stay in Python; each wake-up is one call into net_kernel.c, which
+takes every packet it can, validates it, writes the frames to the tap, answers and
+applies ring.h's notify rule. Python then adds the counters, logs the guest errors,
+arms the credit timer or the writer, and signals the event channel once.
+
+A multicast control packet is left on the ring by the kernel: Python answers that one
+packet with the reference code (the vif's list is Python's) and calls in again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from backendd.devices.net.ratelimit import CreditScheduler
+from backendd.devices.net.tx import TxFatal
+from backendd.devices.net.txpath import BUDGET, TxPath
+from backendd.devices.net.vif import VifState
+from backendd.grants import GrantTable
+from rings.ring import BackRing
+
+from . import netkernel as nk
+
+
+class CompiledTxPath(TxPath):
+    def __init__(self, kernel: nk.NetKernel, ring: BackRing, grants: GrantTable, fd: int,
+                 vif: VifState, loop: asyncio.AbstractEventLoop, name: str,
+                 credit: CreditScheduler | None = None) -> None:
+        super().__init__(ring, grants, fd, vif, loop, name, credit)
+        self.kernel = kernel
+        self.native = nk.NativeEnv(grants.memory, grants)
+        self.q = nk.TxQueue()
+        shared = ring.ring
+        self._ring_anchor = nk.ctypes.c_char.from_buffer(shared.area)
+        self.q.ring = nk.ctypes.addressof(self._ring_anchor)
+        self.q.size = shared.size
+        self.q.fd = fd
+        self.out = nk.TxOut()
+
+    def stop(self) -> None:
+        super().stop()
+        self._ring_anchor = None  # the ring mapping may go now
+
+    def _run(self) -> None:
+        self._scheduled = False
+        if self.stopped or self.vif.halted or self._waiting_writable:
+            return
+        credit = self.credit
+        if credit is not None and credit.waiting:
+            return
+        budget = BUDGET  # packets per wake-up, shared with multicast packets
+        while True:
+            flags, budget = self._call(budget)
+            if not flags & nk.MCAST:
+                break
+            # The multicast packet at req_cons, answered by the reference code, then
+            # the kernel again: it publishes the responses of the whole wake-up.
+            try:
+                self._step()
+            except TxFatal as e:  # not reached: the kernel parsed it already
+                self.vif.counters["tx_fatal"] += 1
+                self.vif.fatal(f"{self.name}: {e}")
+                return
+            budget -= 1
+            if not budget:
+                if self.ring.push_responses():
+                    self.notify()
+                flags = nk.MORE
+                break
+        if flags & nk.MORE:
+            self.kick()
+
+    def _call(self, budget: int) -> tuple[int, int]:
+        """One kernel call; its flags and the budget left."""
+        ring, q, out, credit = self.ring, self.q, self.out, self.credit
+        q.req_cons, q.rsp_prod_pvt, q.pushed = ring.req_cons, ring.rsp_prod_pvt, ring._pushed
+        q.budget = budget
+        if credit is not None:
+            credit.admit(0, self.loop.time())  # the refill due now, as the first admit
+            q.credit_on, q.credit = 1, credit.remaining
+            q.charged_valid = self._charged is not None
+            q.charged_cons = self._charged or 0
+        self.native.refresh()
+        try:
+            self.kernel.tx(q, self.native.env, out)
+        finally:
+            self.native.release()
+        ring.req_cons, ring.rsp_prod_pvt, ring._pushed = q.req_cons, q.rsp_prod_pvt, q.pushed
+        flags = out.flags
+        counters = self.vif.counters
+        for name in nk.OUT_COUNTERS:
+            value = getattr(out, name)
+            if value:
+                counters[name] += value
+        for k in range(out.nerrors):
+            e = out.errors[k]
+            self.vif.guest_error("tx_error", f"{self.name}: request id {e.id} answered "
+                                 f"ERROR: {_reason(e.reason, e.detail)}")
+        if credit is not None:
+            credit.remaining -= out.charged
+            if q.charged_valid:
+                self._charged = q.charged_cons
+        if flags & nk.FATAL:
+            counters["tx_fatal"] += 1
+            self.vif.fatal(f"{self.name}: {_reason(out.fatal_reason, out.fatal_detail)}")
+            return 0, q.budget
+        if flags & nk.CREDIT and credit is not None:
+            # What CreditScheduler.admit does when a packet does not fit.
+            credit.window_start = credit.next_credit
+            credit.waiting = True
+            self._timer = self.loop.call_at(credit.resume_at, self._on_credit)
+        if flags & nk.TAP_FULL:
+            self._waiting_writable = True
+            self.loop.add_writer(self.fd, self._on_writable)
+        if flags & nk.NOTIFY:
+            self.notify()
+        return flags, q.budget
+
+
+def _reason(code: int, detail: int) -> str:
+    return nk.REASONS.get(code, f"tx: reason {code}").format(detail=detail)

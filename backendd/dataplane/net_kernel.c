@@ -1,0 +1,631 @@
+/* The compiled netif data plane: one call serves a whole tx ring batch.
+ *
+ * Python (backendd/dataplane/net.py) stays the control plane: it maps the ring page,
+ * owns the event channels, the credit scheduler, the multicast list, the counters and
+ * the logs, and calls nk_tx once per wake-up. Nothing here calls back into Python.
+ *
+ * The pure-Python path (backendd/devices/net/{tx,txpath,vnet}.py) is the specification:
+ * every check below follows it step by step, in its order, and a differential test
+ * feeds both the same rings and grant tables and compares responses, frames, grant
+ * flags and counters.
+ *
+ * Order per packet, which is the security argument (netback's xenvif_tx_build_gops):
+ *   copy each slot before looking at it (XSA-155: the guest may rewrite the ring)
+ *   -> extra-info slots, then the data chain with netback's drop-vs-fatal split
+ *   -> pin every grant (compare-and-swap, v1 or v2 rules), check each window
+ *   -> copy the headers into private memory and build the virtio-net header from that
+ *      copy only (XSA-423: headers split across slots are linearised)
+ *   -> writev straight from the granted pages to the tap
+ *   -> unpin every grant BEFORE the responses (XSA-396)
+ *   -> responses with zeroed padding, publish, then ring.h's notify rule.
+ * A multicast control packet stops the batch before it is consumed: the multicast list
+ * is the vif's, so Python answers it and calls in again.
+ */
+#define _GNU_SOURCE
+#define __XEN_INTERFACE_VERSION__ 0x00040e00
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "core.h"
+
+#include <xen/io/netif.h>
+
+#define NK_BUDGET 64            /* packets per call (XSA-332), as txpath.BUDGET */
+#define NK_LEGACY_SLOTS 18      /* XEN_NETIF_NR_SLOTS_MIN: following slots -> drop */
+#define NK_FATAL_SLOTS 20       /* following slots -> the frontend is malicious */
+#define NK_MAX_HEADER 256       /* vnet.MAX_HEADER_COPY */
+#define NK_ETH_HLEN 14
+#define NK_SRING_HEADER offsetof(struct netif_tx_sring, ring)
+#define NK_ENTRY sizeof(union netif_tx_sring_entry)
+#define NK_MAX_ERRORS NK_BUDGET
+
+_Static_assert(sizeof(struct netif_tx_request) == 12, "tx request");
+_Static_assert(sizeof(struct netif_tx_response) == 4, "tx response");
+_Static_assert(sizeof(struct netif_extra_info) == 8, "extra info");
+_Static_assert(sizeof(union netif_tx_sring_entry) == 12, "tx entry");
+
+/* ---- what Python hands in and gets back ----------------------------------------- */
+
+struct nk_txq {             /* one tx ring: Python's ctypes Structure, kept across calls */
+    uint8_t *ring;          /* the shared page */
+    uint32_t size;          /* entries, a power of two */
+    uint32_t req_cons, rsp_prod_pvt, pushed;
+    int32_t fd;             /* the tap queue */
+    uint32_t credit_on;     /* 0: no rate limit */
+    uint64_t credit;        /* bytes that may still go in this call */
+    uint32_t charged_valid; /* the packet at charged_cons was charged already */
+    uint32_t charged_cons;
+    uint32_t budget;        /* packets this wake-up may still take; left over on return */
+};
+
+/* Why a packet was answered ERROR or the vif stopped: Python words the log line. */
+enum {
+    NK_R_NONE = 0,
+    NK_R_TOO_MANY_SLOTS,    /* drop: 18 following slots or more */
+    NK_R_SLOT_SIZE,         /* drop: a slot larger than what remains */
+    NK_R_FIRST_SIZE,        /* drop: fewer than ETH_HLEN bytes in the first slot */
+    NK_R_GRANT,             /* drop: a grant refused (detail: gref) */
+    NK_R_WINDOW,            /* drop: slot outside the granted sub-page (detail: gref) */
+    NK_R_MISSING_EXTRA,     /* fatal */
+    NK_R_EXTRA_TYPE,        /* fatal (detail: type) */
+    NK_R_CHAIN_PAST,        /* fatal: chain beyond the published requests */
+    NK_R_MALICIOUS,         /* fatal: 20 following slots or more */
+    NK_R_SLOT_CROSSES,      /* fatal */
+    NK_R_FIRST_CROSSES,     /* fatal */
+    NK_R_GSO_SIZE,          /* fatal */
+    NK_R_GSO_TYPE,          /* fatal (detail: type) */
+    NK_R_IMPOSSIBLE,        /* fatal: more requests than the ring holds */
+};
+
+enum { NK_NOTIFY = 1, NK_MORE = 2, NK_TAP_FULL = 4, NK_CREDIT = 8, NK_FATAL = 16,
+       NK_MCAST = 32 };
+
+struct nk_error {
+    uint16_t id;
+    uint16_t reason;
+    uint32_t detail;
+};
+
+struct nk_tx_out {
+    uint64_t tx_packets, tx_bytes, tx_gso, tx_errors, tx_dropped_csum, tx_dropped_tap,
+             tx_tap_full, tx_rate_limited;
+    uint64_t charged;       /* credit used */
+    uint32_t flags;
+    uint32_t fatal_reason, fatal_detail;
+    uint32_t nerrors;
+    struct nk_error errors[NK_MAX_ERRORS];
+};
+
+/* ---- the ring --------------------------------------------------------------------- */
+
+static inline uint8_t *slot_at(const struct nk_txq *q, uint32_t index)
+{
+    return q->ring + NK_SRING_HEADER + (size_t)(index & (q->size - 1)) * NK_ENTRY;
+}
+
+#define SRING_IDX(q, field) ((q)->ring + offsetof(struct netif_tx_sring, field))
+
+struct slot {
+    uint32_t gref;
+    uint16_t offset, flags, id, size;
+};
+
+/* A private copy of an unconsumed slot (XSA-155). */
+static void read_slot(const struct nk_txq *q, uint32_t index, uint8_t raw[12],
+                      struct slot *s)
+{
+    memcpy(raw, slot_at(q, index), NK_ENTRY);
+    if (s) {
+        struct netif_tx_request r;
+        memcpy(&r, raw, sizeof(r));
+        s->gref = r.gref;
+        s->offset = r.offset;
+        s->flags = r.flags;
+        s->id = r.id;
+        s->size = r.size;
+    }
+}
+
+static void put_response(struct nk_txq *q, uint16_t id, int16_t status)
+{
+    uint8_t buf[NK_ENTRY];
+    struct netif_tx_response r = { .id = id, .status = status };
+    memset(buf, 0, sizeof(buf));     /* no stale bytes in the padding (XSA-216) */
+    memcpy(buf, &r, sizeof(r));
+    memcpy(slot_at(q, q->rsp_prod_pvt), buf, NK_ENTRY);
+    q->rsp_prod_pvt++;
+}
+
+/* RING_PUSH_RESPONSES_AND_CHECK_NOTIFY */
+static int push_responses(struct nk_txq *q)
+{
+    uint32_t old = q->pushed, new = q->rsp_prod_pvt;
+    if (new == old)
+        return 0;
+    dp_wmb();               /* the frontend sees the responses before the index */
+    dp_store32(SRING_IDX(q, rsp_prod), new);
+    q->pushed = new;
+    dp_mb();                /* ... and the index before we read rsp_event */
+    return (uint32_t)(new - dp_load32(SRING_IDX(q, rsp_event))) < (uint32_t)(new - old);
+}
+
+static uint32_t unconsumed(const struct nk_txq *q)
+{
+    uint32_t req = dp_load32(SRING_IDX(q, req_prod)) - q->req_cons;
+    uint32_t rsp = q->size - (q->req_cons - q->rsp_prod_pvt);
+    return req < rsp ? req : rsp;
+}
+
+/* RING_FINAL_CHECK_FOR_REQUESTS */
+static int final_check(struct nk_txq *q)
+{
+    if (unconsumed(q))
+        return 1;
+    dp_store32(SRING_IDX(q, req_event), q->req_cons + 1);
+    dp_mb();
+    return unconsumed(q) > 0;
+}
+
+/* ---- parsing a packet: backendd/devices/net/tx.py ------------------------------- */
+
+enum { K_SEND, K_ERROR, K_MCAST };
+
+struct packet {
+    int kind;
+    struct slot first;
+    uint32_t first_len;
+    uint32_t extra_count;
+    uint32_t nfrags;
+    int gso;                /* a GSO extra was given */
+    uint16_t gso_size;
+    uint8_t gso_type;
+    uint16_t reason;
+    uint32_t detail;
+    struct slot frags[NK_FATAL_SLOTS];  /* last: parse_packet clears what precedes it */
+};
+
+/* 0, or -1 with *reason set: fatal. */
+static int parse_packet(const struct nk_txq *q, uint32_t cons, uint32_t avail,
+                        struct packet *p)
+{
+    uint8_t raw[NK_ENTRY], extras[XEN_NETIF_EXTRA_TYPE_MAX][NK_ENTRY];
+    int have[XEN_NETIF_EXTRA_TYPE_MAX] = { 0 };
+    uint32_t pos = 1;
+    memset(p, 0, offsetof(struct packet, frags));
+    read_slot(q, cons, raw, &p->first);
+    if (p->first.flags & NETTXF_extra_info) {
+        for (;;) {
+            if (pos >= avail) {
+                p->reason = NK_R_MISSING_EXTRA;
+                return -1;
+            }
+            read_slot(q, cons + pos, raw, NULL);
+            pos++;
+            uint8_t etype = raw[0], eflags = raw[1];
+            if (etype == XEN_NETIF_EXTRA_TYPE_NONE || etype >= XEN_NETIF_EXTRA_TYPE_MAX) {
+                p->reason = NK_R_EXTRA_TYPE;
+                p->detail = etype;
+                return -1;
+            }
+            memcpy(extras[etype], raw, NK_ENTRY);   /* a later one of a type wins */
+            have[etype] = 1;
+            p->extra_count++;
+            if (!(eflags & XEN_NETIF_EXTRA_FLAG_MORE))
+                break;
+        }
+    }
+    if (have[XEN_NETIF_EXTRA_TYPE_MCAST_ADD] || have[XEN_NETIF_EXTRA_TYPE_MCAST_DEL]) {
+        p->kind = K_MCAST;
+        return 0;
+    }
+    /* xenvif_count_requests */
+    uint32_t remaining = p->first.size, slots = 0;
+    int more = !!(p->first.flags & NETTXF_more_data);
+    uint16_t drop = NK_R_NONE;
+    while (more) {
+        if (slots >= avail - pos) {
+            p->reason = NK_R_CHAIN_PAST;
+            return -1;
+        }
+        if (slots >= NK_FATAL_SLOTS) {
+            p->reason = NK_R_MALICIOUS;
+            return -1;
+        }
+        if (slots >= NK_LEGACY_SLOTS && !drop)
+            drop = NK_R_TOO_MANY_SLOTS;
+        struct slot *t = &p->frags[slots];
+        read_slot(q, cons + pos + slots, raw, t);
+        if (!drop && t->size > remaining)
+            drop = NK_R_SLOT_SIZE;
+        remaining = (remaining - t->size) & 0xffff;
+        slots++;
+        if ((uint32_t)t->offset + t->size > DP_PAGE) {
+            p->reason = NK_R_SLOT_CROSSES;
+            return -1;
+        }
+        more = !!(t->flags & NETTXF_more_data);
+    }
+    p->nfrags = slots;
+    p->first_len = remaining;
+    if (drop) {
+        p->kind = K_ERROR;
+        p->reason = drop;
+        return 0;
+    }
+    if (remaining < NK_ETH_HLEN) {
+        p->kind = K_ERROR;
+        p->reason = NK_R_FIRST_SIZE;
+        return 0;
+    }
+    if ((uint32_t)p->first.offset + remaining > DP_PAGE) {
+        p->reason = NK_R_FIRST_CROSSES;
+        return -1;
+    }
+    if (have[XEN_NETIF_EXTRA_TYPE_GSO]) {
+        struct netif_extra_info e;
+        memcpy(&e, extras[XEN_NETIF_EXTRA_TYPE_GSO], sizeof(e));
+        if (!e.u.gso.size) {
+            p->reason = NK_R_GSO_SIZE;
+            return -1;
+        }
+        if (e.u.gso.type != XEN_NETIF_GSO_TYPE_TCPV4 &&
+            e.u.gso.type != XEN_NETIF_GSO_TYPE_TCPV6) {
+            p->reason = NK_R_GSO_TYPE;
+            p->detail = e.u.gso.type;
+            return -1;
+        }
+        p->gso = 1;
+        p->gso_size = e.u.gso.size;
+        p->gso_type = e.u.gso.type;
+    }
+    p->kind = K_SEND;
+    return 0;
+}
+
+/* ---- the virtio-net header: backendd/devices/net/vnet.py ------------------------ */
+
+struct vnet_hdr {           /* struct virtio_net_hdr, little-endian */
+    uint8_t flags, gso_type;
+    uint16_t hdr_len, gso_size, csum_start, csum_offset;
+} __attribute__((packed));
+
+_Static_assert(sizeof(struct vnet_hdr) == 10, "virtio_net_hdr");
+
+static inline uint32_t be16(const uint8_t *p) { return (uint32_t)p[0] << 8 | p[1]; }
+
+struct l4 {
+    int ipv6;
+    uint8_t proto;
+    uint32_t l4_off, l4_end;
+    const uint8_t *src, *dst;
+};
+
+/* skb_checksum_setup's walk as vnet.parse_l4: 0 when the frame is not TCP/UDP over
+ * IPv4/IPv6, is a fragment, or is truncated. Every offset is checked against len. */
+static int parse_l4(const uint8_t *f, uint32_t len, struct l4 *h)
+{
+    uint32_t off = 12;
+    int64_t payload;
+    if (len < 14)
+        return 0;
+    uint32_t ethertype = be16(f + off);
+    off += 2;
+    if (ethertype == 0x8100) {
+        if (len < off + 4)
+            return 0;
+        ethertype = be16(f + off + 2);
+        off += 4;
+    }
+    if (ethertype == 0x0800) {
+        if (len < off + 20)
+            return 0;
+        uint32_t ihl = (f[off] & 0xf) * 4;
+        if (f[off] >> 4 != 4 || ihl < 20 || len < off + ihl)
+            return 0;
+        if (be16(f + off + 6) & 0x3fff)
+            return 0;
+        h->proto = f[off + 9];
+        h->src = f + off + 12;
+        h->dst = f + off + 16;
+        h->l4_off = off + ihl;
+        payload = (int64_t)be16(f + off + 2) - ihl;
+        h->ipv6 = 0;
+    } else if (ethertype == 0x86dd) {
+        if (len < off + 40 || f[off] >> 4 != 6)
+            return 0;
+        payload = be16(f + off + 4);
+        h->proto = f[off + 6];
+        h->src = f + off + 8;
+        h->dst = f + off + 24;
+        h->l4_off = off + 40;
+        while (h->proto == 0 || h->proto == 43 || h->proto == 60) {
+            if (len < h->l4_off + 8)
+                return 0;
+            uint32_t ext = ((uint32_t)f[h->l4_off + 1] + 1) * 8;
+            h->proto = f[h->l4_off];
+            h->l4_off += ext;
+            payload -= ext;
+        }
+        if (h->proto == 44)
+            return 0;
+        h->ipv6 = 1;
+    } else {
+        return 0;
+    }
+    if (h->proto == 6) {
+        if (len < h->l4_off + 20)
+            return 0;
+        h->l4_end = h->l4_off + (f[h->l4_off + 12] >> 4) * 4;
+        if (h->l4_end < h->l4_off + 20)
+            return 0;
+    } else if (h->proto == 17) {
+        h->l4_end = h->l4_off + 8;
+    } else {
+        return 0;
+    }
+    if (len < h->l4_end || payload < (int64_t)(h->l4_end - h->l4_off))
+        return 0;
+    return 1;
+}
+
+static uint32_t sum16(const uint8_t *p, uint32_t n, uint32_t total)
+{
+    for (uint32_t i = 0; i + 1 < n; i += 2)
+        total += be16(p + i);
+    if (n & 1)
+        total += (uint32_t)p[n - 1] << 8;
+    return total;
+}
+
+static uint32_t fold(uint32_t total)
+{
+    while (total >> 16)
+        total = (total & 0xffff) + (total >> 16);
+    return total;
+}
+
+/* vnet.tx_vnet_header: 0 and *v filled, or -1: the headers cannot be parsed for the
+ * offload asked for (netback drops the packet). Rewrites the pseudo-header sum into the
+ * private header copy. */
+static int tx_vnet_header(const struct packet *p, uint8_t *hdr, uint32_t hlen,
+                          uint32_t frame_len, struct vnet_hdr *v)
+{
+    memset(v, 0, sizeof(*v));
+    int partial = (p->first.flags & NETTXF_csum_blank) || p->gso;
+    if (!partial) {
+        if (p->first.flags & NETTXF_data_validated)
+            v->flags = 2;   /* VIRTIO_NET_HDR_F_DATA_VALID */
+        return 0;
+    }
+    struct l4 h;
+    if (!parse_l4(hdr, hlen, &h))
+        return -1;
+    uint8_t vgso = 0;
+    uint16_t size = 0;
+    if (p->gso) {
+        if (h.proto != 6 || h.ipv6 != (p->gso_type == XEN_NETIF_GSO_TYPE_TCPV6))
+            return -1;
+        vgso = p->gso_type == XEN_NETIF_GSO_TYPE_TCPV6 ? 4 : 1;
+        size = p->gso_size;
+    }
+    if (frame_len < h.l4_off)
+        return -1;
+    uint32_t l4_len = frame_len - h.l4_off;
+    if (l4_len < h.l4_end - h.l4_off)
+        return -1;
+    uint32_t csum_off = h.proto == 6 ? 16 : 6;
+    uint32_t alen = h.ipv6 ? 16 : 4;
+    uint32_t total = sum16(h.src, alen, 0) + sum16(h.dst, alen, 0);
+    if (h.ipv6)
+        total += (l4_len >> 16) + (l4_len & 0xffff) + h.proto;
+    else
+        total += h.proto + l4_len;
+    total = fold(total);
+    hdr[h.l4_off + csum_off] = (uint8_t)(total >> 8);
+    hdr[h.l4_off + csum_off + 1] = (uint8_t)total;
+    v->flags = 1;           /* VIRTIO_NET_HDR_F_NEEDS_CSUM */
+    v->gso_type = vgso;
+    v->hdr_len = vgso ? (uint16_t)h.l4_end : 0;
+    v->gso_size = size;
+    v->csum_start = (uint16_t)h.l4_off;
+    v->csum_offset = (uint16_t)csum_off;
+    return 0;
+}
+
+/* ---- sending one packet: txpath.TxPath._send ------------------------------------ */
+
+enum { S_OKAY, S_ERROR, S_TAP_FULL };
+
+static void error_record(struct nk_tx_out *out, uint16_t id, uint16_t reason,
+                         uint32_t detail)
+{
+    out->tx_errors++;
+    if (out->nerrors < NK_MAX_ERRORS) {
+        struct nk_error *e = &out->errors[out->nerrors++];
+        e->id = id;
+        e->reason = reason;
+        e->detail = detail;
+    }
+}
+
+static int send_packet(struct nk_txq *q, const struct dp_env *env, struct packet *p,
+                       struct nk_tx_out *out)
+{
+    uint32_t pinned[1 + NK_FATAL_SLOTS];
+    struct iovec iov[2 + 1 + NK_FATAL_SLOTS];
+    const uint8_t *views[1 + NK_FATAL_SLOTS];
+    uint32_t lens[1 + NK_FATAL_SLOTS];
+    uint32_t npinned = 0, nviews = 0;
+    int status = S_OKAY;
+
+    for (uint32_t i = 0; i <= p->nfrags; i++) {
+        const struct slot *s = i ? &p->frags[i - 1] : &p->first;
+        uint32_t len = i ? s->size : p->first_len;
+        if (i && !len)
+            continue;       /* zero-length slots never touch their grants (XSA-448) */
+        uint8_t *page;
+        uint32_t lo, hi;
+        if (dp_grant_pin(env, s->gref, 0, &page, &lo, &hi)) {
+            error_record(out, p->first.id, NK_R_GRANT, s->gref);
+            status = S_ERROR;
+            goto release;
+        }
+        pinned[npinned++] = s->gref;
+        if (s->offset < lo || (uint32_t)s->offset + len > hi) {
+            error_record(out, p->first.id, NK_R_WINDOW, s->gref);
+            status = S_ERROR;
+            goto release;
+        }
+        views[nviews] = page + s->offset;
+        lens[nviews++] = len;
+    }
+
+    /* The headers: a private copy of the frame's first bytes across the slots. */
+    uint32_t frame_len = p->first.size;
+    uint32_t hlen = frame_len < NK_MAX_HEADER ? frame_len : NK_MAX_HEADER;
+    uint8_t hdr[NK_MAX_HEADER];
+    struct vnet_hdr vnet;
+    uint32_t have = 0, niov = 2;
+    for (uint32_t i = 0; i < nviews; i++) {
+        uint32_t need = hlen - have;
+        if (need == 0) {
+            iov[niov].iov_base = (void *)views[i];
+            iov[niov++].iov_len = lens[i];
+        } else if (lens[i] <= need) {
+            memcpy(hdr + have, views[i], lens[i]);
+            have += lens[i];
+        } else {
+            memcpy(hdr + have, views[i], need);
+            have += need;
+            iov[niov].iov_base = (void *)(views[i] + need);
+            iov[niov++].iov_len = lens[i] - need;
+        }
+    }
+    if (tx_vnet_header(p, hdr, have, frame_len, &vnet)) {
+        out->tx_dropped_csum++;
+        goto release;
+    }
+    iov[0].iov_base = &vnet;
+    iov[0].iov_len = sizeof(vnet);
+    iov[1].iov_base = hdr;
+    iov[1].iov_len = have;
+    if (writev(q->fd, iov, (int)niov) < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            out->tx_tap_full++;
+            status = S_TAP_FULL;
+        } else {
+            out->tx_dropped_tap++;
+        }
+        goto release;
+    }
+    out->tx_packets++;
+    out->tx_bytes += frame_len;
+    if (p->gso)
+        out->tx_gso++;
+release:
+    /* Every grant goes before the response is published (XSA-396). */
+    for (uint32_t i = 0; i < npinned; i++)
+        dp_grant_unpin(env, pinned[i], 0);
+    return status;
+}
+
+static void respond(struct nk_txq *q, const struct packet *p, int16_t status)
+{
+    q->req_cons += 1 + p->extra_count + p->nfrags;
+    put_response(q, p->first.id, status);
+    for (uint32_t i = 0; i < p->extra_count; i++)
+        put_response(q, 0, NETIF_RSP_NULL);
+    for (uint32_t i = 0; i < p->nfrags; i++)
+        put_response(q, p->frags[i].id, status);
+}
+
+/* ---- one wake-up: txpath.TxPath._run -------------------------------------------- */
+
+void nk_tx(struct nk_txq *q, const struct dp_env *env, struct nk_tx_out *out)
+{
+    struct packet p;
+    int budget_left = 0, stop = 0;
+    memset(out, 0, offsetof(struct nk_tx_out, errors));
+    if (q->budget > NK_BUDGET)
+        q->budget = NK_BUDGET;
+    while (q->budget > 0) {
+        uint32_t prod = dp_load32(SRING_IDX(q, req_prod));   /* read once */
+        dp_rmb();
+        uint32_t avail = prod - q->req_cons;
+        if (avail == 0)
+            break;
+        if (avail > q->size) {
+            out->flags |= NK_FATAL;
+            out->fatal_reason = NK_R_IMPOSSIBLE;
+            out->fatal_detail = prod;
+            return;
+        }
+        uint32_t cons = q->req_cons;
+        if (q->credit_on && !(q->charged_valid && q->charged_cons == cons)) {
+            uint8_t raw[NK_ENTRY];
+            struct slot first;
+            read_slot(q, cons, raw, &first);
+            if (first.size > q->credit) {
+                out->tx_rate_limited++;
+                out->flags |= NK_CREDIT;
+                stop = 1;
+                break;
+            }
+            q->credit -= first.size;
+            out->charged += first.size;
+            q->charged_valid = 1;
+            q->charged_cons = cons;
+        }
+        if (parse_packet(q, cons, avail, &p)) {
+            out->flags |= NK_FATAL;
+            out->fatal_reason = p.reason;
+            out->fatal_detail = p.detail;
+            return;
+        }
+        int16_t status = NETIF_RSP_OKAY;
+        if (p.kind == K_MCAST) {
+            out->flags |= NK_MCAST;     /* Python answers it, then calls again */
+            stop = 1;
+            break;
+        } else if (p.kind == K_ERROR) {
+            error_record(out, p.first.id, p.reason, 0);
+            status = NETIF_RSP_ERROR;
+        } else {
+            int s = send_packet(q, env, &p, out);
+            if (s == S_TAP_FULL) {
+                out->flags |= NK_TAP_FULL;
+                stop = 1;
+                break;
+            }
+            if (s == S_ERROR)
+                status = NETIF_RSP_ERROR;
+        }
+        respond(q, &p, status);
+        if (--q->budget == 0)
+            budget_left = 1;
+    }
+    if (out->flags & NK_MCAST)
+        return;             /* the wake-up goes on in Python: nothing published yet */
+    if (push_responses(q))
+        out->flags |= NK_NOTIFY;
+    if (budget_left || (!stop && final_check(q)))
+        out->flags |= NK_MORE;
+}
+
+/* Sizes the binding checks at load. */
+uint32_t nk_layout(uint32_t *out, uint32_t n)
+{
+    const uint32_t v[] = {
+        sizeof(struct nk_txq), sizeof(struct nk_tx_out), sizeof(struct dp_env),
+        sizeof(struct dp_region), NK_BUDGET, NK_MAX_ERRORS, (uint32_t)NK_SRING_HEADER,
+        (uint32_t)NK_ENTRY,
+    };
+    uint32_t k = sizeof(v) / sizeof(v[0]);
+    for (uint32_t i = 0; i < k && i < n; i++)
+        out[i] = v[i];
+    return k;
+}
