@@ -6,30 +6,37 @@ STAMP   := $(VENV)/.installed
 DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 fio
 DEBSTAMP := $(VENV)/.debs
 
-.PHONY: demo test lint bench fuzz clean debs native
+NETKERNEL := backendd/dataplane/_net_kernel.so
+
+.PHONY: demo test lint bench fuzz clean debs native netkernel
 
 # The daemon and a simulated guest with a disk and a nic, for about 20 seconds.
 DEMO_SECONDS ?= 20
-demo: $(STAMP)
+demo: $(STAMP) $(NETKERNEL)
 	$(PY) -m rings
 	$(VENV)/bin/backendd demo --seconds $(DEMO_SECONDS)
 
-test: $(STAMP) native
+test: $(STAMP) native $(NETKERNEL)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP) native
+bench: $(STAMP) native $(NETKERNEL)
 	$(PY) -m bench
 
 # The benchmarks' C programs (bench/native/*.c) into build/native/.
 native: $(STAMP)
 	$(PY) -m bench.native
 
-fuzz: $(STAMP)
+fuzz: $(STAMP) $(NETKERNEL)
 	$(PY) -m bench.fuzz
+
+# The compiled netif data plane (gcc -Wall -Wextra -Werror against Xen's headers).
+netkernel: $(NETKERNEL)
+$(NETKERNEL): backendd/dataplane/net_kernel.c backendd/dataplane/core.h backendd/dataplane/netkernel.py $(STAMP)
+	$(PY) -m backendd.dataplane.netkernel
 
 debs: $(DEBSTAMP)
 
@@ -51,4 +58,4 @@ $(STAMP): pyproject.toml $(DEBSTAMP)
 	touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis $(NETKERNEL)

@@ -738,6 +738,25 @@ def fuzz_control(n: int, seed: int) -> Result:
 
 # --- driver --------------------------------------------------------------------------
 
+def fuzz_net_diff(n: int, seed: int) -> Result:
+    """Tx chains through the Python and the compiled tx data planes (bench/netdiff.py):
+    any difference in what the guest or the host sees is a violation."""
+    from backendd.dataplane import netkernel
+    from bench import netdiff
+
+    res = Result("net tx differential")
+    kernel = netkernel.load()
+    if kernel is None:
+        res.violate("the net kernel is not built (make netkernel)")
+        return res
+    start = time.perf_counter()
+    res.inputs, differences = netdiff.run(kernel, n, seed)
+    for d in differences:
+        res.violate(d)
+    res.seconds = time.perf_counter() - start
+    return res
+
+
 TARGETS: dict[str, tuple[Callable[[int, int], Result], float]] = {
     "blk": (fuzz_blk, 0.30),
     "net": (fuzz_net_tx, 0.25),
@@ -745,6 +764,7 @@ TARGETS: dict[str, tuple[Callable[[int, int], Result], float]] = {
     "grants": (fuzz_grants, 0.13),
     "grant-races": (fuzz_grant_races, 0.02),
     "control": (fuzz_control, 0.10),
+    "net-diff": (fuzz_net_diff, 0.10),
 }
 
 

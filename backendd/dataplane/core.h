@@ -19,6 +19,10 @@
 
 _Static_assert(sizeof(grant_entry_v1_t) == 8 && sizeof(grant_entry_v2_t) == 16, "grants");
 
+/* Why dp_grant_pin refused a grant (returned negated), as grants.py words it. */
+enum { DP_G_NO_TABLE = 1, DP_G_BEYOND, DP_G_TRANSITIVE, DP_G_TYPE, DP_G_DOMAIN,
+       DP_G_READONLY, DP_G_UNSTABLE, DP_G_SUB_PAGE, DP_G_FRAME };
+
 struct dp_region {          /* one guest RAM region as mapped in this process */
     uint64_t gpa;
     uint64_t size;
@@ -84,13 +88,13 @@ static inline int dp_grant_check(const struct dp_env *env, uint16_t flags, uint1
 {
     unsigned kind = flags & GTF_type_mask;
     if (kind == GTF_transitive && env->gnt_version == 2)
-        return -1;          /* transitive grants are not supported */
+        return -DP_G_TRANSITIVE;    /* transitive grants are not supported */
     if (kind != GTF_permit_access)
-        return -1;          /* revoked or never granted */
+        return -DP_G_TYPE;          /* revoked or never granted */
     if (domid != env->backend_domid)
-        return -1;
+        return -DP_G_DOMAIN;
     if (writable && (flags & GTF_readonly))
-        return -1;
+        return -DP_G_READONLY;
     return 0;
 }
 
@@ -124,15 +128,19 @@ static inline void dp_grant_unpin(const struct dp_env *env, uint32_t gref, int w
         dp_update16(env->gnt_shared + sizeof(grant_entry_v1_t) * (size_t)gref, 0, clear);
 }
 
-/* Pin one grant for reading (and writing if asked). On success: *page is the host
- * address of the guest page and [*lo, *hi) the part of it the guest granted. */
+/* Pin one grant for reading (and writing if asked). On success (0): *page is the host
+ * address of the guest page and [*lo, *hi) the part of it the guest granted; otherwise
+ * a negated DP_G_ reason, and nothing stays pinned. */
 static inline int dp_grant_pin(const struct dp_env *env, uint32_t gref, int writable,
                                uint8_t **page, uint32_t *lo, uint32_t *hi)
 {
     uint16_t want = GTF_reading | (writable ? GTF_writing : 0);
     uint64_t frame;
-    if (env->gnt_version == 0 || gref >= env->gnt_entries)
-        return -1;
+    int bad;
+    if (env->gnt_version == 0)
+        return -DP_G_NO_TABLE;
+    if (gref >= env->gnt_entries)
+        return -DP_G_BEYOND;
     *lo = 0;
     *hi = DP_PAGE;
     if (env->gnt_version == 1) {
@@ -140,8 +148,8 @@ static inline int dp_grant_pin(const struct dp_env *env, uint32_t gref, int writ
         uint32_t seen = dp_load32(e);  /* flags | domid << 16 */
         int tries;
         for (tries = 0; tries < DP_MAX_TRIES; tries++) {
-            if (dp_grant_check(env, seen & 0xffff, seen >> 16, writable))
-                return -1;
+            if ((bad = dp_grant_check(env, seen & 0xffff, seen >> 16, writable)))
+                return bad;
             /* flags and domid swap together, so the grant cannot be re-targeted to
              * another domain between the check and the pin (as Xen does for v1). */
             uint32_t old = seen;
@@ -150,7 +158,7 @@ static inline int dp_grant_pin(const struct dp_env *env, uint32_t gref, int writ
                 break;
         }
         if (tries == DP_MAX_TRIES)
-            return -1;      /* unstable */
+            return -DP_G_UNSTABLE;
         dp_rmb();           /* the frame is read after pinning */
         frame = dp_load32(e + offsetof(grant_entry_v1_t, frame));
     } else {
@@ -161,8 +169,8 @@ static inline int dp_grant_pin(const struct dp_env *env, uint32_t gref, int writ
         int tries;
         for (tries = 0; tries < DP_MAX_TRIES; tries++) {
             hdr = dp_load32(e);
-            if (dp_grant_check(env, hdr & 0xffff, hdr >> 16, writable))
-                return -1;
+            if ((bad = dp_grant_check(env, hdr & 0xffff, hdr >> 16, writable)))
+                return bad;
             added = want & ~dp_update16(status, want, 0);
             /* the status store is visible before the entry is read again, so a guest
              * revoking now either sees our bits or we see its revocation */
@@ -173,7 +181,7 @@ static inline int dp_grant_pin(const struct dp_env *env, uint32_t gref, int writ
                 dp_update16(status, 0, added);
         }
         if (tries == DP_MAX_TRIES)
-            return -1;
+            return -DP_G_UNSTABLE;
         dp_rmb();
         uint16_t page_off = dp_load16(e + offsetof(grant_entry_v2_t, sub_page.page_off));
         uint16_t length = dp_load16(e + offsetof(grant_entry_v2_t, sub_page.length));
@@ -184,7 +192,7 @@ static inline int dp_grant_pin(const struct dp_env *env, uint32_t gref, int writ
             if ((uint32_t)page_off + length > DP_PAGE) {
                 if (added)
                     dp_update16(status, 0, added);
-                return -1;
+                return -DP_G_SUB_PAGE;
             }
             *lo = page_off;
             *hi = (uint32_t)page_off + length;
@@ -196,7 +204,7 @@ static inline int dp_grant_pin(const struct dp_env *env, uint32_t gref, int writ
     *page = dp_guest_page(env, frame);
     if (!*page) {
         dp_grant_unpin(env, gref, writable);
-        return -1;
+        return -DP_G_FRAME;
     }
     return 0;
 }

@@ -95,7 +95,7 @@ class CompiledTxPath(TxPath):
         for k in range(out.nerrors):
             e = out.errors[k]
             self.vif.guest_error("tx_error", f"{self.name}: request id {e.id} answered "
-                                 f"ERROR: {_reason(e.reason, e.detail)}")
+                                 f"ERROR: {_reason(e.reason, e.detail, e.grant)}")
         if credit is not None:
             credit.remaining -= out.charged
             if q.charged_valid:
@@ -117,5 +117,6 @@ class CompiledTxPath(TxPath):
         return flags, q.budget
 
 
-def _reason(code: int, detail: int) -> str:
-    return nk.REASONS.get(code, f"tx: reason {code}").format(detail=detail)
+def _reason(code: int, detail: int, grant: int = 0) -> str:
+    return nk.REASONS.get(code, f"tx: reason {code}").format(
+        detail=detail, grant=nk.GRANT_REASONS.get(grant, f"refused ({grant})"))

@@ -88,6 +88,7 @@ struct nk_error {
     uint16_t id;
     uint16_t reason;
     uint32_t detail;
+    uint32_t grant;         /* NK_R_GRANT: the DP_G_ reason */
 };
 
 struct nk_tx_out {
@@ -441,7 +442,7 @@ static int tx_vnet_header(const struct packet *p, uint8_t *hdr, uint32_t hlen,
 enum { S_OKAY, S_ERROR, S_TAP_FULL };
 
 static void error_record(struct nk_tx_out *out, uint16_t id, uint16_t reason,
-                         uint32_t detail)
+                         uint32_t detail, uint32_t grant)
 {
     out->tx_errors++;
     if (out->nerrors < NK_MAX_ERRORS) {
@@ -449,6 +450,7 @@ static void error_record(struct nk_tx_out *out, uint16_t id, uint16_t reason,
         e->id = id;
         e->reason = reason;
         e->detail = detail;
+        e->grant = grant;
     }
 }
 
@@ -469,14 +471,15 @@ static int send_packet(struct nk_txq *q, const struct dp_env *env, struct packet
             continue;       /* zero-length slots never touch their grants (XSA-448) */
         uint8_t *page;
         uint32_t lo, hi;
-        if (dp_grant_pin(env, s->gref, 0, &page, &lo, &hi)) {
-            error_record(out, p->first.id, NK_R_GRANT, s->gref);
+        int bad = dp_grant_pin(env, s->gref, 0, &page, &lo, &hi);
+        if (bad) {
+            error_record(out, p->first.id, NK_R_GRANT, s->gref, (uint32_t)-bad);
             status = S_ERROR;
             goto release;
         }
         pinned[npinned++] = s->gref;
         if (s->offset < lo || (uint32_t)s->offset + len > hi) {
-            error_record(out, p->first.id, NK_R_WINDOW, s->gref);
+            error_record(out, p->first.id, NK_R_WINDOW, s->gref, 0);
             status = S_ERROR;
             goto release;
         }
@@ -592,7 +595,7 @@ void nk_tx(struct nk_txq *q, const struct dp_env *env, struct nk_tx_out *out)
             stop = 1;
             break;
         } else if (p.kind == K_ERROR) {
-            error_record(out, p.first.id, p.reason, 0);
+            error_record(out, p.first.id, p.reason, 0, 0);
             status = NETIF_RSP_ERROR;
         } else {
             int s = send_packet(q, env, &p, out);

@@ -45,8 +45,7 @@ REASONS = {
     R_TOO_MANY_SLOTS: "tx: too many slots exceeding limit (18)",
     R_SLOT_SIZE: "tx: invalid tx request, slot size > remaining size",
     R_FIRST_SIZE: "tx: bad packet size: fewer than 14 bytes in the first slot",
-    R_GRANT: "tx: gref {detail}: grant refused (revoked, foreign, unstable or not "
-             "guest memory)",
+    R_GRANT: "tx: gref {detail}: {grant}",
     R_WINDOW: "tx: gref {detail}: slot outside the granted sub-page",
     R_MISSING_EXTRA: "tx: missing extra info (the chain runs past the published requests)",
     R_EXTRA_TYPE: "tx: invalid extra type {detail}",
@@ -57,6 +56,19 @@ REASONS = {
     R_GSO_SIZE: "tx: GSO size must not be zero",
     R_GSO_TYPE: "tx: bad GSO type {detail}",
     R_IMPOSSIBLE: "tx: impossible number of requests: req_prod {detail}",
+}
+
+# Why a grant was refused (core.h's DP_G_), as backendd/grants.py says it.
+GRANT_REASONS = {
+    1: "no grant table set up",
+    2: "beyond the grant table",
+    3: "transitive grants are not supported",
+    4: "not permit_access (revoked or never granted)",
+    5: "granted to another domain, not to the backend",
+    6: "readonly grant used for writing",
+    7: "entry unstable, changed during 5 tries",
+    8: "sub-page crosses the page",
+    9: "frame is not guest memory",
 }
 
 OUT_COUNTERS = ("tx_packets", "tx_bytes", "tx_gso", "tx_errors", "tx_dropped_csum",
@@ -85,7 +97,7 @@ class TxQueue(ctypes.Structure):
 
 class TxError(ctypes.Structure):
     _fields_ = [("id", ctypes.c_uint16), ("reason", ctypes.c_uint16),
-                ("detail", ctypes.c_uint32)]
+                ("detail", ctypes.c_uint32), ("grant", ctypes.c_uint32)]
 
 
 class TxOut(ctypes.Structure):
