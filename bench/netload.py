@@ -112,9 +112,11 @@ class NetRun:
 @contextlib.asynccontextmanager
 async def netfront(socket_path: str, *, host_ns: str, guest_ns: str, host_tap: str,
                    guest_tap: str, queues: int = 1, split: bool = True,
-                   binary: Path | None = None, mtu: int = 1500) -> AsyncIterator[NetRun]:
+                   binary: Path | None = None, mtu: int = 1500,
+                   dataplane: str | None = None) -> AsyncIterator[NetRun]:
     """One connection, one guest, one nic bridged to `guest_tap` in `guest_ns`; the
-    daemon's tap is `host_tap` in `host_ns`. Both taps are up, without addresses."""
+    daemon's tap is `host_tap` in `host_ns`. Both taps are up, without addresses.
+    `dataplane` is the nic's key of that name (None: the daemon's default)."""
     binary = binary or build("netfront_load")
     data_pages = queues * PAGES_PER_QUEUE
     ram_pages = data_pages + 2 * queues + 64
@@ -127,8 +129,10 @@ async def netfront(socket_path: str, *, host_ns: str, guest_ns: str, host_tap: s
     try:
         client = await VmmClient.connect(socket_path)
         await guest.attach(client)
-        _, bkeys = await client.add_device(DEVID, "net", {
-            "tap": host_tap, "netns": host_ns, "queues": str(queues), "mtu": str(mtu)})
+        config = {"tap": host_tap, "netns": host_ns, "queues": str(queues), "mtu": str(mtu)}
+        if dataplane is not None:
+            config["dataplane"] = dataplane
+        _, bkeys = await client.add_device(DEVID, "net", config)
         if split and bkeys.get("feature-split-event-channels") != "1":
             raise NetLoadFailed("the daemon does not offer split event channels")
         if int(bkeys.get("multi-queue-max-queues", "1")) < queues:
