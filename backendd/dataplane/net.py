@@ -30,10 +30,9 @@ class CompiledTxPath(TxPath):
         self.kernel = kernel
         self.native = nk.NativeEnv(grants.memory, grants)
         self.q = nk.TxQueue()
-        shared = ring.ring
-        self._ring_anchor = nk.ctypes.c_char.from_buffer(shared.area)
-        self.q.ring = nk.ctypes.addressof(self._ring_anchor)
-        self.q.size = shared.size
+        self._ring_anchor = nk.ctypes.c_char.from_buffer(ring.ring.area)
+        self.q.r.attach(ring)
+        self.q.r.page = nk.ctypes.addressof(self._ring_anchor)
         self.q.fd = fd
         self.out = nk.TxOut()
 
@@ -73,7 +72,7 @@ class CompiledTxPath(TxPath):
     def _call(self, budget: int) -> tuple[int, int]:
         """One kernel call; its flags and the budget left."""
         ring, q, out, credit = self.ring, self.q, self.out, self.credit
-        q.req_cons, q.rsp_prod_pvt, q.pushed = ring.req_cons, ring.rsp_prod_pvt, ring._pushed
+        q.r.load(ring)
         q.budget = budget
         if credit is not None:
             credit.admit(0, self.loop.time())  # the refill due now, as the first admit
@@ -85,7 +84,7 @@ class CompiledTxPath(TxPath):
             self.kernel.tx(q, self.native.env, out)
         finally:
             self.native.release()
-        ring.req_cons, ring.rsp_prod_pvt, ring._pushed = q.req_cons, q.rsp_prod_pvt, q.pushed
+        q.r.store(ring)
         flags = out.flags
         counters = self.vif.counters
         for name in nk.OUT_COUNTERS:

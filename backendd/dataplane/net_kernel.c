@@ -47,13 +47,20 @@ _Static_assert(sizeof(struct netif_tx_request) == 12, "tx request");
 _Static_assert(sizeof(struct netif_tx_response) == 4, "tx response");
 _Static_assert(sizeof(struct netif_extra_info) == 8, "extra info");
 _Static_assert(sizeof(union netif_tx_sring_entry) == 12, "tx entry");
+_Static_assert(offsetof(struct netif_tx_sring, ring) == offsetof(struct netif_rx_sring, ring),
+               "one shared ring header for tx and rx");
 
 /* ---- what Python hands in and gets back ----------------------------------------- */
 
-struct nk_txq {             /* one tx ring: Python's ctypes Structure, kept across calls */
-    uint8_t *ring;          /* the shared page */
+struct nk_ring {            /* one shared ring and the back end's private indices */
+    uint8_t *page;
     uint32_t size;          /* entries, a power of two */
+    uint32_t entry;         /* bytes per entry */
     uint32_t req_cons, rsp_prod_pvt, pushed;
+};
+
+struct nk_txq {             /* one tx ring: Python's ctypes Structure, kept across calls */
+    struct nk_ring r;
     int32_t fd;             /* the tap queue */
     uint32_t credit_on;     /* 0: no rate limit */
     uint64_t credit;        /* bytes that may still go in this call */
@@ -103,72 +110,79 @@ struct nk_tx_out {
 
 /* ---- the ring --------------------------------------------------------------------- */
 
-static inline uint8_t *slot_at(const struct nk_txq *q, uint32_t index)
+static inline uint8_t *slot_at(const struct nk_ring *r, uint32_t index)
 {
-    return q->ring + NK_SRING_HEADER + (size_t)(index & (q->size - 1)) * NK_ENTRY;
+    return r->page + NK_SRING_HEADER + (size_t)(index & (r->size - 1)) * r->entry;
 }
 
-#define SRING_IDX(q, field) ((q)->ring + offsetof(struct netif_tx_sring, field))
+#define SRING_IDX(r, field) ((r)->page + offsetof(struct netif_tx_sring, field))
 
 struct slot {
     uint32_t gref;
     uint16_t offset, flags, id, size;
 };
 
-/* A private copy of an unconsumed slot (XSA-155). */
+/* A private copy of an unconsumed tx slot (XSA-155). */
 static void read_slot(const struct nk_txq *q, uint32_t index, uint8_t raw[12],
                       struct slot *s)
 {
-    memcpy(raw, slot_at(q, index), NK_ENTRY);
+    memcpy(raw, slot_at(&q->r, index), NK_ENTRY);
     if (s) {
-        struct netif_tx_request r;
-        memcpy(&r, raw, sizeof(r));
-        s->gref = r.gref;
-        s->offset = r.offset;
-        s->flags = r.flags;
-        s->id = r.id;
-        s->size = r.size;
+        struct netif_tx_request t;
+        memcpy(&t, raw, sizeof(t));
+        s->gref = t.gref;
+        s->offset = t.offset;
+        s->flags = t.flags;
+        s->id = t.id;
+        s->size = t.size;
     }
+}
+
+/* One response slot: `len` bytes of `data`, the rest of the entry zeroed (no stale
+ * bytes in the padding, XSA-216). */
+static void put_slot(struct nk_ring *r, const void *data, size_t len)
+{
+    uint8_t buf[NK_ENTRY];
+    memset(buf, 0, sizeof(buf));
+    memcpy(buf, data, len);
+    memcpy(slot_at(r, r->rsp_prod_pvt), buf, r->entry);
+    r->rsp_prod_pvt++;
 }
 
 static void put_response(struct nk_txq *q, uint16_t id, int16_t status)
 {
-    uint8_t buf[NK_ENTRY];
-    struct netif_tx_response r = { .id = id, .status = status };
-    memset(buf, 0, sizeof(buf));     /* no stale bytes in the padding (XSA-216) */
-    memcpy(buf, &r, sizeof(r));
-    memcpy(slot_at(q, q->rsp_prod_pvt), buf, NK_ENTRY);
-    q->rsp_prod_pvt++;
+    struct netif_tx_response t = { .id = id, .status = status };
+    put_slot(&q->r, &t, sizeof(t));
 }
 
 /* RING_PUSH_RESPONSES_AND_CHECK_NOTIFY */
-static int push_responses(struct nk_txq *q)
+static int push_responses(struct nk_ring *r)
 {
-    uint32_t old = q->pushed, new = q->rsp_prod_pvt;
+    uint32_t old = r->pushed, new = r->rsp_prod_pvt;
     if (new == old)
         return 0;
     dp_wmb();               /* the frontend sees the responses before the index */
-    dp_store32(SRING_IDX(q, rsp_prod), new);
-    q->pushed = new;
+    dp_store32(SRING_IDX(r, rsp_prod), new);
+    r->pushed = new;
     dp_mb();                /* ... and the index before we read rsp_event */
-    return (uint32_t)(new - dp_load32(SRING_IDX(q, rsp_event))) < (uint32_t)(new - old);
+    return (uint32_t)(new - dp_load32(SRING_IDX(r, rsp_event))) < (uint32_t)(new - old);
 }
 
-static uint32_t unconsumed(const struct nk_txq *q)
+static uint32_t unconsumed(const struct nk_ring *r)
 {
-    uint32_t req = dp_load32(SRING_IDX(q, req_prod)) - q->req_cons;
-    uint32_t rsp = q->size - (q->req_cons - q->rsp_prod_pvt);
+    uint32_t req = dp_load32(SRING_IDX(r, req_prod)) - r->req_cons;
+    uint32_t rsp = r->size - (r->req_cons - r->rsp_prod_pvt);
     return req < rsp ? req : rsp;
 }
 
 /* RING_FINAL_CHECK_FOR_REQUESTS */
-static int final_check(struct nk_txq *q)
+static int final_check(struct nk_ring *r)
 {
-    if (unconsumed(q))
+    if (unconsumed(r))
         return 1;
-    dp_store32(SRING_IDX(q, req_event), q->req_cons + 1);
+    dp_store32(SRING_IDX(r, req_event), r->req_cons + 1);
     dp_mb();
-    return unconsumed(q) > 0;
+    return unconsumed(r) > 0;
 }
 
 /* ---- parsing a packet: backendd/devices/net/tx.py ------------------------------- */
@@ -538,7 +552,7 @@ release:
 
 static void respond(struct nk_txq *q, const struct packet *p, int16_t status)
 {
-    q->req_cons += 1 + p->extra_count + p->nfrags;
+    q->r.req_cons += 1 + p->extra_count + p->nfrags;
     put_response(q, p->first.id, status);
     for (uint32_t i = 0; i < p->extra_count; i++)
         put_response(q, 0, NETIF_RSP_NULL);
@@ -556,18 +570,18 @@ void nk_tx(struct nk_txq *q, const struct dp_env *env, struct nk_tx_out *out)
     if (q->budget > NK_BUDGET)
         q->budget = NK_BUDGET;
     while (q->budget > 0) {
-        uint32_t prod = dp_load32(SRING_IDX(q, req_prod));   /* read once */
+        uint32_t prod = dp_load32(SRING_IDX(&q->r, req_prod));   /* read once */
         dp_rmb();
-        uint32_t avail = prod - q->req_cons;
+        uint32_t avail = prod - q->r.req_cons;
         if (avail == 0)
             break;
-        if (avail > q->size) {
+        if (avail > q->r.size) {
             out->flags |= NK_FATAL;
             out->fatal_reason = NK_R_IMPOSSIBLE;
             out->fatal_detail = prod;
             return;
         }
-        uint32_t cons = q->req_cons;
+        uint32_t cons = q->r.req_cons;
         if (q->credit_on && !(q->charged_valid && q->charged_cons == cons)) {
             uint8_t raw[NK_ENTRY];
             struct slot first;
@@ -613,9 +627,9 @@ void nk_tx(struct nk_txq *q, const struct dp_env *env, struct nk_tx_out *out)
     }
     if (out->flags & NK_MCAST)
         return;             /* the wake-up goes on in Python: nothing published yet */
-    if (push_responses(q))
+    if (push_responses(&q->r))
         out->flags |= NK_NOTIFY;
-    if (budget_left || (!stop && final_check(q)))
+    if (budget_left || (!stop && final_check(&q->r)))
         out->flags |= NK_MORE;
 }
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from backendd.grants import GrantTable
 from backendd.memory import GuestMemory
+from rings.ring import BackRing
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "net_kernel.c"
@@ -86,10 +87,27 @@ class Env(ctypes.Structure):
                 ("gnt_status", ctypes.c_void_p), ("gnt_uses", ctypes.c_void_p)]
 
 
+class Ring(ctypes.Structure):
+    _fields_ = [("page", ctypes.c_void_p), ("size", ctypes.c_uint32),
+                ("entry", ctypes.c_uint32), ("req_cons", ctypes.c_uint32),
+                ("rsp_prod_pvt", ctypes.c_uint32), ("pushed", ctypes.c_uint32)]
+
+    def attach(self, ring: BackRing) -> None:
+        """Point at the shared page of `ring` (the caller keeps it exported)."""
+        shared = ring.ring
+        self.size, self.entry = shared.size, shared.entry_size
+
+    def load(self, ring: BackRing) -> None:
+        self.req_cons, self.rsp_prod_pvt, self.pushed = (ring.req_cons, ring.rsp_prod_pvt,
+                                                         ring._pushed)
+
+    def store(self, ring: BackRing) -> None:
+        ring.req_cons, ring.rsp_prod_pvt, ring._pushed = (self.req_cons, self.rsp_prod_pvt,
+                                                          self.pushed)
+
+
 class TxQueue(ctypes.Structure):
-    _fields_ = [("ring", ctypes.c_void_p), ("size", ctypes.c_uint32),
-                ("req_cons", ctypes.c_uint32), ("rsp_prod_pvt", ctypes.c_uint32),
-                ("pushed", ctypes.c_uint32), ("fd", ctypes.c_int32),
+    _fields_ = [("r", Ring), ("fd", ctypes.c_int32),
                 ("credit_on", ctypes.c_uint32), ("credit", ctypes.c_uint64),
                 ("charged_valid", ctypes.c_uint32), ("charged_cons", ctypes.c_uint32),
                 ("budget", ctypes.c_uint32)]
