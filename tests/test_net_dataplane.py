@@ -1,7 +1,8 @@
-"""The compiled netif tx data plane (backendd/dataplane/net_kernel.c) against the
+"""The compiled netif data plane (backendd/dataplane/net_kernel.c) against the
 pure-Python reference: it builds warning-free, plain and with the sanitizers; random and
-hostile chains come out identical through both (also under the sanitizers); the bad
-input rules hold on it; and the device's `dataplane` key picks the path."""
+hostile tx chains and rx buffers/frames come out identical through both (also under the
+sanitizers); the bad input rules hold on it; and the device's `dataplane` key picks the
+path."""
 
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ import pytest
 from test_net_harness import make_guest, namespaces, plug, uniq
 
 from backendd.dataplane import netkernel as nk
-from backendd.dataplane.net import CompiledTxPath
+from backendd.dataplane.net import CompiledRxPath, CompiledTxPath
 from backendd.devices.net.device import NetDevice
+from backendd.devices.net.rx import RxPath
 from backendd.devices.net.txpath import TxPath
+from backendd.devices.net.vif import Features
 from backendd.errors import ConfigError
-from bench import netdiff
+from bench import netdiff, netdiff_rx
 from rings.consts import GTF_READING, GTF_WRITING
-from rings.netif import TX_REQUEST
+from rings.netif import RX_REQUEST, TX_REQUEST
 from rings.sring import REQ_PROD, RSP_PROD
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +47,12 @@ def test_differential_random_and_hostile_chains(kernel):
     assert inputs >= 3000
 
 
+def test_rx_differential_posted_buffers_and_frames(kernel):
+    inputs, differences = netdiff_rx.run(kernel, 4000, seed=12)
+    assert differences == []
+    assert inputs >= 4000
+
+
 def test_differential_under_address_and_ub_sanitizers(tmp_path):
     lib = nk.build(tmp_path / "asan.so", sanitize=True)
     libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
@@ -53,11 +62,13 @@ def test_differential_under_address_and_ub_sanitizers(tmp_path):
                         "UBSAN_OPTIONS": "halt_on_error=1:exitcode=98",
                         "PYTHONPATH": str(ROOT)}
     code = ("from backendd.dataplane import netkernel as nk\n"
-            "from bench import netdiff\n"
+            "from bench import netdiff, netdiff_rx\n"
             "assert 'libasan' in open('/proc/self/maps').read()\n"
             "k = nk.load()\n"
             "assert k is not None and k.path.endswith('asan.so')\n"
             "n, bad = netdiff.run(k, 1500, seed=5)\n"
+            "assert not bad, bad\n"
+            "m, bad = netdiff_rx.run(k, 2000, seed=6)\n"
             "assert not bad, bad\n"
             "print('inputs', n)\n")
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
@@ -203,6 +214,33 @@ def test_gso_frame_gathered_behind_one_vnet_header(kernel, plane):
         w.close()
 
 
+@pytest.mark.parametrize("plane", PLANES)
+def test_v2_sub_page_rx_buffer_is_a_guest_error_and_the_next_buffer_takes_the_frame(
+        kernel, plane):
+    case = netdiff_rx.RxCase(2, Features(sg=False), 1500, False)
+    w = netdiff_rx.build(kernel if plane == "compiled" else None, case)
+    try:
+        sub = w.gt.grant_access(3, sub_page=(0, 2048))
+        good = w.gt.grant_access(4)
+        prod = w.shared.idx[REQ_PROD]
+        w.shared.write_slot(prod, RX_REQUEST.pack(10, sub))
+        w.shared.write_slot(prod + 1, RX_REQUEST.pack(11, good))
+        w.shared.idx[REQ_PROD] = prod + 2
+        frame = _udp_frame(300)
+        w.peer.send(bytes(10) + frame)
+        netdiff_rx.drive(w)
+        assert [struct.unpack_from("<HHHh", w.shared.read_slot(k)) for k in range(2)] == [
+            (10, 0, 0, -1), (11, 0, 0, 300)]
+        assert w.ram.read(4 * 4096, 300) == frame
+        assert w.vif.counters["rx_bad_grant"] == 1 and w.vif.counters["rx_packets"] == 1
+        assert not w.vif.halted
+        for gref in (sub, good):
+            assert not w.gt.status(gref) & (GTF_READING | GTF_WRITING)
+            assert w.table.in_use(gref) == 0
+    finally:
+        w.close()
+
+
 # --- the device key ------------------------------------------------------------------
 
 
@@ -226,8 +264,9 @@ async def test_dataplane_key_selects_the_tx_path(plane, monkeypatch, tmp_path):
             tap = uniq("bv") + "k"
             dev, front = await plug(guest, 3, {"tap": tap, "netns": host, "queues": "1",
                                                "dataplane": plane})
-            want = CompiledTxPath if plane == "compiled" else TxPath
-            assert type(dev.queues[0].tx) is want
+            compiled = plane == "compiled"
+            assert type(dev.queues[0].tx) is (CompiledTxPath if compiled else TxPath)
+            assert type(dev.queues[0].rx) is (CompiledRxPath if compiled else RxPath)
             for k in range(20):
                 await front.send_frame(_udp_frame(200 + k))
             await front.wait_tx_done()

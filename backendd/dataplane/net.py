@@ -1,4 +1,4 @@
-"""The netif tx path on the compiled data plane: TxPath's scheduling, credit, multicast
+"""The netif tx and rx paths on the compiled data plane: TxPath's scheduling, credit, multicast
 list and counters stay in Python; each wake-up is one call into net_kernel.c, which
 takes every packet it can, validates it, writes the frames to the tap, answers and
 applies ring.h's notify rule. Python then adds the counters, logs the guest errors,
@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 
 from backendd.devices.net.ratelimit import CreditScheduler
+from backendd.devices.net.rx import BUDGET as RX_BUDGET
+from backendd.devices.net.rx import RxPath
 from backendd.devices.net.tx import TxFatal
 from backendd.devices.net.txpath import BUDGET, TxPath
 from backendd.devices.net.vif import VifState
@@ -119,3 +121,84 @@ class CompiledTxPath(TxPath):
 def _reason(code: int, detail: int, grant: int = 0) -> str:
     return nk.REASONS.get(code, f"tx: reason {code}").format(
         detail=detail, grant=nk.GRANT_REASONS.get(grant, f"refused ({grant})"))
+
+
+class CompiledRxPath(RxPath):
+    """The rx path with each wake-up one call into net_kernel.c (nk_rx): the posted
+    buffers (pinned writable) live in the kernel's queue; reading the tap, the
+    multicast filter, the responses and the notify rule are done there."""
+
+    def __init__(self, kernel: nk.NetKernel, ring: BackRing, grants: GrantTable, fd: int,
+                 vif: VifState, loop: asyncio.AbstractEventLoop, name: str,
+                 gso_offload: bool) -> None:
+        super().__init__(ring, grants, fd, vif, loop, name, gso_offload)
+        self.kernel = kernel
+        self.native = nk.NativeEnv(grants.memory, grants)
+        self.q = q = nk.RxQueue()
+        self._ring_anchor: object = nk.ctypes.c_char.from_buffer(ring.ring.area)
+        q.r.attach(ring)
+        q.r.page = nk.ctypes.addressof(self._ring_anchor)
+        q.fd = fd
+        q.need = self.need
+        q.gso_offload = gso_offload
+        f = vif.features
+        q.gso_tcpv4, q.gso_tcpv6, q.mcast_control = (f.gso_tcpv4, f.gso_tcpv6,
+                                                     f.multicast_control)
+        self.out = nk.RxOut()
+
+    @property
+    def posted_count(self) -> int:
+        return self.q.count
+
+    def stop(self) -> None:
+        super().stop()
+        if self._ring_anchor is None:
+            return
+        self.native.refresh()
+        try:
+            self.kernel.rx_release(self.q, self.native.env)
+        finally:
+            self.native.release()
+        self._ring_anchor = None  # the ring mapping may go now
+
+    def _readable(self) -> None:
+        if self.stopped or self.vif.halted or not self._reading:
+            return
+        ring, q, out, vif = self.ring, self.q, self.out, self.vif
+        q.r.load(ring)
+        if q.mcast_control:
+            addrs = list(vif.mcast)[:nk.MCAST_MAX]
+            q.nmcast = len(addrs)
+            for k, a in enumerate(addrs):
+                q.mcast[k][:] = list(a)
+        self.native.refresh()
+        try:
+            self.kernel.rx(q, self.native.env, RX_BUDGET, out)
+        finally:
+            self.native.release()
+        q.r.store(ring)
+        counters = vif.counters
+        for name in nk.RX_COUNTERS:
+            value = getattr(out, name)
+            if value:
+                counters[name] += value
+        for k in range(out.nbad):
+            b = out.bad[k]
+            why = (nk.GRANT_REASONS.get(b.grant, f"refused ({b.grant})") if b.grant else
+                   "an rx buffer must be granted as a whole page, not as a sub-page")
+            vif.guest_error("rx_bad_grant", f"{self.name}: rx request id {b.id}: "
+                            f"gref {b.gref}: {why}")
+        flags = out.flags
+        if flags & nk.FATAL:
+            counters["rx_fatal"] += 1
+            vif.fatal(f"{self.name}: rx: req_prod {out.fatal_prod} is more than a ring "
+                      f"ahead of rsp_prod {ring.rsp_prod_pvt}")
+        if flags & nk.RX_STALL:
+            self._pause()
+            if not (vif.halted or self.stopped):
+                if flags & nk.RX_MORE:
+                    self.kick()
+                elif not vif.features.rx_notify:
+                    self._poll = self.loop.call_later(0.01, self._polled)
+        if flags & nk.NOTIFY:
+            self.notify()

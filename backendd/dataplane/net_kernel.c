@@ -633,11 +633,333 @@ void nk_tx(struct nk_txq *q, const struct dp_env *env, struct nk_tx_out *out)
         out->flags |= NK_MORE;
 }
 
+/* ---- rx: backendd/devices/net/rx.py ---------------------------------------------- */
+
+#define NK_RX_MAX_POSTED 256    /* a one-page rx ring's entries */
+#define NK_MCAST_MAX 64
+#define NK_VNET_HDR 10
+
+_Static_assert(sizeof(struct netif_rx_request) == 8, "rx request");
+_Static_assert(sizeof(struct netif_rx_response) == 8, "rx response");
+_Static_assert(sizeof(union netif_rx_sring_entry) == 8, "rx entry");
+
+struct nk_posted {          /* a buffer the guest posted, pinned writable when ok */
+    uint16_t id;
+    uint16_t ok;
+    uint32_t gref;
+    uint8_t *page;
+};
+
+struct nk_rxq {             /* one rx ring: Python's ctypes Structure, kept across calls */
+    struct nk_ring r;
+    int32_t fd;
+    uint32_t need;          /* buffers posted before a read (RxPath.need) */
+    uint32_t gso_offload;   /* the tap may hand us GSO frames: slot 1 kept for the extra */
+    uint32_t gso_tcpv4, gso_tcpv6, mcast_control;
+    uint32_t nmcast;        /* the vif's multicast list, refreshed by Python per call */
+    uint8_t mcast[NK_MCAST_MAX][6];
+    uint32_t head, count;   /* the posted buffers, a ring of NK_RX_MAX_POSTED */
+    struct nk_posted posted[NK_RX_MAX_POSTED];
+    uint8_t hdr[NK_VNET_HDR];
+    uint8_t scratch[DP_PAGE];
+};
+
+enum { NK_RX_STALL = 64, NK_RX_MORE = 128 };
+
+struct nk_rx_bad {
+    uint16_t id;
+    uint16_t _pad;
+    uint32_t gref;
+    uint32_t grant;         /* the DP_G_ reason; 0: a v2 sub-page */
+};
+
+struct nk_rx_out {
+    uint64_t rx_packets, rx_bytes, rx_gso, rx_dropped, rx_mcast_filtered, rx_bad_grant,
+             rx_stalls;
+    uint32_t flags;
+    uint32_t fatal_prod;    /* NK_FATAL: the req_prod that overran the ring */
+    uint32_t nbad;
+    struct nk_rx_bad bad[NK_RX_MAX_POSTED];
+};
+
+static inline struct nk_posted *posted_at(struct nk_rxq *q, uint32_t k)
+{
+    return &q->posted[(q->head + k) % NK_RX_MAX_POSTED];
+}
+
+static struct nk_posted posted_pop(struct nk_rxq *q)
+{
+    struct nk_posted p = q->posted[q->head];
+    q->head = (q->head + 1) % NK_RX_MAX_POSTED;
+    q->count--;
+    return p;
+}
+
+static void put_rx_response(struct nk_rxq *q, uint16_t id, uint16_t flags, int16_t status)
+{
+    struct netif_rx_response t = { .id = id, .offset = 0, .flags = flags, .status = status };
+    put_slot(&q->r, &t, sizeof(t));
+}
+
+/* BackRing.take_requests + RxPath._take: -1 ring corrupted (fatal), 0 nothing new,
+ * 1 some taken. Each buffer is pinned writable as a whole page; one that cannot be is
+ * kept in its place as not ok, and answered ERROR in its turn. */
+static int rx_take(struct nk_rxq *q, const struct dp_env *env, uint32_t want,
+                   struct nk_rx_out *out)
+{
+    struct nk_ring *r = &q->r;
+    uint32_t prod = dp_load32(SRING_IDX(r, req_prod));  /* read once */
+    dp_rmb();
+    if (prod - r->rsp_prod_pvt > r->size) {
+        out->fatal_prod = prod;
+        return -1;
+    }
+    uint32_t cons = r->req_cons, taken = 0;
+    if (want < 1)
+        want = 1;
+    while (cons != prod && taken < want) {
+        if (cons - r->rsp_prod_pvt >= r->size)   /* RING_REQUEST_CONS_OVERFLOW */
+            break;
+        if (q->count >= NK_RX_MAX_POSTED)          /* not reached: bounded by the ring */
+            break;
+        struct netif_rx_request req;
+        memcpy(&req, slot_at(r, cons), sizeof(req));    /* a private copy (XSA-155) */
+        cons++;
+        taken++;
+        struct nk_posted *p = posted_at(q, q->count);
+        q->count++;
+        p->id = req.id;
+        p->gref = req.gref;
+        p->ok = 0;
+        p->page = NULL;
+        uint32_t lo, hi;
+        int bad = dp_grant_pin(env, req.gref, 1, &p->page, &lo, &hi);
+        if (!bad && (lo != 0 || hi != DP_PAGE)) {
+            /* an rx buffer must be a whole page: a v2 sub-page is the guest's error */
+            dp_grant_unpin(env, req.gref, 1);
+            bad = -0x100;
+        }
+        if (bad) {
+            out->rx_bad_grant++;
+            if (out->nbad < NK_RX_MAX_POSTED) {     /* the log keeps the first ones */
+                struct nk_rx_bad *b = &out->bad[out->nbad++];
+                b->id = req.id;
+                b->gref = req.gref;
+                b->grant = bad == -0x100 ? 0 : (uint32_t)-bad;
+            }
+            p->page = NULL;
+        } else {
+            p->ok = 1;
+        }
+    }
+    r->req_cons = cons;
+    return taken ? 1 : 0;
+}
+
+static void rx_answer_bad_head(struct nk_rxq *q)
+{
+    while (q->count && !posted_at(q, 0)->ok) {
+        struct nk_posted p = posted_pop(q);
+        put_rx_response(q, p.id, 0, NETIF_RSP_ERROR);
+    }
+}
+
+/* RxPath._fill: 1 when `need` buffers are posted and the first is usable. */
+static int rx_fill(struct nk_rxq *q, const struct dp_env *env, struct nk_rx_out *out)
+{
+    for (;;) {
+        rx_answer_bad_head(q);
+        if (q->count >= q->need)
+            return 1;
+        int t = rx_take(q, env, q->need - q->count, out);
+        if (t < 0)
+            return -1;
+        if (t == 0)
+            return 0;
+    }
+}
+
+static inline uint8_t *rx_page(struct nk_rxq *q, const struct nk_posted *p)
+{
+    return p->ok ? p->page : q->scratch;
+}
+
+static int rx_wanted(const struct nk_rxq *q, const uint8_t *dst)
+{
+    static const uint8_t bcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
+    if (!q->mcast_control || !(dst[0] & 1) || !memcmp(dst, bcast, 6))
+        return 1;
+    for (uint32_t i = 0; i < q->nmcast && i < NK_MCAST_MAX; i++)
+        if (!memcmp(q->mcast[i], dst, 6))
+            return 1;
+    return 0;
+}
+
+/* RxPath._read_one: 0 when the tap is empty, 1 when a frame was handled. */
+static int rx_read_one(struct nk_rxq *q, const struct dp_env *env, struct nk_rx_out *out)
+{
+    struct iovec iov[1 + NK_RX_MAX_POSTED];
+    const struct nk_posted *bufs[NK_RX_MAX_POSTED];
+    uint32_t nbufs = 0;
+    bufs[nbufs++] = posted_at(q, 0);
+    for (uint32_t i = q->gso_offload ? 2 : 1; i < q->need && i < q->count; i++)
+        bufs[nbufs++] = posted_at(q, i);
+    iov[0].iov_base = q->hdr;
+    iov[0].iov_len = NK_VNET_HDR;
+    for (uint32_t i = 0; i < nbufs; i++) {
+        iov[1 + i].iov_base = rx_page(q, bufs[i]);
+        iov[1 + i].iov_len = DP_PAGE;
+    }
+    ssize_t n = readv(q->fd, iov, (int)(1 + nbufs));
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return 0;
+        out->rx_dropped++;
+        return 1;
+    }
+    int64_t frame_len = (int64_t)n - NK_VNET_HDR;
+    if (frame_len < NK_ETH_HLEN || frame_len > (int64_t)nbufs * DP_PAGE) {
+        out->rx_dropped++;
+        return 1;
+    }
+    struct vnet_hdr v;
+    memcpy(&v, q->hdr, sizeof(v));
+    int gso = 0;
+    uint8_t gtype = 0;
+    if (v.gso_type != 0) {      /* vnet.rx_gso */
+        if (v.gso_type == 1)
+            gtype = XEN_NETIF_GSO_TYPE_TCPV4;
+        else if (v.gso_type == 4)
+            gtype = XEN_NETIF_GSO_TYPE_TCPV6;
+        if (!gtype || !v.gso_size) {
+            out->rx_dropped++;
+            return 1;
+        }
+        gso = 1;
+        if (!(gtype == XEN_NETIF_GSO_TYPE_TCPV4 ? q->gso_tcpv4 : q->gso_tcpv6)) {
+            out->rx_dropped++;
+            return 1;
+        }
+    }
+    if (!rx_wanted(q, rx_page(q, bufs[0]))) {
+        out->rx_mcast_filtered++;   /* the buffers stay posted */
+        return 1;
+    }
+    uint32_t npages = (uint32_t)((frame_len + DP_PAGE - 1) / DP_PAGE);
+    if (!gso && q->gso_offload && npages > 1) {
+        /* Not GSO after all: slot 1's page, left free for extra info, takes data. */
+        for (uint32_t k = 1; k < npages; k++) {
+            const struct nk_posted *dst = k == 1 ? posted_at(q, 1) : bufs[k - 1];
+            memmove(rx_page(q, dst), rx_page(q, bufs[k]), DP_PAGE);
+        }
+    }
+    uint32_t used = npages + (gso ? 1 : 0);
+    if (used > q->count) {
+        /* Not reached with a tap that was offered GSO only with gso_offload (rx.py
+         * would stop on it); never let a frame use buffers that are not posted. */
+        out->rx_dropped++;
+        return 1;
+    }
+    struct nk_posted entries[NK_RX_MAX_POSTED];
+    for (uint32_t i = 0; i < used; i++)
+        entries[i] = posted_pop(q);
+    int failed_any = 0;
+    for (uint32_t i = 0; i < used; i++) {
+        if (gso && i == 1)
+            continue;       /* the extra-info slot carries no data */
+        if (!entries[i].ok)
+            failed_any = 1;
+    }
+    /* Every grant goes before the responses are published (XSA-396). */
+    for (uint32_t i = 0; i < used; i++)
+        if (entries[i].ok)
+            dp_grant_unpin(env, entries[i].gref, 1);
+    uint16_t csum = 0;      /* vnet.rx_netif_flags */
+    if (v.flags & 1)
+        csum = NETRXF_csum_blank | NETRXF_data_validated;
+    else if (v.flags & 2)
+        csum = NETRXF_data_validated;
+    /* rx.rx_responses: the first data slot, the GSO extra, the other data slots. */
+    uint32_t pos = 0;
+    for (uint32_t k = 0; k < npages; k++) {
+        uint32_t idx = gso && k ? k + 1 : k;
+        uint16_t flags = k == 0 ? csum : 0;
+        if (k == 0 && gso)
+            flags |= NETRXF_extra_info;
+        if (k < npages - 1)
+            flags |= NETRXF_more_data;
+        int16_t size = k < npages - 1 ? (int16_t)DP_PAGE
+                     : (int16_t)(frame_len - (int64_t)(npages - 1) * DP_PAGE);
+        if (!entries[idx].ok)
+            size = NETIF_RSP_ERROR;
+        put_rx_response(q, entries[idx].id, flags, size);
+        pos++;
+        if (k == 0 && gso) {
+            struct netif_extra_info e;
+            memset(&e, 0, sizeof(e));
+            e.type = XEN_NETIF_EXTRA_TYPE_GSO;
+            e.u.gso.size = v.gso_size;
+            e.u.gso.type = gtype;
+            put_slot(&q->r, &e, sizeof(e));
+            pos++;
+        }
+    }
+    if (failed_any) {
+        out->rx_dropped++;  /* part of the frame went to scratch: the frontend drops it */
+        return 1;
+    }
+    out->rx_packets++;
+    out->rx_bytes += (uint64_t)frame_len;
+    if (gso)
+        out->rx_gso++;
+    return 1;
+}
+
+/* RxPath._readable: up to `budget` frames. NK_RX_STALL: not enough buffers posted (the
+ * reader pauses; NK_RX_MORE then says requests arrived meanwhile: kick again). */
+void nk_rx(struct nk_rxq *q, const struct dp_env *env, uint32_t budget,
+           struct nk_rx_out *out)
+{
+    memset(out, 0, offsetof(struct nk_rx_out, bad));
+    if (q->need < 1 || q->need > NK_RX_MAX_POSTED / 2 || q->r.entry != 8 ||
+        q->r.size > NK_RX_MAX_POSTED) {
+        out->flags |= NK_FATAL;     /* a binding error, never a guest's */
+        return;
+    }
+    for (uint32_t n = 0; n < budget; n++) {
+        int f = rx_fill(q, env, out);
+        if (f <= 0) {
+            out->flags |= NK_RX_STALL;
+            out->rx_stalls++;
+            if (f < 0)
+                out->flags |= NK_FATAL;
+            else if (final_check(&q->r))
+                out->flags |= NK_RX_MORE;
+            break;
+        }
+        if (!rx_read_one(q, env, out))
+            break;
+    }
+    if (push_responses(&q->r))
+        out->flags |= NK_NOTIFY;
+}
+
+/* RxPath.stop: every posted buffer's pin goes. */
+void nk_rx_release(struct nk_rxq *q, const struct dp_env *env)
+{
+    while (q->count) {
+        struct nk_posted p = posted_pop(q);
+        if (p.ok)
+            dp_grant_unpin(env, p.gref, 1);
+    }
+}
+
 /* Sizes the binding checks at load. */
 uint32_t nk_layout(uint32_t *out, uint32_t n)
 {
     const uint32_t v[] = {
         sizeof(struct nk_txq), sizeof(struct nk_tx_out), sizeof(struct dp_env),
+        sizeof(struct nk_rxq), sizeof(struct nk_rx_out),
         sizeof(struct dp_region), NK_BUDGET, NK_MAX_ERRORS, (uint32_t)NK_SRING_HEADER,
         (uint32_t)NK_ENTRY,
     };

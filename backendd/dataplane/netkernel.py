@@ -125,6 +125,39 @@ class TxOut(ctypes.Structure):
                    ("nerrors", ctypes.c_uint32), ("errors", TxError * MAX_ERRORS)])
 
 
+RX_MAX_POSTED = 256
+MCAST_MAX = 64
+RX_STALL, RX_MORE = 64, 128
+RX_COUNTERS = ("rx_packets", "rx_bytes", "rx_gso", "rx_dropped", "rx_mcast_filtered",
+               "rx_bad_grant", "rx_stalls")
+
+
+class Posted(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint16), ("ok", ctypes.c_uint16), ("gref", ctypes.c_uint32),
+                ("page", ctypes.c_void_p)]
+
+
+class RxQueue(ctypes.Structure):
+    _fields_ = [("r", Ring), ("fd", ctypes.c_int32), ("need", ctypes.c_uint32),
+                ("gso_offload", ctypes.c_uint32), ("gso_tcpv4", ctypes.c_uint32),
+                ("gso_tcpv6", ctypes.c_uint32), ("mcast_control", ctypes.c_uint32),
+                ("nmcast", ctypes.c_uint32), ("mcast", (ctypes.c_uint8 * 6) * MCAST_MAX),
+                ("head", ctypes.c_uint32), ("count", ctypes.c_uint32),
+                ("posted", Posted * RX_MAX_POSTED), ("hdr", ctypes.c_uint8 * 10),
+                ("scratch", ctypes.c_uint8 * 4096)]
+
+
+class RxBad(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint16), ("_pad", ctypes.c_uint16), ("gref", ctypes.c_uint32),
+                ("grant", ctypes.c_uint32)]
+
+
+class RxOut(ctypes.Structure):
+    _fields_ = ([(name, ctypes.c_uint64) for name in RX_COUNTERS]
+                + [("flags", ctypes.c_uint32), ("fatal_prod", ctypes.c_uint32),
+                   ("nbad", ctypes.c_uint32), ("bad", RxBad * RX_MAX_POSTED)])
+
+
 class KernelError(Exception):
     pass
 
@@ -159,12 +192,20 @@ class NetKernel:
         lib.nk_tx.argtypes = [ctypes.POINTER(TxQueue), ctypes.POINTER(Env),
                               ctypes.POINTER(TxOut)]
         self.tx = lib.nk_tx
+        lib.nk_rx.restype = None
+        lib.nk_rx.argtypes = [ctypes.POINTER(RxQueue), ctypes.POINTER(Env), ctypes.c_uint32,
+                              ctypes.POINTER(RxOut)]
+        self.rx = lib.nk_rx
+        lib.nk_rx_release.restype = None
+        lib.nk_rx_release.argtypes = [ctypes.POINTER(RxQueue), ctypes.POINTER(Env)]
+        self.rx_release = lib.nk_rx_release
         lib.nk_layout.restype = ctypes.c_uint32
         lib.nk_layout.argtypes = [ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint32]
         buf = (ctypes.c_uint32 * 16)()
         n = lib.nk_layout(buf, 16)
         want = [ctypes.sizeof(TxQueue), ctypes.sizeof(TxOut), ctypes.sizeof(Env),
-                ctypes.sizeof(Region), BUDGET, MAX_ERRORS]
+                ctypes.sizeof(RxQueue), ctypes.sizeof(RxOut), ctypes.sizeof(Region), BUDGET,
+                MAX_ERRORS]
         if list(buf[:len(want)]) != want or n < len(want):
             raise KernelError(f"{path}: built for other layouts: {list(buf[:n])} != {want}")
 

@@ -5,7 +5,7 @@ Config keys (ADD_DEVICE): tap, mac, mtu, bridge, rate, netns, queues, dataplane.
 is created
 when the device is added (so the host side can be wired before the guest connects) and
 removed when the device is; the rings live from connect to disconnect. `dataplane`
-("compiled" or "python") picks who serves the tx rings: the compiled kernel
+("compiled" or "python") picks who serves the tx and rx rings: the compiled kernel
 (backendd/dataplane, the default when it is built) or the pure-Python reference.
 """
 
@@ -137,7 +137,7 @@ class NetDevice(Device):
 
     @staticmethod
     def _dataplane(value: str | None) -> NetKernel | None:
-        """The compiled kernel to serve tx with, or None for the Python path."""
+        """The compiled kernel to serve tx and rx with, or None for the Python path."""
         if value not in (None, "compiled", "python"):
             raise ConfigError(f"net: dataplane {value!r}: expected compiled or python")
         if value == "python":
@@ -289,8 +289,15 @@ class NetDevice(Device):
                                 loop, name, credit)
         else:
             tx = TxPath(BackRing.attach(tx_shared), grants, fd, vif, loop, name, credit)
-        rx = RxPath(BackRing.attach(rx_shared), grants, fd, vif, loop, name,
-                    gso_offload=bool(offload & 0x6))
+        rx: RxPath
+        if self.kernel is not None:
+            from backendd.dataplane.net import CompiledRxPath
+
+            rx = CompiledRxPath(self.kernel, BackRing.attach(rx_shared), grants, fd, vif,
+                                loop, name, gso_offload=bool(offload & 0x6))
+        else:
+            rx = RxPath(BackRing.attach(rx_shared), grants, fd, vif, loop, name,
+                        gso_offload=bool(offload & 0x6))
         queue = _Queue(q, fd, tx_map, rx_map, tx_shared, rx_shared, tx, rx)
         tx_ch, rx_ch = channels[tx_port], channels[rx_port]
         taken.update({tx_port, rx_port})
