@@ -185,7 +185,8 @@ class CompiledRxPath(RxPath):
         for k in range(out.nbad):
             b = out.bad[k]
             why = (nk.GRANT_REASONS.get(b.grant, f"refused ({b.grant})") if b.grant else
-                   "an rx buffer must be granted as a whole page, not as a sub-page")
+                   "an rx buffer must be granted as a whole page, not as the sub-page "
+                   f"{b.lo}..{b.hi}")
             vif.guest_error("rx_bad_grant", f"{self.name}: rx request id {b.id}: "
                             f"gref {b.gref}: {why}")
         flags = out.flags

@@ -670,7 +670,8 @@ struct nk_rx_bad {
     uint16_t id;
     uint16_t _pad;
     uint32_t gref;
-    uint32_t grant;         /* the DP_G_ reason; 0: a v2 sub-page */
+    uint32_t grant;         /* the DP_G_ reason; 0: a v2 sub-page [lo, hi) */
+    uint16_t lo, hi;
 };
 
 struct nk_rx_out {
@@ -746,6 +747,8 @@ static int rx_take(struct nk_rxq *q, const struct dp_env *env, uint32_t want,
                 b->id = req.id;
                 b->gref = req.gref;
                 b->grant = bad == -0x100 ? 0 : (uint32_t)-bad;
+                b->lo = bad == -0x100 ? (uint16_t)lo : 0;
+                b->hi = bad == -0x100 ? (uint16_t)hi : 0;
             }
             p->page = NULL;
         } else {

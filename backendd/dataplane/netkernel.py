@@ -149,7 +149,7 @@ class RxQueue(ctypes.Structure):
 
 class RxBad(ctypes.Structure):
     _fields_ = [("id", ctypes.c_uint16), ("_pad", ctypes.c_uint16), ("gref", ctypes.c_uint32),
-                ("grant", ctypes.c_uint32)]
+                ("grant", ctypes.c_uint32), ("lo", ctypes.c_uint16), ("hi", ctypes.c_uint16)]
 
 
 class RxOut(ctypes.Structure):
