@@ -12,7 +12,7 @@ two queues; UDP with 64-byte payloads each way (`-b 0`, received packets per
 second); the daemon's CPU time (its process and descendants, from /proc) per frame it
 moved in the UDP runs and per 64 KiB moved in the one-queue TCP runs, where the frames are
 GSO super-frames. The one-queue TCP and UDP runs are made twice: with the nic's default
-data plane (the compiled tx kernel when it is built) and with `dataplane = python`, the
+data plane (the compiled kernel when it is built) and with `dataplane = python`, the
 pure-Python reference, so the two stand side by side from the same run.
 
     python -m bench.net        (root; needs iperf3)
@@ -307,7 +307,7 @@ def main() -> None:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(table(f"netif through the daemon (C netfront) vs a veth pair, iperf3, {when}, "
                 f"{os.cpu_count()} CPUs, load average {load0:.1f} -> {load1:.1f}",
-                ["", "daemon", "python tx", "veth", "daemon/veth"],
+                ["", "daemon", "python", "veth", "daemon/veth"],
                 rows(daemon, python, veth)))
     for raw in fronts:
         frames = raw["tx_frames"] + raw["rx_frames"]
