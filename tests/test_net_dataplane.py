@@ -6,6 +6,7 @@ path."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import subprocess
@@ -21,7 +22,7 @@ from backendd.devices.net.device import NetDevice
 from backendd.devices.net.rx import RxPath
 from backendd.devices.net.txpath import TxPath
 from backendd.devices.net.vif import Features
-from backendd.errors import ConfigError
+from backendd.errors import ConfigError, ControlError
 from bench import netdiff, netdiff_rx
 from rings.consts import GTF_READING, GTF_WRITING
 from rings.netif import RX_REQUEST, TX_REQUEST
@@ -237,6 +238,25 @@ def test_v2_sub_page_rx_buffer_is_a_guest_error_and_the_next_buffer_takes_the_fr
         for gref in (sub, good):
             assert not w.gt.status(gref) & (GTF_READING | GTF_WRITING)
             assert w.table.in_use(gref) == 0
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("plane", PLANES)
+def test_guest_ram_with_posted_rx_buffers_cannot_be_removed(kernel, plane):
+    case = netdiff_rx.RxCase(1, Features(sg=True), 1500, False)
+    w = netdiff_rx.build(kernel if plane == "compiled" else None, case)
+    try:
+        w.shared.write_slot(0, RX_REQUEST.pack(1, w.gt.grant_access(33)))
+        w.shared.idx[REQ_PROD] = 1
+        netdiff_rx.drive(w)  # posted, not yet used: no frame
+        assert netdiff_rx.state(w)["posted"] == 1
+        gpa, size = netdiff.LAYOUT[1]
+        with pytest.raises(ControlError) as e:
+            w.mem.remove_region(gpa, size)
+        assert e.value.code == errno.EBUSY
+        w.path.stop()  # the buffer goes: the region may go too
+        w.mem.remove_region(gpa, size)
     finally:
         w.close()
 

@@ -158,7 +158,7 @@ class CompiledRxPath(RxPath):
         try:
             self.kernel.rx_release(self.q, self.native.env)
         finally:
-            self.native.release()
+            self.native.release()  # no buffer is posted any more
         self._ring_anchor = None  # the ring mapping may go now
 
     def _readable(self) -> None:
@@ -175,7 +175,11 @@ class CompiledRxPath(RxPath):
         try:
             self.kernel.rx(q, self.native.env, RX_BUDGET, out)
         finally:
-            self.native.release()
+            # Posted buffers are host pointers into guest RAM: while any is posted, the
+            # regions stay exported, so the VMM cannot unmap them (EBUSY), as a Python
+            # GrantMapping's view keeps them.
+            if not q.count:
+                self.native.release()
         q.r.store(ring)
         counters = vif.counters
         for name in nk.RX_COUNTERS:
