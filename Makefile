@@ -78,6 +78,8 @@ CONFDIR    := $(SYSCONFDIR)/backendd
 install:
 	$(PYTHON) -m venv --clear $(DESTDIR)$(LIBDIR)
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check .
+	@# The compiled net data plane, built next to the installed package.
+	$(DESTDIR)$(LIBDIR)/bin/python -I -m backendd.dataplane.netkernel
 	@# Scripts name the venv by its final path, not the staging one.
 	@if [ -n "$(DESTDIR)" ]; then \
 	  grep -lIs -- '$(DESTDIR)' $(DESTDIR)$(LIBDIR)/bin/* | \
