@@ -3,7 +3,11 @@ PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 fio
+DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 fio \
+           python3-libnbd libnbd-bin qemu-utils nbdkit
+# Debian's libnbd bindings (python3-libnbd: not on the Python index) are seen by the venv
+# through a .pth file naming a directory with just them, not the rest of dist-packages.
+NBDPY   := /usr/lib/python3/dist-packages
 DEBSTAMP := $(VENV)/.debs
 
 .PHONY: demo test lint bench fuzz clean debs
@@ -30,7 +34,7 @@ fuzz: $(STAMP)
 debs: $(DEBSTAMP)
 
 # Install only what is missing, so a prepared machine does no network round trip.
-$(DEBSTAMP):
+$(DEBSTAMP): Makefile
 	@missing=""; for p in $(DEBS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
@@ -40,10 +44,14 @@ $(DEBSTAMP):
 	fi
 	@mkdir -p $(VENV) && touch $@
 
-$(STAMP): pyproject.toml $(DEBSTAMP)
+$(STAMP): pyproject.toml Makefile $(DEBSTAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	mkdir -p $(VENV)/debian-libnbd
+	ln -sf $(NBDPY)/nbd.py $(NBDPY)/libnbdmod.cpython-*.so $(VENV)/debian-libnbd/
+	$(PY) -c 'import site, sys; print(sys.prefix + "/debian-libnbd", file=open(site.getsitepackages()[0] + "/debian-libnbd.pth", "w"))'
+	$(PY) -c 'import nbd' || { echo "python3-libnbd does not fit $(PY)"; exit 1; }
 	touch $@
 
 clean:

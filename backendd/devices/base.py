@@ -96,6 +96,11 @@ class Device(abc.ABC):
     def stats(self) -> dict[str, int]:
         """Counters: requests, bytes, errors, drops ..."""
 
+    async def prepare(self) -> None:
+        """After __init__, before backend_keys(): open what takes time (a network
+        disk's connection) without blocking the event loop."""
+        return None
+
     def set_inflight(self, region: memoryview) -> None:
         """Memory that survives the daemon, for recording in-flight requests (see
         backendd/inflight.py). Devices that cannot replay requests refuse it."""

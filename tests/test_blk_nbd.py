@@ -1,0 +1,500 @@
+"""Disks on NBD exports, through the real daemon, against real NBD servers: qemu-nbd
+serving qcow2 and raw images, and nbdkit's memory plugin. Faults are real too: a server
+killed and started again under load, one that stays away, one stopped (SIGSTOP) that
+holds its socket open and never answers."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import random
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from backendd.config import BlockSection, Config, ConfigFileError, DaemonSection, parse_config
+from backendd.devices.blk.nbd import NbdTarget, nbd_allowed, parse_nbd_uri
+from backendd.errors import ConfigError
+from backendd.guest.blkfront import BlkFront, BlkIOError
+from backendd.guest.machine import SimGuest
+from backendd.guest.vmm import RequestFailed, VmmClient
+from backendd.log import EventLog
+from backendd.protocol.messages import DaemonStatus
+from backendd.server import Server
+from rings.consts import BlkifOp, BlkifStatus, VDiskInfo, XenbusState
+
+from test_blk_integration import connect_front
+
+MiB = 1 << 20
+
+
+# --- servers ---------------------------------------------------------------------------
+
+@dataclass
+class NbdServer:
+    """A server we started (it daemonised once listening); stopped by its pid."""
+
+    argv: list[str]
+    pidfile: Path
+    socket: Path
+    pid: int = 0
+
+    def start(self) -> NbdServer:
+        self.pidfile.unlink(missing_ok=True)
+        # Both servers fork into the background only once they listen: when this
+        # returns, the socket accepts connections.
+        subprocess.run(self.argv, check=True, timeout=60)
+        self.pid = int(self.pidfile.read_text())
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if not self.pid:
+            return
+        pid, self.pid = self.pid, 0
+        try:
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        # Not our child (it daemonised): wait for it to go through a pidfd.
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            import select
+            select.select([fd], [], [], 30)
+        finally:
+            os.close(fd)
+
+    def pause(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+
+def qemu_nbd(tmp: Path, image: Path, fmt: str, *, export: str = "disk",
+             readonly: bool = False, name: str = "qemu") -> NbdServer:
+    sock, pidfile = tmp / f"{name}.sock", tmp / f"{name}.pid"
+    argv = ["qemu-nbd", "--fork", "--persistent", "--shared=8", f"--pid-file={pidfile}",
+            f"--socket={sock}", f"--export-name={export}", f"--format={fmt}",
+            "--discard=unmap", "--cache=writeback", str(image)]
+    if readonly:
+        argv.insert(1, "--read-only")
+    return NbdServer(argv, pidfile, sock)
+
+
+def nbdkit_memory(tmp: Path, size: str, *, readonly: bool = False,
+                  name: str = "nbdkit") -> NbdServer:
+    sock, pidfile = tmp / f"{name}.sock", tmp / f"{name}.pid"
+    argv = ["nbdkit", "-U", str(sock), "-P", str(pidfile), "memory", size]
+    if readonly:
+        argv.insert(1, "--readonly")
+    return NbdServer(argv, pidfile, sock)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[NbdServer]]:
+    started: list[NbdServer] = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+def uri(server: NbdServer, export: str = "") -> str:
+    return f"nbd+unix:///{export}?socket={server.socket}"
+
+
+# --- the daemon ------------------------------------------------------------------------
+
+@dataclass
+class Vm:
+    client: VmmClient
+    guest: SimGuest
+    server: Server
+    log: io.StringIO
+
+
+async def start_vm(tmp_path: Path, **block) -> tuple[Server, VmmClient, SimGuest, io.StringIO]:
+    block.setdefault("allowed_nbd", [str(tmp_path)])
+    config = Config(daemon=DaemonSection(socket=str(tmp_path / "backendd.sock"),
+                                         log_level="debug"),
+                    block=BlockSection(**block))
+    log = io.StringIO()
+    server = Server(config, EventLog("debug", log))
+    await server.start()
+    client = await VmmClient.connect(config.daemon.socket)
+    guest = SimGuest(ram_size=48 * MiB, gnttab_frames=8)
+    await guest.attach(client)
+    return server, client, guest, log
+
+
+@pytest.fixture
+def vm_factory(tmp_path: Path):
+    made: list[Vm] = []
+
+    async def make(**block) -> Vm:
+        server, client, guest, log = await start_vm(tmp_path, **block)
+        vm = Vm(client, guest, server, log)
+        made.append(vm)
+        return vm
+
+    yield make
+    for vm in made:
+        vm.guest.close()
+
+
+@pytest.fixture
+async def vm(vm_factory) -> AsyncIterator[Vm]:
+    vm = await vm_factory()
+    yield vm
+    await vm.client.close()
+    await vm.server.close()
+
+
+async def closing(vm: Vm) -> None:
+    await vm.client.close()
+    await vm.server.close()
+
+
+async def attach(vm: Vm, devid: int, path: str, *, queues: int = 1,
+                 **config: str) -> tuple[BlkFront, dict[str, str]]:
+    _, keys = await vm.client.add_device(devid, "blk", {"path": path, **config})
+    front = BlkFront(vm.guest.ram, vm.guest.gnttab, devid, queues=queues, ring_order=1,
+                     backend_keys=keys, first_port=devid * 10)
+    state, keys = await connect_front(vm.client, front, devid)
+    assert state == XenbusState.CONNECTED
+    return front, keys
+
+
+async def detach(vm: Vm, devid: int, front: BlkFront) -> None:
+    await vm.client.frontend_state(devid, XenbusState.CLOSING, {})
+    await vm.client.frontend_state(devid, XenbusState.CLOSED, {})
+    front.close()
+    assert front.refused_revokes == [] and front.stray_responses == []
+    await vm.client.remove_device(devid)
+
+
+async def workload(front: BlkFront, model: bytearray, *, workers: int = 8, rounds: int = 30,
+                   seed: int = 0, progress: asyncio.Event | None = None,
+                   after: int = 0) -> int:
+    """Random reads and writes, each worker in its own MiB-aligned slice; every read
+    checked against the model. Sets `progress` once `after` requests are done."""
+    done = 0
+    span = len(model) // workers
+
+    async def worker(w: int) -> None:
+        nonlocal done
+        rng = random.Random(seed * 100 + w)
+        base = w * span
+        for _ in range(rounds):
+            n = rng.choice([512, 4096, 8192, 65536, 256 * 1024])
+            off = base + rng.randrange(0, span - n + 1, 512)
+            if rng.random() < 0.5:
+                data = rng.randbytes(n)
+                await front.write(off // 512, data)
+                model[off:off + n] = data
+            else:
+                assert await front.read(off // 512, n) == model[off:off + n]
+            done += 1
+            if progress is not None and done >= after:
+                progress.set()
+
+    await asyncio.gather(*(worker(w) for w in range(workers)))
+    return done
+
+
+def stats_of(stats: dict[str, str], devid: int) -> dict[str, int]:
+    prefix = f"{devid}."
+    return {k[len(prefix):]: int(v) for k, v in stats.items() if k.startswith(prefix)}
+
+
+def qemu_img(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=60)
+
+
+# --- URIs and policy -------------------------------------------------------------------
+
+def test_uri_forms():
+    assert parse_nbd_uri("nbd://10.0.0.1/vol") == NbdTarget(
+        "nbd://10.0.0.1/vol", "vol", False, host="10.0.0.1", port=10809)
+    t = parse_nbd_uri("nbds://[fd00::1]:10900/a%20b")
+    assert (t.host, t.port, t.export, t.tls, t.server) == \
+        ("fd00::1", 10900, "a b", True, "[fd00::1]:10900")
+    t = parse_nbd_uri("nbd+unix:///exp?socket=/run/nbd/../nbd/s.sock")
+    assert (t.socket, t.export, t.tls, t.server) == \
+        ("/run/nbd/s.sock", "exp", False, "unix:/run/nbd/s.sock")
+    assert parse_nbd_uri("nbds+unix://?socket=/s").tls
+    assert parse_nbd_uri("nbd://host").export == ""
+    for bad in ("nbd+unix:///x", "nbd+unix:///x?socket=rel.sock",
+                "nbd+unix://host/x?socket=/s", "nbd:///x", "nbd://h/x?socket=/s",
+                "nbd://h/x?tls-psk-file=/etc/shadow", "nbd://h/x?tls-certificates=/",
+                "nbd+vsock://1/x", "nbd://u:p@h/x", "nbd://h:99999/x", "nbd://h/x#f",
+                "nbd+unix:///x?socket=/a&socket=/b"):
+        with pytest.raises(ConfigError):
+            parse_nbd_uri(bad)
+
+
+def test_policy(tmp_path):
+    (tmp_path / "nbd").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "nbd" / "escape").symlink_to(tmp_path / "other")
+    allowed = [str(tmp_path / "nbd"), "10.0.0.1:10809", "[fd00::1]:10900", "Store:10809"]
+    ok = [f"nbd+unix:///x?socket={tmp_path}/nbd/s.sock", "nbd://10.0.0.1/x",
+          "nbds://10.0.0.1:10809/y", "nbd://[fd00::1]:10900/", "nbd://store/x"]
+    refused = [f"nbd+unix:///x?socket={tmp_path}/other/s.sock",
+               f"nbd+unix:///x?socket={tmp_path}/nbd/../other/s.sock",
+               f"nbd+unix:///x?socket={tmp_path}/nbd/escape/s.sock",
+               "nbd://10.0.0.1:10810/x", "nbd://10.0.0.2/x", "nbd://[fd00::1]/x"]
+    for u in ok:
+        assert nbd_allowed(parse_nbd_uri(u), allowed), u
+    for u in refused:
+        assert not nbd_allowed(parse_nbd_uri(u), allowed), u
+    assert not nbd_allowed(parse_nbd_uri(ok[0]), [])  # empty: no NBD disks
+
+
+def test_config_keys():
+    config = parse_config('[block]\nallowed_nbd = ["/run/nbd", "10.0.0.1:10809"]\n'
+                          "nbd_reconnect_timeout_ms = 5000\nnbd_io_timeout_ms = 2000\n")
+    assert config.block.allowed_nbd == ["/run/nbd", "10.0.0.1:10809"]
+    assert config.block.nbd_reconnect_timeout_ms == 5000
+    assert config.block.nbd_io_timeout_ms == 2000
+    with pytest.raises(ConfigFileError, match="nbd_io_timeout_ms"):
+        parse_config("[block]\nnbd_io_timeout_ms = 0\n")
+
+
+async def test_servers_outside_the_policy_are_refused(vm_factory, tmp_path, servers):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    srv = nbdkit_memory(other, "1M").start()
+    servers.append(srv)
+    vm = await vm_factory(allowed_nbd=[str(tmp_path / "nbd-only")])
+    try:
+        with pytest.raises(RequestFailed, match="allowed_nbd"):
+            await vm.client.add_device(1, "blk", {"path": uri(srv)})
+        with pytest.raises(RequestFailed, match="query parameter"):
+            await vm.client.add_device(1, "blk", {
+                "path": f"nbd://127.0.0.1/x?tls-psk-file={tmp_path}/k"})
+        # allowed_dirs does not reach NBD disks, nor allowed_nbd files.
+        vm2 = await vm_factory(allowed_dirs=[str(tmp_path / "imgs")],
+                               allowed_nbd=[str(other)])
+        front, _ = await attach(vm2, 2, uri(srv))
+        await front.write(0, b"a" * 4096)
+        assert await front.read(0, 4096) == b"a" * 4096
+        await detach(vm2, 2, front)
+        await closing(vm2)
+    finally:
+        await closing(vm)
+
+
+async def test_an_absent_server_is_a_config_error(vm, tmp_path):
+    with pytest.raises(RequestFailed, match="cannot connect"):
+        await vm.client.add_device(1, "blk", {"path": f"nbd+unix:///?socket={tmp_path}/no"})
+    # The daemon and the connection go on.
+    assert (await vm.client.stats()) == {}
+
+
+# --- verified I/O against real servers ---------------------------------------------------
+
+async def test_qcow2_through_qemu_nbd(vm, tmp_path, servers):
+    image = tmp_path / "disk.qcow2"
+    assert qemu_img("create", "-q", "-f", "qcow2", str(image), "16M").returncode == 0
+    srv = qemu_nbd(tmp_path, image, "qcow2")
+    servers.append(srv.start())
+    front, keys = await attach(vm, 1, uri(srv, "disk"), queues=2)
+    assert keys["sectors"] == str(16 * MiB // 512)
+    assert keys["feature-flush-cache"] == "1" and keys["feature-barrier"] == "1"
+    assert keys["feature-discard"] == "1"
+    assert int(keys["info"]) & VDiskInfo.READONLY == 0
+
+    model = bytearray(16 * MiB)
+    await workload(front, model, workers=8, rounds=30)
+    await front.flush()
+    # Discard of whole qcow2 clusters: they are deallocated and read back as zeros
+    # (NBD's trim promises no contents; qcow2 with discard=unmap gives zeros).
+    await front.discard(65536 // 512, 2 * MiB // 512)
+    model[65536:65536 + 2 * MiB] = bytes(2 * MiB)
+    for off in range(0, 3 * MiB, MiB):
+        assert await front.read(off // 512, MiB) == model[off:off + MiB]
+    # A flush that carries data (a FUA write in the guest's block layer): FUA on the
+    # write when the server has it.
+    for op in (BlkifOp.FLUSH_DISKCACHE, BlkifOp.WRITE_BARRIER):
+        rid = front.new_id()
+        gfn = front.ram.alloc_page()
+        front.ram.write(gfn * 4096, bytes([op]) * 4096)
+        gref = front.gnttab.grant_access(gfn, readonly=True)
+        raw = front.codecs.request.pack(op, 1, 1, rid, 64 + 8 * op, gref, 0, 7, *[0] * 30)
+        assert await front.send_raw(raw, rid) == (op, BlkifStatus.OKAY)
+        assert front.gnttab.end_access(gref)
+        model[(64 + 8 * op) * 512:(72 + 8 * op) * 512] = bytes([op]) * 4096
+    assert await front.read(64, 8192 + 4096) == model[64 * 512:88 * 512]
+    stats = stats_of(await vm.client.stats(1), 1)
+    assert stats["errors"] == 0 and stats["flushes"] == 3 and stats["discards"] == 1
+    assert stats["nbd_degraded"] == 0 and stats["nbd_connection_losses"] == 0
+    await detach(vm, 1, front)
+
+    srv.stop()
+    check = qemu_img("check", "-f", "qcow2", str(image))
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "No errors were found" in check.stdout
+    raw = tmp_path / "guest-view.raw"
+    raw.write_bytes(model)
+    cmp = qemu_img("compare", "-f", "qcow2", "-F", "raw", str(image), str(raw))
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+async def test_nbdkit_memory(vm, tmp_path, servers):
+    srv = nbdkit_memory(tmp_path, "8M").start()
+    servers.append(srv)
+    front, keys = await attach(vm, 1, uri(srv), queues=4)
+    assert keys["sectors"] == str(8 * MiB // 512)
+    model = bytearray(8 * MiB)
+    await workload(front, model, workers=8, rounds=40, seed=1)
+    # Indirect requests of 1 MiB, many segments: one NBD command each way.
+    data = random.Random(5).randbytes(MiB)
+    await front.write(2 * MiB // 512, data, indirect=True)
+    model[2 * MiB:3 * MiB] = data
+    assert await front.read(0, 8 * MiB // 8) == model[:MiB]
+    assert await front.read(2 * MiB // 512, MiB, indirect=True) == data
+    await front.flush()
+    await front.discard(0, 8 * MiB // 512)
+    assert await front.read(0, MiB) == bytes(MiB)
+    stats = stats_of(await vm.client.stats(1), 1)
+    assert stats["errors"] == 0 and stats["discards"] == 1
+    await detach(vm, 1, front)
+
+
+async def test_read_only_export(vm, tmp_path, servers):
+    image = tmp_path / "base.raw"
+    content = random.Random(3).randbytes(4 * MiB)
+    image.write_bytes(content)
+    srv = qemu_nbd(tmp_path, image, "raw", readonly=True).start()
+    servers.append(srv)
+    # The disk was configured writable; the export decides.
+    front, keys = await attach(vm, 1, uri(srv, "disk"))
+    assert int(keys["info"]) & VDiskInfo.READONLY
+    assert keys["feature-discard"] == "0"
+    assert await front.read(0, MiB) == content[:MiB]
+    with pytest.raises(BlkIOError) as info:
+        await front.write(0, b"x" * 4096)
+    assert info.value.status == BlkifStatus.ERROR
+    with pytest.raises(BlkIOError) as info:
+        await front.discard(0, 8)
+    assert info.value.status == BlkifStatus.EOPNOTSUPP
+    assert await front.read(4 * MiB // 512 - 8, 4096) == content[-4096:]
+    await detach(vm, 1, front)
+    assert image.read_bytes() == content
+
+
+# --- faults ------------------------------------------------------------------------------
+
+async def test_server_restart_under_load(vm_factory, tmp_path, servers):
+    vm = await vm_factory(nbd_reconnect_timeout_ms=60000, nbd_io_timeout_ms=10000)
+    image = tmp_path / "disk.qcow2"
+    assert qemu_img("create", "-q", "-f", "qcow2", str(image), "8M").returncode == 0
+    srv = qemu_nbd(tmp_path, image, "qcow2").start()
+    servers.append(srv)
+    try:
+        front, _ = await attach(vm, 1, uri(srv, "disk"), queues=2)
+        model = bytearray(8 * MiB)
+        progress = asyncio.Event()
+        load = asyncio.ensure_future(workload(front, model, workers=8, rounds=60, seed=2,
+                                              progress=progress, after=100))
+        for _ in range(2):  # twice: the second time the disk has been through it once
+            await progress.wait()
+            progress.clear()
+            srv.stop(signal.SIGKILL)  # in-flight commands die with it
+            srv.start()
+        assert await load == 8 * 60  # every request answered OKAY, every read verified
+        await front.flush()
+        stats = stats_of(await vm.client.stats(1), 1)
+        assert stats["errors"] == 0
+        assert stats["nbd_connection_losses"] >= 1 and stats["nbd_reconnects"] >= 1
+        assert stats["nbd_degraded"] == 0
+        await detach(vm, 1, front)
+        srv.stop()
+        assert qemu_img("check", "-q", "-f", "qcow2", str(image)).returncode == 0
+        raw = tmp_path / "guest-view.raw"
+        raw.write_bytes(model)
+        cmp = qemu_img("compare", "-f", "qcow2", "-F", "raw", str(image), str(raw))
+        assert cmp.returncode == 0, cmp.stdout
+    finally:
+        await closing(vm)
+
+
+async def test_a_server_gone_for_good_fails_its_disk_only(vm_factory, tmp_path, servers):
+    vm = await vm_factory(nbd_reconnect_timeout_ms=300, nbd_io_timeout_ms=5000)
+    gone = nbdkit_memory(tmp_path, "4M", name="gone").start()
+    stays = nbdkit_memory(tmp_path, "4M", name="stays").start()
+    servers += [gone, stays]
+    file_image = tmp_path / "local.img"
+    file_image.write_bytes(bytes(MiB))
+    try:
+        front1, _ = await attach(vm, 1, uri(gone))
+        front2, _ = await attach(vm, 2, uri(stays))
+        front3, _ = await attach(vm, 3, str(file_image))
+        await front1.write(0, b"1" * 4096)
+        gone.stop(signal.SIGKILL)
+        # Requests wait for the server, then fail, each of them, after the timeout.
+        results = await asyncio.gather(*(front1.read(8 * i, 4096) for i in range(8)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, BlkIOError) and r.status == BlkifStatus.ERROR
+                   for r in results), results
+        with pytest.raises(BlkIOError):  # and so do new ones while it is away
+            await front1.write(0, b"x" * 512)
+        # The other disks never noticed.
+        for front in (front2, front3):
+            await front.write(8, b"2" * 4096)
+            assert await front.read(8, 4096) == b"2" * 4096
+        status = (await vm.client.request(DaemonStatus())).counters
+        devs = {k.split(".dev.")[1]: v for k, v in status.items() if ".dev." in k}
+        assert devs["1.stat.nbd_degraded"] == "1" and devs["1.stat.nbd_failing"] == "1"
+        assert devs["2.stat.nbd_degraded"] == "0"
+        await detach(vm, 2, front2)
+        await detach(vm, 3, front3)
+        await detach(vm, 1, front1)
+    finally:
+        await closing(vm)
+
+
+async def test_a_silent_server_stalls_only_its_disk(vm_factory, tmp_path, servers):
+    vm = await vm_factory(nbd_reconnect_timeout_ms=400, nbd_io_timeout_ms=300)
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4 * MiB))
+    silent = qemu_nbd(tmp_path, image, "raw", name="silent").start()
+    other = nbdkit_memory(tmp_path, "4M", name="other").start()
+    servers += [silent, other]
+    try:
+        front1, _ = await attach(vm, 1, uri(silent, "disk"))
+        front2, _ = await attach(vm, 2, uri(other))
+        await front1.write(0, b"s" * 4096)
+        silent.pause()  # holds its socket, answers nothing
+        stalled = asyncio.ensure_future(front1.read(0, 4096))
+        # While disk 1 waits, disk 2 serves.
+        model = bytearray(4 * MiB)
+        await workload(front2, model, workers=4, rounds=20, seed=4)
+        with pytest.raises(BlkIOError):
+            await stalled  # after the I/O timeout and the reconnect timeout
+        stats = stats_of(await vm.client.stats(1), 1)
+        assert stats["nbd_timeouts"] >= 1 and stats["nbd_degraded"] == 1
+        # The server wakes up: the disk comes back by itself.
+        silent.resume()
+        for _ in range(200):
+            try:
+                assert await front1.read(0, 4096) == b"s" * 4096
+                break
+            except BlkIOError:
+                await asyncio.sleep(0.05)  # the reconnect's backoff has no event to await
+        else:
+            raise AssertionError("the disk did not come back")
+        assert stats_of(await vm.client.stats(1), 1)["nbd_degraded"] == 0
+        await detach(vm, 1, front1)
+        await detach(vm, 2, front2)
+    finally:
+        await closing(vm)
