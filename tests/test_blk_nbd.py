@@ -9,6 +9,7 @@ import asyncio
 import io
 import os
 import random
+import select
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_blk_integration import connect_front
 
 from backendd.config import BlockSection, Config, ConfigFileError, DaemonSection, parse_config
 from backendd.devices.blk.nbd import NbdTarget, nbd_allowed, parse_nbd_uri
@@ -27,8 +29,6 @@ from backendd.log import EventLog
 from backendd.protocol.messages import DaemonStatus
 from backendd.server import Server
 from rings.consts import BlkifOp, BlkifStatus, VDiskInfo, XenbusState
-
-from test_blk_integration import connect_front
 
 MiB = 1 << 20
 
@@ -67,7 +67,6 @@ class NbdServer:
         except ProcessLookupError:
             return
         try:
-            import select
             select.select([fd], [], [], 30)
         finally:
             os.close(fd)
@@ -90,13 +89,44 @@ def qemu_nbd(tmp: Path, image: Path, fmt: str, *, export: str = "disk",
     return NbdServer(argv, pidfile, sock)
 
 
+class Nbdkit(NbdServer):
+    """nbdkit with a --run command, our child: the command says "ready" once the server
+    (its own child, named by the pid file) listens, and exits when we close its stdin,
+    and the server with it."""
+
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> NbdServer:
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline() == b"ready\n"
+        self.pid = int(self.pidfile.read_text())
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        pid, self.pid = self.pid, 0
+        if sig != signal.SIGTERM:
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, sig)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()  # the --run command ends, then nbdkit
+        proc.wait(30)
+        proc.stdout.close()
+
+
 def nbdkit_memory(tmp: Path, size: str, *, readonly: bool = False,
                   name: str = "nbdkit") -> NbdServer:
-    sock, pidfile = tmp / f"{name}.sock", tmp / f"{name}.pid"
-    argv = ["nbdkit", "-U", str(sock), "-P", str(pidfile), "memory", size]
+    sock = tmp / f"{name}.sock"
+    pidfile = tmp / f"{name}.pid"
+    argv = ["nbdkit", "-U", str(sock), "-P", str(pidfile), "--run", "echo ready; read _",
+            "memory", size]
     if readonly:
         argv.insert(1, "--readonly")
-    return NbdServer(argv, pidfile, sock)
+    return Nbdkit(argv, pidfile, sock)
 
 
 @pytest.fixture
@@ -181,16 +211,34 @@ async def detach(vm: Vm, devid: int, front: BlkFront) -> None:
     await vm.client.remove_device(devid)
 
 
+class Progress:
+    """Requests done so far, and a way to wait for a count."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self._waiters: list[tuple[int, asyncio.Future]] = []
+
+    def tick(self) -> None:
+        self.done += 1
+        for n, fut in self._waiters:
+            if self.done >= n and not fut.done():
+                fut.set_result(None)
+
+    async def reach(self, n: int) -> None:
+        if self.done < n:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append((n, fut))
+            await fut
+
+
 async def workload(front: BlkFront, model: bytearray, *, workers: int = 8, rounds: int = 30,
-                   seed: int = 0, progress: asyncio.Event | None = None,
-                   after: int = 0) -> int:
-    """Random reads and writes, each worker in its own MiB-aligned slice; every read
-    checked against the model. Sets `progress` once `after` requests are done."""
-    done = 0
+                   seed: int = 0, progress: Progress | None = None) -> int:
+    """Random reads and writes, each worker in its own slice; every read checked against
+    the model. Returns the number of requests, all answered OKAY."""
+    progress = progress or Progress()
     span = len(model) // workers
 
     async def worker(w: int) -> None:
-        nonlocal done
         rng = random.Random(seed * 100 + w)
         base = w * span
         for _ in range(rounds):
@@ -202,12 +250,10 @@ async def workload(front: BlkFront, model: bytearray, *, workers: int = 8, round
                 model[off:off + n] = data
             else:
                 assert await front.read(off // 512, n) == model[off:off + n]
-            done += 1
-            if progress is not None and done >= after:
-                progress.set()
+            progress.tick()
 
     await asyncio.gather(*(worker(w) for w in range(workers)))
-    return done
+    return progress.done
 
 
 def stats_of(stats: dict[str, str], devid: int) -> dict[str, int]:
@@ -272,8 +318,8 @@ def test_config_keys():
 async def test_servers_outside_the_policy_are_refused(vm_factory, tmp_path, servers):
     other = tmp_path / "elsewhere"
     other.mkdir()
-    srv = nbdkit_memory(other, "1M").start()
-    servers.append(srv)
+    srv = nbdkit_memory(other, "1M")
+    servers.append(srv.start())
     vm = await vm_factory(allowed_nbd=[str(tmp_path / "nbd-only")])
     try:
         with pytest.raises(RequestFailed, match="allowed_nbd"):
@@ -350,8 +396,8 @@ async def test_qcow2_through_qemu_nbd(vm, tmp_path, servers):
 
 
 async def test_nbdkit_memory(vm, tmp_path, servers):
-    srv = nbdkit_memory(tmp_path, "8M").start()
-    servers.append(srv)
+    srv = nbdkit_memory(tmp_path, "8M")
+    servers.append(srv.start())
     front, keys = await attach(vm, 1, uri(srv), queues=4)
     assert keys["sectors"] == str(8 * MiB // 512)
     model = bytearray(8 * MiB)
@@ -374,8 +420,8 @@ async def test_read_only_export(vm, tmp_path, servers):
     image = tmp_path / "base.raw"
     content = random.Random(3).randbytes(4 * MiB)
     image.write_bytes(content)
-    srv = qemu_nbd(tmp_path, image, "raw", readonly=True).start()
-    servers.append(srv)
+    srv = qemu_nbd(tmp_path, image, "raw", readonly=True)
+    servers.append(srv.start())
     # The disk was configured writable; the export decides.
     front, keys = await attach(vm, 1, uri(srv, "disk"))
     assert int(keys["info"]) & VDiskInfo.READONLY
@@ -394,35 +440,47 @@ async def test_read_only_export(vm, tmp_path, servers):
 
 # --- faults ------------------------------------------------------------------------------
 
-async def test_server_restart_under_load(vm_factory, tmp_path, servers):
+@pytest.mark.parametrize("fmt, sig", [("qcow2", signal.SIGTERM), ("raw", signal.SIGKILL)],
+                         ids=["qcow2-restart", "raw-crash"])
+async def test_server_restart_under_load(vm_factory, tmp_path, servers, fmt, sig):
+    """A restart, and a crash of a server whose writes reach the host's page cache:
+    commands in flight are lost with the connection and sent again. (A crash of a
+    qcow2 server loses its unflushed metadata, as a disk loses its cache: only what a
+    flush covered survives that.)"""
     vm = await vm_factory(nbd_reconnect_timeout_ms=60000, nbd_io_timeout_ms=10000)
-    image = tmp_path / "disk.qcow2"
-    assert qemu_img("create", "-q", "-f", "qcow2", str(image), "8M").returncode == 0
-    srv = qemu_nbd(tmp_path, image, "qcow2").start()
-    servers.append(srv)
+    image = tmp_path / f"disk.{fmt}"
+    assert qemu_img("create", "-q", "-f", fmt, str(image), "8M").returncode == 0
+    srv = qemu_nbd(tmp_path, image, fmt)
+    servers.append(srv.start())
     try:
         front, _ = await attach(vm, 1, uri(srv, "disk"), queues=2)
         model = bytearray(8 * MiB)
-        progress = asyncio.Event()
+        progress = Progress()
         load = asyncio.ensure_future(workload(front, model, workers=8, rounds=60, seed=2,
-                                              progress=progress, after=100))
+                                              progress=progress))
+        target = 100
         for _ in range(2):  # twice: the second time the disk has been through it once
-            await progress.wait()
-            progress.clear()
-            srv.stop(signal.SIGKILL)  # in-flight commands die with it
-            srv.start()
+            await progress.reach(target)
+            # Off the event loop: the daemon on it goes on serving (and qemu-nbd's
+            # orderly exit waits for its clients' sockets to drain).
+            await asyncio.to_thread(srv.stop, sig)  # in-flight commands die with it
+            await asyncio.to_thread(srv.start)
+            # The old server is gone: whatever completes from now on came through a
+            # new connection.
+            target = progress.done + 20
         assert await load == 8 * 60  # every request answered OKAY, every read verified
         await front.flush()
         stats = stats_of(await vm.client.stats(1), 1)
         assert stats["errors"] == 0
-        assert stats["nbd_connection_losses"] >= 1 and stats["nbd_reconnects"] >= 1
+        assert stats["nbd_connection_losses"] == 2 and stats["nbd_reconnects"] == 2
         assert stats["nbd_degraded"] == 0
         await detach(vm, 1, front)
         srv.stop()
-        assert qemu_img("check", "-q", "-f", "qcow2", str(image)).returncode == 0
+        if fmt == "qcow2":
+            assert qemu_img("check", "-q", "-f", "qcow2", str(image)).returncode == 0
         raw = tmp_path / "guest-view.raw"
         raw.write_bytes(model)
-        cmp = qemu_img("compare", "-f", "qcow2", "-F", "raw", str(image), str(raw))
+        cmp = qemu_img("compare", "-f", fmt, "-F", "raw", str(image), str(raw))
         assert cmp.returncode == 0, cmp.stdout
     finally:
         await closing(vm)
@@ -430,9 +488,10 @@ async def test_server_restart_under_load(vm_factory, tmp_path, servers):
 
 async def test_a_server_gone_for_good_fails_its_disk_only(vm_factory, tmp_path, servers):
     vm = await vm_factory(nbd_reconnect_timeout_ms=300, nbd_io_timeout_ms=5000)
-    gone = nbdkit_memory(tmp_path, "4M", name="gone").start()
-    stays = nbdkit_memory(tmp_path, "4M", name="stays").start()
-    servers += [gone, stays]
+    gone = nbdkit_memory(tmp_path, "4M", name="gone")
+    stays = nbdkit_memory(tmp_path, "4M", name="stays")
+    servers.append(gone.start())
+    servers.append(stays.start())
     file_image = tmp_path / "local.img"
     file_image.write_bytes(bytes(MiB))
     try:
@@ -467,9 +526,10 @@ async def test_a_silent_server_stalls_only_its_disk(vm_factory, tmp_path, server
     vm = await vm_factory(nbd_reconnect_timeout_ms=400, nbd_io_timeout_ms=300)
     image = tmp_path / "disk.raw"
     image.write_bytes(bytes(4 * MiB))
-    silent = qemu_nbd(tmp_path, image, "raw", name="silent").start()
-    other = nbdkit_memory(tmp_path, "4M", name="other").start()
-    servers += [silent, other]
+    silent = qemu_nbd(tmp_path, image, "raw", name="silent")
+    other = nbdkit_memory(tmp_path, "4M", name="other")
+    servers.append(silent.start())
+    servers.append(other.start())
     try:
         front1, _ = await attach(vm, 1, uri(silent, "disk"))
         front2, _ = await attach(vm, 2, uri(other))

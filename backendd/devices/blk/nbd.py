@@ -229,6 +229,7 @@ class NbdImage:
         self.reconnects = 0
         self.connection_losses = 0
         self.timed_out = 0
+        self.resent = 0  # requests in flight on a lost connection, sent again
 
     # --- opening -------------------------------------------------------------------
 
@@ -399,6 +400,7 @@ class NbdImage:
         # What was in flight goes first when the server is back, in the order it came.
         active = sorted(self._active, key=lambda op: op.item.ring_index)
         self._active.clear()
+        self.resent += len(active)
         for op in reversed(active):
             op.outstanding = 0
             op.failed = 0
@@ -588,6 +590,7 @@ class NbdImage:
         return {"nbd_degraded": int(self.degraded), "nbd_failing": int(self._failing),
                 "nbd_connection_losses": self.connection_losses,
                 "nbd_reconnects": self.reconnects, "nbd_timeouts": self.timed_out,
+                "nbd_resent": self.resent,
                 "nbd_waiting": len(self._queue), "nbd_in_flight": len(self._active)}
 
     def resized(self) -> bool:
