@@ -195,6 +195,8 @@ def main() -> None:
                     ["what", "IOPS", "MB/s", "daemon CPU us/IO"], rows))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    from . import nbd  # the same reads through an NBD export, beside fio's nbd engine
+    nbd.main()
 
 
 if __name__ == "__main__":
