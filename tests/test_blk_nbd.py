@@ -558,3 +558,24 @@ async def test_a_silent_server_stalls_only_its_disk(vm_factory, tmp_path, server
         await detach(vm, 2, front2)
     finally:
         await closing(vm)
+
+
+async def test_closing_a_disk_does_not_wait_for_its_lost_server(vm_factory, tmp_path, servers):
+    vm = await vm_factory(nbd_reconnect_timeout_ms=600000)
+    srv = nbdkit_memory(tmp_path, "1M")
+    servers.append(srv.start())
+    try:
+        front, _ = await attach(vm, 1, uri(srv))
+        await front.write(0, b"w" * 4096)
+        srv.stop(signal.SIGKILL)
+        waiting = asyncio.ensure_future(front.read(0, 4096))
+        # The read waits for the server (ten minutes' worth); the frontend closes.
+        await asyncio.wait_for(vm.client.frontend_state(1, XenbusState.CLOSING, {}), 30)
+        with pytest.raises(BlkIOError):
+            await waiting
+        await vm.client.frontend_state(1, XenbusState.CLOSED, {})
+        front.close()
+        assert front.refused_revokes == [] and front.stray_responses == []
+        await vm.client.remove_device(1)
+    finally:
+        await closing(vm)

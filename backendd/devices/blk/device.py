@@ -197,6 +197,8 @@ class BlkDevice(Device):
             self._resize_timer = None
         queues, self.queues = self.queues, []
         self._connected = None
+        if isinstance(self.image, NbdImage) and self.image.degraded:
+            self.image.fail_waiting()  # no waiting for a server that is away
         if queues:
             await asyncio.gather(*(q.stop() for q in queues))
         for q in queues:

@@ -366,7 +366,7 @@ class NbdImage:
         self._failing = False
         if self._connected_event is not None:
             self._connected_event.set()
-        while self._queue:
+        while self._queue and self._ready:
             self._start(self._queue.popleft())
 
     def _check_size_after_reconnect(self) -> None:
@@ -508,10 +508,15 @@ class NbdImage:
         if not op.steps:
             self._finish(op)
             return
+        if not self._ready:
+            self._queue.append(op)
+            return
         h, nbd, gen = self._h, self.nbd, self._gen
         step = op.steps[0]
         op.outstanding = len(step)
         op.failed = 0
+        if not self._active:
+            self._last_progress = self.loop.time()  # the silence counts from now
         self._active.add(op)
         for cmd in step:
             def done(err: Any, op: _Op = op, gen: int = gen) -> int:
@@ -535,6 +540,10 @@ class NbdImage:
                 else:
                     h.aio_trim(cmd[2], cmd[1], completion=done)
             except nbd.Error as e:
+                if h.aio_is_dead() or h.aio_is_closed():
+                    # The connection died under us: the op waits for the next one.
+                    self._lost(str(e))
+                    return
                 # Refused before it was sent (e.g. beyond a shrunken export).
                 op.outstanding -= 1
                 op.failed = e.errno or errno.EIO
@@ -603,6 +612,14 @@ class NbdImage:
         self.size = size
         self.sectors = size // SECTOR_SIZE
         return True
+
+    def fail_waiting(self) -> None:
+        """Answer every request waiting for a lost server with an error now (the
+        frontend is going away: it need not wait for the reconnect timeout)."""
+        while self._queue:
+            op = self._queue.popleft()
+            op.failed = errno.ENOTCONN
+            self._finish(op)
 
     def close(self) -> None:
         """Fail whatever still waits, close the connection."""
