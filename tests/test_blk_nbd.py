@@ -90,43 +90,48 @@ def qemu_nbd(tmp: Path, image: Path, fmt: str, *, export: str = "disk",
 
 
 class Nbdkit(NbdServer):
-    """nbdkit with a --run command, our child: the command says "ready" once the server
-    (its own child, named by the pid file) listens, and exits when we close its stdin,
-    and the server with it."""
+    """nbdkit with a --run command, our child, in a process group of its own (nbdkit,
+    its server process, the command): the command says "ready" once the server
+    listens, and exits, and nbdkit with it, when we close its stdin. Faults are
+    signals to the whole group."""
 
     proc: subprocess.Popen | None = None
 
     def start(self) -> NbdServer:
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, start_new_session=True)
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline() == b"ready\n"
-        self.pid = int(self.pidfile.read_text())
+        self.pid = self.proc.pid
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        pid, self.pid = self.pid, 0
+        self.pid = 0
+        os.killpg(proc.pid, signal.SIGCONT)
         if sig != signal.SIGTERM:
-            os.kill(pid, signal.SIGCONT)
-            os.kill(pid, sig)
+            os.killpg(proc.pid, sig)
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.close()  # the --run command ends, then nbdkit
         proc.wait(30)
         proc.stdout.close()
 
+    def pause(self) -> None:
+        os.killpg(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.pid, signal.SIGCONT)
+
 
 def nbdkit_memory(tmp: Path, size: str, *, readonly: bool = False,
                   name: str = "nbdkit") -> NbdServer:
     sock = tmp / f"{name}.sock"
-    pidfile = tmp / f"{name}.pid"
-    argv = ["nbdkit", "-U", str(sock), "-P", str(pidfile), "--run", "echo ready; read _",
-            "memory", size]
+    argv = ["nbdkit", "-U", str(sock), "--run", "echo ready; read _", "memory", size]
     if readonly:
         argv.insert(1, "--readonly")
-    return Nbdkit(argv, pidfile, sock)
+    return Nbdkit(argv, tmp / f"{name}.pid", sock)
 
 
 @pytest.fixture
