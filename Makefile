@@ -10,7 +10,7 @@ DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 f
 NBDPY   := /usr/lib/python3/dist-packages
 DEBSTAMP := $(VENV)/.debs
 
-.PHONY: demo test lint bench fuzz clean debs
+.PHONY: demo test lint bench fuzz clean debs native
 
 # The daemon and a simulated guest with a disk and a nic, for about 20 seconds.
 DEMO_SECONDS ?= 20
@@ -18,15 +18,19 @@ demo: $(STAMP)
 	$(PY) -m rings
 	$(VENV)/bin/backendd demo --seconds $(DEMO_SECONDS)
 
-test: $(STAMP)
+test: $(STAMP) native
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)
+bench: $(STAMP) native
 	$(PY) -m bench
+
+# The benchmarks' C programs (bench/native/*.c) into build/native/.
+native: $(STAMP)
+	$(PY) -m bench.native
 
 fuzz: $(STAMP)
 	$(PY) -m bench.fuzz
