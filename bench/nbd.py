@@ -1,164 +1,41 @@
-"""Block reads from an NBD export: the daemon's blk device on an nbd+unix:// disk against
-fio's own NBD engine (or nbdcopy, where this fio has no such engine) on the same export,
-in the same run. qemu-nbd serves a raw image from a warm page cache.
+"""Block reads through an NBD export: a real `backendd serve` process, its disk an
+nbd+unix:// export of qemu-nbd serving a warm raw image, driven by the C blkfront load
+generator (bench/blkload.py); beside it, in the same run and on the same export, fio's
+own NBD engine (libnbd in C), or nbdcopy where this fio has no such engine.
 
-The device runs in a forked child with its own event loop, over the guest's RAM and grant
-table memfds and eventfds, as the daemon would; the parent is the guest (blkfront). The
-child's CPU time per I/O is the daemon's cost.
-
-    python -m bench.nbd        (also run by python -m bench.blk)
+    python -m bench.nbd [--seconds S]      (also run at the end of python -m bench.blk)
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
-import resource
 import select
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-from backendd.config import BlockSection, Config
-from backendd.devices.base import DeviceContext, NoticeSink
-from backendd.devices.blk.device import BlkDevice
-from backendd.evtchn import EventChannel
-from backendd.grants import GrantTable
-from backendd.guest import GuestGrantTable, GuestRAM
-from backendd.guest.blkfront import BlkFront
-from backendd.memory import GuestMemory
-
+from .blkload import Load, LoadResult, run_load
+from .native import build
 from .report import table
 
 MiB = 1 << 20
 IMAGE_SIZE = 256 * MiB
 SECONDS = 3.0
-# (label, request bytes, queue depth, sequential, fio's rw and bs)
-CASES = [("4 KiB randread QD32", 4096, 32, False, "randread", "4k"),
-         ("1 MiB seq read QD4", MiB, 4, True, "read", "1m")]
-
-
-class _Quiet(NoticeSink):
-    def device_failed(self, devid, code, message): ...
-    def frontend_misbehaved(self, devid, message): ...
-    def keys_changed(self, devid, keys): ...
-
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def _serve(ram: GuestRAM, gt: GuestGrantTable, front: BlkFront, uri: str, allowed: str,
-           ctl_r: int, rep_w: int) -> None:
-    """The child, the daemon's side: serves the disk, answers each byte on ctl_r with
-    its CPU seconds, stops at EOF."""
-    try:
-        import uvloop
-        loop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    mem = GuestMemory()
-    for gpa, size, fd, offset in ram.regions:
-        mem.add_region(gpa, size, fd, offset)
-    grants = GrantTable(mem)
-    grants.set_table(gt.fd, 0, gt.nr_frames)
-    config = Config(block=BlockSection(allowed_nbd=[allowed]))
-    ctx = DeviceContext(mem, grants, loop, _Quiet(), None, extras={"config": config})
-    done = loop.create_future()
-
-    def on_ctl() -> None:
-        if not os.read(ctl_r, 1):
-            loop.remove_reader(ctl_r)
-            done.set_result(None)
-            return
-        os.write(rep_w, f"{_cpu()}\n".encode())
-
-    async def main() -> None:
-        dev = BlkDevice(1, {"path": uri}, ctx)
-        await dev.prepare()
-        chans = {p: EventChannel(p, k, c) for p, k, c in front.channels()}
-        keys = await dev.connect(front.frontend_keys(), chans)
-        os.write(rep_w, (json.dumps(keys) + "\n").encode())
-        loop.add_reader(ctl_r, on_ctl)
-        await done
-        await dev.close()
-
-    loop.run_until_complete(main())
-    os._exit(0)
-
-
-class _Child:
-    def __init__(self, ram, gt, front, uri: str, allowed: str) -> None:
-        ctl_r, self.ctl_w = os.pipe()
-        self.rep_r, rep_w = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:
-            os.close(self.ctl_w)
-            os.close(self.rep_r)
-            _serve(ram, gt, front, uri, allowed, ctl_r, rep_w)
-        os.close(ctl_r)
-        os.close(rep_w)
-        for _port, kick, call in front.channels():  # the child has them now
-            os.close(kick)
-            os.close(call)
-        self.reply = os.fdopen(self.rep_r)
-        self.keys = json.loads(self.reply.readline())
-
-    def cpu(self) -> float:
-        os.write(self.ctl_w, b"c")
-        return float(self.reply.readline())
-
-    def stop(self) -> None:
-        os.close(self.ctl_w)
-        os.waitpid(self.pid, 0)
-        self.reply.close()
-
-
-async def _run(front: BlkFront, child: _Child, nbytes: int, depth: int, sequential: bool
-               ) -> tuple[float, float, float]:
-    """(I/Os per second, MB/s, daemon CPU us per I/O)."""
-    front.start()
-    blocks = IMAGE_SIZE // nbytes
-    count = 0
-    stop_at = time.perf_counter() + SECONDS
-    cursor = 0
-
-    async def worker(w: int) -> None:
-        nonlocal count, cursor
-        rng = random.Random(w)
-        while time.perf_counter() < stop_at:
-            if sequential:
-                block, cursor = cursor, (cursor + 1) % blocks
-            else:
-                block = rng.randrange(blocks)
-            await front.read(block * nbytes // 512, nbytes)
-            count += 1
-
-    cpu0, t0 = child.cpu(), time.perf_counter()
-    await asyncio.gather(*(worker(w) for w in range(depth)))
-    elapsed, cpu = time.perf_counter() - t0, child.cpu() - cpu0
-    return count / elapsed, count * nbytes / elapsed / 1e6, cpu / count * 1e6
-
-
-def device_run(uri: str, allowed: str, nbytes: int, depth: int, sequential: bool
-               ) -> tuple[float, float, float]:
-    ram = GuestRAM(64 * MiB)
-    gt = GuestGrantTable(nr_frames=4)
-    front = BlkFront(ram, gt, 1, ring_order=1, random_layout=False)
-    child = _Child(ram, gt, front, uri, allowed)
-    front.update_backend_keys(child.keys)
-    try:
-        return asyncio.run(_run(front, child, nbytes, depth, sequential))
-    finally:
-        child.stop()
-        front.close()
-        gt.close()
-        ram.close()
+NAN = float("nan")
+# (label, load, fio's rw and bs)
+CASES = [("4 KiB randread QD32", Load(bs=4096, qd=32), "randread", "4k"),
+         ("1 MiB seq read QD4", Load(pattern="seq", bs=MiB, qd=4), "read", "1m")]
+# The same loads with persistent grants asked for (the daemon offers them by default).
+PERSISTENT = True
 
 
 def fio_has_nbd() -> bool:
@@ -168,17 +45,17 @@ def fio_has_nbd() -> bool:
     return any(line.strip() == "nbd" for line in out.splitlines())
 
 
-def fio_run(uri: str, rw: str, bs: str, depth: int) -> tuple[float, float]:
+def fio_nbd(uri: str, rw: str, bs: str, depth: int, seconds: float) -> tuple[float, float]:
     """(IOPS, MB/s) from fio's JSON output (the engine prints a line before it)."""
     cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--size={IMAGE_SIZE}",
            f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", "--time_based",
-           f"--runtime={SECONDS:g}", "--output-format=json"]
+           f"--runtime={seconds:g}", "--output-format=json"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     read = json.loads(out[out.index("{"):])["jobs"][0]["read"]
     return read["iops"], read["bw_bytes"] / 1e6
 
 
-def nbdcopy_run(uri: str, bs: int, depth: int) -> tuple[float, float]:
+def nbdcopy(uri: str, bs: int, depth: int) -> tuple[float, float]:
     """(I/Os per second, MB/s) of one sequential copy of the export to null:."""
     t0 = time.perf_counter()
     subprocess.run(["nbdcopy", f"--request-size={bs}", f"--requests={depth}",
@@ -187,61 +64,115 @@ def nbdcopy_run(uri: str, bs: int, depth: int) -> tuple[float, float]:
     return IMAGE_SIZE / bs / elapsed, IMAGE_SIZE / elapsed / 1e6
 
 
-def main() -> None:
-    if not shutil.which("qemu-nbd"):
-        print("nbd: qemu-nbd not installed (Debian qemu-utils); skipped")
+def _make_image(path: Path) -> None:
+    with open(path, "wb") as f:
+        chunk = random.Random(0).randbytes(MiB)
+        for _ in range(IMAGE_SIZE // MiB):
+            f.write(chunk)
+    with open(path, "rb") as f:  # warm the page cache
+        while f.read(8 * MiB):
+            pass
+
+
+def _wait_exit(pid: int) -> None:
+    """Wait for a process that is not our child (it daemonised) to be gone."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
         return
-    workdir = tempfile.mkdtemp(prefix="bench-nbd-", dir="/var/tmp")
-    image = os.path.join(workdir, "disk.img")
-    sock = os.path.join(workdir, "nbd.sock")
-    pidfile = os.path.join(workdir, "nbd.pid")
+    try:
+        select.select([fd], [], [], 30)
+    finally:
+        os.close(fd)
+
+
+async def _daemon(workdir: Path) -> tuple[asyncio.subprocess.Process, str]:
+    config = workdir / "backendd.toml"
+    config.write_text(f'[block]\nallowed_nbd = ["{workdir}"]\n')
+    path = str(workdir / "backendd.sock")
+    log = open(workdir / "backendd.log", "w")  # noqa: SIM115 - the child's; closed below
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "backendd", "--config", str(config), "--socket", path,
+        "serve", stdout=log, stderr=asyncio.subprocess.STDOUT)
+    log.close()
+    for _ in range(200):  # as bench.blk: the socket appears once the daemon listens
+        if os.path.exists(path) or proc.returncode is not None:
+            break
+        await asyncio.sleep(0.05)
+    if not os.path.exists(path):
+        raise RuntimeError(f"daemon did not start: {(workdir / 'backendd.log').read_text()}")
+    return proc, path
+
+
+async def measure(workdir: Path, uri: str, seconds: float) -> list[tuple]:
+    proc, path = await _daemon(workdir)
+    results: list[tuple[str, list[LoadResult]]] = []
+    try:
+        for label, load, _rw, _bs in CASES:
+            runs = []
+            for persistent in (False, True) if PERSISTENT else (False,):
+                one = Load(**{**load.__dict__, "seconds": seconds, "persistent": persistent})
+                runs.append(await run_load(path, uri, one, daemon_pid=proc.pid,
+                                           sectors=IMAGE_SIZE // 512))
+            results.append((label, runs))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        await proc.wait()
+    with_fio = fio_has_nbd()
+    rows: list[tuple] = []
+    for (label, runs), (_, load, rw, bs) in zip(results, CASES, strict=True):
+        if with_fio:
+            base_iops, base_mbs = fio_nbd(uri, rw, bs, load.qd, seconds)
+            base = f"fio nbd engine, {label}"
+        elif shutil.which("nbdcopy") and load.pattern == "seq":
+            base_iops, base_mbs = nbdcopy(uri, load.bs, load.qd)
+            base = f"nbdcopy, {label}"
+        else:
+            base_iops = base_mbs = NAN
+            base = f"(no baseline), {label}"
+        for result in runs:
+            share = f"{result.iops / base_iops:.0%}" if base_iops == base_iops else "-"
+            what = f"backendd on NBD, {label}"
+            if result.load.persistent:
+                what += ", persistent" if result.persistent else ", persistent (not offered)"
+            rows.append((what, result.iops, result.mb_per_s, result.lat_ns["p50"] / 1e3,
+                         result.cpu_us_per_io, result.frontend_cpu_us_per_io, share))
+        rows.append((base, base_iops, base_mbs, NAN, NAN, NAN, "100%"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.nbd")
+    parser.add_argument("--seconds", type=float, default=SECONDS, help="per line")
+    args = parser.parse_args(argv or [])
+    if not shutil.which("qemu-nbd"):
+        raise SystemExit("bench.nbd: qemu-nbd is missing (Debian qemu-utils): "
+                         "`make bench` installs it")
+    build("blkfront_load")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-nbd-", dir="/var/tmp"))
+    image, sock, pidfile = workdir / "disk.img", workdir / "nbd.sock", workdir / "nbd.pid"
     uri = f"nbd+unix:///disk?socket={sock}"
     pid = 0
     try:
-        with open(image, "wb") as f:
-            chunk = random.Random(0).randbytes(MiB)
-            for _ in range(IMAGE_SIZE // MiB):
-                f.write(chunk)
-        with open(image, "rb") as f:  # warm the page cache
-            while f.read(8 * MiB):
-                pass
-        # Returns once the socket listens.
-        subprocess.run(["qemu-nbd", "--fork", "--persistent", "--shared=64",
+        _make_image(image)
+        # qemu-nbd --fork returns once the socket listens.
+        subprocess.run(["qemu-nbd", "--fork", "--persistent", "--shared=16",
                         f"--pid-file={pidfile}", f"--socket={sock}", "--export-name=disk",
-                        "--format=raw", "--read-only", image], check=True)
-        with open(pidfile) as f:
-            pid = int(f.read())
-        with_fio = fio_has_nbd()
-        rows = []
-        for label, nbytes, depth, sequential, rw, bs in CASES:
-            iops, mbs, cpu = device_run(uri, workdir, nbytes, depth, sequential)
-            if with_fio:
-                base_iops, base_mbs = fio_run(uri, rw, bs, depth)
-                base = f"fio nbd engine, {label}"
-            elif shutil.which("nbdcopy") and sequential:
-                base_iops, base_mbs = nbdcopy_run(uri, nbytes, depth)
-                base = f"nbdcopy, {label}"
-            else:
-                base_iops = base_mbs = float("nan")
-                base = f"(no baseline), {label}"
-            rows.append((f"backendd blk on NBD, {label}", iops, mbs, cpu,
-                         f"{100 * iops / base_iops:.0f}%" if base_iops == base_iops else "-"))
-            rows.append((base, base_iops, base_mbs, "-", "100%"))
-        print(table(f"blk reads through NBD (qemu-nbd, raw, unix socket, warm "
-                    f"{IMAGE_SIZE // MiB} MiB image; {SECONDS:g} s each)",
-                    ["what", "IOPS", "MB/s", "daemon CPU us/IO", "of baseline"], rows))
+                        "--format=raw", "--cache=writeback", str(image)], check=True)
+        pid = int(pidfile.read_text())
+        rows = asyncio.run(measure(workdir, uri, args.seconds))
     finally:
         if pid:
-            os.kill(pid, 15)
-            try:
-                fd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                pass
-            else:
-                select.select([fd], [], [], 30)
-                os.close(fd)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            _wait_exit(pid)
         shutil.rmtree(workdir, ignore_errors=True)
+    print(table(f"blk reads through NBD: qemu-nbd, raw, unix socket, warm "
+                f"{IMAGE_SIZE // MiB} MiB image, {args.seconds:g} s a line",
+                ["what", "IOPS", "MB/s", "p50 us", "daemon CPU us/IO", "frontend CPU us/IO",
+                 "of baseline"], rows))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
