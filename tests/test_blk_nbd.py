@@ -126,11 +126,13 @@ class Nbdkit(NbdServer):
 
 
 def nbdkit_memory(tmp: Path, size: str, *, readonly: bool = False,
-                  name: str = "nbdkit") -> NbdServer:
+                  name: str = "nbdkit", tls_psk: Path | None = None) -> NbdServer:
     sock = tmp / f"{name}.sock"
     argv = ["nbdkit", "-U", str(sock), "--run", "echo ready; read _", "memory", size]
     if readonly:
         argv.insert(1, "--readonly")
+    if tls_psk is not None:
+        argv[1:1] = ["--tls=require", f"--tls-psk={tls_psk}"]
     return Nbdkit(argv, tmp / f"{name}.pid", sock)
 
 
@@ -318,6 +320,8 @@ def test_config_keys():
     assert config.block.nbd_io_timeout_ms == 2000
     with pytest.raises(ConfigFileError, match="nbd_io_timeout_ms"):
         parse_config("[block]\nnbd_io_timeout_ms = 0\n")
+    with pytest.raises(ConfigFileError, match="nbd_tls_psk_file"):
+        parse_config('[block]\nnbd_tls_psk_file = "keys.psk"\n')
 
 
 async def test_servers_outside_the_policy_are_refused(vm_factory, tmp_path, servers):
@@ -582,5 +586,33 @@ async def test_closing_a_disk_does_not_wait_for_its_lost_server(vm_factory, tmp_
         front.close()
         assert front.refused_revokes == [] and front.stray_responses == []
         await vm.client.remove_device(1)
+    finally:
+        await closing(vm)
+
+
+async def test_tls_with_a_pre_shared_key(vm_factory, tmp_path, servers):
+    psk = tmp_path / "keys.psk"
+    psk.write_text(f"guest1:{random.Random(9).randbytes(32).hex()}\n")
+    psk.chmod(0o600)
+    srv = nbdkit_memory(tmp_path, "2M", tls_psk=psk, name="tls")
+    servers.append(srv.start())
+    plain = nbdkit_memory(tmp_path, "2M", name="plain")
+    servers.append(plain.start())
+    vm = await vm_factory(nbd_tls_psk_file=str(psk), nbd_tls_username="guest1")
+    try:
+        front, keys = await attach(vm, 1, f"nbds+unix:///?socket={srv.socket}")
+        assert keys["sectors"] == str(2 * MiB // 512)
+        data = random.Random(10).randbytes(256 * 1024)
+        await front.write(64, data)
+        assert await front.read(64, len(data)) == data
+        await front.flush()
+        await detach(vm, 1, front)
+        # The server requires TLS: a plain URI is refused by it.
+        with pytest.raises(RequestFailed, match="cannot connect"):
+            await vm.client.add_device(2, "blk", {"path": uri(srv)})
+        # nbds:// requires TLS: a server without it is refused by us.
+        with pytest.raises(RequestFailed, match="cannot connect"):
+            await vm.client.add_device(3, "blk",
+                                       {"path": f"nbds+unix:///?socket={plain.socket}"})
     finally:
         await closing(vm)

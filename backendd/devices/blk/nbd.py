@@ -148,6 +148,9 @@ class NbdPolicy:
     allowed: tuple[str, ...] = ()
     reconnect_timeout: float = 30.0
     io_timeout: float = 30.0
+    tls_certificates: str = ""
+    tls_psk_file: str = ""
+    tls_username: str = ""
 
     @classmethod
     def from_config(cls, daemon_config: object) -> NbdPolicy:
@@ -156,7 +159,10 @@ class NbdPolicy:
             return cls()
         return cls(tuple(getattr(block, "allowed_nbd", ())),
                    getattr(block, "nbd_reconnect_timeout_ms", 30000) / 1000,
-                   getattr(block, "nbd_io_timeout_ms", 30000) / 1000)
+                   getattr(block, "nbd_io_timeout_ms", 30000) / 1000,
+                   getattr(block, "nbd_tls_certificates", ""),
+                   getattr(block, "nbd_tls_psk_file", ""),
+                   getattr(block, "nbd_tls_username", ""))
 
 
 class _Op:
@@ -285,6 +291,14 @@ class NbdImage:
             h.set_handle_name(f"backendd-{os.getpid()}")
             h.set_export_name(t.export)
             h.set_tls(nbd.TLS_REQUIRE if t.tls else nbd.TLS_DISABLE)
+            if t.tls:
+                p = self.policy
+                if p.tls_psk_file:
+                    h.set_tls_psk_file(p.tls_psk_file)
+                elif p.tls_certificates:
+                    h.set_tls_certificates(p.tls_certificates)
+                if p.tls_username:
+                    h.set_tls_username(p.tls_username)
             # On an error the guest is told so; zeroing every read buffer first buys
             # nothing.
             h.set_pread_initialize(False)
