@@ -11,6 +11,7 @@ import os
 import random
 import select
 import signal
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -126,9 +127,11 @@ class Nbdkit(NbdServer):
 
 
 def nbdkit_memory(tmp: Path, size: str, *, readonly: bool = False,
-                  name: str = "nbdkit", tls_psk: Path | None = None) -> NbdServer:
+                  name: str = "nbdkit", tls_psk: Path | None = None,
+                  tcp_port: int = 0) -> NbdServer:
     sock = tmp / f"{name}.sock"
-    argv = ["nbdkit", "-U", str(sock), "--run", "echo ready; read _", "memory", size]
+    where = ["-i", "127.0.0.1", "-p", str(tcp_port)] if tcp_port else ["-U", str(sock)]
+    argv = ["nbdkit", *where, "--run", "echo ready; read _", "memory", size]
     if readonly:
         argv.insert(1, "--readonly")
     if tls_psk is not None:
@@ -614,5 +617,28 @@ async def test_tls_with_a_pre_shared_key(vm_factory, tmp_path, servers):
         with pytest.raises(RequestFailed, match="cannot connect"):
             await vm.client.add_device(3, "blk",
                                        {"path": f"nbds+unix:///?socket={plain.socket}"})
+    finally:
+        await closing(vm)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_tcp_on_loopback(vm_factory, tmp_path, servers):
+    port = free_port()
+    srv = nbdkit_memory(tmp_path, "4M", tcp_port=port)
+    servers.append(srv.start())
+    vm = await vm_factory(allowed_nbd=[f"127.0.0.1:{port}"])
+    try:
+        front, keys = await attach(vm, 1, f"nbd://127.0.0.1:{port}/")
+        assert keys["sectors"] == str(4 * MiB // 512)
+        model = bytearray(4 * MiB)
+        await workload(front, model, workers=4, rounds=20, seed=6)
+        await detach(vm, 1, front)
+        with pytest.raises(RequestFailed, match="allowed_nbd"):  # another port
+            await vm.client.add_device(2, "blk", {"path": f"nbd://127.0.0.1:{port + 1}/"})
     finally:
         await closing(vm)

@@ -312,7 +312,7 @@ class NbdImage:
             return
         self._h = h
         self._gen += 1
-        self._fd = h.aio_get_fd()
+        self._fd = -1  # _rewatch() asks libnbd
         self._watch = 0
         self._last_progress = self.loop.time()
         self._after_call()
@@ -322,6 +322,18 @@ class NbdImage:
     def _rewatch(self) -> None:
         if self._h is None:
             return
+        if not self._ready:
+            # While connecting, libnbd may try one address after another, each with a
+            # socket of its own.
+            try:
+                fd = self._h.aio_get_fd()
+            except self.nbd.Error:
+                fd = -1
+            if fd != self._fd:
+                self._unwatch()
+                self._fd = fd
+            if fd < 0:
+                return
         want = self._h.aio_get_direction() & self.nbd.AIO_DIRECTION_BOTH
         if want == self._watch:
             return
@@ -337,6 +349,13 @@ class NbdImage:
             else:
                 self.loop.remove_writer(self._fd)
         self._watch = want
+
+    def _unwatch(self) -> None:
+        if self._watch & self.nbd.AIO_DIRECTION_READ:
+            self.loop.remove_reader(self._fd)
+        if self._watch & self.nbd.AIO_DIRECTION_WRITE:
+            self.loop.remove_writer(self._fd)
+        self._watch = 0
 
     def _readable(self) -> None:
         self._notify(self._h.aio_notify_read if self._h is not None else None)
@@ -395,11 +414,7 @@ class NbdImage:
         self._ready = False
         if h is None:
             return
-        if self._watch & self.nbd.AIO_DIRECTION_READ:
-            self.loop.remove_reader(self._fd)
-        if self._watch & self.nbd.AIO_DIRECTION_WRITE:
-            self.loop.remove_writer(self._fd)
-        self._watch = 0
+        self._unwatch()
         self._fd = -1
         # Closing the handle drops what libnbd holds of guest memory for commands
         # that never completed; the bindings have no close() of their own.
