@@ -3,7 +3,7 @@ PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 fio \
+DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 fio e2fsprogs \
            python3-libnbd libnbd-bin qemu-utils nbdkit
 # Debian's libnbd bindings (python3-libnbd: not on the Python index) are seen by the venv
 # through a .pth file naming a directory with just them, not the rest of dist-packages.
@@ -18,9 +18,12 @@ demo: $(STAMP)
 	$(PY) -m rings
 	$(VENV)/bin/backendd demo --seconds $(DEMO_SECONDS)
 
+# Hypothesis profile (tests/profiles.py): derandomized for `make test`, longer for `make fuzz`.
+HYPOTHESIS_PROFILE ?= ci
+
 test: $(STAMP) native
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -33,6 +36,8 @@ native: $(STAMP)
 	$(PY) -m bench.native
 
 fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz_*.py tests/test_blk_request.py \
+	  tests/test_protocol_messages.py tests/test_layout_codecs.py
 	$(PY) -m bench.fuzz
 
 debs: $(DEBSTAMP)

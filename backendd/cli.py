@@ -46,10 +46,8 @@ def _group_status(status: dict[str, str]) -> dict[str, dict[str, str]]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .protocol.messages import DaemonStatus
-
     async def work(client) -> int:
-        status = (await client.request(DaemonStatus())).counters
+        status = await client.daemon_status()  # every page
         conns = _group_status(status)
         print(f"connections: {status.get('connections', '0')}")
         for conn_id, info in sorted(conns.items(), key=lambda kv: int(kv[0])):
@@ -69,10 +67,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from .metrics import render
-    from .protocol.messages import DaemonStatus
 
     async def work(client) -> int:
-        status = (await client.request(DaemonStatus())).counters
+        status = await client.daemon_status()  # every page
         devices = []
         for conn_id, info in sorted(_group_status(status).items(), key=lambda kv: int(kv[0])):
             per_dev: dict[str, dict[str, int]] = {}

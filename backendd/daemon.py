@@ -69,7 +69,10 @@ async def run(config: Config, socket_path: str | None = None,
     metrics = None
     if config.metrics.listen:
         metrics = await _serve_metrics(server, config.metrics.listen)
-        log.info("metrics_listening", address=config.metrics.listen)
+        # The address bound, so port 0 (any free port) can be found in the log and status.
+        host, port = metrics.sockets[0].getsockname()[:2]
+        metrics_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info("metrics_listening", address=metrics_address)
 
     stop = loop.create_future()
 
@@ -90,7 +93,8 @@ async def run(config: Config, socket_path: str | None = None,
     interval = watchdog_interval()
     dog = loop.create_task(watchdog(interval)) if interval else None
     notifier.ready(f"listening on {server.address}"
-                   + (" (socket activation)" if activated else ""))
+                   + (" (socket activation)" if activated else "")
+                   + (f", metrics on {metrics_address}" if metrics is not None else ""))
     try:
         await stop
     finally:

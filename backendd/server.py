@@ -12,11 +12,13 @@ import array
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import socket
 import stat
 import struct
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config
@@ -24,7 +26,7 @@ from .errors import ControlError
 from .iopool import FairPool
 from .log import EventLog, GuestLogLimiter
 from .protocol.framing import FatalFramingError, Frame, Framer, Role
-from .protocol.messages import MAX_CHANNELS, RingDumpReply
+from .protocol.messages import ALL_DEVICES, MAX_CHANNELS, MAX_PAYLOAD, RingDumpReply
 from .session import Session, load_device_types
 
 # The largest fd count any request carries (FRONTEND_STATE: a kick and a call per channel).
@@ -33,6 +35,10 @@ RECV_SIZE = 65536
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECV * array.array("i").itemsize)
 # Stop reading a connection once this many requests wait: the VMM must read its replies.
 MAX_QUEUED_REQUESTS = 64
+# Stop reading and handling a connection's requests once this many reply bytes wait for
+# the VMM to read them; carry on once they are down to half. A reply is at most 64 KiB,
+# so a connection holds at most this plus one reply (and any notices) in memory.
+MAX_REPLY_BACKLOG = 1 << 20
 
 
 def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -69,6 +75,11 @@ class Connection:
         self._writing = False
         self._reading = False
         self._closing = False
+        # Set while replies are under MAX_REPLY_BACKLOG; the worker waits on it.
+        self._drained = asyncio.Event()
+        self._drained.set()
+        # Set while the connection is not read because its replies are not read.
+        self.backlogged = asyncio.Event()
         self.done = loop.create_future()
         self._worker = loop.create_task(self._work())
         self._resume_reading()
@@ -76,7 +87,8 @@ class Connection:
     # --- input -------------------------------------------------------------------
 
     def _resume_reading(self) -> None:
-        if not self._reading and not self._closing:
+        if (not self._reading and not self._closing and self._drained.is_set()
+                and self._queue.qsize() < MAX_QUEUED_REQUESTS):
             self.server.loop.add_reader(self.sock.fileno(), self._readable)
             self._reading = True
 
@@ -123,6 +135,7 @@ class Connection:
             frame = await self._queue.get()
             if frame is None:
                 break
+            await self._drained.wait()
             await self.session.handle(frame)
             if self._queue.qsize() < MAX_QUEUED_REQUESTS // 2:
                 self._resume_reading()
@@ -135,6 +148,19 @@ class Connection:
         self._out += data
         if not self._writing:
             self._flush()
+        else:
+            self._check_backlog()
+
+    def _check_backlog(self) -> None:
+        if len(self._out) > MAX_REPLY_BACKLOG:
+            if self._drained.is_set():
+                self._drained.clear()
+                self.backlogged.set()
+                self._pause_reading()
+        elif not self._drained.is_set() and len(self._out) <= MAX_REPLY_BACKLOG // 2:
+            self._drained.set()
+            self.backlogged.clear()
+            self._resume_reading()
 
     def _flush(self) -> None:
         while self._out:
@@ -147,6 +173,7 @@ class Connection:
                 self._hang_up(f"send: {exc.strerror}")
                 return
             del self._out[:n]
+        self._check_backlog()
         if self._out and not self._writing:
             self.server.loop.add_writer(self.sock.fileno(), self._flush)
             self._writing = True
@@ -165,6 +192,8 @@ class Connection:
             self.server.loop.remove_writer(self.sock.fileno())
             self._writing = False
         self.server.log.info("connection_closed", conn=self.conn_id, reason=reason)
+        self._out = bytearray()  # unread replies go now, not when the object does
+        self._drained.set()  # let the worker finish the request it holds
         # Requests already queued are dropped, their fds closed; the one being handled
         # finishes first so teardown never races a device connect.
         while not self._queue.empty():
@@ -194,6 +223,17 @@ class Connection:
     async def close(self) -> None:
         self._hang_up("daemon stopping")
         await self.done
+
+
+# A DAEMON_STATUS page's key/value map stays within one reply (the reply's result word
+# comes first), with room left for the next-page cursor.
+STATUS_PAGE_BYTES = MAX_PAYLOAD - 4
+_STATUS_CURSOR_ROOM = 64
+
+
+def _kv_size(kv: dict[str, str]) -> int:
+    """Bytes of `kv` encoded as a key/value map (docs/protocol.md)."""
+    return 4 + sum(4 + len(k.encode()) + len(v.encode()) for k, v in kv.items())
 
 
 class Server:
@@ -272,12 +312,33 @@ class Server:
 
     # --- operator view (DaemonView) ----------------------------------------------
 
-    def status(self) -> dict[str, str]:
+    def status(self, conn: int = 0, devid: int = ALL_DEVICES) -> dict[str, str]:
+        """One DAEMON_STATUS page, from cursor (conn, devid) on, whole connection
+        summaries and whole devices only, as much as fits one reply; `next.conn` and
+        `next.devid` say where the next page starts."""
         out = {"connections": str(len(self.connections))}
-        for conn_id, conn in self.connections.items():
-            for key, value in conn.session.status().items():
-                out[f"conn.{conn_id}.{key}"] = value
+        size = _kv_size(out) + _STATUS_CURSOR_ROOM
+        for cid in sorted(c for c in self.connections if c >= conn):
+            session = self.connections[cid].session
+            within = cid == conn and devid != ALL_DEVICES
+            parts: list[tuple[int, Callable[[], dict[str, str]]]] = []
+            if not within:
+                parts.append((ALL_DEVICES, functools.partial(self._conn_status, cid)))
+            parts += [(d, functools.partial(session.device_status, d))
+                      for d in sorted(session.devices) if not within or d >= devid]
+            for d, make in parts:
+                part = {f"conn.{cid}.{k}": v for k, v in make().items()}
+                n = _kv_size(part) - 4
+                if size + n > STATUS_PAGE_BYTES and len(out) > 1:
+                    out["next.conn"], out["next.devid"] = str(cid), str(d)
+                    return out
+                out.update(part)
+                size += n
         return out
+
+    def _conn_status(self, conn_id: int) -> dict[str, str]:
+        conn = self.connections[conn_id]
+        return {**conn.session.status(), "unread_reply_bytes": str(len(conn._out))}
 
     def ring_dump(self, conn: int, devid: int, ring: int) -> RingDumpReply:
         connection = self.connections.get(conn)

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -47,7 +48,7 @@ class Activated:
 
         threading.Thread(target=pump, daemon=True).start()
 
-    def datagrams(self, until: bytes, timeout: float = 10.0) -> list[bytes]:
+    def datagrams(self, until: bytes, timeout: float = 30.0) -> list[bytes]:
         assert self.received is not None, "datagrams() needs drain_continuously()"
         got: list[bytes] = []
         deadline = time.monotonic() + timeout
@@ -121,8 +122,8 @@ def test_socket_activation_ready_watchdog_and_stop(activated: Activated) -> None
     first = activated.datagrams(until=b"READY=1")
     assert any(b"STATUS=listening on" in m and b"socket activation" in m for m in first)
     # The watchdog is pinged from the loop at half of WATCHDOG_USEC.
-    activated.datagrams(until=b"WATCHDOG=1", timeout=2)
-    activated.datagrams(until=b"WATCHDOG=1", timeout=2)
+    activated.datagrams(until=b"WATCHDOG=1", timeout=30)
+    activated.datagrams(until=b"WATCHDOG=1", timeout=30)
 
     status = cli("status", path=activated.path)
     assert status.returncode == 0, status.stderr
@@ -165,12 +166,15 @@ def test_bad_config_names_the_key(tmp_path: Path) -> None:
 
 
 def test_metrics_endpoint_on_loopback(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    daemon = start_activated(tmp_path, f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    # Port 0: the daemon binds a free port and says which in its ready status, so no
+    # port is picked here and released for someone else to take first.
+    daemon = start_activated(tmp_path, '[metrics]\nlisten = "127.0.0.1:0"\n')
     try:
-        daemon.datagrams(until=b"READY=1")
+        ready = next(m for m in daemon.datagrams(until=b"READY=1") if b"READY=1" in m)
+        match = re.search(rb"metrics on 127\.0\.0\.1:(\d+)", ready)
+        assert match, ready
+        port = int(match[1])
+        assert port != 0
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             assert r.status == 200
             assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from backendd.grants import GrantError, GrantMapping, GrantTable
 from backendd.guest import GuestGrantTable, GuestRAM
@@ -207,13 +208,13 @@ def run_ops(version: int, initial: list, steps: list) -> None:
         g.check_memory()
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=examples(120), deadline=None)
 @given(initial=st.lists(valid_entries, min_size=4, max_size=4), steps=ops)
 def test_random_v1_entries(initial, steps):
     run_ops(1, initial, steps)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=examples(120), deadline=None)
 @given(initial=st.lists(valid_entries, min_size=4, max_size=4), steps=ops)
 def test_random_v2_entries(initial, steps):
     run_ops(2, initial, steps)

@@ -6,6 +6,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from backendd.errors import ControlError
 from backendd.protocol.messages import (
@@ -76,7 +77,7 @@ requests = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(requests)
 def test_request_round_trip(msg):
     payload = msg.encode()
@@ -91,7 +92,7 @@ notices = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(notices)
 def test_notice_round_trip(msg):
     assert decode_notice(msg.code, msg.encode()) == msg
@@ -111,7 +112,7 @@ replies = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(replies)
 def test_reply_round_trip(pair):
     code, body = pair

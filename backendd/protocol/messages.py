@@ -431,17 +431,27 @@ class SetInflight(Message):
 
 @dataclass(frozen=True)
 class DaemonStatus(Message):
-    """Every connection and device of the daemon, not only the asker's."""
+    """Every connection and device of the daemon, not only the asker's, one page per
+    request: the page starts at connection `conn` (the lowest id >= conn), with its own
+    entries when `devid` is ALL_DEVICES, else at its device `devid`. The reply carries
+    `next.conn`/`next.devid` to ask for next, until a page comes without them. An empty
+    payload asks for the first page."""
 
     code: ClassVar[Code] = Code.DAEMON_STATUS
+    _S: ClassVar[struct.Struct] = struct.Struct("<II")
+    conn: int = 0
+    devid: int = ALL_DEVICES
 
     def encode(self) -> bytes:
-        return b""
+        if (self.conn, self.devid) == (0, ALL_DEVICES):
+            return b""
+        return self._S.pack(self.conn, self.devid)
 
     @classmethod
     def decode(cls, payload: bytes | memoryview) -> Self:
-        _end("DAEMON_STATUS", payload, 0)
-        return cls()
+        if len(payload) == 0:
+            return cls()
+        return cls(*_fixed("DAEMON_STATUS", cls._S, payload))
 
 
 @dataclass(frozen=True)
