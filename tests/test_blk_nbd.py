@@ -203,11 +203,11 @@ async def closing(vm: Vm) -> None:
     await vm.server.close()
 
 
-async def attach(vm: Vm, devid: int, path: str, *, queues: int = 1,
+async def attach(vm: Vm, devid: int, path: str, *, queues: int = 1, persistent: bool = False,
                  **config: str) -> tuple[BlkFront, dict[str, str]]:
     _, keys = await vm.client.add_device(devid, "blk", {"path": path, **config})
     front = BlkFront(vm.guest.ram, vm.guest.gnttab, devid, queues=queues, ring_order=1,
-                     backend_keys=keys, first_port=devid * 10)
+                     backend_keys=keys, first_port=devid * 10, persistent=persistent)
     state, keys = await connect_front(vm.client, front, devid)
     assert state == XenbusState.CONNECTED
     return front, keys
@@ -407,10 +407,12 @@ async def test_qcow2_through_qemu_nbd(vm, tmp_path, servers):
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
 
 
-async def test_nbdkit_memory(vm, tmp_path, servers):
+@pytest.mark.parametrize("persistent", [False, True], ids=["grants", "persistent-grants"])
+async def test_nbdkit_memory(vm, tmp_path, servers, persistent):
     srv = nbdkit_memory(tmp_path, "8M")
     servers.append(srv.start())
-    front, keys = await attach(vm, 1, uri(srv), queues=4)
+    front, keys = await attach(vm, 1, uri(srv), queues=4, persistent=persistent)
+    assert front.use_persistent == persistent
     assert keys["sectors"] == str(8 * MiB // 512)
     model = bytearray(8 * MiB)
     await workload(front, model, workers=8, rounds=40, seed=1)
