@@ -58,7 +58,8 @@ class NbdServer:
             return
         pid, self.pid = self.pid, 0
         try:
-            os.kill(pid, signal.SIGCONT)
+            if sig != signal.SIGKILL:  # a stopped process takes SIGKILL as it is
+                os.kill(pid, signal.SIGCONT)
             os.kill(pid, sig)
         except ProcessLookupError:
             return
@@ -642,5 +643,33 @@ async def test_tcp_on_loopback(vm_factory, tmp_path, servers):
         await detach(vm, 1, front)
         with pytest.raises(RequestFailed, match="allowed_nbd"):  # another port
             await vm.client.add_device(2, "blk", {"path": f"nbd://127.0.0.1:{port + 1}/"})
+    finally:
+        await closing(vm)
+
+
+async def test_a_request_in_flight_when_the_server_dies_is_sent_again(vm_factory, tmp_path,
+                                                                       servers):
+    vm = await vm_factory(nbd_reconnect_timeout_ms=60000, nbd_io_timeout_ms=60000)
+    image = tmp_path / "disk.raw"
+    content = random.Random(11).randbytes(2 * MiB)
+    image.write_bytes(content)
+    srv = qemu_nbd(tmp_path, image, "raw")
+    servers.append(srv.start())
+    try:
+        front, _ = await attach(vm, 1, uri(srv, "disk"))
+        srv.pause()  # what the daemon sends now stays unanswered
+        read = asyncio.ensure_future(front.read(8, 64 * 1024))
+        write = asyncio.ensure_future(front.write(1024, b"W" * 8192))
+        while stats_of(await vm.client.stats(1), 1)["nbd_in_flight"] < 2:
+            pass  # each look is a round trip to the daemon, which sends meanwhile
+        await asyncio.to_thread(srv.stop, signal.SIGKILL)  # it dies with both unanswered
+        await asyncio.to_thread(srv.start)
+        assert await read == content[4096:4096 + 64 * 1024]
+        await write
+        assert await front.read(1024, 8192) == b"W" * 8192
+        stats = stats_of(await vm.client.stats(1), 1)
+        assert stats["nbd_resent"] == 2 and stats["errors"] == 0
+        assert stats["nbd_reconnects"] == 1 and stats["nbd_degraded"] == 0
+        await detach(vm, 1, front)
     finally:
         await closing(vm)
