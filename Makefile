@@ -4,13 +4,13 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 fio e2fsprogs \
-           python3-libnbd libnbd-bin qemu-utils nbdkit
+           prometheus python3-libnbd libnbd-bin qemu-utils nbdkit
 # Debian's libnbd bindings (python3-libnbd: not on the Python index) are seen by the venv
 # through a .pth file naming a directory with just them, not the rest of dist-packages.
 NBDPY   := /usr/lib/python3/dist-packages
 DEBSTAMP := $(VENV)/.debs
 
-.PHONY: demo test lint bench fuzz clean debs native
+.PHONY: demo test lint bench fuzz clean debs native install uninstall
 
 # The daemon and a simulated guest with a disk and a nic, for about 20 seconds.
 DEMO_SECONDS ?= 20
@@ -62,6 +62,60 @@ $(STAMP): pyproject.toml Makefile $(DEBSTAMP)
 	$(PY) -c 'import site, sys; print(sys.prefix + "/debian-libnbd", file=open(site.getsitepackages()[0] + "/debian-libnbd.pth", "w"))'
 	$(PY) -c 'import nbd' || { echo "python3-libnbd does not fit $(PY)"; exit 1; }
 	touch $@
+
+# `make install`: the package in its own venv under $(PREFIX)/lib/backendd with
+# $(PREFIX)/bin/backendd linked to it, the systemd units, a sample configuration and the
+# image directory the unit makes writable. DESTDIR stages it all under another root (the
+# installed files name the final paths, not DESTDIR). Needs Python 3.11 and PyPI (or a pip
+# cache) for the dependencies.
+PREFIX     ?= /usr/local
+SYSCONFDIR ?= /etc
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
+STATEDIR   ?= /var/lib/backendd
+LIBDIR     := $(PREFIX)/lib/backendd
+CONFDIR    := $(SYSCONFDIR)/backendd
+
+install:
+	$(PYTHON) -m venv --clear $(DESTDIR)$(LIBDIR)
+	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check .
+	@# Scripts name the venv by its final path, not the staging one.
+	@if [ -n "$(DESTDIR)" ]; then \
+	  grep -lIs -- '$(DESTDIR)' $(DESTDIR)$(LIBDIR)/bin/* | \
+	    xargs -r sed -i 's|$(DESTDIR)$(LIBDIR)|$(LIBDIR)|g'; \
+	fi
+	@# NBD disks need Debian's libnbd bindings (python3-libnbd), seen as in the .venv.
+	@if [ -e $(NBDPY)/nbd.py ]; then \
+	  mkdir -p $(DESTDIR)$(LIBDIR)/debian-libnbd && \
+	  ln -sf $(NBDPY)/nbd.py $(NBDPY)/libnbdmod.cpython-*.so $(DESTDIR)$(LIBDIR)/debian-libnbd/ && \
+	  $(DESTDIR)$(LIBDIR)/bin/python -c 'import site; print("$(LIBDIR)/debian-libnbd", file=open(site.getsitepackages()[0] + "/debian-libnbd.pth", "w"))'; \
+	else echo "python3-libnbd not installed: no NBD disks"; fi
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/share/doc/backendd
+	ln -sfn $(LIBDIR)/bin/backendd $(DESTDIR)$(PREFIX)/bin/backendd
+	sed 's|^ExecStart=/usr/local/bin/backendd|ExecStart=$(PREFIX)/bin/backendd|' \
+	  systemd/backendd.service > $(DESTDIR)$(UNITDIR)/backendd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/backendd.service
+	install -m 0644 systemd/backendd.socket $(DESTDIR)$(UNITDIR)/backendd.socket
+	install -m 0644 LICENSE README.md $(DESTDIR)$(PREFIX)/share/doc/backendd/
+	install -d -m 0755 $(DESTDIR)$(CONFDIR)
+	install -m 0644 conf/backendd.toml $(DESTDIR)$(CONFDIR)/backendd.toml.sample
+	@# An existing configuration is never overwritten.
+	test -e $(DESTDIR)$(CONFDIR)/backendd.toml || \
+	  install -m 0644 conf/backendd.toml $(DESTDIR)$(CONFDIR)/backendd.toml
+	install -d -m 0700 $(DESTDIR)$(STATEDIR) $(DESTDIR)$(STATEDIR)/images
+	@echo "installed; then: systemctl daemon-reload && systemctl enable --now backendd.socket"
+
+# Removes what `make install` put there, except a configuration that was changed and the
+# image directory (guests' disks).
+uninstall:
+	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PREFIX)/share/doc/backendd
+	rm -f $(DESTDIR)$(PREFIX)/bin/backendd
+	rm -f $(DESTDIR)$(UNITDIR)/backendd.service $(DESTDIR)$(UNITDIR)/backendd.socket
+	if cmp -s conf/backendd.toml $(DESTDIR)$(CONFDIR)/backendd.toml; then \
+	  rm -f $(DESTDIR)$(CONFDIR)/backendd.toml; fi
+	rm -f $(DESTDIR)$(CONFDIR)/backendd.toml.sample
+	-rmdir $(DESTDIR)$(CONFDIR) 2>/dev/null
+	-rmdir $(DESTDIR)$(STATEDIR)/images $(DESTDIR)$(STATEDIR) 2>/dev/null
+	@echo "uninstalled (kept: a changed $(CONFDIR)/backendd.toml, images in $(STATEDIR)/images)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

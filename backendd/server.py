@@ -17,12 +17,14 @@ import os
 import socket
 import stat
 import struct
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from . import __version__
 from .config import Config
-from .errors import ControlError
+from .errors import ControlError, StartupError
 from .iopool import FairPool
 from .log import EventLog, GuestLogLimiter
 from .protocol.framing import FatalFramingError, Frame, Framer, Role
@@ -83,6 +85,10 @@ class Connection:
         self.done = loop.create_future()
         self._worker = loop.create_task(self._work())
         self._resume_reading()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     # --- input -------------------------------------------------------------------
 
@@ -228,7 +234,8 @@ class Connection:
 # A DAEMON_STATUS page's key/value map stays within one reply (the reply's result word
 # comes first), with room left for the next-page cursor.
 STATUS_PAGE_BYTES = MAX_PAYLOAD - 4
-_STATUS_CURSOR_ROOM = 64
+# Room for next.conn/next.devid, and the asker's `self` that the session adds.
+_STATUS_CURSOR_ROOM = 96
 
 
 def _kv_size(kv: dict[str, str]) -> int:
@@ -245,8 +252,11 @@ class Server:
         self._next_id = 1
         self.pool = FairPool(config.daemon.io_threads)
         self._listener: socket.socket | None = None
-        self._owns_path: Path | None = None
+        # (path, st_dev, st_ino) of the socket file this daemon created.
+        self._owns_path: tuple[Path, int, int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.start_time = time.time()
+        self._started = time.monotonic()
         load_device_types()
 
     @property
@@ -258,6 +268,8 @@ class Server:
     @property
     def address(self) -> str:
         assert self._listener is not None
+        if self._owns_path is not None:
+            return str(self._owns_path[0])  # the socket was bound under a temporary name
         name = self._listener.getsockname()
         return name if isinstance(name, str) else name.decode()
 
@@ -272,21 +284,84 @@ class Server:
         self.log.info("listening", socket=self.address)
 
     def _bind(self, path: Path) -> socket.socket:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            # A socket left by a previous run; refuse to remove anything else.
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        # The socket is born 0600 (umask) so no other user ever gets a window to connect.
-        old = os.umask(0o177)
+        """Listen at `path`, which appears only once the socket listens: bound and listening
+        under a temporary name first, then hard-linked to `path` (which fails rather than
+        replaces if the name was taken meanwhile). A live daemon's socket is never removed."""
         try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old)
-        sock.listen(64)
-        self._owns_path = path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._clear_stale(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        except OSError as exc:
+            raise StartupError(f"control socket {path}: cannot listen: "
+                               f"{exc.strerror or exc}") from None
+        temp = path.parent / f".backendd-{os.getpid()}.sock"
+        try:
+            # Only a process with this pid could have left this name.
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+            # Born 0600 (umask) so no other user ever gets a window to connect.
+            old = os.umask(0o177)
+            try:
+                sock.bind(str(temp))
+            finally:
+                os.umask(old)
+            try:
+                sock.listen(64)
+                try:
+                    os.link(temp, path)
+                except FileExistsError:
+                    raise StartupError(f"control socket {path}: another daemon took it while "
+                                       "this one started") from None
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+                        raise
+                    # A file system without hard links: rename, after the same check.
+                    self._clear_stale(path)
+                    os.rename(temp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    temp.unlink()
+            st = path.lstat()
+        except StartupError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"control socket {path}: cannot listen: "
+                               f"{exc.strerror or exc}") from None
+        self._owns_path = (path, st.st_dev, st.st_ino)
         return sock
+
+    @staticmethod
+    def _clear_stale(path: Path) -> None:
+        """Remove a socket file left by a daemon that is gone; refuse anything else."""
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(f"control socket {path}: exists and is not a socket; "
+                               "not replacing it")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+            probe.setblocking(False)
+            try:
+                probe.connect(str(path))
+            except ConnectionRefusedError:
+                pass  # nobody listens: stale
+            except FileNotFoundError:
+                return
+            except BlockingIOError:
+                # A full backlog: a live daemon (perhaps a stopped one).
+                raise StartupError(f"control socket {path}: a daemon is already listening "
+                                   "there (its backlog is full)") from None
+            else:
+                raise StartupError(f"control socket {path}: a daemon is already listening "
+                                   "there; stop it first or choose another --socket") from None
+        # Remove it only if it is still the file that refused the probe.
+        with contextlib.suppress(FileNotFoundError):
+            now = path.lstat()
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                path.unlink()
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -316,8 +391,12 @@ class Server:
         """One DAEMON_STATUS page, from cursor (conn, devid) on, whole connection
         summaries and whole devices only, as much as fits one reply; `next.conn` and
         `next.devid` say where the next page starts."""
-        out = {"connections": str(len(self.connections))}
+        out = {"connections": str(len(self.connections)), "version": __version__,
+               "start_time": f"{self.start_time:.3f}",
+               "uptime_seconds": f"{time.monotonic() - self._started:.3f}",
+               "io_threads": str(self.config.daemon.io_threads)}
         size = _kv_size(out) + _STATUS_CURSOR_ROOM
+        daemon_keys = len(out)  # on every page; a page holds at least one part besides
         for cid in sorted(c for c in self.connections if c >= conn):
             session = self.connections[cid].session
             within = cid == conn and devid != ALL_DEVICES
@@ -329,7 +408,7 @@ class Server:
             for d, make in parts:
                 part = {f"conn.{cid}.{k}": v for k, v in make().items()}
                 n = _kv_size(part) - 4
-                if size + n > STATUS_PAGE_BYTES and len(out) > 1:
+                if size + n > STATUS_PAGE_BYTES and len(out) > daemon_keys:
                     out["next.conn"], out["next.devid"] = str(cid), str(d)
                     return out
                 out.update(part)
@@ -340,11 +419,40 @@ class Server:
         conn = self.connections[conn_id]
         return {**conn.session.status(), "unread_reply_bytes": str(len(conn._out))}
 
+    def full_status(self) -> dict[str, str]:
+        """Every page of status() merged into one map, as VmmClient.daemon_status() does."""
+        out: dict[str, str] = {}
+        cursor = (0, ALL_DEVICES)
+        while True:
+            page = self.status(*cursor)
+            nxt = page.pop("next.conn", None), page.pop("next.devid", None)
+            out.update(page)
+            if nxt[0] is None or nxt[1] is None:
+                return out
+            cursor = (int(nxt[0]), int(nxt[1]))
+
+    def guest_name_in_use(self, name: str) -> bool:
+        # A connection already hung up (its VMM reconnecting) no longer holds its name.
+        return any(c.session.guest_name == name and not c.closing
+                   for c in self.connections.values())
+
     def ring_dump(self, conn: int, devid: int, ring: int) -> RingDumpReply:
         connection = self.connections.get(conn)
         if connection is None:
             raise ControlError(errno.ENOENT, f"connection {conn}: no such connection")
         return connection.session.ring_dump(devid, ring)
+
+    def _remove_own_socket(self) -> None:
+        """Unlink the socket file only if it is still the one this daemon bound: another
+        daemon's socket at the same path is left alone."""
+        if self._owns_path is None:
+            return
+        path, dev, ino = self._owns_path
+        self._owns_path = None
+        with contextlib.suppress(FileNotFoundError):
+            st = path.lstat()
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                path.unlink()
 
     async def close(self) -> None:
         if self._loop is None:
@@ -354,9 +462,7 @@ class Server:
             self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
-            if self._owns_path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    self._owns_path.unlink()
+            self._remove_own_socket()
         for conn in list(self.connections.values()):
             await conn.close()
         self.pool.shutdown()

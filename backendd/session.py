@@ -20,6 +20,7 @@ import errno
 import functools
 import mmap
 import os
+import re
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -76,8 +77,12 @@ class DaemonView(Protocol):
 
     def ring_dump(self, conn: int, devid: int, ring: int) -> RingDumpReply: ...
 
+    def guest_name_in_use(self, name: str) -> bool: ...
+
 # Features the daemon understands; none are defined by protocol version 1 yet.
 SUPPORTED_FEATURES = 0
+# HELLO's optional guest name: a metrics label and a status column.
+GUEST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
 # Per-connection bounds (docs/hardening.md, "Per-connection bounds"). Each memory region
 # holds one fd (the mapping's: CPython's mmap keeps a duplicate, and the daemon closes the
@@ -131,6 +136,7 @@ class Session(NoticeSink):
         self.peer = peer
         self.daemon = daemon
         self.hello_done = False
+        self.guest_name = ""
         self.memory = GuestMemory()
         self.grants = GrantTable(self.memory)
         self.devices: dict[int, DeviceSlot] = {}
@@ -213,7 +219,9 @@ class Session(NoticeSink):
             case DaemonStatus():
                 if self.daemon is None:
                     raise ControlError(errno.EOPNOTSUPP, "DAEMON_STATUS: no daemon view")
-                return StatsReply(self.daemon.status(msg.conn, msg.devid))
+                # "self" names the asking connection, so a tool can leave itself out.
+                return StatsReply(self.daemon.status(msg.conn, msg.devid)
+                                  | {"self": str(self.conn_id)})
             case RingDump():
                 if self.daemon is None:
                     raise ControlError(errno.EOPNOTSUPP, "RING_DUMP: no daemon view")
@@ -226,6 +234,15 @@ class Session(NoticeSink):
         if msg.version != PROTOCOL_VERSION:
             raise ProtocolError(errno.EOPNOTSUPP,
                                 f"HELLO: version {msg.version}, daemon speaks {PROTOCOL_VERSION}")
+        name = msg.info.get("name")  # other keys are reserved and ignored
+        if name is not None:
+            if not GUEST_NAME.fullmatch(name):
+                raise ProtocolError(errno.EINVAL, f"HELLO: guest name {name!r}: 1-64 of "
+                                    "A-Z a-z 0-9 . _ : -, starting with a letter or digit")
+            if self.daemon is not None and self.daemon.guest_name_in_use(name):
+                raise ControlError(errno.EEXIST, f"HELLO: guest name {name!r} is in use "
+                                   "by another connection")
+            self.guest_name = name
         self.hello_done = True
         return HelloReply(PROTOCOL_VERSION, msg.features & SUPPORTED_FEATURES)
 
@@ -328,7 +345,8 @@ class Session(NoticeSink):
 
     def status(self) -> dict[str, str]:
         """This connection's own part of DAEMON_STATUS, keys relative to "conn.<id>."."""
-        return {"peer": self.peer, "devices": str(len(self.devices)),
+        return {"peer": self.peer, "guest": self.guest_name,
+                "devices": str(len(self.devices)),
                 "requests": str(self.requests), "errors": str(self.errors),
                 "memory_bytes": str(sum(size for _, size in self.memory.regions)),
                 "memory_regions": str(len(self.memory.regions)),

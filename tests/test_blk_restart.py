@@ -110,20 +110,37 @@ class Vmm:
         await self.client.close()
 
     async def stop(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            await self.proc.wait()
-        if self.front is not None:
-            self.front.close()
-        self.guest.close()
-        os.close(self.inflight)
-        self.log.close()
+        """Tear everything down, whatever state the test left: the daemon goes first, so
+        no process outlives the test even if closing the client fails."""
+        try:
+            if self.proc is not None and self.proc.returncode is None:
+                self.proc.terminate()
+                try:
+                    await asyncio.wait_for(self.proc.wait(), 30)
+                except TimeoutError:
+                    self.proc.kill()
+                    await self.proc.wait()
+        finally:
+            if self.client is not None:
+                with contextlib.suppress(ConnectionLost, RequestFailed, OSError):
+                    await self.client.close()
+            if self.front is not None:
+                self.front.close()
+            self.guest.close()
+            os.close(self.inflight)
+            self.log.close()
 
 
 async def test_kill_9_twenty_times_during_random_writes(tmp_path):
     vmm = Vmm(tmp_path)
+    try:
+        await restarts_under_writes(vmm)
+    finally:
+        # Whatever failed (a restart, a reconnect, the writers), no daemon outlives it.
+        await vmm.stop()
+
+
+async def restarts_under_writes(vmm: Vmm) -> None:
     await vmm.start_daemon()
     await vmm.connect()
     front = vmm.front
@@ -173,18 +190,14 @@ async def test_kill_9_twenty_times_during_random_writes(tmp_path):
         done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
     errors = [d for d in done if isinstance(d, BaseException)]
     assert not errors, errors
-    try:
-        await front.flush()
-        # Exactly one response per request: none unknown or repeated, none outstanding.
-        assert front.stray_responses == []
-        assert all(not q.waiters for q in front.queues)
-        assert vmm.image.read_bytes() == bytes(model)
-        # Kills landed while requests were in flight, and those were replayed.
-        assert replayed > 0
-        assert acked[0] > KILLS
-    finally:
-        with contextlib.suppress(ConnectionLost, RequestFailed):
-            await vmm.stop()
+    await front.flush()
+    # Exactly one response per request: none unknown or repeated, none outstanding.
+    assert front.stray_responses == []
+    assert all(not q.waiters for q in front.queues)
+    assert vmm.image.read_bytes() == bytes(model)
+    # Kills landed while requests were in flight, and those were replayed.
+    assert replayed > 0
+    assert acked[0] > KILLS
 
 
 async def wait_for_counter(vmm: Vmm, name: str, value: int) -> None:

@@ -127,8 +127,8 @@ def test_socket_activation_ready_watchdog_and_stop(activated: Activated) -> None
 
     status = cli("status", path=activated.path)
     assert status.returncode == 0, status.stderr
-    # The status request itself is a connection.
-    assert "connections: 1" in status.stdout
+    # The status request's own connection is not listed.
+    assert "connections: 0 (not counting this one)" in status.stdout
 
     activated.proc.send_signal(signal.SIGTERM)
     activated.datagrams(until=b"STOPPING=1")
@@ -142,7 +142,7 @@ def test_socket_activation_ready_watchdog_and_stop(activated: Activated) -> None
 def test_operator_commands_against_a_running_daemon(activated: Activated) -> None:
     activated.datagrams(until=b"READY=1")
     stats = cli("stats", path=activated.path)
-    assert stats.returncode == 0 and stats.stdout == ""
+    assert stats.returncode == 0 and stats.stdout == "no devices\n"
     prom = cli("stats", "--prometheus", path=activated.path)
     assert prom.returncode == 0
     dump = cli("ring-dump", "99", "51712", path=activated.path)
@@ -237,13 +237,15 @@ def test_cli_shows_a_live_disk(activated: Activated, tmp_path: Path) -> None:
     for r in results.values():
         assert r.returncode == 0, r.stderr
     assert "device 51712: type=blk state=CONNECTED rings=queue-0" in results["status"].stdout
-    assert "conn=1 devid=51712 type=blk" in results["stats"].stdout
+    assert "conn=1 guest=conn-1 devid=51712 type=blk" in results["stats"].stdout
     assert "writes=5" in results["stats"].stdout
-    assert 'backendd_writes{conn="1",devid="51712",type="blk"} 5' in results["prom"].stdout
+    assert ('backendd_blk_writes_total{guest="conn-1",devid="51712",type="blk"} 5'
+            in results["prom"].stdout)
     dump = results["dump"].stdout
-    assert "layout=blkif-x86_64 entries=32 req_prod=5" in dump and "rsp_prod=5" in dump
+    assert "layout blkif-x86_64, 32 slots: req_prod=5 rsp_prod=5" in dump
     # The last five slots hold the five responses, decoded with the response layout.
-    assert dump.count("operation=1 status=0") == 5
+    assert dump.count("answered  id=") == 5
+    assert dump.count("operation=write(1) status=okay(0)") == 5
 
 
 def notify_queue_is_full(notify_path: str) -> bool:

@@ -240,6 +240,7 @@ def test_entry_rewritten_by_another_thread_while_mapping(version, what):
         else:
             values = [(first + 1, d) for d in (0, 7, 0, 0xFFFF)]
         stop = threading.Event()
+        flipping = threading.Event()
         last: list[tuple[int, int]] = []
 
         def flipper() -> None:
@@ -248,6 +249,7 @@ def test_entry_rewritten_by_another_thread_while_mapping(version, what):
                 word, value = rng.choice(values)
                 words[word] = value
                 last[:] = [(word, value)]
+                flipping.set()
 
         old_interval = sys.getswitchinterval()
         sys.setswitchinterval(1e-5)
@@ -255,6 +257,9 @@ def test_entry_rewritten_by_another_thread_while_mapping(version, what):
         thread.start()
         outcomes = {"mapped": 0, "refused": 0}
         try:
+            # Map only once the guest is storing: on a loaded machine the thread may not
+            # have run at all by the time 400 mappings are done.
+            assert flipping.wait(timeout=60), "the flipping thread never ran"
             for i in range(400):
                 writable = bool(i & 1)
                 try:

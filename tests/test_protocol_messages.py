@@ -356,3 +356,13 @@ def test_bad_replies():
     _err(errno.EBADMSG, ei)
     with pytest.raises(ValueError):
         encode_reply_payload(1)
+
+
+def test_hello_with_and_without_the_optional_map():
+    # The original 12-byte HELLO stays valid; the map follows it only when given.
+    assert Hello(1, 0).encode() == struct.pack("<IQ", 1, 0)
+    named = Hello(1, 0, {"name": "vm1"})
+    assert named.encode() == struct.pack("<IQ", 1, 0) + encode_kv({"name": "vm1"})
+    assert decode_request(Code.HELLO, named.encode(), 0) == named
+    # The reply never carries a map: a VMM written for 12 bytes still decodes it.
+    assert HelloReply(1, 0).encode() == struct.pack("<IQ", 1, 0)

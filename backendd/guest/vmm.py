@@ -65,7 +65,9 @@ class VmmClient:
         self.features = 0
 
     @classmethod
-    async def connect(cls, path: str, features: int = 0) -> VmmClient:
+    async def connect(cls, path: str, features: int = 0, name: str | None = None) -> VmmClient:
+        """Connect and send HELLO; `name` (optional) names the guest in the daemon's
+        status and metrics."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         try:
@@ -75,7 +77,8 @@ class VmmClient:
             raise
         client = cls(sock)
         try:
-            reply = await client.request(Hello(PROTOCOL_VERSION, features))
+            info = {"name": name} if name is not None else {}
+            reply = await client.request(Hello(PROTOCOL_VERSION, features, info))
         except BaseException:
             await client.close()
             raise

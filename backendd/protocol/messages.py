@@ -235,13 +235,22 @@ class Hello(Message):
     _NAME: ClassVar[str] = "HELLO"
     version: int
     features: int
+    # Optional, after the fixed part: a kv map (e.g. {"name": "vm1"}). Left out when empty,
+    # so a HELLO without it is the original 12 bytes.
+    info: dict[str, str] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        return self._S.pack(self.version, self.features)
+        body = self._S.pack(self.version, self.features)
+        return body + encode_kv(self.info) if self.info else body
 
     @classmethod
     def decode(cls, payload: bytes | memoryview) -> Self:
-        return cls(*_fixed(cls._NAME, cls._S, payload))
+        if len(payload) == cls._S.size:
+            return cls(*cls._S.unpack(payload))
+        version, features = _prefix(cls._NAME, cls._S, payload)
+        info, end = decode_kv(payload, cls._S.size)
+        _end(cls._NAME, payload, end)
+        return cls(version, features, info)
 
 
 @dataclass(frozen=True)
@@ -475,9 +484,16 @@ class RingDump(Message):
 
 @dataclass(frozen=True)
 class HelloReply(Hello):
-    """The daemon's version and the accepted features: the same layout as HELLO."""
+    """The daemon's version and the accepted features: HELLO's fixed part, never a map."""
 
     _NAME: ClassVar[str] = "HELLO reply"
+
+    def encode(self) -> bytes:
+        return self._S.pack(self.version, self.features)
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        return cls(*_fixed(cls._NAME, cls._S, payload))
 
 
 @dataclass(frozen=True)
