@@ -27,7 +27,7 @@ from backendd.guest.blkfront import BlkFront, BlkIOError
 from backendd.guest.machine import SimGuest
 from backendd.guest.vmm import RequestFailed, VmmClient
 from backendd.log import EventLog
-from backendd.protocol.messages import DaemonStatus
+from backendd.metrics import render_status
 from backendd.server import Server
 from rings.consts import BlkifOp, BlkifStatus, VDiskInfo, XenbusState
 
@@ -162,9 +162,10 @@ class Vm:
     log: io.StringIO
 
 
-async def start_vm(tmp_path: Path, **block) -> tuple[Server, VmmClient, SimGuest, io.StringIO]:
+async def start_vm(tmp_path: Path, name: str = "backendd",
+                   **block) -> tuple[Server, VmmClient, SimGuest, io.StringIO]:
     block.setdefault("allowed_nbd", [str(tmp_path)])
-    config = Config(daemon=DaemonSection(socket=str(tmp_path / "backendd.sock"),
+    config = Config(daemon=DaemonSection(socket=str(tmp_path / f"{name}.sock"),
                                          log_level="debug"),
                     block=BlockSection(**block))
     log = io.StringIO()
@@ -181,7 +182,8 @@ def vm_factory(tmp_path: Path):
     made: list[Vm] = []
 
     async def make(**block) -> Vm:
-        server, client, guest, log = await start_vm(tmp_path, **block)
+        server, client, guest, log = await start_vm(tmp_path, f"backendd-{len(made)}",
+                                                    **block)
         vm = Vm(client, guest, server, log)
         made.append(vm)
         return vm
@@ -526,10 +528,15 @@ async def test_a_server_gone_for_good_fails_its_disk_only(vm_factory, tmp_path, 
         for front in (front2, front3):
             await front.write(8, b"2" * 4096)
             assert await front.read(8, 4096) == b"2" * 4096
-        status = (await vm.client.request(DaemonStatus())).counters
+        status = await vm.client.daemon_status()
         devs = {k.split(".dev.")[1]: v for k, v in status.items() if ".dev." in k}
         assert devs["1.stat.nbd_degraded"] == "1" and devs["1.stat.nbd_failing"] == "1"
         assert devs["2.stat.nbd_degraded"] == "0"
+        metrics = render_status(vm.server.full_status()).splitlines()  # as /metrics
+        assert "# TYPE backendd_blk_nbd_degraded gauge" in metrics
+        degraded = {line.rsplit(" ", 1)[1] for line in metrics
+                    if line.startswith("backendd_blk_nbd_degraded{") and 'devid="1"' in line}
+        assert degraded == {"1"}
         await detach(vm, 2, front2)
         await detach(vm, 3, front3)
         await detach(vm, 1, front1)
