@@ -6,6 +6,7 @@ holds its socket open and never answers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import random
@@ -13,6 +14,7 @@ import select
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +77,52 @@ class NbdServer:
 
     def pause(self) -> None:
         os.kill(self.pid, signal.SIGSTOP)
+        wait_stopped([self.pid])
 
     def resume(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
+
+
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if int(_stat(int(entry))[2]) == pgid:
+                    members.append(int(entry))
+    return members
+
+
+def wait_stopped(pids: list[int]) -> None:
+    """SIGSTOP is delivered asynchronously: a server may still answer what reaches it a
+    moment after kill() returned. Wait until every thread of each process has stopped
+    (the kernel has no event to wait on for a process that is not our child)."""
+    for pid in pids:
+        for _ in range(10000):
+            states = []
+            with contextlib.suppress(OSError):
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(OSError), \
+                            open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+            if all(state in ("T", "t", "Z", "X") for state in states):
+                break
+            time.sleep(0.001)
+        else:
+            raise AssertionError(f"process {pid} did not stop")
+
+
+async def in_flight_reaches(client: VmmClient, devid: int, n: int) -> None:
+    """Each look is a round trip to the daemon, which sends meanwhile."""
+    for _ in range(10000):
+        if stats_of(await client.stats(devid), devid)["nbd_in_flight"] >= n:
+            return
+    raise AssertionError(f"never {n} requests in flight")
 
 
 def qemu_nbd(tmp: Path, image: Path, fmt: str, *, export: str = "disk",
@@ -112,7 +157,8 @@ class Nbdkit(NbdServer):
         if proc is None:
             return
         self.pid = 0
-        os.killpg(proc.pid, signal.SIGCONT)
+        if sig != signal.SIGKILL:  # a stopped process takes SIGKILL as it is
+            os.killpg(proc.pid, signal.SIGCONT)
         if sig != signal.SIGTERM:
             os.killpg(proc.pid, sig)
         assert proc.stdin is not None and proc.stdout is not None
@@ -122,6 +168,7 @@ class Nbdkit(NbdServer):
 
     def pause(self) -> None:
         os.killpg(self.pid, signal.SIGSTOP)
+        wait_stopped(group_members(self.pid))
 
     def resume(self) -> None:
         os.killpg(self.pid, signal.SIGCONT)
@@ -582,17 +629,28 @@ async def test_a_silent_server_stalls_only_its_disk(vm_factory, tmp_path, server
         await closing(vm)
 
 
-async def test_closing_a_disk_does_not_wait_for_its_lost_server(vm_factory, tmp_path, servers):
-    vm = await vm_factory(nbd_reconnect_timeout_ms=600000)
+@pytest.mark.parametrize("when", ["lost-before", "lost-in-flight"])
+async def test_closing_a_disk_does_not_wait_for_its_lost_server(vm_factory, tmp_path, servers,
+                                                                when):
+    vm = await vm_factory(nbd_reconnect_timeout_ms=600000, nbd_io_timeout_ms=600000)
     srv = nbdkit_memory(tmp_path, "1M")
     servers.append(srv.start())
     try:
         front, _ = await attach(vm, 1, uri(srv))
         await front.write(0, b"w" * 4096)
-        srv.stop(signal.SIGKILL)
-        waiting = asyncio.ensure_future(front.read(0, 4096))
-        # The read waits for the server (ten minutes' worth); the frontend closes.
-        await asyncio.wait_for(vm.client.frontend_state(1, XenbusState.CLOSING, {}), 30)
+        if when == "lost-before":
+            srv.stop(signal.SIGKILL)
+            waiting = asyncio.ensure_future(front.read(0, 4096))
+        else:  # the read is with the server when it dies
+            srv.pause()
+            waiting = asyncio.ensure_future(front.read(0, 4096))
+            await in_flight_reaches(vm.client, 1, 1)
+        # The read would wait ten minutes for the server; the frontend closes.
+        closing_state = asyncio.ensure_future(
+            vm.client.frontend_state(1, XenbusState.CLOSING, {}))
+        if when == "lost-in-flight":
+            await asyncio.to_thread(srv.stop, signal.SIGKILL)
+        await asyncio.wait_for(closing_state, 30)
         with pytest.raises(BlkIOError):
             await waiting
         await vm.client.frontend_state(1, XenbusState.CLOSED, {})
@@ -667,8 +725,7 @@ async def test_a_request_in_flight_when_the_server_dies_is_sent_again(vm_factory
         srv.pause()  # what the daemon sends now stays unanswered
         read = asyncio.ensure_future(front.read(8, 64 * 1024))
         write = asyncio.ensure_future(front.write(1024, b"W" * 8192))
-        while stats_of(await vm.client.stats(1), 1)["nbd_in_flight"] < 2:
-            pass  # each look is a round trip to the daemon, which sends meanwhile
+        await in_flight_reaches(vm.client, 1, 2)
         await asyncio.to_thread(srv.stop, signal.SIGKILL)  # it dies with both unanswered
         await asyncio.to_thread(srv.start)
         assert await read == content[4096:4096 + 64 * 1024]

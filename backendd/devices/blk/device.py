@@ -217,10 +217,13 @@ class BlkDevice(Device):
             self._resize_timer = None
         queues, self.queues = self.queues, []
         self._connected = None
-        if isinstance(self.image, NbdImage) and self.image.degraded:
-            self.image.fail_waiting()  # no waiting for a server that is away
+        nbd = self.image if isinstance(self.image, NbdImage) else None
+        if nbd is not None:
+            nbd.set_draining(True)  # no waiting for a server that is away
         if queues:
             await asyncio.gather(*(q.stop() for q in queues))
+        if nbd is not None:
+            nbd.set_draining(False)
         for q in queues:
             q.release()
             if q.pgrants is not None:

@@ -227,6 +227,7 @@ class NbdImage:
         self._last_progress = 0.0
         self._down_since: float | None = None
         self._failing = False  # down for longer than the reconnect timeout
+        self._draining = False  # the frontend is going away: nothing waits for the server
         self._backoff = BACKOFF_FIRST
         self._retry: asyncio.TimerHandle | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -429,11 +430,14 @@ class NbdImage:
         # What was in flight goes first when the server is back, in the order it came.
         active = sorted(self._active, key=lambda op: op.item.ring_index)
         self._active.clear()
-        self.resent += len(active)
+        if not self._draining:
+            self.resent += len(active)
         for op in reversed(active):
             op.outstanding = 0
             op.failed = 0
             self._queue.appendleft(op)
+        if self._draining:
+            self._fail_queue()
         now = self.loop.time()
         if self._down_since is None:
             self._down_since = now
@@ -458,10 +462,7 @@ class NbdImage:
             self._failing = True
             log.error("nbd %s: %s gone for %.1f s: failing requests until it is back",
                       self.name, self.target.server, self.policy.reconnect_timeout)
-            while self._queue:
-                op = self._queue.popleft()
-                op.failed = errno.ENOTCONN
-                self._finish(op)
+            self._fail_queue()
 
     def _tick_interval(self) -> float:
         return max(0.05, min(self.policy.io_timeout, self.policy.reconnect_timeout) / 4)
@@ -488,7 +489,7 @@ class NbdImage:
         batch = _Batch(items, future)
         for item in items:
             op = _Op(item, batch, self._plan(item))
-            if self._failing or self._closed:
+            if self._failing or self._closed or (self._draining and not self._ready):
                 op.failed = errno.ENOTCONN
                 self._finish(op)
             elif self._ready:
@@ -642,9 +643,15 @@ class NbdImage:
         self.sectors = size // SECTOR_SIZE
         return True
 
-    def fail_waiting(self) -> None:
-        """Answer every request waiting for a lost server with an error now (the
-        frontend is going away: it need not wait for the reconnect timeout)."""
+    def set_draining(self, draining: bool) -> None:
+        """While the frontend goes away, nothing waits for a lost server: what waits
+        for it now, and what is in flight if the connection is lost meanwhile, is
+        answered with an error at once instead of after the reconnect timeout."""
+        self._draining = draining
+        if draining:
+            self._fail_queue()
+
+    def _fail_queue(self) -> None:
         while self._queue:
             op = self._queue.popleft()
             op.failed = errno.ENOTCONN
