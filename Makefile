@@ -4,7 +4,10 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 fio e2fsprogs \
-           prometheus
+           prometheus python3-libnbd libnbd-bin qemu-utils nbdkit
+# Debian's libnbd bindings (python3-libnbd: not on the Python index) are seen by the venv
+# through a .pth file naming a directory with just them, not the rest of dist-packages.
+NBDPY   := /usr/lib/python3/dist-packages
 DEBSTAMP := $(VENV)/.debs
 
 NETKERNEL := backendd/dataplane/_net_kernel.so
@@ -47,7 +50,7 @@ $(NETKERNEL): backendd/dataplane/net_kernel.c backendd/dataplane/core.h backendd
 debs: $(DEBSTAMP)
 
 # Install only what is missing, so a prepared machine does no network round trip.
-$(DEBSTAMP):
+$(DEBSTAMP): Makefile
 	@missing=""; for p in $(DEBS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
@@ -57,10 +60,14 @@ $(DEBSTAMP):
 	fi
 	@mkdir -p $(VENV) && touch $@
 
-$(STAMP): pyproject.toml $(DEBSTAMP)
+$(STAMP): pyproject.toml Makefile $(DEBSTAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	mkdir -p $(VENV)/debian-libnbd
+	ln -sf $(NBDPY)/nbd.py $(NBDPY)/libnbdmod.cpython-*.so $(VENV)/debian-libnbd/
+	$(PY) -c 'import site, sys; print(sys.prefix + "/debian-libnbd", file=open(site.getsitepackages()[0] + "/debian-libnbd.pth", "w"))'
+	$(PY) -c 'import nbd' || { echo "python3-libnbd does not fit $(PY)"; exit 1; }
 	touch $@
 
 # `make install`: the package in its own venv under $(PREFIX)/lib/backendd with
@@ -85,6 +92,12 @@ install:
 	  grep -lIs -- '$(DESTDIR)' $(DESTDIR)$(LIBDIR)/bin/* | \
 	    xargs -r sed -i 's|$(DESTDIR)$(LIBDIR)|$(LIBDIR)|g'; \
 	fi
+	@# NBD disks need Debian's libnbd bindings (python3-libnbd), seen as in the .venv.
+	@if [ -e $(NBDPY)/nbd.py ]; then \
+	  mkdir -p $(DESTDIR)$(LIBDIR)/debian-libnbd && \
+	  ln -sf $(NBDPY)/nbd.py $(NBDPY)/libnbdmod.cpython-*.so $(DESTDIR)$(LIBDIR)/debian-libnbd/ && \
+	  $(DESTDIR)$(LIBDIR)/bin/python -c 'import site; print("$(LIBDIR)/debian-libnbd", file=open(site.getsitepackages()[0] + "/debian-libnbd.pth", "w"))'; \
+	else echo "python3-libnbd not installed: no NBD disks"; fi
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/share/doc/backendd
 	ln -sfn $(LIBDIR)/bin/backendd $(DESTDIR)$(PREFIX)/bin/backendd
 	sed 's|^ExecStart=/usr/local/bin/backendd|ExecStart=$(PREFIX)/bin/backendd|' \
