@@ -4,43 +4,53 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 fio e2fsprogs \
-           prometheus
+           prometheus python3-libnbd libnbd-bin qemu-utils nbdkit
+# Debian's libnbd bindings (python3-libnbd: not on the Python index) are seen by the venv
+# through a .pth file naming a directory with just them, not the rest of dist-packages.
+NBDPY   := /usr/lib/python3/dist-packages
 DEBSTAMP := $(VENV)/.debs
 
-.PHONY: demo test lint bench fuzz clean debs native install uninstall
+NETKERNEL := backendd/dataplane/_net_kernel.so
+
+.PHONY: demo test lint bench fuzz clean debs native install uninstall netkernel
 
 # The daemon and a simulated guest with a disk and a nic, for about 20 seconds.
 DEMO_SECONDS ?= 20
-demo: $(STAMP)
+demo: $(STAMP) $(NETKERNEL)
 	$(PY) -m rings
 	$(VENV)/bin/backendd demo --seconds $(DEMO_SECONDS)
 
 # Hypothesis profile (tests/profiles.py): derandomized for `make test`, longer for `make fuzz`.
 HYPOTHESIS_PROFILE ?= ci
 
-test: $(STAMP) native
+test: $(STAMP) native $(NETKERNEL)
 	$(VENV)/bin/ruff check .
 	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP) native
+bench: $(STAMP) native $(NETKERNEL)
 	$(PY) -m bench
 
 # The benchmarks' C programs (bench/native/*.c) into build/native/.
 native: $(STAMP)
 	$(PY) -m bench.native
 
-fuzz: $(STAMP)
+fuzz: $(STAMP) $(NETKERNEL)
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz_*.py tests/test_blk_request.py \
 	  tests/test_protocol_messages.py tests/test_layout_codecs.py
 	$(PY) -m bench.fuzz
 
+# The compiled netif data plane (gcc -Wall -Wextra -Werror against Xen's headers).
+netkernel: $(NETKERNEL)
+$(NETKERNEL): backendd/dataplane/net_kernel.c backendd/dataplane/core.h backendd/dataplane/netkernel.py $(STAMP)
+	$(PY) -m backendd.dataplane.netkernel
+
 debs: $(DEBSTAMP)
 
 # Install only what is missing, so a prepared machine does no network round trip.
-$(DEBSTAMP):
+$(DEBSTAMP): Makefile
 	@missing=""; for p in $(DEBS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
@@ -50,10 +60,14 @@ $(DEBSTAMP):
 	fi
 	@mkdir -p $(VENV) && touch $@
 
-$(STAMP): pyproject.toml $(DEBSTAMP)
+$(STAMP): pyproject.toml Makefile $(DEBSTAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	mkdir -p $(VENV)/debian-libnbd
+	ln -sf $(NBDPY)/nbd.py $(NBDPY)/libnbdmod.cpython-*.so $(VENV)/debian-libnbd/
+	$(PY) -c 'import site, sys; print(sys.prefix + "/debian-libnbd", file=open(site.getsitepackages()[0] + "/debian-libnbd.pth", "w"))'
+	$(PY) -c 'import nbd' || { echo "python3-libnbd does not fit $(PY)"; exit 1; }
 	touch $@
 
 # `make install`: the package in its own venv under $(PREFIX)/lib/backendd with
@@ -71,11 +85,19 @@ CONFDIR    := $(SYSCONFDIR)/backendd
 install:
 	$(PYTHON) -m venv --clear $(DESTDIR)$(LIBDIR)
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check .
+	@# The compiled net data plane, built next to the installed package.
+	$(DESTDIR)$(LIBDIR)/bin/python -I -m backendd.dataplane.netkernel
 	@# Scripts name the venv by its final path, not the staging one.
 	@if [ -n "$(DESTDIR)" ]; then \
 	  grep -lIs -- '$(DESTDIR)' $(DESTDIR)$(LIBDIR)/bin/* | \
 	    xargs -r sed -i 's|$(DESTDIR)$(LIBDIR)|$(LIBDIR)|g'; \
 	fi
+	@# NBD disks need Debian's libnbd bindings (python3-libnbd), seen as in the .venv.
+	@if [ -e $(NBDPY)/nbd.py ]; then \
+	  mkdir -p $(DESTDIR)$(LIBDIR)/debian-libnbd && \
+	  ln -sf $(NBDPY)/nbd.py $(NBDPY)/libnbdmod.cpython-*.so $(DESTDIR)$(LIBDIR)/debian-libnbd/ && \
+	  $(DESTDIR)$(LIBDIR)/bin/python -c 'import site; print("$(LIBDIR)/debian-libnbd", file=open(site.getsitepackages()[0] + "/debian-libnbd.pth", "w"))'; \
+	else echo "python3-libnbd not installed: no NBD disks"; fi
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/share/doc/backendd
 	ln -sfn $(LIBDIR)/bin/backendd $(DESTDIR)$(PREFIX)/bin/backendd
 	sed 's|^ExecStart=/usr/local/bin/backendd|ExecStart=$(PREFIX)/bin/backendd|' \
@@ -105,4 +127,4 @@ uninstall:
 	@echo "uninstalled (kept: a changed $(CONFDIR)/backendd.toml, images in $(STATEDIR)/images)"
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis $(NETKERNEL)

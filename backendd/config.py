@@ -40,6 +40,18 @@ class DaemonSection:
 class BlockSection:
     # Image files and block devices must resolve below one of these. Empty: any path.
     allowed_dirs: list[str] = field(default_factory=list)
+    # NBD servers a disk's path may name (nbd://, nbds://, nbd+unix://): "HOST:PORT" for
+    # TCP, an absolute directory for unix sockets below it. Empty: no NBD disks at all.
+    allowed_nbd: list[str] = field(default_factory=list)
+    # An NBD server that went away: requests wait this long for it to come back, then
+    # fail. A server with requests outstanding that says nothing this long is gone.
+    nbd_reconnect_timeout_ms: int = 30000
+    nbd_io_timeout_ms: int = 30000
+    # TLS for nbds:// disks. Empty: libnbd's defaults (X.509 from $HOME/.pki/libnbd or
+    # /etc/pki/libnbd, the login name as user name).
+    nbd_tls_certificates: str = ""  # a directory of X.509 files
+    nbd_tls_psk_file: str = ""      # a PSK file ("username:hexkey" lines): PSK, not X.509
+    nbd_tls_username: str = ""
 
 
 @dataclass(frozen=True)
@@ -158,6 +170,13 @@ def _validate(config: Config, source: str) -> None:
     for d in config.block.allowed_dirs:
         if not os.path.isabs(d):
             raise ConfigFileError(f"{source}: [block] allowed_dirs: {d!r} is not absolute")
+    for name in ("nbd_tls_certificates", "nbd_tls_psk_file"):
+        value = getattr(config.block, name)
+        if value and not os.path.isabs(value):
+            raise ConfigFileError(f"{source}: [block] {name}: {value!r} is not absolute")
+    for name in ("nbd_reconnect_timeout_ms", "nbd_io_timeout_ms"):
+        if not 1 <= getattr(config.block, name) <= 3_600_000:
+            raise ConfigFileError(f"{source}: [block] {name}: outside 1..3600000")
     if config.metrics.listen:
         host, _, port = config.metrics.listen.rpartition(":")
         if host not in ("127.0.0.1", "::1", "[::1]", "localhost") or not port.isdigit():

@@ -287,6 +287,7 @@ class Session(NoticeSink):
         device = cls(msg.devid, msg.config, ctx)
         slot = DeviceSlot(device, type_name)
         try:
+            await device.prepare()
             slot.keys.update(device.backend_keys())
         except BaseException:
             await device.close()

@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(table("targets (ratios from this run)", ["what", "measured", "goal", "met"],
                 targets))
+    print()
+    from . import nbd  # the same reads through an NBD export, beside fio's nbd engine
+    nbd.main(["--seconds", f"{args.seconds:g}"])
 
 
 __all__ = ["Row", "fio", "main", "measure"]

@@ -110,12 +110,13 @@ def _ring_order(qd: int) -> int:
 async def run_load(socket_path: str, image: str, load: Load, *,
                    daemon_pid: int | None = None, binary: Path | None = None,
                    device_config: dict[str, str] | None = None,
-                   force_pool: bool = False) -> LoadResult:
+                   force_pool: bool = False, sectors: int | None = None) -> LoadResult:
     """One connection, one guest, one disk, one run of the load generator.
 
     `force_pool` (tests): with load.persistent, copy through a pool of kept grants even
     when the daemon does not offer feature-persistent. Kept grants are valid for any
-    backend; only the negotiated result tells whether the backend kept them mapped."""
+    backend; only the negotiated result tells whether the backend kept them mapped.
+    `sectors`: the disk's size where `image` is not a file (an NBD URI)."""
     if load.bs % PAGE_SIZE or load.bs <= 0:
         raise ValueError("bs must be a multiple of 4096")
     binary = binary or build("blkfront_load")
@@ -167,7 +168,7 @@ async def run_load(socket_path: str, image: str, load: Load, *,
         gref_first, memory_args = guest_args(ram, gt, ring_grefs, data_pages)
 
         args = [str(binary), *memory_args, *queue_args,
-                "--sectors", str(os.path.getsize(image) // 512),
+                "--sectors", str(sectors or os.path.getsize(image) // 512),
                 "--max-indirect", str(max_indirect), "--qd", str(load.qd),
                 "--bs", str(load.bs), "--rw", load.rw, "--pattern", load.pattern,
                 "--persistent", str(int(persistent or (load.persistent and force_pool))),

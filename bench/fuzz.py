@@ -1018,6 +1018,44 @@ def fuzz_fds(n: int, seed: int) -> Result:
 
 # --- driver --------------------------------------------------------------------------
 
+def fuzz_net_diff(n: int, seed: int) -> Result:
+    """Tx chains through the Python and the compiled tx data planes (bench/netdiff.py):
+    any difference in what the guest or the host sees is a violation."""
+    from backendd.dataplane import netkernel
+    from bench import netdiff
+
+    res = Result("net tx differential")
+    kernel = netkernel.load()
+    if kernel is None:
+        res.violate("the net kernel is not built (make netkernel)")
+        return res
+    start = time.perf_counter()
+    res.inputs, differences = netdiff.run(kernel, n, seed)
+    for d in differences:
+        res.violate(d)
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+def fuzz_net_rx_diff(n: int, seed: int) -> Result:
+    """Posted rx buffers and tap frames through the Python and the compiled rx data
+    planes (bench/netdiff_rx.py): any difference the guest could see is a violation."""
+    from backendd.dataplane import netkernel
+    from bench import netdiff_rx
+
+    res = Result("net rx differential")
+    kernel = netkernel.load()
+    if kernel is None:
+        res.violate("the net kernel is not built (make netkernel)")
+        return res
+    start = time.perf_counter()
+    res.inputs, differences = netdiff_rx.run(kernel, n, seed)
+    for d in differences:
+        res.violate(d)
+    res.seconds = time.perf_counter() - start
+    return res
+
+
 TARGETS: dict[str, tuple[Callable[[int, int], Result], float]] = {
     "blk": (fuzz_blk, 0.30),
     "net": (fuzz_net_tx, 0.25),
@@ -1026,6 +1064,8 @@ TARGETS: dict[str, tuple[Callable[[int, int], Result], float]] = {
     "grant-races": (fuzz_grant_races, 0.02),
     "control": (fuzz_control, 0.08),
     "fds": (fuzz_fds, 0.02),
+    "net-diff": (fuzz_net_diff, 0.10),
+    "net-rx-diff": (fuzz_net_rx_diff, 0.05),
 }
 
 

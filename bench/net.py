@@ -11,9 +11,12 @@ Measured: TCP for a few seconds each way: one flow, and FLOWS flows with one and
 two queues; UDP with 64-byte payloads each way (`-b 0`, received packets per
 second); the daemon's CPU time (its process and descendants, from /proc) per frame it
 moved in the UDP runs and per 64 KiB moved in the one-queue TCP runs, where the frames are
-GSO super-frames. Last, a transmit rate limit is set on the vif and the TCP rate
-reached is printed beside the rate set (the suite tests only that the credit is never
-exceeded, which holds at any speed; how close the rate comes is a figure).
+GSO super-frames. The one-queue TCP and UDP runs are made twice: with the nic's default
+data plane (the compiled kernel when it is built) and with `dataplane = python`, the
+pure-Python reference, so the two stand side by side from the same run. Last, a transmit
+rate limit is set on the vif and the TCP rate reached is printed beside the rate set (the
+suite tests only that the credit is never exceeded, which holds at any speed; how close
+the rate comes is a figure).
 
     python -m bench.net        (root; needs iperf3)
 """
@@ -229,12 +232,14 @@ async def _daemon_process():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def _daemon(nss: Namespaces, queues: int, f: Figures) -> dict:
+async def _daemon(nss: Namespaces, queues: int, f: Figures, dataplane: str | None = None,
+                  flows: bool = True) -> dict:
     host, guest = nss.add(f"h{queues}{len(nss.made)}"), nss.add(f"g{queues}{len(nss.made)}")
     tap, gtap = f"{nss.tag}h", f"{nss.tag}g"
     async with _daemon_process() as (sock, pid), \
             netfront(sock, host_ns=host, guest_ns=guest, host_tap=tap, guest_tap=gtap,
-                     queues=queues) as bridge:
+                     queues=queues,
+                     config={"dataplane": dataplane} if dataplane else None) as bridge:
         await _run("ip", "addr", "add", f"{HOST_IP}/24", "dev", tap, ns=host)
         await _run("ip", "addr", "add", f"{GUEST_IP}/24", "dev", gtap, ns=guest)
 
@@ -245,7 +250,8 @@ async def _daemon(nss: Namespaces, queues: int, f: Figures) -> dict:
 
         if queues == 1:
             await _tcp_udp(f, host, guest, HOST_IP, sample)
-            f.tcp_out_m, f.tcp_in_m = await _flows(host, guest, HOST_IP)
+            if flows:
+                f.tcp_out_m, f.tcp_in_m = await _flows(host, guest, HOST_IP)
         else:
             f.tcp_out_2, f.tcp_in_2 = await _flows(host, guest, HOST_IP)
         result = await bridge.finish()
@@ -265,19 +271,20 @@ async def _rate_limited(nss: Namespaces) -> float:
     return _gbit(result) * 1e3
 
 
-async def _main() -> tuple[Figures, Figures, list[dict], float]:
+async def _main() -> tuple[Figures, Figures, Figures, list[dict], float]:
     nss = Namespaces()
     try:
         veth = await _veth(nss)
-        daemon = Figures()
+        daemon, python = Figures(), Figures()
         fronts = [await _daemon(nss, 1, daemon), await _daemon(nss, 2, daemon)]
+        await _daemon(nss, 1, python, dataplane="python", flows=False)
         limited = await _rate_limited(nss)
     finally:
         nss.close()
-    return daemon, veth, fronts, limited
+    return daemon, python, veth, fronts, limited
 
 
-def rows(daemon: Figures, veth: Figures) -> list[list[object]]:
+def rows(daemon: Figures, python: Figures, veth: Figures) -> list[list[object]]:
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.0%}" if a == a and b == b and b else "-"
 
@@ -293,17 +300,19 @@ def rows(daemon: Figures, veth: Figures) -> list[list[object]]:
                         (f"TCP host->guest, 2 queues, {FLOWS} flows, Gbit/s", "tcp_in_2"),
                         ("UDP 64 B guest->host, kpps received", "udp_out"),
                         ("UDP 64 B host->guest, kpps received", "udp_in")):
-        d, v = getattr(daemon, name), getattr(veth, name)
-        out.append([label, d, v, ratio(d, v)])
+        d, p, v = getattr(daemon, name), getattr(python, name), getattr(veth, name)
+        out.append([label, d, p, v, ratio(d, v)])
+    nan = float("nan")
     out += [[f"{FLOWS} flows: 2 queues / 1 queue, guest->host",
-             times(daemon.tcp_out_2, daemon.tcp_out_m), "-", "-"],
+             times(daemon.tcp_out_2, daemon.tcp_out_m), "-", "-", "-"],
             [f"{FLOWS} flows: 2 queues / 1 queue, host->guest",
-             times(daemon.tcp_in_2, daemon.tcp_in_m), "-", "-"],
-            ["daemon CPU per frame (UDP runs), us", daemon.us_per_frame, float("nan"), "-"],
-            ["daemon CPU per 64 KiB (TCP, 1 queue), us", daemon.us_per_64k, float("nan"),
-             "-"],
+             times(daemon.tcp_in_2, daemon.tcp_in_m), "-", "-", "-"],
+            ["daemon CPU per frame (UDP runs), us", daemon.us_per_frame, python.us_per_frame,
+             nan, "-"],
+            ["daemon CPU per 64 KiB (TCP, 1 queue), us", daemon.us_per_64k,
+             python.us_per_64k, nan, "-"],
             ["mean frame the daemon moved (TCP), bytes", daemon.tcp_frame_bytes,
-             float("nan"), "-"]]
+             python.tcp_frame_bytes, nan, "-"]]
     return out
 
 
@@ -313,12 +322,13 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("bench.net: needs root (network namespaces and taps)")
     load0 = os.getloadavg()[0]
-    daemon, veth, fronts, limited = uvloop.run(_main())
+    daemon, python, veth, fronts, limited = uvloop.run(_main())
     load1 = os.getloadavg()[0]
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(table(f"netif through the daemon (C netfront) vs a veth pair, iperf3, {when}, "
                 f"{os.cpu_count()} CPUs, load average {load0:.1f} -> {load1:.1f}",
-                ["", "daemon", "veth", "daemon/veth"], rows(daemon, veth)))
+                ["", "daemon", "python", "veth", "daemon/veth"],
+                rows(daemon, python, veth)))
     set_mbit = RATE_BYTES * 8 / RATE_USEC
     print()
     print(table("tx rate limit on the vif: the rate set vs the rate reached (TCP guest->host, "

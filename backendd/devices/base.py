@@ -5,6 +5,8 @@ notice sink. It never learns how memory was mapped or where the VMM is.
 
 Lifecycle, driven by backendd.xenbus from the frontend's state changes:
   __init__(config)          -> validate the toolstack config (ConfigError on a bad key)
+  await prepare()           -> open what takes time without blocking the loop (an NBD
+                               disk's connection); the default does nothing
   backend_keys()            -> feature keys published at InitWait
   await connect(keys, chans)-> map rings, start serving; returns keys to publish at
                                Connected (blk: sectors, info, sector-size ...)
@@ -95,6 +97,11 @@ class Device(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict[str, int]:
         """Counters: requests, bytes, errors, drops ..."""
+
+    async def prepare(self) -> None:
+        """After __init__, before backend_keys(): open what takes time (a network
+        disk's connection) without blocking the event loop."""
+        return None
 
     def set_inflight(self, region: memoryview) -> None:
         """Memory that survives the daemon, for recording in-flight requests (see

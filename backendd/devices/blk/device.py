@@ -29,6 +29,7 @@ from .keys import (
     feature_keys,
     parse_frontend_keys,
 )
+from .nbd import NbdImage, NbdPolicy, is_nbd_uri
 from .persistent import DEFAULT_LIMIT, PersistentGrants
 from .queue import BATCH, Counters, RingQueue
 from .request import Geometry
@@ -52,12 +53,15 @@ class BlkDevice(Device):
         super().__init__(devid, config, ctx)
         daemon_config = ctx.extras.get("config")
         allowed = getattr(daemon_config, "image_allowed", None)
-        self.cfg = parse_config(config, allowed)
-        self.image = Image(self.cfg, ctx.extras.get("open_image", os.open))
-        self.geometry = Geometry(sectors=self.image.sectors,
-                                 sector_size=self.cfg.sector_size,
-                                 readonly=self.cfg.readonly, discard=self.image.discard,
-                                 discard_secure=self.image.discard_secure)
+        nbd_disk = is_nbd_uri(config.get("path", ""))
+        self.cfg = parse_config(config, None if nbd_disk else allowed)
+        self.image: Image | NbdImage
+        if nbd_disk:  # connected in prepare(); I/O on the event loop, not the pool
+            self.image = NbdImage(self.cfg, NbdPolicy.from_config(daemon_config),
+                                  ctx.loop, name=str(devid))
+        else:
+            self.image = Image(self.cfg, ctx.extras.get("open_image", os.open))
+            self._set_geometry()
         self.counters = Counters()
         self.batch = BATCH
         self.pgrant_limit = DEFAULT_LIMIT  # per ring
@@ -69,6 +73,22 @@ class BlkDevice(Device):
         self._connected: dict[str, str] | None = None
         self._inflight: memoryview | None = None
         self._resize_timer: asyncio.TimerHandle | None = None
+
+    def _set_geometry(self) -> None:
+        self.geometry = Geometry(sectors=self.image.sectors,
+                                 sector_size=self.cfg.sector_size,
+                                 readonly=self.image.cfg.readonly,
+                                 discard=self.image.discard,
+                                 discard_secure=self.image.discard_secure)
+
+    async def prepare(self) -> None:
+        if isinstance(self.image, NbdImage):
+            try:
+                await self.image.open()
+            except BaseException:
+                self.image.close()
+                raise
+            self._set_geometry()
 
     def backend_keys(self) -> dict[str, str]:
         return feature_keys(self.image)
@@ -148,7 +168,9 @@ class BlkDevice(Device):
                 queues.append(RingQueue(
                     index=i, back=back, ring_maps=maps, inflight=table, recovery=rec,
                     channel=channels[qk.port], codecs=codecs, geometry=self.geometry,
-                    image=self.image, grants=self.ctx.grants, submit=self._submit,
+                    image=self.image, grants=self.ctx.grants,
+                    submit=self.image.submit if isinstance(self.image, NbdImage)
+                    else self._submit,
                     loop=self.ctx.loop, counters=self.counters,
                     on_corrupt=self._corrupt, on_refused=self._refused,
                     batch=self.batch,
@@ -208,8 +230,13 @@ class BlkDevice(Device):
             self._resize_timer = None
         queues, self.queues = self.queues, []
         self._connected = None
+        nbd = self.image if isinstance(self.image, NbdImage) else None
+        if nbd is not None:
+            nbd.set_draining(True)  # no waiting for a server that is away
         if queues:
             await asyncio.gather(*(q.stop() for q in queues))
+        if nbd is not None:
+            nbd.set_draining(False)
         for q in queues:
             q.release()
             if q.pgrants is not None:
@@ -240,8 +267,9 @@ class BlkDevice(Device):
                 for k, v in q.pgrants.stats().items():
                     pg[k] += v
         pg["pgrants"] = sum(len(q.pgrants) for q in self.queues if q.pgrants is not None)
+        extra = self.image.stats() if isinstance(self.image, NbdImage) else {}
         return self.counters.as_dict() | pg | {"queues": len(self.queues),
-                                              "persistent": int(self.persistent)}
+                                              "persistent": int(self.persistent)} | extra
 
     async def close(self) -> None:
         await self.disconnect()

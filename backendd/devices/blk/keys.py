@@ -10,11 +10,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from backendd.errors import GuestError
 from rings.consts import BLKIF_PROTOCOL_NAMES, BlkifAbi, VDiskInfo
 
 from .image import Image
+
+if TYPE_CHECKING:
+    from .nbd import NbdImage
 from .request import MAX_INDIRECT_SEGMENTS
 
 MAX_RING_PAGE_ORDER = 4
@@ -40,10 +44,13 @@ class FrontendConfig:
     persistent: bool = False  # the frontend's feature-persistent
 
 
-def feature_keys(image: Image) -> dict[str, str]:
+def feature_keys(image: Image | NbdImage) -> dict[str, str]:
+    # A backing store with no volatile cache to flush (an NBD server that cannot
+    # flush) says so: the guest then sends no flushes.
+    flush = "1" if getattr(image, "flush", True) else "0"
     keys = {
-        "feature-flush-cache": "1",
-        "feature-barrier": "1",
+        "feature-flush-cache": flush,
+        "feature-barrier": flush,
         "feature-discard": "1" if image.discard else "0",
         "feature-max-indirect-segments": str(MAX_INDIRECT_SEGMENTS),
         "feature-persistent": "1" if image.cfg.persistent else "0",
@@ -59,7 +66,7 @@ def feature_keys(image: Image) -> dict[str, str]:
     return keys
 
 
-def connected_keys(image: Image) -> dict[str, str]:
+def connected_keys(image: Image | NbdImage) -> dict[str, str]:
     info = 0
     if image.cfg.readonly:
         info |= VDiskInfo.READONLY

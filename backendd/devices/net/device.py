@@ -1,9 +1,12 @@
 """The netif backend device: a tap per vif (one fd per queue), and per queue a tx and an
 rx ring served on the event loop.
 
-Config keys (ADD_DEVICE): tap, mac, mtu, bridge, rate, netns, queues. The tap is created
+Config keys (ADD_DEVICE): tap, mac, mtu, bridge, rate, netns, queues, dataplane. The tap
+is created
 when the device is added (so the host side can be wired before the guest connects) and
-removed when the device is; the rings live from connect to disconnect.
+removed when the device is; the rings live from connect to disconnect. `dataplane`
+("compiled" or "python") picks who serves the tx and rx rings: the compiled kernel
+(backendd/dataplane, the default when it is built) or the pure-Python reference.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from backendd.dataplane import netkernel
+from backendd.dataplane.netkernel import NetKernel
 from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
 from backendd.errors import ConfigError, ControlError
 from backendd.grants import GrantMapping
@@ -39,7 +44,7 @@ from .vif import COUNTERS, Features, VifState
 if TYPE_CHECKING:
     from backendd.evtchn import EventChannel
 
-CONFIG_KEYS = {"tap", "mac", "mtu", "bridge", "rate", "netns", "queues"}
+CONFIG_KEYS = {"tap", "mac", "mtu", "bridge", "rate", "netns", "queues", "dataplane"}
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 DEFAULT_MTU = 1500
 MAX_QUEUES = 8
@@ -104,6 +109,7 @@ class NetDevice(Device):
         self.mtu = self._int_key("mtu", DEFAULT_MTU, 68, 65535)
         self.max_queues = self._int_key("queues", min(4, os.cpu_count() or 1), 1, MAX_QUEUES)
         self.rate = parse_rate(config["rate"]) if "rate" in config else None
+        self.kernel = self._dataplane(config.get("dataplane"))
         self.bridge = config.get("bridge") or None
         daemon_config = ctx.extras.get("config")
         if self.bridge is not None:
@@ -125,6 +131,19 @@ class NetDevice(Device):
         self.vif: VifState | None = None
         network = getattr(daemon_config, "network", None)
         self._open_tap(bool(getattr(network, "attach_existing_taps", False)))
+
+    @staticmethod
+    def _dataplane(value: str | None) -> NetKernel | None:
+        """The compiled kernel to serve tx and rx with, or None for the Python path."""
+        if value not in (None, "compiled", "python"):
+            raise ConfigError(f"net: dataplane {value!r}: expected compiled or python")
+        if value == "python":
+            return None
+        kernel = netkernel.load()
+        if kernel is None and value == "compiled":
+            raise ConfigError("net: dataplane compiled: the kernel is not built "
+                              "(make kernel)")
+        return kernel
 
     def _int_key(self, key: str, default: int, low: int, high: int) -> int:
         value = self.config.get(key)
@@ -249,9 +268,23 @@ class NetDevice(Device):
         tx_shared = SharedRing(tx_page, TX_ENTRY_SIZE)
         rx_shared = SharedRing(rx_page, RX_ENTRY_SIZE)
         name = f"net{self.devid}/queue-{q}"
-        tx = TxPath(BackRing.attach(tx_shared), grants, fd, vif, loop, name, credit)
-        rx = RxPath(BackRing.attach(rx_shared), grants, fd, vif, loop, name,
-                    gso_offload=bool(offload & 0x6))
+        tx: TxPath
+        if self.kernel is not None:
+            from backendd.dataplane.net import CompiledTxPath  # it builds on TxPath
+
+            tx = CompiledTxPath(self.kernel, BackRing.attach(tx_shared), grants, fd, vif,
+                                loop, name, credit)
+        else:
+            tx = TxPath(BackRing.attach(tx_shared), grants, fd, vif, loop, name, credit)
+        rx: RxPath
+        if self.kernel is not None:
+            from backendd.dataplane.net import CompiledRxPath
+
+            rx = CompiledRxPath(self.kernel, BackRing.attach(rx_shared), grants, fd, vif,
+                                loop, name, gso_offload=bool(offload & 0x6))
+        else:
+            rx = RxPath(BackRing.attach(rx_shared), grants, fd, vif, loop, name,
+                        gso_offload=bool(offload & 0x6))
         queue = _Queue(q, fd, tx_map, rx_map, tx_shared, rx_shared, tx, rx)
         tx_ch, rx_ch = channels[tx_port], channels[rx_port]
         taken.update({tx_port, rx_port})

@@ -108,30 +108,34 @@ class TxPath:
 
     def _process(self) -> bool:
         """Handle up to BUDGET packets; True if the budget ran out with work left."""
+        return all(self._step() for _ in range(BUDGET))
+
+    def _step(self) -> bool:
+        """Handle the packet at req_cons; False when there is none, or it must wait (the
+        tap is full, the credit is used up)."""
         ring = self.ring
         shared = ring.ring
-        for _ in range(BUDGET):
-            prod = shared.idx[REQ_PROD]  # read once
-            read_barrier()
-            avail = (prod - ring.req_cons) & U32
-            if avail == 0:
+        prod = shared.idx[REQ_PROD]  # read once
+        read_barrier()
+        avail = (prod - ring.req_cons) & U32
+        if avail == 0:
+            return False
+        if avail > ring.size:
+            raise TxFatal(f"tx: impossible number of requests: req_prod {prod}, "
+                          f"req_cons {ring.req_cons}")
+        cons = ring.req_cons
+        if self.credit is not None and self._charged != cons:
+            first = decode_slot(shared.read_slot(cons))
+            if not self.credit.admit(first.size, self.loop.time()):
+                self.vif.counters["tx_rate_limited"] += 1
+                self._timer = self.loop.call_at(self.credit.resume_at, self._on_credit)
                 return False
-            if avail > ring.size:
-                raise TxFatal(f"tx: impossible number of requests: req_prod {prod}, "
-                              f"req_cons {ring.req_cons}")
-            cons = ring.req_cons
-            if self.credit is not None and self._charged != cons:
-                first = decode_slot(shared.read_slot(cons))
-                if not self.credit.admit(first.size, self.loop.time()):
-                    self.vif.counters["tx_rate_limited"] += 1
-                    self._timer = self.loop.call_at(self.credit.resume_at, self._on_credit)
-                    return False
-                self._charged = cons
-            packet = parse_packet(lambda i, c=cons: shared.read_slot(c + i), avail)
-            status = self._handle(packet)
-            if status is None:  # the tap is full: retry this packet when writable
-                return False
-            self._respond(packet, status)
+            self._charged = cons
+        packet = parse_packet(lambda i, c=cons: shared.read_slot(c + i), avail)
+        status = self._handle(packet)
+        if status is None:  # the tap is full: retry this packet when writable
+            return False
+        self._respond(packet, status)
         return True
 
     def _handle(self, packet: TxPacket) -> NetifRsp | None:

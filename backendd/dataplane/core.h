@@ -1,0 +1,212 @@
+/* Primitives every compiled data-plane kernel needs: guest memory lookup, grant pin and
+ * unpin with backendd/grants.py's v1/v2 rules, shared-memory loads and barriers.
+ *
+ * Static inline, included by each kernel's single C file. The layouts of `dp_region`
+ * and `dp_env` are the ones the ctypes bindings declare; the grant rules follow
+ * backendd/grants.py step by step (it is the specification the tests hold them to).
+ */
+#ifndef BACKENDD_DATAPLANE_CORE_H
+#define BACKENDD_DATAPLANE_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <xen/xen.h>
+#include <xen/grant_table.h>
+
+#define DP_PAGE 4096u
+#define DP_MAX_TRIES 5          /* grant compare-and-swap retries, then "unstable" */
+
+_Static_assert(sizeof(grant_entry_v1_t) == 8 && sizeof(grant_entry_v2_t) == 16, "grants");
+
+/* Why dp_grant_pin refused a grant (returned negated), as grants.py words it. */
+enum { DP_G_NO_TABLE = 1, DP_G_BEYOND, DP_G_TRANSITIVE, DP_G_TYPE, DP_G_DOMAIN,
+       DP_G_READONLY, DP_G_UNSTABLE, DP_G_SUB_PAGE, DP_G_FRAME };
+
+struct dp_region {          /* one guest RAM region as mapped in this process */
+    uint64_t gpa;
+    uint64_t size;
+    uint8_t *host;
+};
+
+struct dp_env {             /* guest memory and grant table, refreshed by Python when
+                             * either changes (regions added/removed, table regrown) */
+    const struct dp_region *regions; /* sorted by gpa, non-overlapping */
+    uint32_t nr_regions;
+    uint32_t gnt_version;   /* 0: no table */
+    uint32_t gnt_entries;
+    uint32_t backend_domid;
+    uint8_t *gnt_shared;    /* the entries */
+    uint8_t *gnt_status;    /* v2: the status words */
+    uint32_t *gnt_uses;     /* 2 per gref: uses, writable uses (shared with grants.py) */
+};
+
+static inline uint32_t dp_load32(const uint8_t *p)
+{
+    return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED);
+}
+
+static inline uint16_t dp_load16(const uint8_t *p)
+{
+    return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED);
+}
+
+static inline void dp_store32(uint8_t *p, uint32_t v)
+{
+    __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELAXED);
+}
+
+static inline void dp_rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+static inline void dp_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+static inline void dp_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+/* Guest frame -> host address of the whole page, or NULL if not guest memory. */
+static inline uint8_t *dp_guest_page(const struct dp_env *env, uint64_t frame)
+{
+    if (frame >= (UINT64_MAX >> 12))
+        return NULL;
+    uint64_t gpa = frame << 12;
+    uint32_t lo = 0, hi = env->nr_regions;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (env->regions[mid].gpa <= gpa)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0)
+        return NULL;
+    const struct dp_region *r = &env->regions[lo - 1];
+    uint64_t off = gpa - r->gpa;
+    if (off >= r->size || r->size - off < DP_PAGE)
+        return NULL;
+    return r->host + off;
+}
+
+static inline int dp_grant_check(const struct dp_env *env, uint16_t flags, uint16_t domid,
+                                 int writable)
+{
+    unsigned kind = flags & GTF_type_mask;
+    if (kind == GTF_transitive && env->gnt_version == 2)
+        return -DP_G_TRANSITIVE;    /* transitive grants are not supported */
+    if (kind != GTF_permit_access)
+        return -DP_G_TYPE;          /* revoked or never granted */
+    if (domid != env->backend_domid)
+        return -DP_G_DOMAIN;
+    if (writable && (flags & GTF_readonly))
+        return -DP_G_READONLY;
+    return 0;
+}
+
+/* Set and clear bits of a shared u16 the guest may change at any moment: loop until our
+ * swap lands on the value actually there. Returns the value before. */
+static inline uint16_t dp_update16(uint8_t *p, uint16_t set, uint16_t clear)
+{
+    uint16_t seen = dp_load16(p);
+    while (!__atomic_compare_exchange_n((uint16_t *)p, &seen,
+                                        (uint16_t)((seen | set) & ~clear), 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        ;
+    return seen;
+}
+
+/* One use of gref ends: the shared in-use bits go when the last such use ends. */
+static inline void dp_grant_unpin(const struct dp_env *env, uint32_t gref, int writable)
+{
+    uint32_t *uses = &env->gnt_uses[2 * (size_t)gref];
+    uint16_t clear = 0;
+    uses[0]--;
+    if (writable && --uses[1] == 0)
+        clear |= GTF_writing;
+    if (uses[0] == 0)
+        clear |= GTF_reading;
+    if (!clear)
+        return;
+    if (env->gnt_version == 2)
+        dp_update16(env->gnt_status + 2 * (size_t)gref, 0, clear);
+    else
+        dp_update16(env->gnt_shared + sizeof(grant_entry_v1_t) * (size_t)gref, 0, clear);
+}
+
+/* Pin one grant for reading (and writing if asked). On success (0): *page is the host
+ * address of the guest page and [*lo, *hi) the part of it the guest granted; otherwise
+ * a negated DP_G_ reason, and nothing stays pinned. */
+static inline int dp_grant_pin(const struct dp_env *env, uint32_t gref, int writable,
+                               uint8_t **page, uint32_t *lo, uint32_t *hi)
+{
+    uint16_t want = GTF_reading | (writable ? GTF_writing : 0);
+    uint64_t frame;
+    int bad;
+    if (env->gnt_version == 0)
+        return -DP_G_NO_TABLE;
+    if (gref >= env->gnt_entries)
+        return -DP_G_BEYOND;
+    *lo = 0;
+    *hi = DP_PAGE;
+    if (env->gnt_version == 1) {
+        uint8_t *e = env->gnt_shared + sizeof(grant_entry_v1_t) * (size_t)gref;
+        uint32_t seen = dp_load32(e);  /* flags | domid << 16 */
+        int tries;
+        for (tries = 0; tries < DP_MAX_TRIES; tries++) {
+            if ((bad = dp_grant_check(env, seen & 0xffff, seen >> 16, writable)))
+                return bad;
+            /* flags and domid swap together, so the grant cannot be re-targeted to
+             * another domain between the check and the pin (as Xen does for v1). */
+            uint32_t old = seen;
+            if (__atomic_compare_exchange_n((uint32_t *)e, &seen, old | want, 0,
+                                            __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+                break;
+        }
+        if (tries == DP_MAX_TRIES)
+            return -DP_G_UNSTABLE;
+        dp_rmb();           /* the frame is read after pinning */
+        frame = dp_load32(e + offsetof(grant_entry_v1_t, frame));
+    } else {
+        uint8_t *e = env->gnt_shared + sizeof(grant_entry_v2_t) * (size_t)gref;
+        uint8_t *status = env->gnt_status + 2 * (size_t)gref;
+        uint32_t hdr;
+        uint16_t added = 0;
+        int tries;
+        for (tries = 0; tries < DP_MAX_TRIES; tries++) {
+            hdr = dp_load32(e);
+            if ((bad = dp_grant_check(env, hdr & 0xffff, hdr >> 16, writable)))
+                return bad;
+            added = want & ~dp_update16(status, want, 0);
+            /* the status store is visible before the entry is read again, so a guest
+             * revoking now either sees our bits or we see its revocation */
+            dp_mb();
+            if (dp_load32(e) == hdr)
+                break;
+            if (added)
+                dp_update16(status, 0, added);
+        }
+        if (tries == DP_MAX_TRIES)
+            return -DP_G_UNSTABLE;
+        dp_rmb();
+        uint16_t page_off = dp_load16(e + offsetof(grant_entry_v2_t, sub_page.page_off));
+        uint16_t length = dp_load16(e + offsetof(grant_entry_v2_t, sub_page.length));
+        frame = __atomic_load_n((uint64_t *)(e + offsetof(grant_entry_v2_t,
+                                                          full_page.frame)),
+                                __ATOMIC_RELAXED);
+        if ((hdr & 0xffff) & GTF_sub_page) {
+            if ((uint32_t)page_off + length > DP_PAGE) {
+                if (added)
+                    dp_update16(status, 0, added);
+                return -DP_G_SUB_PAGE;
+            }
+            *lo = page_off;
+            *hi = (uint32_t)page_off + length;
+        }
+    }
+    uint32_t *uses = &env->gnt_uses[2 * (size_t)gref];
+    uses[0]++;
+    uses[1] += writable ? 1 : 0;
+    *page = dp_guest_page(env, frame);
+    if (!*page) {
+        dp_grant_unpin(env, gref, writable);
+        return -DP_G_FRAME;
+    }
+    return 0;
+}
+
+#endif

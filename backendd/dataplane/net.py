@@ -1,0 +1,209 @@
+"""The netif tx and rx paths on the compiled data plane: TxPath's scheduling, credit, multicast
+list and counters stay in Python; each wake-up is one call into net_kernel.c, which
+takes every packet it can, validates it, writes the frames to the tap, answers and
+applies ring.h's notify rule. Python then adds the counters, logs the guest errors,
+arms the credit timer or the writer, and signals the event channel once.
+
+A multicast control packet is left on the ring by the kernel: Python answers that one
+packet with the reference code (the vif's list is Python's) and calls in again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from backendd.devices.net.ratelimit import CreditScheduler
+from backendd.devices.net.rx import BUDGET as RX_BUDGET
+from backendd.devices.net.rx import RxPath
+from backendd.devices.net.tx import TxFatal
+from backendd.devices.net.txpath import BUDGET, TxPath
+from backendd.devices.net.vif import VifState
+from backendd.grants import GrantTable
+from rings.ring import BackRing
+
+from . import netkernel as nk
+
+
+class CompiledTxPath(TxPath):
+    def __init__(self, kernel: nk.NetKernel, ring: BackRing, grants: GrantTable, fd: int,
+                 vif: VifState, loop: asyncio.AbstractEventLoop, name: str,
+                 credit: CreditScheduler | None = None) -> None:
+        super().__init__(ring, grants, fd, vif, loop, name, credit)
+        self.kernel = kernel
+        self.native = nk.NativeEnv(grants.memory, grants)
+        self.q = nk.TxQueue()
+        self._ring_anchor = nk.ctypes.c_char.from_buffer(ring.ring.area)
+        self.q.r.attach(ring)
+        self.q.r.page = nk.ctypes.addressof(self._ring_anchor)
+        self.q.fd = fd
+        self.out = nk.TxOut()
+
+    def stop(self) -> None:
+        super().stop()
+        self._ring_anchor = None  # the ring mapping may go now
+
+    def _run(self) -> None:
+        self._scheduled = False
+        if self.stopped or self.vif.halted or self._waiting_writable:
+            return
+        credit = self.credit
+        if credit is not None and credit.waiting:
+            return
+        budget = BUDGET  # packets per wake-up, shared with multicast packets
+        while True:
+            flags, budget = self._call(budget)
+            if not flags & nk.MCAST:
+                break
+            # The multicast packet at req_cons, answered by the reference code, then
+            # the kernel again: it publishes the responses of the whole wake-up.
+            try:
+                self._step()
+            except TxFatal as e:  # not reached: the kernel parsed it already
+                self.vif.counters["tx_fatal"] += 1
+                self.vif.fatal(f"{self.name}: {e}")
+                return
+            budget -= 1
+            if not budget:
+                if self.ring.push_responses():
+                    self.notify()
+                flags = nk.MORE
+                break
+        if flags & nk.MORE:
+            self.kick()
+
+    def _call(self, budget: int) -> tuple[int, int]:
+        """One kernel call; its flags and the budget left."""
+        ring, q, out, credit = self.ring, self.q, self.out, self.credit
+        q.r.load(ring)
+        q.budget = budget
+        if credit is not None:
+            credit.admit(0, self.loop.time())  # the refill due now, as the first admit
+            q.credit_on, q.credit = 1, credit.remaining
+            q.charged_valid = self._charged is not None
+            q.charged_cons = self._charged or 0
+        self.native.refresh()
+        try:
+            self.kernel.tx(q, self.native.env, out)
+        finally:
+            self.native.release()
+        q.r.store(ring)
+        flags = out.flags
+        counters = self.vif.counters
+        for name in nk.OUT_COUNTERS:
+            value = getattr(out, name)
+            if value:
+                counters[name] += value
+        for k in range(out.nerrors):
+            e = out.errors[k]
+            self.vif.guest_error("tx_error", f"{self.name}: request id {e.id} answered "
+                                 f"ERROR: {_reason(e.reason, e.detail, e.grant)}")
+        if credit is not None:
+            credit.remaining -= out.charged
+            if q.charged_valid:
+                self._charged = q.charged_cons
+        if flags & nk.FATAL:
+            counters["tx_fatal"] += 1
+            self.vif.fatal(f"{self.name}: {_reason(out.fatal_reason, out.fatal_detail)}")
+            return 0, q.budget
+        if flags & nk.CREDIT and credit is not None:
+            # What CreditScheduler.admit does when a packet does not fit.
+            credit.window_start = credit.next_credit
+            credit.waiting = True
+            self._timer = self.loop.call_at(credit.resume_at, self._on_credit)
+        if flags & nk.TAP_FULL:
+            self._waiting_writable = True
+            self.loop.add_writer(self.fd, self._on_writable)
+        if flags & nk.NOTIFY:
+            self.notify()
+        return flags, q.budget
+
+
+def _reason(code: int, detail: int, grant: int = 0) -> str:
+    return nk.REASONS.get(code, f"tx: reason {code}").format(
+        detail=detail, grant=nk.GRANT_REASONS.get(grant, f"refused ({grant})"))
+
+
+class CompiledRxPath(RxPath):
+    """The rx path with each wake-up one call into net_kernel.c (nk_rx): the posted
+    buffers (pinned writable) live in the kernel's queue; reading the tap, the
+    multicast filter, the responses and the notify rule are done there."""
+
+    def __init__(self, kernel: nk.NetKernel, ring: BackRing, grants: GrantTable, fd: int,
+                 vif: VifState, loop: asyncio.AbstractEventLoop, name: str,
+                 gso_offload: bool) -> None:
+        super().__init__(ring, grants, fd, vif, loop, name, gso_offload)
+        self.kernel = kernel
+        self.native = nk.NativeEnv(grants.memory, grants)
+        self.q = q = nk.RxQueue()
+        self._ring_anchor: object = nk.ctypes.c_char.from_buffer(ring.ring.area)
+        q.r.attach(ring)
+        q.r.page = nk.ctypes.addressof(self._ring_anchor)
+        q.fd = fd
+        q.need = self.need
+        q.gso_offload = gso_offload
+        f = vif.features
+        q.gso_tcpv4, q.gso_tcpv6, q.mcast_control = (f.gso_tcpv4, f.gso_tcpv6,
+                                                     f.multicast_control)
+        self.out = nk.RxOut()
+
+    @property
+    def posted_count(self) -> int:
+        return self.q.count
+
+    def stop(self) -> None:
+        super().stop()
+        if self._ring_anchor is None:
+            return
+        self.native.refresh()
+        try:
+            self.kernel.rx_release(self.q, self.native.env)
+        finally:
+            self.native.release()  # no buffer is posted any more
+        self._ring_anchor = None  # the ring mapping may go now
+
+    def _readable(self) -> None:
+        if self.stopped or self.vif.halted or not self._reading:
+            return
+        ring, q, out, vif = self.ring, self.q, self.out, self.vif
+        q.r.load(ring)
+        if q.mcast_control:
+            addrs = list(vif.mcast)[:nk.MCAST_MAX]
+            q.nmcast = len(addrs)
+            for k, a in enumerate(addrs):
+                q.mcast[k][:] = list(a)
+        self.native.refresh()
+        try:
+            self.kernel.rx(q, self.native.env, RX_BUDGET, out)
+        finally:
+            # Posted buffers are host pointers into guest RAM: while any is posted, the
+            # regions stay exported, so the VMM cannot unmap them (EBUSY), as a Python
+            # GrantMapping's view keeps them.
+            if not q.count:
+                self.native.release()
+        q.r.store(ring)
+        counters = vif.counters
+        for name in nk.RX_COUNTERS:
+            value = getattr(out, name)
+            if value:
+                counters[name] += value
+        for k in range(out.nbad):
+            b = out.bad[k]
+            why = (nk.GRANT_REASONS.get(b.grant, f"refused ({b.grant})") if b.grant else
+                   "an rx buffer must be granted as a whole page, not as the sub-page "
+                   f"{b.lo}..{b.hi}")
+            vif.guest_error("rx_bad_grant", f"{self.name}: rx request id {b.id}: "
+                            f"gref {b.gref}: {why}")
+        flags = out.flags
+        if flags & nk.FATAL:
+            counters["rx_fatal"] += 1
+            vif.fatal(f"{self.name}: rx: req_prod {out.fatal_prod} is more than a ring "
+                      f"ahead of rsp_prod {ring.rsp_prod_pvt}")
+        if flags & nk.RX_STALL:
+            self._pause()
+            if not (vif.halted or self.stopped):
+                if flags & nk.RX_MORE:
+                    self.kick()
+                elif not vif.features.rx_notify:
+                    self._poll = self.loop.call_later(0.01, self._polled)
+        if flags & nk.NOTIFY:
+            self.notify()

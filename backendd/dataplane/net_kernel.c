@@ -1,0 +1,973 @@
+/* The compiled netif data plane: one call serves a whole tx ring batch.
+ *
+ * Python (backendd/dataplane/net.py) stays the control plane: it maps the ring page,
+ * owns the event channels, the credit scheduler, the multicast list, the counters and
+ * the logs, and calls nk_tx once per wake-up. Nothing here calls back into Python.
+ *
+ * The pure-Python path (backendd/devices/net/{tx,txpath,vnet}.py) is the specification:
+ * every check below follows it step by step, in its order, and a differential test
+ * feeds both the same rings and grant tables and compares responses, frames, grant
+ * flags and counters.
+ *
+ * Order per packet, which is the security argument (netback's xenvif_tx_build_gops):
+ *   copy each slot before looking at it (XSA-155: the guest may rewrite the ring)
+ *   -> extra-info slots, then the data chain with netback's drop-vs-fatal split
+ *   -> pin every grant (compare-and-swap, v1 or v2 rules), check each window
+ *   -> copy the headers into private memory and build the virtio-net header from that
+ *      copy only (XSA-423: headers split across slots are linearised)
+ *   -> writev straight from the granted pages to the tap
+ *   -> unpin every grant BEFORE the responses (XSA-396)
+ *   -> responses with zeroed padding, publish, then ring.h's notify rule.
+ * A multicast control packet stops the batch before it is consumed: the multicast list
+ * is the vif's, so Python answers it and calls in again.
+ */
+#define _GNU_SOURCE
+#define __XEN_INTERFACE_VERSION__ 0x00040e00
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "core.h"
+
+#include <xen/io/netif.h>
+
+#define NK_BUDGET 64            /* packets per call (XSA-332), as txpath.BUDGET */
+#define NK_LEGACY_SLOTS 18      /* XEN_NETIF_NR_SLOTS_MIN: following slots -> drop */
+#define NK_FATAL_SLOTS 20       /* following slots -> the frontend is malicious */
+#define NK_MAX_HEADER 256       /* vnet.MAX_HEADER_COPY */
+#define NK_ETH_HLEN 14
+#define NK_SRING_HEADER offsetof(struct netif_tx_sring, ring)
+#define NK_ENTRY sizeof(union netif_tx_sring_entry)
+#define NK_MAX_ERRORS NK_BUDGET
+
+_Static_assert(sizeof(struct netif_tx_request) == 12, "tx request");
+_Static_assert(sizeof(struct netif_tx_response) == 4, "tx response");
+_Static_assert(sizeof(struct netif_extra_info) == 8, "extra info");
+_Static_assert(sizeof(union netif_tx_sring_entry) == 12, "tx entry");
+_Static_assert(offsetof(struct netif_tx_sring, ring) == offsetof(struct netif_rx_sring, ring),
+               "one shared ring header for tx and rx");
+
+/* ---- what Python hands in and gets back ----------------------------------------- */
+
+struct nk_ring {            /* one shared ring and the back end's private indices */
+    uint8_t *page;
+    uint32_t size;          /* entries, a power of two */
+    uint32_t entry;         /* bytes per entry */
+    uint32_t req_cons, rsp_prod_pvt, pushed;
+};
+
+struct nk_txq {             /* one tx ring: Python's ctypes Structure, kept across calls */
+    struct nk_ring r;
+    int32_t fd;             /* the tap queue */
+    uint32_t credit_on;     /* 0: no rate limit */
+    uint64_t credit;        /* bytes that may still go in this call */
+    uint32_t charged_valid; /* the packet at charged_cons was charged already */
+    uint32_t charged_cons;
+    uint32_t budget;        /* packets this wake-up may still take; left over on return */
+};
+
+/* Why a packet was answered ERROR or the vif stopped: Python words the log line. */
+enum {
+    NK_R_NONE = 0,
+    NK_R_TOO_MANY_SLOTS,    /* drop: 18 following slots or more */
+    NK_R_SLOT_SIZE,         /* drop: a slot larger than what remains */
+    NK_R_FIRST_SIZE,        /* drop: fewer than ETH_HLEN bytes in the first slot */
+    NK_R_GRANT,             /* drop: a grant refused (detail: gref) */
+    NK_R_WINDOW,            /* drop: slot outside the granted sub-page (detail: gref) */
+    NK_R_MISSING_EXTRA,     /* fatal */
+    NK_R_EXTRA_TYPE,        /* fatal (detail: type) */
+    NK_R_CHAIN_PAST,        /* fatal: chain beyond the published requests */
+    NK_R_MALICIOUS,         /* fatal: 20 following slots or more */
+    NK_R_SLOT_CROSSES,      /* fatal */
+    NK_R_FIRST_CROSSES,     /* fatal */
+    NK_R_GSO_SIZE,          /* fatal */
+    NK_R_GSO_TYPE,          /* fatal (detail: type) */
+    NK_R_IMPOSSIBLE,        /* fatal: more requests than the ring holds */
+};
+
+enum { NK_NOTIFY = 1, NK_MORE = 2, NK_TAP_FULL = 4, NK_CREDIT = 8, NK_FATAL = 16,
+       NK_MCAST = 32 };
+
+struct nk_error {
+    uint16_t id;
+    uint16_t reason;
+    uint32_t detail;
+    uint32_t grant;         /* NK_R_GRANT: the DP_G_ reason */
+};
+
+struct nk_tx_out {
+    uint64_t tx_packets, tx_bytes, tx_gso, tx_errors, tx_dropped_csum, tx_dropped_tap,
+             tx_tap_full, tx_rate_limited;
+    uint64_t charged;       /* credit used */
+    uint32_t flags;
+    uint32_t fatal_reason, fatal_detail;
+    uint32_t nerrors;
+    struct nk_error errors[NK_MAX_ERRORS];
+};
+
+/* ---- the ring --------------------------------------------------------------------- */
+
+static inline uint8_t *slot_at(const struct nk_ring *r, uint32_t index)
+{
+    return r->page + NK_SRING_HEADER + (size_t)(index & (r->size - 1)) * r->entry;
+}
+
+#define SRING_IDX(r, field) ((r)->page + offsetof(struct netif_tx_sring, field))
+
+struct slot {
+    uint32_t gref;
+    uint16_t offset, flags, id, size;
+};
+
+/* A private copy of an unconsumed tx slot (XSA-155). */
+static void read_slot(const struct nk_txq *q, uint32_t index, uint8_t raw[12],
+                      struct slot *s)
+{
+    memcpy(raw, slot_at(&q->r, index), NK_ENTRY);
+    if (s) {
+        struct netif_tx_request t;
+        memcpy(&t, raw, sizeof(t));
+        s->gref = t.gref;
+        s->offset = t.offset;
+        s->flags = t.flags;
+        s->id = t.id;
+        s->size = t.size;
+    }
+}
+
+/* One response slot: `len` bytes of `data`, the rest of the entry zeroed (no stale
+ * bytes in the padding, XSA-216). */
+static void put_slot(struct nk_ring *r, const void *data, size_t len)
+{
+    uint8_t buf[NK_ENTRY];
+    memset(buf, 0, sizeof(buf));
+    memcpy(buf, data, len);
+    memcpy(slot_at(r, r->rsp_prod_pvt), buf, r->entry);
+    r->rsp_prod_pvt++;
+}
+
+static void put_response(struct nk_txq *q, uint16_t id, int16_t status)
+{
+    struct netif_tx_response t = { .id = id, .status = status };
+    put_slot(&q->r, &t, sizeof(t));
+}
+
+/* RING_PUSH_RESPONSES_AND_CHECK_NOTIFY */
+static int push_responses(struct nk_ring *r)
+{
+    uint32_t old = r->pushed, new = r->rsp_prod_pvt;
+    if (new == old)
+        return 0;
+    dp_wmb();               /* the frontend sees the responses before the index */
+    dp_store32(SRING_IDX(r, rsp_prod), new);
+    r->pushed = new;
+    dp_mb();                /* ... and the index before we read rsp_event */
+    return (uint32_t)(new - dp_load32(SRING_IDX(r, rsp_event))) < (uint32_t)(new - old);
+}
+
+static uint32_t unconsumed(const struct nk_ring *r)
+{
+    uint32_t req = dp_load32(SRING_IDX(r, req_prod)) - r->req_cons;
+    uint32_t rsp = r->size - (r->req_cons - r->rsp_prod_pvt);
+    return req < rsp ? req : rsp;
+}
+
+/* RING_FINAL_CHECK_FOR_REQUESTS */
+static int final_check(struct nk_ring *r)
+{
+    if (unconsumed(r))
+        return 1;
+    dp_store32(SRING_IDX(r, req_event), r->req_cons + 1);
+    dp_mb();
+    return unconsumed(r) > 0;
+}
+
+/* ---- parsing a packet: backendd/devices/net/tx.py ------------------------------- */
+
+enum { K_SEND, K_ERROR, K_MCAST };
+
+struct packet {
+    int kind;
+    struct slot first;
+    uint32_t first_len;
+    uint32_t extra_count;
+    uint32_t nfrags;
+    int gso;                /* a GSO extra was given */
+    uint16_t gso_size;
+    uint8_t gso_type;
+    uint16_t reason;
+    uint32_t detail;
+    struct slot frags[NK_FATAL_SLOTS];  /* last: parse_packet clears what precedes it */
+};
+
+/* 0, or -1 with *reason set: fatal. */
+static int parse_packet(const struct nk_txq *q, uint32_t cons, uint32_t avail,
+                        struct packet *p)
+{
+    uint8_t raw[NK_ENTRY], extras[XEN_NETIF_EXTRA_TYPE_MAX][NK_ENTRY];
+    int have[XEN_NETIF_EXTRA_TYPE_MAX] = { 0 };
+    uint32_t pos = 1;
+    memset(p, 0, offsetof(struct packet, frags));
+    read_slot(q, cons, raw, &p->first);
+    if (p->first.flags & NETTXF_extra_info) {
+        for (;;) {
+            if (pos >= avail) {
+                p->reason = NK_R_MISSING_EXTRA;
+                return -1;
+            }
+            read_slot(q, cons + pos, raw, NULL);
+            pos++;
+            uint8_t etype = raw[0], eflags = raw[1];
+            if (etype == XEN_NETIF_EXTRA_TYPE_NONE || etype >= XEN_NETIF_EXTRA_TYPE_MAX) {
+                p->reason = NK_R_EXTRA_TYPE;
+                p->detail = etype;
+                return -1;
+            }
+            memcpy(extras[etype], raw, NK_ENTRY);   /* a later one of a type wins */
+            have[etype] = 1;
+            p->extra_count++;
+            if (!(eflags & XEN_NETIF_EXTRA_FLAG_MORE))
+                break;
+        }
+    }
+    if (have[XEN_NETIF_EXTRA_TYPE_MCAST_ADD] || have[XEN_NETIF_EXTRA_TYPE_MCAST_DEL]) {
+        p->kind = K_MCAST;
+        return 0;
+    }
+    /* xenvif_count_requests */
+    uint32_t remaining = p->first.size, slots = 0;
+    int more = !!(p->first.flags & NETTXF_more_data);
+    uint16_t drop = NK_R_NONE;
+    while (more) {
+        if (slots >= avail - pos) {
+            p->reason = NK_R_CHAIN_PAST;
+            return -1;
+        }
+        if (slots >= NK_FATAL_SLOTS) {
+            p->reason = NK_R_MALICIOUS;
+            return -1;
+        }
+        if (slots >= NK_LEGACY_SLOTS && !drop)
+            drop = NK_R_TOO_MANY_SLOTS;
+        struct slot *t = &p->frags[slots];
+        read_slot(q, cons + pos + slots, raw, t);
+        if (!drop && t->size > remaining)
+            drop = NK_R_SLOT_SIZE;
+        remaining = (remaining - t->size) & 0xffff;
+        slots++;
+        if ((uint32_t)t->offset + t->size > DP_PAGE) {
+            p->reason = NK_R_SLOT_CROSSES;
+            return -1;
+        }
+        more = !!(t->flags & NETTXF_more_data);
+    }
+    p->nfrags = slots;
+    p->first_len = remaining;
+    if (drop) {
+        p->kind = K_ERROR;
+        p->reason = drop;
+        return 0;
+    }
+    if (remaining < NK_ETH_HLEN) {
+        p->kind = K_ERROR;
+        p->reason = NK_R_FIRST_SIZE;
+        return 0;
+    }
+    if ((uint32_t)p->first.offset + remaining > DP_PAGE) {
+        p->reason = NK_R_FIRST_CROSSES;
+        return -1;
+    }
+    if (have[XEN_NETIF_EXTRA_TYPE_GSO]) {
+        struct netif_extra_info e;
+        memcpy(&e, extras[XEN_NETIF_EXTRA_TYPE_GSO], sizeof(e));
+        if (!e.u.gso.size) {
+            p->reason = NK_R_GSO_SIZE;
+            return -1;
+        }
+        if (e.u.gso.type != XEN_NETIF_GSO_TYPE_TCPV4 &&
+            e.u.gso.type != XEN_NETIF_GSO_TYPE_TCPV6) {
+            p->reason = NK_R_GSO_TYPE;
+            p->detail = e.u.gso.type;
+            return -1;
+        }
+        p->gso = 1;
+        p->gso_size = e.u.gso.size;
+        p->gso_type = e.u.gso.type;
+    }
+    p->kind = K_SEND;
+    return 0;
+}
+
+/* ---- the virtio-net header: backendd/devices/net/vnet.py ------------------------ */
+
+struct vnet_hdr {           /* struct virtio_net_hdr, little-endian */
+    uint8_t flags, gso_type;
+    uint16_t hdr_len, gso_size, csum_start, csum_offset;
+} __attribute__((packed));
+
+_Static_assert(sizeof(struct vnet_hdr) == 10, "virtio_net_hdr");
+
+static inline uint32_t be16(const uint8_t *p) { return (uint32_t)p[0] << 8 | p[1]; }
+
+struct l4 {
+    int ipv6;
+    uint8_t proto;
+    uint32_t l4_off, l4_end;
+    const uint8_t *src, *dst;
+};
+
+/* skb_checksum_setup's walk as vnet.parse_l4: 0 when the frame is not TCP/UDP over
+ * IPv4/IPv6, is a fragment, or is truncated. Every offset is checked against len. */
+static int parse_l4(const uint8_t *f, uint32_t len, struct l4 *h)
+{
+    uint32_t off = 12;
+    int64_t payload;
+    if (len < 14)
+        return 0;
+    uint32_t ethertype = be16(f + off);
+    off += 2;
+    if (ethertype == 0x8100) {
+        if (len < off + 4)
+            return 0;
+        ethertype = be16(f + off + 2);
+        off += 4;
+    }
+    if (ethertype == 0x0800) {
+        if (len < off + 20)
+            return 0;
+        uint32_t ihl = (f[off] & 0xf) * 4;
+        if (f[off] >> 4 != 4 || ihl < 20 || len < off + ihl)
+            return 0;
+        if (be16(f + off + 6) & 0x3fff)
+            return 0;
+        h->proto = f[off + 9];
+        h->src = f + off + 12;
+        h->dst = f + off + 16;
+        h->l4_off = off + ihl;
+        payload = (int64_t)be16(f + off + 2) - ihl;
+        h->ipv6 = 0;
+    } else if (ethertype == 0x86dd) {
+        if (len < off + 40 || f[off] >> 4 != 6)
+            return 0;
+        payload = be16(f + off + 4);
+        h->proto = f[off + 6];
+        h->src = f + off + 8;
+        h->dst = f + off + 24;
+        h->l4_off = off + 40;
+        while (h->proto == 0 || h->proto == 43 || h->proto == 60) {
+            if (len < h->l4_off + 8)
+                return 0;
+            uint32_t ext = ((uint32_t)f[h->l4_off + 1] + 1) * 8;
+            h->proto = f[h->l4_off];
+            h->l4_off += ext;
+            payload -= ext;
+        }
+        if (h->proto == 44)
+            return 0;
+        h->ipv6 = 1;
+    } else {
+        return 0;
+    }
+    if (h->proto == 6) {
+        if (len < h->l4_off + 20)
+            return 0;
+        h->l4_end = h->l4_off + (f[h->l4_off + 12] >> 4) * 4;
+        if (h->l4_end < h->l4_off + 20)
+            return 0;
+    } else if (h->proto == 17) {
+        h->l4_end = h->l4_off + 8;
+    } else {
+        return 0;
+    }
+    if (len < h->l4_end || payload < (int64_t)(h->l4_end - h->l4_off))
+        return 0;
+    return 1;
+}
+
+static uint32_t sum16(const uint8_t *p, uint32_t n, uint32_t total)
+{
+    for (uint32_t i = 0; i + 1 < n; i += 2)
+        total += be16(p + i);
+    if (n & 1)
+        total += (uint32_t)p[n - 1] << 8;
+    return total;
+}
+
+static uint32_t fold(uint32_t total)
+{
+    while (total >> 16)
+        total = (total & 0xffff) + (total >> 16);
+    return total;
+}
+
+/* vnet.tx_vnet_header: 0 and *v filled, or -1: the headers cannot be parsed for the
+ * offload asked for (netback drops the packet). Rewrites the pseudo-header sum into the
+ * private header copy. */
+static int tx_vnet_header(const struct packet *p, uint8_t *hdr, uint32_t hlen,
+                          uint32_t frame_len, struct vnet_hdr *v)
+{
+    memset(v, 0, sizeof(*v));
+    int partial = (p->first.flags & NETTXF_csum_blank) || p->gso;
+    if (!partial) {
+        if (p->first.flags & NETTXF_data_validated)
+            v->flags = 2;   /* VIRTIO_NET_HDR_F_DATA_VALID */
+        return 0;
+    }
+    struct l4 h;
+    if (!parse_l4(hdr, hlen, &h))
+        return -1;
+    uint8_t vgso = 0;
+    uint16_t size = 0;
+    if (p->gso) {
+        if (h.proto != 6 || h.ipv6 != (p->gso_type == XEN_NETIF_GSO_TYPE_TCPV6))
+            return -1;
+        vgso = p->gso_type == XEN_NETIF_GSO_TYPE_TCPV6 ? 4 : 1;
+        size = p->gso_size;
+    }
+    if (frame_len < h.l4_off)
+        return -1;
+    uint32_t l4_len = frame_len - h.l4_off;
+    if (l4_len < h.l4_end - h.l4_off)
+        return -1;
+    uint32_t csum_off = h.proto == 6 ? 16 : 6;
+    uint32_t alen = h.ipv6 ? 16 : 4;
+    uint32_t total = sum16(h.src, alen, 0) + sum16(h.dst, alen, 0);
+    if (h.ipv6)
+        total += (l4_len >> 16) + (l4_len & 0xffff) + h.proto;
+    else
+        total += h.proto + l4_len;
+    total = fold(total);
+    hdr[h.l4_off + csum_off] = (uint8_t)(total >> 8);
+    hdr[h.l4_off + csum_off + 1] = (uint8_t)total;
+    v->flags = 1;           /* VIRTIO_NET_HDR_F_NEEDS_CSUM */
+    v->gso_type = vgso;
+    v->hdr_len = vgso ? (uint16_t)h.l4_end : 0;
+    v->gso_size = size;
+    v->csum_start = (uint16_t)h.l4_off;
+    v->csum_offset = (uint16_t)csum_off;
+    return 0;
+}
+
+/* ---- sending one packet: txpath.TxPath._send ------------------------------------ */
+
+enum { S_OKAY, S_ERROR, S_TAP_FULL };
+
+static void error_record(struct nk_tx_out *out, uint16_t id, uint16_t reason,
+                         uint32_t detail, uint32_t grant)
+{
+    out->tx_errors++;
+    if (out->nerrors < NK_MAX_ERRORS) {
+        struct nk_error *e = &out->errors[out->nerrors++];
+        e->id = id;
+        e->reason = reason;
+        e->detail = detail;
+        e->grant = grant;
+    }
+}
+
+static int send_packet(struct nk_txq *q, const struct dp_env *env, struct packet *p,
+                       struct nk_tx_out *out)
+{
+    uint32_t pinned[1 + NK_FATAL_SLOTS];
+    struct iovec iov[2 + 1 + NK_FATAL_SLOTS];
+    const uint8_t *views[1 + NK_FATAL_SLOTS];
+    uint32_t lens[1 + NK_FATAL_SLOTS];
+    uint32_t npinned = 0, nviews = 0;
+    int status = S_OKAY;
+
+    for (uint32_t i = 0; i <= p->nfrags; i++) {
+        const struct slot *s = i ? &p->frags[i - 1] : &p->first;
+        uint32_t len = i ? s->size : p->first_len;
+        if (i && !len)
+            continue;       /* zero-length slots never touch their grants (XSA-448) */
+        uint8_t *page;
+        uint32_t lo, hi;
+        int bad = dp_grant_pin(env, s->gref, 0, &page, &lo, &hi);
+        if (bad) {
+            error_record(out, p->first.id, NK_R_GRANT, s->gref, (uint32_t)-bad);
+            status = S_ERROR;
+            goto release;
+        }
+        pinned[npinned++] = s->gref;
+        if (s->offset < lo || (uint32_t)s->offset + len > hi) {
+            error_record(out, p->first.id, NK_R_WINDOW, s->gref, 0);
+            status = S_ERROR;
+            goto release;
+        }
+        views[nviews] = page + s->offset;
+        lens[nviews++] = len;
+    }
+
+    /* The headers: a private copy of the frame's first bytes across the slots. */
+    uint32_t frame_len = p->first.size;
+    uint32_t hlen = frame_len < NK_MAX_HEADER ? frame_len : NK_MAX_HEADER;
+    uint8_t hdr[NK_MAX_HEADER];
+    struct vnet_hdr vnet;
+    uint32_t have = 0, niov = 2;
+    for (uint32_t i = 0; i < nviews; i++) {
+        uint32_t need = hlen - have;
+        if (need == 0) {
+            iov[niov].iov_base = (void *)views[i];
+            iov[niov++].iov_len = lens[i];
+        } else if (lens[i] <= need) {
+            memcpy(hdr + have, views[i], lens[i]);
+            have += lens[i];
+        } else {
+            memcpy(hdr + have, views[i], need);
+            have += need;
+            iov[niov].iov_base = (void *)(views[i] + need);
+            iov[niov++].iov_len = lens[i] - need;
+        }
+    }
+    if (tx_vnet_header(p, hdr, have, frame_len, &vnet)) {
+        out->tx_dropped_csum++;
+        goto release;
+    }
+    iov[0].iov_base = &vnet;
+    iov[0].iov_len = sizeof(vnet);
+    iov[1].iov_base = hdr;
+    iov[1].iov_len = have;
+    if (writev(q->fd, iov, (int)niov) < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            out->tx_tap_full++;
+            status = S_TAP_FULL;
+        } else {
+            out->tx_dropped_tap++;
+        }
+        goto release;
+    }
+    out->tx_packets++;
+    out->tx_bytes += frame_len;
+    if (p->gso)
+        out->tx_gso++;
+release:
+    /* Every grant goes before the response is published (XSA-396). */
+    for (uint32_t i = 0; i < npinned; i++)
+        dp_grant_unpin(env, pinned[i], 0);
+    return status;
+}
+
+static void respond(struct nk_txq *q, const struct packet *p, int16_t status)
+{
+    q->r.req_cons += 1 + p->extra_count + p->nfrags;
+    put_response(q, p->first.id, status);
+    for (uint32_t i = 0; i < p->extra_count; i++)
+        put_response(q, 0, NETIF_RSP_NULL);
+    for (uint32_t i = 0; i < p->nfrags; i++)
+        put_response(q, p->frags[i].id, status);
+}
+
+/* ---- one wake-up: txpath.TxPath._run -------------------------------------------- */
+
+void nk_tx(struct nk_txq *q, const struct dp_env *env, struct nk_tx_out *out)
+{
+    struct packet p;
+    int budget_left = 0, stop = 0;
+    memset(out, 0, offsetof(struct nk_tx_out, errors));
+    if (q->budget > NK_BUDGET)
+        q->budget = NK_BUDGET;
+    while (q->budget > 0) {
+        uint32_t prod = dp_load32(SRING_IDX(&q->r, req_prod));   /* read once */
+        dp_rmb();
+        uint32_t avail = prod - q->r.req_cons;
+        if (avail == 0)
+            break;
+        if (avail > q->r.size) {
+            out->flags |= NK_FATAL;
+            out->fatal_reason = NK_R_IMPOSSIBLE;
+            out->fatal_detail = prod;
+            return;
+        }
+        uint32_t cons = q->r.req_cons;
+        if (q->credit_on && !(q->charged_valid && q->charged_cons == cons)) {
+            uint8_t raw[NK_ENTRY];
+            struct slot first;
+            read_slot(q, cons, raw, &first);
+            if (first.size > q->credit) {
+                out->tx_rate_limited++;
+                out->flags |= NK_CREDIT;
+                stop = 1;
+                break;
+            }
+            q->credit -= first.size;
+            out->charged += first.size;
+            q->charged_valid = 1;
+            q->charged_cons = cons;
+        }
+        if (parse_packet(q, cons, avail, &p)) {
+            out->flags |= NK_FATAL;
+            out->fatal_reason = p.reason;
+            out->fatal_detail = p.detail;
+            return;
+        }
+        int16_t status = NETIF_RSP_OKAY;
+        if (p.kind == K_MCAST) {
+            out->flags |= NK_MCAST;     /* Python answers it, then calls again */
+            stop = 1;
+            break;
+        } else if (p.kind == K_ERROR) {
+            error_record(out, p.first.id, p.reason, 0, 0);
+            status = NETIF_RSP_ERROR;
+        } else {
+            int s = send_packet(q, env, &p, out);
+            if (s == S_TAP_FULL) {
+                out->flags |= NK_TAP_FULL;
+                stop = 1;
+                break;
+            }
+            if (s == S_ERROR)
+                status = NETIF_RSP_ERROR;
+        }
+        respond(q, &p, status);
+        if (--q->budget == 0)
+            budget_left = 1;
+    }
+    if (out->flags & NK_MCAST)
+        return;             /* the wake-up goes on in Python: nothing published yet */
+    if (push_responses(&q->r))
+        out->flags |= NK_NOTIFY;
+    if (budget_left || (!stop && final_check(&q->r)))
+        out->flags |= NK_MORE;
+}
+
+/* ---- rx: backendd/devices/net/rx.py ---------------------------------------------- */
+
+#define NK_RX_MAX_POSTED 256    /* a one-page rx ring's entries */
+#define NK_MCAST_MAX 64
+#define NK_VNET_HDR 10
+
+_Static_assert(sizeof(struct netif_rx_request) == 8, "rx request");
+_Static_assert(sizeof(struct netif_rx_response) == 8, "rx response");
+_Static_assert(sizeof(union netif_rx_sring_entry) == 8, "rx entry");
+
+struct nk_posted {          /* a buffer the guest posted, pinned writable when ok */
+    uint16_t id;
+    uint16_t ok;
+    uint32_t gref;
+    uint8_t *page;
+};
+
+struct nk_rxq {             /* one rx ring: Python's ctypes Structure, kept across calls */
+    struct nk_ring r;
+    int32_t fd;
+    uint32_t need;          /* buffers posted before a read (RxPath.need) */
+    uint32_t gso_offload;   /* the tap may hand us GSO frames: slot 1 kept for the extra */
+    uint32_t gso_tcpv4, gso_tcpv6, mcast_control;
+    uint32_t nmcast;        /* the vif's multicast list, refreshed by Python per call */
+    uint8_t mcast[NK_MCAST_MAX][6];
+    uint32_t head, count;   /* the posted buffers, a ring of NK_RX_MAX_POSTED */
+    struct nk_posted posted[NK_RX_MAX_POSTED];
+    uint8_t hdr[NK_VNET_HDR];
+    uint8_t scratch[DP_PAGE];
+};
+
+enum { NK_RX_STALL = 64, NK_RX_MORE = 128 };
+
+struct nk_rx_bad {
+    uint16_t id;
+    uint16_t _pad;
+    uint32_t gref;
+    uint32_t grant;         /* the DP_G_ reason; 0: a v2 sub-page [lo, hi) */
+    uint16_t lo, hi;
+};
+
+struct nk_rx_out {
+    uint64_t rx_packets, rx_bytes, rx_gso, rx_dropped, rx_mcast_filtered, rx_bad_grant,
+             rx_stalls;
+    uint32_t flags;
+    uint32_t fatal_prod;    /* NK_FATAL: the req_prod that overran the ring */
+    uint32_t nbad;
+    struct nk_rx_bad bad[NK_RX_MAX_POSTED];
+};
+
+static inline struct nk_posted *posted_at(struct nk_rxq *q, uint32_t k)
+{
+    return &q->posted[(q->head + k) % NK_RX_MAX_POSTED];
+}
+
+static struct nk_posted posted_pop(struct nk_rxq *q)
+{
+    struct nk_posted p = q->posted[q->head];
+    q->head = (q->head + 1) % NK_RX_MAX_POSTED;
+    q->count--;
+    return p;
+}
+
+static void put_rx_response(struct nk_rxq *q, uint16_t id, uint16_t flags, int16_t status)
+{
+    struct netif_rx_response t = { .id = id, .offset = 0, .flags = flags, .status = status };
+    put_slot(&q->r, &t, sizeof(t));
+}
+
+/* BackRing.take_requests + RxPath._take: -1 ring corrupted (fatal), 0 nothing new,
+ * 1 some taken. Each buffer is pinned writable as a whole page; one that cannot be is
+ * kept in its place as not ok, and answered ERROR in its turn. */
+static int rx_take(struct nk_rxq *q, const struct dp_env *env, uint32_t want,
+                   struct nk_rx_out *out)
+{
+    struct nk_ring *r = &q->r;
+    uint32_t prod = dp_load32(SRING_IDX(r, req_prod));  /* read once */
+    dp_rmb();
+    if (prod - r->rsp_prod_pvt > r->size) {
+        out->fatal_prod = prod;
+        return -1;
+    }
+    uint32_t cons = r->req_cons, taken = 0;
+    if (want < 1)
+        want = 1;
+    while (cons != prod && taken < want) {
+        if (cons - r->rsp_prod_pvt >= r->size)   /* RING_REQUEST_CONS_OVERFLOW */
+            break;
+        if (q->count >= NK_RX_MAX_POSTED)          /* not reached: bounded by the ring */
+            break;
+        struct netif_rx_request req;
+        memcpy(&req, slot_at(r, cons), sizeof(req));    /* a private copy (XSA-155) */
+        cons++;
+        taken++;
+        struct nk_posted *p = posted_at(q, q->count);
+        q->count++;
+        p->id = req.id;
+        p->gref = req.gref;
+        p->ok = 0;
+        p->page = NULL;
+        uint32_t lo, hi;
+        int bad = dp_grant_pin(env, req.gref, 1, &p->page, &lo, &hi);
+        if (!bad && (lo != 0 || hi != DP_PAGE)) {
+            /* an rx buffer must be a whole page: a v2 sub-page is the guest's error */
+            dp_grant_unpin(env, req.gref, 1);
+            bad = -0x100;
+        }
+        if (bad) {
+            out->rx_bad_grant++;
+            if (out->nbad < NK_RX_MAX_POSTED) {     /* the log keeps the first ones */
+                struct nk_rx_bad *b = &out->bad[out->nbad++];
+                b->id = req.id;
+                b->gref = req.gref;
+                b->grant = bad == -0x100 ? 0 : (uint32_t)-bad;
+                b->lo = bad == -0x100 ? (uint16_t)lo : 0;
+                b->hi = bad == -0x100 ? (uint16_t)hi : 0;
+            }
+            p->page = NULL;
+        } else {
+            p->ok = 1;
+        }
+    }
+    r->req_cons = cons;
+    return taken ? 1 : 0;
+}
+
+static void rx_answer_bad_head(struct nk_rxq *q)
+{
+    while (q->count && !posted_at(q, 0)->ok) {
+        struct nk_posted p = posted_pop(q);
+        put_rx_response(q, p.id, 0, NETIF_RSP_ERROR);
+    }
+}
+
+/* RxPath._fill: 1 when `need` buffers are posted and the first is usable. */
+static int rx_fill(struct nk_rxq *q, const struct dp_env *env, struct nk_rx_out *out)
+{
+    for (;;) {
+        rx_answer_bad_head(q);
+        if (q->count >= q->need)
+            return 1;
+        int t = rx_take(q, env, q->need - q->count, out);
+        if (t < 0)
+            return -1;
+        if (t == 0)
+            return 0;
+    }
+}
+
+static inline uint8_t *rx_page(struct nk_rxq *q, const struct nk_posted *p)
+{
+    return p->ok ? p->page : q->scratch;
+}
+
+static int rx_wanted(const struct nk_rxq *q, const uint8_t *dst)
+{
+    static const uint8_t bcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
+    if (!q->mcast_control || !(dst[0] & 1) || !memcmp(dst, bcast, 6))
+        return 1;
+    for (uint32_t i = 0; i < q->nmcast && i < NK_MCAST_MAX; i++)
+        if (!memcmp(q->mcast[i], dst, 6))
+            return 1;
+    return 0;
+}
+
+/* RxPath._read_one: 0 when the tap is empty, 1 when a frame was handled. */
+static int rx_read_one(struct nk_rxq *q, const struct dp_env *env, struct nk_rx_out *out)
+{
+    struct iovec iov[1 + NK_RX_MAX_POSTED];
+    const struct nk_posted *bufs[NK_RX_MAX_POSTED];
+    uint32_t nbufs = 0;
+    bufs[nbufs++] = posted_at(q, 0);
+    for (uint32_t i = q->gso_offload ? 2 : 1; i < q->need && i < q->count; i++)
+        bufs[nbufs++] = posted_at(q, i);
+    iov[0].iov_base = q->hdr;
+    iov[0].iov_len = NK_VNET_HDR;
+    for (uint32_t i = 0; i < nbufs; i++) {
+        iov[1 + i].iov_base = rx_page(q, bufs[i]);
+        iov[1 + i].iov_len = DP_PAGE;
+    }
+    ssize_t n = readv(q->fd, iov, (int)(1 + nbufs));
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return 0;
+        out->rx_dropped++;
+        return 1;
+    }
+    int64_t frame_len = (int64_t)n - NK_VNET_HDR;
+    if (frame_len < NK_ETH_HLEN || frame_len > (int64_t)nbufs * DP_PAGE) {
+        out->rx_dropped++;
+        return 1;
+    }
+    struct vnet_hdr v;
+    memcpy(&v, q->hdr, sizeof(v));
+    int gso = 0;
+    uint8_t gtype = 0;
+    if (v.gso_type != 0) {      /* vnet.rx_gso */
+        if (v.gso_type == 1)
+            gtype = XEN_NETIF_GSO_TYPE_TCPV4;
+        else if (v.gso_type == 4)
+            gtype = XEN_NETIF_GSO_TYPE_TCPV6;
+        if (!gtype || !v.gso_size) {
+            out->rx_dropped++;
+            return 1;
+        }
+        gso = 1;
+        if (!(gtype == XEN_NETIF_GSO_TYPE_TCPV4 ? q->gso_tcpv4 : q->gso_tcpv6)) {
+            out->rx_dropped++;
+            return 1;
+        }
+    }
+    if (!rx_wanted(q, rx_page(q, bufs[0]))) {
+        out->rx_mcast_filtered++;   /* the buffers stay posted */
+        return 1;
+    }
+    uint32_t npages = (uint32_t)((frame_len + DP_PAGE - 1) / DP_PAGE);
+    if (!gso && q->gso_offload && npages > 1) {
+        /* Not GSO after all: slot 1's page, left free for extra info, takes data. */
+        for (uint32_t k = 1; k < npages; k++) {
+            const struct nk_posted *dst = k == 1 ? posted_at(q, 1) : bufs[k - 1];
+            memmove(rx_page(q, dst), rx_page(q, bufs[k]), DP_PAGE);
+        }
+    }
+    uint32_t used = npages + (gso ? 1 : 0);
+    if (used > q->count) {
+        /* Not reached with a tap that was offered GSO only with gso_offload (rx.py
+         * would stop on it); never let a frame use buffers that are not posted. */
+        out->rx_dropped++;
+        return 1;
+    }
+    struct nk_posted entries[NK_RX_MAX_POSTED];
+    for (uint32_t i = 0; i < used; i++)
+        entries[i] = posted_pop(q);
+    int failed_any = 0;
+    for (uint32_t i = 0; i < used; i++) {
+        if (gso && i == 1)
+            continue;       /* the extra-info slot carries no data */
+        if (!entries[i].ok)
+            failed_any = 1;
+    }
+    /* Every grant goes before the responses are published (XSA-396). */
+    for (uint32_t i = 0; i < used; i++)
+        if (entries[i].ok)
+            dp_grant_unpin(env, entries[i].gref, 1);
+    uint16_t csum = 0;      /* vnet.rx_netif_flags */
+    if (v.flags & 1)
+        csum = NETRXF_csum_blank | NETRXF_data_validated;
+    else if (v.flags & 2)
+        csum = NETRXF_data_validated;
+    /* rx.rx_responses: the first data slot, the GSO extra, the other data slots. */
+    uint32_t pos = 0;
+    for (uint32_t k = 0; k < npages; k++) {
+        uint32_t idx = gso && k ? k + 1 : k;
+        uint16_t flags = k == 0 ? csum : 0;
+        if (k == 0 && gso)
+            flags |= NETRXF_extra_info;
+        if (k < npages - 1)
+            flags |= NETRXF_more_data;
+        int16_t size = k < npages - 1 ? (int16_t)DP_PAGE
+                     : (int16_t)(frame_len - (int64_t)(npages - 1) * DP_PAGE);
+        if (!entries[idx].ok)
+            size = NETIF_RSP_ERROR;
+        put_rx_response(q, entries[idx].id, flags, size);
+        pos++;
+        if (k == 0 && gso) {
+            struct netif_extra_info e;
+            memset(&e, 0, sizeof(e));
+            e.type = XEN_NETIF_EXTRA_TYPE_GSO;
+            e.u.gso.size = v.gso_size;
+            e.u.gso.type = gtype;
+            put_slot(&q->r, &e, sizeof(e));
+            pos++;
+        }
+    }
+    if (failed_any) {
+        out->rx_dropped++;  /* part of the frame went to scratch: the frontend drops it */
+        return 1;
+    }
+    out->rx_packets++;
+    out->rx_bytes += (uint64_t)frame_len;
+    if (gso)
+        out->rx_gso++;
+    return 1;
+}
+
+/* RxPath._readable: up to `budget` frames. NK_RX_STALL: not enough buffers posted (the
+ * reader pauses; NK_RX_MORE then says requests arrived meanwhile: kick again). */
+void nk_rx(struct nk_rxq *q, const struct dp_env *env, uint32_t budget,
+           struct nk_rx_out *out)
+{
+    memset(out, 0, offsetof(struct nk_rx_out, bad));
+    if (q->need < 1 || q->need > NK_RX_MAX_POSTED / 2 || q->r.entry != 8 ||
+        q->r.size > NK_RX_MAX_POSTED) {
+        out->flags |= NK_FATAL;     /* a binding error, never a guest's */
+        return;
+    }
+    for (uint32_t n = 0; n < budget; n++) {
+        int f = rx_fill(q, env, out);
+        if (f <= 0) {
+            out->flags |= NK_RX_STALL;
+            out->rx_stalls++;
+            if (f < 0)
+                out->flags |= NK_FATAL;
+            else if (final_check(&q->r))
+                out->flags |= NK_RX_MORE;
+            break;
+        }
+        if (!rx_read_one(q, env, out))
+            break;
+    }
+    if (push_responses(&q->r))
+        out->flags |= NK_NOTIFY;
+}
+
+/* RxPath.stop: every posted buffer's pin goes. */
+void nk_rx_release(struct nk_rxq *q, const struct dp_env *env)
+{
+    while (q->count) {
+        struct nk_posted p = posted_pop(q);
+        if (p.ok)
+            dp_grant_unpin(env, p.gref, 1);
+    }
+}
+
+/* Sizes the binding checks at load. */
+uint32_t nk_layout(uint32_t *out, uint32_t n)
+{
+    const uint32_t v[] = {
+        sizeof(struct nk_txq), sizeof(struct nk_tx_out), sizeof(struct dp_env),
+        sizeof(struct nk_rxq), sizeof(struct nk_rx_out),
+        sizeof(struct dp_region), NK_BUDGET, NK_MAX_ERRORS, (uint32_t)NK_SRING_HEADER,
+        (uint32_t)NK_ENTRY,
+    };
+    uint32_t k = sizeof(v) / sizeof(v[0]);
+    for (uint32_t i = 0; i < k && i < n; i++)
+        out[i] = v[i];
+    return k;
+}

@@ -1,0 +1,674 @@
+"""A disk whose backing store is an NBD export, through libnbd's asynchronous API.
+
+The export is named by the disk's `path`: nbd://HOST[:PORT]/EXPORT, nbds://... (TLS
+required), nbd+unix:///EXPORT?socket=PATH and nbds+unix://... . The URI is parsed here,
+checked against the daemon's `[block] allowed_nbd`, and the connection is made to exactly
+what was checked (libnbd never sees the URI, so no second parser decides where to go).
+
+Everything runs on the event loop: libnbd's socket is watched with add_reader/add_writer
+as `aio_get_direction` asks, commands are issued with aio_pread/aio_pwrite/aio_flush/
+aio_trim, and their completion callbacks only record the result; the records are acted on
+after libnbd returns. There is no thread and no blocking call (a TLS export named by a
+host name resolves that name inside libnbd; see docs/blk.md).
+
+Guest memory is handed to libnbd as it is: a request of one segment is read into or
+written from the granted page itself. A request of several segments, contiguous on the
+disk but not in memory, goes as one NBD command through one bounce buffer: one command
+and one copy cost less than a command per 4 KiB segment.
+
+When the connection is lost (the server went away, or had commands outstanding and said
+nothing for `nbd_io_timeout_ms`) the disk is degraded: commands in flight go back to the
+head of the queue, and a new connection is tried with a growing backoff. If it comes back
+within `nbd_reconnect_timeout_ms` they are sent again and the guest sees nothing but the
+delay; after that every waiting request, and each new one until the server is back, is
+answered with an error. Reads, writes, flushes and trims are all safe to send twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import logging
+import os
+import urllib.parse
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from backendd.errors import ConfigError
+from rings.consts import SECTOR_SIZE, BlkifOp, BlkifStatus
+
+from .config import BlkConfig
+
+if TYPE_CHECKING:
+    from .engine import IoItem
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
+DEFAULT_PORT = 10809
+TRIM_CHUNK = 1 << 30  # an NBD command's length is 32 bits: split larger discards
+BACKOFF_FIRST = 0.05
+BACKOFF_MAX = 2.0
+
+
+def _nbd() -> Any:
+    try:
+        import nbd  # Debian's python3-libnbd (see the Makefile)
+    except ImportError as e:
+        raise ConfigError("path: NBD disks need libnbd's Python bindings "
+                          "(Debian python3-libnbd)") from e
+    return nbd
+
+
+def is_nbd_uri(path: str) -> bool:
+    scheme, sep, _ = path.partition("://")
+    return bool(sep) and scheme in SCHEMES
+
+
+@dataclass(frozen=True)
+class NbdTarget:
+    """Where an NBD disk lives, as parsed from its URI."""
+
+    uri: str
+    export: str
+    tls: bool
+    host: str = ""  # TCP
+    port: int = DEFAULT_PORT
+    socket: str = ""  # unix socket path
+
+    @property
+    def server(self) -> str:
+        """How the policy and the logs name the server."""
+        if self.socket:
+            return f"unix:{self.socket}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_nbd_uri(uri: str) -> NbdTarget:
+    try:
+        u = urllib.parse.urlsplit(uri)
+        port = u.port
+    except ValueError as e:
+        raise ConfigError(f"path: {uri!r}: {e}") from None
+    if u.scheme not in SCHEMES:
+        raise ConfigError(f"path: {uri!r}: scheme is not one of {', '.join(SCHEMES)}")
+    if u.username is not None or u.password is not None:
+        raise ConfigError(f"path: {uri!r}: user names are not supported")
+    if u.fragment:
+        raise ConfigError(f"path: {uri!r}: a fragment is not allowed")
+    path = urllib.parse.unquote(u.path)
+    export = path[1:] if path.startswith("/") else path
+    if "\0" in export or len(export.encode()) > 4096:
+        raise ConfigError(f"path: {uri!r}: bad export name")
+    try:
+        query = urllib.parse.parse_qs(u.query, keep_blank_values=True, strict_parsing=False,
+                                      max_num_fields=4)
+    except ValueError as e:
+        raise ConfigError(f"path: {uri!r}: {e}") from None
+    # Only the socket: certificates, keys and user names come from the daemon's side.
+    for key in query:
+        if key != "socket":
+            raise ConfigError(f"path: {uri!r}: query parameter {key!r} is not allowed")
+    tls = u.scheme.startswith("nbds")
+    if u.scheme.endswith("+unix"):
+        sockets = query.get("socket", [])
+        if len(sockets) != 1 or not os.path.isabs(sockets[0]) or "\0" in sockets[0]:
+            raise ConfigError(f"path: {uri!r}: needs one absolute socket=PATH")
+        if u.netloc:
+            raise ConfigError(f"path: {uri!r}: a unix socket URI names no host")
+        return NbdTarget(uri, export, tls, socket=os.path.normpath(sockets[0]))
+    if "socket" in query:
+        raise ConfigError(f"path: {uri!r}: socket= needs nbd+unix://")
+    host = u.hostname or ""
+    if not host:
+        raise ConfigError(f"path: {uri!r}: no host")
+    return NbdTarget(uri, export, tls, host=host, port=port or DEFAULT_PORT)
+
+
+def nbd_allowed(target: NbdTarget, allowed: Sequence[str]) -> bool:
+    """`allowed` holds "HOST:PORT" entries (any export of that server, plain or TLS) and
+    absolute directories (unix sockets that resolve below one). Empty allows nothing."""
+    if target.socket:
+        real = os.path.realpath(target.socket)
+        for entry in allowed:
+            if os.path.isabs(entry):
+                d = os.path.realpath(entry)
+                if os.path.commonpath([real, d]) == d:
+                    return True
+        return False
+    return target.server.lower() in (e.lower() for e in allowed if not os.path.isabs(e))
+
+
+@dataclass(frozen=True)
+class NbdPolicy:
+    allowed: tuple[str, ...] = ()
+    reconnect_timeout: float = 30.0
+    io_timeout: float = 30.0
+    tls_certificates: str = ""
+    tls_psk_file: str = ""
+    tls_username: str = ""
+
+    @classmethod
+    def from_config(cls, daemon_config: object) -> NbdPolicy:
+        block = getattr(daemon_config, "block", None)
+        if block is None:
+            return cls()
+        return cls(tuple(getattr(block, "allowed_nbd", ())),
+                   getattr(block, "nbd_reconnect_timeout_ms", 30000) / 1000,
+                   getattr(block, "nbd_io_timeout_ms", 30000) / 1000,
+                   getattr(block, "nbd_tls_certificates", ""),
+                   getattr(block, "nbd_tls_psk_file", ""),
+                   getattr(block, "nbd_tls_username", ""))
+
+
+class _Op:
+    """One blkif request as a sequence of steps, each a set of NBD commands that may run
+    together; a step is sent again whole after a reconnect."""
+
+    __slots__ = ("batch", "failed", "item", "outstanding", "steps")
+
+    def __init__(self, item: IoItem, batch: _Batch, steps: list[list[tuple]]) -> None:
+        self.item = item
+        self.batch = batch
+        self.steps = deque(steps)
+        self.outstanding = 0
+        self.failed = 0
+
+
+class _Batch:
+    __slots__ = ("future", "items", "left")
+
+    def __init__(self, items: list[IoItem], future: asyncio.Future) -> None:
+        self.items = items
+        self.future = future
+        self.left = len(items)
+
+
+class NbdImage:
+    """The backing store of a disk on an NBD export; the same face as `Image` towards
+    the device and the keys, plus `submit` in place of the I/O pool."""
+
+    is_block = False
+    discard_secure = False
+
+    def __init__(self, cfg: BlkConfig, policy: NbdPolicy,
+                 loop: asyncio.AbstractEventLoop, name: str = "") -> None:
+        self.cfg = cfg
+        self.target = parse_nbd_uri(cfg.path)
+        if not nbd_allowed(self.target, policy.allowed):
+            raise ConfigError(f"path: NBD server {self.target.server} is not in "
+                              "[block] allowed_nbd")
+        self.policy = policy
+        self.loop = loop
+        self.name = name or self.target.uri
+        self.nbd = _nbd()
+        self.size = 0
+        self.sectors = 0
+        self.physical_sector_size = cfg.sector_size
+        self.discard_granularity = max(4096, cfg.sector_size)
+        self.discard = False
+        self.flush = True
+        self.fua = False
+        self.export_readonly = False
+        # The connection.
+        self._h: Any = None
+        self._gen = 0
+        self._fd = -1
+        self._watch = 0  # AIO_DIRECTION bits registered with the loop
+        self._ready = False
+        self._closed = False
+        self._done: list[tuple[_Op, int, int]] = []  # (op, generation, errno)
+        self._queue: deque[_Op] = deque()  # waiting for a connection
+        self._active: set[_Op] = set()
+        self._last_progress = 0.0
+        self._down_since: float | None = None
+        self._failing = False  # down for longer than the reconnect timeout
+        self._draining = False  # the frontend is going away: nothing waits for the server
+        self._backoff = BACKOFF_FIRST
+        self._retry: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._connected_event: asyncio.Event | None = None
+        self._connect_error = ""
+        self.reconnects = 0
+        self.connection_losses = 0
+        self.timed_out = 0
+        self.resent = 0  # requests in flight on a lost connection, sent again
+
+    # --- opening -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, and learn the export's size and what it can do. A server that does
+        not answer within the I/O timeout is a configuration error."""
+        self._connected_event = asyncio.Event()
+        self._start_connect()
+        try:
+            await asyncio.wait_for(self._connected_event.wait(), self.policy.io_timeout)
+        except TimeoutError:
+            self._drop_connection()
+            raise ConfigError(f"path: NBD server {self.target.server} did not answer: "
+                              f"{self._connect_error or 'timed out'}") from None
+        if not self._ready:
+            raise ConfigError(f"path: cannot connect to NBD server {self.target.server}: "
+                              f"{self._connect_error}")
+        self._connected_event = None
+        self._learn()
+        self._watchdog = self.loop.call_later(self._tick_interval(), self._tick)
+
+    def _learn(self) -> None:
+        h, nbd, cfg = self._h, self.nbd, self.cfg
+        size = h.get_size()
+        self.size = size - size % cfg.sector_size
+        if self.size == 0:
+            raise ConfigError(f"path: NBD export {self.target.uri!r} is smaller than "
+                              "one sector")
+        self.sectors = self.size // SECTOR_SIZE
+        self.export_readonly = bool(h.is_read_only())
+        if self.export_readonly and not cfg.readonly:
+            log.info("nbd %s: the export is read-only; so is the disk", self.name)
+            self.cfg = dataclasses.replace(cfg, readonly=True)
+        self.flush = bool(h.can_flush())
+        self.fua = bool(h.can_fua())
+        self.discard = (self.cfg.discard and not self.cfg.readonly and not cfg.cdrom
+                        and bool(h.can_trim()))
+        preferred = h.get_block_size(nbd.SIZE_PREFERRED)
+        if preferred and preferred & (preferred - 1) == 0 and preferred <= 1 << 20:
+            self.discard_granularity = max(preferred, cfg.sector_size)
+        minimum = h.get_block_size(nbd.SIZE_MINIMUM)
+        if minimum and minimum & (minimum - 1) == 0 and minimum <= 4096:
+            self.physical_sector_size = max(minimum, cfg.sector_size)
+
+    def _start_connect(self) -> None:
+        self._retry = None
+        if self._closed:
+            return
+        nbd = self.nbd
+        t = self.target
+        try:
+            h = nbd.NBD()
+            h.set_handle_name(f"backendd-{os.getpid()}")
+            h.set_export_name(t.export)
+            h.set_tls(nbd.TLS_REQUIRE if t.tls else nbd.TLS_DISABLE)
+            if t.tls:
+                p = self.policy
+                if p.tls_psk_file:
+                    h.set_tls_psk_file(p.tls_psk_file)
+                elif p.tls_certificates:
+                    h.set_tls_certificates(p.tls_certificates)
+                if p.tls_username:
+                    h.set_tls_username(p.tls_username)
+            # On an error the guest is told so; zeroing every read buffer first buys
+            # nothing.
+            h.set_pread_initialize(False)
+            if t.socket:
+                h.aio_connect_unix(t.socket)
+            else:
+                h.aio_connect_tcp(t.host, str(t.port))
+        except nbd.Error as e:
+            self._connect_error = str(e)
+            self._lost(f"connect: {e}")
+            return
+        self._h = h
+        self._gen += 1
+        self._fd = -1  # _rewatch() asks libnbd
+        self._watch = 0
+        self._last_progress = self.loop.time()
+        self._after_call()
+
+    # --- the socket ----------------------------------------------------------------
+
+    def _rewatch(self) -> None:
+        if self._h is None:
+            return
+        if not self._ready:
+            # While connecting, libnbd may try one address after another, each with a
+            # socket of its own.
+            try:
+                fd = self._h.aio_get_fd()
+            except self.nbd.Error:
+                fd = -1
+            if fd != self._fd:
+                self._unwatch()
+                self._fd = fd
+            if fd < 0:
+                return
+        want = self._h.aio_get_direction() & self.nbd.AIO_DIRECTION_BOTH
+        if want == self._watch:
+            return
+        changed = want ^ self._watch
+        if changed & self.nbd.AIO_DIRECTION_READ:
+            if want & self.nbd.AIO_DIRECTION_READ:
+                self.loop.add_reader(self._fd, self._readable)
+            else:
+                self.loop.remove_reader(self._fd)
+        if changed & self.nbd.AIO_DIRECTION_WRITE:
+            if want & self.nbd.AIO_DIRECTION_WRITE:
+                self.loop.add_writer(self._fd, self._writable)
+            else:
+                self.loop.remove_writer(self._fd)
+        self._watch = want
+
+    def _unwatch(self) -> None:
+        if self._watch & self.nbd.AIO_DIRECTION_READ:
+            self.loop.remove_reader(self._fd)
+        if self._watch & self.nbd.AIO_DIRECTION_WRITE:
+            self.loop.remove_writer(self._fd)
+        self._watch = 0
+
+    def _readable(self) -> None:
+        self._notify(self._h.aio_notify_read if self._h is not None else None)
+
+    def _writable(self) -> None:
+        self._notify(self._h.aio_notify_write if self._h is not None else None)
+
+    def _notify(self, call: Callable[[], object] | None) -> None:
+        if call is None:
+            return
+        try:
+            call()
+        except self.nbd.Error as e:
+            self._connect_error = str(e)
+        self._after_call()
+
+    def _after_call(self) -> None:
+        """After any call into libnbd: notice a dead connection or a finished
+        handshake, act on completions, watch the right directions."""
+        h = self._h
+        if h is None:
+            return
+        if h.aio_is_dead() or h.aio_is_closed():
+            self._lost(self._connect_error or "connection closed")
+            return
+        if not self._ready and h.aio_is_ready():
+            self._became_ready()
+        self._complete()
+        self._rewatch()
+
+    def _became_ready(self) -> None:
+        self._ready = True
+        self._backoff = BACKOFF_FIRST
+        self._last_progress = self.loop.time()
+        if self._down_since is not None:
+            log.warning("nbd %s: reconnected to %s after %.1f s", self.name,
+                        self.target.server, self.loop.time() - self._down_since)
+            self.reconnects += 1
+            self._check_size_after_reconnect()
+        self._down_since = None
+        self._failing = False
+        if self._connected_event is not None:
+            self._connected_event.set()
+        while self._queue and self._ready:
+            self._start(self._queue.popleft())
+
+    def _check_size_after_reconnect(self) -> None:
+        size = self._h.get_size()
+        if size - size % self.cfg.sector_size < self.size:
+            # A smaller export now: requests beyond its end fail at the server.
+            log.warning("nbd %s: the export shrank to %d bytes", self.name, size)
+
+    def _drop_connection(self) -> None:
+        h, self._h = self._h, None
+        self._gen += 1  # completions of the old connection are ignored from now on
+        self._ready = False
+        if h is None:
+            return
+        self._unwatch()
+        self._fd = -1
+        # Closing the handle drops what libnbd holds of guest memory for commands
+        # that never completed; the bindings have no close() of their own.
+        handle = h.__dict__.pop("_o", None)
+        if handle is not None:
+            self.nbd.libnbdmod.close(handle)
+
+    def _lost(self, why: str) -> None:
+        was_ready = self._ready
+        self._drop_connection()
+        self._done.clear()
+        # What was in flight goes first when the server is back, in the order it came.
+        active = sorted(self._active, key=lambda op: op.item.ring_index)
+        self._active.clear()
+        if not self._draining:
+            self.resent += len(active)
+        for op in reversed(active):
+            op.outstanding = 0
+            op.failed = 0
+            self._queue.appendleft(op)
+        if self._draining:
+            self._fail_queue()
+        now = self.loop.time()
+        if self._down_since is None:
+            self._down_since = now
+            self.connection_losses += 1
+            log.warning("nbd %s: lost the connection to %s (%s); %d requests wait for it",
+                        self.name, self.target.server, why, len(self._queue))
+        elif was_ready:
+            log.warning("nbd %s: connection to %s lost again: %s", self.name,
+                        self.target.server, why)
+        if self._closed or self._connected_event is not None:
+            if self._connected_event is not None:
+                self._connected_event.set()  # open() reports the failure
+            return
+        self._check_deadline()
+        self._retry = self.loop.call_later(self._backoff, self._start_connect)
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+
+    def _check_deadline(self) -> None:
+        if self._down_since is None or self._failing:
+            return
+        if self.loop.time() - self._down_since >= self.policy.reconnect_timeout:
+            self._failing = True
+            log.error("nbd %s: %s gone for %.1f s: failing requests until it is back",
+                      self.name, self.target.server, self.policy.reconnect_timeout)
+            self._fail_queue()
+
+    def _tick_interval(self) -> float:
+        return max(0.05, min(self.policy.io_timeout, self.policy.reconnect_timeout) / 4)
+
+    def _tick(self) -> None:
+        """The watchdog: a silent server, a handshake that never ends, the deadline."""
+        self._watchdog = None
+        if self._closed:
+            return
+        now = self.loop.time()
+        if self._h is not None and (self._active or not self._ready) and \
+                now - self._last_progress >= self.policy.io_timeout:
+            self.timed_out += 1
+            self._lost(f"no answer for {self.policy.io_timeout:.1f} s")
+        self._check_deadline()
+        self._watchdog = self.loop.call_later(self._tick_interval(), self._tick)
+
+    # --- requests ------------------------------------------------------------------
+
+    def submit(self, _fn: object, _image: object, items: list[IoItem]) -> asyncio.Future:
+        """In place of the I/O pool: run `items` and resolve to them when all are done
+        (status set on each, as engine.execute_batch does)."""
+        future = self.loop.create_future()
+        batch = _Batch(items, future)
+        for item in items:
+            op = _Op(item, batch, self._plan(item))
+            if self._failing or self._closed or (self._draining and not self._ready):
+                op.failed = errno.ENOTCONN
+                self._finish(op)
+            elif self._ready:
+                self._start(op)
+            else:
+                self._queue.append(op)
+        if self._h is not None:
+            self._after_call()
+        return future
+
+    def _plan(self, item: IoItem) -> list[list[tuple]]:
+        req = item.req
+        offset = req.sector * SECTOR_SIZE
+        steps: list[list[tuple]] = []
+        if req.op == BlkifOp.DISCARD:
+            cmds = []
+            length = req.nr_sectors * SECTOR_SIZE
+            while length > 0:
+                n = min(length, TRIM_CHUNK)
+                cmds.append(("trim", offset, n))
+                offset += n
+                length -= n
+            return [cmds] if cmds else []
+        if item.is_flush and self.flush:
+            steps.append([("flush",)])
+        if item.views:
+            write = req.writes
+            fua = item.is_flush and write and self.flush
+            if fua and self.fua:
+                flags, fua = self.nbd.CMD_FLAG_FUA, False
+            else:
+                flags = 0
+            if len(item.views) == 1:
+                steps.append([("pwrite" if write else "pread", offset, item.views[0], flags)])
+            elif write:
+                steps.append([("pwrite_bounce", offset, None, flags)])
+            else:
+                steps.append([("pread_bounce", offset, None, flags)])
+            if fua:
+                # A flush with data: the data must be durable too, and this server
+                # has no FUA flag.
+                steps.append([("flush",)])
+        return steps
+
+    def _start(self, op: _Op) -> None:
+        if not op.steps:
+            self._finish(op)
+            return
+        if not self._ready:
+            self._queue.append(op)
+            return
+        h, nbd, gen = self._h, self.nbd, self._gen
+        step = op.steps[0]
+        op.outstanding = len(step)
+        op.failed = 0
+        if not self._active:
+            self._last_progress = self.loop.time()  # the silence counts from now
+        self._active.add(op)
+        for cmd in step:
+            def done(err: Any, op: _Op = op, gen: int = gen) -> int:
+                self._done.append((op, gen, err.value))
+                return 1
+            kind = cmd[0]
+            try:
+                if kind == "pread":
+                    h.aio_pread(cmd[2], cmd[1], completion=done, flags=cmd[3])
+                elif kind == "pwrite":
+                    h.aio_pwrite(cmd[2], cmd[1], completion=done, flags=cmd[3])
+                elif kind == "pread_bounce":
+                    buf = bytearray(op.item.req.nbytes)
+                    op.steps[0] = [(kind, cmd[1], buf, cmd[3])]
+                    h.aio_pread(buf, cmd[1], completion=done, flags=cmd[3])
+                elif kind == "pwrite_bounce":
+                    buf = b"".join(op.item.views)  # the one copy out of guest memory
+                    h.aio_pwrite(buf, cmd[1], completion=done, flags=cmd[3])
+                elif kind == "flush":
+                    h.aio_flush(completion=done)
+                else:
+                    h.aio_trim(cmd[2], cmd[1], completion=done)
+            except nbd.Error as e:
+                if h.aio_is_dead() or h.aio_is_closed():
+                    # The connection died under us: the op waits for the next one.
+                    self._lost(str(e))
+                    return
+                # Refused before it was sent (e.g. beyond a shrunken export).
+                op.outstanding -= 1
+                op.failed = e.errno or errno.EIO
+        if op.outstanding == 0:
+            self._step_done(op)
+
+    def _complete(self) -> None:
+        done, self._done = self._done, []
+        if done:
+            self._last_progress = self.loop.time()
+        for op, gen, err in done:
+            if gen != self._gen or op not in self._active:
+                continue
+            if err:
+                op.failed = op.failed or err
+            op.outstanding -= 1
+            if op.outstanding == 0:
+                self._step_done(op)
+
+    def _step_done(self, op: _Op) -> None:
+        self._active.discard(op)
+        step = op.steps.popleft()
+        if op.failed:
+            self._finish(op)
+            return
+        if step and step[0][0] == "pread_bounce":
+            buf = memoryview(step[0][2])
+            pos = 0
+            for view in op.item.views:  # the one copy into guest memory
+                view[:] = buf[pos:pos + len(view)]
+                pos += len(view)
+        if op.steps:
+            self._start(op)
+        else:
+            self._finish(op)
+
+    def _finish(self, op: _Op) -> None:
+        if op.failed:
+            op.item.status = BlkifStatus.ERROR
+            op.item.error = op.failed
+        batch = op.batch
+        batch.left -= 1
+        if batch.left == 0 and not batch.future.done():
+            batch.future.set_result(batch.items)
+
+    # --- the device's view ---------------------------------------------------------
+
+    @property
+    def degraded(self) -> bool:
+        return self._down_since is not None
+
+    def stats(self) -> dict[str, int]:
+        return {"nbd_degraded": int(self.degraded), "nbd_failing": int(self._failing),
+                "nbd_connection_losses": self.connection_losses,
+                "nbd_reconnects": self.reconnects, "nbd_timeouts": self.timed_out,
+                "nbd_resent": self.resent,
+                "nbd_waiting": len(self._queue), "nbd_in_flight": len(self._active)}
+
+    def resized(self) -> bool:
+        if not self._ready:
+            return False
+        size = self._h.get_size()
+        size -= size % self.cfg.sector_size
+        if size == self.size or size == 0:
+            return False
+        self.size = size
+        self.sectors = size // SECTOR_SIZE
+        return True
+
+    def set_draining(self, draining: bool) -> None:
+        """While the frontend goes away, nothing waits for a lost server: what waits
+        for it now, and what is in flight if the connection is lost meanwhile, is
+        answered with an error at once instead of after the reconnect timeout."""
+        self._draining = draining
+        if draining:
+            self._fail_queue()
+
+    def _fail_queue(self) -> None:
+        while self._queue:
+            op = self._queue.popleft()
+            op.failed = errno.ENOTCONN
+            self._finish(op)
+
+    def close(self) -> None:
+        """Fail whatever still waits, close the connection."""
+        self._closed = True
+        for timer in (self._retry, self._watchdog):
+            if timer is not None:
+                timer.cancel()
+        self._retry = self._watchdog = None
+        ops = list(self._queue) + list(self._active)
+        self._queue.clear()
+        self._active.clear()
+        self._drop_connection()
+        for op in ops:
+            op.failed = op.failed or errno.ENOTCONN
+            self._finish(op)
+

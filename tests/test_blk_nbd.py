@@ -1,0 +1,739 @@
+"""Disks on NBD exports, through the real daemon, against real NBD servers: qemu-nbd
+serving qcow2 and raw images, and nbdkit's memory plugin. Faults are real too: a server
+killed and started again under load, one that stays away, one stopped (SIGSTOP) that
+holds its socket open and never answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from test_blk_integration import connect_front
+
+from backendd.config import BlockSection, Config, ConfigFileError, DaemonSection, parse_config
+from backendd.devices.blk.nbd import NbdTarget, nbd_allowed, parse_nbd_uri
+from backendd.errors import ConfigError
+from backendd.guest.blkfront import BlkFront, BlkIOError
+from backendd.guest.machine import SimGuest
+from backendd.guest.vmm import RequestFailed, VmmClient
+from backendd.log import EventLog
+from backendd.metrics import render_status
+from backendd.server import Server
+from rings.consts import BlkifOp, BlkifStatus, VDiskInfo, XenbusState
+
+MiB = 1 << 20
+
+
+# --- servers ---------------------------------------------------------------------------
+
+@dataclass
+class NbdServer:
+    """A server we started (it daemonised once listening); stopped by its pid."""
+
+    argv: list[str]
+    pidfile: Path
+    socket: Path
+    pid: int = 0
+
+    def start(self) -> NbdServer:
+        self.pidfile.unlink(missing_ok=True)
+        # Both servers fork into the background only once they listen: when this
+        # returns, the socket accepts connections.
+        subprocess.run(self.argv, check=True, timeout=60)
+        self.pid = int(self.pidfile.read_text())
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if not self.pid:
+            return
+        pid, self.pid = self.pid, 0
+        try:
+            if sig != signal.SIGKILL:  # a stopped process takes SIGKILL as it is
+                os.kill(pid, signal.SIGCONT)
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        # Not our child (it daemonised): wait for it to go through a pidfd.
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            select.select([fd], [], [], 30)
+        finally:
+            os.close(fd)
+
+    def pause(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+        wait_stopped([self.pid])
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if int(_stat(int(entry))[2]) == pgid:
+                    members.append(int(entry))
+    return members
+
+
+def wait_stopped(pids: list[int]) -> None:
+    """SIGSTOP is delivered asynchronously: a server may still answer what reaches it a
+    moment after kill() returned. Wait until every thread of each process has stopped
+    (the kernel has no event to wait on for a process that is not our child)."""
+    for pid in pids:
+        for _ in range(10000):
+            states = []
+            with contextlib.suppress(OSError):
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(OSError), \
+                            open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+            if all(state in ("T", "t", "Z", "X") for state in states):
+                break
+            time.sleep(0.001)
+        else:
+            raise AssertionError(f"process {pid} did not stop")
+
+
+async def in_flight_reaches(client: VmmClient, devid: int, n: int) -> None:
+    """Each look is a round trip to the daemon, which sends meanwhile."""
+    for _ in range(10000):
+        if stats_of(await client.stats(devid), devid)["nbd_in_flight"] >= n:
+            return
+    raise AssertionError(f"never {n} requests in flight")
+
+
+def qemu_nbd(tmp: Path, image: Path, fmt: str, *, export: str = "disk",
+             readonly: bool = False, name: str = "qemu") -> NbdServer:
+    sock, pidfile = tmp / f"{name}.sock", tmp / f"{name}.pid"
+    argv = ["qemu-nbd", "--fork", "--persistent", "--shared=8", f"--pid-file={pidfile}",
+            f"--socket={sock}", f"--export-name={export}", f"--format={fmt}",
+            "--discard=unmap", "--cache=writeback", str(image)]
+    if readonly:
+        argv.insert(1, "--read-only")
+    return NbdServer(argv, pidfile, sock)
+
+
+class Nbdkit(NbdServer):
+    """nbdkit with a --run command, our child, in a process group of its own (nbdkit,
+    its server process, the command): the command says "ready" once the server
+    listens, and exits, and nbdkit with it, when we close its stdin. Faults are
+    signals to the whole group."""
+
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> NbdServer:
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, start_new_session=True)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline() == b"ready\n"
+        self.pid = self.proc.pid
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        self.pid = 0
+        if sig != signal.SIGKILL:  # a stopped process takes SIGKILL as it is
+            os.killpg(proc.pid, signal.SIGCONT)
+        if sig != signal.SIGTERM:
+            os.killpg(proc.pid, sig)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()  # the --run command ends, then nbdkit
+        proc.wait(30)
+        proc.stdout.close()
+
+    def pause(self) -> None:
+        os.killpg(self.pid, signal.SIGSTOP)
+        wait_stopped(group_members(self.pid))
+
+    def resume(self) -> None:
+        os.killpg(self.pid, signal.SIGCONT)
+
+
+def nbdkit_memory(tmp: Path, size: str, *, readonly: bool = False,
+                  name: str = "nbdkit", tls_psk: Path | None = None,
+                  tcp_port: int = 0) -> NbdServer:
+    sock = tmp / f"{name}.sock"
+    where = ["-i", "127.0.0.1", "-p", str(tcp_port)] if tcp_port else ["-U", str(sock)]
+    argv = ["nbdkit", *where, "--run", "echo ready; read _", "memory", size]
+    if readonly:
+        argv.insert(1, "--readonly")
+    if tls_psk is not None:
+        argv[1:1] = ["--tls=require", f"--tls-psk={tls_psk}"]
+    return Nbdkit(argv, tmp / f"{name}.pid", sock)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[NbdServer]]:
+    started: list[NbdServer] = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+def uri(server: NbdServer, export: str = "") -> str:
+    return f"nbd+unix:///{export}?socket={server.socket}"
+
+
+# --- the daemon ------------------------------------------------------------------------
+
+@dataclass
+class Vm:
+    client: VmmClient
+    guest: SimGuest
+    server: Server
+    log: io.StringIO
+
+
+async def start_vm(tmp_path: Path, name: str = "backendd",
+                   **block) -> tuple[Server, VmmClient, SimGuest, io.StringIO]:
+    block.setdefault("allowed_nbd", [str(tmp_path)])
+    config = Config(daemon=DaemonSection(socket=str(tmp_path / f"{name}.sock"),
+                                         log_level="debug"),
+                    block=BlockSection(**block))
+    log = io.StringIO()
+    server = Server(config, EventLog("debug", log))
+    await server.start()
+    client = await VmmClient.connect(config.daemon.socket)
+    guest = SimGuest(ram_size=48 * MiB, gnttab_frames=8)
+    await guest.attach(client)
+    return server, client, guest, log
+
+
+@pytest.fixture
+def vm_factory(tmp_path: Path):
+    made: list[Vm] = []
+
+    async def make(**block) -> Vm:
+        server, client, guest, log = await start_vm(tmp_path, f"backendd-{len(made)}",
+                                                    **block)
+        vm = Vm(client, guest, server, log)
+        made.append(vm)
+        return vm
+
+    yield make
+    for vm in made:
+        vm.guest.close()
+
+
+@pytest.fixture
+async def vm(vm_factory) -> AsyncIterator[Vm]:
+    vm = await vm_factory()
+    yield vm
+    await vm.client.close()
+    await vm.server.close()
+
+
+async def closing(vm: Vm) -> None:
+    await vm.client.close()
+    await vm.server.close()
+
+
+async def attach(vm: Vm, devid: int, path: str, *, queues: int = 1, persistent: bool = False,
+                 **config: str) -> tuple[BlkFront, dict[str, str]]:
+    _, keys = await vm.client.add_device(devid, "blk", {"path": path, **config})
+    front = BlkFront(vm.guest.ram, vm.guest.gnttab, devid, queues=queues, ring_order=1,
+                     backend_keys=keys, first_port=devid * 10, persistent=persistent)
+    state, keys = await connect_front(vm.client, front, devid)
+    assert state == XenbusState.CONNECTED
+    return front, keys
+
+
+async def detach(vm: Vm, devid: int, front: BlkFront) -> None:
+    await vm.client.frontend_state(devid, XenbusState.CLOSING, {})
+    await vm.client.frontend_state(devid, XenbusState.CLOSED, {})
+    front.close()
+    assert front.refused_revokes == [] and front.stray_responses == []
+    await vm.client.remove_device(devid)
+
+
+class Progress:
+    """Requests done so far, and a way to wait for a count."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self._waiters: list[tuple[int, asyncio.Future]] = []
+
+    def tick(self) -> None:
+        self.done += 1
+        for n, fut in self._waiters:
+            if self.done >= n and not fut.done():
+                fut.set_result(None)
+
+    async def reach(self, n: int) -> None:
+        if self.done < n:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append((n, fut))
+            await fut
+
+
+async def workload(front: BlkFront, model: bytearray, *, workers: int = 8, rounds: int = 30,
+                   seed: int = 0, progress: Progress | None = None) -> int:
+    """Random reads and writes, each worker in its own slice; every read checked against
+    the model. Returns the number of requests, all answered OKAY."""
+    progress = progress or Progress()
+    span = len(model) // workers
+
+    async def worker(w: int) -> None:
+        rng = random.Random(seed * 100 + w)
+        base = w * span
+        for _ in range(rounds):
+            n = rng.choice([512, 4096, 8192, 65536, 256 * 1024])
+            off = base + rng.randrange(0, span - n + 1, 512)
+            if rng.random() < 0.5:
+                data = rng.randbytes(n)
+                await front.write(off // 512, data)
+                model[off:off + n] = data
+            else:
+                assert await front.read(off // 512, n) == model[off:off + n]
+            progress.tick()
+
+    await asyncio.gather(*(worker(w) for w in range(workers)))
+    return progress.done
+
+
+def stats_of(stats: dict[str, str], devid: int) -> dict[str, int]:
+    prefix = f"{devid}."
+    return {k[len(prefix):]: int(v) for k, v in stats.items() if k.startswith(prefix)}
+
+
+def qemu_img(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=60)
+
+
+# --- URIs and policy -------------------------------------------------------------------
+
+def test_uri_forms():
+    assert parse_nbd_uri("nbd://10.0.0.1/vol") == NbdTarget(
+        "nbd://10.0.0.1/vol", "vol", False, host="10.0.0.1", port=10809)
+    t = parse_nbd_uri("nbds://[fd00::1]:10900/a%20b")
+    assert (t.host, t.port, t.export, t.tls, t.server) == \
+        ("fd00::1", 10900, "a b", True, "[fd00::1]:10900")
+    t = parse_nbd_uri("nbd+unix:///exp?socket=/run/nbd/../nbd/s.sock")
+    assert (t.socket, t.export, t.tls, t.server) == \
+        ("/run/nbd/s.sock", "exp", False, "unix:/run/nbd/s.sock")
+    assert parse_nbd_uri("nbds+unix://?socket=/s").tls
+    assert parse_nbd_uri("nbd://host").export == ""
+    for bad in ("nbd+unix:///x", "nbd+unix:///x?socket=rel.sock",
+                "nbd+unix://host/x?socket=/s", "nbd:///x", "nbd://h/x?socket=/s",
+                "nbd://h/x?tls-psk-file=/etc/shadow", "nbd://h/x?tls-certificates=/",
+                "nbd+vsock://1/x", "nbd://u:p@h/x", "nbd://h:99999/x", "nbd://h/x#f",
+                "nbd+unix:///x?socket=/a&socket=/b"):
+        with pytest.raises(ConfigError):
+            parse_nbd_uri(bad)
+
+
+def test_policy(tmp_path):
+    (tmp_path / "nbd").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "nbd" / "escape").symlink_to(tmp_path / "other")
+    allowed = [str(tmp_path / "nbd"), "10.0.0.1:10809", "[fd00::1]:10900", "Store:10809"]
+    ok = [f"nbd+unix:///x?socket={tmp_path}/nbd/s.sock", "nbd://10.0.0.1/x",
+          "nbds://10.0.0.1:10809/y", "nbd://[fd00::1]:10900/", "nbd://store/x"]
+    refused = [f"nbd+unix:///x?socket={tmp_path}/other/s.sock",
+               f"nbd+unix:///x?socket={tmp_path}/nbd/../other/s.sock",
+               f"nbd+unix:///x?socket={tmp_path}/nbd/escape/s.sock",
+               "nbd://10.0.0.1:10810/x", "nbd://10.0.0.2/x", "nbd://[fd00::1]/x"]
+    for u in ok:
+        assert nbd_allowed(parse_nbd_uri(u), allowed), u
+    for u in refused:
+        assert not nbd_allowed(parse_nbd_uri(u), allowed), u
+    assert not nbd_allowed(parse_nbd_uri(ok[0]), [])  # empty: no NBD disks
+
+
+def test_config_keys():
+    config = parse_config('[block]\nallowed_nbd = ["/run/nbd", "10.0.0.1:10809"]\n'
+                          "nbd_reconnect_timeout_ms = 5000\nnbd_io_timeout_ms = 2000\n")
+    assert config.block.allowed_nbd == ["/run/nbd", "10.0.0.1:10809"]
+    assert config.block.nbd_reconnect_timeout_ms == 5000
+    assert config.block.nbd_io_timeout_ms == 2000
+    with pytest.raises(ConfigFileError, match="nbd_io_timeout_ms"):
+        parse_config("[block]\nnbd_io_timeout_ms = 0\n")
+    with pytest.raises(ConfigFileError, match="nbd_tls_psk_file"):
+        parse_config('[block]\nnbd_tls_psk_file = "keys.psk"\n')
+
+
+async def test_servers_outside_the_policy_are_refused(vm_factory, tmp_path, servers):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    srv = nbdkit_memory(other, "1M")
+    servers.append(srv.start())
+    vm = await vm_factory(allowed_nbd=[str(tmp_path / "nbd-only")])
+    try:
+        with pytest.raises(RequestFailed, match="allowed_nbd"):
+            await vm.client.add_device(1, "blk", {"path": uri(srv)})
+        with pytest.raises(RequestFailed, match="query parameter"):
+            await vm.client.add_device(1, "blk", {
+                "path": f"nbd://127.0.0.1/x?tls-psk-file={tmp_path}/k"})
+        # allowed_dirs does not reach NBD disks, nor allowed_nbd files.
+        vm2 = await vm_factory(allowed_dirs=[str(tmp_path / "imgs")],
+                               allowed_nbd=[str(other)])
+        front, _ = await attach(vm2, 2, uri(srv))
+        await front.write(0, b"a" * 4096)
+        assert await front.read(0, 4096) == b"a" * 4096
+        await detach(vm2, 2, front)
+        await closing(vm2)
+    finally:
+        await closing(vm)
+
+
+async def test_an_absent_server_is_a_config_error(vm, tmp_path):
+    with pytest.raises(RequestFailed, match="cannot connect"):
+        await vm.client.add_device(1, "blk", {"path": f"nbd+unix:///?socket={tmp_path}/no"})
+    # The daemon and the connection go on.
+    assert (await vm.client.stats()) == {}
+
+
+# --- verified I/O against real servers ---------------------------------------------------
+
+async def test_qcow2_through_qemu_nbd(vm, tmp_path, servers):
+    image = tmp_path / "disk.qcow2"
+    assert qemu_img("create", "-q", "-f", "qcow2", str(image), "16M").returncode == 0
+    srv = qemu_nbd(tmp_path, image, "qcow2")
+    servers.append(srv.start())
+    front, keys = await attach(vm, 1, uri(srv, "disk"), queues=2)
+    assert keys["sectors"] == str(16 * MiB // 512)
+    assert keys["feature-flush-cache"] == "1" and keys["feature-barrier"] == "1"
+    assert keys["feature-discard"] == "1"
+    assert int(keys["info"]) & VDiskInfo.READONLY == 0
+
+    model = bytearray(16 * MiB)
+    await workload(front, model, workers=8, rounds=30)
+    await front.flush()
+    # Discard of whole qcow2 clusters: they are deallocated and read back as zeros
+    # (NBD's trim promises no contents; qcow2 with discard=unmap gives zeros).
+    await front.discard(65536 // 512, 2 * MiB // 512)
+    model[65536:65536 + 2 * MiB] = bytes(2 * MiB)
+    for off in range(0, 3 * MiB, MiB):
+        assert await front.read(off // 512, MiB) == model[off:off + MiB]
+    # A flush that carries data (a FUA write in the guest's block layer): FUA on the
+    # write when the server has it.
+    for op in (BlkifOp.FLUSH_DISKCACHE, BlkifOp.WRITE_BARRIER):
+        rid = front.new_id()
+        gfn = front.ram.alloc_page()
+        front.ram.write(gfn * 4096, bytes([op]) * 4096)
+        gref = front.gnttab.grant_access(gfn, readonly=True)
+        raw = front.codecs.request.pack(op, 1, 1, rid, 64 + 8 * op, gref, 0, 7, *[0] * 30)
+        assert await front.send_raw(raw, rid) == (op, BlkifStatus.OKAY)
+        assert front.gnttab.end_access(gref)
+        model[(64 + 8 * op) * 512:(72 + 8 * op) * 512] = bytes([op]) * 4096
+    assert await front.read(64, 8192 + 4096) == model[64 * 512:88 * 512]
+    stats = stats_of(await vm.client.stats(1), 1)
+    assert stats["errors"] == 0 and stats["flushes"] == 3 and stats["discards"] == 1
+    assert stats["nbd_degraded"] == 0 and stats["nbd_connection_losses"] == 0
+    await detach(vm, 1, front)
+
+    srv.stop()
+    check = qemu_img("check", "-f", "qcow2", str(image))
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "No errors were found" in check.stdout
+    raw = tmp_path / "guest-view.raw"
+    raw.write_bytes(model)
+    cmp = qemu_img("compare", "-f", "qcow2", "-F", "raw", str(image), str(raw))
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["grants", "persistent-grants"])
+async def test_nbdkit_memory(vm, tmp_path, servers, persistent):
+    srv = nbdkit_memory(tmp_path, "8M")
+    servers.append(srv.start())
+    front, keys = await attach(vm, 1, uri(srv), queues=4, persistent=persistent)
+    assert front.use_persistent == persistent
+    assert keys["sectors"] == str(8 * MiB // 512)
+    model = bytearray(8 * MiB)
+    await workload(front, model, workers=8, rounds=40, seed=1)
+    # Indirect requests of 1 MiB, many segments: one NBD command each way.
+    data = random.Random(5).randbytes(MiB)
+    await front.write(2 * MiB // 512, data, indirect=True)
+    model[2 * MiB:3 * MiB] = data
+    assert await front.read(0, 8 * MiB // 8) == model[:MiB]
+    assert await front.read(2 * MiB // 512, MiB, indirect=True) == data
+    await front.flush()
+    await front.discard(0, 8 * MiB // 512)
+    assert await front.read(0, MiB) == bytes(MiB)
+    stats = stats_of(await vm.client.stats(1), 1)
+    assert stats["errors"] == 0 and stats["discards"] == 1
+    await detach(vm, 1, front)
+
+
+async def test_read_only_export(vm, tmp_path, servers):
+    image = tmp_path / "base.raw"
+    content = random.Random(3).randbytes(4 * MiB)
+    image.write_bytes(content)
+    srv = qemu_nbd(tmp_path, image, "raw", readonly=True)
+    servers.append(srv.start())
+    # The disk was configured writable; the export decides.
+    front, keys = await attach(vm, 1, uri(srv, "disk"))
+    assert int(keys["info"]) & VDiskInfo.READONLY
+    assert keys["feature-discard"] == "0"
+    assert await front.read(0, MiB) == content[:MiB]
+    with pytest.raises(BlkIOError) as info:
+        await front.write(0, b"x" * 4096)
+    assert info.value.status == BlkifStatus.ERROR
+    with pytest.raises(BlkIOError) as info:
+        await front.discard(0, 8)
+    assert info.value.status == BlkifStatus.EOPNOTSUPP
+    assert await front.read(4 * MiB // 512 - 8, 4096) == content[-4096:]
+    await detach(vm, 1, front)
+    assert image.read_bytes() == content
+
+
+# --- faults ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt, sig", [("qcow2", signal.SIGTERM), ("raw", signal.SIGKILL)],
+                         ids=["qcow2-restart", "raw-crash"])
+async def test_server_restart_under_load(vm_factory, tmp_path, servers, fmt, sig):
+    """A restart, and a crash of a server whose writes reach the host's page cache:
+    commands in flight are lost with the connection and sent again. (A crash of a
+    qcow2 server loses its unflushed metadata, as a disk loses its cache: only what a
+    flush covered survives that.)"""
+    vm = await vm_factory(nbd_reconnect_timeout_ms=60000, nbd_io_timeout_ms=10000)
+    image = tmp_path / f"disk.{fmt}"
+    assert qemu_img("create", "-q", "-f", fmt, str(image), "8M").returncode == 0
+    srv = qemu_nbd(tmp_path, image, fmt)
+    servers.append(srv.start())
+    try:
+        front, _ = await attach(vm, 1, uri(srv, "disk"), queues=2)
+        model = bytearray(8 * MiB)
+        progress = Progress()
+        load = asyncio.ensure_future(workload(front, model, workers=8, rounds=60, seed=2,
+                                              progress=progress))
+        target = 100
+        for _ in range(2):  # twice: the second time the disk has been through it once
+            await progress.reach(target)
+            # Off the event loop: the daemon on it goes on serving (and qemu-nbd's
+            # orderly exit waits for its clients' sockets to drain).
+            await asyncio.to_thread(srv.stop, sig)  # in-flight commands die with it
+            await asyncio.to_thread(srv.start)
+            # The old server is gone: whatever completes from now on came through a
+            # new connection.
+            target = progress.done + 20
+        assert await load == 8 * 60  # every request answered OKAY, every read verified
+        await front.flush()
+        stats = stats_of(await vm.client.stats(1), 1)
+        assert stats["errors"] == 0
+        assert stats["nbd_connection_losses"] == 2 and stats["nbd_reconnects"] == 2
+        assert stats["nbd_degraded"] == 0
+        await detach(vm, 1, front)
+        srv.stop()
+        if fmt == "qcow2":
+            assert qemu_img("check", "-q", "-f", "qcow2", str(image)).returncode == 0
+        raw = tmp_path / "guest-view.raw"
+        raw.write_bytes(model)
+        cmp = qemu_img("compare", "-f", fmt, "-F", "raw", str(image), str(raw))
+        assert cmp.returncode == 0, cmp.stdout
+    finally:
+        await closing(vm)
+
+
+async def test_a_server_gone_for_good_fails_its_disk_only(vm_factory, tmp_path, servers):
+    vm = await vm_factory(nbd_reconnect_timeout_ms=300, nbd_io_timeout_ms=5000)
+    gone = nbdkit_memory(tmp_path, "4M", name="gone")
+    stays = nbdkit_memory(tmp_path, "4M", name="stays")
+    servers.append(gone.start())
+    servers.append(stays.start())
+    file_image = tmp_path / "local.img"
+    file_image.write_bytes(bytes(MiB))
+    try:
+        front1, _ = await attach(vm, 1, uri(gone))
+        front2, _ = await attach(vm, 2, uri(stays))
+        front3, _ = await attach(vm, 3, str(file_image))
+        await front1.write(0, b"1" * 4096)
+        gone.stop(signal.SIGKILL)
+        # Requests wait for the server, then fail, each of them, after the timeout.
+        results = await asyncio.gather(*(front1.read(8 * i, 4096) for i in range(8)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, BlkIOError) and r.status == BlkifStatus.ERROR
+                   for r in results), results
+        with pytest.raises(BlkIOError):  # and so do new ones while it is away
+            await front1.write(0, b"x" * 512)
+        # The other disks never noticed.
+        for front in (front2, front3):
+            await front.write(8, b"2" * 4096)
+            assert await front.read(8, 4096) == b"2" * 4096
+        status = await vm.client.daemon_status()
+        devs = {k.split(".dev.")[1]: v for k, v in status.items() if ".dev." in k}
+        assert devs["1.stat.nbd_degraded"] == "1" and devs["1.stat.nbd_failing"] == "1"
+        assert devs["2.stat.nbd_degraded"] == "0"
+        metrics = render_status(vm.server.full_status()).splitlines()  # as /metrics
+        assert "# TYPE backendd_blk_nbd_degraded gauge" in metrics
+        degraded = {line.rsplit(" ", 1)[1] for line in metrics
+                    if line.startswith("backendd_blk_nbd_degraded{") and 'devid="1"' in line}
+        assert degraded == {"1"}
+        await detach(vm, 2, front2)
+        await detach(vm, 3, front3)
+        await detach(vm, 1, front1)
+    finally:
+        await closing(vm)
+
+
+async def test_a_silent_server_stalls_only_its_disk(vm_factory, tmp_path, servers):
+    vm = await vm_factory(nbd_reconnect_timeout_ms=400, nbd_io_timeout_ms=300)
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4 * MiB))
+    silent = qemu_nbd(tmp_path, image, "raw", name="silent")
+    other = nbdkit_memory(tmp_path, "4M", name="other")
+    servers.append(silent.start())
+    servers.append(other.start())
+    try:
+        front1, _ = await attach(vm, 1, uri(silent, "disk"))
+        front2, _ = await attach(vm, 2, uri(other))
+        await front1.write(0, b"s" * 4096)
+        silent.pause()  # holds its socket, answers nothing
+        stalled = asyncio.ensure_future(front1.read(0, 4096))
+        # While disk 1 waits, disk 2 serves.
+        model = bytearray(4 * MiB)
+        await workload(front2, model, workers=4, rounds=20, seed=4)
+        with pytest.raises(BlkIOError):
+            await stalled  # after the I/O timeout and the reconnect timeout
+        stats = stats_of(await vm.client.stats(1), 1)
+        assert stats["nbd_timeouts"] >= 1 and stats["nbd_degraded"] == 1
+        # The server wakes up: the disk comes back by itself.
+        silent.resume()
+        for _ in range(200):
+            try:
+                assert await front1.read(0, 4096) == b"s" * 4096
+                break
+            except BlkIOError:
+                await asyncio.sleep(0.05)  # the reconnect's backoff has no event to await
+        else:
+            raise AssertionError("the disk did not come back")
+        assert stats_of(await vm.client.stats(1), 1)["nbd_degraded"] == 0
+        await detach(vm, 1, front1)
+        await detach(vm, 2, front2)
+    finally:
+        await closing(vm)
+
+
+@pytest.mark.parametrize("when", ["lost-before", "lost-in-flight"])
+async def test_closing_a_disk_does_not_wait_for_its_lost_server(vm_factory, tmp_path, servers,
+                                                                when):
+    vm = await vm_factory(nbd_reconnect_timeout_ms=600000, nbd_io_timeout_ms=600000)
+    srv = nbdkit_memory(tmp_path, "1M")
+    servers.append(srv.start())
+    try:
+        front, _ = await attach(vm, 1, uri(srv))
+        await front.write(0, b"w" * 4096)
+        if when == "lost-before":
+            srv.stop(signal.SIGKILL)
+            waiting = asyncio.ensure_future(front.read(0, 4096))
+        else:  # the read is with the server when it dies
+            srv.pause()
+            waiting = asyncio.ensure_future(front.read(0, 4096))
+            await in_flight_reaches(vm.client, 1, 1)
+        # The read would wait ten minutes for the server; the frontend closes.
+        closing_state = asyncio.ensure_future(
+            vm.client.frontend_state(1, XenbusState.CLOSING, {}))
+        if when == "lost-in-flight":
+            await asyncio.to_thread(srv.stop, signal.SIGKILL)
+        await asyncio.wait_for(closing_state, 30)
+        with pytest.raises(BlkIOError):
+            await waiting
+        await vm.client.frontend_state(1, XenbusState.CLOSED, {})
+        front.close()
+        assert front.refused_revokes == [] and front.stray_responses == []
+        await vm.client.remove_device(1)
+    finally:
+        await closing(vm)
+
+
+async def test_tls_with_a_pre_shared_key(vm_factory, tmp_path, servers):
+    psk = tmp_path / "keys.psk"
+    psk.write_text(f"guest1:{random.Random(9).randbytes(32).hex()}\n")
+    psk.chmod(0o600)
+    srv = nbdkit_memory(tmp_path, "2M", tls_psk=psk, name="tls")
+    servers.append(srv.start())
+    plain = nbdkit_memory(tmp_path, "2M", name="plain")
+    servers.append(plain.start())
+    vm = await vm_factory(nbd_tls_psk_file=str(psk), nbd_tls_username="guest1")
+    try:
+        front, keys = await attach(vm, 1, f"nbds+unix:///?socket={srv.socket}")
+        assert keys["sectors"] == str(2 * MiB // 512)
+        data = random.Random(10).randbytes(256 * 1024)
+        await front.write(64, data)
+        assert await front.read(64, len(data)) == data
+        await front.flush()
+        await detach(vm, 1, front)
+        # The server requires TLS: a plain URI is refused by it.
+        with pytest.raises(RequestFailed, match="cannot connect"):
+            await vm.client.add_device(2, "blk", {"path": uri(srv)})
+        # nbds:// requires TLS: a server without it is refused by us.
+        with pytest.raises(RequestFailed, match="cannot connect"):
+            await vm.client.add_device(3, "blk",
+                                       {"path": f"nbds+unix:///?socket={plain.socket}"})
+    finally:
+        await closing(vm)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_tcp_on_loopback(vm_factory, tmp_path, servers):
+    port = free_port()
+    srv = nbdkit_memory(tmp_path, "4M", tcp_port=port)
+    servers.append(srv.start())
+    vm = await vm_factory(allowed_nbd=[f"127.0.0.1:{port}"])
+    try:
+        front, keys = await attach(vm, 1, f"nbd://127.0.0.1:{port}/")
+        assert keys["sectors"] == str(4 * MiB // 512)
+        model = bytearray(4 * MiB)
+        await workload(front, model, workers=4, rounds=20, seed=6)
+        await detach(vm, 1, front)
+        with pytest.raises(RequestFailed, match="allowed_nbd"):  # another port
+            await vm.client.add_device(2, "blk", {"path": f"nbd://127.0.0.1:{port + 1}/"})
+    finally:
+        await closing(vm)
+
+
+async def test_a_request_in_flight_when_the_server_dies_is_sent_again(vm_factory, tmp_path,
+                                                                       servers):
+    vm = await vm_factory(nbd_reconnect_timeout_ms=60000, nbd_io_timeout_ms=60000)
+    image = tmp_path / "disk.raw"
+    content = random.Random(11).randbytes(2 * MiB)
+    image.write_bytes(content)
+    srv = qemu_nbd(tmp_path, image, "raw")
+    servers.append(srv.start())
+    try:
+        front, _ = await attach(vm, 1, uri(srv, "disk"))
+        srv.pause()  # what the daemon sends now stays unanswered
+        read = asyncio.ensure_future(front.read(8, 64 * 1024))
+        write = asyncio.ensure_future(front.write(1024, b"W" * 8192))
+        await in_flight_reaches(vm.client, 1, 2)
+        await asyncio.to_thread(srv.stop, signal.SIGKILL)  # it dies with both unanswered
+        await asyncio.to_thread(srv.start)
+        assert await read == content[4096:4096 + 64 * 1024]
+        await write
+        assert await front.read(1024, 8192) == b"W" * 8192
+        stats = stats_of(await vm.client.stats(1), 1)
+        assert stats["nbd_resent"] == 2 and stats["errors"] == 0
+        assert stats["nbd_reconnects"] == 1 and stats["nbd_degraded"] == 0
+        await detach(vm, 1, front)
+    finally:
+        await closing(vm)
