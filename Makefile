@@ -6,26 +6,33 @@ STAMP   := $(VENV)/.installed
 DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 fio
 DEBSTAMP := $(VENV)/.debs
 
-.PHONY: demo test lint bench fuzz clean debs
+KERNEL  := backendd/dataplane/_blk_kernel.so
+
+.PHONY: demo test lint bench fuzz clean debs kernel
 
 # The daemon and a simulated guest with a disk and a nic, for about 20 seconds.
 DEMO_SECONDS ?= 20
-demo: $(STAMP)
+demo: $(STAMP) $(KERNEL)
 	$(PY) -m rings
 	$(VENV)/bin/backendd demo --seconds $(DEMO_SECONDS)
 
-test: $(STAMP)
+test: $(STAMP) $(KERNEL)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)
+bench: $(STAMP) $(KERNEL)
 	$(PY) -m bench
 
-fuzz: $(STAMP)
+fuzz: $(STAMP) $(KERNEL)
 	$(PY) -m bench.fuzz
+
+# The compiled blk data plane (gcc -Wall -Wextra -Werror against Xen's headers).
+kernel: $(KERNEL)
+$(KERNEL): backendd/dataplane/blk_kernel.c backendd/dataplane/build.py $(STAMP)
+	$(PY) -m backendd.dataplane.build
 
 debs: $(DEBSTAMP)
 
@@ -47,4 +54,4 @@ $(STAMP): pyproject.toml $(DEBSTAMP)
 	touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis $(KERNEL)

@@ -93,9 +93,12 @@ class GrantTable:
         self._map: mmap.mmap | None = None
         self._pin: PinnedAddress | None = None
         self._status_base = 0  # v2: byte offset of the status words in _map
-        # gref -> [uses, writable uses]; the shared flags mirror "uses > 0" and
-        # "writable uses > 0", so they are cleared only when the last such use ends.
-        self._uses: dict[int, list[int]] = {}
+        # Two u32 per gref: uses, writable uses. The shared flags mirror "uses > 0" and
+        # "writable uses > 0", so they are cleared only when the last such use ends. A
+        # flat array, so the compiled data plane (backendd/dataplane) counts in the
+        # same place; `generation` changes whenever the mapping or this array moves.
+        self._uses = memoryview(bytearray(0)).cast("I")
+        self.generation = 0
 
     @property
     def entry_size(self) -> int:
@@ -117,12 +120,13 @@ class GrantTable:
                                "only 1 and 2")
         if nr_frames <= 0 or offset < 0 or offset % PAGE_SIZE:
             raise ControlError(errno.EINVAL, f"grant table {nr_frames} frames at {offset}")
-        if self._uses and version != self.version:
+        busy = self.grefs_in_use()
+        if busy and version != self.version:
             raise ControlError(errno.EBUSY, "grant table version change while grants are "
                                "in use")
         entry = GRANT_ENTRY_V2_SIZE if version == 2 else GRANT_ENTRY_V1_SIZE
         new_entries = nr_frames * PAGE_SIZE // entry
-        if any(g >= new_entries for g in self._uses):
+        if any(g >= new_entries for g in busy):
             raise ControlError(errno.EBUSY, "grant table shrink: grefs beyond it are in use")
         total = nr_frames + (self.status_frames(nr_frames) if version == 2 else 0)
         try:
@@ -138,6 +142,15 @@ class GrantTable:
         self._status_base = nr_frames * PAGE_SIZE
         self.nr_frames = nr_frames
         self.version = version
+        uses = memoryview(bytearray(8 * new_entries)).cast("I")
+        keep = min(len(uses), len(self._uses))
+        uses[:keep] = self._uses[:keep]
+        self._uses = uses
+        self.generation += 1
+
+    def grefs_in_use(self) -> list[int]:
+        uses = self._uses
+        return [i // 2 for i in range(0, len(uses), 2) if uses[i]]
 
     def _drop_map(self) -> None:
         if self._pin is not None:
@@ -160,9 +173,8 @@ class GrantTable:
             frame, window = self._pin_v2(gref, writable)
         else:
             frame, window = self._pin_v1(gref, writable), (0, PAGE_SIZE)
-        uses = self._uses.setdefault(gref, [0, 0])
-        uses[0] += 1
-        uses[1] += bool(writable)
+        self._uses[2 * gref] += 1
+        self._uses[2 * gref + 1] += bool(writable)
         try:
             page = self.memory.page(frame)
         except GuestMemoryError as e:
@@ -257,19 +269,18 @@ class GrantTable:
             self._update16(self._status_offset(gref), clear_bits=bits)
 
     def in_use(self, gref: int) -> int:
-        return self._uses.get(gref, [0, 0])[0]
+        return self._uses[2 * gref] if 0 <= 2 * gref < len(self._uses) else 0
 
     def _end_use(self, gref: int, writable: bool) -> None:
-        uses = self._uses[gref]
-        uses[0] -= 1
+        uses = self._uses
+        uses[2 * gref] -= 1
         clear = 0
         if writable:
-            uses[1] -= 1
-            if uses[1] == 0:
+            uses[2 * gref + 1] -= 1
+            if uses[2 * gref + 1] == 0:
                 clear |= GTF_WRITING
-        if uses[0] == 0:
+        if uses[2 * gref] == 0:
             clear |= GTF_READING
-            del self._uses[gref]
         if not clear or self._pin is None:
             return
         if self.version == 2:
@@ -281,4 +292,5 @@ class GrantTable:
     def close(self) -> None:
         self._drop_map()
         self.nr_frames = 0
-        self._uses.clear()
+        self._uses = memoryview(bytearray(0)).cast("I")
+        self.generation += 1

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from backendd.errors import ConfigError
 
-KNOWN_KEYS = ("path", "mode", "device-type", "direct-io", "sector-size", "discard")
+KNOWN_KEYS = ("path", "mode", "device-type", "direct-io", "sector-size", "discard",
+              "dataplane")
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,9 @@ class BlkConfig:
     direct_io: bool = False
     sector_size: int = 512
     discard: bool = True  # "0" disables it even when the backing could punch holes
+    # "compiled": the C kernel serves the rings (backendd/dataplane); "python": the
+    # reference path; "auto": compiled when the kernel is built.
+    dataplane: str = "auto"
 
 
 def _choice(config: Mapping[str, str], key: str, choices: dict[str, object],
@@ -48,4 +52,7 @@ def parse_config(config: Mapping[str, str],
         direct_io=bool(_choice(config, "direct-io", bools, "0")),
         sector_size=int(_choice(config, "sector-size", {"512": 512, "4096": 4096}, "512")),
         discard=bool(_choice(config, "discard", bools, "1")),
+        dataplane=str(_choice(config, "dataplane",
+                              {"auto": "auto", "compiled": "compiled", "python": "python"},
+                              "auto")),
     )

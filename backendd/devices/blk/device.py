@@ -11,8 +11,10 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from backendd.dataplane import kernel as blk_kernel
+from backendd.dataplane.blk import CompiledRingQueue
 from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
-from backendd.errors import ControlError
+from backendd.errors import ConfigError, ControlError
 from backendd.inflight import InflightError, InflightRegion
 from rings.blkif import BLKIF_CODECS
 from rings.consts import BLKIF_PROTOCOL_NAMES
@@ -58,7 +60,12 @@ class BlkDevice(Device):
                                  discard_secure=self.image.discard_secure)
         self.counters = Counters()
         self.batch = BATCH
-        self.queues: list[RingQueue] = []
+        self.kernel = blk_kernel.load() if self.cfg.dataplane != "python" else None
+        if self.cfg.dataplane == "compiled" and self.kernel is None:
+            self.image.close()
+            raise ConfigError(f"dataplane: compiled, but {blk_kernel.library_path()} is "
+                              "not built (make builds it)")
+        self.queues: list[RingQueue | CompiledRingQueue] = []
         self._channels: list[EventChannel] = []
         self._connected: dict[str, str] | None = None
         self._inflight: memoryview | None = None
@@ -88,7 +95,7 @@ class BlkDevice(Device):
             if q.port not in channels:
                 raise FrontendKeyError(f"event-channel: port {q.port} has no channel")
         codecs = BLKIF_CODECS[front.abi]
-        queues: list[RingQueue] = []
+        queues: list[RingQueue | CompiledRingQueue] = []
         region = None
         if self._inflight is not None:
             try:
@@ -124,12 +131,21 @@ class BlkDevice(Device):
                     back.req_cons = rec.req_cons
                     back.rsp_prod_pvt = back._pushed = rec.rsp_prod
                     replay = rec.replay
-                queues.append(RingQueue(
+                args = dict(
                     index=i, back=back, ring_maps=maps, inflight=table, replay=replay,
                     channel=channels[qk.port], codecs=codecs, geometry=self.geometry,
                     image=self.image, grants=self.ctx.grants, submit=self._submit,
                     loop=self.ctx.loop, counters=self.counters,
-                    on_corrupt=self._corrupt, batch=self.batch))
+                    on_corrupt=self._corrupt, batch=self.batch)
+                if self.kernel is not None:
+                    try:
+                        queues.append(CompiledRingQueue(kernel=self.kernel, **args))
+                    except BaseException:
+                        for m in maps:
+                            m.release()
+                        raise
+                else:
+                    queues.append(RingQueue(**args))
         except BaseException:
             for q in queues:
                 q.release()
@@ -193,7 +209,8 @@ class BlkDevice(Device):
         return out
 
     def stats(self) -> dict[str, int]:
-        return self.counters.as_dict() | {"queues": len(self.queues)}
+        return self.counters.as_dict() | {"queues": len(self.queues),
+                                          "compiled": int(self.kernel is not None)}
 
     async def close(self) -> None:
         await self.disconnect()
