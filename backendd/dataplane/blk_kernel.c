@@ -768,7 +768,8 @@ static void finish(struct bk_queue *q, const struct bk_env *env, struct bk_pendi
 
 /* Start what waits: inline when the page cache has it, else to the pool. A flush or
  * barrier starts only once everything before it has completed, and nothing after it
- * starts until it has completed. */
+ * starts until it has completed. A request runs inline only while nothing taken before
+ * it is in the pool, so requests start in ring order, as on the Python path. */
 static void dispatch(struct bk_queue *q, const struct bk_env *env, struct bk_out *out)
 {
     while (q->fifo_count && !q->draining) {
@@ -780,7 +781,7 @@ static void dispatch(struct bk_queue *q, const struct bk_env *env, struct bk_out
         }
         q->fifo_head = (q->fifo_head + 1) % BK_MAX_PENDING;
         q->fifo_count--;
-        if (!needs_pool(q, s) && !transfer(s, q->disk.fd, 1)) {
+        if (!needs_pool(q, s) && !q->inpool && !transfer(s, q->disk.fd, 1)) {
             out->stats.inline_io++;
             finish(q, env, s, out);
             continue;
