@@ -185,10 +185,9 @@ def make_case(rng: random.Random) -> Case:
 
     # The ring: header, then request slots (a few pages of it may straddle).
     start = rng.choice((0, rng.getrandbits(32), U32 - rng.randrange(40)))
-    if rng.random() < 0.05:
-        nreq = size + rng.randrange(1, 1 << 16)  # a producer index beyond the ring
-    else:
-        nreq = rng.randrange(size + 1)
+    # Now and then a producer index beyond the ring (corruption: the ring halts).
+    beyond = rng.random() < 0.05
+    nreq = size + rng.randrange(1, 1 << 16) if beyond else rng.randrange(size + 1)
     ring = bytearray(rng.randbytes(npages * PAGE))
     struct.pack_into("<IIII", ring, 0, (start + nreq) & U32, (start + 1) & U32,
                      start, (start + rng.randrange(3)) & U32)
@@ -244,7 +243,7 @@ def _sync_submit(loop: asyncio.AbstractEventLoop):
         fut = loop.create_future()
         try:
             fut.set_result(fn(*args))
-        except Exception as e:  # noqa: BLE001 - handed to the queue, as a pool does
+        except Exception as e:  # handed to the queue, as a pool does
             fut.set_exception(e)
         return fut
     return submit
@@ -301,7 +300,8 @@ def run_plane(world: World, case: Case, plane: str, loop: asyncio.AbstractEventL
         "ram": bytes(ram), "responses": responses, "rsp_prod_pvt": rsp_prod_pvt,
         "gnttab": os.pread(world.gt.fd, world.gt.size, 0), "grefs_in_use": in_use,
         "image": os.pread(world.image.fd, size, 0), "image_size": size,
-        "inflight": _inflight_bytes(world, case), "stats": stats, "halted": q.halted, "corrupt": len(corrupt),
+        "inflight": _inflight_bytes(world, case), "stats": stats, "halted": q.halted,
+        "corrupt": len(corrupt),
     }
 
 
