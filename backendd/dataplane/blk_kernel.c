@@ -193,6 +193,7 @@ struct bk_queue {
     uint32_t nr_pages, size, mask, abi, entry_size, rsp_size, max_pending;
     uint32_t req_cons, rsp_prod_pvt, pushed;
     uint32_t halted, draining, inpool;
+    uint32_t write_nowait_unsupported;  /* the filesystem refused RWF_NOWAIT writes */
     uint8_t *inflight;
     struct bk_disk disk;
     uint32_t fifo[BK_MAX_PENDING];   /* waiting slots, in ring order */
@@ -693,7 +694,8 @@ unsupported:
 /* ---- the I/O ---------------------------------------------------------------------- */
 
 /* Move what is left of a transfer. Returns 0 when done (status set on error), 1 when
- * it would block (RWF_NOWAIT only): the pool continues from where it stopped. */
+ * it would block (RWF_NOWAIT only): the pool continues from where it stopped; 2 when
+ * the filesystem does not do RWF_NOWAIT for this direction at all. */
 static int transfer(struct bk_pending *s, int fd, int nowait)
 {
     while (s->iov_next < s->nseg) {
@@ -705,8 +707,10 @@ static int transfer(struct bk_pending *s, int fd, int nowait)
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            if (nowait && (errno == EAGAIN || errno == EOPNOTSUPP))
+            if (nowait && errno == EAGAIN)
                 return 1;
+            if (nowait && errno == EOPNOTSUPP)
+                return 2;
             s->status = BLKIF_RSP_ERROR;
             s->error = errno;
             return 0;
@@ -733,7 +737,8 @@ static int transfer(struct bk_pending *s, int fd, int nowait)
 
 static int needs_pool(const struct bk_queue *q, const struct bk_pending *s)
 {
-    return s->flush || s->op == BLKIF_OP_DISCARD || !q->disk.inline_io;
+    return s->flush || s->op == BLKIF_OP_DISCARD || !q->disk.inline_io ||
+           (s->write && q->write_nowait_unsupported);
 }
 
 static void account(const struct bk_pending *s, struct bk_out *out)
@@ -781,10 +786,15 @@ static void dispatch(struct bk_queue *q, const struct bk_env *env, struct bk_out
         }
         q->fifo_head = (q->fifo_head + 1) % BK_MAX_PENDING;
         q->fifo_count--;
-        if (!needs_pool(q, s) && !q->inpool && !transfer(s, q->disk.fd, 1)) {
-            out->stats.inline_io++;
-            finish(q, env, s, out);
-            continue;
+        if (!needs_pool(q, s) && !q->inpool) {
+            int rc = transfer(s, q->disk.fd, 1);
+            if (rc == 0) {
+                out->stats.inline_io++;
+                finish(q, env, s, out);
+                continue;
+            }
+            if (rc == 2 && s->write)
+                q->write_nowait_unsupported = 1;  /* e.g. buffered writes on ext4 */
         }
         s->state = SLOT_POOL;
         q->inpool++;
