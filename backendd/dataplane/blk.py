@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,62 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BATCH = 4  # pool jobs: requests per job, as the Python path
+
+
+class ServiceRound:
+    """The compiled rings due in one loop turn (kicked, or with work left), served by one
+    kernel call: with two or more, the kernel serves them on its helper threads in
+    parallel while the loop waits with the GIL released, so queues use the cores and
+    nothing in the control plane changes under them."""
+
+    def __init__(self, kernel: K.Kernel, loop: asyncio.AbstractEventLoop) -> None:
+        self.k = kernel
+        self.loop = loop
+        self.due: list[CompiledRingQueue] = []
+        self.scheduled = False
+
+    def add(self, q: CompiledRingQueue) -> None:
+        if q._in_round:
+            return
+        q._in_round = True
+        self.due.append(q)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.run)
+
+    def run(self) -> None:
+        self.scheduled = False
+        due, self.due = self.due, []
+        queues = []
+        for q in due:
+            q._in_round = False
+            if not (q.halted or q._stopping or q._q is None):
+                q._refresh()
+                queues.append(q)
+        if len(queues) == 1:
+            q = queues[0]
+            self.k.serve(q._q, ctypes.byref(q._env), ctypes.byref(q._out))
+        elif queues:
+            n = len(queues)
+            qs = (ctypes.c_void_p * n)(*(q._q for q in queues))
+            envs = (ctypes.POINTER(K.Env) * n)(*(ctypes.pointer(q._env) for q in queues))
+            outs = (ctypes.POINTER(K.Out) * n)(*(ctypes.pointer(q._out) for q in queues))
+            helped = self.k.serve_many(qs, envs, outs, n)
+            for q in queues[1:1 + helped]:
+                q.counters.parallel += 1
+        for q in queues:
+            q._after(q._out)
+
+
+_rounds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ServiceRound] = \
+    weakref.WeakKeyDictionary()
+
+
+def service_round(kernel: K.Kernel, loop: asyncio.AbstractEventLoop) -> ServiceRound:
+    r = _rounds.get(loop)
+    if r is None or r.k is not kernel:
+        r = _rounds[loop] = ServiceRound(kernel, loop)
+    return r
 
 
 class CompiledRingQueue:
@@ -64,7 +121,8 @@ class CompiledRingQueue:
         self.inflight = inflight
         self.halted = False
         self._stopping = False
-        self._scheduled = False
+        self._in_round = False
+        self._round = service_round(kernel, loop)
         self._blocked = False
         self._inpool = 0
         self._idle = asyncio.Event()
@@ -160,17 +218,11 @@ class CompiledRingQueue:
         self._schedule()  # requests queued before we listened
 
     def _schedule(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            self.loop.call_soon(self._service)
+        self._round.add(self)
 
-    def _service(self) -> None:
-        self._scheduled = False
-        if self.halted or self._stopping:
-            return
-        self._refresh()
-        self.k.serve(self._q, ctypes.byref(self._env), ctypes.byref(self._out))
-        self._after(self._out)
+    @property
+    def _scheduled(self) -> bool:
+        return self._in_round
 
     def _after(self, out: K.Out) -> None:
         c, st = self.counters, out.stats

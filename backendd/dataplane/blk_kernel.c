@@ -28,6 +28,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -270,6 +271,31 @@ static uint8_t *guest_page(const struct bk_env *env, uint64_t frame)
 
 /* ---- grants: the rules of backendd/grants.py -------------------------------------- */
 
+/* Queues served in parallel (bk_serve_many) may pin the same gref at once: the
+ * compare-and-swap on the shared entry and our use count must move together, and the
+ * "last use clears the bit" step must not interleave with a new pin (Xen holds the
+ * active entry's lock for the same reason). One small spinlock per gref stripe. */
+#define BK_LOCK_STRIPES 1024
+static uint32_t gnt_locks[BK_LOCK_STRIPES];
+
+static inline uint32_t *gnt_lock_of(const struct bk_env *env, uint32_t gref)
+{
+    uintptr_t h = (uintptr_t)env->gnt_uses / 8 + gref;
+    return &gnt_locks[h % BK_LOCK_STRIPES];
+}
+
+static inline void gnt_lock(uint32_t *l)
+{
+    while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(l, __ATOMIC_RELAXED))
+            __builtin_ia32_pause();
+}
+
+static inline void gnt_unlock(uint32_t *l)
+{
+    __atomic_store_n(l, 0, __ATOMIC_RELEASE);
+}
+
 static int grant_check(const struct bk_env *env, uint16_t flags, uint16_t domid,
                        int writable)
 {
@@ -297,7 +323,7 @@ static uint16_t update16(uint8_t *p, uint16_t set, uint16_t clear)
     return seen;
 }
 
-static void grant_end_use(const struct bk_env *env, uint32_t gref, int writable)
+static void grant_end_use_locked(const struct bk_env *env, uint32_t gref, int writable)
 {
     uint32_t *uses = &env->gnt_uses[2 * (size_t)gref];
     uint16_t clear = 0;
@@ -314,10 +340,18 @@ static void grant_end_use(const struct bk_env *env, uint32_t gref, int writable)
         update16(env->gnt_shared + sizeof(grant_entry_v1_t) * (size_t)gref, 0, clear);
 }
 
+static void grant_end_use(const struct bk_env *env, uint32_t gref, int writable)
+{
+    uint32_t *l = gnt_lock_of(env, gref);
+    gnt_lock(l);
+    grant_end_use_locked(env, gref, writable);
+    gnt_unlock(l);
+}
+
 /* Pin one grant for reading (and writing if asked). On success: *page is the host
  * address of the guest page and [*lo, *hi) the part of it the guest granted. */
-static int grant_pin(const struct bk_env *env, uint32_t gref, int writable,
-                     uint8_t **page, uint32_t *lo, uint32_t *hi)
+static int grant_pin_locked(const struct bk_env *env, uint32_t gref, int writable,
+                            uint8_t **page, uint32_t *lo, uint32_t *hi)
 {
     uint16_t want = GTF_reading | (writable ? GTF_writing : 0);
     uint64_t frame;
@@ -384,10 +418,22 @@ static int grant_pin(const struct bk_env *env, uint32_t gref, int writable,
     uses[1] += writable ? 1 : 0;
     *page = guest_page(env, frame);
     if (!*page) {
-        grant_end_use(env, gref, writable);
+        grant_end_use_locked(env, gref, writable);
         return -1;
     }
     return 0;
+}
+
+static int grant_pin(const struct bk_env *env, uint32_t gref, int writable,
+                     uint8_t **page, uint32_t *lo, uint32_t *hi)
+{
+    if (env->gnt_version == 0 || gref >= env->gnt_entries)
+        return -1;
+    uint32_t *l = gnt_lock_of(env, gref);
+    gnt_lock(l);
+    int rc = grant_pin_locked(env, gref, writable, page, lo, hi);
+    gnt_unlock(l);
+    return rc;
 }
 
 /* ---- the in-flight table ---------------------------------------------------------- */
@@ -943,6 +989,89 @@ void bk_serve(struct bk_queue *q, const struct bk_env *env, struct bk_out *out)
     }
     dispatch(q, env, out);
     push(q, out);
+}
+
+/* ---- several rings at once -------------------------------------------------------- */
+
+/* Helper threads serve the other rings of one bk_serve_many call while the caller
+ * serves the first. The caller (the event loop, GIL released) waits for all of them,
+ * so nothing in the control plane (regions, grant table) changes meanwhile. */
+#define BK_HELPERS 7
+struct bk_work {
+    struct bk_queue *q;
+    const struct bk_env *env;
+    struct bk_out *out;
+};
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
+static struct bk_work pool_work[BK_HELPERS];
+static uint32_t pool_next, pool_count, pool_busy, pool_threads;
+
+static void *helper(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&pool_lock);
+    for (;;) {
+        while (pool_next == pool_count)
+            pthread_cond_wait(&pool_wake, &pool_lock);
+        struct bk_work w = pool_work[pool_next++];
+        pool_busy++;
+        pthread_mutex_unlock(&pool_lock);
+        bk_serve(w.q, w.env, w.out);
+        pthread_mutex_lock(&pool_lock);
+        if (--pool_busy == 0 && pool_next == pool_count)
+            pthread_cond_broadcast(&pool_done);
+    }
+    return NULL;
+}
+
+/* Serve n rings, in parallel when n > 1. Returns how many ran on helper threads. */
+uint32_t bk_serve_many(struct bk_queue *const *qs, const struct bk_env *const *envs,
+                       struct bk_out *const *outs, uint32_t n)
+{
+    static pthread_mutex_t one_call = PTHREAD_MUTEX_INITIALIZER;
+    uint32_t helped = 0;
+    if (n == 0)
+        return 0;
+    if (n > 1) {
+        pthread_mutex_lock(&one_call);  /* one event loop at a time uses the helpers */
+        pthread_mutex_lock(&pool_lock);
+        helped = n - 1 < BK_HELPERS ? n - 1 : BK_HELPERS;
+        while (pool_threads < helped) {
+            pthread_t t;
+            pthread_attr_t attr;
+            pthread_attr_init(&attr);
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            int rc = pthread_create(&t, &attr, helper, NULL);
+            pthread_attr_destroy(&attr);
+            if (rc)
+                break;
+            pool_threads++;
+        }
+        if (helped > pool_threads)
+            helped = pool_threads;
+        for (uint32_t k = 0; k < helped; k++)
+            pool_work[k] = (struct bk_work){qs[1 + k], envs[1 + k], outs[1 + k]};
+        pool_next = 0;
+        pool_count = helped;
+        pthread_cond_broadcast(&pool_wake);
+        pthread_mutex_unlock(&pool_lock);
+    }
+    bk_serve(qs[0], envs[0], outs[0]);
+    for (uint32_t k = 1 + helped; k < n; k++)   /* more rings than helpers */
+        bk_serve(qs[k], envs[k], outs[k]);
+    if (helped) {
+        pthread_mutex_lock(&pool_lock);
+        while (pool_busy || pool_next != pool_count)
+            pthread_cond_wait(&pool_done, &pool_lock);
+        pool_next = pool_count = 0;
+        pthread_mutex_unlock(&pool_lock);
+        pthread_mutex_unlock(&one_call);
+    } else if (n > 1) {
+        pthread_mutex_unlock(&one_call);
+    }
+    return helped;
 }
 
 /* Requests an earlier daemon took and never visibly answered (from the in-flight

@@ -109,6 +109,9 @@ class Kernel:
         self.io = _fn(lib.bk_io, None, [vp, u16p, u32])
         self.complete = _fn(lib.bk_complete, None, [vp, envp, u16p, u32, i32, outp])
         self.push = _fn(lib.bk_push, None, [vp, outp])
+        self.serve_many = _fn(lib.bk_serve_many, u32, [ctypes.POINTER(vp),
+                                                       ctypes.POINTER(envp),
+                                                       ctypes.POINTER(outp), u32])
         self._layout = _fn(lib.bk_layout, u32, [ctypes.POINTER(u32), u32])
         self._check()
 

@@ -62,10 +62,11 @@ Submit = Callable[..., "asyncio.Future[list[IoItem]]"]
 
 
 class Counters:
-    # inline_io / pooled: requests served on the event loop / handed to the I/O pool.
+    # inline_io / pooled: requests served on the event loop / handed to the I/O pool;
+    # parallel: ring batches the compiled kernel served on a helper thread.
     __slots__ = ("bytes_read", "bytes_written", "discards", "errors", "flushes",
-                 "inline_io", "invalid", "pooled", "reads", "replayed", "requests",
-                 "rings_halted", "unsupported", "writes")
+                 "inline_io", "invalid", "parallel", "pooled", "reads", "replayed",
+                 "requests", "rings_halted", "unsupported", "writes")
 
     def __init__(self) -> None:
         for name in self.__slots__:
