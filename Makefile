@@ -8,7 +8,7 @@ DEBSTAMP := $(VENV)/.debs
 
 KERNEL  := backendd/dataplane/_blk_kernel.so
 
-.PHONY: demo test lint bench fuzz clean debs kernel
+.PHONY: demo test lint bench fuzz clean debs native kernel
 
 # The daemon and a simulated guest with a disk and a nic, for about 20 seconds.
 DEMO_SECONDS ?= 20
@@ -16,15 +16,19 @@ demo: $(STAMP) $(KERNEL)
 	$(PY) -m rings
 	$(VENV)/bin/backendd demo --seconds $(DEMO_SECONDS)
 
-test: $(STAMP) $(KERNEL)
+test: $(STAMP) native $(KERNEL)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP) $(KERNEL)
+bench: $(STAMP) native $(KERNEL)
 	$(PY) -m bench
+
+# The benchmarks' C programs (bench/native/*.c) into build/native/.
+native: $(STAMP)
+	$(PY) -m bench.native
 
 fuzz: $(STAMP) $(KERNEL)
 	$(PY) -m bench.fuzz

@@ -40,6 +40,9 @@ class BlockSection:
 class NetworkSection:
     # Bridges a vif may be attached to. Empty: any bridge.
     allowed_bridges: list[str] = field(default_factory=list)
+    # A nic's `tap` may name a tap that exists already (made by the operator, e.g.
+    # persistent) instead of one the daemon creates; never one that anyone holds open.
+    attach_existing_taps: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,10 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _check_type(where: str, value: Any, expected: Any) -> Any:
-    if expected is int:
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigFileError(f"{where}: expected true or false, got {value!r}")
+    elif expected is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigFileError(f"{where}: expected an integer, got {value!r}")
     elif expected is str:
@@ -97,7 +103,7 @@ def _section(name: str, cls: type, raw: Any) -> Any:
     for key in raw:
         if key not in known:
             raise ConfigFileError(f"[{name}] {key}: unknown key (known: {', '.join(known)})")
-    hints = {"int": int, "str": str, "list[int]": list[int], "list[str]": list[str]}
+    hints = {"bool": bool, "int": int, "str": str, "list[int]": list[int], "list[str]": list[str]}
     values = {key: _check_type(f"[{name}] {key}", v, hints[str(known[key].type)])
               for key, v in raw.items()}
     return cls(**values)

@@ -59,6 +59,15 @@ class GrantMapping:
                              f"{lo}..{hi}")
         return self._page[start:start + length]
 
+    def whole_page(self, what: str) -> memoryview:
+        """The whole granted page, for uses that need one (a shared ring, an rx buffer);
+        a GrantError naming `what` if the guest granted only part of it (v2 sub-page)."""
+        if self.window != (0, PAGE_SIZE):
+            lo, hi = self.window
+            raise GrantError(f"gref {self.gref}: {what} must be granted as a whole page, "
+                             f"not as the sub-page {lo}..{hi}")
+        return self.page_view(0, PAGE_SIZE)
+
     def release(self) -> None:
         if self._table is None:
             return

@@ -1,201 +1,220 @@
-"""Block device throughput: the daemon's blk device against fio on the same file, in the
-same run, warm page cache on both sides (fio --invalidate=0).
+"""Block device figures: a real `backendd serve` process driven by the C blkfront load
+generator (bench/native/blkfront_load.c, see bench/blkload.py), beside fio on the same
+warm image file (--invalidate=0) and an eventfd ping-pong between two processes, all
+measured in this one run.
 
-The device runs in a forked child process with its own event loop and I/O pool, over the
-guest's RAM and grant table memfds and eventfds, exactly as the daemon would; the parent
-is the guest (blkfront). The child's CPU time per I/O is the daemon's cost.
+    python -m bench.blk [--seconds S]
 
-    python -m bench.blk
+The frontend is C so that the figures are the daemon's: the Python simulated guest costs
+more per request than the daemon does. Daemon CPU per I/O is the daemon process's
+utime + stime over the run divided by the I/Os answered; the frontend's is the load
+generator's own, so that one can see it is not the limit. QD is per queue. fio is required:
+without it there is no baseline, and the bench stops.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
+import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 
-from backendd.devices.base import DeviceContext, NoticeSink
-from backendd.devices.blk.device import BlkDevice
-from backendd.evtchn import EventChannel
-from backendd.grants import GrantTable
-from backendd.guest import GuestGrantTable, GuestRAM
-from backendd.guest.blkfront import BlkFront
-from backendd.memory import GuestMemory
+from backendd.demo import start_daemon
 
+from .blkload import Load, LoadFailed, LoadResult, pingpong, run_load
+from .native import build
 from .report import table
 
 MiB = 1 << 20
 IMAGE_SIZE = 256 * MiB
 SECONDS = 3.0
+NAN = float("nan")
 
 
-class _Quiet(NoticeSink):
-    def device_failed(self, devid, code, message): ...
-    def frontend_misbehaved(self, devid, message): ...
-    def keys_changed(self, devid, keys): ...
+@dataclass
+class Row:
+    what: str
+    iops: float
+    mb_per_s: float
+    p50_us: float
+    p99_us: float
+    cpu_us: float = NAN
+    front_cpu_us: float = NAN
+
+    def cells(self) -> tuple[object, ...]:
+        return (self.what, self.iops, self.mb_per_s, self.p50_us, self.p99_us, self.cpu_us,
+                self.front_cpu_us)
 
 
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+def _describe(load: Load, result: LoadResult) -> str:
+    size = f"{load.bs // 1024} KiB" if load.bs < MiB else f"{load.bs // MiB} MiB"
+    kind = ("rand" if load.pattern == "rand" else "seq ") + load.rw
+    text = f"backendd {size} {kind} QD{load.qd} x{load.queues}q"
+    if load.persistent:
+        text += ", persistent" if result.persistent else ", persistent (not offered: off)"
+    return text
 
 
-def _serve(ram: GuestRAM, gt: GuestGrantTable, front: BlkFront, config: dict[str, str],
-           batch: int, ctl_r: int, rep_w: int) -> None:
-    """The child: the daemon side. Answers each byte on ctl_r with its CPU seconds."""
-    try:
-        import uvloop
-        loop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    mem = GuestMemory()
-    for gpa, size, fd, offset in ram.regions:
-        mem.add_region(gpa, size, fd, offset)
-    grants = GrantTable(mem)
-    grants.set_table(gt.fd, 0, gt.nr_frames)
-    pool = ThreadPoolExecutor(4)
-    ctx = DeviceContext(mem, grants, loop, _Quiet(),
-                        lambda fn, *a: asyncio.wrap_future(pool.submit(fn, *a), loop=loop))
-    done = loop.create_future()
-
-    def on_ctl() -> None:
-        if not os.read(ctl_r, 1):
-            loop.remove_reader(ctl_r)
-            done.set_result(None)
-            return
-        os.write(rep_w, f"{_cpu()}\n".encode())
-
-    async def main() -> None:
-        dev = BlkDevice(1, config, ctx)
-        dev.batch = batch
-        chans = {p: EventChannel(p, k, c) for p, k, c in front.channels()}
-        keys = await dev.connect(front.frontend_keys(), chans)
-        os.write(rep_w, (json.dumps(keys) + "\n").encode())
-        loop.add_reader(ctl_r, on_ctl)
-        await done
-        await dev.close()
-
-    loop.run_until_complete(main())
-    os._exit(0)
+def _row(load: Load, result: LoadResult) -> Row:
+    lat = result.lat_ns
+    return Row(_describe(load, result), result.iops, result.mb_per_s, lat["p50"] / 1e3,
+               lat["p99"] / 1e3, result.cpu_us_per_io, result.frontend_cpu_us_per_io)
 
 
-class _Child:
-    def __init__(self, ram, gt, front, config, batch) -> None:
-        ctl_r, self.ctl_w = os.pipe()
-        self.rep_r, rep_w = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:
-            os.close(self.ctl_w)
-            os.close(self.rep_r)
-            _serve(ram, gt, front, config, batch, ctl_r, rep_w)
-        os.close(ctl_r)
-        os.close(rep_w)
-        for _port, kick, call in front.channels():  # the child has them now
-            os.close(kick)
-            os.close(call)
-        self.reply = os.fdopen(self.rep_r)
-        self.keys = json.loads(self.reply.readline())
-
-    def cpu(self) -> float:
-        os.write(self.ctl_w, b"c")
-        return float(self.reply.readline())
-
-    def stop(self) -> None:
-        os.close(self.ctl_w)
-        os.waitpid(self.pid, 0)
-        self.reply.close()
-
-
-async def _run(front: BlkFront, child: _Child, nbytes: int, depth: int, sequential: bool
-               ) -> tuple[float, float, int]:
-    """(I/Os per second, MB/s, daemon CPU us per I/O)."""
-    front.start()
-    blocks = IMAGE_SIZE // nbytes
-    count = 0
-    stop_at = time.perf_counter() + SECONDS
-    cursor = 0
-
-    async def worker(w: int) -> None:
-        nonlocal count, cursor
-        rng = random.Random(w)
-        while time.perf_counter() < stop_at:
-            if sequential:
-                block, cursor = cursor, (cursor + 1) % blocks
-            else:
-                block = rng.randrange(blocks)
-            await front.read(block * nbytes // 512, nbytes)
-            count += 1
-
-    cpu0, t0 = child.cpu(), time.perf_counter()
-    await asyncio.gather(*(worker(w) for w in range(depth)))
-    elapsed, cpu = time.perf_counter() - t0, child.cpu() - cpu0
-    return count / elapsed, count * nbytes / elapsed / 1e6, cpu / count * 1e6
-
-
-def device_run(image: str, nbytes: int, depth: int, sequential: bool, batch: int,
-               config: dict[str, str] | None = None) -> tuple[float, float, float]:
-    ram = GuestRAM(64 * MiB)
-    gt = GuestGrantTable(nr_frames=4)
-    front = BlkFront(ram, gt, 1, ring_order=1, random_layout=False)
-    child = _Child(ram, gt, front, {"path": image, **(config or {})}, batch)
-    front.update_backend_keys(child.keys)
-    try:
-        return asyncio.run(_run(front, child, nbytes, depth, sequential))
-    finally:
-        child.stop()
-        front.close()
-        gt.close()
-        ram.close()
-
-
-def fio_run(image: str, engine: str, bs: str, rw: str, depth: int) -> tuple[float, float]:
-    """(IOPS, MB/s) from fio's JSON output."""
+def fio(image: str, engine: str, bs: str, rw: str, depth: int, seconds: float) -> Row:
     cmd = ["fio", "--name=bench", f"--filename={image}", f"--ioengine={engine}",
            f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", "--invalidate=0",
-           "--time_based", f"--runtime={SECONDS:g}", "--output-format=json"]
+           "--time_based", f"--runtime={seconds:g}", "--output-format=json"]
     out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    read = out["jobs"][0]["read"]
-    return read["iops"], read["bw_bytes"] / 1e6
+    side = out["jobs"][0]["write" if "write" in rw else "read"]
+    pct = side["clat_ns"].get("percentile", {})
+    return Row(f"fio {engine} {bs} {rw} QD{depth}", side["iops"], side["bw_bytes"] / 1e6,
+               pct.get("50.000000", NAN) / 1e3, pct.get("99.000000", NAN) / 1e3)
 
 
-def main() -> None:
-    workdir = tempfile.mkdtemp(prefix="bench-blk-", dir="/var/tmp")
-    image = os.path.join(workdir, "disk.img")
+def _make_image(path: str) -> None:
+    with open(path, "wb") as f:
+        chunk = random.Random(0).randbytes(MiB)
+        for _ in range(IMAGE_SIZE // MiB):
+            f.write(chunk)
+    with open(path, "rb") as f:  # warm the page cache for both sides
+        while f.read(8 * MiB):
+            pass
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else NAN
+
+
+async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row], list[tuple]]:
+    proc, path, log_path = await start_daemon(workdir)
+    rows: list[Row] = []
+    results: dict[str, LoadResult] = {}
     try:
-        with open(image, "wb") as f:
-            chunk = random.Random(0).randbytes(MiB)
-            for _ in range(IMAGE_SIZE // MiB):
-                f.write(chunk)
-        with open(image, "rb") as f:  # warm the page cache for both sides
-            while f.read(8 * MiB):
-                pass
-        rows = []
-        for batch in (1, 4, 8):
-            iops, mbs, cpu = device_run(image, 4096, 32, False, batch)
-            rows.append((f"backendd blk, 4 KiB randread QD32, batch {batch}", iops, mbs, cpu))
-        iops, mbs, cpu = device_run(image, MiB, 4, True, 4)
-        rows.append(("backendd blk, 1 MiB seq read QD4", iops, mbs, cpu))
-        if shutil.which("fio"):
-            for engine, depth in (("psync", 1), ("io_uring", 32)):
-                iops, mbs = fio_run(image, engine, "4k", "randread", depth)
-                rows.append((f"fio {engine}, 4 KiB randread QD{depth}", iops, mbs, "-"))
-            for engine, depth in (("psync", 1), ("io_uring", 4)):
-                iops, mbs = fio_run(image, engine, "1m", "read", depth)
-                rows.append((f"fio {engine}, 1 MiB seq read QD{depth}", iops, mbs, "-"))
-        print(table(f"blk reads from a warm {IMAGE_SIZE // MiB} MiB image file "
-                    f"({SECONDS:g} s each)",
-                    ["what", "IOPS", "MB/s", "daemon CPU us/IO"], rows))
+        pp = await pingpong()
+
+        async def run(key: str, load: Load) -> LoadResult:
+            result = await run_load(path, image, load, daemon_pid=proc.pid)
+            if result.held_after_close:
+                raise LoadFailed(f"{len(result.held_after_close)} grants still in use after "
+                                 "the device was closed")
+            results[key] = result
+            rows.append(_row(load, result))
+            return result
+
+        for rw in ("read", "write"):
+            for queues in (1, 2):
+                for persistent in (False, True):
+                    await run(f"4k-{rw}-{queues}-{int(persistent)}",
+                              Load(rw=rw, bs=4096, qd=32, queues=queues, seconds=seconds,
+                                   persistent=persistent))
+        for rw in ("read", "write"):
+            await run(f"1m-{rw}", Load(rw=rw, pattern="seq", bs=MiB, qd=4, seconds=seconds))
+        qd1 = await run("qd1", Load(bs=4096, qd=1, seconds=seconds))
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        await proc.wait()
+        print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
+        raise
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    await proc.wait()
+
+    base = {}
+    for key, engine, bs, rw, depth in (
+            ("psync-4k-read", "psync", "4k", "randread", 1),
+            ("uring-4k-read", "io_uring", "4k", "randread", 32),
+            ("psync-4k-write", "psync", "4k", "randwrite", 1),
+            ("uring-4k-write", "io_uring", "4k", "randwrite", 32),
+            ("psync-1m-read", "psync", "1m", "read", 1),
+            ("uring-1m-read", "io_uring", "1m", "read", 4),
+            ("psync-1m-write", "psync", "1m", "write", 1),
+            ("uring-1m-write", "io_uring", "1m", "write", 4)):
+        base[key] = fio(image, engine, bs, rw, depth, seconds)
+        rows.append(base[key])
+    rows.append(Row("eventfd ping-pong, 2 processes", NAN, NAN, pp["p50_ns"] / 1e3,
+                    pp["p99_ns"] / 1e3))
+
+    # Where a workload ran with and without persistent grants, the better one counts.
+    def best(prefix: str) -> LoadResult:
+        return max((r for k, r in results.items() if k.startswith(prefix)),
+                   key=lambda r: r.iops)
+
+    r4 = best("4k-read-1-")
+    w4 = best("4k-write-1-")
+    two = best("4k-read-2-")
+    fio_1m = {rw: max(base[f"psync-1m-{rw}"].mb_per_s, base[f"uring-1m-{rw}"].mb_per_s)
+              for rw in ("read", "write")}
+    # (what, measured, goal, at least?, unit): "%" a share, "x" a multiple, "us" CPU time
+    targets = [
+        ("4 KiB randread QD32 1q, IOPS / fio psync randread",
+         _ratio(r4.iops, base["psync-4k-read"].iops), 0.70, True, "%"),
+        ("4 KiB randwrite QD32 1q, IOPS / fio psync randwrite",
+         _ratio(w4.iops, base["psync-4k-write"].iops), 0.60, True, "%"),
+        ("daemon CPU per 4 KiB read (QD32 1q)",
+         min(r.cpu_us_per_io for k, r in results.items() if k.startswith("4k-read-1-")),
+         3.0, False, "us"),
+        ("1 MiB seq read QD4, MB/s / best fio", _ratio(results["1m-read"].mb_per_s,
+                                                      fio_1m["read"]), 0.90, True, "%"),
+        ("1 MiB seq write QD4, MB/s / best fio", _ratio(results["1m-write"].mb_per_s,
+                                                       fio_1m["write"]), 0.90, True, "%"),
+        ("4 KiB randread QD32, 2 queues / 1 queue", _ratio(two.iops, r4.iops), 1.5, True, "x"),
+        ("QD1 4 KiB read p50 / eventfd ping-pong p50",
+         _ratio(qd1.lat_ns["p50"], pp["p50_ns"]), 4.0, False, "x"),
+    ]
+    return rows, [(what, _unit(value, unit), (">= " if at_least else "<= ") + _unit(goal, unit),
+                   "yes" if (value >= goal if at_least else value <= goal) else "no")
+                  for what, value, goal, at_least, unit in targets]
+
+
+def _unit(value: float, unit: str) -> str:
+    if value != value:
+        return "-"
+    if unit == "%":
+        return f"{value:.0%}"
+    if unit == "x":
+        return f"{value:.2f}x"
+    return f"{value:.2f} us"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.blk")
+    parser.add_argument("--seconds", type=float, default=SECONDS, help="per line")
+    args = parser.parse_args(argv or [])
+    if shutil.which("fio") is None:
+        raise SystemExit("bench.blk: fio is missing, so there is no baseline to print "
+                         "beside the daemon's figures: `make bench` installs it")
+    for name in ("blkfront_load", "eventfd_pingpong"):
+        build(name)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-blk-", dir="/var/tmp"))
+    try:
+        image = str(workdir / "disk.img")
+        _make_image(image)
+        rows, targets = asyncio.run(measure(image, workdir, args.seconds))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(table(f"blk on a warm {IMAGE_SIZE // MiB} MiB image file, {args.seconds:g} s a "
+                f"line, {os.cpu_count()} CPUs, {when} (QD per queue)",
+                ["what", "IOPS", "MB/s", "p50 us", "p99 us", "daemon CPU us/IO",
+                 "frontend CPU us/IO"],
+                [r.cells() for r in rows]))
+    print()
+    print(table("targets (ratios from this run)", ["what", "measured", "goal", "met"],
+                targets))
 
+
+__all__ = ["Row", "fio", "main", "measure"]
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

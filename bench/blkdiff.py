@@ -31,7 +31,7 @@ from backendd.devices.blk.request import Geometry
 from backendd.evtchn import EventChannel
 from backendd.grants import GrantTable
 from backendd.guest import GuestGrantTable
-from backendd.inflight import InflightRegion, region_size
+from backendd.inflight import MAGIC, VERSION, InflightRegion, region_size, ring_id
 from backendd.memory import GuestMemory
 from rings.blkif import BLKIF_CODECS
 from rings.consts import GTF_READONLY, GTF_SUB_PAGE, BlkifAbi, BlkifOp
@@ -90,6 +90,7 @@ class World:
         os.ftruncate(self.image.fd, 0)
         os.pwrite(self.image.fd, case.image, 0)
         self.if_map[:] = bytes(len(self.if_map))
+        self.if_map[:len(case.table)] = case.table
 
     def close(self) -> None:
         self.image.close()
@@ -115,6 +116,7 @@ class Case:
     image: bytes
     geometry: Geometry
     inflight: bool
+    table: bytes  # the in-flight region as the VMM hands it over
 
 
 def _segment(rng: random.Random, grefs: list[int]) -> tuple[int, int, int]:
@@ -205,8 +207,22 @@ def make_case(rng: random.Random) -> Case:
         sector_size=rng.choice((512, 512, 4096)), readonly=rng.random() < 0.2,
         discard=rng.random() < 0.7, discard_secure=rng.random() < 0.2,
         max_indirect_segments=rng.choice((32, 256)))
+    # The in-flight region: empty, or left by an earlier ring (no live generation, its
+    # entries of random states and generations, which must be voided before reuse).
+    table = b""
+    if rng.random() < 0.5:
+        t = bytearray(64 + 64 + 2 * size * 128)
+        struct.pack_into("<8sII", t, 0, MAGIC, VERSION, 1)
+        struct.pack_into("<IIIIII", t, 64, 0, size, rng.getrandbits(32), rng.randrange(5),
+                         rng.getrandbits(32), rng.getrandbits(32))
+        for k in range(2 * size):
+            off = 128 + k * 128
+            t[off:off + 128] = rng.randbytes(128)
+            t[off] = rng.randrange(3)
+            struct.pack_into("<I", t, off + 12, rng.randrange(5))
+        table = bytes(t)
     return Case(version, abi, ring_frames, size, start, nreq, bytes(ram), bytes(gnt),
-                rng.randbytes(IMAGE_SECTORS * 512), geo, rng.random() < 0.5)
+                rng.randbytes(IMAGE_SECTORS * 512), geo, rng.random() < 0.5, table)
 
 
 def _request(rng: random.Random, codecs, grefs: list[int]) -> bytes:
@@ -265,15 +281,16 @@ def run_plane(world: World, case: Case, plane: str, loop: asyncio.AbstractEventL
     maps = [grants.map(RING_GREF + k, writable=True) for k in range(len(case.ring_frames))]
     shared = SharedRing.over_pages([m.page_view() for m in maps], codecs.entry_size)
     assert shared.size == case.size
-    back = BackRing(shared, case.start)
-    table, replay = None, []
+    table, rec = None, None
     if case.inflight:
         region = InflightRegion(memoryview(world.if_map), 1)
         table = region.queue(0, shared.size)
-        rec = table.recover(case.start)
-        back.req_cons, back.rsp_prod_pvt, back._pushed = rec.req_cons, rec.rsp_prod, \
-            rec.rsp_prod
-        replay = rec.replay
+        rec = table.plan(shared.idx[0], shared.idx[2], ring_id([RING_GREF], 0))
+    if rec is not None and not rec.fresh:
+        back = BackRing(shared, rec.rsp_prod)
+        back.req_cons = rec.req_cons
+    else:
+        back = BackRing.attach(shared)
     counters = Counters()
     corrupt: list[str] = []
     channel = EventChannel(0, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
@@ -281,7 +298,7 @@ def run_plane(world: World, case: Case, plane: str, loop: asyncio.AbstractEventL
     args = dict(index=0, back=back, ring_maps=maps, channel=channel, codecs=codecs,
                 geometry=case.geometry, image=world.image, grants=grants,
                 submit=_sync_submit(loop), loop=loop, counters=counters,
-                on_corrupt=corrupt.append, inflight=table, replay=replay)
+                on_corrupt=corrupt.append, inflight=table, recovery=rec)
     q = CompiledRingQueue(kernel=kernel, **args) if plane == "compiled" else RingQueue(**args)
     q.start()
     loop.run_until_complete(_settle(q))
@@ -305,18 +322,16 @@ def run_plane(world: World, case: Case, plane: str, loop: asyncio.AbstractEventL
     }
 
 
-def _inflight_bytes(world: World, case: Case) -> bytes:
-    """The table, with the response index of FREE entries zeroed: it records where an
-    earlier response went, which depends on the order responses were written (recovery
-    ignores FREE entries). Every other byte is compared."""
+def _inflight_bytes(world: World, case: Case) -> tuple:
+    """The region and queue headers byte for byte, and the entries that are not FREE as a
+    multiset: which free entry a request lands in depends on the order earlier responses
+    were published, and FREE entries are ignored by recovery."""
     if not case.inflight:
-        return b""
-    table = bytearray(world.if_map[:64 + 64 + case.size * 128])
-    for k in range(case.size):
-        off = 128 + k * 128
-        if table[off] == 0:
-            table[off + 8:off + 12] = bytes(4)
-    return bytes(table)
+        return ()
+    table = bytes(world.if_map[:64 + 64 + 2 * case.size * 128])
+    live = sorted(table[off:off + 128] for off in range(128, len(table), 128)
+                  if table[off] != 0)
+    return table[:128], live
 
 
 def _mask_responses(ram: bytearray, case: Case, rsp_prod_pvt: int) -> list[bytes]:

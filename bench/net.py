@@ -1,10 +1,17 @@
 """Network throughput through the daemon against a plain veth pair, in the same run.
 
 The daemon runs as its own process (`python -m backendd serve`), so its CPU time is
-measured alone; this process plays the VMM and the guest (netfront bridged to a tap in a
-"guest" namespace). iperf3 runs in the namespaces: TCP for ~4 s each way, and UDP with
-64-byte payloads for small-packet rates. The baseline is the same iperf3 runs over a veth
-pair between two namespaces.
+measured alone. The guest is the C netfront (bench/native/netfront_load.c, wired by
+bench/netload.py): it bridges the netif rings to a tap in a "guest" namespace, so the
+kernel's stack is on both ends: iperf3 in the guest namespace talks to iperf3 in the
+"host" namespace, where the daemon's tap is. The baseline is the same iperf3 runs over a
+veth pair between two namespaces.
+
+Measured: TCP for a few seconds each way: one flow, and FLOWS flows with one and with
+two queues; UDP with 64-byte payloads each way (`-b 0`, received packets per
+second); the daemon's CPU time (its process and descendants, from /proc) per frame it
+moved in the UDP runs and per 64 KiB moved in the one-queue TCP runs, where the frames are
+GSO super-frames.
 
     python -m bench.net        (root; needs iperf3)
 """
@@ -15,167 +22,292 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import uvloop
 
+from .loadgen import daemon_cpu
+from .netload import netfront
 from .report import table
 
 TCP_SECONDS = 4
 UDP_SECONDS = 3
+# Flows for the multi-queue rows: the taps pin each flow to one queue by its hash, so a
+# few flows make an even spread likely (each run prints how the frames fell).
+FLOWS = 4
+PORT = 5301
+HOST_IP, GUEST_IP = "10.78.1.1", "10.78.1.2"
+VETH_A, VETH_B = "10.78.0.1", "10.78.0.2"
 
 
-async def _run(*argv: str, ns: str | None = None) -> str:
+class BenchError(RuntimeError):
+    pass
+
+
+async def _run(*argv: str, ns: str | None = None, timeout: float = 60.0) -> str:
     cmd = (["ip", "netns", "exec", ns] if ns else []) + list(argv)
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.STDOUT)
-    out, _ = await proc.communicate()
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise BenchError(f"{' '.join(cmd)}: timed out") from None
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)}: {out.decode(errors='replace')}")
+        raise BenchError(f"{' '.join(cmd)}: {out.decode(errors='replace')}")
     return out.decode()
 
 
-def _ns(name: str) -> None:
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+class Namespaces:
+    """Network namespaces with names unique to this run; only those it made are
+    deleted."""
+
+    def __init__(self) -> None:
+        self.tag = f"bn{os.getpid() % 10000}{secrets.token_hex(2)}"
+        self.made: list[str] = []
+
+    def add(self, role: str) -> str:
+        name = f"{self.tag}-{role}"
+        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+        self.made.append(name)
+        for cmd in (["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+                    ["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"],
+                    ["ip", "link", "set", "lo", "up"]):
+            subprocess.run(["ip", "netns", "exec", name, *cmd], check=True)
+        return name
+
+    def close(self) -> None:
+        for name in self.made:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        self.made.clear()
 
 
 async def _iperf(server_ns: str, client_ns: str, ip: str, *args: str) -> dict:
+    """One iperf3 client run against a one-shot server; its JSON report."""
     server = await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", "5301",
+        "ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", str(PORT),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
-        for _ in range(50):
-            with contextlib.suppress(RuntimeError):
-                out = await _run("iperf3", "-c", ip, "-p", "5301", "-J", *args, ns=client_ns)
+        for _ in range(50):  # until the server listens: at most ~5 s
+            try:
+                out = await _run("iperf3", "-c", ip, "-p", str(PORT), "-J", *args,
+                                 ns=client_ns)
                 result = json.loads(out)
                 if "error" in result:
-                    raise RuntimeError(f"iperf3 {' '.join(args)}: {result['error']}")
+                    raise BenchError(f"iperf3 {' '.join(args)}: {result['error']}")
                 return result
+            except BenchError as e:
+                if "Connection refused" not in str(e):
+                    raise
             await asyncio.sleep(0.1)
-        raise RuntimeError("iperf3 server did not come up")
+        raise BenchError("iperf3 server did not come up")
     finally:
         if server.returncode is None:
             server.kill()
         await server.wait()
 
 
-async def _measure(server_ns: str, client_ns: str, ip: str, pid: int | None = None,
-                   packets: Callable[[], Awaitable[int]] | None = None) -> list[float]:
-    """[tx Gbit/s, rx Gbit/s, UDP kpps, daemon us/packet (nan without a daemon)]"""
-    tx = await _iperf(server_ns, client_ns, ip, "-t", str(TCP_SECONDS))
-    rx = await _iperf(server_ns, client_ns, ip, "-t", str(TCP_SECONDS), "-R")
-    before = await _sample(pid, packets)
-    udp = await _iperf(server_ns, client_ns, ip, "-u", "-b", "0", "-l", "64",
-                       "-t", str(UDP_SECONDS))
-    after = await _sample(pid, packets)
-    gbit = [r["end"]["sum_received"]["bits_per_second"] / 1e9 for r in (tx, rx)]
-    summ = udp["end"]["sum"]
-    kpps = (summ["packets"] - summ["lost_packets"]) / summ["seconds"] / 1e3
-    per_packet = float("nan")
-    if before and after and after[1] > before[1]:
-        per_packet = (after[0] - before[0]) / (after[1] - before[1]) * 1e6
-    return [*gbit, kpps, per_packet]
+def _gbit(result: dict) -> float:
+    return result["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
-async def _sample(pid: int | None, packets: Callable[[], Awaitable[int]] | None
-                  ) -> tuple[float, int] | None:
-    """(CPU seconds the daemon used so far, packets it has moved)."""
-    if pid is None or packets is None:
-        return None
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime + stime
-    return ticks / os.sysconf("SC_CLK_TCK"), await packets()
+def _kpps(result: dict) -> float:
+    s = result["end"]["sum"]
+    return (s["packets"] - s["lost_packets"]) / s["seconds"] / 1e3
 
 
-async def _veth(a: str, b: str) -> list[float]:
+@dataclass
+class Sample:
+    cpu: float
+    frames: int
+    bytes: int
+
+
+Sampler = Callable[[], Awaitable[Sample]]
+
+
+@dataclass
+class Figures:
+    tcp_out: float = float("nan")    # guest -> host (veth: a -> b), one flow
+    tcp_in: float = float("nan")
+    tcp_out_m: float = float("nan")  # FLOWS flows, one queue
+    tcp_in_m: float = float("nan")
+    tcp_out_2: float = float("nan")  # FLOWS flows, two queues
+    tcp_in_2: float = float("nan")
+    udp_out: float = float("nan")    # kpps received
+    udp_in: float = float("nan")
+    us_per_frame: float = float("nan")      # daemon CPU, UDP runs
+    us_per_64k: float = float("nan")        # daemon CPU per 64 KiB, one-queue TCP runs
+    tcp_frame_bytes: float = float("nan")   # mean frame size the daemon moved in TCP
+
+
+async def _measured(sampler: Sampler | None, run: Awaitable[dict]
+                    ) -> tuple[dict, tuple[float, int, int] | None]:
+    before = await sampler() if sampler else None
+    result = await run
+    after = await sampler() if sampler else None
+    if before is None or after is None:
+        return result, None
+    return result, (after.cpu - before.cpu, after.frames - before.frames,
+                    after.bytes - before.bytes)
+
+
+async def _tcp_udp(f: Figures, server_ns: str, client_ns: str, ip: str,
+                   sampler: Sampler | None) -> None:
+    """One flow each way, then 64-byte UDP each way; the client is the "guest"."""
+    cpu = frames = nbytes = 0.0
+    out, d1 = await _measured(sampler, _iperf(server_ns, client_ns, ip,
+                                              "-t", str(TCP_SECONDS)))
+    into, d2 = await _measured(sampler, _iperf(server_ns, client_ns, ip,
+                                               "-t", str(TCP_SECONDS), "-R"))
+    f.tcp_out, f.tcp_in = _gbit(out), _gbit(into)
+    if d1 and d2:
+        cpu, frames, nbytes = (a + b for a, b in zip(d1, d2, strict=True))
+        if nbytes:
+            f.us_per_64k = cpu / (nbytes / 65536) * 1e6
+            f.tcp_frame_bytes = nbytes / frames
+    udp = ("-u", "-b", "0", "-l", "64", "-t", str(UDP_SECONDS))
+    out, d1 = await _measured(sampler, _iperf(server_ns, client_ns, ip, *udp))
+    into, d2 = await _measured(sampler, _iperf(server_ns, client_ns, ip, *udp, "-R"))
+    f.udp_out, f.udp_in = _kpps(out), _kpps(into)
+    if d1 and d2 and d1[1] + d2[1]:
+        f.us_per_frame = (d1[0] + d2[0]) / (d1[1] + d2[1]) * 1e6
+
+
+async def _flows(server_ns: str, client_ns: str, ip: str) -> tuple[float, float]:
+    """FLOWS TCP flows each way (Gbit/s out, in)."""
+    many = ("-t", str(TCP_SECONDS), "-P", str(FLOWS))
+    return (_gbit(await _iperf(server_ns, client_ns, ip, *many)),
+            _gbit(await _iperf(server_ns, client_ns, ip, *many, "-R")))
+
+
+async def _veth(nss: Namespaces) -> Figures:
+    a, b = nss.add("va"), nss.add("vb")
     subprocess.run(["ip", "link", "add", "bnva", "netns", a, "type", "veth", "peer",
                     "name", "bnvb", "netns", b], check=True)
-    await _run("ip", "addr", "add", "10.78.0.1/24", "dev", "bnva", ns=a)
-    await _run("ip", "link", "set", "bnva", "up", ns=a)
-    await _run("ip", "addr", "add", "10.78.0.2/24", "dev", "bnvb", ns=b)
-    await _run("ip", "link", "set", "bnvb", "up", ns=b)
-    return await _measure(a, b, "10.78.0.1")
+    for ns, dev, ip in ((a, "bnva", VETH_A), (b, "bnvb", VETH_B)):
+        await _run("ip", "addr", "add", f"{ip}/24", "dev", dev, ns=ns)
+        await _run("ip", "link", "set", dev, "up", ns=ns)
+    f = Figures()
+    await _tcp_udp(f, a, b, VETH_A, None)
+    f.tcp_out_m, f.tcp_in_m = await _flows(a, b, VETH_A)
+    f.tcp_out_2, f.tcp_in_2 = f.tcp_out_m, f.tcp_in_m  # a veth pair has no queues to set
+    return f
 
 
-async def _daemon(host: str, gns: str) -> list[float]:
-    from backendd.guest import SimGuest, VmmClient
-    from backendd.guest.netfront import NetFront
-
-    tmp = tempfile.mkdtemp()
+@contextlib.asynccontextmanager
+async def _daemon_process():
+    tmp = tempfile.mkdtemp(prefix="bench-net-")
     sock = os.path.join(tmp, "backendd.sock")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "backendd", "--socket", sock, "serve",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    guest = SimGuest(ram_size=64 << 20, gnttab_frames=32)
-    front = None
-    client = None
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
-        for _ in range(100):
-            if os.path.exists(sock):
+        for _ in range(200):  # bounded: ~10 s
+            if os.path.exists(sock) or proc.returncode is not None:
                 break
             await asyncio.sleep(0.05)
-        client = await VmmClient.connect(sock)
-        await guest.attach(client)
-        await client.add_device(0, "net", {"tap": "bnvtap", "netns": host, "queues": "1"})
-        front = NetFront(guest.ram, guest.gnttab, 0)
-        channels = front.channels()
-        await client.frontend_state(0, 4, front.frontend_keys(), channels)
-        for _, kick, call in channels:
-            os.close(kick)
-            os.close(call)
-        front.start()
-        await front.attach_tap("bnvgtap", netns=gns)
-        await _run("ip", "addr", "add", "10.78.1.1/24", "dev", "bnvtap", ns=host)
-        await _run("ip", "link", "set", "bnvtap", "up", ns=host)
-        await _run("ip", "addr", "add", "10.78.1.2/24", "dev", "bnvgtap", ns=gns)
-        await _run("ip", "link", "set", "bnvgtap", "up", ns=gns)
-        async def packets() -> int:
-            assert client is not None
-            s = await client.stats(0)
-            return int(s.get("0.tx_packets", 0)) + int(s.get("0.rx_packets", 0))
-
-        return await _measure(host, gns, "10.78.1.1", proc.pid, packets)
+        if not os.path.exists(sock):
+            raise BenchError("backendd serve did not start")
+        yield sock, proc.pid
     finally:
-        if front is not None:
-            front.close()
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.close()
-        guest.close()
-        proc.terminate()
+        if proc.returncode is None:
+            proc.terminate()
         await proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def _main() -> list[list[object]]:
-    names = ["bnv-a", "bnv-b", "bnv-host", "bnv-guest"]
+async def _daemon(nss: Namespaces, queues: int, f: Figures) -> dict:
+    host, guest = nss.add(f"h{queues}{len(nss.made)}"), nss.add(f"g{queues}{len(nss.made)}")
+    tap, gtap = f"{nss.tag}h", f"{nss.tag}g"
+    async with _daemon_process() as (sock, pid), \
+            netfront(sock, host_ns=host, guest_ns=guest, host_tap=tap, guest_tap=gtap,
+                     queues=queues) as bridge:
+        await _run("ip", "addr", "add", f"{HOST_IP}/24", "dev", tap, ns=host)
+        await _run("ip", "addr", "add", f"{GUEST_IP}/24", "dev", gtap, ns=guest)
+
+        async def sample() -> Sample:
+            s = await bridge.stats()
+            return Sample(daemon_cpu(pid) or 0.0, s["tx_packets"] + s["rx_packets"],
+                          s["tx_bytes"] + s["rx_bytes"])
+
+        if queues == 1:
+            await _tcp_udp(f, host, guest, HOST_IP, sample)
+            f.tcp_out_m, f.tcp_in_m = await _flows(host, guest, HOST_IP)
+        else:
+            f.tcp_out_2, f.tcp_in_2 = await _flows(host, guest, HOST_IP)
+        result = await bridge.finish()
+    return result.raw
+
+
+async def _main() -> tuple[Figures, Figures, list[dict]]:
+    nss = Namespaces()
     try:
-        for n in names:
-            _ns(n)
-        veth = await _veth("bnv-a", "bnv-b")
-        daemon = await _daemon("bnv-host", "bnv-guest")
+        veth = await _veth(nss)
+        daemon = Figures()
+        fronts = [await _daemon(nss, 1, daemon), await _daemon(nss, 2, daemon)]
     finally:
-        for n in names:
-            subprocess.run(["ip", "netns", "del", n], capture_output=True)
-    labels = ["TCP guest->host Gbit/s", "TCP host->guest Gbit/s",
-              "UDP 64 B received kpps", "daemon CPU us/packet (UDP run)"]
-    return [[label, d, v] for label, d, v in zip(labels, daemon, veth, strict=True)]
+        nss.close()
+    return daemon, veth, fronts
+
+
+def rows(daemon: Figures, veth: Figures) -> list[list[object]]:
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.0%}" if a == a and b == b and b else "-"
+
+    def times(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if a == a and b == b and b else "-"
+
+    out: list[list[object]] = []
+    for label, name in (("TCP guest->host, 1 queue, Gbit/s", "tcp_out"),
+                        ("TCP host->guest, 1 queue, Gbit/s", "tcp_in"),
+                        (f"TCP guest->host, 1 queue, {FLOWS} flows, Gbit/s", "tcp_out_m"),
+                        (f"TCP host->guest, 1 queue, {FLOWS} flows, Gbit/s", "tcp_in_m"),
+                        (f"TCP guest->host, 2 queues, {FLOWS} flows, Gbit/s", "tcp_out_2"),
+                        (f"TCP host->guest, 2 queues, {FLOWS} flows, Gbit/s", "tcp_in_2"),
+                        ("UDP 64 B guest->host, kpps received", "udp_out"),
+                        ("UDP 64 B host->guest, kpps received", "udp_in")):
+        d, v = getattr(daemon, name), getattr(veth, name)
+        out.append([label, d, v, ratio(d, v)])
+    out += [[f"{FLOWS} flows: 2 queues / 1 queue, guest->host",
+             times(daemon.tcp_out_2, daemon.tcp_out_m), "-", "-"],
+            [f"{FLOWS} flows: 2 queues / 1 queue, host->guest",
+             times(daemon.tcp_in_2, daemon.tcp_in_m), "-", "-"],
+            ["daemon CPU per frame (UDP runs), us", daemon.us_per_frame, float("nan"), "-"],
+            ["daemon CPU per 64 KiB (TCP, 1 queue), us", daemon.us_per_64k, float("nan"),
+             "-"],
+            ["mean frame the daemon moved (TCP), bytes", daemon.tcp_frame_bytes,
+             float("nan"), "-"]]
+    return out
 
 
 def main() -> None:
-    if os.geteuid() != 0 or shutil.which("iperf3") is None:
-        print("bench.net: needs root and iperf3; skipped")
-        return
-    rows = uvloop.run(_main())
-    print(table("netif through the daemon vs a veth pair (iperf3)",
-                ["", "daemon + netfront", "veth"], rows))
+    if shutil.which("iperf3") is None:
+        raise SystemExit("bench.net: iperf3 is missing (`make bench` installs it)")
+    if os.geteuid() != 0:
+        raise SystemExit("bench.net: needs root (network namespaces and taps)")
+    load0 = os.getloadavg()[0]
+    daemon, veth, fronts = uvloop.run(_main())
+    load1 = os.getloadavg()[0]
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(table(f"netif through the daemon (C netfront) vs a veth pair, iperf3, {when}, "
+                f"{os.cpu_count()} CPUs, load average {load0:.1f} -> {load1:.1f}",
+                ["", "daemon", "veth", "daemon/veth"], rows(daemon, veth)))
+    for raw in fronts:
+        frames = raw["tx_frames"] + raw["rx_frames"]
+        per = raw["cpu_seconds"] / frames * 1e6 if frames else float("nan")
+        print(f"C netfront, {raw['queues']} queue(s): {frames} frames "
+              f"({raw['tx_gso']} tx + {raw['rx_gso']} rx GSO), {per:.1f} us CPU per frame, "
+              f"{raw['kicks']} kicks, {raw['wakeups']} wakeups, frames per queue "
+              f"{raw['frames_per_queue']}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -48,9 +49,11 @@ class Vmm:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "backendd", "--socket", self.sock, "serve",
             stdout=self.log, stderr=self.log)
-        for _ in range(400):
-            if os.path.exists(self.sock):
-                return
+        for _ in range(1000):
+            # The socket file appears at bind(), before listen(): wait until it accepts.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                if probe.connect_ex(self.sock) == 0:
+                    return
             await asyncio.sleep(0.01)
         raise AssertionError("daemon did not come up")
 

@@ -26,7 +26,7 @@ def test_full_file_round_trips(tmp_path: Path) -> None:
     path.write_text(
         '[daemon]\nsocket = "/run/x.sock"\nallowed_uids = [1000, 1001]\nio_threads = 8\n'
         '[block]\nallowed_dirs = ["/srv/images"]\n'
-        '[network]\nallowed_bridges = ["xenbr0"]\n'
+        '[network]\nallowed_bridges = ["xenbr0"]\nattach_existing_taps = true\n'
         '[metrics]\nlisten = "127.0.0.1:9466"\n')
     config = load_config(path)
     assert config.daemon.socket == "/run/x.sock"
@@ -35,6 +35,8 @@ def test_full_file_round_trips(tmp_path: Path) -> None:
     assert not config.image_allowed("/srv/imagesX/a.img")
     assert not config.image_allowed("/srv/images/../etc/passwd")
     assert config.bridge_allowed("xenbr0") and not config.bridge_allowed("br1")
+    assert config.network.attach_existing_taps
+    assert not Config().network.attach_existing_taps
 
 
 @pytest.mark.parametrize(("text", "named"), [
@@ -47,6 +49,7 @@ def test_full_file_round_trips(tmp_path: Path) -> None:
     ("[daemon]\nlog_level = 'loud'\n", "[daemon] log_level"),
     ("[block]\nallowed_dirs = ['relative/dir']\n", "[block] allowed_dirs"),
     ("[metrics]\nlisten = '0.0.0.0:9466'\n", "[metrics] listen"),
+    ("[network]\nattach_existing_taps = 1\n", "[network] attach_existing_taps: expected true"),
     ("daemon = 3\n", "[daemon]: expected a table"),
     ("[daemon\n", "not valid TOML"),
 ])

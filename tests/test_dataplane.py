@@ -5,6 +5,7 @@ I/O pool and are answered; queues are served with the GIL released."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -199,3 +200,21 @@ async def test_queues_served_in_parallel_threads(tmp_path):
         assert stats["errors"] == stats["invalid"] == 0
     finally:
         await rig.close()  # asserts no grant is left in use
+
+
+async def test_a_ring_full_of_requests_answered_inline_keeps_being_served(tmp_path):
+    """A one-page ring holds 32 requests, so the kernel takes a ring's worth and finds no
+    room for more; it answers them all inline in the same call, and must then carry on
+    by itself (no pool completion will come to wake it)."""
+    rig = await _rig()
+    try:
+        image = make_image(tmp_path / "disk.img", 4 * MiB)
+        dev, front = await rig.attach({"path": image})
+        assert dev.queues[0].back.size == 32
+        want = file_bytes(image, 0, 64 * 4096)
+        reads = [front.read(i * 8, 4096) for i in range(64)] * 4
+        got = await asyncio.wait_for(asyncio.gather(*reads), timeout=60)
+        assert got == [want[i * 4096:(i + 1) * 4096] for i in range(64)] * 4
+        assert dev.stats()["inline_io"] > 0
+    finally:
+        await rig.close()

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from backendd.devices.blk.request import Geometry
     from backendd.evtchn import EventChannel
     from backendd.grants import GrantMapping, GrantTable
-    from backendd.inflight import InflightQueue
+    from backendd.inflight import InflightQueue, Recovery
     from rings.blkif import BlkifCodecs
     from rings.ring import BackRing
 
@@ -103,7 +103,7 @@ class CompiledRingQueue:
                  submit: Callable[..., asyncio.Future], loop: asyncio.AbstractEventLoop,
                  counters: Counters, on_corrupt: Callable[[str], None], batch: int = BATCH,
                  inflight: InflightQueue | None = None,
-                 replay: list[tuple[int, bytes]] | None = None) -> None:
+                 recovery: Recovery | None = None) -> None:
         self.k = kernel
         self.index = index
         self.back = back
@@ -119,6 +119,7 @@ class CompiledRingQueue:
         self.on_corrupt = on_corrupt
         self.batch = batch
         self.inflight = inflight
+        self.pgrants = None  # persistent grants are served by the Python path
         self.halted = False
         self._stopping = False
         self._in_round = False
@@ -127,7 +128,7 @@ class CompiledRingQueue:
         self._inpool = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._replay = list(replay or [])
+        self._recovery = recovery
         self._out = K.Out()
         self._env = K.Env()
         self._env_key: tuple[int, int] | None = None
@@ -205,8 +206,15 @@ class CompiledRingQueue:
     # --- serving ---------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._replay:
-            replay, self._replay = self._replay, []
+        replay: list[tuple[int, bytes]] = []
+        if self.inflight is not None and self._recovery is not None:
+            # A new generation, or the live one resumed (see backendd/inflight.py); the
+            # kernel then learns which entries are free.
+            self.inflight.begin(self._recovery)
+            self.k.inflight_scan(self._q)
+            replay = self._recovery.replay
+        self._recovery = None
+        if replay:
             raws = b"".join(raw[:K.SLOT_MAX].ljust(K.SLOT_MAX, b"\0") for _, raw in replay)
             idx = (ctypes.c_uint32 * len(replay))(*(i for i, _ in replay))
             self._refresh()
@@ -232,7 +240,9 @@ class CompiledRingQueue:
                 setattr(c, name, getattr(c, name) + value)
         flags = out.flags
         if flags & K.INTERNAL:
-            log.error("blk ring %d: kernel found no free request slot", self.index)
+            log.error("blk ring %d: stopped on an internal error (no free request slot "
+                      "or in-flight entry)", self.index)
+            self._halt("internal error while taking requests")
         if flags & K.CORRUPT:
             prod = self.back.ring.idx[REQ_PROD]
             self._halt(f"req_prod {prod} is more than a ring ({self.back.size}) ahead "
@@ -312,6 +322,10 @@ class CompiledRingQueue:
         self.k.push(self._q, ctypes.byref(self._out))
         if self._out.flags & K.NOTIFY:
             self.channel.notify()
+        if self.inflight is not None:
+            # Everything taken is answered (or the ring is halted): whatever ring comes
+            # next, even on these pages, starts a new generation of the table.
+            self.inflight.close()
 
     def release(self) -> None:
         """After stop(): free the kernel's state, let go of the ring and the channel."""

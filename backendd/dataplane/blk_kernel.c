@@ -54,11 +54,20 @@
 #define BK_SEGS_PER_FRAME (BK_PAGE / sizeof(struct blkif_request_segment))
 #define BK_SLOT_MAX 112         /* sizeof(union blkif_sring_entry) on x86_64 */
 
-/* The in-flight table (backendd/inflight.py; the binding checks these at load). */
+/* The in-flight table (backendd/inflight.py, docs/protocol.md; the binding checks these
+ * at load). Queue header: live, ring_size, req_cons, generation, rsp_prod, ring_id.
+ * Entries (2 * ring_size used, a request in any free one): state, ring index, response
+ * index, generation, the request. */
 #define IF_QUEUE_HEADER 64
 #define IF_REQ_CONS 8
+#define IF_GENERATION 12
+#define IF_RSP_PROD 16
 #define IF_ENTRY 128
 #define IF_ENTRY_HEADER 16
+#define IF_E_INDEX 4
+#define IF_E_RSP_INDEX 8
+#define IF_E_GENERATION 12
+#define IF_MAX_ENTRIES 1024
 #define IF_FREE 0
 #define IF_IN_FLIGHT 1
 #define IF_ANSWERED 2
@@ -182,6 +191,7 @@ struct bk_pending {
     uint64_t sector;
     uint64_t nr_sectors;
     uint32_t nseg;          /* grants pinned */
+    uint32_t if_entry;      /* its in-flight table entry */
     uint32_t iov_next;      /* first iovec not yet moved */
     uint64_t done;          /* bytes moved so far */
     uint32_t grefs[BK_MAX_SEGS];
@@ -200,7 +210,13 @@ struct bk_queue {
     uint32_t fifo[BK_MAX_PENDING];   /* waiting slots, in ring order */
     uint32_t fifo_head, fifo_count;
     uint32_t nunpub;
-    uint32_t unpub[BK_MAX_RING];     /* ring indices answered, response not published */
+    uint16_t unpub[BK_MAX_RING];     /* table entries answered, response not published */
+    uint32_t if_cap, if_nfree;
+    uint16_t if_free[IF_MAX_ENTRIES]; /* free entries; the last is used next */
+    /* Without a table, responses go out in ring order: one waits here, by request ring
+     * index, until those to every earlier index are written. */
+    uint8_t held[BK_MAX_RING];
+    uint8_t held_rsp[BK_MAX_RING][sizeof(struct blkif_response)];
     struct bk_pending slots[BK_MAX_PENDING];
 };
 
@@ -438,39 +454,99 @@ static int grant_pin(const struct bk_env *env, uint32_t gref, int writable,
 
 /* ---- the in-flight table ---------------------------------------------------------- */
 
-static inline uint8_t *if_entry(struct bk_queue *q, uint32_t index)
+static inline uint8_t *if_entry(struct bk_queue *q, uint32_t entry)
 {
-    return q->inflight + IF_QUEUE_HEADER + (size_t)(index % q->size) * IF_ENTRY;
+    return q->inflight + IF_QUEUE_HEADER + (size_t)entry * IF_ENTRY;
 }
 
-static void if_in_flight(struct bk_queue *q, uint32_t index, const uint8_t *raw)
+static inline uint32_t if_u32(struct bk_queue *q, uint32_t entry, uint32_t off)
 {
-    uint8_t *e = if_entry(q, index);
+    uint32_t v;
+    memcpy(&v, if_entry(q, entry) + off, 4);
+    return v;
+}
+
+/* Which entries hold requests of the current generation; the others are free. The same
+ * walk, in the same order, as InflightQueue._scan, so both planes use the same entries. */
+void bk_inflight_scan(struct bk_queue *q)
+{
+    if (!q->inflight)
+        return;
+    uint32_t gen;
+    memcpy(&gen, q->inflight + IF_GENERATION, 4);
+    static __thread uint32_t seen[IF_MAX_ENTRIES];
+    uint32_t nseen = 0;
+    q->if_nfree = 0;
+    for (uint32_t k = q->if_cap; k-- > 0;) {
+        uint8_t state = *if_entry(q, k);
+        uint32_t index = if_u32(q, k, IF_E_INDEX);
+        int taken = state != IF_FREE && if_u32(q, k, IF_E_GENERATION) == gen;
+        for (uint32_t j = 0; taken && j < nseen; j++)
+            if (seen[j] == index)
+                taken = 0;
+        if (taken)
+            seen[nseen++] = index;
+        else
+            q->if_free[q->if_nfree++] = (uint16_t)k;
+    }
+}
+
+/* The entry holding ring index `index` of this generation (a replayed request), or a
+ * free one; -1 if there is none (cannot happen: 2 * ring_size entries). */
+static int32_t if_claim(struct bk_queue *q, uint32_t index, int replayed)
+{
+    if (replayed) {
+        uint32_t gen;
+        memcpy(&gen, q->inflight + IF_GENERATION, 4);
+        for (uint32_t k = q->if_cap; k-- > 0;) {
+            if (*if_entry(q, k) != IF_FREE && if_u32(q, k, IF_E_GENERATION) == gen &&
+                if_u32(q, k, IF_E_INDEX) == index) {
+                int free_slot = 0;
+                for (uint32_t j = 0; j < q->if_nfree; j++)
+                    if (q->if_free[j] == k)
+                        free_slot = 1;
+                if (!free_slot)
+                    return (int32_t)k;
+            }
+        }
+    }
+    if (q->if_nfree == 0)
+        return -1;
+    uint32_t k = q->if_free[--q->if_nfree];
+    if (*if_entry(q, k) != IF_FREE)     /* void (an older generation): free it first */
+        __atomic_store_n(if_entry(q, k), (uint8_t)IF_FREE, __ATOMIC_RELEASE);
+    return (int32_t)k;
+}
+
+static int32_t if_in_flight(struct bk_queue *q, uint32_t index, const uint8_t *raw,
+                            int replayed)
+{
+    int32_t k = if_claim(q, index, replayed);
+    if (k < 0)
+        return -1;
+    uint8_t *e = if_entry(q, (uint32_t)k);
     memcpy(e + IF_ENTRY_HEADER, raw, q->entry_size);
-    memcpy(e + 4, &index, 4);
+    memcpy(e + IF_E_INDEX, &index, 4);
+    memcpy(e + IF_E_GENERATION, q->inflight + IF_GENERATION, 4);
     __atomic_store_n(e, (uint8_t)IF_IN_FLIGHT, __ATOMIC_RELEASE); /* state last */
+    return k;
 }
 
-static void if_answering(struct bk_queue *q, uint32_t index, uint32_t rsp_index)
+static void if_answering(struct bk_queue *q, uint32_t entry, uint32_t rsp_index)
 {
-    uint8_t *e = if_entry(q, index);
-    memcpy(e + 8, &rsp_index, 4);
+    uint8_t *e = if_entry(q, entry);
+    memcpy(e + IF_E_RSP_INDEX, &rsp_index, 4);
     __atomic_store_n(e, (uint8_t)IF_ANSWERED, __ATOMIC_RELEASE);
 }
 
 /* ---- responses and the notify rule ------------------------------------------------ */
 
 static void answer(struct bk_queue *q, uint64_t id, uint8_t op, int16_t status,
-                   uint32_t index)
+                   uint32_t index, uint32_t entry)
 {
     uint8_t buf[sizeof(struct blkif_response)];
     if (q->halted)
         return;     /* a corrupt ring: write nothing more into it */
-    if (q->inflight) {
-        if_answering(q, index, q->rsp_prod_pvt);
-        if (q->nunpub < BK_MAX_RING)
-            q->unpub[q->nunpub++] = index;
-    }
     memset(buf, 0, sizeof(buf));   /* padding goes out as zeros (XSA-216) */
     if (q->abi == BK_ABI_X86_32) {
         struct bk32_response r;
@@ -487,8 +563,23 @@ static void answer(struct bk_queue *q, uint64_t id, uint8_t op, int16_t status,
         r.status = status;
         memcpy(buf, &r, sizeof(r));
     }
-    ring_copy(q, q->rsp_prod_pvt, buf, q->rsp_size, 1);
-    q->rsp_prod_pvt++;
+    if (q->inflight) {
+        if_answering(q, entry, q->rsp_prod_pvt);
+        if (q->nunpub < BK_MAX_RING)
+            q->unpub[q->nunpub++] = (uint16_t)entry;
+        ring_copy(q, q->rsp_prod_pvt, buf, q->rsp_size, 1);
+        q->rsp_prod_pvt++;
+        return;
+    }
+    /* In ring order: rsp_prod never passes an unanswered request, so after a restart
+     * without a table the shared rsp_prod alone says what was answered. */
+    q->held[index & q->mask] = 1;
+    memcpy(q->held_rsp[index & q->mask], buf, sizeof(buf));
+    while (q->held[q->rsp_prod_pvt & q->mask]) {
+        q->held[q->rsp_prod_pvt & q->mask] = 0;
+        ring_copy(q, q->rsp_prod_pvt, q->held_rsp[q->rsp_prod_pvt & q->mask], q->rsp_size, 1);
+        q->rsp_prod_pvt++;
+    }
 }
 
 /* RING_PUSH_RESPONSES_AND_CHECK_NOTIFY. */
@@ -504,9 +595,13 @@ static void push(struct bk_queue *q, struct bk_out *out)
     uint32_t event = load32(SRING_IDX(q, rsp_event));
     if ((uint32_t)(new - event) < (uint32_t)(new - old))
         out->flags |= BK_NOTIFY;
-    if (q->inflight) {
-        for (uint32_t i = 0; i < q->nunpub; i++)
+    if (q->inflight && q->nunpub) {
+        /* published now: a restarted daemon must not run these again */
+        for (uint32_t i = 0; i < q->nunpub; i++) {
             __atomic_store_n(if_entry(q, q->unpub[i]), (uint8_t)IF_FREE, __ATOMIC_RELEASE);
+            q->if_free[q->if_nfree++] = q->unpub[i];
+        }
+        store32(q->inflight + IF_RSP_PROD, q->rsp_prod_pvt);
     }
     q->nunpub = 0;
 }
@@ -630,7 +725,7 @@ static int read_indirect(const struct bk_env *env, const struct req *f, uint32_t
 
 /* Take one private copy: validate, pin, queue (or answer at once). */
 static void accept(struct bk_queue *q, const struct bk_env *env, const uint8_t *raw,
-                   uint32_t index, struct bk_out *out)
+                   uint32_t index, uint32_t entry, struct bk_out *out)
 {
     struct req f;
     struct seg segs[BK_MAX_SEGS];
@@ -691,6 +786,7 @@ static void accept(struct bk_queue *q, const struct bk_env *env, const uint8_t *
         goto invalid;
     }
     s->ring_index = index;
+    s->if_entry = entry;
     s->id = f.id;
     s->op = op;
     s->flush = is_flush_op(op);
@@ -730,11 +826,11 @@ static void accept(struct bk_queue *q, const struct bk_env *env, const uint8_t *
 
 invalid:
     out->stats.invalid++;
-    answer(q, f.id, op, BLKIF_RSP_ERROR, index);
+    answer(q, f.id, op, BLKIF_RSP_ERROR, index, entry);
     return;
 unsupported:
     out->stats.unsupported++;
-    answer(q, f.id, op, BLKIF_RSP_EOPNOTSUPP, index);
+    answer(q, f.id, op, BLKIF_RSP_EOPNOTSUPP, index, entry);
 }
 
 /* ---- the I/O ---------------------------------------------------------------------- */
@@ -813,7 +909,7 @@ static void finish(struct bk_queue *q, const struct bk_env *env, struct bk_pendi
 {
     slot_release(env, s);
     account(s, out);
-    answer(q, s->id, s->op, s->status, s->ring_index);
+    answer(q, s->id, s->op, s->status, s->ring_index, s->if_entry);
     s->state = SLOT_FREE;
 }
 
@@ -884,6 +980,7 @@ static void halt(struct bk_queue *q, const struct bk_env *env)
 static int take(struct bk_queue *q, const struct bk_env *env, struct bk_out *out)
 {
     uint8_t raws[BK_BUDGET][BK_SLOT_MAX];
+    uint32_t entries[BK_BUDGET];
     uint32_t budget = BK_BUDGET;
     while (budget > 0) {
         uint32_t pending = q->req_cons - q->rsp_prod_pvt;
@@ -909,12 +1006,18 @@ static int take(struct bk_queue *q, const struct bk_env *env, struct bk_out *out
         q->req_cons = cons;
         budget -= n;
         if (q->inflight && n) {
-            for (uint32_t k = 0; k < n; k++)
-                if_in_flight(q, first + k, raws[k]);
+            for (uint32_t k = 0; k < n; k++) {
+                int32_t e = if_in_flight(q, first + k, raws[k], 0);
+                if (e < 0) {
+                    out->flags |= BK_INTERNAL;  /* no free entry: a bug of ours */
+                    return -1;
+                }
+                entries[k] = (uint32_t)e;
+            }
             store32(q->inflight + IF_REQ_CONS, q->req_cons);
         }
         for (uint32_t k = 0; k < n; k++)
-            accept(q, env, raws[k], first + k, out);
+            accept(q, env, raws[k], first + k, q->inflight ? entries[k] : 0, out);
         if (n == 0 && !final_check(q))
             return 0;
     }
@@ -949,7 +1052,13 @@ struct bk_queue *bk_queue_new(const struct bk_config *cfg)
     q->req_cons = cfg->req_cons;
     q->rsp_prod_pvt = q->pushed = cfg->start;
     q->inflight = cfg->inflight;
+    q->if_cap = 2 * cfg->size;
+    if (q->if_cap > IF_MAX_ENTRIES) {
+        free(q);
+        return NULL;
+    }
     q->disk = cfg->disk;
+    bk_inflight_scan(q);
     return q;
 }
 
@@ -984,10 +1093,18 @@ void bk_serve(struct bk_queue *q, const struct bk_env *env, struct bk_out *out)
         return;
     if (take(q, env, out)) {
         halt(q, env);
-        out->flags |= BK_CORRUPT;
+        if (!(out->flags & BK_INTERNAL))
+            out->flags |= BK_CORRUPT;
         return;
     }
     dispatch(q, env, out);
+    /* The take loop stopped for want of room, but what filled the room was answered
+     * inline just now: no pool completion will come to resume this ring, so it asks to
+     * be served again. */
+    if ((out->flags & BK_BLOCKED) && q->req_cons - q->rsp_prod_pvt < q->max_pending) {
+        out->flags &= ~(uint32_t)BK_BLOCKED;
+        out->flags |= BK_MORE;
+    }
     push(q, out);
 }
 
@@ -1083,10 +1200,18 @@ void bk_replay(struct bk_queue *q, const struct bk_env *env, const uint8_t *raws
     for (uint32_t k = 0; k < n; k++) {
         uint8_t raw[BK_SLOT_MAX];
         memset(raw, 0, sizeof(raw));
-        memcpy(raw, raws + (size_t)k * BK_SLOT_MAX, q->entry_size);
-        if (q->inflight)
-            if_in_flight(q, indices[k], raw);
-        accept(q, env, raw, indices[k], out);
+        memcpy(raw, raws + (size_t)k * BK_SLOT_MAX, BK_SLOT_MAX);
+        int32_t e = 0;
+        if (q->inflight) {
+            /* recorded again, in the entry it has, so a second crash replays it again */
+            e = if_in_flight(q, indices[k], raw, 1);
+            if (e < 0) {
+                out->flags |= BK_INTERNAL;
+                halt(q, env);
+                return;
+            }
+        }
+        accept(q, env, raw, indices[k], (uint32_t)e, out);
     }
     dispatch(q, env, out);
     push(q, out);

@@ -7,6 +7,13 @@ reads, many requests in flight on every queue. After each response it revokes th
 request's grants; a refused revoke (the backend still holds the page) is recorded in
 `refused_revokes` and the page is never reused.
 
+With persistent grants (`persistent=True` and the backend's feature-persistent=1), as
+Linux's blkfront does, each queue keeps a pool of pages granted once (writable) and
+copies data through them: a write is copied into pool pages before the request, a read
+copied out after the response, and the grants go back to the pool instead of being
+revoked. The pool grows when a request needs more pages than are free; its grants are
+revoked only by close().
+
 Responses are collected without blocking the loop: each queue's call eventfd is watched
 with loop.add_reader.
 """
@@ -58,13 +65,17 @@ class _Queue:
     daemon_fds: tuple[int, int]  # (kick, call) for the daemon
     waiters: dict[int, asyncio.Future] = field(default_factory=dict)
     space: asyncio.Event = field(default_factory=asyncio.Event)
+    # Persistent grants: (gref, gfn) free for the next request, and every one granted.
+    pool_free: list[tuple[int, int]] = field(default_factory=list)
+    pool: list[tuple[int, int]] = field(default_factory=list)
 
 
 class BlkFront:
     def __init__(self, ram: GuestRAM, gnttab: GuestGrantTable, devid: int, *,
                  queues: int = 1, ring_order: int = 0, abi: str = "x86_64-abi",
                  backend_keys: Mapping[str, str] | None = None, first_port: int = 1,
-                 seed: int = 0, domid: int = 0, random_layout: bool = True) -> None:
+                 seed: int = 0, domid: int = 0, random_layout: bool = True,
+                 persistent: bool = False) -> None:
         self.ram = ram
         self.gnttab = gnttab
         self.devid = devid
@@ -75,6 +86,7 @@ class BlkFront:
         self.rng = random.Random(seed)
         # False: whole pages, one segment per 4 KiB, as Linux lays out page-cache I/O.
         self.random_layout = random_layout
+        self.persistent = persistent  # we say feature-persistent=1
         self.backend_keys: dict[str, str] = dict(backend_keys or {})
         self.refused_revokes: list[int] = []
         self.stray_responses: list[bytes] = []
@@ -96,7 +108,8 @@ class BlkFront:
     # --- xenbus side -------------------------------------------------------------------
 
     def frontend_keys(self) -> dict[str, str]:
-        keys = {"protocol": self.abi_name, "feature-persistent": "0"}
+        keys = {"protocol": self.abi_name,
+                "feature-persistent": "1" if self.persistent else "0"}
         multi = len(self.queues) > 1
         if multi:
             keys["multi-queue-num-queues"] = str(len(self.queues))
@@ -122,6 +135,15 @@ class BlkFront:
     @property
     def sector_size(self) -> int:
         return int(self.backend_keys.get("sector-size", SECTOR_SIZE))
+
+    @property
+    def use_persistent(self) -> bool:
+        """Persistent grants in use: both ends said 1."""
+        return self.persistent and self.backend_keys.get("feature-persistent") == "1"
+
+    @property
+    def pool_size(self) -> int:
+        return sum(len(q.pool) for q in self.queues)
 
     @property
     def max_indirect_segments(self) -> int:
@@ -182,7 +204,9 @@ class BlkFront:
     async def send_raw(self, raw: bytes, rid: int, queue: int | None = 0) -> tuple[int, int]:
         """Put one request slot as given and wait for the response to `rid`:
         (operation, status). Tests use it to send malformed requests."""
-        q = self._pick(queue)
+        return await self._send(raw, rid, self._pick(queue))
+
+    async def _send(self, raw: bytes, rid: int, q: _Queue) -> tuple[int, int]:
         while q.front.free_requests() == 0:
             q.space.clear()
             await q.space.wait()
@@ -196,6 +220,24 @@ class BlkFront:
 
     def _page(self) -> int:
         return self._free_pages.pop() if self._free_pages else self.ram.alloc_page()
+
+    def _grant(self, q: _Queue | None, readonly: bool) -> tuple[int, int]:
+        """(gref, gfn) for one page of a request: from the queue's persistent pool (granted
+        writable once, as Linux's blkfront does), or a fresh page and grant."""
+        if q is None:
+            gfn = self._page()
+            return self.gnttab.grant_access(gfn, self.domid, readonly=readonly), gfn
+        if not q.pool_free:
+            gfn = self._page()
+            q.pool.append((self.gnttab.grant_access(gfn, self.domid), gfn))
+            q.pool_free.append(q.pool[-1])
+        return q.pool_free.pop()
+
+    def _done(self, q: _Queue | None, grants: list[tuple[int, int]]) -> None:
+        if q is None:
+            self._revoke(grants)
+        else:
+            q.pool_free.extend(grants)  # kept granted for the next request
 
     def _revoke(self, grants: list[tuple[int, int]]) -> None:
         for gref, gfn in grants:
@@ -237,52 +279,55 @@ class BlkFront:
             raise ValueError(f"{nbytes} bytes do not fit one request")
         layout = self._layout(nsectors, max_segs)
         readonly = op == BlkifOp.WRITE  # the backend only reads pages we write from
+        q = self._pick(queue)
+        pool = q if self.use_persistent else None
         grants: list[tuple[int, int]] = []
         segs: list[tuple[int, int, int]] = []
         slices: list[tuple[int, int, int]] = []  # (gfn, byte offset, length)
         pos = 0
         for first, n in layout:
-            gfn = self._page()
+            gref, gfn = self._grant(pool, readonly)
             if data is not None:
                 self.ram.write(gfn * PAGE_SIZE + first * SECTOR_SIZE,
                                data[pos:pos + n * SECTOR_SIZE])
-            gref = self.gnttab.grant_access(gfn, self.domid, readonly=readonly)
             grants.append((gref, gfn))
             segs.append((gref, first, first + n - 1))
             slices.append((gfn, first * SECTOR_SIZE, n * SECTOR_SIZE))
             pos += n * SECTOR_SIZE
         rid = self.new_id()
         if use_indirect:
-            raw = self._indirect(op, rid, sector, segs, grants)
+            raw = self._indirect(op, rid, sector, segs, grants, pool)
         else:
             flat = [v for s in segs for v in s]
             flat += [0, 0, 0] * (BLKIF_MAX_SEGMENTS_PER_REQUEST - len(segs))
             raw = self.codecs.request.pack(op, len(segs), self.devid & 0xFFFF, rid, sector,
                                            *flat)
         try:
-            rop, status = await self.send_raw(raw, rid, queue)
+            rop, status = await self._send(raw, rid, q)
         except BaseException:
-            self._revoke(grants)
+            # No response: the backend may still use the pages. Fresh grants are revoked
+            # (refused ones leak, see _revoke); pool grants stay out of the free pool.
+            if pool is None:
+                self._revoke(grants)
             raise
         out = b""
         if status == BlkifStatus.OKAY and op == BlkifOp.READ:
             out = b"".join(self.ram.read(gfn * PAGE_SIZE + off, n) for gfn, off, n in slices)
-        self._revoke(grants)
+        self._done(pool, grants)
         if status != BlkifStatus.OKAY or rop != op:
             raise BlkIOError(rop, status)
         return out
 
     def _indirect(self, op: int, rid: int, sector: int, segs: list[tuple[int, int, int]],
-                  grants: list[tuple[int, int]]) -> bytes:
+                  grants: list[tuple[int, int]], pool: _Queue | None) -> bytes:
         seg_codec = self.codecs.segment
         igrefs = []
         for start in range(0, len(segs), SEGS_PER_INDIRECT_PAGE):
-            gfn = self._page()
+            gref, gfn = self._grant(pool, True)
             page = bytearray(PAGE_SIZE)
             for i, seg in enumerate(segs[start:start + SEGS_PER_INDIRECT_PAGE]):
                 seg_codec.pack_into(page, i * 8, *seg)
             self.ram.write(gfn * PAGE_SIZE, page)
-            gref = self.gnttab.grant_access(gfn, self.domid, readonly=True)
             grants.append((gref, gfn))
             igrefs.append(gref)
         igrefs += [0] * (8 - len(igrefs))
@@ -326,6 +371,8 @@ class BlkFront:
             q.port.close()
             q.shared.release()
             self._revoke(list(zip(q.grefs, q.pages, strict=True)))
+            self._revoke(q.pool)  # persistent grants end only here, as in Linux
+            q.pool, q.pool_free = [], []
         self.queues = []
         # Pages go back to the guest's allocator (those the backend still holds do not).
         for gfn in self._free_pages:

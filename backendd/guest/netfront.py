@@ -106,7 +106,8 @@ class NetFront:
     def __init__(self, ram: GuestRAM, gnttab: GuestGrantTable, devid: int, *,
                  queues: int = 1, split: bool = False, sg: bool = True, gso: bool = True,
                  csum: bool = True, multicast_control: bool = False, rx_notify: bool = True,
-                 first_port: int = 1, domid: int = 0, tx_pages: int = 64) -> None:
+                 first_port: int = 1, domid: int = 0, tx_pages: int = 64,
+                 rx_sub_page: tuple[int, int] | None = None) -> None:
         self.ram = ram
         self.gnttab = gnttab
         self.devid = devid
@@ -123,6 +124,11 @@ class NetFront:
         self.busy_after_response: list[int] = []
         self.raw_tx_responses: list[tuple[int, int]] = []
         self.rx_event = asyncio.Event()
+        # A hostile frontend's rx buffers: granted as v2 sub-pages (offset, length), or,
+        # for the ring indices in rx_bad_grefs, posted once with that gref instead.
+        self.rx_sub_page = rx_sub_page
+        self.rx_bad_grefs: dict[int, int] = {}
+        self.rx_error_ids: list[int] = []  # request ids of rx slots answered with an error
         self._loop: asyncio.AbstractEventLoop | None = None
         self.queues: list[_Queue] = []
         port = first_port
@@ -363,13 +369,16 @@ class NetFront:
 
     def _post_rx(self, q: _Queue) -> None:
         while q.rx.free_requests() > 0:
-            rid = q.rx.req_prod_pvt & (q.rx.size - 1)
+            index = q.rx.req_prod_pvt
+            rid = index & (q.rx.size - 1)
             buf = q.rx_bufs.get(rid)
             if buf is None:
                 gfn = self.ram.alloc_page()
-                buf = (gfn, self.gnttab.grant_access(gfn, self.domid))
+                buf = (gfn, self.gnttab.grant_access(gfn, self.domid,
+                                                     sub_page=self.rx_sub_page))
                 q.rx_bufs[rid] = buf
-            q.rx.put_request(RX_REQUEST.pack(rid, buf[1]))
+            gref = self.rx_bad_grefs.pop(index, buf[1])
+            q.rx.put_request(RX_REQUEST.pack(rid, gref))
         if q.rx.push_requests():
             q.rx_port.send()
 
@@ -410,6 +419,7 @@ class NetFront:
             raise AssertionError("rx slots after a complete frame")
         q.rx_partial = []
         if any(status < 0 for _, status, _, _ in data):
+            self.rx_error_ids += [rid for rid, status, _, _ in data if status < 0]
             self._count("rx_errors")
             return
         views = []

@@ -15,11 +15,11 @@ from backendd.dataplane import kernel as blk_kernel
 from backendd.dataplane.blk import CompiledRingQueue
 from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
 from backendd.errors import ConfigError, ControlError
-from backendd.inflight import InflightError, InflightRegion
+from backendd.inflight import InflightError, InflightRegion, ring_id
 from rings.blkif import BLKIF_CODECS
 from rings.consts import BLKIF_PROTOCOL_NAMES
 from rings.ring import BackRing, SharedRing
-from rings.sring import RSP_PROD
+from rings.sring import REQ_PROD, RSP_PROD
 
 from .config import parse_config
 from .image import Image
@@ -30,6 +30,7 @@ from .keys import (
     feature_keys,
     parse_frontend_keys,
 )
+from .persistent import DEFAULT_LIMIT, PersistentGrants
 from .queue import BATCH, Counters, RingQueue
 from .request import Geometry
 
@@ -60,11 +61,16 @@ class BlkDevice(Device):
                                  discard_secure=self.image.discard_secure)
         self.counters = Counters()
         self.batch = BATCH
+        self.pgrant_limit = DEFAULT_LIMIT  # per ring
+        self.persistent = False  # negotiated at the last connect
+        # Persistent-grant counters of rings already disconnected (stats are per device).
+        self._pgrant_done: dict[str, int] = {}
         self.kernel = blk_kernel.load() if self.cfg.dataplane != "python" else None
         if self.cfg.dataplane == "compiled" and self.kernel is None:
             self.image.close()
             raise ConfigError(f"dataplane: compiled, but {blk_kernel.library_path()} is "
                               "not built (make builds it)")
+        self.compiled = False  # the compiled kernel serves the rings of this connection
         self.queues: list[RingQueue | CompiledRingQueue] = []
         self._channels: list[EventChannel] = []
         self._connected: dict[str, str] | None = None
@@ -95,6 +101,11 @@ class BlkDevice(Device):
             if q.port not in channels:
                 raise FrontendKeyError(f"event-channel: port {q.port} has no channel")
         codecs = BLKIF_CODECS[front.abi]
+        # Used only when both ends say 1 (the frontend's key is read at every connect).
+        self.persistent = self.cfg.persistent and front.persistent
+        # The kernel does not keep persistent grants: a connection that uses them is
+        # served by the Python path.
+        self.compiled = self.kernel is not None and not self.persistent
         queues: list[RingQueue | CompiledRingQueue] = []
         region = None
         if self._inflight is not None:
@@ -110,34 +121,47 @@ class BlkDevice(Device):
                     # disconnect.
                     for gref in qk.ring_refs:
                         maps.append(self.ctx.grants.map(gref, writable=True))
-                    shared = SharedRing.over_pages([m.page_view() for m in maps],
-                                                   codecs.entry_size)
+                    # Whole pages only: a v2 sub-page grant is the guest's error.
+                    shared = SharedRing.over_pages(
+                        [m.whole_page(f"ring page {n}") for n, m in enumerate(maps)],
+                        codecs.entry_size)
                 except BaseException:
                     for m in maps:
                         m.release()
                     raise
-                back = BackRing(shared)
-                table, replay = None, []
+                table, rec = None, None
                 if region is not None:
                     try:
                         table = region.queue(i, shared.size)
-                        rec = table.recover(shared.idx[RSP_PROD])
+                        # Decide now, write once every queue is set up (a failed connect
+                        # leaves the table as it was, for the next attempt).
+                        rec = table.plan(shared.idx[REQ_PROD], shared.idx[RSP_PROD],
+                                         ring_id(qk.ring_refs, qk.port))
                     except InflightError as e:
                         for m in maps:
                             m.release()
                         raise ControlError(errno.EINVAL,
                                            f"blk {self.devid} queue {i}: {e}") from e
+                    if rec.reason:
+                        log.warning("blk %d queue %d: in-flight table not resumed (%s): "
+                                    "starting generation %d", self.devid, i, rec.reason,
+                                    rec.generation)
+                if rec is not None and not rec.fresh:
                     # Resume where the earlier daemon stopped, not at BACK_RING_INIT.
+                    back = BackRing(shared, rec.rsp_prod)
                     back.req_cons = rec.req_cons
-                    back.rsp_prod_pvt = back._pushed = rec.rsp_prod
-                    replay = rec.replay
+                else:
+                    # A fresh ring, or a restart without a table: the shared rsp_prod says
+                    # what was answered; everything past it is read again from the ring
+                    # (BACK_RING_ATTACH). A fresh ring has it at 0.
+                    back = BackRing.attach(shared)
                 args = dict(
-                    index=i, back=back, ring_maps=maps, inflight=table, replay=replay,
+                    index=i, back=back, ring_maps=maps, inflight=table, recovery=rec,
                     channel=channels[qk.port], codecs=codecs, geometry=self.geometry,
                     image=self.image, grants=self.ctx.grants, submit=self._submit,
                     loop=self.ctx.loop, counters=self.counters,
                     on_corrupt=self._corrupt, batch=self.batch)
-                if self.kernel is not None:
+                if self.compiled:
                     try:
                         queues.append(CompiledRingQueue(kernel=self.kernel, **args))
                     except BaseException:
@@ -145,14 +169,16 @@ class BlkDevice(Device):
                             m.release()
                         raise
                 else:
-                    queues.append(RingQueue(**args))
+                    queues.append(RingQueue(
+                        **args, pgrants=PersistentGrants(self.ctx.grants, self.pgrant_limit)
+                        if self.persistent else None))
         except BaseException:
             for q in queues:
                 q.release()
             raise
         self.queues = queues
         for q in queues:
-            q.start()
+            q.start()  # writes the table's decision first
         self._connected = connected_keys(self.image)
         self._resize_timer = self.ctx.loop.call_later(RESIZE_CHECK_SECONDS,
                                                       self._check_size)
@@ -193,6 +219,9 @@ class BlkDevice(Device):
             await asyncio.gather(*(q.stop() for q in queues))
         for q in queues:
             q.release()
+            if q.pgrants is not None:
+                for k, v in q.pgrants.stats().items():
+                    self._pgrant_done[k] = self._pgrant_done.get(k, 0) + v
         for ch in self._channels:
             with contextlib.suppress(OSError):
                 ch.close()
@@ -209,8 +238,18 @@ class BlkDevice(Device):
         return out
 
     def stats(self) -> dict[str, int]:
-        return self.counters.as_dict() | {"queues": len(self.queues),
-                                          "compiled": int(self.kernel is not None)}
+        pg = dict.fromkeys(("pgrant_hits", "pgrant_misses", "pgrant_purged",
+                            "pgrant_overflow", "pgrant_upgrades"), 0)
+        for k, v in self._pgrant_done.items():
+            pg[k] += v
+        for q in self.queues:
+            if q.pgrants is not None:
+                for k, v in q.pgrants.stats().items():
+                    pg[k] += v
+        pg["pgrants"] = sum(len(q.pgrants) for q in self.queues if q.pgrants is not None)
+        return self.counters.as_dict() | pg | {"queues": len(self.queues),
+                                              "persistent": int(self.persistent),
+                                              "compiled": int(self.compiled)}
 
     async def close(self) -> None:
         await self.disconnect()

@@ -37,6 +37,7 @@ class FrontendConfig:
     abi: BlkifAbi
     ring_order: int
     queues: tuple[QueueKeys, ...]
+    persistent: bool = False  # the frontend's feature-persistent
 
 
 def feature_keys(image: Image) -> dict[str, str]:
@@ -45,7 +46,7 @@ def feature_keys(image: Image) -> dict[str, str]:
         "feature-barrier": "1",
         "feature-discard": "1" if image.discard else "0",
         "feature-max-indirect-segments": str(MAX_INDIRECT_SEGMENTS),
-        "feature-persistent": "0",
+        "feature-persistent": "1" if image.cfg.persistent else "0",
         "max-ring-page-order": str(MAX_RING_PAGE_ORDER),
         "multi-queue-max-queues": str(MAX_QUEUES),
     }
@@ -110,4 +111,7 @@ def parse_frontend_keys(keys: Mapping[str, str], max_queues: int = MAX_QUEUES
     ports = [q.port for q in queues]
     if len(set(ports)) != len(ports):
         raise FrontendKeyError(f"event-channel: queues share a port ({ports})")
-    return FrontendConfig(_ABI_BY_NAME[protocol], order or 0, tuple(queues))
+    # As blkback: absent means 0; the frontend's value is read at every connect.
+    persistent = _uint(keys, "feature-persistent", 1) == 1 \
+        if "feature-persistent" in keys else False
+    return FrontendConfig(_ABI_BY_NAME[protocol], order or 0, tuple(queues), persistent)

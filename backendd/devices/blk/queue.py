@@ -19,6 +19,10 @@ With an in-flight table (SET_INFLIGHT, backendd/inflight.py) every request taken
 recorded before the recorded req_cons moves past it, and the slot of its response before
 that response is published; a restarted daemon replays what the table says was never
 visibly answered, before taking anything new.
+
+Without a table, responses are published in ring order (a request that completes early
+waits for those taken before it), so the shared rsp_prod alone says what was answered: a
+restarted daemon resumes at it and reads everything past it again from the ring.
 """
 
 from __future__ import annotations
@@ -48,9 +52,10 @@ from .request import (
 if TYPE_CHECKING:
     from backendd.evtchn import EventChannel
     from backendd.grants import GrantMapping, GrantTable
-    from backendd.inflight import InflightQueue
+    from backendd.inflight import InflightQueue, Recovery
 
     from .image import Image
+    from .persistent import PersistentGrants
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +88,8 @@ class RingQueue:
                  loop: asyncio.AbstractEventLoop, counters: Counters,
                  on_corrupt: Callable[[str], None], batch: int = BATCH,
                  inflight: InflightQueue | None = None,
-                 replay: list[tuple[int, bytes]] | None = None) -> None:
+                 recovery: Recovery | None = None,
+                 pgrants: PersistentGrants | None = None) -> None:
         self.index = index
         self.back = back
         self.ring_maps = ring_maps
@@ -92,6 +98,10 @@ class RingQueue:
         self.geo = geometry
         self.image = image
         self.grants = grants
+        # With persistent grants (both ends said feature-persistent=1) data and indirect
+        # pages are pinned through the ring's cache; ring pages never are.
+        self.pgrants = pgrants
+        self._pin = pgrants.acquire if pgrants is not None else grants.map
         self.submit = submit
         self.loop = loop
         self.counters = counters
@@ -108,16 +118,24 @@ class RingQueue:
         self._idle = asyncio.Event()
         self._idle.set()
         self.inflight = inflight
-        self._replay = list(replay or [])
+        self._recovery = recovery
         self._unpublished: list[int] = []  # ring indices answered, response not pushed
+        # Without a table: responses that wait for an earlier request's, by ring index.
+        self._held: dict[int, bytes] = {}
 
     # --- taking requests -----------------------------------------------------------
 
     def start(self) -> None:
-        if self._replay:
+        replay: list[tuple[int, bytes]] = []
+        if self.inflight is not None and self._recovery is not None:
+            # A new generation, or the live one resumed (see backendd/inflight.py).
+            self.inflight.begin(self._recovery)
+            replay = self._recovery.replay
+        self._recovery = None
+        if replay:
             # Requests an earlier daemon took and never visibly answered go first, in
-            # ring order; the table's req_cons is already past them.
-            replay, self._replay = self._replay, []
+            # ring order; the table's req_cons is already past them. Each is recorded
+            # again (in_flight) so that a second crash replays it again.
             for index, raw in replay:
                 if self.inflight is not None:
                     self.inflight.in_flight(index, raw)
@@ -204,7 +222,7 @@ class RingQueue:
         pages = []
         left = req.nr_segments * SEGMENT_SIZE
         for gref in req.indirect_grefs:
-            with self.grants.map(gref, writable=False) as m:
+            with self._pin(gref, False) as m:
                 n = min(left, 4096)
                 pages.append(bytes(m.page_view(0, n)))  # a private copy, then let go
                 left -= n
@@ -216,7 +234,7 @@ class RingQueue:
         writable = req.op == BlkifOp.READ
         try:
             for gref, first, last in req.segments:
-                m = self.grants.map(gref, writable)
+                m = self._pin(gref, writable)
                 item.mappings.append(m)
                 item.views.append(m.page_view(first * SECTOR_SIZE,
                                               (last - first + 1) * SECTOR_SIZE))
@@ -296,10 +314,18 @@ class RingQueue:
     def _answer(self, rid: int, op: int, status: int, index: int) -> None:
         if self.halted:
             return  # the ring is corrupt: write nothing more into it
+        rsp = pack_response(self.codecs, rid, op, status)
         if self.inflight is not None:
             self.inflight.answering(index, self.back.rsp_prod_pvt)
             self._unpublished.append(index)
-        self.back.put_response(pack_response(self.codecs, rid, op, status))
+            self.back.put_response(rsp)
+            return
+        # In ring order: the response to ring index i goes out only after those to every
+        # index before it, so that rsp_prod never passes an unanswered request.
+        self._held[index & 0xFFFFFFFF] = rsp
+        back, held = self.back, self._held
+        while back.rsp_prod_pvt in held:
+            back.put_response(held.pop(back.rsp_prod_pvt))
 
     def _push(self) -> None:
         if self.halted:
@@ -310,6 +336,7 @@ class RingQueue:
             for index in self._unpublished:
                 self.inflight.answered(index)
             self._unpublished.clear()
+            self.inflight.published(self.back.rsp_prod_pvt)
         if notify:
             self.channel.notify()
 
@@ -337,9 +364,16 @@ class RingQueue:
         self.channel.stop()
         await self._idle.wait()
         self._push()
+        if self.inflight is not None:
+            # Everything taken is answered (or the ring is halted): whatever ring comes
+            # next, even on these pages, starts a new generation of the table.
+            self.inflight.close()
 
     def release(self) -> None:
-        """After stop(): let go of the ring pages and the event channel."""
+        """After stop(): let go of the ring pages, the persistent grants and the event
+        channel."""
+        if self.pgrants is not None:
+            self.pgrants.close()
         ring = self.back.ring
         ring.release()
         for view in getattr(ring, "pages", [ring.area]):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
 from backendd.errors import ConfigError, ControlError
 from backendd.grants import GrantMapping
+from backendd.log import GuestLogLimiter
 from rings.netif import RX_ENTRY_SIZE, TX_ENTRY_SIZE
 from rings.ring import BackRing, SharedRing
 
@@ -36,7 +37,7 @@ from .tap import (
     set_queue_attached,
 )
 from .txpath import TxPath
-from .vif import Features, VifState
+from .vif import COUNTERS, Features, VifState
 
 if TYPE_CHECKING:
     from backendd.evtchn import EventChannel
@@ -125,7 +126,8 @@ class NetDevice(Device):
         self.fds: list[int] = []
         self.queues: list[_Queue] = []
         self.vif: VifState | None = None
-        self._open_tap()
+        network = getattr(daemon_config, "network", None)
+        self._open_tap(bool(getattr(network, "attach_existing_taps", False)))
 
     def _int_key(self, key: str, default: int, low: int, high: int) -> int:
         value = self.config.get(key)
@@ -135,18 +137,22 @@ class NetDevice(Device):
             raise ConfigError(f"net: {key} {value!r}: expected {low}..{high}")
         return int(value)
 
-    def _open_tap(self) -> None:
+    def _open_tap(self, attach_existing: bool) -> None:
         multi = self.max_queues > 1
         try:
             # Every queue's fd is opened now: once the tap moves to another namespace,
             # a new fd could not find it by name. Queues beyond the first stay detached
-            # until a frontend asks for them.
-            for _ in range(self.max_queues):
-                self.fds.append(open_tap(self.tap_name, multi_queue=multi))
+            # until a frontend asks for them. The first open creates the tap, and fails
+            # if the name is taken, unless the configuration lets us attach to it.
+            for i in range(self.max_queues):
+                self.fds.append(open_tap(self.tap_name, multi_queue=multi,
+                                         create=i == 0 and not attach_existing))
             for fd in self.fds[1:]:
                 set_queue_attached(fd, False)
+            # configure_link first checks that no fd but ours holds a queue of the tap.
             run_netlink(configure_link, LinkConfig(self.tap_name, mtu=self.mtu,
-                                                   bridge=self.bridge, netns=self.netns))
+                                                   bridge=self.bridge, netns=self.netns,
+                                                   queues=len(self.fds)))
         except BaseException:
             close_fds(self.fds)
             self.fds = []
@@ -205,7 +211,8 @@ class NetDevice(Device):
             raise ControlError(errno.EINVAL, f"net: {nq} queues requested, at most "
                                f"{self.max_queues}")
         mtu = self.mtu if features.sg else min(self.mtu, DEFAULT_MTU)
-        self.vif = vif = VifState(self.devid, features, mtu, self._on_fatal)
+        self.vif = vif = VifState(self.devid, features, mtu, self._on_fatal,
+                                  self._guest_error)
         # Offloads the kernel may hand us: only what the frontend takes, for v4 and v6.
         csum = features.csum and features.ipv6_csum
         for q in range(nq):
@@ -239,14 +246,21 @@ class NetDevice(Device):
                                    "or used twice")
         tx_ref = _uint(keys, prefix + "tx-ring-ref")
         rx_ref = _uint(keys, prefix + "rx-ring-ref")
-        tx_map = grants.map(tx_ref, writable=True)
+        maps: list[GrantMapping] = []
         try:
+            tx_map = grants.map(tx_ref, writable=True)
+            maps.append(tx_map)
             rx_map = grants.map(rx_ref, writable=True)
+            maps.append(rx_map)
+            # A ring is a whole page: a v2 sub-page grant is the guest's error (EINVAL).
+            tx_page = tx_map.whole_page("the tx ring")
+            rx_page = rx_map.whole_page("the rx ring")
         except BaseException:
-            tx_map.release()
+            for m in maps:
+                m.release()
             raise
-        tx_shared = SharedRing(tx_map.page_view(), TX_ENTRY_SIZE)
-        rx_shared = SharedRing(rx_map.page_view(), RX_ENTRY_SIZE)
+        tx_shared = SharedRing(tx_page, TX_ENTRY_SIZE)
+        rx_shared = SharedRing(rx_page, RX_ENTRY_SIZE)
         name = f"net{self.devid}/queue-{q}"
         tx = TxPath(BackRing.attach(tx_shared), grants, fd, vif, loop, name, credit)
         rx = RxPath(BackRing.attach(rx_shared), grants, fd, vif, loop, name,
@@ -275,6 +289,15 @@ class NetDevice(Device):
             queue.rx.stop()
         self.ctx.notices.frontend_misbehaved(self.devid, message)
 
+    def _guest_error(self, kind: str, message: str) -> None:
+        """A request answered ERROR because of the guest: a warning, rate-limited per
+        guest, device and kind ([daemon] guest_log_burst)."""
+        limiter = self.ctx.extras.get("guest_log")
+        if isinstance(limiter, GuestLogLimiter):
+            conn = self.ctx.extras.get("conn", 0)
+            limiter.warning((conn, self.devid, kind), "guest_error", conn=conn,
+                            devid=self.devid, kind=kind, message=message)
+
     def _teardown(self) -> None:
         for queue in self.queues:
             queue.close()
@@ -298,9 +321,10 @@ class NetDevice(Device):
     # --- reporting ------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
-        out = dict(self.counters_base)
-        if self.vif is not None:
-            for key, value in self.vif.counters.items():
+        out = dict.fromkeys(COUNTERS, 0)
+        live = self.vif.counters if self.vif is not None else {}
+        for counters in (self.counters_base, live):
+            for key, value in counters.items():
                 out[key] = out.get(key, 0) + value
         out["queues"] = len(self.queues)
         return out

@@ -13,12 +13,20 @@ a frame that turns out not to be GSO and still spans pages (jumbo frames only) i
 down one page afterwards. When the guest posts no buffers we stop reading and the frames
 wait in the tap's queue, whose length (txqueuelen) bounds what a stalled guest costs
 (XSA-392); the kernel drops and counts beyond it.
+
+A posted request whose grant cannot be used (bad gref, revoked, read-only, a v2 sub-page)
+fails alone, in its turn, as a failed grant copy does in netback: at the head of the
+posted buffers it is answered ERROR by itself; further on, the frame is read with a
+private scratch page in its place, and if the frame turns out to reach it, that slot of
+the frame is answered ERROR (the frontend drops that one frame) while every other slot is
+answered as usual. No other buffer ever fails because of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections import deque
 
@@ -30,6 +38,8 @@ from rings.ring import BackRing, RingCorrupted
 
 from .vif import VifState
 from .vnet import VNET_HDR_LEN, VnetHeader, rx_gso, rx_netif_flags
+
+log = logging.getLogger(__name__)
 
 BUDGET = 64  # frames per wakeup (XSA-332)
 MAX_GSO_FRAME = 65536 + ETH_HLEN + 4  # a 64 KiB GSO super-frame plus a VLAN tag
@@ -49,10 +59,13 @@ def data_slot_sizes(frame_len: int) -> list[int]:
 
 
 def rx_responses(ids: list[int], frame_len: int, csum_flags: int,
-                 gso: tuple[int, int] | None) -> list[bytes]:
+                 gso: tuple[int, int] | None, failed: frozenset[int] = frozenset()
+                 ) -> list[bytes]:
     """The ring slots for one frame, in order: the first data slot, the GSO extra-info
     slot when there is one, then the other data slots. `ids` are the request ids of the
-    slots used (the extra slot's id is not echoed: it holds extra info instead)."""
+    slots used (the extra slot's id is not echoed: it holds extra info instead). Data
+    slots at the positions in `failed` (their buffer was unusable) carry NETIF_RSP_ERROR
+    instead of a size, with their flags kept so the frame's chain stays whole."""
     sizes = data_slot_sizes(frame_len)
     out: list[bytes] = []
     data_ids = [ids[0], *ids[2:]] if gso else ids
@@ -62,6 +75,8 @@ def rx_responses(ids: list[int], frame_len: int, csum_flags: int,
             flags |= NetRxFlags.EXTRA_INFO
         if n < len(sizes) - 1:
             flags |= NetRxFlags.MORE_DATA
+        if len(out) in failed:
+            size = NetifRsp.ERROR
         out.append(RX_RESPONSE.pack(data_ids[n], 0, flags, size))
         if n == 0 and gso:
             out.append(EXTRA_GSO.pack(NetExtraType.GSO, 0, gso[0], gso[1], 0, 0))
@@ -90,6 +105,8 @@ class RxPath:
         self.notify = lambda: None
         self.posted: deque[_Posted] = deque()
         self._hdr = bytearray(VNET_HDR_LEN)
+        # Where the part of a frame bound for an unusable buffer is read (and discarded).
+        self._scratch = memoryview(bytearray(PAGE_SIZE))
         self._reading = False
         self._poll: asyncio.TimerHandle | None = None
         self.stopped = False
@@ -135,20 +152,12 @@ class RxPath:
     # --- buffers ------------------------------------------------------------------
 
     def _fill(self) -> bool:
-        """Make sure `need` usable buffers are at the head; False if the guest has not
-        posted enough."""
+        """Make sure `need` buffers are posted, the first of them usable; False if the
+        guest has not posted enough. Unusable ones further on stay in their place."""
         while True:
             self._answer_bad_head()
             if len(self.posted) >= self.need:
-                bad = next((i for i in range(self.need) if self.posted[i].mapping is None),
-                           None)
-                if bad is None:
-                    return True
-                # Buffers before a bad one cannot be used in ring order: answer them
-                # all with an error, as a failed grant copy would be.
-                for _ in range(bad + 1):
-                    self._respond_error(self.posted.popleft())
-                continue
+                return True
             if not self._take(self.need - len(self.posted)):
                 return False
 
@@ -163,11 +172,17 @@ class RxPath:
             return False
         for raw in raws:
             req_id, gref = RX_REQUEST.unpack(raw)
+            mapping: GrantMapping | None = None
             try:
-                mapping: GrantMapping | None = self.grants.map(gref, writable=True)
-            except GuestError:
+                mapping = self.grants.map(gref, writable=True)
+                mapping.whole_page("an rx buffer")
+            except GuestError as e:
+                if mapping is not None:
+                    mapping.release()
+                    mapping = None
                 self.vif.counters["rx_bad_grant"] += 1
-                mapping = None
+                self.vif.guest_error("rx_bad_grant", f"{self.name}: rx request id {req_id}: "
+                                     f"{e}")
             self.posted.append(_Posted(req_id, mapping))
         return True
 
@@ -185,12 +200,21 @@ class RxPath:
     def _readable(self) -> None:
         if self.stopped or self.vif.halted or not self._reading:
             return
-        for _ in range(BUDGET):
-            if not self._fill():
-                self._stall()
-                break
-            if not self._read_one():
-                break
+        try:
+            for _ in range(BUDGET):
+                if not self._fill():
+                    self._stall()
+                    break
+                if not self._read_one():
+                    break
+        except GuestError as e:
+            # Anything else the guest got wrong stops this vif, as a ring error does:
+            # never an exception escaping the reader, which would fire again and again.
+            self.vif.counters["rx_fatal"] += 1
+            self.vif.fatal(f"{self.name}: rx: {e}")
+        except Exception:
+            log.exception("%s: rx stopped on an internal error", self.name)
+            self.stop()
         if self.ring.push_responses():
             self.notify()
 
@@ -210,12 +234,16 @@ class RxPath:
         self._poll = None
         self.kick()
 
+    def _page(self, p: _Posted) -> memoryview:
+        """The page a posted buffer receives data in; scratch for an unusable one."""
+        return p.mapping.page_view(0, PAGE_SIZE) if p.mapping is not None else self._scratch
+
     def _read_one(self) -> bool:
         """Read one frame into the posted buffers; False when the tap is empty."""
         posted = self.posted
         bufs = [posted[0]] + ([posted[i] for i in range(2, self.need)] if self.gso_offload
                               else [posted[i] for i in range(1, self.need)])
-        views = [p.mapping.page_view(0, PAGE_SIZE) for p in bufs]  # type: ignore[union-attr]
+        views = [self._page(p) for p in bufs]
         try:
             n = os.readv(self.fd, [self._hdr, *views])
         except BlockingIOError:
@@ -246,14 +274,22 @@ class RxPath:
             # Not GSO after all: slot 1's page, left free for extra info, takes data.
             order = [posted[0], posted[1], *bufs[1:]]
             for k in range(1, npages):
-                order[k].mapping.page_view()[:] = order[k + 1].mapping.page_view()  # type: ignore[union-attr]
+                self._page(order[k])[:] = self._page(order[k + 1])
         used = npages + (1 if gso is not None else 0)
         entries = [posted.popleft() for _ in range(used)]
+        # The extra-info slot carries no data: its buffer is neither written nor needed.
+        data_pos = [0, *range(2, used)] if gso is not None else range(used)
+        failed = frozenset(i for i in data_pos if entries[i].mapping is None)
         for p in entries:
-            p.mapping.release()  # type: ignore[union-attr]
+            if p.mapping is not None:
+                p.mapping.release()
         for slot in rx_responses([p.id for p in entries], frame_len,
-                                 rx_netif_flags(vnet), gso):
+                                 rx_netif_flags(vnet), gso, failed):
             self.ring.put_response(slot + bytes(RX_ENTRY_SIZE - len(slot)))
+        if failed:
+            # Part of the frame went to scratch: the frontend drops it (the ERROR slot).
+            counters["rx_dropped"] += 1
+            return True
         counters["rx_packets"] += 1
         counters["rx_bytes"] += frame_len
         if gso is not None:

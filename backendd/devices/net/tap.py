@@ -1,6 +1,18 @@
 """Tap devices: the /dev/net/tun file descriptors we open ourselves, and the link setup
 (MAC, MTU, up, bridge, network namespace) done over rtnetlink with pyroute2.
 
+A tap belongs to one device. The daemon creates its taps with IFF_TUN_EXCL, so a name
+that is taken already is refused rather than attached to; attaching to an existing tap is
+an opt-in of the daemon's configuration, and even then refused when anyone else (another
+device, another process) has a queue of it open: after our fds are attached, the kernel's
+own count of the tap's queues (IFLA_TUN_NUM_QUEUES + IFLA_TUN_NUM_DISABLED_QUEUES) must be
+exactly ours.
+
+Moving a tap into a named network namespace needs only CAP_NET_ADMIN: the link is moved
+and brought up by one RTM_SETLINK carrying the namespace's fd (IFLA_NET_NS_FD); the
+kernel moves the link first and applies the flags in its new namespace. No thread ever
+enters another namespace (setns would need CAP_SYS_ADMIN).
+
 pyroute2's synchronous API runs its own event loop and refuses to run inside ours, and its
 asyncio API does not work on uvloop (datagram endpoints of family AF_NETLINK), so link
 setup runs in a worker thread, which has no running loop. Netlink requests take a few
@@ -11,12 +23,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,6 +46,7 @@ IFF_VNET_HDR = 0x4000
 IFF_MULTI_QUEUE = 0x0100
 IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
+IFF_TUN_EXCL = 0x8000
 
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
@@ -60,18 +72,27 @@ def _ifreq(name: str, flags: int) -> bytes:
     return struct.pack("16sH22x", name.encode(), flags)
 
 
-def open_tap(name: str, multi_queue: bool = False) -> int:
-    """Create (or attach to) tap `name`: a non-blocking fd with 10-byte vnet headers."""
+def open_tap(name: str, multi_queue: bool = False, create: bool = False) -> int:
+    """Open a queue of tap `name`: a non-blocking fd with 10-byte vnet headers. With
+    `create`, the tap must not exist yet (IFF_TUN_EXCL); otherwise it is created or, when
+    it exists, attached to."""
     check_ifname(name)
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if multi_queue else 0)
+        if create:
+            flags |= IFF_TUN_EXCL
         fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, flags))
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
         fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
     except OSError as e:
         os.close(fd)
-        raise ControlError(e.errno or errno.EIO, f"tap {name}: {e.strerror}") from e
+        if e.errno == errno.EBUSY:
+            why = ("an interface of that name exists; attaching to an existing tap needs "
+                   "[network] attach_existing_taps = true" if create
+                   else "in use by another device or process")
+            raise ControlError(errno.EBUSY, f"net: tap {name}: {why}") from e
+        raise ControlError(e.errno or errno.EIO, f"net: tap {name}: {e.strerror}") from e
     return fd
 
 
@@ -119,42 +140,23 @@ class LinkConfig:
     bridge: str | None = None
     netns: str | None = None
     up: bool = True
+    # The queue fds the caller holds: the tap must have exactly these open, no others.
+    # None: not checked.
+    queues: int | None = None
 
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    # os.setns arrives in Python 3.12; libc's is the same system call.
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Switch the calling thread (only it: setns is per thread) into netns `name` and back.
-
-    pyroute2's own netns support forks a child to open the socket; forking a process
-    that runs an event loop and I/O threads is unsafe (the child shares the loop's epoll
-    and the parent's locks), so the netlink thread moves itself instead."""
-    target = os.open(os.path.join("/run/netns", name), os.O_RDONLY | os.O_CLOEXEC)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+def open_netns(name: str) -> int:
+    """An fd of the named network namespace (/run/netns/<name>), for IFLA_NET_NS_FD."""
     try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(target)
-        os.close(home)
+        return os.open(os.path.join("/run/netns", name), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"net: netns {name!r}: {e.strerror}") from e
 
 
 def configure_link(cfg: LinkConfig) -> None:
     """MAC, MTU, bridge, namespace, up: the toolstack's hotplug work for a vif. Runs in
-    the netlink thread; raises ConfigError naming what is wrong."""
+    the netlink thread; raises ConfigError naming what is wrong, ControlError(EBUSY) when
+    someone else holds the tap."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -164,6 +166,8 @@ def configure_link(cfg: LinkConfig) -> None:
             if not found:
                 raise ConfigError(f"net: tap {cfg.name}: not found after creation")
             index = found[0]
+            if cfg.queues is not None:
+                _check_holders(ip, index, cfg.name, cfg.queues)
             settings: dict[str, Any] = {}
             if cfg.mac:
                 settings["address"] = cfg.mac
@@ -177,18 +181,44 @@ def configure_link(cfg: LinkConfig) -> None:
                     raise ConfigError(f"net: bridge {cfg.bridge}: no such bridge")
                 ip.link("set", index=index, master=bridges[0])
             if cfg.netns:
-                ip.link("set", index=index, net_ns_fd=cfg.netns)
+                # One request: the kernel moves the link (which takes it down), then
+                # applies the flags in the new namespace.
+                ns_fd = open_netns(cfg.netns)
+                try:
+                    up = {"state": "up"} if cfg.up else {}
+                    ip.link("set", index=index, net_ns_fd=ns_fd, **up)
+                finally:
+                    os.close(ns_fd)
             elif cfg.up:
                 ip.link("set", index=index, state="up")
-        if cfg.netns and cfg.up:
-            # Moving a link brings it down; it is raised inside its new namespace.
-            with in_netns(cfg.netns), IPRoute() as ip:
-                found = ip.link_lookup(ifname=cfg.name)
-                if not found:
-                    raise ConfigError(f"net: tap {cfg.name}: not in netns {cfg.netns}")
-                ip.link("set", index=found[0], state="up")
     except NetlinkError as e:
         raise ConfigError(f"net: tap {cfg.name}: link setup failed: {e}") from e
+
+
+def tap_queue_count(ip: Any, index: int) -> int | None:
+    """Queues open on multi-queue tap `index`, attached or detached. A single-queue tap
+    (the kernel lets one fd at a time attach) counts 1. None: not a tap."""
+    for link in ip.link("get", index=index):
+        info = link.get_attr("IFLA_LINKINFO")
+        if info is None or info.get_attr("IFLA_INFO_KIND") != "tun":
+            return None
+        data = info.get_attr("IFLA_INFO_DATA")
+        if data is None or data.get_attr("IFLA_TUN_TYPE") != IFF_TAP:
+            return None
+        if not data.get_attr("IFLA_TUN_MULTI_QUEUE"):
+            return 1
+        return (data.get_attr("IFLA_TUN_NUM_QUEUES") or 0) + \
+            (data.get_attr("IFLA_TUN_NUM_DISABLED_QUEUES") or 0)
+    return None
+
+
+def _check_holders(ip: Any, index: int, name: str, ours: int) -> None:
+    count = tap_queue_count(ip, index)
+    if count is None:
+        raise ConfigError(f"net: {name}: not a tap")
+    if count != ours:
+        raise ControlError(errno.EBUSY, f"net: tap {name}: in use by another device or "
+                           f"process ({count} queues open, {ours} of them ours)")
 
 
 def _is_bridge(ip: Any, index: int) -> bool:

@@ -22,7 +22,7 @@ import os
 from backendd.errors import GuestError
 from backendd.grants import GrantMapping, GrantTable
 from rings.atomic import read_barrier
-from rings.consts import NetifRsp
+from rings.consts import NETBK_MCAST_MAX, NetifRsp
 from rings.netif import TX_ENTRY_SIZE, TX_RESPONSE
 from rings.ring import U32, BackRing
 from rings.sring import REQ_PROD
@@ -138,9 +138,15 @@ class TxPath:
         counters = self.vif.counters
         if packet.kind is TxKind.ERROR:
             counters["tx_errors"] += 1
+            self._guest_error(packet, packet.reason)
             return NetifRsp.ERROR
         if packet.kind is TxKind.MCAST_ADD:
-            return NetifRsp.OKAY if self.vif.mcast_add(packet.mcast) else NetifRsp.ERROR
+            if self.vif.mcast_add(packet.mcast):
+                return NetifRsp.OKAY
+            counters["tx_errors"] += 1
+            self._guest_error(packet, "tx: multicast add beyond the list's "
+                              f"{NETBK_MCAST_MAX} addresses")
+            return NetifRsp.ERROR
         if packet.kind is TxKind.MCAST_DEL:
             self.vif.mcast_del(packet.mcast)
             return NetifRsp.OKAY
@@ -172,8 +178,9 @@ class TxPath:
             except OSError:
                 counters["tx_dropped_tap"] += 1
                 return NetifRsp.OKAY
-        except GuestError:
+        except GuestError as e:
             counters["tx_errors"] += 1
+            self._guest_error(packet, f"tx: {e}")
             return NetifRsp.ERROR
         finally:
             for m in maps:
@@ -183,6 +190,10 @@ class TxPath:
         if packet.gso is not None:
             counters["tx_gso"] += 1
         return NetifRsp.OKAY
+
+    def _guest_error(self, packet: TxPacket, reason: str) -> None:
+        self.vif.guest_error("tx_error", f"{self.name}: request id {packet.first.id} "
+                             f"answered ERROR: {reason}")
 
     def _map(self, maps: list[GrantMapping], gref: int, offset: int,
              size: int) -> memoryview:

@@ -11,6 +11,15 @@ from rings.consts import NETBK_MCAST_MAX
 
 BROADCAST = b"\xff" * 6
 
+# Every counter a vif keeps, reported from 0 (docs/net.md, "Counters", says what each
+# one means).
+COUNTERS = (
+    "tx_packets", "tx_bytes", "tx_gso", "tx_errors", "tx_dropped_csum", "tx_dropped_tap",
+    "tx_tap_full", "tx_rate_limited", "tx_fatal",
+    "rx_packets", "rx_bytes", "rx_gso", "rx_dropped", "rx_mcast_filtered", "rx_bad_grant",
+    "rx_stalls", "rx_fatal", "fatal",
+)
+
 
 @dataclass(frozen=True)
 class Features:
@@ -35,6 +44,8 @@ class VifState:
     features: Features
     mtu: int
     on_fatal: Callable[[str], None]
+    # (kind, message): a guest error answered on the ring, for the rate-limited log.
+    on_guest_error: Callable[[str, str], None] = lambda kind, message: None
     counters: Counter[str] = field(default_factory=Counter)
     mcast: set[bytes] = field(default_factory=set)
     halted: bool = False
@@ -64,3 +75,6 @@ class VifState:
         self.halted = True
         self.counters["fatal"] += 1
         self.on_fatal(message)
+
+    def guest_error(self, kind: str, message: str) -> None:
+        self.on_guest_error(kind, message)

@@ -1,0 +1,62 @@
+"""The benchmarks' C programs (blkfront_load, netfront_load, eventfd_pingpong): built with
+the Debian gcc against Xen's public headers, on demand, into build/native/ of the checkout.
+
+    python -m bench.native          build them all (what `make bench` and `make test` run)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+SOURCES = Path(__file__).resolve().parent
+OUT = SOURCES.parent.parent / "build" / "native"
+PROGRAMS = ("blkfront_load", "netfront_load", "eventfd_pingpong")
+CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-pthread"]
+SANITIZE = ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=all"]
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def build(name: str, sanitize: bool = False, out_dir: Path | None = None) -> Path:
+    """Path of the compiled program, compiled first when missing or older than its
+    source. `sanitize`: with -fsanitize=address,undefined (a report aborts the program)."""
+    source = SOURCES / f"{name}.c"
+    out = (out_dir or OUT) / (f"{name}-sanitize" if sanitize else name)
+    if out.exists() and out.stat().st_mtime >= source.stat().st_mtime:
+        return out
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise BuildError("gcc is missing: `make bench` or `make test` installs it")
+    if not Path("/usr/include/xen/io/ring.h").exists():
+        raise BuildError("Xen public headers missing (/usr/include/xen): "
+                         "`make bench` or `make test` installs libxen-dev")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    flags = CFLAGS + (SANITIZE if sanitize else [])
+    result = subprocess.run([gcc, *flags, "-o", str(tmp), str(source)],
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise BuildError(f"gcc {' '.join(flags)} {source.name} failed:\n{result.stderr}")
+    tmp.replace(out)  # atomic: a concurrent build never sees half a binary
+    return out
+
+
+def main() -> int:
+    try:
+        for name in PROGRAMS:
+            print(build(name))
+    except BuildError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["BuildError", "build"]

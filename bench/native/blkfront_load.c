@@ -1,0 +1,779 @@
+/* A blkfront load generator: the guest's half of blkif rings, in C, so that a benchmark
+ * measures the backend and not the frontend.
+ *
+ * The control plane (guest memory and grant table handed to the daemon, ADD_DEVICE, ring
+ * pages allocated and granted, FRONTEND_STATE with the ring refs and event channels) is
+ * done by the caller (bench/blkload.py). This program inherits the guest RAM and
+ * grant-table memfds and each queue's kick/call eventfds, maps the memfds, initialises
+ * the rings (SHARED_RING_INIT, FRONT_RING_INIT) and drives them with ring.h's macros,
+ * one thread per queue:
+ *
+ *   - requests are built in a private copy and put with RING_GET_REQUEST, pushed with
+ *     RING_PUSH_REQUESTS_AND_CHECK_NOTIFY (kick only when it says so); responses are
+ *     taken until RING_FINAL_CHECK_FOR_RESPONSES finds none, then it sleeps in poll() on
+ *     the call eventfd;
+ *   - v1 grants are written here, per request, as Linux's grant-table driver does: frame
+ *     and domid, a write barrier, then the flags (permit_access, plus readonly when the
+ *     backend only reads the page); after the response each grant is ended with a
+ *     compare-and-swap that refuses while GTF_reading/GTF_writing is set (the backend
+ *     must have released the page before answering);
+ *   - with --persistent 1 (feature-persistent), as Linux blkfront: a pool of pages
+ *     granted once, reused LIFO, data copied in before a write and out after a read;
+ *   - more than 11 pages per request go as BLKIF_OP_INDIRECT with segment pages.
+ *
+ * Protocol on stdio: after mapping, ring set-up and granting, print "ready"; wait for one
+ * line on stdin (sent once the backend is connected); run; print one line of JSON (I/Os,
+ * bytes, seconds, this program's own CPU seconds, latency percentiles, counters). Exit
+ * status 0, or 1 when any request failed, a response was malformed, a grant was still
+ * in use after its response, a verified read did not match, or the ring stalled; 2 for
+ * bad arguments.
+ *
+ * --verify: per queue, write COUNT distinct blocks with a pattern, then read them back
+ * and check every byte here. The pattern's 8-byte word at disk byte offset o is
+ * o * 0x9E3779B97F4A7C15 ^ seed (little-endian), so the image can be checked outside.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ring.h maps xen_mb/xen_rmb/xen_wmb onto these: a real fence for mb (x86 may reorder a
+ * store with a later load), compiler barriers for rmb/wmb (x86 keeps loads with loads and
+ * stores with stores). */
+#define mb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#define rmb() __asm__ __volatile__("" ::: "memory")
+#define wmb() __asm__ __volatile__("" ::: "memory")
+#include <xen/xen.h>
+#include <xen/grant_table.h>
+#include <xen/io/blkif.h>
+
+#define PAGE 4096u
+#define SECTOR 512u
+#define SEGS_PER_INDIRECT_PAGE (PAGE / sizeof(struct blkif_request_segment))
+#define PATTERN_MUL 0x9E3779B97F4A7C15ull
+#define STALL_MS 10000
+#define MAX_QUEUES 16
+#define MAX_SAMPLES (64u << 20)
+
+struct grant {
+    grant_ref_t gref;
+    uint32_t frame;
+};
+
+struct slot {
+    uint64_t id;             /* 0 when free */
+    uint64_t sector;
+    uint64_t submitted_ns;
+    uint8_t op;
+    struct grant *grants;    /* nsegs data pages, then nind indirect pages */
+    uint8_t *buf;            /* the request's data (guest pages, or private with persistent) */
+};
+
+struct queue {
+    int index;
+    int kick_fd, call_fd;
+    uint32_t ring_frame;
+    unsigned ring_order;
+    blkif_front_ring_t front;
+    struct slot *slots;
+    unsigned *free_slots, nfree_slots;
+    unsigned *batch;               /* slots put in the ring since the last push */
+    struct grant *pool;            /* persistent: granted pages, LIFO */
+    unsigned npool;
+    grant_ref_t *free_grefs;       /* non-persistent: grant refs not in use */
+    unsigned nfree_grefs;
+    uint32_t *lat;                 /* latency samples, ns */
+    size_t nlat, cap_lat;
+    uint64_t rng, cursor, gen;
+    uint64_t ios, bytes, errors, bad_responses, refused, mismatches, kicks, waits;
+    uint64_t end_ns;
+    bool corrupt;                  /* the backend's rsp_prod made no sense: stop at once */
+    char failure[160];
+};
+
+static struct {
+    uint8_t *ram;
+    size_t ram_size;
+    grant_entry_v1_t *gnttab;
+    size_t nr_entries;
+    uint32_t gref_first, gref_count, frame_first, frame_count;
+    uint64_t sectors;
+    unsigned max_indirect, qd, bs, nsegs, nind, nqueues;
+    bool write, random, persistent, verify;
+    double seconds;
+    uint64_t count, seed;
+    domid_t domid;
+    uint16_t handle;
+    uint64_t go_ns, deadline_ns;
+    struct queue q[MAX_QUEUES];
+} cfg = { .qd = 32, .bs = 4096, .random = true, .handle = 0 };
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void die_usage(const char *msg)
+{
+    fprintf(stderr, "blkfront_load: %s\n", msg);
+    exit(2);
+}
+
+static uint8_t *frame_addr(uint32_t frame)
+{
+    return cfg.ram + (size_t)frame * PAGE;
+}
+
+/* --- grants (what Linux's gnttab_grant_foreign_access_ref / _end_foreign_access do) -- */
+
+static void grant_access(grant_ref_t gref, uint32_t frame, bool readonly)
+{
+    grant_entry_v1_t *e = &cfg.gnttab[gref];
+    e->frame = frame;
+    e->domid = cfg.domid;
+    wmb(); /* frame and domid are visible before the flags make the entry valid */
+    __atomic_store_n(&e->flags, (uint16_t)(GTF_permit_access | (readonly ? GTF_readonly : 0)),
+                     __ATOMIC_RELAXED);
+}
+
+/* Revoke unless the backend still has the page mapped (GTF_reading/GTF_writing). */
+static bool end_access(grant_ref_t gref)
+{
+    uint16_t *flags = &cfg.gnttab[gref].flags;
+    uint16_t old = __atomic_load_n(flags, __ATOMIC_RELAXED);
+    do {
+        if (old & (GTF_reading | GTF_writing))
+            return false;
+    } while (!__atomic_compare_exchange_n(flags, &old, 0, false, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_RELAXED));
+    return true;
+}
+
+/* --- data pattern ------------------------------------------------------------------ */
+
+static void pattern_fill(uint8_t *buf, uint64_t sector, unsigned len)
+{
+    uint64_t off = sector * SECTOR;
+    for (unsigned i = 0; i < len; i += 8) {
+        uint64_t v = (off + i) * PATTERN_MUL ^ cfg.seed;
+        memcpy(buf + i, &v, 8);
+    }
+}
+
+static bool pattern_check(const uint8_t *buf, uint64_t sector, unsigned len, char *why,
+                          size_t whylen)
+{
+    uint64_t off = sector * SECTOR;
+    for (unsigned i = 0; i < len; i += 8) {
+        uint64_t v = (off + i) * PATTERN_MUL ^ cfg.seed, got;
+        memcpy(&got, buf + i, 8);
+        if (got != v) {
+            snprintf(why, whylen, "read-back mismatch at byte %" PRIu64 ": %#" PRIx64
+                     " instead of %#" PRIx64, off + i, got, v);
+            return false;
+        }
+    }
+    return true;
+}
+
+/* --- one queue ----------------------------------------------------------------------- */
+
+/* Keeps the first failure's description for the report. */
+__attribute__((format(printf, 2, 3)))
+static void fail(struct queue *q, const char *fmt, ...)
+{
+    if (q->failure[0])
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(q->failure, sizeof(q->failure), fmt, ap);
+    va_end(ap);
+}
+
+static uint64_t xorshift(uint64_t *s)
+{
+    uint64_t x = *s;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return *s = x;
+}
+
+static uint64_t gcd(uint64_t a, uint64_t b)
+{
+    while (b) {
+        uint64_t t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+/* Where request number i of this queue goes, in blocks of bs. Verified runs visit
+ * distinct blocks (a permutation), each queue its own share. */
+static uint64_t pick_block(struct queue *q, uint64_t i)
+{
+    uint64_t nblocks = cfg.sectors * SECTOR / cfg.bs;
+    if (cfg.verify) {
+        uint64_t n = i + (uint64_t)q->index * cfg.count;
+        if (!cfg.random)
+            return n % nblocks;
+        uint64_t stride = nblocks / 2 + 1;
+        while (gcd(stride, nblocks) != 1)
+            stride++;
+        return n * stride % nblocks;
+    }
+    if (cfg.random)
+        return xorshift(&q->rng) % nblocks;
+    uint64_t b = q->cursor;
+    q->cursor = (q->cursor + 1) % nblocks;
+    return b;
+}
+
+/* Builds the request for a free slot in a private copy, then puts it in the ring. */
+static unsigned submit(struct queue *q, uint8_t op, uint64_t block)
+{
+    unsigned s = q->free_slots[--q->nfree_slots];
+    struct slot *sl = &q->slots[s];
+    sl->op = op;
+    sl->sector = block * (cfg.bs / SECTOR);
+    sl->id = (q->gen++ << 16) | s;
+    if (cfg.verify && op == BLKIF_OP_WRITE)
+        pattern_fill(sl->buf, sl->sector, cfg.bs);
+
+    unsigned ngrants = cfg.nsegs + cfg.nind;
+    if (cfg.persistent) {
+        for (unsigned i = 0; i < ngrants; i++)
+            sl->grants[i] = q->pool[--q->npool];
+        if (op == BLKIF_OP_WRITE)
+            for (unsigned i = 0; i < cfg.nsegs; i++)
+                memcpy(frame_addr(sl->grants[i].frame), sl->buf + (size_t)i * PAGE, PAGE);
+    } else {
+        /* The backend writes pages it reads from disk into; it only reads pages written
+         * to disk, and the segment lists. */
+        for (unsigned i = 0; i < ngrants; i++) {
+            sl->grants[i].gref = q->free_grefs[--q->nfree_grefs];
+            grant_access(sl->grants[i].gref, sl->grants[i].frame,
+                         i >= cfg.nsegs || op == BLKIF_OP_WRITE);
+        }
+    }
+
+    union blkif_sring_entry copy;
+    memset(&copy, 0, sizeof(copy));
+    if (cfg.nind) {
+        blkif_request_indirect_t *ind = (blkif_request_indirect_t *)&copy.req;
+        for (unsigned p = 0; p < cfg.nind; p++) {
+            struct blkif_request_segment *segs =
+                (void *)frame_addr(sl->grants[cfg.nsegs + p].frame);
+            unsigned first = p * SEGS_PER_INDIRECT_PAGE;
+            for (unsigned i = first; i < cfg.nsegs && i < first + SEGS_PER_INDIRECT_PAGE; i++)
+                segs[i - first] = (struct blkif_request_segment){
+                    .gref = sl->grants[i].gref, .first_sect = 0, .last_sect = PAGE / SECTOR - 1};
+            ind->indirect_grefs[p] = sl->grants[cfg.nsegs + p].gref;
+        }
+        ind->operation = BLKIF_OP_INDIRECT;
+        ind->indirect_op = op;
+        ind->nr_segments = (uint16_t)cfg.nsegs;
+        ind->id = sl->id;
+        ind->sector_number = sl->sector;
+        ind->handle = cfg.handle;
+    } else {
+        blkif_request_t *req = &copy.req;
+        req->operation = op;
+        req->nr_segments = (uint8_t)cfg.nsegs;
+        req->handle = cfg.handle;
+        req->id = sl->id;
+        req->sector_number = sl->sector;
+        for (unsigned i = 0; i < cfg.nsegs; i++)
+            req->seg[i] = (struct blkif_request_segment){
+                .gref = sl->grants[i].gref, .first_sect = 0, .last_sect = PAGE / SECTOR - 1};
+    }
+    memcpy(RING_GET_REQUEST(&q->front, q->front.req_prod_pvt), &copy, sizeof(copy.req));
+    q->front.req_prod_pvt++;
+    return s;
+}
+
+static void complete(struct queue *q, const blkif_response_t *rsp, uint64_t t)
+{
+    uint64_t id = rsp->id;
+    unsigned s = (unsigned)(id & 0xffff);
+    if (id == 0 || s >= cfg.qd || q->slots[s].id != id) { /* a free slot's id is 0 */
+        q->bad_responses++;
+        fail(q, "response with an id no request in flight has: %#" PRIx64, id);
+        return;
+    }
+    struct slot *sl = &q->slots[s];
+    if (rsp->operation != sl->op) {
+        q->bad_responses++;
+        fail(q, "response operation %u for a request of operation %u",
+             (unsigned)rsp->operation, (unsigned)sl->op);
+    }
+    if (rsp->status != BLKIF_RSP_OKAY) {
+        q->errors++;
+        fail(q, "request at sector %" PRIu64 " answered status %d", sl->sector,
+             (int)rsp->status);
+    }
+    unsigned ngrants = cfg.nsegs + cfg.nind;
+    if (cfg.persistent) {
+        if (sl->op == BLKIF_OP_READ)
+            for (unsigned i = 0; i < cfg.nsegs; i++)
+                memcpy(sl->buf + (size_t)i * PAGE, frame_addr(sl->grants[i].frame), PAGE);
+        for (unsigned i = ngrants; i-- > 0;)
+            q->pool[q->npool++] = sl->grants[i];
+    } else {
+        for (unsigned i = 0; i < ngrants; i++) {
+            if (!end_access(sl->grants[i].gref)) {
+                /* Still mapped by the backend after it answered: never reuse the page. */
+                q->refused++;
+                fail(q, "grant %u still in use after the response (sector %" PRIu64 ")",
+                     (unsigned)sl->grants[i].gref, sl->sector);
+                continue;
+            }
+            q->free_grefs[q->nfree_grefs++] = sl->grants[i].gref;
+        }
+    }
+    if (cfg.verify && sl->op == BLKIF_OP_READ && rsp->status == BLKIF_RSP_OKAY) {
+        char why[128];
+        if (!pattern_check(sl->buf, sl->sector, cfg.bs, why, sizeof(why))) {
+            q->mismatches++;
+            if (!q->failure[0])
+                snprintf(q->failure, sizeof(q->failure), "%s", why);
+        }
+    }
+    uint64_t lat = t - sl->submitted_ns;
+    if (q->nlat < q->cap_lat)
+        q->lat[q->nlat++] = lat > UINT32_MAX ? UINT32_MAX : (uint32_t)lat;
+    q->ios++;
+    q->bytes += cfg.bs;
+    sl->id = 0;
+    q->free_slots[q->nfree_slots++] = s;
+}
+
+/* Takes every response there is, then arms rsp_event; returns how many were taken. */
+static unsigned take_responses(struct queue *q)
+{
+    unsigned n = 0;
+    int more;
+    do {
+        RING_IDX prod = q->front.sring->rsp_prod;
+        rmb(); /* the responses up to prod are visible once prod is */
+        if (prod - q->front.rsp_cons > q->front.req_prod_pvt - q->front.rsp_cons) {
+            /* More responses than requests (as blkfront's "illegal number of responses"). */
+            fail(q, "rsp_prod %u is beyond the requests made (%u)", prod,
+                 q->front.req_prod_pvt);
+            q->corrupt = true;
+            return n;
+        }
+        if (q->front.rsp_cons != prod) {
+            uint64_t t = now_ns();
+            for (; q->front.rsp_cons != prod; q->front.rsp_cons++, n++) {
+                blkif_response_t rsp;
+                memcpy(&rsp, RING_GET_RESPONSE(&q->front, q->front.rsp_cons), sizeof(rsp));
+                complete(q, &rsp, t);
+            }
+        }
+        RING_FINAL_CHECK_FOR_RESPONSES(&q->front, more);
+    } while (more);
+    return n;
+}
+
+/* Runs `total` requests of `op` (0: until the deadline), keeping qd in flight. After a
+ * failure it issues nothing more but still collects what is in flight. */
+static bool run_phase(struct queue *q, uint8_t op, uint64_t total)
+{
+    uint64_t issued = 0;
+    for (;;) {
+        bool more_to_issue = !q->failure[0] &&
+                             (total ? issued < total : now_ns() < cfg.deadline_ns);
+        unsigned added = 0;
+        while (more_to_issue && q->nfree_slots && !RING_FULL(&q->front)) {
+            q->batch[added++] = submit(q, op, pick_block(q, issued));
+            issued++;
+            if (total && issued >= total)
+                more_to_issue = false;
+        }
+        if (added) {
+            int notify;
+            uint64_t t = now_ns();
+            for (unsigned i = 0; i < added; i++)
+                q->slots[q->batch[i]].submitted_ns = t;
+            RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&q->front, notify);
+            if (notify) {
+                uint64_t one = 1;
+                if (write(q->kick_fd, &one, sizeof(one)) != sizeof(one)) {
+                    fail(q, "kick eventfd write failed: %s", strerror(errno));
+                    return false;
+                }
+                q->kicks++;
+            }
+        }
+        if (take_responses(q))
+            continue;
+        if (q->corrupt)
+            return false;
+        if (q->nfree_slots == cfg.qd) {
+            if (!more_to_issue)
+                return !q->failure[0];
+            continue;
+        }
+        struct pollfd pfd = { .fd = q->call_fd, .events = POLLIN };
+        int r = poll(&pfd, 1, STALL_MS);
+        if (r == 0) {
+            fail(q, "no response for %d ms with %u requests in flight", STALL_MS,
+                 cfg.qd - q->nfree_slots);
+            return false;
+        }
+        if (r < 0 && errno != EINTR) {
+            fail(q, "poll failed: %s", strerror(errno));
+            return false;
+        }
+        uint64_t count;
+        if (read(q->call_fd, &count, sizeof(count)) < 0 && errno != EAGAIN) {
+            fail(q, "call eventfd read failed: %s", strerror(errno));
+            return false;
+        }
+        q->waits++;
+    }
+}
+
+static void *queue_main(void *arg)
+{
+    struct queue *q = arg;
+    if (cfg.verify) {
+        if (run_phase(q, BLKIF_OP_WRITE, cfg.count))
+            run_phase(q, BLKIF_OP_READ, cfg.count);
+    } else {
+        run_phase(q, cfg.write ? BLKIF_OP_WRITE : BLKIF_OP_READ, cfg.count);
+    }
+    q->end_ns = now_ns();
+    return NULL;
+}
+
+/* --- set-up ------------------------------------------------------------------------- */
+
+static uint64_t parse_u64(const char *s, const char *what)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 0);
+    if (errno || end == s || *end)
+        die_usage(what);
+    return v;
+}
+
+static void parse_pair(const char *s, uint64_t *a, uint64_t *b, const char *what)
+{
+    char buf[64];
+    const char *colon = strchr(s, ':');
+    if (!colon || (size_t)(colon - s) >= sizeof(buf))
+        die_usage(what);
+    memcpy(buf, s, (size_t)(colon - s));
+    buf[colon - s] = 0;
+    *a = parse_u64(buf, what);
+    *b = parse_u64(colon + 1, what);
+}
+
+static const char usage[] =
+    "usage: blkfront_load --ram FD:SIZE --gnttab FD:FRAMES --grefs FIRST:COUNT\n"
+    "         --frames FIRST:COUNT --queue RINGFRAME:ORDER:KICKFD:CALLFD [--queue ...]\n"
+    "         --sectors N [--max-indirect N] [--qd N] [--bs BYTES] [--rw read|write]\n"
+    "         [--pattern rand|seq] [--seconds S | --count N] [--persistent 0|1]\n"
+    "         [--verify] [--seed N] [--domid N] [--handle N]";
+
+static void parse_args(int argc, char **argv)
+{
+    int ram_fd = -1, gt_fd = -1;
+    uint64_t a, b;
+    for (int i = 1; i < argc; i++) {
+        const char *opt = argv[i];
+        if (!strcmp(opt, "--verify")) {
+            cfg.verify = true;
+            continue;
+        }
+        if (i + 1 >= argc)
+            die_usage(usage);
+        const char *v = argv[++i];
+        if (!strcmp(opt, "--ram")) {
+            parse_pair(v, &a, &b, "--ram FD:SIZE");
+            ram_fd = (int)a;
+            cfg.ram_size = b;
+        } else if (!strcmp(opt, "--gnttab")) {
+            parse_pair(v, &a, &b, "--gnttab FD:FRAMES");
+            gt_fd = (int)a;
+            cfg.nr_entries = b * PAGE / sizeof(grant_entry_v1_t);
+        } else if (!strcmp(opt, "--grefs")) {
+            parse_pair(v, &a, &b, "--grefs FIRST:COUNT");
+            cfg.gref_first = (uint32_t)a;
+            cfg.gref_count = (uint32_t)b;
+        } else if (!strcmp(opt, "--frames")) {
+            parse_pair(v, &a, &b, "--frames FIRST:COUNT");
+            cfg.frame_first = (uint32_t)a;
+            cfg.frame_count = (uint32_t)b;
+        } else if (!strcmp(opt, "--queue")) {
+            unsigned long long frame, order;
+            int kick, call, n;
+            if (cfg.nqueues == MAX_QUEUES)
+                die_usage("too many queues");
+            if (sscanf(v, "%llu:%llu:%d:%d%n", &frame, &order, &kick, &call, &n) != 4 ||
+                v[n] || order > 4)
+                die_usage("--queue RINGFRAME:ORDER:KICKFD:CALLFD");
+            struct queue *q = &cfg.q[cfg.nqueues];
+            q->index = (int)cfg.nqueues++;
+            q->ring_frame = (uint32_t)frame;
+            q->ring_order = (unsigned)order;
+            q->kick_fd = kick;
+            q->call_fd = call;
+        } else if (!strcmp(opt, "--sectors")) {
+            cfg.sectors = parse_u64(v, "--sectors");
+        } else if (!strcmp(opt, "--max-indirect")) {
+            cfg.max_indirect = (unsigned)parse_u64(v, "--max-indirect");
+        } else if (!strcmp(opt, "--qd")) {
+            cfg.qd = (unsigned)parse_u64(v, "--qd");
+        } else if (!strcmp(opt, "--bs")) {
+            cfg.bs = (unsigned)parse_u64(v, "--bs");
+        } else if (!strcmp(opt, "--rw")) {
+            if (strcmp(v, "read") && strcmp(v, "write"))
+                die_usage("--rw read|write");
+            cfg.write = !strcmp(v, "write");
+        } else if (!strcmp(opt, "--pattern")) {
+            if (strcmp(v, "rand") && strcmp(v, "seq"))
+                die_usage("--pattern rand|seq");
+            cfg.random = !strcmp(v, "rand");
+        } else if (!strcmp(opt, "--seconds")) {
+            cfg.seconds = strtod(v, NULL);
+        } else if (!strcmp(opt, "--count")) {
+            cfg.count = parse_u64(v, "--count");
+        } else if (!strcmp(opt, "--persistent")) {
+            cfg.persistent = parse_u64(v, "--persistent") != 0;
+        } else if (!strcmp(opt, "--seed")) {
+            cfg.seed = parse_u64(v, "--seed");
+        } else if (!strcmp(opt, "--domid")) {
+            cfg.domid = (domid_t)parse_u64(v, "--domid");
+        } else if (!strcmp(opt, "--handle")) {
+            cfg.handle = (uint16_t)parse_u64(v, "--handle");
+        } else {
+            die_usage(usage);
+        }
+    }
+    if (ram_fd < 0 || gt_fd < 0 || !cfg.nqueues || !cfg.sectors || !cfg.gref_count ||
+        !cfg.frame_count)
+        die_usage(usage);
+    if (!cfg.bs || cfg.bs % PAGE || cfg.bs / PAGE > 4096)
+        die_usage("--bs must be a multiple of 4096");
+    if (!cfg.qd || cfg.qd > 0xffff)
+        die_usage("--qd must be 1..65535");
+    if ((cfg.seconds > 0) == (cfg.count > 0) && !cfg.verify)
+        die_usage("give one of --seconds and --count");
+    if (cfg.verify && !cfg.count)
+        die_usage("--verify needs --count");
+    if ((uint64_t)cfg.bs > cfg.sectors * SECTOR)
+        die_usage("--bs is bigger than the disk");
+    cfg.nsegs = cfg.bs / PAGE;
+    if (cfg.nsegs > BLKIF_MAX_SEGMENTS_PER_REQUEST) {
+        if (cfg.nsegs > cfg.max_indirect)
+            die_usage("--bs needs more segments than the backend's indirect limit");
+        cfg.nind = (unsigned)((cfg.nsegs + SEGS_PER_INDIRECT_PAGE - 1) / SEGS_PER_INDIRECT_PAGE);
+        if (cfg.nind > BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST)
+            die_usage("--bs needs more than 8 indirect pages");
+    }
+    if (cfg.verify && cfg.count * cfg.nqueues > cfg.sectors * SECTOR / cfg.bs)
+        die_usage("--verify: more blocks than the disk has");
+
+    cfg.ram = mmap(NULL, cfg.ram_size, PROT_READ | PROT_WRITE, MAP_SHARED, ram_fd, 0);
+    if (cfg.ram == MAP_FAILED) {
+        perror("blkfront_load: mmap guest RAM");
+        exit(1);
+    }
+    cfg.gnttab = mmap(NULL, cfg.nr_entries * sizeof(grant_entry_v1_t), PROT_READ | PROT_WRITE,
+                      MAP_SHARED, gt_fd, 0);
+    if (cfg.gnttab == MAP_FAILED) {
+        perror("blkfront_load: mmap grant table");
+        exit(1);
+    }
+    close(ram_fd);
+    close(gt_fd);
+    if ((uint64_t)cfg.gref_first + cfg.gref_count > cfg.nr_entries)
+        die_usage("--grefs beyond the grant table");
+    if (((uint64_t)cfg.frame_first + cfg.frame_count) * PAGE > cfg.ram_size)
+        die_usage("--frames beyond guest RAM");
+}
+
+static void *xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n, size);
+    if (!p) {
+        fprintf(stderr, "blkfront_load: out of memory\n");
+        exit(1);
+    }
+    return p;
+}
+
+/* Each queue gets its share of the frames and grant refs the caller set aside. */
+static void setup_queue(struct queue *q)
+{
+    unsigned per_req = cfg.nsegs + cfg.nind;
+    uint64_t need = (uint64_t)cfg.qd * per_req;
+    uint64_t frames_each = cfg.frame_count / cfg.nqueues, grefs_each = cfg.gref_count / cfg.nqueues;
+    if (need > frames_each || need > grefs_each)
+        die_usage("not enough --frames or --grefs for qd * pages per request * queues");
+    if (((uint64_t)q->ring_frame + (1u << q->ring_order)) * PAGE > cfg.ram_size)
+        die_usage("--queue: ring beyond guest RAM");
+    blkif_sring_t *sring = (blkif_sring_t *)frame_addr(q->ring_frame);
+    SHARED_RING_INIT(sring); /* before the backend is told where the ring is */
+    FRONT_RING_INIT(&q->front, sring, PAGE << q->ring_order);
+    if (cfg.qd > RING_SIZE(&q->front))
+        die_usage("--qd is larger than the ring");
+
+    uint32_t frame0 = cfg.frame_first + (uint32_t)(q->index * frames_each);
+    grant_ref_t gref0 = cfg.gref_first + (grant_ref_t)(q->index * grefs_each);
+    q->slots = xcalloc(cfg.qd, sizeof(*q->slots));
+    q->free_slots = xcalloc(cfg.qd, sizeof(*q->free_slots));
+    q->batch = xcalloc(cfg.qd, sizeof(*q->batch));
+    for (unsigned s = 0; s < cfg.qd; s++) {
+        struct slot *sl = &q->slots[s];
+        sl->grants = xcalloc(per_req, sizeof(*sl->grants));
+        q->free_slots[q->nfree_slots++] = cfg.qd - 1 - s;
+        if (cfg.persistent) {
+            /* The caller's data, copied to and from the granted pool pages. */
+            sl->buf = aligned_alloc(PAGE, cfg.bs);
+            if (!sl->buf)
+                die_usage("out of memory");
+            memset(sl->buf, 0, cfg.bs);
+        } else {
+            /* The request's own guest pages, granted directly (zero copy). */
+            for (unsigned i = 0; i < per_req; i++)
+                sl->grants[i].frame = frame0 + s * per_req + i;
+            sl->buf = frame_addr(frame0 + s * per_req);
+        }
+    }
+    if (cfg.persistent) {
+        /* Granted once, writable, kept until the device is closed. */
+        q->pool = xcalloc(need, sizeof(*q->pool));
+        for (unsigned i = 0; i < need; i++) {
+            q->pool[i] = (struct grant){ .gref = gref0 + (grant_ref_t)(need - 1 - i),
+                                         .frame = frame0 + (uint32_t)(need - 1 - i) };
+            grant_access(q->pool[i].gref, q->pool[i].frame, false);
+        }
+        q->npool = (unsigned)need;
+    } else {
+        q->free_grefs = xcalloc(need, sizeof(*q->free_grefs));
+        for (unsigned i = 0; i < need; i++)
+            q->free_grefs[q->nfree_grefs++] = gref0 + (grant_ref_t)(need - 1 - i);
+    }
+    uint64_t expect = cfg.count ? (cfg.verify ? 2 * cfg.count : cfg.count)
+                                : (uint64_t)(cfg.seconds * 2e6) + cfg.qd;
+    q->cap_lat = expect < MAX_SAMPLES ? expect : MAX_SAMPLES;
+    q->lat = xcalloc(q->cap_lat, sizeof(*q->lat));
+    q->rng = (cfg.seed ^ 0x2545F4914F6CDD1Dull) * (uint64_t)(q->index + 1) | 1;
+    q->cursor = cfg.sectors * SECTOR / cfg.bs / cfg.nqueues * (uint64_t)q->index;
+    q->gen = 1ull << 31; /* ids use the high bits too: a backend that cuts them is caught */
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+int main(int argc, char **argv)
+{
+    parse_args(argc, argv);
+    for (unsigned i = 0; i < cfg.nqueues; i++)
+        setup_queue(&cfg.q[i]);
+    printf("ready\n");
+    fflush(stdout);
+    char line[16];
+    if (!fgets(line, sizeof(line), stdin))
+        return 2;
+
+    struct rusage ru0, ru1;
+    getrusage(RUSAGE_SELF, &ru0);
+    cfg.go_ns = now_ns();
+    cfg.deadline_ns = cfg.go_ns + (uint64_t)(cfg.seconds * 1e9);
+    pthread_t threads[MAX_QUEUES];
+    for (unsigned i = 0; i < cfg.nqueues; i++)
+        if (pthread_create(&threads[i], NULL, queue_main, &cfg.q[i]))
+            die_usage("pthread_create failed");
+    uint64_t end = cfg.go_ns;
+    for (unsigned i = 0; i < cfg.nqueues; i++) {
+        pthread_join(threads[i], NULL);
+        if (cfg.q[i].end_ns > end)
+            end = cfg.q[i].end_ns;
+    }
+
+    getrusage(RUSAGE_SELF, &ru1);
+    double cpu = (double)(ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec + ru1.ru_stime.tv_sec -
+                          ru0.ru_stime.tv_sec) +
+                 (double)(ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec + ru1.ru_stime.tv_usec -
+                          ru0.ru_stime.tv_usec) / 1e6;
+    uint64_t ios = 0, bytes = 0, errors = 0, bad = 0, refused = 0, mismatches = 0, kicks = 0,
+             waits = 0, nlat = 0;
+    const char *failure = "";
+    for (unsigned i = 0; i < cfg.nqueues; i++) {
+        struct queue *q = &cfg.q[i];
+        ios += q->ios;
+        bytes += q->bytes;
+        errors += q->errors;
+        bad += q->bad_responses;
+        refused += q->refused;
+        mismatches += q->mismatches;
+        kicks += q->kicks;
+        waits += q->waits;
+        nlat += q->nlat;
+        if (!failure[0] && q->failure[0])
+            failure = q->failure;
+    }
+    uint32_t *lat = xcalloc(nlat ? nlat : 1, sizeof(*lat));
+    size_t at = 0;
+    double sum = 0;
+    for (unsigned i = 0; i < cfg.nqueues; i++) {
+        memcpy(lat + at, cfg.q[i].lat, cfg.q[i].nlat * sizeof(*lat));
+        at += cfg.q[i].nlat;
+    }
+    for (size_t i = 0; i < nlat; i++)
+        sum += lat[i];
+    qsort(lat, nlat, sizeof(*lat), cmp_u32);
+#define PCT(p) (nlat ? lat[(size_t)((double)(nlat - 1) * (p))] : 0)
+    double seconds = (double)(end - cfg.go_ns) / 1e9;
+    printf("{\"ios\": %" PRIu64 ", \"bytes\": %" PRIu64 ", \"seconds\": %.6f, "
+           "\"cpu_seconds\": %.6f, \"queues\": %u, \"qd\": %u, \"bs\": %u, \"persistent\": %d, "
+           "\"errors\": %" PRIu64 ", \"bad_responses\": %" PRIu64 ", "
+           "\"refused_end_access\": %" PRIu64 ", \"mismatches\": %" PRIu64 ", "
+           "\"kicks\": %" PRIu64 ", \"waits\": %" PRIu64 ", "
+           "\"lat_ns\": {\"mean\": %.0f, \"p50\": %u, \"p90\": %u, \"p99\": %u, "
+           "\"p999\": %u, \"max\": %u}, \"failure\": \"%s\"}\n",
+           ios, bytes, seconds, cpu, cfg.nqueues, cfg.qd, cfg.bs, cfg.persistent, errors, bad,
+           refused, mismatches, kicks, waits, nlat ? sum / (double)nlat : 0.0, PCT(0.5),
+           PCT(0.9), PCT(0.99), PCT(0.999), PCT(1.0), failure);
+    fflush(stdout);
+    for (unsigned i = 0; i < cfg.nqueues; i++) {
+        struct queue *q = &cfg.q[i];
+        for (unsigned s = 0; s < cfg.qd; s++) {
+            free(q->slots[s].grants);
+            if (cfg.persistent)
+                free(q->slots[s].buf);
+        }
+        free(q->slots);
+        free(q->free_slots);
+        free(q->batch);
+        free(q->pool);
+        free(q->free_grefs);
+        free(q->lat);
+    }
+    free(lat);
+    bool ok = !errors && !bad && !refused && !mismatches && !failure[0];
+    return ok ? 0 : 1;
+}

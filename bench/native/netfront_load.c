@@ -1,0 +1,762 @@
+/* A netfront for benchmarks: the guest's half of the netif rings, in C, bridged to a tap
+ * in a "guest" network namespace, so that the kernel's TCP/IP stack (iperf3, ping) is
+ * the guest and the benchmark measures the backend, not a Python frontend.
+ *
+ * The control plane (guest memory and grant table handed to the daemon, ADD_DEVICE, ring
+ * pages allocated and granted, the guest tap opened with vnet headers and the offloads
+ * set, FRONTEND_STATE) is done by the caller (bench/netload.py). This program inherits
+ * the guest RAM and grant-table memfds, per queue the tx and rx event channels'
+ * kick/call eventfds and one queue fd of the guest tap, maps the memfds, initialises the
+ * rings (SHARED_RING_INIT, FRONT_RING_INIT) and serves them with ring.h's macros, one
+ * thread per queue:
+ *
+ *   - tx (guest -> backend): a frame read from the guest tap lands, behind its
+ *     virtio_net_hdr, straight in up to 17 guest pages; each page is granted read-only
+ *     for this one use and put on the ring as Linux's netfront lays a frame out: the
+ *     first slot carries the whole frame's size, NETTXF_more_data chains the rest, a
+ *     GSO frame gets a XEN_NETIF_EXTRA_TYPE_GSO slot after its first slot, and
+ *     NEEDS_CSUM becomes csum_blank|data_validated;
+ *   - rx (backend -> guest): every free rx slot gets a page granted writable for this
+ *     one use; a received frame (data slots, an extra-info slot after the first) is
+ *     written to the guest tap from the pages with a virtio_net_hdr rebuilt from the
+ *     flags and the GSO extra (netfront's skb_checksum_setup for csum_blank);
+ *   - after its response, every grant is ended with a compare-and-swap that refuses
+ *     while GTF_reading/GTF_writing is set: the backend must have let go of the page
+ *     before it answered;
+ *   - event channels are split (tx and rx each with its own kick/call) or shared (the
+ *     caller passes the same fds twice); kicks only when RING_PUSH_REQUESTS_AND_CHECK_
+ *     NOTIFY says so, and responses are taken until a final check finds none.
+ *
+ * Protocol on stdio: after ring set-up print "ready"; wait for one line on stdin (sent once
+ * the backend is connected) and start; run until a second line ("stop") or end of
+ * input; print one line of JSON (frames, bytes, GSO frames, slots, errors, kicks, this
+ * program's CPU seconds). Exit status 0, or 1 when a response was an error or malformed,
+ * a grant was still in use after its response, or a ring's producer index made no
+ * sense; 2 for bad arguments.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ring.h maps xen_mb/xen_rmb/xen_wmb onto these: a real fence for mb, compiler barriers
+ * for rmb/wmb (x86 keeps loads with loads and stores with stores). */
+#define mb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#define rmb() __asm__ __volatile__("" ::: "memory")
+#define wmb() __asm__ __volatile__("" ::: "memory")
+#include <xen/xen.h>
+#include <xen/grant_table.h>
+#include <xen/io/netif.h>
+
+#define PAGE 4096u
+#define MAX_QUEUES 16
+#define TX_RING 256u                  /* __CONST_RING_SIZE(netif_tx, 4096) */
+#define RX_RING 256u                  /* __CONST_RING_SIZE(netif_rx, 4096) */
+#define MAX_FRAME_PAGES 17u           /* a 64 KiB GSO frame plus its Ethernet header */
+#define MAX_FRAME 65535u              /* the first tx slot's size is 16 bits */
+#define TX_BATCH 64                   /* frames read from the tap per wakeup */
+
+/* virtio_net_hdr, 10 bytes (the tap is set to this size; no num_buffers). */
+struct vnet_hdr {
+    uint8_t flags;
+    uint8_t gso_type;
+    uint16_t hdr_len;
+    uint16_t gso_size;
+    uint16_t csum_start;
+    uint16_t csum_offset;
+} __attribute__((packed));
+#define VNET_F_NEEDS_CSUM 1
+#define VNET_F_DATA_VALID 2
+#define VNET_GSO_NONE 0
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_TCPV6 4
+#define VNET_GSO_ECN 0x80
+
+union tx_entry {
+    netif_tx_request_t req;
+    netif_extra_info_t extra;
+};
+union rx_entry {
+    netif_rx_response_t rsp;
+    netif_extra_info_t extra;
+};
+
+struct queue {
+    int index;
+    int tap_fd, tx_kick, tx_call, rx_kick, rx_call;
+    uint32_t tx_ring_frame, rx_ring_frame;
+    netif_tx_front_ring_t tx;
+    netif_rx_front_ring_t rx;
+    /* tx pages: page i has grant ref tx_gref0 + i and is request id i while in flight */
+    uint32_t tx_frame0, rx_frame0;
+    grant_ref_t tx_gref0, rx_gref0;
+    uint16_t tx_free[TX_RING];
+    unsigned ntx_free;
+    bool tx_busy[TX_RING];
+    /* rx buffers: the one posted at ring index i is page (i % RX_RING), gref likewise */
+    uint64_t tx_frames, tx_bytes, tx_gso, tx_slots, tx_errors, tx_too_big;
+    uint64_t rx_frames, rx_bytes, rx_gso, rx_slots, rx_errors, rx_tap_drops, rx_unparsed;
+    uint64_t refused, bad_responses, kicks, wakeups;
+    bool corrupt;
+    char failure[160];
+};
+
+static struct {
+    uint8_t *ram;
+    size_t ram_size;
+    grant_entry_v1_t *gnttab;
+    size_t nr_entries;
+    uint32_t gref_first, gref_count, frame_first, frame_count;
+    unsigned nqueues;
+    domid_t domid;
+    int stop_fd;
+    struct queue q[MAX_QUEUES];
+} cfg;
+
+static void die_usage(const char *msg)
+{
+    fprintf(stderr, "netfront_load: %s\n", msg);
+    exit(2);
+}
+
+static uint8_t *frame_addr(uint32_t frame)
+{
+    return cfg.ram + (size_t)frame * PAGE;
+}
+
+__attribute__((format(printf, 2, 3)))
+static void fail(struct queue *q, const char *fmt, ...)
+{
+    if (q->failure[0])
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(q->failure, sizeof(q->failure), fmt, ap);
+    va_end(ap);
+}
+
+/* --- grants (what Linux's gnttab_grant_foreign_access_ref / _end_foreign_access do) -- */
+
+static void grant_access(grant_ref_t gref, uint32_t frame, bool readonly)
+{
+    grant_entry_v1_t *e = &cfg.gnttab[gref];
+    e->frame = frame;
+    e->domid = cfg.domid;
+    wmb(); /* frame and domid are visible before the flags make the entry valid */
+    __atomic_store_n(&e->flags, (uint16_t)(GTF_permit_access | (readonly ? GTF_readonly : 0)),
+                     __ATOMIC_RELAXED);
+}
+
+/* Revoke unless the backend still has the page mapped (GTF_reading/GTF_writing). */
+static bool end_access(struct queue *q, grant_ref_t gref)
+{
+    uint16_t *flags = &cfg.gnttab[gref].flags;
+    uint16_t old = __atomic_load_n(flags, __ATOMIC_RELAXED);
+    do {
+        if (old & (GTF_reading | GTF_writing)) {
+            q->refused++;
+            fail(q, "grant %u still in use after its response", (unsigned)gref);
+            return false;
+        }
+    } while (!__atomic_compare_exchange_n(flags, &old, 0, false, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_RELAXED));
+    return true;
+}
+
+static void kick(struct queue *q, int fd)
+{
+    uint64_t one = 1;
+    if (write(fd, &one, sizeof(one)) != sizeof(one))
+        fail(q, "kick eventfd write failed: %s", strerror(errno));
+    q->kicks++;
+}
+
+/* --- tx: guest tap -> ring ------------------------------------------------------------ */
+
+static void tx_responses(struct queue *q)
+{
+    int more;
+    do {
+        RING_IDX prod = q->tx.sring->rsp_prod;
+        rmb(); /* the responses up to prod are visible once prod is */
+        if (prod - q->tx.rsp_cons > q->tx.req_prod_pvt - q->tx.rsp_cons) {
+            fail(q, "tx rsp_prod %u is beyond the requests made (%u)", prod,
+                 q->tx.req_prod_pvt);
+            q->corrupt = true;
+            return;
+        }
+        for (; q->tx.rsp_cons != prod; q->tx.rsp_cons++) {
+            netif_tx_response_t rsp;
+            memcpy(&rsp, RING_GET_RESPONSE(&q->tx, q->tx.rsp_cons), sizeof(rsp));
+            if (rsp.status == NETIF_RSP_NULL) /* an extra-info slot's */
+                continue;
+            if (rsp.id >= TX_RING || !q->tx_busy[rsp.id]) {
+                q->bad_responses++;
+                fail(q, "tx response with id %u, which no request in flight has",
+                     (unsigned)rsp.id);
+                continue;
+            }
+            if (rsp.status != NETIF_RSP_OKAY) {
+                q->tx_errors++;
+                fail(q, "tx request %u answered status %d", (unsigned)rsp.id,
+                     (int)rsp.status);
+            }
+            q->tx_busy[rsp.id] = false;
+            if (end_access(q, q->tx_gref0 + rsp.id))
+                q->tx_free[q->ntx_free++] = rsp.id;
+        }
+        RING_FINAL_CHECK_FOR_RESPONSES(&q->tx, more);
+    } while (more);
+}
+
+static bool tx_room(struct queue *q)
+{
+    return q->ntx_free >= MAX_FRAME_PAGES && RING_FREE_REQUESTS(&q->tx) >= MAX_FRAME_PAGES + 1;
+}
+
+static void put_tx(struct queue *q, netif_tx_request_t *req)
+{
+    memcpy(RING_GET_REQUEST(&q->tx, q->tx.req_prod_pvt), req, sizeof(*req));
+    q->tx.req_prod_pvt++;
+    q->tx_slots++;
+}
+
+/* Reads up to TX_BATCH frames from the tap into granted pages; returns whether the tap
+ * may have more (stopped for lack of room, not for an empty tap). */
+static bool tap_to_tx(struct queue *q)
+{
+    for (int n = 0; n < TX_BATCH; n++) {
+        if (!tx_room(q))
+            return true;
+        struct vnet_hdr hdr;
+        struct iovec iov[1 + MAX_FRAME_PAGES];
+        uint16_t pages[MAX_FRAME_PAGES];
+        iov[0] = (struct iovec){ &hdr, sizeof(hdr) };
+        for (unsigned i = 0; i < MAX_FRAME_PAGES; i++) {
+            pages[i] = q->tx_free[q->ntx_free - 1 - i];
+            iov[1 + i] = (struct iovec){ frame_addr(q->tx_frame0 + pages[i]), PAGE };
+        }
+        ssize_t got = readv(q->tap_fd, iov, 1 + MAX_FRAME_PAGES);
+        if (got < 0) {
+            if (errno != EAGAIN && errno != EINTR)
+                fail(q, "guest tap read failed: %s", strerror(errno));
+            return false;
+        }
+        if (got <= (ssize_t)sizeof(hdr))
+            continue;
+        size_t len = (size_t)got - sizeof(hdr);
+        if (len > MAX_FRAME) {
+            q->tx_too_big++; /* the guest tap's gso_max_size keeps this from happening */
+            continue;
+        }
+        unsigned npages = (unsigned)((len + PAGE - 1) / PAGE);
+        q->ntx_free -= npages;
+
+        uint16_t csum = 0;
+        if (hdr.flags & VNET_F_NEEDS_CSUM)
+            csum = NETTXF_csum_blank | NETTXF_data_validated;
+        else if (hdr.flags & VNET_F_DATA_VALID)
+            csum = NETTXF_data_validated;
+        uint8_t gso = XEN_NETIF_GSO_TYPE_NONE;
+        if ((hdr.gso_type & ~VNET_GSO_ECN) == VNET_GSO_TCPV4)
+            gso = XEN_NETIF_GSO_TYPE_TCPV4;
+        else if ((hdr.gso_type & ~VNET_GSO_ECN) == VNET_GSO_TCPV6)
+            gso = XEN_NETIF_GSO_TYPE_TCPV6;
+
+        size_t left = len;
+        for (unsigned i = 0; i < npages; i++) {
+            size_t chunk = left < PAGE ? left : PAGE;
+            grant_access(q->tx_gref0 + pages[i], q->tx_frame0 + pages[i], true);
+            q->tx_busy[pages[i]] = true;
+            netif_tx_request_t req = {
+                .gref = q->tx_gref0 + pages[i],
+                .offset = 0,
+                .flags = (uint16_t)((i == 0 ? csum : 0) | (i + 1 < npages ? NETTXF_more_data : 0) |
+                                    (i == 0 && gso ? NETTXF_extra_info : 0)),
+                .id = pages[i],
+                .size = (uint16_t)(i == 0 ? len : chunk),
+            };
+            put_tx(q, &req);
+            if (i == 0 && gso) {
+                union tx_entry e;
+                memset(&e, 0, sizeof(e));
+                e.extra.type = XEN_NETIF_EXTRA_TYPE_GSO;
+                e.extra.u.gso.size = hdr.gso_size;
+                e.extra.u.gso.type = gso;
+                put_tx(q, &e.req);
+            }
+            left -= chunk;
+        }
+        q->tx_frames++;
+        q->tx_bytes += len;
+        q->tx_gso += gso != XEN_NETIF_GSO_TYPE_NONE;
+    }
+    return true;
+}
+
+static void push_tx(struct queue *q)
+{
+    int notify;
+    RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&q->tx, notify);
+    if (notify)
+        kick(q, q->tx_kick);
+}
+
+/* --- rx: ring -> guest tap ------------------------------------------------------------ */
+
+static void post_rx(struct queue *q)
+{
+    while (RING_FREE_REQUESTS(&q->rx)) {
+        RING_IDX i = q->rx.req_prod_pvt;
+        unsigned slot = i % RX_RING;
+        grant_access(q->rx_gref0 + slot, q->rx_frame0 + slot, false);
+        netif_rx_request_t req = { .id = (uint16_t)slot, .gref = q->rx_gref0 + slot };
+        memcpy(RING_GET_REQUEST(&q->rx, i), &req, sizeof(req));
+        q->rx.req_prod_pvt++;
+    }
+    int notify;
+    RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&q->rx, notify);
+    if (notify)
+        kick(q, q->rx_kick);
+}
+
+/* csum_start/csum_offset and the header length of a checksum-partial frame, as
+ * netfront's skb_checksum_setup finds them. */
+static bool l4_offsets(const uint8_t *f, size_t len, uint16_t *start, uint16_t *off,
+                       uint16_t *end)
+{
+    if (len < 14)
+        return false;
+    size_t l3 = 14;
+    unsigned type = (unsigned)f[12] << 8 | f[13];
+    unsigned proto;
+    size_t l4;
+    if (type == 0x0800) {
+        if (len < l3 + 20)
+            return false;
+        l4 = l3 + (size_t)(f[l3] & 15) * 4;
+        proto = f[l3 + 9];
+    } else if (type == 0x86DD) {
+        if (len < l3 + 40)
+            return false;
+        l4 = l3 + 40;
+        proto = f[l3 + 6];
+    } else {
+        return false;
+    }
+    if (proto == 6) {
+        if (len < l4 + 20)
+            return false;
+        *off = 16;
+        *end = (uint16_t)(l4 + (size_t)(f[l4 + 12] >> 4) * 4);
+    } else if (proto == 17) {
+        if (len < l4 + 8)
+            return false;
+        *off = 6;
+        *end = (uint16_t)(l4 + 8);
+    } else {
+        return false;
+    }
+    *start = (uint16_t)l4;
+    return true;
+}
+
+/* The number of slots the frame at rsp_cons spans, 0 while not all of it is published. */
+static unsigned frame_slots(struct queue *q, RING_IDX prod)
+{
+    /* The chain follows the flags whatever the status (an error slot keeps them). */
+    RING_IDX i = q->rx.rsp_cons;
+    if (i == prod)
+        return 0;
+    uint16_t flags = RING_GET_RESPONSE(&q->rx, i)->flags;
+    i++;
+    if (flags & NETRXF_extra_info) {
+        for (;;) {
+            if (i == prod)
+                return 0;
+            const netif_extra_info_t *e = (const void *)RING_GET_RESPONSE(&q->rx, i++);
+            if (!(e->flags & XEN_NETIF_EXTRA_FLAG_MORE))
+                break;
+        }
+    }
+    while (flags & NETRXF_more_data) {
+        if (i == prod)
+            return 0;
+        flags = RING_GET_RESPONSE(&q->rx, i++)->flags;
+    }
+    return i - q->rx.rsp_cons;
+}
+
+static void deliver(struct queue *q, unsigned nslots)
+{
+    struct iovec iov[1 + RX_RING];
+    struct vnet_hdr hdr;
+    memset(&hdr, 0, sizeof(hdr));
+    unsigned niov = 1;
+    size_t len = 0;
+    bool error = false, bad = false;
+    uint16_t first_flags = 0, gso_size = 0;
+    uint8_t gso = XEN_NETIF_GSO_TYPE_NONE;
+    bool extras = false;
+    for (unsigned k = 0; k < nslots; k++) {
+        RING_IDX i = q->rx.rsp_cons + k;
+        unsigned slot = i % RX_RING;
+        union rx_entry e;
+        memcpy(&e, RING_GET_RESPONSE(&q->rx, i), sizeof(e));
+        /* Every buffer, the extra-info slot's too, was mapped by the backend and must be
+         * released by now. */
+        end_access(q, q->rx_gref0 + slot);
+        q->rx_slots++;
+        if (k == 0) {
+            first_flags = e.rsp.flags;
+            extras = first_flags & NETRXF_extra_info;
+        } else if (extras) { /* netif_extra_info slots follow the first data slot */
+            extras = e.extra.flags & XEN_NETIF_EXTRA_FLAG_MORE;
+            if (e.extra.type == XEN_NETIF_EXTRA_TYPE_GSO) {
+                gso = e.extra.u.gso.type;
+                gso_size = e.extra.u.gso.size;
+            }
+            continue;
+        }
+        if (e.rsp.id != slot) {
+            bad = true;
+            q->bad_responses++;
+            fail(q, "rx response id %u at ring index %u", (unsigned)e.rsp.id, (unsigned)i);
+            continue;
+        }
+        if (e.rsp.status < 0) {
+            error = true;
+            continue;
+        }
+        if ((size_t)e.rsp.offset + (size_t)e.rsp.status > PAGE) {
+            bad = true;
+            q->bad_responses++;
+            fail(q, "rx response offset %u + size %d is beyond its page",
+                 (unsigned)e.rsp.offset, (int)e.rsp.status);
+            continue;
+        }
+        iov[niov++] = (struct iovec){ frame_addr(q->rx_frame0 + slot) + e.rsp.offset,
+                                      (size_t)e.rsp.status };
+        len += (size_t)e.rsp.status;
+    }
+    q->rx.rsp_cons += nslots;
+    if (error) {
+        q->rx_errors++;
+        fail(q, "rx frame answered with an error status");
+        return;
+    }
+    if (bad || niov == 1)
+        return;
+    if (first_flags & NETRXF_csum_blank) {
+        uint16_t start, off, end;
+        if (!l4_offsets(iov[1].iov_base, iov[1].iov_len, &start, &off, &end)) {
+            q->rx_unparsed++;
+            return;
+        }
+        hdr.flags = VNET_F_NEEDS_CSUM;
+        hdr.csum_start = start;
+        hdr.csum_offset = off;
+        if (gso == XEN_NETIF_GSO_TYPE_TCPV4 || gso == XEN_NETIF_GSO_TYPE_TCPV6) {
+            hdr.gso_type = gso == XEN_NETIF_GSO_TYPE_TCPV4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6;
+            hdr.gso_size = gso_size;
+            hdr.hdr_len = end;
+        }
+    } else if (first_flags & NETRXF_data_validated) {
+        hdr.flags = VNET_F_DATA_VALID;
+    }
+    iov[0] = (struct iovec){ &hdr, sizeof(hdr) };
+    if (writev(q->tap_fd, iov, (int)niov) < 0) {
+        q->rx_tap_drops++;
+        return;
+    }
+    q->rx_frames++;
+    q->rx_bytes += len;
+    q->rx_gso += hdr.gso_type != VNET_GSO_NONE;
+}
+
+static void rx_responses(struct queue *q)
+{
+    for (;;) {
+        RING_IDX prod = q->rx.sring->rsp_prod;
+        rmb();
+        if (prod - q->rx.rsp_cons > q->rx.req_prod_pvt - q->rx.rsp_cons) {
+            fail(q, "rx rsp_prod %u is beyond the buffers posted (%u)", prod,
+                 q->rx.req_prod_pvt);
+            q->corrupt = true;
+            return;
+        }
+        unsigned n;
+        while ((n = frame_slots(q, prod)))
+            deliver(q, n);
+        post_rx(q);
+        if (q->rx.rsp_cons == prod) {
+            int more;
+            RING_FINAL_CHECK_FOR_RESPONSES(&q->rx, more);
+            if (!more)
+                return;
+        } else {
+            /* Part of a frame is published: wake when anything more is. */
+            q->rx.sring->rsp_event = prod + 1;
+            mb();
+            if (q->rx.sring->rsp_prod == prod)
+                return;
+        }
+    }
+}
+
+/* --- one queue ----------------------------------------------------------------------- */
+
+static void drain(struct queue *q, int fd)
+{
+    uint64_t v;
+    if (read(fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+        fail(q, "call eventfd read failed: %s", strerror(errno));
+}
+
+static void *queue_main(void *arg)
+{
+    struct queue *q = arg;
+    post_rx(q);
+    bool tap_more = true;
+    while (!q->corrupt) {
+        tx_responses(q);
+        if (q->corrupt)
+            break;
+        rx_responses(q);
+        if (q->corrupt)
+            break;
+        if (tap_more || tx_room(q)) {
+            tap_more = tap_to_tx(q) && tx_room(q);
+            push_tx(q);
+        }
+        if (tap_more)
+            continue; /* more frames waiting: go round without sleeping */
+        struct pollfd pfd[4] = {
+            { .fd = cfg.stop_fd, .events = POLLIN },
+            { .fd = q->tx_call, .events = POLLIN },
+            { .fd = q->rx_call, .events = POLLIN },
+            { .fd = q->tap_fd, .events = tx_room(q) ? POLLIN : 0 },
+        };
+        if (poll(pfd, 4, -1) < 0 && errno != EINTR) {
+            fail(q, "poll failed: %s", strerror(errno));
+            break;
+        }
+        q->wakeups++;
+        if (pfd[0].revents)
+            break;
+        if (pfd[1].revents)
+            drain(q, q->tx_call);
+        if (pfd[2].revents && q->rx_call != q->tx_call)
+            drain(q, q->rx_call);
+        tap_more = pfd[3].revents & POLLIN;
+    }
+    return NULL;
+}
+
+/* --- set-up ------------------------------------------------------------------------- */
+
+static uint64_t parse_u64(const char *s, const char *what)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 0);
+    if (errno || end == s || *end)
+        die_usage(what);
+    return v;
+}
+
+static void parse_pair(const char *s, uint64_t *a, uint64_t *b, const char *what)
+{
+    char buf[64];
+    const char *colon = strchr(s, ':');
+    if (!colon || (size_t)(colon - s) >= sizeof(buf))
+        die_usage(what);
+    memcpy(buf, s, (size_t)(colon - s));
+    buf[colon - s] = 0;
+    *a = parse_u64(buf, what);
+    *b = parse_u64(colon + 1, what);
+}
+
+static const char usage[] =
+    "usage: netfront_load --ram FD:SIZE --gnttab FD:FRAMES --grefs FIRST:COUNT\n"
+    "         --frames FIRST:COUNT [--domid N]\n"
+    "         --queue TXRING:RXRING:TXKICK:TXCALL:RXKICK:RXCALL:TAPFD [--queue ...]";
+
+static void parse_args(int argc, char **argv)
+{
+    int ram_fd = -1, gt_fd = -1;
+    uint64_t a, b;
+    for (int i = 1; i < argc; i++) {
+        const char *opt = argv[i];
+        if (i + 1 >= argc)
+            die_usage(usage);
+        const char *v = argv[++i];
+        if (!strcmp(opt, "--ram")) {
+            parse_pair(v, &a, &b, "--ram FD:SIZE");
+            ram_fd = (int)a;
+            cfg.ram_size = b;
+        } else if (!strcmp(opt, "--gnttab")) {
+            parse_pair(v, &a, &b, "--gnttab FD:FRAMES");
+            gt_fd = (int)a;
+            cfg.nr_entries = b * PAGE / sizeof(grant_entry_v1_t);
+        } else if (!strcmp(opt, "--grefs")) {
+            parse_pair(v, &a, &b, "--grefs FIRST:COUNT");
+            cfg.gref_first = (uint32_t)a;
+            cfg.gref_count = (uint32_t)b;
+        } else if (!strcmp(opt, "--frames")) {
+            parse_pair(v, &a, &b, "--frames FIRST:COUNT");
+            cfg.frame_first = (uint32_t)a;
+            cfg.frame_count = (uint32_t)b;
+        } else if (!strcmp(opt, "--domid")) {
+            cfg.domid = (domid_t)parse_u64(v, "--domid");
+        } else if (!strcmp(opt, "--queue")) {
+            unsigned long long txr, rxr;
+            int fds[5], n = 0;
+            if (cfg.nqueues == MAX_QUEUES)
+                die_usage("too many queues");
+            if (sscanf(v, "%llu:%llu:%d:%d:%d:%d:%d%n", &txr, &rxr, &fds[0], &fds[1], &fds[2],
+                       &fds[3], &fds[4], &n) != 7 || v[n])
+                die_usage("--queue TXRING:RXRING:TXKICK:TXCALL:RXKICK:RXCALL:TAPFD");
+            struct queue *q = &cfg.q[cfg.nqueues];
+            q->index = (int)cfg.nqueues++;
+            q->tx_ring_frame = (uint32_t)txr;
+            q->rx_ring_frame = (uint32_t)rxr;
+            q->tx_kick = fds[0];
+            q->tx_call = fds[1];
+            q->rx_kick = fds[2];
+            q->rx_call = fds[3];
+            q->tap_fd = fds[4];
+        } else {
+            die_usage(usage);
+        }
+    }
+    if (ram_fd < 0 || gt_fd < 0 || !cfg.nqueues)
+        die_usage(usage);
+    uint64_t need = (uint64_t)cfg.nqueues * (TX_RING + RX_RING);
+    if (cfg.gref_count < need || cfg.frame_count < need)
+        die_usage("--grefs and --frames need 512 per queue");
+    cfg.ram = mmap(NULL, cfg.ram_size, PROT_READ | PROT_WRITE, MAP_SHARED, ram_fd, 0);
+    if (cfg.ram == MAP_FAILED) {
+        perror("netfront_load: mmap guest RAM");
+        exit(1);
+    }
+    cfg.gnttab = mmap(NULL, cfg.nr_entries * sizeof(grant_entry_v1_t), PROT_READ | PROT_WRITE,
+                      MAP_SHARED, gt_fd, 0);
+    if (cfg.gnttab == MAP_FAILED) {
+        perror("netfront_load: mmap grant table");
+        exit(1);
+    }
+    close(ram_fd);
+    close(gt_fd);
+    if ((uint64_t)cfg.gref_first + cfg.gref_count > cfg.nr_entries)
+        die_usage("--grefs beyond the grant table");
+    if (((uint64_t)cfg.frame_first + cfg.frame_count) * PAGE > cfg.ram_size)
+        die_usage("--frames beyond guest RAM");
+}
+
+static void setup_queue(struct queue *q)
+{
+    uint32_t base = (uint32_t)q->index * (TX_RING + RX_RING);
+    q->tx_frame0 = cfg.frame_first + base;
+    q->rx_frame0 = q->tx_frame0 + TX_RING;
+    q->tx_gref0 = cfg.gref_first + base;
+    q->rx_gref0 = q->tx_gref0 + TX_RING;
+    for (unsigned r = 0; r < 2; r++) {
+        uint32_t frame = r ? q->rx_ring_frame : q->tx_ring_frame;
+        if (((uint64_t)frame + 1) * PAGE > cfg.ram_size)
+            die_usage("--queue: ring beyond guest RAM");
+    }
+    netif_tx_sring_t *txs = (netif_tx_sring_t *)frame_addr(q->tx_ring_frame);
+    netif_rx_sring_t *rxs = (netif_rx_sring_t *)frame_addr(q->rx_ring_frame);
+    SHARED_RING_INIT(txs); /* before the backend is told where the rings are */
+    SHARED_RING_INIT(rxs);
+    FRONT_RING_INIT(&q->tx, txs, PAGE);
+    FRONT_RING_INIT(&q->rx, rxs, PAGE);
+    if (RING_SIZE(&q->tx) != TX_RING || RING_SIZE(&q->rx) != RX_RING)
+        die_usage("unexpected netif ring size");
+    for (unsigned i = 0; i < TX_RING; i++)
+        q->tx_free[q->ntx_free++] = (uint16_t)(TX_RING - 1 - i);
+}
+
+int main(int argc, char **argv)
+{
+    parse_args(argc, argv);
+    for (unsigned i = 0; i < cfg.nqueues; i++)
+        setup_queue(&cfg.q[i]);
+    cfg.stop_fd = eventfd(0, EFD_CLOEXEC);
+    if (cfg.stop_fd < 0) {
+        perror("netfront_load: eventfd");
+        return 1;
+    }
+    printf("ready\n");
+    fflush(stdout);
+    char line[16];
+    if (!fgets(line, sizeof(line), stdin))
+        return 2;
+
+    struct rusage ru0, ru1;
+    getrusage(RUSAGE_SELF, &ru0);
+    pthread_t threads[MAX_QUEUES];
+    for (unsigned i = 0; i < cfg.nqueues; i++)
+        if (pthread_create(&threads[i], NULL, queue_main, &cfg.q[i]))
+            die_usage("pthread_create failed");
+    while (fgets(line, sizeof(line), stdin) && strncmp(line, "stop", 4))
+        ;
+    uint64_t one = 1;
+    if (write(cfg.stop_fd, &one, sizeof(one)) != sizeof(one))
+        perror("netfront_load: stop eventfd");
+    for (unsigned i = 0; i < cfg.nqueues; i++)
+        pthread_join(threads[i], NULL);
+    getrusage(RUSAGE_SELF, &ru1);
+    double cpu = (double)(ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec + ru1.ru_stime.tv_sec -
+                          ru0.ru_stime.tv_sec) +
+                 (double)(ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec + ru1.ru_stime.tv_usec -
+                          ru0.ru_stime.tv_usec) / 1e6;
+
+    struct queue t;
+    memset(&t, 0, sizeof(t));
+    const char *failure = "";
+    for (unsigned i = 0; i < cfg.nqueues; i++) {
+        struct queue *q = &cfg.q[i];
+#define ADD(f) t.f += q->f
+        ADD(tx_frames); ADD(tx_bytes); ADD(tx_gso); ADD(tx_slots); ADD(tx_errors);
+        ADD(tx_too_big); ADD(rx_frames); ADD(rx_bytes); ADD(rx_gso); ADD(rx_slots);
+        ADD(rx_errors); ADD(rx_tap_drops); ADD(rx_unparsed); ADD(refused);
+        ADD(bad_responses); ADD(kicks); ADD(wakeups);
+#undef ADD
+        if (!failure[0] && q->failure[0])
+            failure = q->failure;
+    }
+    printf("{\"queues\": %u, \"cpu_seconds\": %.6f, "
+           "\"tx_frames\": %" PRIu64 ", \"tx_bytes\": %" PRIu64 ", \"tx_gso\": %" PRIu64 ", "
+           "\"tx_slots\": %" PRIu64 ", \"tx_errors\": %" PRIu64 ", \"tx_too_big\": %" PRIu64 ", "
+           "\"rx_frames\": %" PRIu64 ", \"rx_bytes\": %" PRIu64 ", \"rx_gso\": %" PRIu64 ", "
+           "\"rx_slots\": %" PRIu64 ", \"rx_errors\": %" PRIu64 ", "
+           "\"rx_tap_drops\": %" PRIu64 ", \"rx_unparsed\": %" PRIu64 ", "
+           "\"refused_end_access\": %" PRIu64 ", \"bad_responses\": %" PRIu64 ", "
+           "\"kicks\": %" PRIu64 ", \"wakeups\": %" PRIu64 ", \"failure\": \"%s\", "
+           "\"frames_per_queue\": [",
+           cfg.nqueues, cpu, t.tx_frames, t.tx_bytes, t.tx_gso, t.tx_slots, t.tx_errors,
+           t.tx_too_big, t.rx_frames, t.rx_bytes, t.rx_gso, t.rx_slots, t.rx_errors,
+           t.rx_tap_drops, t.rx_unparsed, t.refused, t.bad_responses, t.kicks, t.wakeups,
+           failure);
+    for (unsigned i = 0; i < cfg.nqueues; i++)
+        printf("%s%" PRIu64, i ? ", " : "", cfg.q[i].tx_frames + cfg.q[i].rx_frames);
+    printf("]}\n");
+    fflush(stdout);
+    bool ok = !t.tx_errors && !t.rx_errors && !t.refused && !t.bad_responses && !failure[0];
+    return ok ? 0 : 1;
+}
