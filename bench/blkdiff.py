@@ -6,7 +6,8 @@ pure-Python path (devices/blk/queue.py, the reference) and the compiled kernel
 Compared after each case: all of guest RAM (ring pages included; the order in which
 responses sit in the ring may differ, so response slots are compared as a multiset and
 the rest of the ring byte for byte), the grant table with its in-use bits, the image
-file's bytes and size, the in-flight table, the counters, rsp_prod and whether the ring
+file's bytes and size, the in-flight table (headers, and its live entries as a
+multiset), the counters, rsp_prod and whether the ring
 was halted. Each plane runs in its own world (memfds, files), both filled alike.
 
 Used by tests/test_dataplane_differential.py (a quick subset, and under the sanitizer
@@ -323,14 +324,16 @@ def run_plane(world: World, case: Case, plane: str, loop: asyncio.AbstractEventL
 
 
 def _inflight_bytes(world: World, case: Case) -> tuple:
-    """The region and queue headers byte for byte, and the entries that are not FREE as a
-    multiset: which free entry a request lands in depends on the order earlier responses
-    were published, and FREE entries are ignored by recovery."""
+    """The region and queue headers byte for byte, and the entries of the current
+    generation that are not FREE as a multiset: which free entry a request lands in
+    depends on the order earlier responses were published, and recovery ignores FREE
+    entries and those of older generations."""
     if not case.inflight:
         return ()
     table = bytes(world.if_map[:64 + 64 + 2 * case.size * 128])
+    gen = table[64 + 12:64 + 16]
     live = sorted(table[off:off + 128] for off in range(128, len(table), 128)
-                  if table[off] != 0)
+                  if table[off] != 0 and table[off + 12:off + 16] == gen)
     return table[:128], live
 
 
