@@ -17,7 +17,7 @@ from backendd.dataplane import kernel as K
 from backendd.dataplane.build import build
 from bench import blkdiff
 from rings.blkif import BLKIF, blkif_segment
-from rings.consts import BlkifAbi
+from rings.consts import GTF_READING, GTF_WRITING, BlkifAbi, BlkifOp, BlkifStatus
 from rings.grant import grant_entry_v1, grant_entry_v2_sub_page
 from rings.sring import sring_header
 from tests.native_build import field_offsets
@@ -218,3 +218,25 @@ async def test_a_ring_full_of_requests_answered_inline_keeps_being_served(tmp_pa
         assert dev.stats()["inline_io"] > 0
     finally:
         await rig.close()
+
+
+@pytest.mark.parametrize("dataplane", ["compiled", "python"])
+async def test_grant_uses_are_counted_across_planes(tmp_path, dataplane):
+    """The ring page is pinned by the control plane (Python) for the whole connection; a
+    request that names the ring's gref as a data page is pinned and released by the data
+    plane. The use counts are shared, so the ring's GTF_reading/GTF_writing survive."""
+    rig = await _rig(dataplane)
+    try:
+        image = make_image(tmp_path / "disk.img", MiB)
+        _dev, front = await rig.attach({"path": image})
+        ring_gref = front.queues[0].grefs[0]
+        codecs = front.codecs
+        rid = front.new_id()
+        segs = [ring_gref, 0, 0] + [0, 0, 0] * 10
+        raw = codecs.request.struct.pack(BlkifOp.WRITE, 1, 0, rid, 0, *segs)
+        assert await front.send_raw(raw, rid) == (BlkifOp.WRITE, BlkifStatus.OKAY)
+        flags = rig.gt.entry(ring_gref)[0]
+        assert flags & GTF_READING and flags & GTF_WRITING  # the ring is still in use
+        assert rig.grants.in_use(ring_gref) == 1
+    finally:
+        await rig.close()  # and after disconnect, nothing is left in use

@@ -265,7 +265,7 @@ static void ring_copy(struct bk_queue *q, uint32_t index, uint8_t *buf, uint32_t
 /* Guest frame -> host address of the whole page, or NULL if not guest memory. */
 static uint8_t *guest_page(const struct bk_env *env, uint64_t frame)
 {
-    if (frame >= (UINT64_MAX >> 12))
+    if (frame > (UINT64_MAX >> 12))   /* the page's address must fit 64 bits */
         return NULL;
     uint64_t gpa = frame << 12;
     uint32_t lo = 0, hi = env->nr_regions;
