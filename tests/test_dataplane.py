@@ -240,3 +240,19 @@ async def test_grant_uses_are_counted_across_planes(tmp_path, dataplane):
         assert rig.grants.in_use(ring_gref) == 1
     finally:
         await rig.close()  # and after disconnect, nothing is left in use
+
+
+async def test_requests_start_in_ring_order_behind_pool_work(tmp_path):
+    """A discard goes to the pool; a read of the same blocks right behind it in the same
+    batch must not overtake it inline: requests start in ring order, as on the Python
+    path (the read sees the hole, not the old data)."""
+    rig = await _rig()
+    try:
+        image = make_image(tmp_path / "disk.img", MiB)
+        _dev, front = await rig.attach({"path": image})
+        for i in range(8):
+            await front.write(0, bytes([i + 1]) * 4096)
+            _, got = await asyncio.gather(front.discard(0, 8), front.read(0, 4096))
+            assert got == bytes(4096)
+    finally:
+        await rig.close()
