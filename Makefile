@@ -3,12 +3,13 @@ PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 fio
+DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 fio e2fsprogs \
+           prometheus
 DEBSTAMP := $(VENV)/.debs
 
 KERNEL  := backendd/dataplane/_blk_kernel.so
 
-.PHONY: demo test lint bench fuzz clean debs native kernel
+.PHONY: demo test lint bench fuzz clean debs native kernel install uninstall
 
 # The daemon and a simulated guest with a disk and a nic, for about 20 seconds.
 DEMO_SECONDS ?= 20
@@ -16,9 +17,12 @@ demo: $(STAMP) $(KERNEL)
 	$(PY) -m rings
 	$(VENV)/bin/backendd demo --seconds $(DEMO_SECONDS)
 
+# Hypothesis profile (tests/profiles.py): derandomized for `make test`, longer for `make fuzz`.
+HYPOTHESIS_PROFILE ?= ci
+
 test: $(STAMP) native $(KERNEL)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -31,6 +35,8 @@ native: $(STAMP)
 	$(PY) -m bench.native
 
 fuzz: $(STAMP) $(KERNEL)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz_*.py tests/test_blk_request.py \
+	  tests/test_protocol_messages.py tests/test_layout_codecs.py
 	$(PY) -m bench.fuzz
 
 # The compiled blk data plane (gcc -Wall -Wextra -Werror against Xen's headers).
@@ -56,6 +62,56 @@ $(STAMP): pyproject.toml $(DEBSTAMP)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+# `make install`: the package in its own venv under $(PREFIX)/lib/backendd with
+# $(PREFIX)/bin/backendd linked to it, the systemd units, a sample configuration and the
+# image directory the unit makes writable. DESTDIR stages it all under another root (the
+# installed files name the final paths, not DESTDIR). Needs Python 3.11 and PyPI (or a pip
+# cache) for the dependencies.
+PREFIX     ?= /usr/local
+SYSCONFDIR ?= /etc
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
+STATEDIR   ?= /var/lib/backendd
+LIBDIR     := $(PREFIX)/lib/backendd
+CONFDIR    := $(SYSCONFDIR)/backendd
+
+install:
+	$(PYTHON) -m venv --clear $(DESTDIR)$(LIBDIR)
+	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check .
+	@# The compiled blk data plane, built next to the installed package.
+	$(DESTDIR)$(LIBDIR)/bin/python -m backendd.dataplane.build
+	@# Scripts name the venv by its final path, not the staging one.
+	@if [ -n "$(DESTDIR)" ]; then \
+	  grep -lIs -- '$(DESTDIR)' $(DESTDIR)$(LIBDIR)/bin/* | \
+	    xargs -r sed -i 's|$(DESTDIR)$(LIBDIR)|$(LIBDIR)|g'; \
+	fi
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/share/doc/backendd
+	ln -sfn $(LIBDIR)/bin/backendd $(DESTDIR)$(PREFIX)/bin/backendd
+	sed 's|^ExecStart=/usr/local/bin/backendd|ExecStart=$(PREFIX)/bin/backendd|' \
+	  systemd/backendd.service > $(DESTDIR)$(UNITDIR)/backendd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/backendd.service
+	install -m 0644 systemd/backendd.socket $(DESTDIR)$(UNITDIR)/backendd.socket
+	install -m 0644 LICENSE README.md $(DESTDIR)$(PREFIX)/share/doc/backendd/
+	install -d -m 0755 $(DESTDIR)$(CONFDIR)
+	install -m 0644 conf/backendd.toml $(DESTDIR)$(CONFDIR)/backendd.toml.sample
+	@# An existing configuration is never overwritten.
+	test -e $(DESTDIR)$(CONFDIR)/backendd.toml || \
+	  install -m 0644 conf/backendd.toml $(DESTDIR)$(CONFDIR)/backendd.toml
+	install -d -m 0700 $(DESTDIR)$(STATEDIR) $(DESTDIR)$(STATEDIR)/images
+	@echo "installed; then: systemctl daemon-reload && systemctl enable --now backendd.socket"
+
+# Removes what `make install` put there, except a configuration that was changed and the
+# image directory (guests' disks).
+uninstall:
+	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PREFIX)/share/doc/backendd
+	rm -f $(DESTDIR)$(PREFIX)/bin/backendd
+	rm -f $(DESTDIR)$(UNITDIR)/backendd.service $(DESTDIR)$(UNITDIR)/backendd.socket
+	if cmp -s conf/backendd.toml $(DESTDIR)$(CONFDIR)/backendd.toml; then \
+	  rm -f $(DESTDIR)$(CONFDIR)/backendd.toml; fi
+	rm -f $(DESTDIR)$(CONFDIR)/backendd.toml.sample
+	-rmdir $(DESTDIR)$(CONFDIR) 2>/dev/null
+	-rmdir $(DESTDIR)$(STATEDIR)/images $(DESTDIR)$(STATEDIR) 2>/dev/null
+	@echo "uninstalled (kept: a changed $(CONFDIR)/backendd.toml, images in $(STATEDIR)/images)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis $(KERNEL)

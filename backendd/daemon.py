@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 
 from .config import Config
+from .errors import StartupError
 from .log import EventLog, route_stdlib_logging
-from .metrics import render
+from .metrics import render_status
 from .sdnotify import Notifier, listen_fds, watchdog_interval
 from .server import Server
 
 
 def prometheus_text(server: Server) -> str:
-    devices = []
-    for conn_id, conn in server.connections.items():
-        for devid, slot in conn.session.devices.items():
-            labels = {"conn": str(conn_id), "devid": str(devid), "type": slot.type_name}
-            devices.append((labels, slot.device.stats()))
-    return render(devices)
+    return render_status(server.full_status())
 
 
 async def _serve_metrics(server: Server, listen: str) -> asyncio.AbstractServer:
@@ -48,11 +45,27 @@ async def _serve_metrics(server: Server, listen: str) -> asyncio.AbstractServer:
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, host, int(port))
+    try:
+        return await asyncio.start_server(handle, host, int(port))
+    except OSError as exc:
+        raise StartupError(f"metrics: cannot listen on {listen}: {exc.strerror or exc}") from None
+
+
+def _signal_ready_fd(fd: int) -> None:
+    """`--ready-fd N`: one line, then the fd is closed, so a reader sees READY=1 or, if the
+    daemon failed before listening, end-of-file."""
+    try:
+        os.write(fd, b"READY=1\n")
+    except OSError:
+        pass  # nobody reads it any more: not a reason to stop serving
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 async def run(config: Config, socket_path: str | None = None,
-              log: EventLog | None = None, notifier: Notifier | None = None) -> int:
+              log: EventLog | None = None, notifier: Notifier | None = None,
+              ready_fd: int | None = None) -> int:
     log = log if log is not None else EventLog(config.daemon.log_level)
     route_stdlib_logging(log, config.daemon.log_level)
     notifier = notifier if notifier is not None else Notifier()
@@ -64,12 +77,20 @@ async def run(config: Config, socket_path: str | None = None,
         sock = socket.socket(fileno=activated[0])
         for extra in activated[1:]:
             socket.socket(fileno=extra).close()
-    await server.start(socket_path, sock)
-
-    metrics = None
-    if config.metrics.listen:
-        metrics = await _serve_metrics(server, config.metrics.listen)
-        log.info("metrics_listening", address=config.metrics.listen)
+    try:
+        await server.start(socket_path, sock)
+        metrics = None
+        metrics_address = ""
+        if config.metrics.listen:
+            metrics = await _serve_metrics(server, config.metrics.listen)
+            # The address bound, so port 0 (any free port) can be found in the log and status.
+            host, port = metrics.sockets[0].getsockname()[:2]
+            metrics_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            log.info("metrics_listening", address=metrics_address)
+    except BaseException:
+        # A start that fails leaves no socket file behind.
+        await server.close()
+        raise
 
     stop = loop.create_future()
 
@@ -90,7 +111,10 @@ async def run(config: Config, socket_path: str | None = None,
     interval = watchdog_interval()
     dog = loop.create_task(watchdog(interval)) if interval else None
     notifier.ready(f"listening on {server.address}"
-                   + (" (socket activation)" if activated else ""))
+                   + (" (socket activation)" if activated else "")
+                   + (f", metrics on {metrics_address}" if metrics is not None else ""))
+    if ready_fd is not None:
+        _signal_ready_fd(ready_fd)
     try:
         await stop
     finally:

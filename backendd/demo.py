@@ -62,20 +62,27 @@ class Progress:
 
 
 async def start_daemon(workdir: Path) -> tuple[asyncio.subprocess.Process, str, Path]:
+    """`backendd serve --ready-fd`: ready when READY=1 arrives on the pipe; end-of-file
+    instead means the daemon exited, and its log says why."""
     path = str(workdir / "backendd.sock")
     log_path = workdir / "backendd.log"
     log = open(log_path, "w")  # noqa: SIM115 - handed to the child, closed below
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "backendd", "--socket", path, "serve",
-        stdout=log, stderr=asyncio.subprocess.STDOUT)
-    log.close()
-    for _ in range(200):
-        if os.path.exists(path):
-            break
-        if proc.returncode is not None:
-            break
-        await asyncio.sleep(0.05)
-    if not os.path.exists(path):
+    read, write = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "backendd", "serve", "--socket", path,
+            "--ready-fd", str(write), pass_fds=(write,),
+            stdout=log, stderr=asyncio.subprocess.STDOUT)
+        os.close(write)
+        write = -1
+        ready = await asyncio.get_running_loop().run_in_executor(None, os.read, read, 64)
+    finally:
+        log.close()
+        os.close(read)
+        if write >= 0:
+            os.close(write)
+    if ready != b"READY=1\n":
+        await proc.wait()
         raise RuntimeError(f"daemon did not start: {log_path.read_text()}")
     return proc, path, log_path
 
@@ -160,7 +167,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         say(f"daemon: pid {proc.pid} listening on {path}")
         ok = False
         try:
-            client = await VmmClient.connect(path)
+            client = await VmmClient.connect(path, name="demo")
             guest = SimGuest(ram_size=256 * MiB, gnttab_frames=64)
             try:
                 await guest.attach(client)

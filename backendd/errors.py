@@ -29,3 +29,8 @@ class ConfigError(ControlError):
 
     def __init__(self, message: str) -> None:
         super().__init__(_errno.EINVAL, message)
+
+
+class StartupError(Exception):
+    """The daemon cannot start (socket in use, no permission, port taken): one line for the
+    operator, naming the path or address; never a traceback."""

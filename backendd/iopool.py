@@ -71,6 +71,9 @@ class FairPool:
             # The loop may have gone away during shutdown; nobody waits for this then.
             with contextlib.suppress(RuntimeError):
                 fut.get_loop().call_soon_threadsafe(_resolve, fut, ok, result)
+            # An idle thread keeps nothing of its last job alive (a removed device's
+            # image, its request buffers) until the next job comes.
+            del job, fn, args, fut, result
 
     def shutdown(self) -> None:
         """Finish the queued work, then stop the threads."""

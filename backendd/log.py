@@ -69,6 +69,9 @@ class GuestLogLimiter:
 
     def warning(self, key: tuple, event: str, **fields: Any) -> bool:
         """Log unless over the limit; returns whether the line was written."""
+        return self.log("warning", key, event, **fields)
+
+    def log(self, level: str, key: tuple, event: str, **fields: Any) -> bool:
         now = self._clock()
         state = self._state.get(key)
         if state is None or now - state[0] >= self._window:
@@ -81,7 +84,7 @@ class GuestLogLimiter:
             state[2] += 1
             return False
         state[1] += 1
-        self._log.warning(event, **fields)
+        self._log.log(level, event, **fields)
         return True
 
     def forget(self, key_prefix: tuple) -> None:

@@ -12,19 +12,23 @@ import array
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import socket
 import stat
 import struct
+import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
+from . import __version__
 from .config import Config
-from .errors import ControlError
+from .errors import ControlError, StartupError
 from .iopool import FairPool
 from .log import EventLog, GuestLogLimiter
 from .protocol.framing import FatalFramingError, Frame, Framer, Role
-from .protocol.messages import MAX_CHANNELS, RingDumpReply
+from .protocol.messages import ALL_DEVICES, MAX_CHANNELS, MAX_PAYLOAD, RingDumpReply
 from .session import Session, load_device_types
 
 # The largest fd count any request carries (FRONTEND_STATE: a kick and a call per channel).
@@ -33,6 +37,10 @@ RECV_SIZE = 65536
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECV * array.array("i").itemsize)
 # Stop reading a connection once this many requests wait: the VMM must read its replies.
 MAX_QUEUED_REQUESTS = 64
+# Stop reading and handling a connection's requests once this many reply bytes wait for
+# the VMM to read them; carry on once they are down to half. A reply is at most 64 KiB,
+# so a connection holds at most this plus one reply (and any notices) in memory.
+MAX_REPLY_BACKLOG = 1 << 20
 
 
 def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -69,14 +77,24 @@ class Connection:
         self._writing = False
         self._reading = False
         self._closing = False
+        # Set while replies are under MAX_REPLY_BACKLOG; the worker waits on it.
+        self._drained = asyncio.Event()
+        self._drained.set()
+        # Set while the connection is not read because its replies are not read.
+        self.backlogged = asyncio.Event()
         self.done = loop.create_future()
         self._worker = loop.create_task(self._work())
         self._resume_reading()
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
     # --- input -------------------------------------------------------------------
 
     def _resume_reading(self) -> None:
-        if not self._reading and not self._closing:
+        if (not self._reading and not self._closing and self._drained.is_set()
+                and self._queue.qsize() < MAX_QUEUED_REQUESTS):
             self.server.loop.add_reader(self.sock.fileno(), self._readable)
             self._reading = True
 
@@ -123,6 +141,7 @@ class Connection:
             frame = await self._queue.get()
             if frame is None:
                 break
+            await self._drained.wait()
             await self.session.handle(frame)
             if self._queue.qsize() < MAX_QUEUED_REQUESTS // 2:
                 self._resume_reading()
@@ -135,6 +154,19 @@ class Connection:
         self._out += data
         if not self._writing:
             self._flush()
+        else:
+            self._check_backlog()
+
+    def _check_backlog(self) -> None:
+        if len(self._out) > MAX_REPLY_BACKLOG:
+            if self._drained.is_set():
+                self._drained.clear()
+                self.backlogged.set()
+                self._pause_reading()
+        elif not self._drained.is_set() and len(self._out) <= MAX_REPLY_BACKLOG // 2:
+            self._drained.set()
+            self.backlogged.clear()
+            self._resume_reading()
 
     def _flush(self) -> None:
         while self._out:
@@ -147,6 +179,7 @@ class Connection:
                 self._hang_up(f"send: {exc.strerror}")
                 return
             del self._out[:n]
+        self._check_backlog()
         if self._out and not self._writing:
             self.server.loop.add_writer(self.sock.fileno(), self._flush)
             self._writing = True
@@ -165,6 +198,8 @@ class Connection:
             self.server.loop.remove_writer(self.sock.fileno())
             self._writing = False
         self.server.log.info("connection_closed", conn=self.conn_id, reason=reason)
+        self._out = bytearray()  # unread replies go now, not when the object does
+        self._drained.set()  # let the worker finish the request it holds
         # Requests already queued are dropped, their fds closed; the one being handled
         # finishes first so teardown never races a device connect.
         while not self._queue.empty():
@@ -196,6 +231,18 @@ class Connection:
         await self.done
 
 
+# A DAEMON_STATUS page's key/value map stays within one reply (the reply's result word
+# comes first), with room left for the next-page cursor.
+STATUS_PAGE_BYTES = MAX_PAYLOAD - 4
+# Room for next.conn/next.devid, and the asker's `self` that the session adds.
+_STATUS_CURSOR_ROOM = 96
+
+
+def _kv_size(kv: dict[str, str]) -> int:
+    """Bytes of `kv` encoded as a key/value map (docs/protocol.md)."""
+    return 4 + sum(4 + len(k.encode()) + len(v.encode()) for k, v in kv.items())
+
+
 class Server:
     def __init__(self, config: Config, log: EventLog | None = None) -> None:
         self.config = config
@@ -205,8 +252,11 @@ class Server:
         self._next_id = 1
         self.pool = FairPool(config.daemon.io_threads)
         self._listener: socket.socket | None = None
-        self._owns_path: Path | None = None
+        # (path, st_dev, st_ino) of the socket file this daemon created.
+        self._owns_path: tuple[Path, int, int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.start_time = time.time()
+        self._started = time.monotonic()
         load_device_types()
 
     @property
@@ -218,6 +268,8 @@ class Server:
     @property
     def address(self) -> str:
         assert self._listener is not None
+        if self._owns_path is not None:
+            return str(self._owns_path[0])  # the socket was bound under a temporary name
         name = self._listener.getsockname()
         return name if isinstance(name, str) else name.decode()
 
@@ -232,21 +284,84 @@ class Server:
         self.log.info("listening", socket=self.address)
 
     def _bind(self, path: Path) -> socket.socket:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            # A socket left by a previous run; refuse to remove anything else.
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        # The socket is born 0600 (umask) so no other user ever gets a window to connect.
-        old = os.umask(0o177)
+        """Listen at `path`, which appears only once the socket listens: bound and listening
+        under a temporary name first, then hard-linked to `path` (which fails rather than
+        replaces if the name was taken meanwhile). A live daemon's socket is never removed."""
         try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old)
-        sock.listen(64)
-        self._owns_path = path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._clear_stale(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        except OSError as exc:
+            raise StartupError(f"control socket {path}: cannot listen: "
+                               f"{exc.strerror or exc}") from None
+        temp = path.parent / f".backendd-{os.getpid()}.sock"
+        try:
+            # Only a process with this pid could have left this name.
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+            # Born 0600 (umask) so no other user ever gets a window to connect.
+            old = os.umask(0o177)
+            try:
+                sock.bind(str(temp))
+            finally:
+                os.umask(old)
+            try:
+                sock.listen(64)
+                try:
+                    os.link(temp, path)
+                except FileExistsError:
+                    raise StartupError(f"control socket {path}: another daemon took it while "
+                                       "this one started") from None
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+                        raise
+                    # A file system without hard links: rename, after the same check.
+                    self._clear_stale(path)
+                    os.rename(temp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    temp.unlink()
+            st = path.lstat()
+        except StartupError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"control socket {path}: cannot listen: "
+                               f"{exc.strerror or exc}") from None
+        self._owns_path = (path, st.st_dev, st.st_ino)
         return sock
+
+    @staticmethod
+    def _clear_stale(path: Path) -> None:
+        """Remove a socket file left by a daemon that is gone; refuse anything else."""
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(f"control socket {path}: exists and is not a socket; "
+                               "not replacing it")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+            probe.setblocking(False)
+            try:
+                probe.connect(str(path))
+            except ConnectionRefusedError:
+                pass  # nobody listens: stale
+            except FileNotFoundError:
+                return
+            except BlockingIOError:
+                # A full backlog: a live daemon (perhaps a stopped one).
+                raise StartupError(f"control socket {path}: a daemon is already listening "
+                                   "there (its backlog is full)") from None
+            else:
+                raise StartupError(f"control socket {path}: a daemon is already listening "
+                                   "there; stop it first or choose another --socket") from None
+        # Remove it only if it is still the file that refused the probe.
+        with contextlib.suppress(FileNotFoundError):
+            now = path.lstat()
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                path.unlink()
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -272,18 +387,72 @@ class Server:
 
     # --- operator view (DaemonView) ----------------------------------------------
 
-    def status(self) -> dict[str, str]:
-        out = {"connections": str(len(self.connections))}
-        for conn_id, conn in self.connections.items():
-            for key, value in conn.session.status().items():
-                out[f"conn.{conn_id}.{key}"] = value
+    def status(self, conn: int = 0, devid: int = ALL_DEVICES) -> dict[str, str]:
+        """One DAEMON_STATUS page, from cursor (conn, devid) on, whole connection
+        summaries and whole devices only, as much as fits one reply; `next.conn` and
+        `next.devid` say where the next page starts."""
+        out = {"connections": str(len(self.connections)), "version": __version__,
+               "start_time": f"{self.start_time:.3f}",
+               "uptime_seconds": f"{time.monotonic() - self._started:.3f}",
+               "io_threads": str(self.config.daemon.io_threads)}
+        size = _kv_size(out) + _STATUS_CURSOR_ROOM
+        daemon_keys = len(out)  # on every page; a page holds at least one part besides
+        for cid in sorted(c for c in self.connections if c >= conn):
+            session = self.connections[cid].session
+            within = cid == conn and devid != ALL_DEVICES
+            parts: list[tuple[int, Callable[[], dict[str, str]]]] = []
+            if not within:
+                parts.append((ALL_DEVICES, functools.partial(self._conn_status, cid)))
+            parts += [(d, functools.partial(session.device_status, d))
+                      for d in sorted(session.devices) if not within or d >= devid]
+            for d, make in parts:
+                part = {f"conn.{cid}.{k}": v for k, v in make().items()}
+                n = _kv_size(part) - 4
+                if size + n > STATUS_PAGE_BYTES and len(out) > daemon_keys:
+                    out["next.conn"], out["next.devid"] = str(cid), str(d)
+                    return out
+                out.update(part)
+                size += n
         return out
+
+    def _conn_status(self, conn_id: int) -> dict[str, str]:
+        conn = self.connections[conn_id]
+        return {**conn.session.status(), "unread_reply_bytes": str(len(conn._out))}
+
+    def full_status(self) -> dict[str, str]:
+        """Every page of status() merged into one map, as VmmClient.daemon_status() does."""
+        out: dict[str, str] = {}
+        cursor = (0, ALL_DEVICES)
+        while True:
+            page = self.status(*cursor)
+            nxt = page.pop("next.conn", None), page.pop("next.devid", None)
+            out.update(page)
+            if nxt[0] is None or nxt[1] is None:
+                return out
+            cursor = (int(nxt[0]), int(nxt[1]))
+
+    def guest_name_in_use(self, name: str) -> bool:
+        # A connection already hung up (its VMM reconnecting) no longer holds its name.
+        return any(c.session.guest_name == name and not c.closing
+                   for c in self.connections.values())
 
     def ring_dump(self, conn: int, devid: int, ring: int) -> RingDumpReply:
         connection = self.connections.get(conn)
         if connection is None:
             raise ControlError(errno.ENOENT, f"connection {conn}: no such connection")
         return connection.session.ring_dump(devid, ring)
+
+    def _remove_own_socket(self) -> None:
+        """Unlink the socket file only if it is still the one this daemon bound: another
+        daemon's socket at the same path is left alone."""
+        if self._owns_path is None:
+            return
+        path, dev, ino = self._owns_path
+        self._owns_path = None
+        with contextlib.suppress(FileNotFoundError):
+            st = path.lstat()
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                path.unlink()
 
     async def close(self) -> None:
         if self._loop is None:
@@ -293,9 +462,7 @@ class Server:
             self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
-            if self._owns_path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    self._owns_path.unlink()
+            self._remove_own_socket()
         for conn in list(self.connections.values()):
             await conn.close()
         self.pool.shutdown()

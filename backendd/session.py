@@ -20,17 +20,19 @@ import errno
 import functools
 import mmap
 import os
+import re
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from rings.consts import XenbusState
+from rings.consts import PAGE_SIZE, XenbusState
 
 from .config import Config
 from .devices.base import DEVICE_TYPES, Device, DeviceContext, NoticeSink
 from .errors import ControlError, GuestError
 from .evtchn import EventChannel
+from .fdrules import require_eventfd, require_sealed_memfd
 from .grants import GrantTable
 from .log import EventLog, GuestLogLimiter
 from .memory import GuestMemory
@@ -71,12 +73,23 @@ from .xenbus import Action, XenbusBackend
 class DaemonView(Protocol):
     """What a session may ask of the whole daemon (operator requests)."""
 
-    def status(self) -> dict[str, str]: ...
+    def status(self, conn: int = 0, devid: int = ALL_DEVICES) -> dict[str, str]: ...
 
     def ring_dump(self, conn: int, devid: int, ring: int) -> RingDumpReply: ...
 
+    def guest_name_in_use(self, name: str) -> bool: ...
+
 # Features the daemon understands; none are defined by protocol version 1 yet.
 SUPPORTED_FEATURES = 0
+# HELLO's optional guest name: a metrics label and a status column.
+GUEST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+# Per-connection bounds (docs/hardening.md, "Per-connection bounds"). Each memory region
+# holds one fd (the mapping's: CPython's mmap keeps a duplicate, and the daemon closes the
+# one it received) and one mapping, so these also bound one peer's fds and mappings.
+MAX_MEM_REGIONS = 128
+# 32: GET_STATS for every device (a net device has about 20 counters) stays in one reply.
+MAX_DEVICES = 32
 
 DEVICE_TYPE_NAMES = {DeviceType.BLK: "blk", DeviceType.NET: "net"}
 
@@ -123,6 +136,7 @@ class Session(NoticeSink):
         self.peer = peer
         self.daemon = daemon
         self.hello_done = False
+        self.guest_name = ""
         self.memory = GuestMemory()
         self.grants = GrantTable(self.memory)
         self.devices: dict[int, DeviceSlot] = {}
@@ -146,8 +160,11 @@ class Session(NoticeSink):
             self.errors += 1
             code = exc.code if isinstance(exc, ControlError) else errno.EINVAL
             message = exc.message if isinstance(exc, ControlError) else str(exc)
-            self.log.info("request_failed", conn=self.conn_id, code=_code_name(header.code),
-                          errno=errno.errorcode.get(code, code), message=message)
+            # A peer can fail requests as fast as it can send them: rate-limited per
+            # connection, like a guest's errors.
+            self.guest_log.log("info", (self.conn_id, "request_failed"), "request_failed",
+                               conn=self.conn_id, code=_code_name(header.code),
+                               errno=errno.errorcode.get(code, code), message=message)
             self._send(encode_error(header.seq, header.code, code, message))
         except Exception as exc:  # a local bug: answer, keep the daemon alive
             self.errors += 1
@@ -167,12 +184,20 @@ class Session(NoticeSink):
             raise ProtocolError(errno.EPROTO, f"{msg.code.name} before HELLO")
         match msg:
             case AddMemRegion():
+                if len(self.memory.regions) >= MAX_MEM_REGIONS:
+                    raise ControlError(errno.ENOSPC, f"ADD_MEM_REGION: limit of "
+                                       f"{MAX_MEM_REGIONS} memory regions per connection")
+                require_sealed_memfd(fds[0], "ADD_MEM_REGION", msg.mmap_offset, msg.size)
                 self.memory.add_region(msg.gpa, msg.size, fds[0], msg.mmap_offset)
                 return EmptyReply()
             case RemoveMemRegion():
                 self.memory.remove_region(msg.gpa, msg.size)
                 return EmptyReply()
             case SetGrantTable():
+                frames = msg.nr_frames + (GrantTable.status_frames(msg.nr_frames)
+                                          if msg.version == 2 else 0)
+                require_sealed_memfd(fds[0], "SET_GRANT_TABLE", msg.mmap_offset,
+                                     frames * PAGE_SIZE)
                 self.grants.set_table(fds[0], msg.mmap_offset, msg.nr_frames, msg.version)
                 self.grants.backend_domid = msg.backend_domid
                 return EmptyReply()
@@ -194,7 +219,9 @@ class Session(NoticeSink):
             case DaemonStatus():
                 if self.daemon is None:
                     raise ControlError(errno.EOPNOTSUPP, "DAEMON_STATUS: no daemon view")
-                return StatsReply(self.daemon.status())
+                # "self" names the asking connection, so a tool can leave itself out.
+                return StatsReply(self.daemon.status(msg.conn, msg.devid)
+                                  | {"self": str(self.conn_id)})
             case RingDump():
                 if self.daemon is None:
                     raise ControlError(errno.EOPNOTSUPP, "RING_DUMP: no daemon view")
@@ -207,6 +234,15 @@ class Session(NoticeSink):
         if msg.version != PROTOCOL_VERSION:
             raise ProtocolError(errno.EOPNOTSUPP,
                                 f"HELLO: version {msg.version}, daemon speaks {PROTOCOL_VERSION}")
+        name = msg.info.get("name")  # other keys are reserved and ignored
+        if name is not None:
+            if not GUEST_NAME.fullmatch(name):
+                raise ProtocolError(errno.EINVAL, f"HELLO: guest name {name!r}: 1-64 of "
+                                    "A-Z a-z 0-9 . _ : -, starting with a letter or digit")
+            if self.daemon is not None and self.daemon.guest_name_in_use(name):
+                raise ControlError(errno.EEXIST, f"HELLO: guest name {name!r} is in use "
+                                   "by another connection")
+            self.guest_name = name
         self.hello_done = True
         return HelloReply(PROTOCOL_VERSION, msg.features & SUPPORTED_FEATURES)
 
@@ -219,6 +255,9 @@ class Session(NoticeSink):
     async def _add_device(self, msg: AddDevice) -> StateReply:
         if msg.devid in self.devices:
             raise ControlError(errno.EEXIST, f"device {msg.devid}: already added")
+        if len(self.devices) >= MAX_DEVICES:
+            raise ControlError(errno.ENOSPC, f"ADD_DEVICE: limit of {MAX_DEVICES} devices "
+                               "per connection")
         type_name = DEVICE_TYPE_NAMES[msg.type]
         cls = DEVICE_TYPES.get(type_name)
         if cls is None:
@@ -244,6 +283,7 @@ class Session(NoticeSink):
         slot = self._slot(msg.devid)
         if slot.xenbus.state == XenbusState.CONNECTED:
             raise ControlError(errno.EBUSY, f"device {msg.devid}: SET_INFLIGHT after connect")
+        require_sealed_memfd(fd, "SET_INFLIGHT", msg.mmap_offset, msg.size)
         try:
             region = mmap.mmap(fd, msg.size, flags=mmap.MAP_SHARED,
                                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=msg.mmap_offset)
@@ -269,6 +309,9 @@ class Session(NoticeSink):
 
     async def _frontend_state(self, msg: FrontendState, fds: list[int]) -> StateReply:
         slot = self._slot(msg.devid)
+        for i, fd in enumerate(fds):
+            require_eventfd(fd, f"FRONTEND_STATE: port {msg.ports[i // 2]} "
+                            f"{'call' if i % 2 else 'kick'} fd")
         transition = slot.xenbus.on_frontend(msg.state)
         if transition.action is Action.CONNECT:
             if not msg.ports:
@@ -300,18 +343,22 @@ class Session(NoticeSink):
         return StateReply(slot.xenbus.state, dict(slot.keys))
 
     def status(self) -> dict[str, str]:
-        """This connection's part of DAEMON_STATUS, keys relative to "conn.<id>."."""
-        out = {"peer": self.peer, "devices": str(len(self.devices)),
-               "requests": str(self.requests), "errors": str(self.errors),
-               "memory_bytes": str(sum(size for _, size in self.memory.regions)),
-               "grant_frames": str(self.grants.nr_frames)}
-        for devid, slot in self.devices.items():
-            out[f"dev.{devid}.type"] = slot.type_name
-            out[f"dev.{devid}.state"] = slot.xenbus.state.name
-            rings = slot.device.ring_snapshots()
-            out[f"dev.{devid}.rings"] = ",".join(r.name for r in rings)
-            for name, value in slot.device.stats().items():
-                out[f"dev.{devid}.stat.{name}"] = str(value)
+        """This connection's own part of DAEMON_STATUS, keys relative to "conn.<id>."."""
+        return {"peer": self.peer, "guest": self.guest_name,
+                "devices": str(len(self.devices)),
+                "requests": str(self.requests), "errors": str(self.errors),
+                "memory_bytes": str(sum(size for _, size in self.memory.regions)),
+                "memory_regions": str(len(self.memory.regions)),
+                "grant_frames": str(self.grants.nr_frames)}
+
+    def device_status(self, devid: int) -> dict[str, str]:
+        """One device's part of DAEMON_STATUS, keys relative to "conn.<id>."."""
+        slot = self.devices[devid]
+        out = {f"dev.{devid}.type": slot.type_name,
+               f"dev.{devid}.state": slot.xenbus.state.name,
+               f"dev.{devid}.rings": ",".join(r.name for r in slot.device.ring_snapshots())}
+        for name, value in slot.device.stats().items():
+            out[f"dev.{devid}.stat.{name}"] = str(value)
         return out
 
     def ring_dump(self, devid: int, ring: int) -> RingDumpReply:
@@ -375,6 +422,7 @@ class Session(NoticeSink):
             self.guest_log.forget((self.conn_id, devid))
         self.grants.close()
         self.memory.close()
+        self.guest_log.forget((self.conn_id,))
 
 
 def _code_name(code: int) -> str:

@@ -583,7 +583,7 @@ def _control_message(rng: random.Random) -> tuple[int, int, int, bytes, int]:
 
 async def _control(n: int, seed: int, res: Result) -> None:
     from backendd.config import Config, DaemonSection
-    from backendd.guest import SimGuest, VmmClient
+    from backendd.guest import SimGuest, VmmClient, sealed_memfd
     from backendd.log import EventLog
     from backendd.protocol.framing import Framer, Role
     from backendd.server import Server
@@ -596,8 +596,7 @@ async def _control(n: int, seed: int, res: Result) -> None:
     server = Server(Config(daemon=DaemonSection(socket=path, log_level="info")),
                     EventLog("info", log))
     await server.start()
-    memfd = os.memfd_create("fuzz")
-    os.ftruncate(memfd, 1 << 20)
+    memfd = sealed_memfd("fuzz", 1 << 20)
     good = await VmmClient.connect(path)
     guest = SimGuest(ram_size=1 << 20, gnttab_frames=1)
     await guest.attach(good)
@@ -736,6 +735,284 @@ def fuzz_control(n: int, seed: int) -> Result:
     return res
 
 
+# --- fd kinds, seals and per-connection bounds ----------------------------------------
+
+FD_KINDS = ("eventfd", "eventfd-blocking", "eventfd-full", "sealed", "sealed-short",
+            "unsealed", "grow-sealed", "pipe", "socket", "file", "devnull")
+
+
+def _fd_of_kind(kind: str, size: int, where: str) -> tuple[int, list[int]]:
+    """(fd to send, other fds to close afterwards)."""
+    import fcntl
+
+    from backendd.guest import sealed_memfd
+
+    if kind.startswith("eventfd"):
+        fd = os.eventfd(0, os.EFD_CLOEXEC | (0 if kind != "eventfd" else os.EFD_NONBLOCK))
+        if kind == "eventfd-full":
+            os.eventfd_write(fd, U64 - 1)
+        return fd, []
+    if kind == "sealed":
+        return sealed_memfd("fuzz", size), []
+    if kind == "sealed-short":
+        return sealed_memfd("fuzz", max(0, size - PAGE)), []
+    if kind in ("unsealed", "grow-sealed"):
+        fd = os.memfd_create("fuzz", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, size)
+        if kind == "grow-sealed":  # sealed, but not against shrinking
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
+        return fd, []
+    if kind == "pipe":
+        r, w = os.pipe()
+        os.close(w)  # readable for ever
+        return r, []
+    if kind == "socket":
+        a, b = socket.socketpair()
+        return a.detach(), [b.detach()]
+    if kind == "file":
+        fd = os.open(os.path.join(where, "plain"), os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fd, size)
+        return fd, []
+    return os.open("/dev/null", os.O_RDWR), []
+
+
+async def _fds(n: int, seed: int, res: Result) -> None:
+    import fcntl
+
+    from backendd.config import Config, DaemonSection
+    from backendd.guest import RequestFailed, SimGuest, VmmClient
+    from backendd.guest.blkfront import BlkFront
+    from backendd.inflight import region_size
+    from backendd.log import EventLog
+    from backendd.protocol.messages import (
+        AddDevice,
+        AddMemRegion,
+        DeviceType,
+        FrontendState,
+        RemoveDevice,
+        RemoveMemRegion,
+        SetGrantTable,
+        SetInflight,
+    )
+    from backendd.server import Server
+    from backendd.session import MAX_DEVICES, MAX_MEM_REGIONS
+    from rings.consts import XenbusState
+
+    rng = random.Random(seed)
+    where = tempfile.mkdtemp(prefix="backendd-fuzz-")
+    path = os.path.join(where, "s.sock")
+    image = os.path.join(where, "disk.img")
+    with open(image, "wb") as f:
+        f.truncate(1 << 20)
+    log = io.StringIO()
+    server = Server(Config(daemon=DaemonSection(socket=path, log_level="info")),
+                    EventLog("info", log))
+    await server.start()
+    good = await VmmClient.connect(path)
+    good_guest = SimGuest(ram_size=1 << 20, gnttab_frames=1)
+    await good_guest.attach(good)
+
+    def fds_now() -> set[int]:
+        return {int(x) for x in os.listdir("/proc/self/fd")}
+
+    baseline = fds_now()
+    hostile: VmmClient | None = None
+    guest: SimGuest | None = None
+    devices: set[int] = set()
+    regions: set[tuple[int, int]] = set()
+
+    async def fresh() -> None:
+        nonlocal hostile, guest
+        if hostile is not None:
+            await hostile.close()
+        if guest is not None:
+            guest.close()
+        hostile = await VmmClient.connect(path)
+        # A real guest high up, so rings can connect; random regions go below it.
+        guest = SimGuest(ram_size=1 << 20, gnttab_frames=1, layout=[(1 << 30, 1 << 20)])
+        await guest.attach(hostile)
+        devices.clear()
+        regions.clear()
+
+    async def ask(msg, fds: list[int]) -> int:
+        try:
+            await hostile.request(msg, fds)
+        except RequestFailed as exc:
+            if exc.code == errno.EBADF:
+                need("fd rule" in exc.message, f"EBADF without naming the rule: {exc.message}")
+            return exc.code
+        return 0
+
+    try:
+        await fresh()
+        while res.inputs < n:
+            res.inputs += 1
+            op = "fill" if rng.random() < 0.01 else rng.choice(
+                ("region", "region", "unregion", "gnttab", "device", "undevice", "inflight",
+                 "connect", "connect", "connect"))
+            kinds = [rng.choice(FD_KINDS[:3] if op == "connect" and rng.random() < 0.7
+                                else FD_KINDS) for _ in range(2)]
+            size = rng.choice((1, 2, 4)) * PAGE
+            made = [_fd_of_kind(k, max(size, region_size(1)) if op == "inflight" else size,
+                                where) for k in kinds]
+            sent = [fd for fd, _ in made]
+            flags = [fcntl.fcntl(fd, fcntl.F_GETFL) for fd in sent]
+            memfd_ok = kinds[0] in ("sealed", "sealed-short")
+            try:
+                if op == "region":
+                    gpa = rng.randrange(MAX_MEM_REGIONS + 16) * 4 * PAGE
+                    full = len(regions) >= MAX_MEM_REGIONS
+                    rc = await ask(AddMemRegion(gpa, size, 0), sent[:1])
+                    if full:
+                        need(rc == errno.ENOSPC, f"region beyond the bound: rc {rc}")
+                    elif not memfd_ok:
+                        need(rc == errno.EBADF, f"{kinds[0]} as memory: rc {rc}")
+                    elif kinds[0] == "sealed-short":
+                        need(rc == errno.EINVAL, f"short memfd as memory: rc {rc}")
+                    else:
+                        need(rc in (0, errno.EEXIST), f"sealed memfd as memory: rc {rc}")
+                    if rc == 0:
+                        regions.add((gpa, size))
+                elif op == "unregion" and regions:
+                    gpa, rsize = rng.choice(sorted(regions))
+                    need(await ask(RemoveMemRegion(gpa, rsize), []) == 0, "remove failed")
+                    regions.discard((gpa, rsize))
+                elif op == "fill":
+                    # Up to and past both bounds at once, then back.
+                    for i in range(MAX_MEM_REGIONS + 2):
+                        gpa = (1 << 29) + i * PAGE
+                        rc = await ask(AddMemRegion(gpa, PAGE, 0), [guest.ram.fd])
+                        if len(regions) >= MAX_MEM_REGIONS:
+                            need(rc == errno.ENOSPC, f"region {len(regions) + 1}: rc {rc}")
+                        elif rc == 0:
+                            regions.add((gpa, PAGE))
+                    for devid in range(1000, 1000 + MAX_DEVICES + 2):
+                        rc = await ask(AddDevice(devid, DeviceType.BLK,
+                                                 {"path": image, "mode": "r"}), [])
+                        if len(devices) >= MAX_DEVICES:
+                            need(rc == errno.ENOSPC, f"device {len(devices) + 1}: rc {rc}")
+                        elif rc == 0:
+                            devices.add(devid)
+                    status = await hostile.daemon_status()
+                    conn = max(server.connections)
+                    need(int(status[f"conn.{conn}.memory_regions"]) <= MAX_MEM_REGIONS and
+                         int(status[f"conn.{conn}.devices"]) <= MAX_DEVICES,
+                         "a bound was exceeded")
+                    for gpa, rsize in sorted(regions):
+                        if gpa >= 1 << 29 and gpa < 1 << 30:
+                            need(await ask(RemoveMemRegion(gpa, rsize), []) == 0, "remove")
+                            regions.discard((gpa, rsize))
+                    for devid in sorted(d for d in devices if d >= 1000):
+                        need(await ask(RemoveDevice(devid), []) == 0, "remove device")
+                        devices.discard(devid)
+                elif op == "gnttab":
+                    if kinds[0] == "sealed":  # mostly the guest's own table, kept valid
+                        sent[0:1] = [guest.gnttab.fd]
+                    rc = await ask(SetGrantTable(1, size // PAGE if kinds[0] != "sealed"
+                                                 else guest.gnttab.nr_frames, 0, 0),
+                                   sent[:1])
+                    if not memfd_ok:
+                        need(rc == errno.EBADF, f"{kinds[0]} as grant table: rc {rc}")
+                    else:
+                        need(rc != errno.EBADF, f"sealed memfd as grant table: rc {rc}")
+                elif op == "device":
+                    devid = rng.randrange(MAX_DEVICES + 8)
+                    rc = await ask(AddDevice(devid, DeviceType.BLK,
+                                             {"path": image, "mode": "r"}), [])
+                    if devid in devices:
+                        need(rc == errno.EEXIST, f"device twice: rc {rc}")
+                    elif len(devices) >= MAX_DEVICES:
+                        need(rc == errno.ENOSPC, f"device beyond the bound: rc {rc}")
+                    else:
+                        need(rc == 0, f"device refused: rc {rc}")
+                        devices.add(devid)
+                elif op == "undevice" and devices:
+                    devid = rng.choice(sorted(devices))
+                    need(await ask(RemoveDevice(devid), []) == 0, "remove device failed")
+                    devices.discard(devid)
+                elif op == "inflight" and devices:
+                    devid = rng.choice(sorted(devices))
+                    rc = await ask(SetInflight(devid, 0, region_size(1)), sent[:1])
+                    if not memfd_ok:
+                        need(rc in (errno.EBADF, errno.EBUSY), f"{kinds[0]} as in-flight: "
+                             f"rc {rc}")
+                    else:
+                        need(rc != errno.EBADF, f"sealed memfd as in-flight: rc {rc}")
+                elif op == "connect" and devices:
+                    devid = rng.choice(sorted(devices))
+                    front = BlkFront(guest.ram, guest.gnttab, devid)
+                    for fd in front.queues[0].daemon_fds:
+                        os.close(fd)
+                    rc = await ask(FrontendState(devid, XenbusState.CONNECTED,
+                                                 front.frontend_keys(), (1,)), sent)
+                    channels_ok = all(k.startswith("eventfd") for k in kinds)
+                    if not channels_ok:
+                        need(rc == errno.EBADF, f"channels {kinds}: rc {rc}")
+                    else:
+                        need(rc != errno.EBADF, f"eventfd channels refused: rc {rc}")
+                    if rc == 0:
+                        # Kick through the VMM's copy, then close: the daemon must stay
+                        # responsive whatever the eventfds' flags and counters.
+                        if kinds[0] != "eventfd-full":  # that one the daemon drains
+                            os.eventfd_write(sent[0], 1)
+                        need(await ask(FrontendState(devid, XenbusState.CLOSED, {}, ()),
+                                       []) == 0, "CLOSED not answered")
+                    front.close()
+                for fd, before in zip(sent, flags, strict=True):
+                    need(fcntl.fcntl(fd, fcntl.F_GETFL) == before,
+                         f"the daemon changed the flags of a {kinds} fd")
+            except Violation as exc:
+                res.violate(f"{exc} (op={op} kinds={kinds})")
+                await fresh()
+            finally:
+                for fd, extra in made:
+                    for x in (fd, *extra):
+                        os.close(x)
+            if res.inputs % 500 == 0:
+                need(isinstance(await good.stats(), dict), "well-behaved peer not served")
+                await fresh()
+        await hostile.close()
+        hostile = None
+        guest.close()
+        guest = None
+        for _ in range(1000):
+            if len(server.connections) <= 1:
+                break
+            await asyncio.sleep(0.002)
+        leaked = fds_now() - baseline
+        need(not leaked, f"fds left open in the daemon: {sorted(leaked)}")
+        need(isinstance(await good.stats(), dict), "well-behaved peer not served")
+        text = log.getvalue()
+        need("request_crashed" not in text and "worker_crashed" not in text,
+             "a request reached the local-bug path: " +
+             next((ln for ln in text.splitlines() if "crashed" in ln), ""))
+    except Violation as exc:
+        res.violate(str(exc))
+    finally:
+        if hostile is not None:
+            await hostile.close()
+        if guest is not None:
+            guest.close()
+        await good.close()
+        good_guest.close()
+        await server.close()
+        with contextlib.suppress(OSError):
+            os.unlink(image)
+            os.unlink(os.path.join(where, "plain"))
+        with contextlib.suppress(OSError):
+            os.rmdir(where)
+
+
+def fuzz_fds(n: int, seed: int) -> Result:
+    import uvloop
+
+    res = Result("fd kinds and bounds")
+    start = time.perf_counter()
+    uvloop.run(_fds(n, seed, res))
+    res.seconds = time.perf_counter() - start
+    return res
+
+
 # --- driver --------------------------------------------------------------------------
 
 def fuzz_blk_diff(n: int, seed: int) -> Result:
@@ -761,7 +1038,8 @@ TARGETS: dict[str, tuple[Callable[[int, int], Result], float]] = {
     "rings": (fuzz_rings, 0.20),
     "grants": (fuzz_grants, 0.13),
     "grant-races": (fuzz_grant_races, 0.02),
-    "control": (fuzz_control, 0.10),
+    "control": (fuzz_control, 0.08),
+    "fds": (fuzz_fds, 0.02),
     # Not in the default mix (its own run: --targets blk-diff --inputs 1000000).
     "blk-diff": (fuzz_blk_diff, 0.0),
 }
@@ -803,7 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Result] = {t: Result(t) for t in chosen}
     ctx = multiprocessing.get_context("spawn")
     # The control target runs a daemon; give it a worker alone first, it is the slowest.
-    jobs.sort(key=lambda j: j[0] != "control")
+    jobs.sort(key=lambda j: j[0] not in ("control", "fds"))
     with ctx.Pool(args.jobs) as pool:
         for r in pool.imap_unordered(_run, jobs):
             agg = results[r.target]

@@ -11,7 +11,9 @@ Measured: TCP for a few seconds each way: one flow, and FLOWS flows with one and
 two queues; UDP with 64-byte payloads each way (`-b 0`, received packets per
 second); the daemon's CPU time (its process and descendants, from /proc) per frame it
 moved in the UDP runs and per 64 KiB moved in the one-queue TCP runs, where the frames are
-GSO super-frames.
+GSO super-frames. Last, a transmit rate limit is set on the vif and the TCP rate
+reached is printed beside the rate set (the suite tests only that the credit is never
+exceeded, which holds at any speed; how close the rate comes is a figure).
 
     python -m bench.net        (root; needs iperf3)
 """
@@ -42,7 +44,9 @@ UDP_SECONDS = 3
 # Flows for the multi-queue rows: the taps pin each flow to one queue by its hash, so a
 # few flows make an even spread likely (each run prints how the frames fell).
 FLOWS = 4
-PORT = 5301
+PORT = 5301  # inside namespaces this run made: nothing else listens there
+# The rate-limit run: `rate = RATE_BYTES,RATE_USEC` on the vif (100 Mbit/s).
+RATE_BYTES, RATE_USEC = 125_000, 10_000
 HOST_IP, GUEST_IP = "10.78.1.1", "10.78.1.2"
 VETH_A, VETH_B = "10.78.0.1", "10.78.0.2"
 
@@ -248,15 +252,29 @@ async def _daemon(nss: Namespaces, queues: int, f: Figures) -> dict:
     return result.raw
 
 
-async def _main() -> tuple[Figures, Figures, list[dict]]:
+async def _rate_limited(nss: Namespaces) -> float:
+    """TCP guest->host through a vif with a transmit rate set: Mbit/s received."""
+    host, guest = nss.add("hr"), nss.add("gr")
+    tap, gtap = f"{nss.tag}h", f"{nss.tag}g"
+    async with _daemon_process() as (sock, _pid), \
+            netfront(sock, host_ns=host, guest_ns=guest, host_tap=tap, guest_tap=gtap,
+                     config={"rate": f"{RATE_BYTES},{RATE_USEC}"}):
+        await _run("ip", "addr", "add", f"{HOST_IP}/24", "dev", tap, ns=host)
+        await _run("ip", "addr", "add", f"{GUEST_IP}/24", "dev", gtap, ns=guest)
+        result = await _iperf(host, guest, HOST_IP, "-t", str(TCP_SECONDS))
+    return _gbit(result) * 1e3
+
+
+async def _main() -> tuple[Figures, Figures, list[dict], float]:
     nss = Namespaces()
     try:
         veth = await _veth(nss)
         daemon = Figures()
         fronts = [await _daemon(nss, 1, daemon), await _daemon(nss, 2, daemon)]
+        limited = await _rate_limited(nss)
     finally:
         nss.close()
-    return daemon, veth, fronts
+    return daemon, veth, fronts, limited
 
 
 def rows(daemon: Figures, veth: Figures) -> list[list[object]]:
@@ -295,12 +313,18 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("bench.net: needs root (network namespaces and taps)")
     load0 = os.getloadavg()[0]
-    daemon, veth, fronts = uvloop.run(_main())
+    daemon, veth, fronts, limited = uvloop.run(_main())
     load1 = os.getloadavg()[0]
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(table(f"netif through the daemon (C netfront) vs a veth pair, iperf3, {when}, "
                 f"{os.cpu_count()} CPUs, load average {load0:.1f} -> {load1:.1f}",
                 ["", "daemon", "veth", "daemon/veth"], rows(daemon, veth)))
+    set_mbit = RATE_BYTES * 8 / RATE_USEC
+    print()
+    print(table("tx rate limit on the vif: the rate set vs the rate reached (TCP guest->host, "
+                "C netfront)", ["", "set Mbit/s", "measured Mbit/s", "measured/set"],
+                [[f"rate = {RATE_BYTES},{RATE_USEC}", set_mbit, limited,
+                  f"{limited / set_mbit:.0%}"]]))
     for raw in fronts:
         frames = raw["tx_frames"] + raw["rx_frames"]
         per = raw["cpu_seconds"] / frames * 1e6 if frames else float("nan")

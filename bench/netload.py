@@ -112,7 +112,8 @@ class NetRun:
 @contextlib.asynccontextmanager
 async def netfront(socket_path: str, *, host_ns: str, guest_ns: str, host_tap: str,
                    guest_tap: str, queues: int = 1, split: bool = True,
-                   binary: Path | None = None, mtu: int = 1500) -> AsyncIterator[NetRun]:
+                   binary: Path | None = None, mtu: int = 1500,
+                   config: dict[str, str] | None = None) -> AsyncIterator[NetRun]:
     """One connection, one guest, one nic bridged to `guest_tap` in `guest_ns`; the
     daemon's tap is `host_tap` in `host_ns`. Both taps are up, without addresses."""
     binary = binary or build("netfront_load")
@@ -128,7 +129,8 @@ async def netfront(socket_path: str, *, host_ns: str, guest_ns: str, host_tap: s
         client = await VmmClient.connect(socket_path)
         await guest.attach(client)
         _, bkeys = await client.add_device(DEVID, "net", {
-            "tap": host_tap, "netns": host_ns, "queues": str(queues), "mtu": str(mtu)})
+            "tap": host_tap, "netns": host_ns, "queues": str(queues), "mtu": str(mtu),
+            **(config or {})})
         if split and bkeys.get("feature-split-event-channels") != "1":
             raise NetLoadFailed("the daemon does not offer split event channels")
         if int(bkeys.get("multi-queue-max-queues", "1")) < queues:

@@ -4,16 +4,22 @@ production), listening on a real unix socket in a temporary directory."""
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import uvloop
+from profiles import register
 
 from backendd.config import Config, DaemonSection
 from backendd.log import EventLog
 from backendd.server import Server
+
+register()  # Hypothesis profiles: see tests/profiles.py
 
 
 def pytest_asyncio_loop_factories(config, item):
@@ -41,3 +47,29 @@ async def daemon(tmp_path: Path) -> AsyncIterator[DaemonHandle]:
         yield DaemonHandle(server, path, log)
     finally:
         await server.close()
+
+
+@pytest.fixture
+def freezable_dir(root, tmp_path):
+    """A small ext4 filesystem on a loop device, which the test can freeze: writes to it
+    block (in the daemon's I/O threads) until it is thawed."""
+    for tool in ("mkfs.ext4", "mount", "fsfreeze", "umount"):
+        assert shutil.which(tool), f"{tool} is missing (e2fsprogs, util-linux)"
+    fs, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(fs, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", str(fs)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(fs), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
+def root() -> None:
+    """One rule for tests that need privileges (taps, namespaces, loop devices, mounts):
+    without them they fail with this message, they are never skipped."""
+    assert os.geteuid() == 0, "this test needs root (taps, namespaces, mounts): run it as root"

@@ -4,15 +4,31 @@ the session's xenbus state machine and its I/O pool."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import fcntl
 import os
 import random
+import subprocess
+import termios
 
 import pytest
 
 from backendd.guest.blkfront import BlkFront, BlkIOError
 from backendd.guest.machine import SimGuest
 from backendd.guest.vmm import RequestFailed, VmmClient
+from backendd.protocol.framing import encode_request
+from backendd.protocol.messages import (
+    ALL_DEVICES,
+    HEADER,
+    Code,
+    Flags,
+    GetStats,
+    RemoveDevice,
+    StatsReply,
+    decode_reply,
+)
+from backendd.server import MAX_QUEUED_REQUESTS
 from rings.consts import BlkifStatus, XenbusState
 from rings.sring import REQ_PROD
 
@@ -118,7 +134,7 @@ async def test_corrupt_ring_reported_and_other_devices_serve(vm, tmp_path):
     bad = fronts[0].queues[0]
     bad.shared.idx[REQ_PROD] = (bad.front.req_prod_pvt + 1000) & 0xFFFFFFFF
     bad.port.send()
-    notice = await asyncio.wait_for(client.notices.get(), 10)
+    notice = await asyncio.wait_for(client.notices.get(), 30)
     assert notice.devid == 1 and "blk ring 0" in str(notice)
     with pytest.raises(BlkIOError) as info:
         await fronts[1].write(0, b"x" * 512)
@@ -142,7 +158,8 @@ async def test_bad_config_refused_with_its_key(vm, tmp_path):
     assert "path" in info.value.message
 
 
-async def test_discard_frees_blocks_and_a_full_disk_errors_through_the_daemon(vm, tmp_path):
+async def test_discard_frees_blocks_and_a_full_disk_errors_through_the_daemon(root, vm,
+                                                                           tmp_path):
     """Through the socket: discard zeroes and frees blocks (st_blocks drops); a disk that
     runs out of space answers ERROR, the daemon and its other disk keep serving."""
     import subprocess
@@ -211,7 +228,7 @@ async def test_a_resized_image_is_reported_and_served(vm, tmp_path):
         await front.read(MiB // 512, 4096)
 
     os.truncate(image, 2 * MiB)  # the operator grows the image
-    notice = await asyncio.wait_for(client.notices.get(), 10)
+    notice = await asyncio.wait_for(client.notices.get(), 30)
     assert isinstance(notice, KeysChanged) and notice.devid == DEVID
     assert notice.keys == {"sectors": str(2 * MiB // 512)}
     assert notice.state == XenbusState.CONNECTED
@@ -220,9 +237,79 @@ async def test_a_resized_image_is_reported_and_served(vm, tmp_path):
     assert await front.read(MiB // 512, 4096) == bytes(4096)  # the new space is served
 
     os.truncate(image, MiB // 2)  # and shrinks it
-    notice = await asyncio.wait_for(client.notices.get(), 10)
+    notice = await asyncio.wait_for(client.notices.get(), 30)
     assert notice.keys == {"sectors": str(MiB // 2 // 512)}
     with pytest.raises(BlkIOError):
         await front.read(MiB // 2 // 512, 512)
     await client.frontend_state(DEVID, XenbusState.CLOSED, {})
     front.close()
+
+
+def unread_bytes(sock) -> int:
+    """Bytes waiting in a socket's receive queue (SIOCINQ)."""
+    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)), "little")
+
+
+async def test_flooded_connection_stops_being_read_while_others_are_served(
+        freezable_dir, vm, daemon):
+    """A VMM whose requests pile up (here behind a REMOVE_DEVICE that waits for a write
+    stuck on a frozen filesystem) is no longer read once 64 requests wait: its bytes stay
+    in its socket, while another connection is served. Thawed, every request is answered
+    in order."""
+    client, guest = vm
+    mnt = freezable_dir
+    image = make_image(mnt / "disk.img", MiB)
+    _, keys = await client.add_device(DEVID, "blk", {"path": image, "discard": "0"})
+    front = BlkFront(guest.ram, guest.gnttab, DEVID, queues=1, backend_keys=keys)
+    await connect_front(client, front)
+    (conn,) = daemon.server.connections.values()
+    subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
+    try:
+        write = asyncio.ensure_future(front.write(0, b"w" * 4096))
+        while int((await client.stats(DEVID))[f"{DEVID}.requests"]) < 1:
+            await asyncio.sleep(0.01)
+        # From here on the test speaks raw frames on the VMM's socket and reads no reply.
+        client._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await client._reader
+        flood = 2 * MAX_QUEUED_REQUESTS
+        burst1 = encode_request(1000, RemoveDevice(DEVID)) + b"".join(
+            encode_request(1001 + i, GetStats(ALL_DEVICES)) for i in range(flood))
+        assert client.sock.send(burst1) == len(burst1)
+        # Another VMM connects and is served: the daemon's loop ran, with burst1 readable.
+        other = await VmmClient.connect(daemon.path)
+        assert await other.stats() == {}
+        assert conn._queue.qsize() == flood  # behind the stuck REMOVE_DEVICE
+        assert not conn._reading
+        burst2 = b"".join(encode_request(1001 + flood + i, GetStats(ALL_DEVICES))
+                          for i in range(flood))
+        assert client.sock.send(burst2) == len(burst2)
+        assert await other.stats() == {}
+        assert unread_bytes(conn.sock) == len(burst2)  # not read: paused
+        assert conn._queue.qsize() == flood
+        await other.close()
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(mnt)], check=True)
+    await write  # answered when the device stopped
+    loop = asyncio.get_running_loop()
+    data = b""
+    expected = 1 + 2 * flood
+    seqs = []
+    while len(seqs) < expected:
+        chunk = await asyncio.wait_for(loop.sock_recv(client.sock, 65536), 30)
+        assert chunk, "connection closed"
+        data += chunk
+        while len(data) >= HEADER.size:
+            code, flags, size, seq = HEADER.unpack_from(data)
+            if len(data) < HEADER.size + size:
+                break
+            assert flags & Flags.REPLY
+            reply = decode_reply(code, data[HEADER.size:HEADER.size + size])
+            data = data[HEADER.size + size:]
+            if seq == 1000:
+                assert code == Code.REMOVE_DEVICE
+            else:
+                assert isinstance(reply, StatsReply) and reply.counters == {}
+            seqs.append(seq)
+    assert seqs == list(range(1000, 1000 + expected))
+    assert conn._reading

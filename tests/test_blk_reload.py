@@ -25,6 +25,7 @@ import pytest
 
 from backendd.guest.blkfront import BlkFront
 from backendd.guest.machine import SimGuest
+from backendd.guest.memory import sealed_memfd
 from backendd.guest.vmm import ConnectionLost, RequestFailed, VmmClient
 from backendd.inflight import InflightRegion, region_size
 from rings.consts import XenbusState
@@ -64,8 +65,7 @@ class Vmm:
         self.guest = SimGuest(ram_size=64 * MiB, gnttab_frames=8)
         self.inflight: int | None = None
         if inflight:
-            self.inflight = os.memfd_create("inflight")
-            os.ftruncate(self.inflight, region_size(1))
+            self.inflight = sealed_memfd("inflight", region_size(1))
         self.proc: asyncio.subprocess.Process | None = None
         self.client: VmmClient | None = None
         self.front: BlkFront | None = None

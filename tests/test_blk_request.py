@@ -5,6 +5,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from backendd.devices.blk.request import (
     BadRequest,
@@ -108,7 +109,9 @@ def test_range_inside_disk(abi):
 def test_read_only_disk(abi):
     geo = Geometry(sectors=1000, readonly=True, discard=True)
     codecs = BLKIF_CODECS[abi]
-    assert parse_request(rw(abi, BlkifOp.READ, 1, 0, [(1, 0, 7)]), codecs, geo)
+    req = parse_request(rw(abi, BlkifOp.READ, 1, 0, [(1, 0, 7)]), codecs, geo)
+    assert (req.id, req.op, req.sector, req.nr_sectors, req.writes) == (
+        1, BlkifOp.READ, 0, 8, False)
     for raw in (rw(abi, BlkifOp.WRITE, 2, 0, [(1, 0, 7)]),
                 rw(abi, BlkifOp.FLUSH_DISKCACHE, 2, 0, []),
                 rw(abi, BlkifOp.WRITE_BARRIER, 2, 0, []),
@@ -177,7 +180,8 @@ def test_indirect_segments(abi):
 def test_4096_byte_sectors_need_whole_blocks(abi):
     geo = Geometry(sectors=1 << 20, sector_size=4096)
     codecs = BLKIF_CODECS[abi]
-    assert parse_request(rw(abi, BlkifOp.READ, 1, 8, [(1, 0, 7)] * 3), codecs, geo)
+    req = parse_request(rw(abi, BlkifOp.READ, 1, 8, [(1, 0, 7)] * 3), codecs, geo)
+    assert (req.id, req.sector, req.nr_sectors, req.segments) == (1, 8, 24, [(1, 0, 7)] * 3)
     for sector, seg in ((4, (1, 0, 7)), (8, (1, 0, 3)), (8, (1, 4, 7)), (8, (1, 1, 7))):
         bad = refused(rw(abi, BlkifOp.READ, 1, sector, [seg]), abi, geo)
         assert "aligned" in bad.reason
@@ -207,7 +211,7 @@ def test_response_padding_is_zero(abi):
         assert raw == b"\xff" * 8 + b"\xff\x00" + b"\xfe\xff"
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(abi=st.sampled_from(ABIS), data=st.binary(min_size=112, max_size=112),
        op=st.integers(0, 8), readonly=st.booleans(), sector_size=st.sampled_from([512, 4096]))
 def test_any_slot_is_a_request_or_a_bad_request(abi, data, op, readonly, sector_size):

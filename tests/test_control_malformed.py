@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import socket
 import struct
 import subprocess
 import sys
+import termios
 
 import pytest
 from procstat import open_fds
 
-from backendd.guest import RequestFailed, VmmClient
+from backendd.guest import RequestFailed, VmmClient, sealed_memfd
 from backendd.protocol.framing import encode_message, encode_request
 from backendd.protocol.messages import (
     HEADER,
@@ -37,7 +39,7 @@ async def recv_exactly(s: socket.socket, n: int) -> bytes:
     loop = asyncio.get_running_loop()
     data = b""
     while len(data) < n:
-        chunk = await asyncio.wait_for(loop.sock_recv(s, n - len(data)), 5)
+        chunk = await asyncio.wait_for(loop.sock_recv(s, n - len(data)), 30)
         if not chunk:
             break
         data += chunk
@@ -53,7 +55,7 @@ async def reply_to(s: socket.socket) -> tuple[int, object]:
 
 async def assert_closed(s: socket.socket) -> None:
     loop = asyncio.get_running_loop()
-    data = await asyncio.wait_for(loop.sock_recv(s, 4096), 5)
+    data = await asyncio.wait_for(loop.sock_recv(s, 4096), 30)
     assert data == b""
     s.close()
 
@@ -64,10 +66,13 @@ async def hello(s: socket.socket) -> None:
     assert seq == 1 and reply.version == 1
 
 
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes waiting in a socket's receive queue (SIOCINQ)."""
+    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)), "little")
+
+
 def memfd() -> int:
-    fd = os.memfd_create("stray")
-    os.ftruncate(fd, 4096)
-    return fd
+    return sealed_memfd("stray", 4096)
 
 
 async def test_short_header_then_close_is_a_clean_close(daemon):
@@ -144,9 +149,12 @@ async def test_fds_without_a_header_close_the_connection(daemon):
     s = await raw_connection(daemon.path)
     await hello(s)
     msg = encode_request(2, GetStats(0xFFFFFFFF))
-    # Half a message, then the fd with the second half: no header begins there.
+    # Half a message, then the fd with the second half: no header begins there. The
+    # daemon has read the first half once its end of the socket holds nothing unread.
     await asyncio.get_running_loop().sock_sendall(s, msg[:10])
-    await asyncio.sleep(0.05)
+    (conn,) = daemon.server.connections.values()
+    while unread_bytes(conn.sock):
+        await asyncio.sleep(0)
     fd = memfd()
     s.sendmsg([msg[10:]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
     os.close(fd)
@@ -167,13 +175,19 @@ async def test_random_garbage_never_crashes_the_daemon(daemon):
         await asyncio.get_running_loop().sock_sendall(s, blob)
         s.shutdown(socket.SHUT_WR)
         loop = asyncio.get_running_loop()
-        while await asyncio.wait_for(loop.sock_recv(s, 65536), 5):
+        while await asyncio.wait_for(loop.sock_recv(s, 65536), 30):
             pass
         s.close()
     await still_serving(daemon)
 
 
-async def test_peer_with_an_unlisted_uid_is_refused():
+@pytest.mark.parametrize(("uid", "gid", "accepted"), [
+    (65534, 65534, False),
+    (65534, 4242, False),  # only the gid is listed: the uid decides
+    (65534, 0, False),  # root's gid does not make root
+    (4242, 65534, True),  # the listed uid with any gid
+])
+async def test_peer_is_checked_by_uid_not_gid(uid, gid, accepted):
     import io
     import tempfile
 
@@ -193,7 +207,7 @@ async def test_peer_with_an_unlisted_uid_is_refused():
     os.chmod(path, 0o666)
     script = (
         "import os, socket, sys\n"
-        "os.setgid(65534); os.setuid(65534)\n"
+        f"os.setgroups([]); os.setgid({gid}); os.setuid({uid})\n"
         "s = socket.socket(socket.AF_UNIX)\n"
         f"s.connect({path!r})\n"
         "try:\n"
@@ -208,8 +222,15 @@ async def test_peer_with_an_unlisted_uid_is_refused():
                                                     stdout=subprocess.PIPE)
         out, _ = await asyncio.wait_for(proc.communicate(), 10)
         assert proc.returncode == 0
-        assert out.strip() == b"0"  # closed without a reply
-        assert "event=peer_refused" in log.getvalue() and "uid=65534" in log.getvalue()
+        if accepted:
+            assert int(out) > 0  # HELLO answered
+            assert f"event=connection_accepted conn=1 pid={proc.pid} uid={uid}" \
+                in log.getvalue()
+            assert "peer_refused" not in log.getvalue()
+        else:
+            assert out.strip() == b"0"  # closed without a reply
+            assert f"event=peer_refused pid={proc.pid} uid={uid}" in log.getvalue()
+            assert "connection_accepted" not in log.getvalue()
         # Root (the daemon's own uid) is still let in.
         client = await VmmClient.connect(path)
         assert await client.stats() == {}
@@ -220,10 +241,10 @@ async def test_peer_with_an_unlisted_uid_is_refused():
 
 
 async def settle(daemon) -> None:
-    for _ in range(200):
-        if not daemon.server.connections:
-            return
-        await asyncio.sleep(0.005)
+    """Until every connection the daemon still has is torn down (they are all closing)."""
+    while daemon.server.connections:
+        await asyncio.wait_for(asyncio.gather(
+            *(c.done for c in list(daemon.server.connections.values()))), 60)
 
 
 async def still_serving(daemon) -> None:

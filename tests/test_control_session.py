@@ -1,9 +1,6 @@
 """The daemon's control socket end to end: a real unix socket, real memfds and eventfds,
-the simulated guest's grant table, and a small device that echoes through a granted page.
-
-The echo device stands in for blk/net here so these tests exercise only the core: it
-maps the page named by `ring-ref`, and on each kick adds one to the u64 in it and
-notifies, exactly through the interfaces real devices use."""
+the simulated guest's grant table, and the daemon's own blk device over a real image
+file, driven by the simulated guest's blkfront."""
 
 from __future__ import annotations
 
@@ -11,113 +8,91 @@ import asyncio
 import contextlib
 import errno
 import os
-import struct
-from collections.abc import Mapping
+import random
+from pathlib import Path
 
 import pytest
 from procstat import mapping_count, open_fds
+from test_net_harness import namespaces, uniq
 
-from backendd.devices.base import DEVICE_TYPES, Device
-from backendd.evtchn import EventChannel
-from backendd.grants import GrantMapping
-from backendd.guest import RequestFailed, SimGuest, VmmClient, new_channel_pair
+from backendd.devices.blk.device import RESIZE_CHECK_SECONDS
+from backendd.guest import RequestFailed, SimGuest, VmmClient, sealed_memfd
+from backendd.guest.blkfront import BlkFront
 from backendd.protocol.messages import KeysChanged
 from rings.consts import GTF_READING, GTF_WRITING, XenbusState
 
 DEVID = 51712
 PAGE = 4096
+MiB = 1 << 20
+HANG = 60  # seconds after which a wait that should end is a hang, not slowness
 
 
-class EchoDevice(Device):
-    type_name = "blk"
-    instances: list[EchoDevice] = []
-
-    def __init__(self, devid: int, config: Mapping[str, str], ctx) -> None:
-        super().__init__(devid, config, ctx)
-        self.mapping: GrantMapping | None = None
-        self.channel: EventChannel | None = None
-        self.echoes = 0
-        self.closed = False
-        EchoDevice.instances.append(self)
-
-    def backend_keys(self) -> dict[str, str]:
-        return {"feature-echo": "1"}
-
-    async def connect(self, frontend_keys: Mapping[str, str],
-                      channels: Mapping[int, EventChannel]) -> dict[str, str]:
-        self.mapping = self.ctx.grants.map(int(frontend_keys["ring-ref"]), writable=True)
-        self.channel = channels[int(frontend_keys["event-channel"])]
-        self.channel.start(self.ctx.loop, self._kicked)
-        return {"echo-ready": "1"}
-
-    def _kicked(self) -> None:
-        assert self.mapping is not None and self.channel is not None
-        word = self.mapping.page_view(0, 8)
-        (value,) = struct.unpack("<Q", word)
-        word[:] = struct.pack("<Q", value + 1)
-        self.echoes += 1
-        if value == 999:
-            self.ctx.notices.keys_changed(self.devid, {"echo-count": str(self.echoes)})
-        self.channel.notify()
-
-    async def disconnect(self) -> None:
-        if self.mapping is not None:
-            self.mapping.release()
-            self.mapping = None
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
-
-    async def close(self) -> None:
-        await self.disconnect()
-        self.closed = True
-
-    def stats(self) -> dict[str, int]:
-        return {"echoes": self.echoes}
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(random.Random(1).randbytes(MiB))
+    return path
 
 
-@pytest.fixture(autouse=True)
-def echo_device(monkeypatch):
-    monkeypatch.setitem(DEVICE_TYPES, "blk", EchoDevice)
-    EchoDevice.instances.clear()
-    yield
+def blk(image: Path) -> dict[str, str]:
+    return {"path": str(image)}
 
 
 class Frontend:
-    """The guest's side of one echo device: a granted page and an event channel."""
+    """The guest's side of one blk device: a blkfront with its ring and event channel."""
 
-    def __init__(self, guest: SimGuest) -> None:
+    def __init__(self, guest: SimGuest, image: Path, devid: int = DEVID) -> None:
         self.guest = guest
-        self.gfn = guest.ram.alloc_page()
-        self.gref = guest.gnttab.grant_access(self.gfn)
-        self.port, self.kick, self.call = new_channel_pair(port=7)
+        self.image = image
+        self.front = BlkFront(guest.ram, guest.gnttab, devid)
+        self.started = False
+        self.round = 0
+
+    @property
+    def gref(self) -> int:
+        """The ring page's grant, which the daemon holds while connected."""
+        return self.front.queues[0].grefs[0]
 
     def keys(self) -> dict[str, str]:
-        return {"ring-ref": str(self.gref), "event-channel": str(self.port.port)}
+        return self.front.frontend_keys()
 
     def channels(self) -> list[tuple[int, int, int]]:
-        return [(self.port.port, self.kick, self.call)]
+        return self.front.channels()
 
-    def value(self) -> int:
-        return struct.unpack("<Q", self.guest.ram.read(self.gfn * PAGE, 8))[0]
+    def connected(self, keys: dict[str, str]) -> None:
+        self.front.update_backend_keys(keys)
+        if not self.started:
+            self.front.start()
+            self.started = True
 
     async def echo(self) -> int:
-        before = self.value()
-        self.port.send()
-        assert await self.port.notified(5.0)
-        assert self.value() == before + 1
-        return self.value()
+        """One write and its read-back through the daemon; returns how many so far."""
+        self.round += 1
+        data = self.round.to_bytes(8, "little") * (PAGE // 8)
+        sector = self.round % 64 * 8
+        await asyncio.wait_for(self.front.write(sector, data), HANG)
+        assert await asyncio.wait_for(self.front.read(sector, PAGE), HANG) == data
+        return self.round
 
     def close(self) -> None:
-        self.port.close()
-        for fd in (self.kick, self.call):
+        # The daemon's ends of the channels stay ours after sending (it got copies).
+        fds = [fd for q in self.front.queues for fd in q.daemon_fds]
+        self.front.close()
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
 
+async def connect(client: VmmClient, front: Frontend, state: int = XenbusState.CONNECTED,
+                  devid: int = DEVID) -> tuple[int, dict[str, str]]:
+    state, keys = await client.frontend_state(devid, state, front.keys(), front.channels())
+    front.connected(keys)
+    return state, keys
+
+
 async def connected(daemon) -> tuple[VmmClient, SimGuest]:
     client = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=1 << 20, gnttab_frames=1)
+    guest = SimGuest(ram_size=4 * MiB, gnttab_frames=1)
     await guest.attach(client)
     return client, guest
 
@@ -148,24 +123,24 @@ async def test_requests_before_hello_and_a_second_hello_are_refused(daemon):
     loop = asyncio.get_running_loop()
     await loop.sock_connect(s, daemon.path)
     await loop.sock_sendall(s, encode_request(9, GetStats(0xFFFFFFFF)))
-    data = await asyncio.wait_for(loop.sock_recv(s, 4096), 5)
+    data = await asyncio.wait_for(loop.sock_recv(s, 4096), 30)
     reply = decode_reply(9, data[16:])
     assert reply.errno == errno.EPROTO and "before HELLO" in reply.message
     s.close()
 
 
-async def test_full_lifecycle_kick_call_disconnect_reconnect(daemon):
+async def test_full_lifecycle_kick_call_disconnect_reconnect(daemon, image):
     client, guest = await connected(daemon)
-    front = Frontend(guest)
+    front = Frontend(guest, image)
     try:
-        state, keys = await client.add_device(DEVID, "blk", {})
-        assert state == XenbusState.INIT_WAIT and keys == {"feature-echo": "1"}
+        state, keys = await client.add_device(DEVID, "blk", blk(image))
+        assert state == XenbusState.INIT_WAIT and keys["feature-flush-cache"] == "1"
+        assert "sectors" not in keys  # published on connect
 
-        state, keys = await client.frontend_state(DEVID, XenbusState.INITIALISED, front.keys(),
-                                                  front.channels())
+        state, keys = await connect(client, front, XenbusState.INITIALISED)
         assert state == XenbusState.CONNECTED
-        assert keys["echo-ready"] == "1"
-        # The daemon pinned the page as Xen would: the guest cannot revoke it now.
+        assert keys["sectors"] == str(MiB // 512)
+        # The daemon pinned the ring page as Xen would: the guest cannot revoke it now.
         flags = guest.gnttab.entry(front.gref)[0]
         assert flags & GTF_READING and flags & GTF_WRITING
         assert not guest.gnttab.end_access(front.gref)
@@ -173,7 +148,7 @@ async def test_full_lifecycle_kick_call_disconnect_reconnect(daemon):
         for expected in range(1, 51):
             assert await front.echo() == expected
         counters = await client.stats()
-        assert counters[f"{DEVID}.echoes"] == "50"
+        assert counters[f"{DEVID}.writes"] == "50" and counters[f"{DEVID}.reads"] == "50"
 
         state, _ = await client.frontend_state(DEVID, XenbusState.CLOSING, {})
         assert state == XenbusState.CLOSING
@@ -185,13 +160,12 @@ async def test_full_lifecycle_kick_call_disconnect_reconnect(daemon):
         # Reconnect, as after a guest reboot: Initialising, then connect again.
         state, _ = await client.frontend_state(DEVID, XenbusState.INITIALISING, {})
         assert state == XenbusState.INIT_WAIT
-        front2 = Frontend(guest)
-        state, _ = await client.frontend_state(DEVID, XenbusState.CONNECTED, front2.keys(),
-                                               front2.channels())
+        front2 = Frontend(guest, image)
+        state, _ = await connect(client, front2)
         assert state == XenbusState.CONNECTED
         assert await front2.echo() == 1
         state, keys = await client.backend_state(DEVID)
-        assert state == XenbusState.CONNECTED and keys["feature-echo"] == "1"
+        assert state == XenbusState.CONNECTED and keys["sectors"] == str(MiB // 512)
         front2.close()
     finally:
         front.close()
@@ -199,32 +173,34 @@ async def test_full_lifecycle_kick_call_disconnect_reconnect(daemon):
         guest.close()
 
 
-async def test_keys_changed_notice_reaches_the_vmm(daemon):
+async def test_keys_changed_notice_reaches_the_vmm(daemon, image):
     client, guest = await connected(daemon)
-    front = Frontend(guest)
-    await client.add_device(DEVID, "blk", {})
-    await client.frontend_state(DEVID, XenbusState.CONNECTED, front.keys(), front.channels())
-    guest.ram.write(front.gfn * PAGE, struct.pack("<Q", 999))
+    front = Frontend(guest, image)
+    await client.add_device(DEVID, "blk", blk(image))
+    await connect(client, front)
     await front.echo()
-    notice = await asyncio.wait_for(client.notices.get(), 5)
+    # The backing store grows: the device notices on its next size check (every
+    # RESIZE_CHECK_SECONDS) and tells the VMM, which publishes the new size.
+    os.truncate(image, 2 * MiB)
+    notice = await asyncio.wait_for(client.notices.get(), RESIZE_CHECK_SECONDS + HANG)
     assert isinstance(notice, KeysChanged)
     assert notice.devid == DEVID and notice.state == XenbusState.CONNECTED
-    assert notice.keys == {"echo-count": "1"}
+    assert notice.keys == {"sectors": str(2 * MiB // 512)}
     front.close()
     await client.close()
     guest.close()
 
 
-async def test_errors_name_the_problem_and_change_nothing(daemon):
+async def test_errors_name_the_problem_and_change_nothing(daemon, image):
     client, guest = await connected(daemon)
-    front = Frontend(guest)
+    front = Frontend(guest, image)
     try:
         with pytest.raises(RequestFailed) as exc:
             await client.remove_device(1)
         assert exc.value.code == errno.ENOENT
-        await client.add_device(DEVID, "blk", {})
+        await client.add_device(DEVID, "blk", blk(image))
         with pytest.raises(RequestFailed) as exc:
-            await client.add_device(DEVID, "blk", {})
+            await client.add_device(DEVID, "blk", blk(image))
         assert exc.value.code == errno.EEXIST
 
         # A connect that names a grant the guest never made fails with the gref named, the
@@ -235,19 +211,18 @@ async def test_errors_name_the_problem_and_change_nothing(daemon):
         assert "gref 4000" in exc.value.message
         state, _ = await client.backend_state(DEVID)
         assert state == XenbusState.INIT_WAIT
-        state, _ = await client.frontend_state(DEVID, XenbusState.CONNECTED, front.keys(),
-                                               front.channels())
+        state, _ = await connect(client, front)
         assert state == XenbusState.CONNECTED
+        assert await front.echo() == 1
 
         # Overlapping memory and a region still mapped by a device.
-        fd = os.memfd_create("x")
-        os.ftruncate(fd, PAGE)
+        fd = sealed_memfd("x", PAGE)
         with pytest.raises(RequestFailed) as exc:
             await client.add_mem_region(0, PAGE, fd)
         assert exc.value.code == errno.EEXIST
         os.close(fd)
         with pytest.raises(RequestFailed) as exc:
-            await client.remove_mem_region(0, 1 << 20)
+            await client.remove_mem_region(0, 4 * MiB)
         assert exc.value.code == errno.EBUSY
     finally:
         front.close()
@@ -255,23 +230,28 @@ async def test_errors_name_the_problem_and_change_nothing(daemon):
         guest.close()
 
 
-async def test_vmm_disconnect_tears_everything_down(daemon):
+async def settle(daemon) -> None:
+    """Until every connection the daemon still has is torn down (they are all closing)."""
+    while daemon.server.connections:
+        await asyncio.wait_for(asyncio.gather(
+            *(c.done for c in list(daemon.server.connections.values()))), HANG)
+
+
+async def test_vmm_disconnect_tears_everything_down(daemon, image):
     fds_before = open_fds()
     maps_before = mapping_count()
     client, guest = await connected(daemon)
-    front = Frontend(guest)
-    await client.add_device(DEVID, "blk", {})
-    await client.frontend_state(DEVID, XenbusState.CONNECTED, front.keys(), front.channels())
+    front = Frontend(guest, image)
+    await client.add_device(DEVID, "blk", blk(image))
+    await connect(client, front)
     await front.echo()
-    dev = EchoDevice.instances[-1]
+    (conn,) = daemon.server.connections.values()
+    dev = conn.session.devices[DEVID].device
     await client.close()
-    for _ in range(100):
-        if not daemon.server.connections:
-            break
-        await asyncio.sleep(0.01)
+    await settle(daemon)
     assert not daemon.server.connections
-    assert dev.closed
-    # The guest got its page back: the daemon's in-use flags are gone.
+    assert dev.queues == [] and dev.image.fd == -1  # stopped and closed
+    # The guest got its ring page back: the daemon's in-use flags are gone.
     assert guest.gnttab.end_access(front.gref)
     front.close()
     guest.close()
@@ -279,58 +259,48 @@ async def test_vmm_disconnect_tears_everything_down(daemon):
     assert mapping_count() <= maps_before
 
 
-async def test_a_thousand_connect_disconnect_cycles_leave_no_fds_or_mappings(daemon):
-    guest = SimGuest(ram_size=1 << 20, gnttab_frames=1)
-    front = Frontend(guest)
-    front.close()
+async def test_a_thousand_connect_disconnect_cycles_leave_no_fds_or_mappings(daemon, image):
+    guest = SimGuest(ram_size=4 * MiB, gnttab_frames=1)
 
-    async def cycle() -> None:
+    async def cycle(n: int) -> None:
         client = await VmmClient.connect(daemon.path)
         await guest.attach(client)
-        await client.add_device(DEVID, "blk", {})
-        port, kick, call = new_channel_pair(port=7)
-        await client.frontend_state(DEVID, XenbusState.CONNECTED, front.keys(),
-                                    [(7, kick, call)])
-        os.close(kick)
-        os.close(call)
-        port.send()
-        assert await port.notified(5.0)
-        port.close()
+        await client.add_device(DEVID, "blk", blk(image))
+        front = Frontend(guest, image)
+        front.round = n - 1
+        await connect(client, front)
+        await front.echo()
         await client.close()
+        await settle(daemon)
+        front.close()
 
-    async def settle() -> None:
-        for _ in range(200):
-            if not daemon.server.connections:
-                return
-            await asyncio.sleep(0.005)
-
-    await cycle()  # first use warms lazily created resources (thread pool, caches)
-    await settle()
+    await cycle(1)  # first use warms lazily created resources (thread pool, caches)
     fds_before = open_fds()
     maps_before = mapping_count()
-    for _ in range(1000):
-        await cycle()
-    await settle()
+    for n in range(2, 1002):
+        await cycle(n)
     assert not daemon.server.connections
     assert open_fds() == fds_before
     assert mapping_count() == maps_before
-    # Every cycle echoed once through the guest's page.
-    assert struct.unpack("<Q", guest.ram.read(front.gfn * PAGE, 8))[0] == 1001
+    # Every cycle wrote its number through its own ring; the last one is on disk.
+    assert image.read_bytes()[1001 % 64 * 8 * 512:][:8] == (1001).to_bytes(8, "little")
     guest.close()
 
 
-async def test_connections_are_isolated(daemon):
+async def test_connections_are_isolated(daemon, image, tmp_path):
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(MiB))
     a, guest_a = await connected(daemon)
     b, guest_b = await connected(daemon)
-    fa, fb = Frontend(guest_a), Frontend(guest_b)
-    await a.add_device(DEVID, "blk", {})
-    await b.add_device(DEVID, "blk", {})  # same devid in another guest: no clash
-    await a.frontend_state(DEVID, XenbusState.CONNECTED, fa.keys(), fa.channels())
-    await b.frontend_state(DEVID, XenbusState.CONNECTED, fb.keys(), fb.channels())
+    fa, fb = Frontend(guest_a, image), Frontend(guest_b, other)
+    await a.add_device(DEVID, "blk", blk(image))
+    await b.add_device(DEVID, "blk", blk(other))  # same devid in another guest: no clash
+    await connect(a, fa)
+    await connect(b, fb)
     await a.close()
     assert await fb.echo() == 1
     assert await fb.echo() == 2
-    assert (await b.stats())[f"{DEVID}.echoes"] == "2"
+    assert (await b.stats())[f"{DEVID}.writes"] == "2"
     fa.close()
     fb.close()
     await b.close()
@@ -338,38 +308,42 @@ async def test_connections_are_isolated(daemon):
     guest_b.close()
 
 
-async def test_grant_table_v2_through_the_socket(daemon):
+async def test_grant_table_v2_through_the_socket(daemon, image):
     client = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=1 << 20, gnttab_frames=1, gnttab_version=2)
+    guest = SimGuest(ram_size=4 * MiB, gnttab_frames=1, gnttab_version=2)
     await guest.attach(client)
-    front = Frontend(guest)
-    await client.add_device(DEVID, "blk", {})
-    await client.frontend_state(DEVID, XenbusState.CONNECTED, front.keys(), front.channels())
+    front = Frontend(guest, image)
+    await client.add_device(DEVID, "blk", blk(image))
+    await connect(client, front)
     assert await front.echo() == 1
     # v2 keeps the daemon's in-use bits in the status frame.
     assert guest.gnttab.status(front.gref) == GTF_READING | GTF_WRITING
     assert guest.gnttab.entry(front.gref)[0] & (GTF_READING | GTF_WRITING) == 0
     await client.frontend_state(DEVID, XenbusState.CLOSED, {})
     assert guest.gnttab.status(front.gref) == 0
-    assert guest.gnttab.end_access(front.gref)
-    front.close()
+    front.close()  # revokes the ring page: refused if the daemon still held it
+    assert front.front.refused_revokes == []
     await client.close()
     guest.close()
 
 
-async def test_set_inflight_is_refused_by_devices_that_cannot_replay(daemon):
+async def test_set_inflight_is_refused_by_devices_that_cannot_replay(root, daemon, image):
     from backendd.inflight import region_size
 
     client, guest = await connected(daemon)
-    fd = os.memfd_create("inflight")
-    os.ftruncate(fd, region_size(1))
+    fd = sealed_memfd("inflight", region_size(1))
     with pytest.raises(RequestFailed) as exc:
         await client.set_inflight(DEVID, fd, region_size(1))
     assert exc.value.code == errno.ENOENT
-    await client.add_device(DEVID, "blk", {})
-    with pytest.raises(RequestFailed) as exc:
-        await client.set_inflight(DEVID, fd, region_size(1))
-    assert exc.value.code == errno.EOPNOTSUPP  # the echo device keeps no table
+    await client.add_device(DEVID, "blk", blk(image))
+    await client.set_inflight(DEVID, fd, region_size(1))  # blk replays: accepted
+    host = uniq("nsi")
+    with namespaces(host):
+        await client.add_device(1, "net", {"tap": uniq("bvs"), "netns": host})
+        with pytest.raises(RequestFailed) as exc:
+            await client.set_inflight(1, fd, region_size(1))
+        assert exc.value.code == errno.EOPNOTSUPP  # a vif keeps no table
+        await client.remove_device(1)
     os.close(fd)
     await client.close()
     guest.close()

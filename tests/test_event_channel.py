@@ -70,7 +70,7 @@ def test_notify_is_seen_by_the_guest():
         assert guest.pending == 2
         assert guest.poll() == 0
         ch.notify()
-        assert guest.wait(timeout=5) == 1
+        assert guest.wait(timeout=30) == 1
     finally:
         ch.close()
         guest.close()

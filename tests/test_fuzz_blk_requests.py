@@ -10,6 +10,7 @@ import struct
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from backendd.devices.blk.request import (
     BadRequest,
@@ -139,13 +140,13 @@ indirect_pages = st.lists(
     min_size=8, max_size=8)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(raw=slots(BlkifAbi.X86_64), geo=geometries, pages=indirect_pages)
 def test_random_slots_x86_64(raw, geo, pages):
     check_slot(raw, BlkifAbi.X86_64, geo, pages)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(raw=slots(BlkifAbi.X86_32), geo=geometries, pages=indirect_pages)
 def test_random_slots_x86_32(raw, geo, pages):
     check_slot(raw, BlkifAbi.X86_32, geo, pages)

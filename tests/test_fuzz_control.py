@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from procstat import mapping_count, open_fds
+from profiles import examples
 
-from backendd.guest import SimGuest, VmmClient
+from backendd.guest import SimGuest, VmmClient, sealed_memfd
 from backendd.protocol.framing import Framer, Role
 from backendd.protocol.messages import (
     HEADER,
@@ -181,9 +182,7 @@ def messages(draw) -> Msg:
 def make_fd(kind: str) -> list[int]:
     """One fd to send (plus, for a pipe, its other end to close afterwards)."""
     if kind == "memfd":
-        fd = os.memfd_create("fuzz", os.MFD_CLOEXEC)
-        os.ftruncate(fd, 1 << 20)
-        return [fd]
+        return [sealed_memfd("fuzz", 1 << 20)]
     if kind == "eventfd":
         return [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)]
     r, w = os.pipe()
@@ -323,7 +322,7 @@ async def fuzz_one(daemon, hello_first: bool, msgs: list[Msg]) -> None:
     assert mapping_count() == maps_before
 
 
-FUZZ = settings(max_examples=70, deadline=None,
+FUZZ = settings(max_examples=examples(70), deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 
@@ -384,7 +383,7 @@ def test_generated_messages_reach_success_and_each_failure():
     """Guards the fuzzing above against exercising only one outcome."""
     seen = set()
 
-    @settings(max_examples=300, deadline=None, database=None)
+    @settings(max_examples=examples(300), deadline=None, database=None)
     @given(msgs=st.lists(messages(), min_size=1, max_size=3))
     def collect(msgs):
         for m in msgs:

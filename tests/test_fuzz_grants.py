@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from backendd.grants import GrantError, GrantMapping, GrantTable
 from backendd.guest import GuestGrantTable, GuestRAM
@@ -207,13 +208,13 @@ def run_ops(version: int, initial: list, steps: list) -> None:
         g.check_memory()
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=examples(120), deadline=None)
 @given(initial=st.lists(valid_entries, min_size=4, max_size=4), steps=ops)
 def test_random_v1_entries(initial, steps):
     run_ops(1, initial, steps)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=examples(120), deadline=None)
 @given(initial=st.lists(valid_entries, min_size=4, max_size=4), steps=ops)
 def test_random_v2_entries(initial, steps):
     run_ops(2, initial, steps)
@@ -239,6 +240,7 @@ def test_entry_rewritten_by_another_thread_while_mapping(version, what):
         else:
             values = [(first + 1, d) for d in (0, 7, 0, 0xFFFF)]
         stop = threading.Event()
+        flipping = threading.Event()
         last: list[tuple[int, int]] = []
 
         def flipper() -> None:
@@ -247,6 +249,7 @@ def test_entry_rewritten_by_another_thread_while_mapping(version, what):
                 word, value = rng.choice(values)
                 words[word] = value
                 last[:] = [(word, value)]
+                flipping.set()
 
         old_interval = sys.getswitchinterval()
         sys.setswitchinterval(1e-5)
@@ -254,6 +257,9 @@ def test_entry_rewritten_by_another_thread_while_mapping(version, what):
         thread.start()
         outcomes = {"mapped": 0, "refused": 0}
         try:
+            # Map only once the guest is storing: on a loaded machine the thread may not
+            # have run at all by the time 400 mappings are done.
+            assert flipping.wait(timeout=60), "the flipping thread never ran"
             for i in range(400):
                 writable = bool(i & 1)
                 try:

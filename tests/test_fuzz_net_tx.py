@@ -9,6 +9,7 @@ import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from backendd.devices.net.tx import (
     FATAL_SKB_SLOTS,
@@ -107,7 +108,7 @@ def chains(draw) -> tuple[list[bytes], int]:
     return out, avail
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(chain=chains())
 def test_random_tx_chains(chain):
     slots, avail = chain

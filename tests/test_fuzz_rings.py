@@ -12,6 +12,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from rings.blkif import BLKIF_CODECS
 from rings.consts import PAGE_SIZE, BlkifAbi
@@ -148,14 +149,14 @@ def _run(ring: HostileRing, start: int, steps: list) -> None:
         assert ring.index(REQ_PROD) == prod  # never the back end's to write
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(entry_size=st.sampled_from(ENTRY_SIZES), start=st.integers(0, U32),
        steps=st.lists(step, min_size=1, max_size=8))
 def test_back_ring_on_one_page_survives_a_hostile_front(entry_size, start, steps):
     run_session(1, entry_size, start, steps)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(nr_pages=st.sampled_from([2, 4]), entry_size=st.sampled_from(ENTRY_SIZES),
        start=st.integers(0, U32), steps=st.lists(step, min_size=1, max_size=6))
 def test_back_ring_over_pages_survives_a_hostile_front(nr_pages, entry_size, start, steps):

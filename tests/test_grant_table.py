@@ -200,3 +200,41 @@ def test_memory_region_busy_while_a_grant_is_mapped(guest, table):
     assert e.value.code == errno.EBUSY
     m.release()
     table.memory.remove_region(gpa, size)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_writing_bit_stays_until_the_last_writer_releases(version):
+    """Two writers and a reader of one gref, released writer, reader, writer: the in-use
+    bits after each release are fixed (v1 flags word, v2 status word)."""
+    ram = GuestRAM(4 * PAGE)
+    gt = GuestGrantTable(nr_frames=1, version=version)
+    mem = GuestMemory()
+    for gpa, size, fd, offset in ram.regions:
+        mem.add_region(gpa, size, fd, offset)
+    table = GrantTable(mem)
+    table.set_table(gt.fd, 0, 1, version=version)
+
+    def in_use_bits(gref: int) -> int:
+        word = gt.status(gref) if version == 2 else gt.entry(gref)[0]
+        return word & (GTF_READING | GTF_WRITING)
+
+    try:
+        gref = gt.grant_access(ram.alloc_page())
+        w1 = table.map(gref, writable=True)
+        w2 = table.map(gref, writable=True)
+        r = table.map(gref, writable=False)
+        assert in_use_bits(gref) == GTF_READING | GTF_WRITING
+        w1.release()  # a writer is still there
+        assert in_use_bits(gref) == GTF_READING | GTF_WRITING
+        r.release()
+        assert in_use_bits(gref) == GTF_READING | GTF_WRITING
+        assert not gt.end_access(gref)
+        w2.release()  # the last use of any kind
+        assert in_use_bits(gref) == 0
+        assert table.in_use(gref) == 0
+        assert gt.end_access(gref)
+    finally:
+        table.close()
+        mem.close()
+        gt.close()
+        ram.close()

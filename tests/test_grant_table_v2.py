@@ -91,6 +91,25 @@ def test_sub_page_crossing_the_page_is_refused_and_leaves_no_status(guest, table
     assert gt.status(gref) == 0
 
 
+@pytest.mark.parametrize(("page_off", "length", "fits"), [
+    (3584, 512, True), (0, 4096, True), (4095, 1, True),
+    (3585, 512, False), (1, 4096, False), (4096, 1, False),
+])
+def test_sub_page_exact_fit_at_the_page_end(guest, table, page_off, length, fits):
+    """The sub-page window may end exactly at the page end, not one byte beyond."""
+    ram, gt = guest
+    gref = gt.grant_access(ram.alloc_page(), sub_page=(page_off, length))
+    if not fits:
+        with pytest.raises(GrantError, match="crosses the page"):
+            table.map(gref, writable=False)
+        assert gt.status(gref) == 0
+        return
+    with table.map(gref, writable=True) as m:
+        assert m.window == (page_off, page_off + length)
+        m.page_view(page_off, length)[-1:] = b"z"
+    assert ram.read(gt.entry(gref)[2] * PAGE + page_off + length - 1, 1) == b"z"
+
+
 @pytest.mark.parametrize("flags,domid,writable,message", [
     (GrantType.TRANSITIVE, 0, False, "transitive"),
     (GrantType.ACCEPT_TRANSFER, 0, False, "not permit_access"),

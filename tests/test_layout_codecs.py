@@ -4,6 +4,7 @@ import pytest
 from construct import Struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from rings import BLKIF, Codec, blkif_segment, grant, netif, sring_header
 from rings.codec import flatten_parsed, unflatten
@@ -26,7 +27,7 @@ def _zero_padding(layout: Struct, raw: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(data=st.data())
 def test_codec_matches_construct(name: str, data: st.DataObject) -> None:
     layout = LAYOUTS[name]

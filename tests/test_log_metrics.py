@@ -34,14 +34,19 @@ def test_guest_errors_are_rate_limited_per_key() -> None:
 
 def test_prometheus_render_groups_by_name() -> None:
     text = render([
-        ({"guest": "g1", "devid": "1", "type": "blk"}, {"requests": 5, "in_flight": 2}),
-        ({"guest": "g1", "devid": "2", "type": "net"}, {"requests": 7}),
+        ({"guest": "g1", "devid": "1", "type": "blk"}, {"requests": 5, "queues": 2}),
+        ({"guest": "g1", "devid": "2", "type": "blk"}, {"requests": 7, "new_thing": 1}),
     ])
     lines = text.splitlines()
-    assert lines.count("# TYPE backendd_requests counter") == 1
-    assert '# TYPE backendd_in_flight gauge' in lines
-    assert 'backendd_requests{guest="g1",devid="1",type="blk"} 5' in lines
-    assert 'backendd_requests{guest="g1",devid="2",type="net"} 7' in lines
+    assert lines.count("# TYPE backendd_blk_requests_total counter") == 1
+    assert lines.count("# HELP backendd_blk_requests_total Block requests taken from the "
+                       "rings.") == 1
+    assert "# TYPE backendd_device_queues gauge" in lines
+    assert 'backendd_blk_requests_total{guest="g1",devid="1",type="blk"} 5' in lines
+    assert 'backendd_blk_requests_total{guest="g1",devid="2",type="blk"} 7' in lines
+    # Known counters a device did not report are 0; unknown ones still get a family.
+    assert 'backendd_blk_writes_total{guest="g1",devid="1",type="blk"} 0' in lines
+    assert "# TYPE backendd_blk_new_thing_total counter" in lines
     assert text.endswith("\n")
 
 

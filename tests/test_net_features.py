@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 from test_net_harness import inject, make_guest, namespaces, plug, uniq
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+# Taps, bridges and namespaces need root: without it these tests fail, never skip.
+pytestmark = pytest.mark.usefixtures("root")
 
 ETHERTYPE = b"\x88\xb5"  # local experimental: no stack consumes or answers these
 SRC = bytes.fromhex("020000000099")
@@ -86,39 +86,31 @@ async def test_without_multicast_control_everything_passes():
 
 
 async def test_rate_limit_holds_tx_to_the_credit():
+    """Never more sent than the credit earned by then, on the device's own clock: one
+    window's credit up front, one per window since. A bound that holds however slow the
+    machine is; the rate actually reached is a figure for `python -m bench.net`."""
     host = uniq("nbh")
     credit, usec = 10_000, 10_000  # 1 MB/s in 10 ms windows
-    rate = credit / (usec / 1e6)
-    total, size = 1_000_000, 1000
+    window = usec / 1e6
+    total, size = 300_000, 1000
     with namespaces(host):
         guest = make_guest()
         try:
             dev, front = await plug(guest, 8, {"tap": uniq("bv") + "h", "netns": host,
                                                "queues": "1", "rate": f"{credit},{usec}"})
             loop = asyncio.get_running_loop()
-            samples: list[tuple[float, int]] = []
             start = loop.time()
-
-            async def sample() -> None:
-                while True:
-                    samples.append((loop.time() - start, dev.stats().get("tx_bytes", 0)))
-                    await asyncio.sleep(0.02)
-
-            sampler = asyncio.create_task(sample())
+            samples: list[tuple[float, int]] = []
             for _ in range(total // size):
                 await front.send_frame(eth(b"\xff" * 6, b"r").ljust(size, b"\0"))
-            await front.wait_tx_done(timeout=10)
-            elapsed = loop.time() - start
-            sampler.cancel()
+                samples.append((loop.time() - start, dev.stats().get("tx_bytes", 0)))
+            await front.wait_tx_done(timeout=30)
+            samples.append((loop.time() - start, dev.stats()["tx_bytes"]))
             assert dev.stats()["tx_bytes"] == total
+            # 300 kB through 10 kB windows: the credit ran out and tx waited for it.
             assert dev.stats()["tx_rate_limited"] > 0
-            # Never more than the credit earned so far (one window's credit up front,
-            # one per window since), and the whole transfer no faster than the rate.
             for t, sent in samples:
-                assert sent <= credit * 2 + rate * t, (t, sent)
-            # The measured rate is within 10% of the set rate, both ways.
-            measured = total / elapsed
-            assert 0.9 * rate <= measured <= 1.1 * rate, (measured, rate)
+                assert sent <= credit * 2 + credit * t / window, (t, sent)
         finally:
             await guest.close()
 

@@ -4,15 +4,14 @@ another vif on the same guest keeps passing traffic."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from test_net_harness import addr, make_guest, namespaces, plug, run, uniq, until
 
 from rings.consts import NetifRsp, NetTxFlags
 from rings.netif import TX_REQUEST
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+# Taps, bridges and namespaces need root: without it these tests fail, never skip.
+pytestmark = pytest.mark.usefixtures("root")
 
 MORE = NetTxFlags.MORE_DATA
 OK, ERR = NetifRsp.OKAY, NetifRsp.ERROR

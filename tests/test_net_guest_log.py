@@ -3,8 +3,6 @@ level, info), at most [daemon] guest_log_burst of them per guest, device and kin
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from test_net_harness import namespaces, uniq, until
 
@@ -13,7 +11,8 @@ from backendd.guest.netfront import NetFront
 from rings.consts import NetifRsp, XenbusState
 from rings.netif import TX_REQUEST
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+# Taps, bridges and namespaces need root: without it these tests fail, never skip.
+pytestmark = pytest.mark.usefixtures("root")
 
 
 async def test_tx_errors_are_logged_within_the_limit(daemon):

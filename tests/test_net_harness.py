@@ -181,7 +181,7 @@ async def tcp_transfer(src_ns: str, dst_ns: str, dst_ip: str, nbytes: int,
         stdout=asyncio.subprocess.PIPE)
     try:
         assert sink.stdout is not None
-        line = await asyncio.wait_for(sink.stdout.readline(), 10)
+        line = await asyncio.wait_for(sink.stdout.readline(), 30)
         assert line.strip() == b"ready"
         _, sent = await run("python3", "-c", SOURCE, dst_ip, str(port), str(seed),
                             str(nbytes), ns=src_ns)
@@ -207,7 +207,7 @@ async def inject(ns: str, ifname: str, frames: list[bytes]) -> None:
     await run("python3", "-c", INJECT, ifname, *(f.hex() for f in frames), ns=ns)
 
 
-async def until(predicate, timeout: float = 5.0) -> None:
+async def until(predicate, timeout: float = 30.0) -> None:
     """Wait (on the loop) until predicate() holds."""
     async def poll() -> None:
         while not predicate():

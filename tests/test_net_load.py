@@ -7,7 +7,6 @@ rot."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,8 @@ from test_net_harness import addr, namespaces, run, tcp_transfer, uniq
 from bench.native import build
 from bench.netload import NetLoadFailed, netfront
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+# Taps, bridges and namespaces need root: without it these tests fail, never skip.
+pytestmark = pytest.mark.usefixtures("root")
 
 MiB = 1 << 20
 

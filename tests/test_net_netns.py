@@ -4,12 +4,11 @@ tap, the rings between them."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from test_net_harness import addr, make_guest, namespaces, plug, run, tcp_transfer, uniq
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+# Taps, bridges and namespaces need root: without it these tests fail, never skip.
+pytestmark = pytest.mark.usefixtures("root")
 
 
 async def test_ping_both_ways():

@@ -6,6 +6,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from backendd.errors import ControlError
 from backendd.protocol.messages import (
@@ -76,7 +77,7 @@ requests = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(requests)
 def test_request_round_trip(msg):
     payload = msg.encode()
@@ -91,7 +92,7 @@ notices = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(notices)
 def test_notice_round_trip(msg):
     assert decode_notice(msg.code, msg.encode()) == msg
@@ -111,7 +112,7 @@ replies = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(replies)
 def test_reply_round_trip(pair):
     code, body = pair
@@ -355,3 +356,13 @@ def test_bad_replies():
     _err(errno.EBADMSG, ei)
     with pytest.raises(ValueError):
         encode_reply_payload(1)
+
+
+def test_hello_with_and_without_the_optional_map():
+    # The original 12-byte HELLO stays valid; the map follows it only when given.
+    assert Hello(1, 0).encode() == struct.pack("<IQ", 1, 0)
+    named = Hello(1, 0, {"name": "vm1"})
+    assert named.encode() == struct.pack("<IQ", 1, 0) + encode_kv({"name": "vm1"})
+    assert decode_request(Code.HELLO, named.encode(), 0) == named
+    # The reply never carries a map: a VMM written for 12 bytes still decodes it.
+    assert HelloReply(1, 0).encode() == struct.pack("<IQ", 1, 0)

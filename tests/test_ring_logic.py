@@ -211,3 +211,50 @@ def test_single_page_over_pages_is_the_plain_ring() -> None:
     with pytest.raises(ValueError):
         SharedRing.over_pages([], BLKIF[ABI].entry_size)
     shared.release()
+
+
+@pytest.mark.parametrize("start", [0, 0xFFFFFFF0])
+def test_overflow_is_measured_from_the_responses_not_the_consumer(start: int) -> None:
+    """With requests taken and not yet answered, req_cons runs ahead of rsp_prod_pvt: the
+    ring holds `size` requests counted from the last response, not from req_cons."""
+    shared, front, back = make_ring(start=start)
+    for i in range(5):
+        front.put_request(request(i))
+    front.push_requests()
+    assert len(back.take_requests(64)) == 5
+    assert back.pending_responses() == 5
+    # Exactly a ring's worth ahead of rsp_prod is a full ring, not corruption ...
+    shared.idx[REQ_PROD] = (start + shared.size) & 0xFFFFFFFF
+    assert len(back.take_requests(64)) == shared.size - 5
+    # ... one more is, although it is only size - 4 ahead of req_cons.
+    shared.idx[REQ_PROD] = (start + shared.size + 1) & 0xFFFFFFFF
+    with pytest.raises(RingCorrupted):
+        back.take_requests(64)
+    assert back.req_cons == (start + shared.size) & 0xFFFFFFFF  # nothing more taken
+
+
+@pytest.mark.parametrize("start", [0, 0xFFFFFFFE])
+def test_response_notify_boundary(start: int) -> None:
+    """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY at every position of rsp_event around the
+    pushed range (old, new]: notify exactly when rsp_event lies inside it."""
+    for event_at, notify in ((0, False), (1, True), (3, True), (4, False)):
+        shared, front, back = make_ring(start=start)
+        for i in range(3):
+            front.put_request(request(i))
+        front.push_requests()
+        for raw in back.take_requests(8):
+            back.put_response(CODECS.response.pack(request_id(raw), 0, 0))
+        # old == start, new == start + 3
+        shared.idx[RSP_EVENT] = (start + event_at) & 0xFFFFFFFF
+        assert back.push_responses() is notify, f"rsp_event at old+{event_at}"
+
+
+@pytest.mark.parametrize("start", [0, 0xFFFFFFFE])
+def test_request_notify_boundary(start: int) -> None:
+    """RING_PUSH_REQUESTS_AND_CHECK_NOTIFY, the same rule on the front end's side."""
+    for event_at, notify in ((0, False), (1, True), (3, True), (4, False)):
+        shared, front, _back = make_ring(start=start)
+        for i in range(3):
+            front.put_request(request(i))
+        shared.idx[REQ_EVENT] = (start + event_at) & 0xFFFFFFFF
+        assert front.push_requests() is notify, f"req_event at old+{event_at}"

@@ -77,8 +77,7 @@ async def test_blk_ring_as_sub_page_is_einval(daemon, v2_vm, tmp_path):
     assert not any("request_crashed" in line for line in daemon.log_lines())
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a tap)")
-async def test_net_ring_as_sub_page_is_einval(daemon, v2_vm):
+async def test_net_ring_as_sub_page_is_einval(root, daemon, v2_vm):
     client, guest = v2_vm
     await client.add_device(0, "net", {"tap": uniq("rp") + "n", "queues": "1"})
     front = NetFront(guest.ram, guest.gnttab, 0)

@@ -4,7 +4,7 @@ client to hand them to the daemon."""
 from .evtchn import GuestPort, new_channel_pair
 from .gnttab import GuestGrantTable
 from .machine import SimGuest
-from .memory import GuestRAM
+from .memory import GuestRAM, sealed_memfd
 from .vmm import ConnectionLost, RequestFailed, VmmClient
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "SimGuest",
     "VmmClient",
     "new_channel_pair",
+    "sealed_memfd",
 ]

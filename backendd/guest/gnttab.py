@@ -19,6 +19,8 @@ from rings.consts import (
 )
 from rings.grant import GRANT_ENTRY_V1_SIZE, GRANT_ENTRY_V2_SIZE
 
+from .memory import sealed_memfd
+
 # Linux keeps the first 8 entries for the toolstack (console, xenstore rings).
 NR_RESERVED_ENTRIES = 8
 
@@ -34,8 +36,7 @@ class GuestGrantTable:
         self.status_base = nr_frames * PAGE_SIZE
         status_frames = -(-self.entries * 2 // PAGE_SIZE) if version == 2 else 0
         self.size = (nr_frames + status_frames) * PAGE_SIZE
-        self.fd = os.memfd_create("guest-gnttab", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, self.size)
+        self.fd = sealed_memfd("guest-gnttab", self.size)
         self._map = mmap.mmap(self.fd, self.size)
         self._pin = PinnedAddress(self._map)
         # A native u16 view: one aligned 2-byte store, never torn for the backend.

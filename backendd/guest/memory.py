@@ -1,11 +1,26 @@
 """The simulated guest's RAM: one memfd, laid out as one or more guest-physical regions,
 with a page allocator for the front-end drivers and tests."""
 
+import fcntl
 import os
 
 from rings.consts import PAGE_SHIFT, PAGE_SIZE
 
 from ..memory import GuestMemory
+
+
+def sealed_memfd(name: str, size: int, flags: int = 0) -> int:
+    """A memfd of `size` bytes carrying F_SEAL_SHRINK, as the daemon requires of every
+    memory fd (guest RAM, grant table, in-flight region): it may grow, never shrink.
+    `flags`: extra memfd_create flags, e.g. os.MFD_HUGETLB."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | flags)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class GuestRAM:
@@ -20,8 +35,7 @@ class GuestRAM:
         if sum(s for _, s in layout) != size:
             raise ValueError("layout sizes must add up to size")
         self.size = size
-        self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
+        self.fd = sealed_memfd("guest-ram", size)
         self._regions: list[tuple[int, int, int, int]] = []
         # The guest's own view goes through the same checked region code the daemon uses.
         self._mem = GuestMemory()

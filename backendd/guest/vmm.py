@@ -18,6 +18,7 @@ from backendd.protocol.messages import (
     AddDevice,
     AddMemRegion,
     Code,
+    DaemonStatus,
     DeviceType,
     ErrorReply,
     Flags,
@@ -64,7 +65,9 @@ class VmmClient:
         self.features = 0
 
     @classmethod
-    async def connect(cls, path: str, features: int = 0) -> VmmClient:
+    async def connect(cls, path: str, features: int = 0, name: str | None = None) -> VmmClient:
+        """Connect and send HELLO; `name` (optional) names the guest in the daemon's
+        status and metrics."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         try:
@@ -74,7 +77,8 @@ class VmmClient:
             raise
         client = cls(sock)
         try:
-            reply = await client.request(Hello(PROTOCOL_VERSION, features))
+            info = {"name": name} if name is not None else {}
+            reply = await client.request(Hello(PROTOCOL_VERSION, features, info))
         except BaseException:
             await client.close()
             raise
@@ -217,6 +221,23 @@ class VmmClient:
         reply = await self.request(GetBackendState(devid))
         assert isinstance(reply, StateReply)
         return int(reply.state), reply.keys
+
+    async def daemon_status(self) -> dict[str, str]:
+        """DAEMON_STATUS, every page of it, merged into one map (no `next.*` keys)."""
+        out: dict[str, str] = {}
+        cursor = (0, ALL_DEVICES)
+        while True:
+            reply = await self.request(DaemonStatus(*cursor))
+            assert isinstance(reply, StatsReply)
+            page = dict(reply.counters)
+            nxt = page.pop("next.conn", None), page.pop("next.devid", None)
+            out.update(page)
+            if nxt[0] is None or nxt[1] is None:
+                return out
+            new = (int(nxt[0]), int(nxt[1]))
+            if new == cursor:
+                raise ConnectionLost(f"DAEMON_STATUS: page at {cursor} makes no progress")
+            cursor = new
 
     async def stats(self, devid: int = ALL_DEVICES) -> dict[str, str]:
         reply = await self.request(GetStats(devid))

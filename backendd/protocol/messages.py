@@ -235,13 +235,22 @@ class Hello(Message):
     _NAME: ClassVar[str] = "HELLO"
     version: int
     features: int
+    # Optional, after the fixed part: a kv map (e.g. {"name": "vm1"}). Left out when empty,
+    # so a HELLO without it is the original 12 bytes.
+    info: dict[str, str] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        return self._S.pack(self.version, self.features)
+        body = self._S.pack(self.version, self.features)
+        return body + encode_kv(self.info) if self.info else body
 
     @classmethod
     def decode(cls, payload: bytes | memoryview) -> Self:
-        return cls(*_fixed(cls._NAME, cls._S, payload))
+        if len(payload) == cls._S.size:
+            return cls(*cls._S.unpack(payload))
+        version, features = _prefix(cls._NAME, cls._S, payload)
+        info, end = decode_kv(payload, cls._S.size)
+        _end(cls._NAME, payload, end)
+        return cls(version, features, info)
 
 
 @dataclass(frozen=True)
@@ -431,17 +440,27 @@ class SetInflight(Message):
 
 @dataclass(frozen=True)
 class DaemonStatus(Message):
-    """Every connection and device of the daemon, not only the asker's."""
+    """Every connection and device of the daemon, not only the asker's, one page per
+    request: the page starts at connection `conn` (the lowest id >= conn), with its own
+    entries when `devid` is ALL_DEVICES, else at its device `devid`. The reply carries
+    `next.conn`/`next.devid` to ask for next, until a page comes without them. An empty
+    payload asks for the first page."""
 
     code: ClassVar[Code] = Code.DAEMON_STATUS
+    _S: ClassVar[struct.Struct] = struct.Struct("<II")
+    conn: int = 0
+    devid: int = ALL_DEVICES
 
     def encode(self) -> bytes:
-        return b""
+        if (self.conn, self.devid) == (0, ALL_DEVICES):
+            return b""
+        return self._S.pack(self.conn, self.devid)
 
     @classmethod
     def decode(cls, payload: bytes | memoryview) -> Self:
-        _end("DAEMON_STATUS", payload, 0)
-        return cls()
+        if len(payload) == 0:
+            return cls()
+        return cls(*_fixed("DAEMON_STATUS", cls._S, payload))
 
 
 @dataclass(frozen=True)
@@ -465,9 +484,16 @@ class RingDump(Message):
 
 @dataclass(frozen=True)
 class HelloReply(Hello):
-    """The daemon's version and the accepted features: the same layout as HELLO."""
+    """The daemon's version and the accepted features: HELLO's fixed part, never a map."""
 
     _NAME: ClassVar[str] = "HELLO reply"
+
+    def encode(self) -> bytes:
+        return self._S.pack(self.version, self.features)
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        return cls(*_fixed(cls._NAME, cls._S, payload))
 
 
 @dataclass(frozen=True)

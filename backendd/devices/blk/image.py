@@ -44,7 +44,11 @@ class Image:
 
     def __init__(self, cfg: BlkConfig) -> None:
         self.cfg = cfg
-        flags = (os.O_RDONLY if cfg.readonly else os.O_RDWR) | os.O_CLOEXEC
+        # O_NONBLOCK for the open alone: opening a FIFO (or a tty, a socket's path...) must
+        # not stall the event loop; _probe refuses anything but a file or a block device,
+        # and the flag is dropped again before any I/O.
+        flags = ((os.O_RDONLY if cfg.readonly else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY
+                 | os.O_NONBLOCK)
         if cfg.direct_io:
             flags |= os.O_DIRECT
         try:
@@ -54,6 +58,7 @@ class Image:
             raise ConfigError(f"path: cannot open {cfg.path!r}{what}: {e.strerror}") from e
         try:
             self._probe()
+            os.set_blocking(self.fd, True)
         except BaseException:
             os.close(self.fd)
             raise
