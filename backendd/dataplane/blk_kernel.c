@@ -204,7 +204,6 @@ struct bk_queue {
     uint32_t nr_pages, size, mask, abi, entry_size, rsp_size, max_pending;
     uint32_t req_cons, rsp_prod_pvt, pushed;
     uint32_t halted, draining, inpool;
-    uint32_t write_nowait_unsupported;  /* the filesystem refused RWF_NOWAIT writes */
     uint8_t *inflight;
     struct bk_disk disk;
     uint32_t fifo[BK_MAX_PENDING];   /* waiting slots, in ring order */
@@ -877,10 +876,12 @@ static int transfer(struct bk_pending *s, int fd, int nowait)
     return 0;
 }
 
+/* Only reads are tried inline. A write waits for a frozen filesystem in the VFS before
+ * RWF_NOWAIT is looked at (file_start_write), so even a NOWAIT write can stall the
+ * event loop; and ext4 refuses RWF_NOWAIT for buffered writes anyway. */
 static int needs_pool(const struct bk_queue *q, const struct bk_pending *s)
 {
-    return s->flush || s->op == BLKIF_OP_DISCARD || !q->disk.inline_io ||
-           (s->write && q->write_nowait_unsupported);
+    return s->write || s->flush || s->op == BLKIF_OP_DISCARD || !q->disk.inline_io;
 }
 
 static void account(const struct bk_pending *s, struct bk_out *out)
@@ -928,15 +929,10 @@ static void dispatch(struct bk_queue *q, const struct bk_env *env, struct bk_out
         }
         q->fifo_head = (q->fifo_head + 1) % BK_MAX_PENDING;
         q->fifo_count--;
-        if (!needs_pool(q, s) && !q->inpool) {
-            int rc = transfer(s, q->disk.fd, 1);
-            if (rc == 0) {
-                out->stats.inline_io++;
-                finish(q, env, s, out);
-                continue;
-            }
-            if (rc == 2 && s->write)
-                q->write_nowait_unsupported = 1;  /* e.g. buffered writes on ext4 */
+        if (!needs_pool(q, s) && !q->inpool && transfer(s, q->disk.fd, 1) == 0) {
+            out->stats.inline_io++;
+            finish(q, env, s, out);
+            continue;
         }
         s->state = SLOT_POOL;
         q->inpool++;
