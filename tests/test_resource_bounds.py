@@ -75,7 +75,7 @@ async def test_a_thousand_device_cycles_leave_fds_mappings_and_rss_flat(daemon, 
     assert mapping_count() == maps
     assert live_objects() == objects  # counted exactly: nothing per device survives it
     (conn,) = daemon.server.connections.values()
-    assert conn.session.devices == {} and conn.session.grants._uses == {}
+    assert conn.session.devices == {} and conn.session.grants.grefs_in_use() == []
     # RSS is only a coarse guard: allocator arenas and caches move it by a few MiB on
     # their own, while a leak of one ring page per cycle would show as 4 MiB, a leaked
     # device with its buffers as far more.
