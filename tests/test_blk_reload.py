@@ -89,12 +89,12 @@ class Vmm:
 
     async def _connect_front(self) -> None:
         assert self.client is not None and self.front is not None
-        started = self.front._loop is not None
+        started = self.front.started
         channels = self.front.new_channels() if started else self.front.channels()
         _, keys = await self.client.hand_over_channels(
             DEVID, XenbusState.CONNECTED, self.front.frontend_keys(), channels)
         self.front.update_backend_keys(keys)
-        if self.front._loop is None:
+        if not self.front.started:
             self.front.start()
 
     async def connect(self) -> None:

@@ -99,7 +99,7 @@ class Vmm:
                 os.close(kick)
                 os.close(call)
         self.front.update_backend_keys(keys)
-        if self.front._loop is None:
+        if not self.front.started:
             self.front.start()
         self.client = client
 

@@ -102,6 +102,7 @@ class CompiledRingQueue:
                  geometry: Geometry, image: Image, grants: GrantTable,
                  submit: Callable[..., asyncio.Future], loop: asyncio.AbstractEventLoop,
                  counters: Counters, on_corrupt: Callable[[str], None], batch: int = BATCH,
+                 on_refused: Callable[[str], None] | None = None,
                  inflight: InflightQueue | None = None,
                  recovery: Recovery | None = None) -> None:
         self.k = kernel
@@ -117,6 +118,9 @@ class CompiledRingQueue:
         self.loop = loop
         self.counters = counters
         self.on_corrupt = on_corrupt
+        # Requests refused for the guest's own fault: the kernel counts them, one line
+        # per batch says how many (rate-limited by the caller).
+        self.on_refused = on_refused or (lambda message: log.debug("%s", message))
         self.batch = batch
         self.inflight = inflight
         self.pgrants = None  # persistent grants are served by the Python path
@@ -238,6 +242,10 @@ class CompiledRingQueue:
             value = getattr(st, name)
             if value:
                 setattr(c, name, getattr(c, name) + value)
+        if st.invalid or st.unsupported:
+            self.on_refused(f"blk ring {self.index}: {st.invalid + st.unsupported} "
+                            f"request(s) refused ({st.invalid} invalid, {st.unsupported} "
+                            "unsupported operation)")
         flags = out.flags
         if flags & K.INTERNAL:
             log.error("blk ring %d: stopped on an internal error (no free request slot "

@@ -16,6 +16,12 @@ revoked only by close().
 
 Responses are collected without blocking the loop: each queue's call eventfd is watched
 with loop.add_reader.
+
+For callers that think in bytes, read_at/write_at take any offset and length, split them
+into requests and read-modify-write partly covered sectors. At most max_inflight requests
+hold pages and grants at once; when the grant table or RAM is full a request waits for
+one in flight to end. watch(client) makes pending requests fail with ConnectionLost when
+the daemon goes away, instead of waiting for a response that will never come.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from rings.ring import FrontRing, SharedRing
 from .evtchn import GuestPort, new_channel_pair
 from .gnttab import GuestGrantTable
 from .memory import GuestRAM
+from .vmm import ConnectionLost, VmmClient
 
 _ABI_BY_NAME = {name: abi for abi, name in BLKIF_PROTOCOL_NAMES.items()}
 SEGS_PER_INDIRECT_PAGE = PAGE_SIZE // 8
@@ -75,7 +82,7 @@ class BlkFront:
                  queues: int = 1, ring_order: int = 0, abi: str = "x86_64-abi",
                  backend_keys: Mapping[str, str] | None = None, first_port: int = 1,
                  seed: int = 0, domid: int = 0, random_layout: bool = True,
-                 persistent: bool = False) -> None:
+                 persistent: bool = False, max_inflight: int | None = None) -> None:
         self.ram = ram
         self.gnttab = gnttab
         self.devid = devid
@@ -94,6 +101,7 @@ class BlkFront:
         self._next_id = 0
         self._rr = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._init_bounds(max_inflight)
         self.queues: list[_Queue] = []
         for q in range(queues):
             pages = [ram.alloc_page() for _ in range(1 << ring_order)]
@@ -148,6 +156,11 @@ class BlkFront:
     @property
     def max_indirect_segments(self) -> int:
         return int(self.backend_keys.get("feature-max-indirect-segments", 0))
+
+    @property
+    def started(self) -> bool:
+        """Whether start() ran: responses are being collected."""
+        return self._loop is not None
 
     def start(self) -> None:
         """Begin collecting responses (call once, on the running loop)."""
@@ -208,8 +221,10 @@ class BlkFront:
 
     async def _send(self, raw: bytes, rid: int, q: _Queue) -> tuple[int, int]:
         while q.front.free_requests() == 0:
+            self._check_lost()
             q.space.clear()
             await q.space.wait()
+        self._check_lost()
         assert self._loop is not None, "start() first"
         fut = self._loop.create_future()
         q.waiters[rid] = fut
@@ -226,12 +241,32 @@ class BlkFront:
         writable once, as Linux's blkfront does), or a fresh page and grant."""
         if q is None:
             gfn = self._page()
-            return self.gnttab.grant_access(gfn, self.domid, readonly=readonly), gfn
+            return self._grant_page(gfn, readonly), gfn
         if not q.pool_free:
-            gfn = self._page()
-            q.pool.append((self.gnttab.grant_access(gfn, self.domid), gfn))
+            try:
+                gfn = self._page()
+                q.pool.append((self._grant_page(gfn, False), gfn))
+            except MemoryError:
+                q.pool.append(self._borrow_pooled(q))
             q.pool_free.append(q.pool[-1])
         return q.pool_free.pop()
+
+    def _borrow_pooled(self, q: _Queue) -> tuple[int, int]:
+        """Grant table or RAM full: move an idle persistent grant from another queue's
+        pool into q's (a grant may be used on any ring). MemoryError if none is idle."""
+        for other in self.queues:
+            if other is not q and other.pool_free:
+                entry = other.pool_free.pop()
+                other.pool.remove(entry)
+                return entry
+        raise MemoryError("grant table or guest RAM full, no idle persistent grant")
+
+    def _grant_page(self, gfn: int, readonly: bool) -> int:
+        try:
+            return self.gnttab.grant_access(gfn, self.domid, readonly=readonly)
+        except MemoryError:  # grant table full: the page is not lost
+            self._free_pages.append(gfn)
+            raise
 
     def _done(self, q: _Queue | None, grants: list[tuple[int, int]]) -> None:
         if q is None:
@@ -278,30 +313,46 @@ class BlkFront:
         if -(-nsectors // 8) > max_segs:
             raise ValueError(f"{nbytes} bytes do not fit one request")
         layout = self._layout(nsectors, max_segs)
+        async with self._slot():
+            return await self._data_request_in_slot(op, sector, data, queue, use_indirect,
+                                                    layout)
+
+    async def _data_request_in_slot(self, op: int, sector: int, data: bytes | None,
+                                    queue: int | None, use_indirect: bool,
+                                    layout: list[tuple[int, int]]) -> bytes:
         readonly = op == BlkifOp.WRITE  # the backend only reads pages we write from
         q = self._pick(queue)
         pool = q if self.use_persistent else None
-        grants: list[tuple[int, int]] = []
-        segs: list[tuple[int, int, int]] = []
-        slices: list[tuple[int, int, int]] = []  # (gfn, byte offset, length)
-        pos = 0
-        for first, n in layout:
-            gref, gfn = self._grant(pool, readonly)
-            if data is not None:
-                self.ram.write(gfn * PAGE_SIZE + first * SECTOR_SIZE,
-                               data[pos:pos + n * SECTOR_SIZE])
-            grants.append((gref, gfn))
-            segs.append((gref, first, first + n - 1))
-            slices.append((gfn, first * SECTOR_SIZE, n * SECTOR_SIZE))
-            pos += n * SECTOR_SIZE
-        rid = self.new_id()
-        if use_indirect:
-            raw = self._indirect(op, rid, sector, segs, grants, pool)
-        else:
-            flat = [v for s in segs for v in s]
-            flat += [0, 0, 0] * (BLKIF_MAX_SEGMENTS_PER_REQUEST - len(segs))
-            raw = self.codecs.request.pack(op, len(segs), self.devid & 0xFFFF, rid, sector,
-                                           *flat)
+        while True:
+            grants: list[tuple[int, int]] = []
+            segs: list[tuple[int, int, int]] = []
+            slices: list[tuple[int, int, int]] = []  # (gfn, byte offset, length)
+            pos = 0
+            rid = self.new_id()
+            try:
+                for first, n in layout:
+                    gref, gfn = self._grant(pool, readonly)
+                    if data is not None:
+                        self.ram.write(gfn * PAGE_SIZE + first * SECTOR_SIZE,
+                                       data[pos:pos + n * SECTOR_SIZE])
+                    grants.append((gref, gfn))
+                    segs.append((gref, first, first + n - 1))
+                    slices.append((gfn, first * SECTOR_SIZE, n * SECTOR_SIZE))
+                    pos += n * SECTOR_SIZE
+                if use_indirect:
+                    raw = self._indirect(op, rid, sector, segs, grants, pool)
+                else:
+                    flat = [v for s in segs for v in s]
+                    flat += [0, 0, 0] * (BLKIF_MAX_SEGMENTS_PER_REQUEST - len(segs))
+                    raw = self.codecs.request.pack(op, len(segs), self.devid & 0xFFFF, rid,
+                                                   sector, *flat)
+            except MemoryError:
+                # Grant table or RAM full: give back what we took and wait for a request
+                # in flight to end (raises if none is, so nothing could ever free them).
+                self._done(pool, grants)
+                await self._wait_for_resources()
+                continue
+            break
         try:
             rop, status = await self._send(raw, rid, q)
         except BaseException:
@@ -346,7 +397,8 @@ class BlkFront:
                     op: int = BlkifOp.FLUSH_DISKCACHE) -> None:
         rid = self.new_id()
         raw = self.codecs.request.pack(op, 0, self.devid & 0xFFFF, rid, 0, *[0] * 33)
-        rop, status = await self.send_raw(raw, rid, queue)
+        async with self._slot():
+            rop, status = await self.send_raw(raw, rid, queue)
         if status != BlkifStatus.OKAY:
             raise BlkIOError(rop, status)
 
@@ -355,9 +407,142 @@ class BlkFront:
         rid = self.new_id()
         raw = self.codecs.discard.pack(BlkifOp.DISCARD, int(secure), self.devid & 0xFFFF,
                                        rid, sector, nsectors)
-        rop, status = await self.send_raw(raw, rid, queue)
+        async with self._slot():
+            rop, status = await self.send_raw(raw, rid, queue)
         if status != BlkifStatus.OKAY:
             raise BlkIOError(rop, status)
+
+    # --- bounds: requests in flight, grant table and RAM --------------------------------
+
+    def _init_bounds(self, max_inflight: int | None) -> None:
+        # At most this many requests between taking their resources and their response;
+        # None: as many as the rings hold. Callers beyond it wait their turn.
+        self.max_inflight = max_inflight
+        self._slots: asyncio.Semaphore | None = None
+        self._holding = 0  # requests holding grants and pages
+        self._released = asyncio.Event()
+        self._lost: BaseException | None = None
+
+    @contextlib.asynccontextmanager
+    async def _slot(self):
+        if self._slots is None:
+            bound = self.max_inflight or sum(q.front.size for q in self.queues)
+            self._slots = asyncio.Semaphore(max(1, bound))
+        async with self._slots:
+            self._check_lost()
+            self._holding += 1
+            try:
+                yield
+            finally:
+                self._holding -= 1
+                self._released.set()
+
+    async def _wait_for_resources(self) -> None:
+        """The grant table or RAM is full: wait until a request in flight gives some back.
+        With none in flight nothing ever will: the guest is too small for the request."""
+        self._check_lost()
+        if self._holding <= 1:  # only the caller itself
+            raise MemoryError("grant table or guest RAM too small for one request")
+        self._released.clear()
+        await self._released.wait()
+        self._check_lost()
+
+    # --- losing the daemon ----------------------------------------------------------------
+
+    def _check_lost(self) -> None:
+        if self._lost is not None:
+            raise self._lost
+
+    def fail_pending(self, exc: BaseException) -> None:
+        """The daemon is gone and will not answer: every request waiting for a response,
+        for ring space or for resources fails with `exc`, and so do new ones until
+        resume(). Their grants stay with the requests' pages until the guest revokes."""
+        self._lost = exc
+        for q in self.queues:
+            waiters, q.waiters = q.waiters, {}
+            for fut in waiters.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+            q.space.set()
+        self._released.set()
+
+    def resume(self) -> None:
+        """Accept requests again (after reconnecting to a daemon)."""
+        self._lost = None
+
+    def watch(self, client: VmmClient, keep_pending: bool = False) -> None:
+        """Tie this frontend to the control connection that serves it. When that
+        connection is lost: with keep_pending False, pending requests fail with
+        ConnectionLost instead of waiting forever; with True (an in-flight table was
+        given with SET_INFLIGHT), they stay pending for the daemon that takes over."""
+        def lost() -> None:
+            if not keep_pending:
+                self.fail_pending(ConnectionLost(f"blk {self.devid}: connection to the "
+                                                 "daemon lost"))
+        client.add_lost_callback(lost)
+
+    # --- byte-granular I/O ------------------------------------------------------------
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest read or write one request carries (whole pages per segment)."""
+        segs = self.max_indirect_segments or BLKIF_MAX_SEGMENTS_PER_REQUEST
+        return segs * PAGE_SIZE // self.sector_size * self.sector_size
+
+    async def _chunked(self, op: int, offset: int, buf: bytearray) -> None:
+        """Read into, or write from, `buf` at sector-aligned `offset`, in requests no
+        larger than max_request_bytes, all in flight at once (within the bound)."""
+        step = self.max_request_bytes
+
+        async def one(pos: int) -> None:
+            n = min(step, len(buf) - pos)
+            sector = (offset + pos) // SECTOR_SIZE
+            if op == BlkifOp.WRITE:
+                await self.write(sector, bytes(buf[pos:pos + n]))
+            else:
+                buf[pos:pos + n] = await self.read(sector, n)
+
+        tasks = [asyncio.ensure_future(one(pos)) for pos in range(0, len(buf), step)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        """`length` bytes at byte `offset`, any alignment and size: split into requests,
+        the sectors around an unaligned range read and trimmed."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"range {offset}+{length}")
+        if length == 0:
+            return b""
+        ss = self.sector_size
+        start = offset // ss * ss
+        end = -(-(offset + length) // ss) * ss
+        buf = bytearray(end - start)
+        await self._chunked(BlkifOp.READ, start, buf)
+        return bytes(buf[offset - start:offset - start + length])
+
+    async def write_at(self, offset: int, data: bytes) -> None:
+        """Write `data` at byte `offset`, any alignment and size. Partly covered sectors
+        at either end are read first and written back whole (read-modify-write), so two
+        concurrent unaligned writes that share a sector must be ordered by the caller,
+        as a filesystem orders writes to one block."""
+        if offset < 0:
+            raise ValueError(f"offset {offset}")
+        if not data:
+            return
+        ss = self.sector_size
+        start = offset // ss * ss
+        end = -(-(offset + len(data)) // ss) * ss
+        buf = bytearray(end - start)
+        if start != offset:
+            buf[:ss] = await self.read(start // SECTOR_SIZE, ss)
+        if end != offset + len(data) and (end - ss > start or start == offset):
+            buf[-ss:] = await self.read((end - ss) // SECTOR_SIZE, ss)
+        buf[offset - start:offset - start + len(data)] = data
+        await self._chunked(BlkifOp.WRITE, start, buf)
 
     # --- teardown ----------------------------------------------------------------------
 

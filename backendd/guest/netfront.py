@@ -191,6 +191,11 @@ class NetFront:
         """(port, kick_fd, call_fd): the daemon's ends; whoever takes them owns them."""
         return [ch for q in self.queues for ch in q.daemon_fds]
 
+    @property
+    def started(self) -> bool:
+        """Whether start() ran: responses are being collected."""
+        return self._loop is not None
+
     def start(self) -> None:
         """Fill the rx rings and begin collecting responses (on the running loop)."""
         self._loop = asyncio.get_running_loop()

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from backendd.errors import ControlError
 from backendd.protocol.framing import Framer, Role, encode_request
@@ -63,6 +63,8 @@ class VmmClient:
         self.closed = False
         self.version = 0
         self.features = 0
+        self._lost_callbacks: list[Callable[[], None]] = []
+        self.lost = False
 
     @classmethod
     async def connect(cls, path: str, features: int = 0, name: str | None = None) -> VmmClient:
@@ -111,6 +113,23 @@ class VmmClient:
             self._fail_all(exc)
         finally:
             self._fail_all(ConnectionLost("daemon closed the connection"))
+            self._connection_lost()
+
+    def add_lost_callback(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once when this connection ends, whichever side ends it (at
+        once if it has ended already): what depended on the daemon can stop waiting."""
+        if self.lost:
+            callback()
+        else:
+            self._lost_callbacks.append(callback)
+
+    def _connection_lost(self) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        callbacks, self._lost_callbacks = self._lost_callbacks, []
+        for callback in callbacks:
+            callback()
 
     def _fail_all(self, exc: BaseException) -> None:
         for _, fut in self._waiting.values():

@@ -160,7 +160,8 @@ class BlkDevice(Device):
                     channel=channels[qk.port], codecs=codecs, geometry=self.geometry,
                     image=self.image, grants=self.ctx.grants, submit=self._submit,
                     loop=self.ctx.loop, counters=self.counters,
-                    on_corrupt=self._corrupt, batch=self.batch)
+                    on_corrupt=self._corrupt, on_refused=self._refused,
+                    batch=self.batch)
                 if self.compiled:
                     try:
                         queues.append(CompiledRingQueue(kernel=self.kernel, **args))
@@ -204,6 +205,17 @@ class BlkDevice(Device):
             self.ctx.notices.keys_changed(self.devid, {"sectors": str(self.image.sectors)})
         self._resize_timer = self.ctx.loop.call_later(RESIZE_CHECK_SECONDS,
                                                       self._check_size)
+
+    def _refused(self, message: str) -> None:
+        # A guest can send bad requests as fast as it likes: at most guest_log_burst
+        # lines a minute per device reach the log (docs/protocol.md, "Guest errors").
+        guest_log = self.ctx.extras.get("guest_log")
+        if guest_log is None:  # outside a daemon (unit rigs): no limiter, no noise
+            log.debug("blk %d: %s", self.devid, message)
+            return
+        conn = self.ctx.extras.get("conn")
+        guest_log.warning((conn, self.devid, "bad_request"), "guest_error", conn=conn,
+                          devid=self.devid, kind="bad_request", message=message)
 
     def _corrupt(self, message: str) -> None:
         log.warning("blk %d: frontend misbehaved: %s", self.devid, message)

@@ -87,6 +87,7 @@ class RingQueue:
                  image: Image, grants: GrantTable, submit: Submit,
                  loop: asyncio.AbstractEventLoop, counters: Counters,
                  on_corrupt: Callable[[str], None], batch: int = BATCH,
+                 on_refused: Callable[[str], None] | None = None,
                  inflight: InflightQueue | None = None,
                  recovery: Recovery | None = None,
                  pgrants: PersistentGrants | None = None) -> None:
@@ -106,6 +107,8 @@ class RingQueue:
         self.loop = loop
         self.counters = counters
         self.on_corrupt = on_corrupt
+        # A request refused for the guest's own fault (rate-limited by the caller).
+        self.on_refused = on_refused or (lambda message: log.debug("%s", message))
         self.batch = batch
         self.max_pending = min(MAX_PENDING, back.size)
         self.halted = False
@@ -205,12 +208,12 @@ class RingQueue:
                 self.counters.unsupported += 1
             else:
                 self.counters.invalid += 1
-            log.debug("blk ring %d: request %d refused: %s", self.index, bad.id, bad.reason)
+            self.on_refused(f"blk ring {self.index}: request {bad.id} refused: {bad.reason}")
             self._answer(bad.id, bad.op, bad.status, index)
             return
         except GuestError as e:  # a bad grant: this request fails, the ring goes on
             assert req is not None
-            log.debug("blk ring %d: request %d: %s", self.index, req.id, e)
+            self.on_refused(f"blk ring {self.index}: request {req.id} refused: {e}")
             self.counters.invalid += 1
             self._answer(req.id, req.op, BlkifStatus.ERROR, index)
             return
