@@ -242,10 +242,12 @@ class CompiledRingQueue:
             value = getattr(st, name)
             if value:
                 setattr(c, name, getattr(c, name) + value)
-        if st.invalid or st.unsupported:
-            self.on_refused(f"blk ring {self.index}: {st.invalid + st.unsupported} "
-                            f"request(s) refused ({st.invalid} invalid, {st.unsupported} "
-                            "unsupported operation)")
+        refused = st.invalid + st.unsupported
+        if refused:
+            why = K.WHY[out.refused_why] if out.refused_why < len(K.WHY) else "?"
+            more = f" (and {refused - 1} more in this batch)" if refused > 1 else ""
+            self.on_refused(f"blk ring {self.index}: request {out.refused_id} refused: "
+                            f"{why}{more}")
         flags = out.flags
         if flags & K.INTERNAL:
             log.error("blk ring %d: stopped on an internal error (no free request slot "

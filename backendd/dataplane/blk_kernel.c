@@ -172,6 +172,16 @@ struct bk_out {
     uint32_t njobs;          /* slots to hand to the pool, in order */
     uint16_t jobs[BK_MAX_PENDING];
     uint8_t job_flush[BK_MAX_PENDING];
+    uint64_t refused_id;     /* the first request refused in this call, for the log */
+    uint32_t refused_why;    /* enum bk_why; 0: none */
+    uint32_t _pad;
+};
+
+/* Why a request was refused (the binding turns these into request.py's words). */
+enum bk_why {
+    WHY_NONE, WHY_UNKNOWN_OP, WHY_NSEG, WHY_READONLY, WHY_SEG_PAGE, WHY_ALIGN, WHY_WRAP,
+    WHY_BEYOND, WHY_INDIRECT_OP, WHY_INDIRECT_NSEG, WHY_INDIRECT_PAGES, WHY_GRANT,
+    WHY_SUBPAGE, WHY_NO_DISCARD, WHY_NO_SECURE_DISCARD,
 };
 
 /* ---- per-queue state -------------------------------------------------------------- */
@@ -645,28 +655,28 @@ struct seg {
 /* _check_transfer: segments inside their page, alignment, range, write permission.
  * Returns the total 512-byte sectors, or -1. */
 static int64_t check_transfer(const struct bk_disk *disk, uint8_t op, uint64_t sector,
-                              const struct seg *segs, uint32_t nseg)
+                              const struct seg *segs, uint32_t nseg, uint32_t *why)
 {
     if (op != BLKIF_OP_READ && disk->readonly)
-        return -1;
+        return *why = WHY_READONLY, -1;
     uint32_t mask = disk->sector_size / BK_SECTOR - 1;
     uint64_t total = 0;
     for (uint32_t i = 0; i < nseg; i++) {
         uint32_t first = segs[i].first, last = segs[i].last;
         if (last >= BK_SECTORS_PER_PAGE || last < first)
-            return -1;
+            return *why = WHY_SEG_PAGE, -1;
         uint32_t nsec = last - first + 1;
         if ((first | nsec) & mask)
-            return -1;
+            return *why = WHY_ALIGN, -1;
         total += nsec;
     }
     if (total && (sector & mask))
-        return -1;
+        return *why = WHY_ALIGN, -1;
     if (total) {
         if (sector > UINT64_MAX - total)
-            return -1;          /* sector + total would not fit a u64 */
+            return *why = WHY_WRAP, -1;     /* sector + total would not fit a u64 */
         if (sector + total > disk->sectors)
-            return -1;
+            return *why = WHY_BEYOND, -1;
     }
     return (int64_t)total;
 }
@@ -731,51 +741,63 @@ static void accept(struct bk_queue *q, const struct bk_env *env, const uint8_t *
     uint32_t nseg;
     uint8_t op;
     int64_t total = 0;
+    uint32_t why = WHY_NONE;
     decode(q->abi, raw, &f);
     out->stats.requests++;
     op = f.op;
     if (op == BLKIF_OP_READ || op == BLKIF_OP_WRITE || is_flush_op(op)) {
         nseg = f.nseg8;
-        if ((nseg == 0 && !is_flush_op(op)) || nseg > BLKIF_MAX_SEGMENTS_PER_REQUEST)
+        if ((nseg == 0 && !is_flush_op(op)) || nseg > BLKIF_MAX_SEGMENTS_PER_REQUEST) {
+            why = WHY_NSEG;
             goto invalid;
+        }
         for (uint32_t i = 0; i < nseg; i++) {
             segs[i].gref = f.seg[i].gref;
             segs[i].first = f.seg[i].first_sect;
             segs[i].last = f.seg[i].last_sect;
         }
-        total = check_transfer(&q->disk, op, f.sector, segs, nseg);
+        total = check_transfer(&q->disk, op, f.sector, segs, nseg, &why);
         if (total < 0)
             goto invalid;
     } else if (op == BLKIF_OP_INDIRECT) {
         op = f.inner;   /* answered with the inner operation, as blkback does */
         nseg = f.nseg16;
+        why = WHY_INDIRECT_OP;
         if (op != BLKIF_OP_READ && op != BLKIF_OP_WRITE)
             goto invalid;
+        why = WHY_INDIRECT_NSEG;
         if (nseg == 0 || nseg > q->disk.max_indirect || nseg > BK_MAX_SEGS)
             goto invalid;
+        why = WHY_READONLY;
         if (op == BLKIF_OP_WRITE && q->disk.readonly)
             goto invalid;
+        why = WHY_INDIRECT_PAGES;
         if ((nseg + BK_SEGS_PER_FRAME - 1) / BK_SEGS_PER_FRAME >
             BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST)
             goto invalid;
+        why = WHY_GRANT;
         if (read_indirect(env, &f, nseg, segs))
             goto invalid;
-        total = check_transfer(&q->disk, op, f.sector, segs, nseg);
+        total = check_transfer(&q->disk, op, f.sector, segs, nseg, &why);
         if (total < 0)
             goto invalid;
     } else if (op == BLKIF_OP_DISCARD) {
         int secure = f.flag & BLKIF_DISCARD_SECURE;
         nseg = 0;
+        why = q->disk.discard ? WHY_NO_SECURE_DISCARD : WHY_NO_DISCARD;
         if (!q->disk.discard || (secure && !q->disk.discard_secure))
             goto unsupported;
+        why = WHY_READONLY;
         if (q->disk.readonly)
             goto invalid;
         if (f.nr_sectors) {
+            why = f.sector > UINT64_MAX - f.nr_sectors ? WHY_WRAP : WHY_BEYOND;
             if (f.sector > UINT64_MAX - f.nr_sectors ||
                 f.sector + f.nr_sectors > q->disk.sectors)
                 goto invalid;
         }
     } else {
+        why = WHY_UNKNOWN_OP;
         goto unsupported;
     }
 
@@ -804,6 +826,7 @@ static void accept(struct bk_queue *q, const struct bk_env *env, const uint8_t *
         uint32_t lo, hi;
         if (grant_pin(env, segs[i].gref, writable, &page, &lo, &hi)) {
             slot_release(env, s);
+            why = WHY_GRANT;
             goto invalid;
         }
         s->grefs[s->nseg] = segs[i].gref;
@@ -813,6 +836,7 @@ static void accept(struct bk_queue *q, const struct bk_env *env, const uint8_t *
         uint32_t len = (segs[i].last - segs[i].first + 1u) * BK_SECTOR;
         if (start < lo || start + len > hi) {   /* outside a v2 sub-page grant */
             slot_release(env, s);
+            why = WHY_SUBPAGE;
             goto invalid;
         }
         s->iov[i].iov_base = page + start;
@@ -825,10 +849,18 @@ static void accept(struct bk_queue *q, const struct bk_env *env, const uint8_t *
 
 invalid:
     out->stats.invalid++;
+    if (!out->refused_why) {
+        out->refused_id = f.id;
+        out->refused_why = why;
+    }
     answer(q, f.id, op, BLKIF_RSP_ERROR, index, entry);
     return;
 unsupported:
     out->stats.unsupported++;
+    if (!out->refused_why) {
+        out->refused_id = f.id;
+        out->refused_why = why;
+    }
     answer(q, f.id, op, BLKIF_RSP_EOPNOTSUPP, index, entry);
 }
 

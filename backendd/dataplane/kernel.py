@@ -65,7 +65,19 @@ class Stats(ctypes.Structure):
 class Out(ctypes.Structure):
     _fields_ = [("stats", Stats), ("flags", ctypes.c_uint32), ("njobs", ctypes.c_uint32),
                 ("jobs", ctypes.c_uint16 * MAX_PENDING),
-                ("job_flush", ctypes.c_uint8 * MAX_PENDING)]
+                ("job_flush", ctypes.c_uint8 * MAX_PENDING),
+                ("refused_id", ctypes.c_uint64), ("refused_why", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32)]
+
+
+# enum bk_why: why the first refused request of a call was refused.
+WHY = ("", "unknown operation", "bad number of segments", "write to a read-only disk",
+       "segment sectors outside a page", "not aligned to the disk's sectors",
+       "sector range wraps", "sector range beyond the disk", "indirect operation",
+       "bad number of indirect segments", "too many indirect pages",
+       "a grant refused (revoked, another domain's, read-only, beyond the table or not "
+       "guest memory)", "segment outside its sub-page grant", "discard not supported",
+       "secure discard not supported")
 
 
 JobArray = ctypes.c_uint16 * MAX_PENDING
