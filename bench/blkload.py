@@ -24,7 +24,14 @@ from backendd.guest.machine import SimGuest
 from backendd.guest.vmm import VmmClient
 from rings.consts import GTF_READING, GTF_WRITING, PAGE_SIZE, XenbusState
 
-from .loadgen import contiguous, daemon_cpu, start_ready
+from .loadgen import (
+    contiguous,
+    daemon_cpu,
+    event_channel_fds,
+    guest_args,
+    require_one_region,
+    start_ready,
+)
 from .native import build
 
 DEVID = 51712  # xvda
@@ -132,8 +139,7 @@ async def run_load(socket_path: str, image: str, load: Load, *,
         max_indirect = int(bkeys.get("feature-max-indirect-segments", "0"))
 
         ram, gt = guest.ram, guest.gnttab
-        if len(ram.regions) != 1 or ram.regions[0][0] != 0 or ram.regions[0][3] != 0:
-            raise RuntimeError("the load generator maps guest RAM as one region at 0")
+        require_one_region(ram)
         fkeys: dict[str, str] = {"protocol": "x86_64-abi",
                                  "feature-persistent": "1" if load.persistent else "0"}
         if load.queues > 1:
@@ -155,23 +161,12 @@ async def run_load(socket_path: str, image: str, load: Load, *,
                 fkeys[f"{prefix}ring-ref"] = str(grefs[0])
             port = FIRST_PORT + q
             fkeys[f"{prefix}event-channel"] = str(port)
-            kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            fds.append(kick)
-            call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            fds.append(call)
+            kick, call = event_channel_fds(fds)
             channels.append((port, kick, call))
             queue_args += ["--queue", f"{first}:{order}:{kick}:{call}"]
-        frame_first = contiguous([ram.alloc_page() for _ in range(data_pages)])
-        # Python's grant allocator hands out the lowest free entries: everything above
-        # the rings' grants is the program's.
-        gref_first = max(ring_grefs) + 1
-        if gref_first + data_pages > gt.entries:
-            raise RuntimeError("grant table too small")
+        gref_first, memory_args = guest_args(ram, gt, ring_grefs, data_pages)
 
-        args = [str(binary), "--ram", f"{ram.fd}:{ram.size}",
-                "--gnttab", f"{gt.fd}:{gt.nr_frames}",
-                "--grefs", f"{gref_first}:{data_pages}",
-                "--frames", f"{frame_first}:{data_pages}", *queue_args,
+        args = [str(binary), *memory_args, *queue_args,
                 "--sectors", str(os.path.getsize(image) // 512),
                 "--max-indirect", str(max_indirect), "--qd", str(load.qd),
                 "--bs", str(load.bs), "--rw", load.rw, "--pattern", load.pattern,

@@ -27,8 +27,12 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from backendd.guest import VmmClient
 
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 PAGE = 4096
@@ -581,6 +585,35 @@ def _control_message(rng: random.Random) -> tuple[int, int, int, bytes, int]:
     return code, flags, size, payload, nfds
 
 
+def _open_fds() -> set[int]:
+    return {int(x) for x in os.listdir("/proc/self/fd")}
+
+
+async def _daemon_unharmed(baseline: set[int], good: VmmClient, log: io.StringIO) -> None:
+    """What a hostile peer must leave behind, the daemon running in this process: no fd
+    open beyond `baseline`, the well-behaved peer `good` still served, and no request
+    that reached the local-bug path in the daemon's `log`."""
+    leaked = _open_fds() - baseline
+    need(not leaked, f"fds left open in the daemon: {sorted(leaked)}")
+    need(isinstance(await good.stats(), dict), "well-behaved peer not served")
+    text = log.getvalue()
+    need("request_crashed" not in text and "worker_crashed" not in text,
+         "a request reached the local-bug path: " +
+         next((ln for ln in text.splitlines() if "crashed" in ln), ""))
+
+
+def _run_async(name: str, body: Callable[[int, int, Result], Awaitable[None]], n: int,
+               seed: int) -> Result:
+    """A Result named `name` for `body(n, seed, result)` run on uvloop, and its time."""
+    import uvloop
+
+    res = Result(name)
+    start = time.perf_counter()
+    uvloop.run(body(n, seed, res))
+    res.seconds = time.perf_counter() - start
+    return res
+
+
 async def _control(n: int, seed: int, res: Result) -> None:
     from backendd.config import Config, DaemonSection
     from backendd.guest import SimGuest, VmmClient, sealed_memfd
@@ -601,9 +634,6 @@ async def _control(n: int, seed: int, res: Result) -> None:
     guest = SimGuest(ram_size=1 << 20, gnttab_frames=1)
     await guest.attach(good)
 
-    def fds_now() -> set[int]:
-        return {int(x) for x in os.listdir("/proc/self/fd")}
-
     async def settle() -> None:
         for _ in range(1000):
             if len(server.connections) <= 1:
@@ -611,7 +641,7 @@ async def _control(n: int, seed: int, res: Result) -> None:
             await asyncio.sleep(0.002)
         raise Violation("a closed connection was not torn down")
 
-    baseline = fds_now()
+    baseline = _open_fds()
     s = None
     framer = None
     seq = 0
@@ -705,13 +735,7 @@ async def _control(n: int, seed: int, res: Result) -> None:
         s.close()
         s = None
         await settle()
-        leaked = fds_now() - baseline
-        need(not leaked, f"fds left open in the daemon: {sorted(leaked)}")
-        need(isinstance(await good.stats(), dict), "well-behaved peer not served")
-        text = log.getvalue()
-        need("request_crashed" not in text and "worker_crashed" not in text,
-             "a request reached the local-bug path: " +
-             next((ln for ln in text.splitlines() if "crashed" in ln), ""))
+        await _daemon_unharmed(baseline, good, log)
     except Violation as exc:
         res.violate(str(exc))
     finally:
@@ -726,13 +750,7 @@ async def _control(n: int, seed: int, res: Result) -> None:
 
 
 def fuzz_control(n: int, seed: int) -> Result:
-    import uvloop
-
-    res = Result("control messages")
-    start = time.perf_counter()
-    uvloop.run(_control(n, seed, res))
-    res.seconds = time.perf_counter() - start
-    return res
+    return _run_async("control messages", _control, n, seed)
 
 
 # --- fd kinds, seals and per-connection bounds ----------------------------------------
@@ -812,10 +830,7 @@ async def _fds(n: int, seed: int, res: Result) -> None:
     good_guest = SimGuest(ram_size=1 << 20, gnttab_frames=1)
     await good_guest.attach(good)
 
-    def fds_now() -> set[int]:
-        return {int(x) for x in os.listdir("/proc/self/fd")}
-
-    baseline = fds_now()
+    baseline = _open_fds()
     hostile: VmmClient | None = None
     guest: SimGuest | None = None
     devices: set[int] = set()
@@ -979,13 +994,7 @@ async def _fds(n: int, seed: int, res: Result) -> None:
             if len(server.connections) <= 1:
                 break
             await asyncio.sleep(0.002)
-        leaked = fds_now() - baseline
-        need(not leaked, f"fds left open in the daemon: {sorted(leaked)}")
-        need(isinstance(await good.stats(), dict), "well-behaved peer not served")
-        text = log.getvalue()
-        need("request_crashed" not in text and "worker_crashed" not in text,
-             "a request reached the local-bug path: " +
-             next((ln for ln in text.splitlines() if "crashed" in ln), ""))
+        await _daemon_unharmed(baseline, good, log)
     except Violation as exc:
         res.violate(str(exc))
     finally:
@@ -1004,13 +1013,7 @@ async def _fds(n: int, seed: int, res: Result) -> None:
 
 
 def fuzz_fds(n: int, seed: int) -> Result:
-    import uvloop
-
-    res = Result("fd kinds and bounds")
-    start = time.perf_counter()
-    uvloop.run(_fds(n, seed, res))
-    res.seconds = time.perf_counter() - start
-    return res
+    return _run_async("fd kinds and bounds", _fds, n, seed)
 
 
 # --- driver --------------------------------------------------------------------------

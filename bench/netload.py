@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from backendd.guest.machine import SimGuest
 from backendd.guest.vmm import VmmClient
 from rings.consts import GTF_READING, GTF_WRITING, PAGE_SIZE, XenbusState
 
-from .loadgen import contiguous, start_ready
+from .loadgen import event_channel_fds, guest_args, require_one_region, start_ready
 from .native import build
 
 DEVID = 0
@@ -137,8 +136,7 @@ async def netfront(socket_path: str, *, host_ns: str, guest_ns: str, host_tap: s
             raise NetLoadFailed(f"the daemon offers fewer than {queues} queues")
 
         ram, gt = guest.ram, guest.gnttab
-        if len(ram.regions) != 1 or ram.regions[0][0] != 0 or ram.regions[0][3] != 0:
-            raise RuntimeError("the load generator maps guest RAM as one region at 0")
+        require_one_region(ram)
         fkeys: dict[str, str] = {
             "request-rx-copy": "1", "feature-rx-notify": "1", "feature-sg": "1",
             "feature-gso-tcpv4": "1", "feature-gso-tcpv6": "1",
@@ -158,10 +156,7 @@ async def netfront(socket_path: str, *, host_ns: str, guest_ns: str, host_tap: s
             fkeys[prefix + "rx-ring-ref"] = str(rx_gref)
             ends: list[tuple[int, int]] = []
             for _ in range(2 if split else 1):
-                kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                fds.append(kick)
-                call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                fds.append(call)
+                kick, call = event_channel_fds(fds)
                 channels.append((port, kick, call))
                 ends.append((kick, call))
                 port += 1
@@ -180,16 +175,8 @@ async def netfront(socket_path: str, *, host_ns: str, guest_ns: str, host_tap: s
                                                            netns=guest_ns))
         subprocess.run(["ip", "-n", guest_ns, "link", "set", guest_tap, "gso_max_size",
                         str(GUEST_GSO_MAX)], check=True, capture_output=True)
-        frame_first = contiguous([ram.alloc_page() for _ in range(data_pages)])
-        # Python's grant allocator hands out the lowest free entries: everything above
-        # the rings' grants is the program's.
-        gref_first = max(ring_grefs) + 1
-        if gref_first + data_pages > gt.entries:
-            raise RuntimeError("grant table too small")
-        args = [str(binary), "--ram", f"{ram.fd}:{ram.size}",
-                "--gnttab", f"{gt.fd}:{gt.nr_frames}",
-                "--grefs", f"{gref_first}:{data_pages}",
-                "--frames", f"{frame_first}:{data_pages}", *queue_args]
+        gref_first, memory_args = guest_args(ram, gt, ring_grefs, data_pages)
+        args = [str(binary), *memory_args, *queue_args]
         proc, why = await start_ready(args, [ram.fd, gt.fd, *fds, *tap_fds])
         if why or proc.returncode is not None:
             raise NetLoadFailed(f"netfront_load did not start: {why}")

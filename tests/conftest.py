@@ -3,6 +3,7 @@ production), listening on a real unix socket in a temporary directory."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -16,6 +17,8 @@ import uvloop
 from profiles import register
 
 from backendd.config import Config, DaemonSection
+from backendd.guest.machine import SimGuest
+from backendd.guest.vmm import VmmClient
 from backendd.log import EventLog
 from backendd.server import Server
 
@@ -47,6 +50,34 @@ async def daemon(tmp_path: Path) -> AsyncIterator[DaemonHandle]:
         yield DaemonHandle(server, path, log)
     finally:
         await server.close()
+
+
+@contextlib.asynccontextmanager
+async def _attached_guest(daemon: DaemonHandle, gnttab_version: int
+                          ) -> AsyncIterator[tuple[VmmClient, SimGuest]]:
+    client = await VmmClient.connect(daemon.path)
+    guest = SimGuest(ram_size=48 << 20, gnttab_frames=8, gnttab_version=gnttab_version)
+    try:
+        await guest.attach(client)
+        yield client, guest
+    finally:
+        await client.close()
+        guest.close()
+
+
+@pytest.fixture
+async def vm(daemon: DaemonHandle) -> AsyncIterator[tuple[VmmClient, SimGuest]]:
+    """A VMM connection to the daemon and a 48 MiB guest attached to it, with an
+    8-frame v1 grant table."""
+    async with _attached_guest(daemon, 1) as pair:
+        yield pair
+
+
+@pytest.fixture
+async def v2_vm(daemon: DaemonHandle) -> AsyncIterator[tuple[VmmClient, SimGuest]]:
+    """The same with a v2 grant table."""
+    async with _attached_guest(daemon, 2) as pair:
+        yield pair
 
 
 @pytest.fixture

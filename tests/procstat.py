@@ -7,6 +7,15 @@ def open_fds() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
+def fdinfo(fd: int, field: str) -> str:
+    """The first value of `field` in /proc/self/fdinfo/FD (e.g. "flags", "eventfd-count")."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return line.split()[1]
+    raise AssertionError(f"fd {fd}: no {field} in fdinfo")
+
+
 def mapping_count() -> int:
     """Mappings of memfds: guest RAM and grant tables. (Anonymous mappings come and go
     with the allocator, so they say nothing about leaks.)"""

@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Mapping
 
 import pytest
+from procstat import fdinfo
 
 from backendd.config import BlockSection, Config
 from backendd.devices.base import DEVICE_TYPES, DeviceContext, NoticeSink
@@ -487,11 +488,7 @@ def test_config_keys(tmp_path):
 
 def open_flags(fd: int) -> int:
     """The file status flags the kernel holds for one of our descriptors."""
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("flags:"):
-                return int(line.split()[1], 8)
-    raise AssertionError(f"fd {fd}: no flags in fdinfo")
+    return int(fdinfo(fd, "flags"), 8)
 
 
 @pytest.mark.parametrize(("direct", "mode"), [("1", "w"), ("1", "r"), ("0", "w")])

@@ -15,7 +15,6 @@ import termios
 import pytest
 
 from backendd.guest.blkfront import BlkFront, BlkIOError
-from backendd.guest.machine import SimGuest
 from backendd.guest.vmm import RequestFailed, VmmClient
 from backendd.protocol.framing import encode_request
 from backendd.protocol.messages import (
@@ -61,16 +60,6 @@ async def connect_front(client: VmmClient, front: BlkFront, devid: int = DEVID
     front.update_backend_keys(keys)
     front.start()
     return state, keys
-
-
-@pytest.fixture
-async def vm(daemon):
-    client = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=48 * MiB, gnttab_frames=8)
-    await guest.attach(client)
-    yield client, guest
-    await client.close()
-    guest.close()
 
 
 async def test_read_write_flush_discard_through_the_daemon(vm, tmp_path):

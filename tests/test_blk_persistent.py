@@ -8,14 +8,14 @@ import os
 import random
 
 import pytest
+from grantrig import backend_grant_table, guest_ram_and_table
 
 from backendd.devices.blk.persistent import PersistentGrants
-from backendd.grants import GrantError, GrantTable
-from backendd.guest import GuestGrantTable, GuestRAM
+from backendd.grants import GrantError
+from backendd.guest import GuestGrantTable
 from backendd.guest.blkfront import BlkFront
 from backendd.guest.machine import SimGuest
 from backendd.guest.vmm import VmmClient
-from backendd.memory import GuestMemory
 from rings.consts import GTF_READING, GTF_WRITING, XenbusState
 
 PAGE = 4096
@@ -28,24 +28,14 @@ IN_USE = GTF_READING | GTF_WRITING
 
 @pytest.fixture
 def guest():
-    ram = GuestRAM(64 * PAGE)
-    gt = GuestGrantTable(nr_frames=1)
-    yield ram, gt
-    gt.close()
-    ram.close()
+    with guest_ram_and_table(64) as pair:
+        yield pair
 
 
 @pytest.fixture
 def table(guest):
-    ram, gt = guest
-    mem = GuestMemory()
-    for gpa, size, fd, offset in ram.regions:
-        mem.add_region(gpa, size, fd, offset)
-    t = GrantTable(mem, backend_domid=0)
-    t.set_table(gt.fd, 0, gt.nr_frames)
-    yield t
-    t.close()
-    mem.close()
+    with backend_grant_table(*guest) as t:
+        yield t
 
 
 def flags(gt: GuestGrantTable, gref: int) -> int:
@@ -131,19 +121,19 @@ def test_full_cache_purges_the_least_recently_released_and_overflows_when_all_bu
 
 # --- both ends through the daemon -------------------------------------------------------
 
-@pytest.fixture
-async def vm(daemon):
-    client = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=48 * MiB, gnttab_frames=8)
-    await guest.attach(client)
-    yield client, guest
-    await client.close()
-    guest.close()
-
-
 def grants_in_use(guest: SimGuest) -> list[int]:
     gt = guest.gnttab
     return [g for g in range(gt.entries) if gt.entry(g)[0] & IN_USE]
+
+
+async def close_and_check_released(client: VmmClient, guest: SimGuest, front: BlkFront
+                                   ) -> None:
+    """Close the device (xenbus Closed): the daemon holds no grant of the guest's after
+    it, and the frontend takes back every grant it made."""
+    await client.frontend_state(DEVID, XenbusState.CLOSED, {})
+    assert grants_in_use(guest) == []
+    front.close()
+    assert front.refused_revokes == []
 
 
 async def connect(client: VmmClient, guest: SimGuest, image: str, *, backend: str | None,
@@ -203,10 +193,7 @@ async def test_negotiation_matrix(vm, tmp_path, backend, frontend):
     pool_refs = {g for q in front.queues for g, _ in q.pool}
     assert set(grants_in_use(guest)) == ring_refs | pool_refs
     # Disconnect releases every pin: every flag clear, every revoke accepted.
-    await client.frontend_state(DEVID, XenbusState.CLOSED, {})
-    assert grants_in_use(guest) == []
-    front.close()
-    assert front.refused_revokes == []
+    await close_and_check_released(client, guest, front)
 
 
 async def test_a_frontend_beyond_the_bound_still_works(vm, tmp_path):
@@ -232,10 +219,7 @@ async def test_a_frontend_beyond_the_bound_still_works(vm, tmp_path):
     assert stats["pgrant_hits"] > 0
     through_guest = [await front.read(w * (MiB // 512), MiB) for w in range(8)]
     assert image.read_bytes() == b"".join(through_guest)
-    await client.frontend_state(DEVID, XenbusState.CLOSED, {})
-    assert grants_in_use(guest) == []
-    front.close()
-    assert front.refused_revokes == []
+    await close_and_check_released(client, guest, front)
 
 
 async def test_reconnect_and_remove_release_the_cache(vm, tmp_path):
@@ -248,10 +232,7 @@ async def test_reconnect_and_remove_release_the_cache(vm, tmp_path):
     gref, _ = front.queues[0].pool[0]
     assert not guest.gnttab.end_access(gref)
     keys = dict(front.backend_keys)
-    await client.frontend_state(DEVID, XenbusState.CLOSED, {})
-    assert grants_in_use(guest) == []
-    front.close()
-    assert front.refused_revokes == []
+    await close_and_check_released(client, guest, front)
     # The driver comes back, this time without persistent grants, then with them again.
     for persistent in (False, True):
         state, _ = await client.frontend_state(DEVID, XenbusState.INITIALISING, {})

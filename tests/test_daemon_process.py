@@ -192,39 +192,22 @@ def serve_a_disk_and_ask_the_cli(daemon: Activated,
     """A guest writes five blocks to a disk; status, stats and ring-dump run meanwhile."""
     import asyncio
 
-    from backendd.guest.blkfront import BlkFront
-    from backendd.guest.machine import SimGuest
-    from backendd.guest.vmm import VmmClient
-    from rings.consts import XenbusState
+    from diskguest import guest_with_disk
 
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
 
     async def scenario() -> dict[str, subprocess.CompletedProcess]:
-        client = await VmmClient.connect(daemon.path)
-        guest = SimGuest(ram_size=8 << 20, gnttab_frames=2)
-        await guest.attach(client)
-        _, keys = await client.add_device(51712, "blk", {"path": str(image)})
-        front = BlkFront(guest.ram, guest.gnttab, 51712, backend_keys=keys)
-        channels = front.channels()
-        await client.frontend_state(51712, XenbusState.CONNECTED, front.frontend_keys(),
-                                    channels)
-        for _, kick, call in channels:
-            os.close(kick)
-            os.close(call)
-        front.start()
-        for i in range(5):
-            await front.write(i * 8, bytes([i]) * 4096)
-        loop = asyncio.get_running_loop()
-        results = {}
-        for name, args in (("status", ["status"]), ("stats", ["stats"]),
-                           ("prom", ["stats", "--prometheus"]),
-                           ("dump", ["ring-dump", "1", "51712", "0", "--slots", "5"])):
-            results[name] = await loop.run_in_executor(
-                None, lambda a=args: cli(*a, path=daemon.path))
-        front.close()
-        await client.close()
-        guest.close()
+        async with guest_with_disk(daemon.path, image) as front:
+            for i in range(5):
+                await front.write(i * 8, bytes([i]) * 4096)
+            loop = asyncio.get_running_loop()
+            results = {}
+            for name, args in (("status", ["status"]), ("stats", ["stats"]),
+                               ("prom", ["stats", "--prometheus"]),
+                               ("dump", ["ring-dump", "1", "51712", "0", "--slots", "5"])):
+                results[name] = await loop.run_in_executor(
+                    None, lambda a=args: cli(*a, path=daemon.path))
         return results
 
     return asyncio.run(scenario())

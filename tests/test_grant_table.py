@@ -3,6 +3,7 @@
 import errno
 
 import pytest
+from grantrig import backend_grant_table, guest_ram_and_table
 
 from backendd.errors import ControlError, GuestError
 from backendd.grants import GrantError, GrantTable
@@ -15,24 +16,14 @@ PAGE = 4096
 
 @pytest.fixture
 def guest():
-    ram = GuestRAM(16 * PAGE)
-    gt = GuestGrantTable(nr_frames=1)
-    yield ram, gt
-    gt.close()
-    ram.close()
+    with guest_ram_and_table(16) as pair:
+        yield pair
 
 
 @pytest.fixture
 def table(guest):
-    ram, gt = guest
-    mem = GuestMemory()
-    for gpa, size, fd, offset in ram.regions:
-        mem.add_region(gpa, size, fd, offset)
-    t = GrantTable(mem, backend_domid=0)
-    t.set_table(gt.fd, 0, gt.nr_frames)
-    yield t
-    t.close()
-    mem.close()
+    with backend_grant_table(*guest) as t:
+        yield t
 
 
 def test_mapped_page_is_the_guest_page(guest, table):

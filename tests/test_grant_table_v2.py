@@ -4,6 +4,7 @@ status frames, against the simulated guest's real shared v2 table."""
 import errno
 
 import pytest
+from grantrig import backend_grant_table, guest_ram_and_table
 
 import backendd.grants as grants_module
 from backendd.errors import ControlError
@@ -18,24 +19,14 @@ PAGE = 4096
 
 @pytest.fixture
 def guest():
-    ram = GuestRAM(16 * PAGE)
-    gt = GuestGrantTable(nr_frames=1, version=2)
-    yield ram, gt
-    gt.close()
-    ram.close()
+    with guest_ram_and_table(16, version=2) as pair:
+        yield pair
 
 
 @pytest.fixture
 def table(guest):
-    ram, gt = guest
-    mem = GuestMemory()
-    for gpa, size, fd, offset in ram.regions:
-        mem.add_region(gpa, size, fd, offset)
-    t = GrantTable(mem)
-    t.set_table(gt.fd, 0, gt.nr_frames, version=2)
-    yield t
-    t.close()
-    mem.close()
+    with backend_grant_table(*guest) as t:
+        yield t
 
 
 def test_v2_geometry(table):

@@ -14,7 +14,7 @@ import struct
 import sys
 
 import pytest
-from procstat import mapping_count, open_fds
+from procstat import fdinfo, mapping_count, open_fds
 
 from backendd import server as server_module
 from backendd.fdrules import require_sealed_memfd
@@ -42,11 +42,7 @@ SATURATED = 0xFFFFFFFFFFFFFFFE  # an eventfd counter that cannot take one more
 
 
 def eventfd_count(fd: int) -> int:
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("eventfd-count:"):
-                return int(line.split()[1], 16)
-    raise AssertionError(f"fd {fd} is not an eventfd")
+    return int(fdinfo(fd, "eventfd-count"), 16)
 
 
 async def until_stat(client: VmmClient, key: str, value: int, round_trips: int = 100_000) -> None:

@@ -4,9 +4,8 @@ level, info), at most [daemon] guest_log_burst of them per guest, device and kin
 from __future__ import annotations
 
 import pytest
-from test_net_harness import namespaces, uniq, until
+from test_net_harness import daemon_guest, namespaces, uniq, until
 
-from backendd.guest import SimGuest, VmmClient
 from backendd.guest.netfront import NetFront
 from rings.consts import NetifRsp, XenbusState
 from rings.netif import TX_REQUEST
@@ -18,14 +17,11 @@ pytestmark = pytest.mark.usefixtures("root")
 async def test_tx_errors_are_logged_within_the_limit(daemon):
     host = uniq("glh")
     with namespaces(host):
-        client = await VmmClient.connect(daemon.path)
-        guest = SimGuest(ram_size=48 << 20, gnttab_frames=16)
-        front = None
-        try:
-            await guest.attach(client)
+        async with daemon_guest(daemon.path) as (client, guest, fronts):
             await client.add_device(0, "net", {"tap": uniq("gl") + "t", "netns": host,
                                                "queues": "1"})
             front = NetFront(guest.ram, guest.gnttab, 0)
+            fronts.append(front)
             await client.hand_over_channels(0, XenbusState.CONNECTED,
                                             front.frontend_keys(), front.channels())
             front.start()
@@ -39,11 +35,6 @@ async def test_tx_errors_are_logged_within_the_limit(daemon):
             assert {status for _, status in front.raw_tx_responses} == {NetifRsp.ERROR}
             stats = await client.stats(0)
             assert stats["0.tx_errors"] == "60" and stats["0.fatal"] == "0"
-        finally:
-            if front is not None:
-                front.close()
-            await client.close()
-            guest.close()
     lines = [line for line in daemon.log_lines() if "event=guest_error" in line]
     assert lines and all(line.startswith("<4>level=warning") for line in lines)
     assert all("kind=tx_error" in line and "devid=0" in line for line in lines)

@@ -1,6 +1,7 @@
 """Shared wiring for the network tests (no tests here): one simulated guest's memory and
-grant table handed to the daemon's own GuestMemory/GrantTable in-process, network
-namespaces made and removed by the test, and processes run inside them."""
+grant table handed to the daemon's own GuestMemory/GrantTable in-process, or attached to
+the real daemon over its socket; network namespaces made and removed by the test, and
+processes run inside them."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import asyncio
 import contextlib
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from backendd.devices.base import DeviceContext, NoticeSink
 from backendd.devices.net import NetDevice
 from backendd.evtchn import EventChannel
 from backendd.grants import GrantTable
-from backendd.guest import GuestGrantTable, GuestRAM
+from backendd.guest import GuestGrantTable, GuestRAM, SimGuest, VmmClient
 from backendd.guest.netfront import NetFront
 from backendd.memory import GuestMemory
 
@@ -72,6 +74,30 @@ def make_guest(ram_size: int = 48 << 20, gnttab_frames: int = 16) -> Guest:
     ctx = DeviceContext(memory, grants, asyncio.get_running_loop(), notices,
                         extras={"conn": 0})
     return Guest(ram, gnttab, memory, grants, ctx, notices)
+
+
+class DaemonGuest(NamedTuple):
+    client: VmmClient
+    guest: SimGuest
+    fronts: list[NetFront]  # closed with the guest
+
+
+@contextlib.asynccontextmanager
+async def daemon_guest(socket_path: str, gnttab_version: int = 1
+                       ) -> AsyncIterator[DaemonGuest]:
+    """A VMM connection to the daemon at `socket_path` and a 48 MiB guest (16 grant-table
+    frames) attached to it; the netfronts the test puts in `fronts` are closed first."""
+    client = await VmmClient.connect(socket_path)
+    guest = SimGuest(ram_size=48 << 20, gnttab_frames=16, gnttab_version=gnttab_version)
+    fronts: list[NetFront] = []
+    try:
+        await guest.attach(client)
+        yield DaemonGuest(client, guest, fronts)
+    finally:
+        for front in fronts:
+            front.close()
+        await client.close()
+        guest.close()
 
 
 def uniq(tag: str) -> str:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from test_net_harness import addr, namespaces, run, tcp_transfer, uniq
+from test_net_harness import addr, daemon_guest, namespaces, run, tcp_transfer, uniq
 
-from backendd.guest import RequestFailed, SimGuest, VmmClient
+from backendd.guest import RequestFailed, VmmClient
 from backendd.guest.netfront import NetFront
 from rings.consts import XenbusState
 
@@ -21,17 +21,14 @@ async def test_ping_and_tcp_through_the_daemon(daemon):
     host, gns = uniq("nih"), uniq("nig")
     tap, gtap = uniq("bv") + "i", uniq("bg") + "i"
     with namespaces(host, gns):
-        client = await VmmClient.connect(daemon.path)
-        guest = SimGuest(ram_size=48 << 20, gnttab_frames=16)
-        front = None
-        try:
-            await guest.attach(client)
+        async with daemon_guest(daemon.path) as (client, guest, fronts):
             state, keys = await client.add_device(0, "net", {"tap": tap, "netns": host,
                                                            "mac": "00:16:3e:00:00:33"})
             assert state == XenbusState.INIT_WAIT
             assert keys["feature-sg"] == "1" and keys["feature-rx-copy"] == "1"
             assert keys["mac"] == "00:16:3e:00:00:33"
             front = NetFront(guest.ram, guest.gnttab, 0, split=True)
+            fronts.append(front)
             channels = front.channels()
             state, _ = await client.frontend_state(0, XenbusState.CONNECTED,
                                                    front.frontend_keys(), channels)
@@ -55,11 +52,6 @@ async def test_ping_and_tcp_through_the_daemon(daemon):
             assert state == XenbusState.CLOSED
             await client.remove_device(0)
             assert not front.busy_after_response
-        finally:
-            if front is not None:
-                front.close()
-            await client.close()
-            guest.close()
 
 
 async def test_bad_config_refused(daemon):

@@ -10,7 +10,7 @@ import asyncio
 import logging
 
 import pytest
-from test_net_harness import inject, namespaces, uniq, until
+from test_net_harness import daemon_guest, inject, namespaces, uniq, until
 
 from backendd.guest import SimGuest, VmmClient
 from backendd.guest.netfront import NetFront
@@ -49,15 +49,12 @@ async def test_one_bad_rx_buffer_fails_alone(daemon):
     host = uniq("rbh")
     tap = uniq("rb") + "a"
     with namespaces(host):
-        client = await VmmClient.connect(daemon.path)
-        guest = SimGuest(ram_size=48 << 20, gnttab_frames=16)
-        front = None
-        try:
-            await guest.attach(client)
+        async with daemon_guest(daemon.path) as (client, guest, fronts):
             # A GSO frontend: the daemon waits for 18 posted buffers (a 64 KiB frame and
             # its extra-info slot) before it reads; the 18th has a gref past the table.
             front = await plug(client, guest, 0, {"tap": tap, "netns": host,
                                                   "queues": "1"})
+            fronts.append(front)
             front.rx_bad_grefs[17] = BEYOND_TABLE
             await connect(client, front)
             frames = [frame(60 + i, i) for i in range(20)]
@@ -75,24 +72,16 @@ async def test_one_bad_rx_buffer_fails_alone(daemon):
             assert not front.busy_after_response
             assert any("event=guest_error" in line and "kind=rx_bad_grant" in line
                        and "beyond the grant table" in line for line in daemon.log_lines())
-        finally:
-            if front is not None:
-                front.close()
-            await client.close()
-            guest.close()
 
 
 async def test_a_frame_reaching_a_bad_buffer_is_the_only_loss(daemon):
     host = uniq("rbh")
     tap = uniq("rb") + "b"
     with namespaces(host):
-        client = await VmmClient.connect(daemon.path)
-        guest = SimGuest(ram_size=48 << 20, gnttab_frames=16)
-        front = None
-        try:
-            await guest.attach(client)
+        async with daemon_guest(daemon.path) as (client, guest, fronts):
             front = await plug(client, guest, 1, {"tap": tap, "netns": host,
                                                   "queues": "1", "mtu": "9000"})
+            fronts.append(front)
             front.rx_bad_grefs[1] = BEYOND_TABLE
             await connect(client, front)
             # A 9000-byte frame takes slots 0-2, slot 1 among them: that frame is lost
@@ -107,11 +96,6 @@ async def test_a_frame_reaching_a_bad_buffer_is_the_only_loss(daemon):
             assert stats["1.rx_dropped"] == "1"
             assert stats["1.rx_packets"] == "1"
             assert not front.busy_after_response
-        finally:
-            if front is not None:
-                front.close()
-            await client.close()
-            guest.close()
 
 
 async def test_sub_page_rx_buffers_are_guest_errors(daemon, caplog):
@@ -119,13 +103,10 @@ async def test_sub_page_rx_buffers_are_guest_errors(daemon, caplog):
     tap = uniq("rb") + "c"
     caplog.set_level(logging.ERROR)
     with namespaces(host):
-        client = await VmmClient.connect(daemon.path)
-        guest = SimGuest(ram_size=48 << 20, gnttab_frames=16, gnttab_version=2)
-        front = None
-        try:
-            await guest.attach(client)
+        async with daemon_guest(daemon.path, gnttab_version=2) as (client, guest, fronts):
             front = await plug(client, guest, 2, {"tap": tap, "netns": host,
                                                   "queues": "1"}, rx_sub_page=(0, 2048))
+            fronts.append(front)
             await connect(client, front)
             await inject(host, tap, [frame(60, i) for i in range(5)])
             # Every buffer is answered ERROR by itself; the frontend posts again and
@@ -135,11 +116,6 @@ async def test_sub_page_rx_buffers_are_guest_errors(daemon, caplog):
             assert int(stats["2.rx_bad_grant"]) >= 600
             assert stats["2.rx_packets"] == "0" and stats["2.fatal"] == "0"
             assert not front.received
-        finally:
-            if front is not None:
-                front.close()
-            await client.close()
-            guest.close()
     # No exception escaped a callback, and the log holds at most a burst of lines.
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     lines = [line for line in daemon.log_lines() if "kind=rx_bad_grant" in line]
@@ -153,11 +129,7 @@ async def test_recovery_after_a_fatal_error(daemon):
     host = uniq("rbh")
     tap = uniq("rb") + "d"
     with namespaces(host):
-        client = await VmmClient.connect(daemon.path)
-        guest = SimGuest(ram_size=48 << 20, gnttab_frames=16)
-        fronts: list[NetFront] = []
-        try:
-            await guest.attach(client)
+        async with daemon_guest(daemon.path) as (client, guest, fronts):
             front = await plug(client, guest, 3, {"tap": tap, "netns": host,
                                                   "queues": "1"})
             fronts.append(front)
@@ -183,8 +155,3 @@ async def test_recovery_after_a_fatal_error(daemon):
             stats = await client.stats(3)
             assert stats["3.fatal"] == "1" and stats["3.tx_fatal"] == "1"
             assert stats["3.rx_packets"] == "1"
-        finally:
-            for f in fronts:
-                f.close()
-            await client.close()
-            guest.close()

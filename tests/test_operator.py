@@ -221,10 +221,7 @@ def test_options_before_and_after_the_command(daemons, tmp_path) -> None:
 def test_json_and_own_connection(daemons, tmp_path) -> None:
     """status/stats/ring-dump --json while a named guest has a disk; status leaves out the
     connection it asks on."""
-    from backendd.guest.blkfront import BlkFront
-    from backendd.guest.machine import SimGuest
-    from backendd.guest.vmm import VmmClient
-    from rings.consts import XenbusState
+    from diskguest import guest_with_disk
 
     d = start(daemons, tmp_path)
     assert d.wait_ready() == b"READY=1\n"
@@ -232,20 +229,7 @@ def test_json_and_own_connection(daemons, tmp_path) -> None:
     image.write_bytes(bytes(1 << 20))
 
     async def scenario() -> dict[str, subprocess.CompletedProcess]:
-        client = await VmmClient.connect(d.path, name="web1")
-        guest = SimGuest(ram_size=8 << 20, gnttab_frames=2)
-        front = None
-        try:
-            await guest.attach(client)
-            _, keys = await client.add_device(51712, "blk", {"path": str(image)})
-            front = BlkFront(guest.ram, guest.gnttab, 51712, backend_keys=keys)
-            channels = front.channels()
-            await client.frontend_state(51712, XenbusState.CONNECTED, front.frontend_keys(),
-                                        channels)
-            for _, kick, call in channels:
-                os.close(kick)
-                os.close(call)
-            front.start()
+        async with guest_with_disk(d.path, image, name="web1") as front:
             for i in range(3):
                 await front.write(i * 8, bytes([i]) * 4096)
             loop = asyncio.get_running_loop()
@@ -258,11 +242,6 @@ def test_json_and_own_connection(daemons, tmp_path) -> None:
                 results[name] = await loop.run_in_executor(
                     None, lambda a=args: cli(*a, "--socket", d.path))
             return results
-        finally:
-            if front is not None:
-                front.close()
-            await client.close()
-            guest.close()
 
     results = asyncio.run(scenario())
     for r in results.values():

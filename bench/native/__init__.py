@@ -15,6 +15,9 @@ from pathlib import Path
 SOURCES = Path(__file__).resolve().parent
 OUT = SOURCES.parent.parent / "build" / "native"
 PROGRAMS = ("blkfront_load", "netfront_load", "eventfd_pingpong")
+# What the frontends share (guest memory, grants, eventfds, options, the stdio protocol).
+COMMON = {"blkfront_load": ("frontend_common.c",), "netfront_load": ("frontend_common.c",)}
+COMMON_HEADERS = ("frontend_common.h",)
 CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-pthread"]
 SANITIZE = ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
             "-fno-sanitize-recover=all"]
@@ -25,11 +28,13 @@ class BuildError(RuntimeError):
 
 
 def build(name: str, sanitize: bool = False, out_dir: Path | None = None) -> Path:
-    """Path of the compiled program, compiled first when missing or older than its
-    source. `sanitize`: with -fsanitize=address,undefined (a report aborts the program)."""
+    """Path of the compiled program, compiled first when missing or older than any of its
+    sources. `sanitize`: with -fsanitize=address,undefined (a report aborts the program)."""
     source = SOURCES / f"{name}.c"
+    sources = [source, *(SOURCES / extra for extra in COMMON.get(name, ()))]
+    inputs = sources + ([SOURCES / h for h in COMMON_HEADERS] if name in COMMON else [])
     out = (out_dir or OUT) / (f"{name}-sanitize" if sanitize else name)
-    if out.exists() and out.stat().st_mtime >= source.stat().st_mtime:
+    if out.exists() and out.stat().st_mtime >= max(p.stat().st_mtime for p in inputs):
         return out
     gcc = shutil.which("gcc")
     if gcc is None:
@@ -40,7 +45,7 @@ def build(name: str, sanitize: bool = False, out_dir: Path | None = None) -> Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}")
     flags = CFLAGS + (SANITIZE if sanitize else [])
-    result = subprocess.run([gcc, *flags, "-o", str(tmp), str(source)],
+    result = subprocess.run([gcc, *flags, "-o", str(tmp), *map(str, sources)],
                             capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)

@@ -32,38 +32,23 @@
  * and check every byte here. The pattern's 8-byte word at disk byte offset o is
  * o * 0x9E3779B97F4A7C15 ^ seed (little-endian), so the image can be checked outside.
  */
-#define _GNU_SOURCE
+#include "frontend_common.h"
+
 #include <errno.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
-#include <stdarg.h>
-#include <stdbool.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/resource.h>
 #include <time.h>
-#include <unistd.h>
 
-/* ring.h maps xen_mb/xen_rmb/xen_wmb onto these: a real fence for mb (x86 may reorder a
- * store with a later load), compiler barriers for rmb/wmb (x86 keeps loads with loads and
- * stores with stores). */
-#define mb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
-#define rmb() __asm__ __volatile__("" ::: "memory")
-#define wmb() __asm__ __volatile__("" ::: "memory")
-#include <xen/xen.h>
-#include <xen/grant_table.h>
 #include <xen/io/blkif.h>
 
-#define PAGE 4096u
 #define SECTOR 512u
 #define SEGS_PER_INDIRECT_PAGE (PAGE / sizeof(struct blkif_request_segment))
 #define PATTERN_MUL 0x9E3779B97F4A7C15ull
 #define STALL_MS 10000
-#define MAX_QUEUES 16
 #define MAX_SAMPLES (64u << 20)
 
 struct grant {
@@ -99,21 +84,17 @@ struct queue {
     uint64_t ios, bytes, errors, bad_responses, refused, mismatches, kicks, waits;
     uint64_t end_ns;
     bool corrupt;                  /* the backend's rsp_prod made no sense: stop at once */
-    char failure[160];
+    char failure[FAILURE_LEN];
 };
 
+const char program_name[] = "blkfront_load";
+
 static struct {
-    uint8_t *ram;
-    size_t ram_size;
-    grant_entry_v1_t *gnttab;
-    size_t nr_entries;
-    uint32_t gref_first, gref_count, frame_first, frame_count;
     uint64_t sectors;
     unsigned max_indirect, qd, bs, nsegs, nind, nqueues;
     bool write, random, persistent, verify;
     double seconds;
     uint64_t count, seed;
-    domid_t domid;
     uint16_t handle;
     uint64_t go_ns, deadline_ns;
     struct queue q[MAX_QUEUES];
@@ -124,42 +105,6 @@ static uint64_t now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static void die_usage(const char *msg)
-{
-    fprintf(stderr, "blkfront_load: %s\n", msg);
-    exit(2);
-}
-
-static uint8_t *frame_addr(uint32_t frame)
-{
-    return cfg.ram + (size_t)frame * PAGE;
-}
-
-/* --- grants (what Linux's gnttab_grant_foreign_access_ref / _end_foreign_access do) -- */
-
-static void grant_access(grant_ref_t gref, uint32_t frame, bool readonly)
-{
-    grant_entry_v1_t *e = &cfg.gnttab[gref];
-    e->frame = frame;
-    e->domid = cfg.domid;
-    wmb(); /* frame and domid are visible before the flags make the entry valid */
-    __atomic_store_n(&e->flags, (uint16_t)(GTF_permit_access | (readonly ? GTF_readonly : 0)),
-                     __ATOMIC_RELAXED);
-}
-
-/* Revoke unless the backend still has the page mapped (GTF_reading/GTF_writing). */
-static bool end_access(grant_ref_t gref)
-{
-    uint16_t *flags = &cfg.gnttab[gref].flags;
-    uint16_t old = __atomic_load_n(flags, __ATOMIC_RELAXED);
-    do {
-        if (old & (GTF_reading | GTF_writing))
-            return false;
-    } while (!__atomic_compare_exchange_n(flags, &old, 0, false, __ATOMIC_SEQ_CST,
-                                          __ATOMIC_RELAXED));
-    return true;
 }
 
 /* --- data pattern ------------------------------------------------------------------ */
@@ -192,16 +137,7 @@ static bool pattern_check(const uint8_t *buf, uint64_t sector, unsigned len, cha
 /* --- one queue ----------------------------------------------------------------------- */
 
 /* Keeps the first failure's description for the report. */
-__attribute__((format(printf, 2, 3)))
-static void fail(struct queue *q, const char *fmt, ...)
-{
-    if (q->failure[0])
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(q->failure, sizeof(q->failure), fmt, ap);
-    va_end(ap);
-}
+#define fail(q, ...) note_failure((q)->failure, __VA_ARGS__)
 
 static uint64_t xorshift(uint64_t *s)
 {
@@ -335,7 +271,7 @@ static void complete(struct queue *q, const blkif_response_t *rsp, uint64_t t)
             q->pool[q->npool++] = sl->grants[i];
     } else {
         for (unsigned i = 0; i < ngrants; i++) {
-            if (!end_access(sl->grants[i].gref)) {
+            if (!end_grant(sl->grants[i].gref)) {
                 /* Still mapped by the backend after it answered: never reuse the page. */
                 q->refused++;
                 fail(q, "grant %u still in use after the response (sector %" PRIu64 ")",
@@ -370,8 +306,7 @@ static unsigned take_responses(struct queue *q)
     do {
         RING_IDX prod = q->front.sring->rsp_prod;
         rmb(); /* the responses up to prod are visible once prod is */
-        if (prod - q->front.rsp_cons > q->front.req_prod_pvt - q->front.rsp_cons) {
-            /* More responses than requests (as blkfront's "illegal number of responses"). */
+        if (RING_RSP_PROD_BEYOND_REQUESTS(&q->front, prod)) {
             fail(q, "rsp_prod %u is beyond the requests made (%u)", prod,
                  q->front.req_prod_pvt);
             q->corrupt = true;
@@ -412,8 +347,7 @@ static bool run_phase(struct queue *q, uint8_t op, uint64_t total)
                 q->slots[q->batch[i]].submitted_ns = t;
             RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(&q->front, notify);
             if (notify) {
-                uint64_t one = 1;
-                if (write(q->kick_fd, &one, sizeof(one)) != sizeof(one)) {
+                if (!eventfd_kick(q->kick_fd)) {
                     fail(q, "kick eventfd write failed: %s", strerror(errno));
                     return false;
                 }
@@ -440,8 +374,7 @@ static bool run_phase(struct queue *q, uint8_t op, uint64_t total)
             fail(q, "poll failed: %s", strerror(errno));
             return false;
         }
-        uint64_t count;
-        if (read(q->call_fd, &count, sizeof(count)) < 0 && errno != EAGAIN) {
+        if (!eventfd_drain(q->call_fd)) {
             fail(q, "call eventfd read failed: %s", strerror(errno));
             return false;
         }
@@ -464,28 +397,6 @@ static void *queue_main(void *arg)
 
 /* --- set-up ------------------------------------------------------------------------- */
 
-static uint64_t parse_u64(const char *s, const char *what)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 0);
-    if (errno || end == s || *end)
-        die_usage(what);
-    return v;
-}
-
-static void parse_pair(const char *s, uint64_t *a, uint64_t *b, const char *what)
-{
-    char buf[64];
-    const char *colon = strchr(s, ':');
-    if (!colon || (size_t)(colon - s) >= sizeof(buf))
-        die_usage(what);
-    memcpy(buf, s, (size_t)(colon - s));
-    buf[colon - s] = 0;
-    *a = parse_u64(buf, what);
-    *b = parse_u64(colon + 1, what);
-}
-
 static const char usage[] =
     "usage: blkfront_load --ram FD:SIZE --gnttab FD:FRAMES --grefs FIRST:COUNT\n"
     "         --frames FIRST:COUNT --queue RINGFRAME:ORDER:KICKFD:CALLFD [--queue ...]\n"
@@ -495,8 +406,6 @@ static const char usage[] =
 
 static void parse_args(int argc, char **argv)
 {
-    int ram_fd = -1, gt_fd = -1;
-    uint64_t a, b;
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
         if (!strcmp(opt, "--verify")) {
@@ -506,23 +415,9 @@ static void parse_args(int argc, char **argv)
         if (i + 1 >= argc)
             die_usage(usage);
         const char *v = argv[++i];
-        if (!strcmp(opt, "--ram")) {
-            parse_pair(v, &a, &b, "--ram FD:SIZE");
-            ram_fd = (int)a;
-            cfg.ram_size = b;
-        } else if (!strcmp(opt, "--gnttab")) {
-            parse_pair(v, &a, &b, "--gnttab FD:FRAMES");
-            gt_fd = (int)a;
-            cfg.nr_entries = b * PAGE / sizeof(grant_entry_v1_t);
-        } else if (!strcmp(opt, "--grefs")) {
-            parse_pair(v, &a, &b, "--grefs FIRST:COUNT");
-            cfg.gref_first = (uint32_t)a;
-            cfg.gref_count = (uint32_t)b;
-        } else if (!strcmp(opt, "--frames")) {
-            parse_pair(v, &a, &b, "--frames FIRST:COUNT");
-            cfg.frame_first = (uint32_t)a;
-            cfg.frame_count = (uint32_t)b;
-        } else if (!strcmp(opt, "--queue")) {
+        if (parse_guest_option(opt, v))
+            continue;
+        if (!strcmp(opt, "--queue")) {
             unsigned long long frame, order;
             int kick, call, n;
             if (cfg.nqueues == MAX_QUEUES)
@@ -560,16 +455,14 @@ static void parse_args(int argc, char **argv)
             cfg.persistent = parse_u64(v, "--persistent") != 0;
         } else if (!strcmp(opt, "--seed")) {
             cfg.seed = parse_u64(v, "--seed");
-        } else if (!strcmp(opt, "--domid")) {
-            cfg.domid = (domid_t)parse_u64(v, "--domid");
         } else if (!strcmp(opt, "--handle")) {
             cfg.handle = (uint16_t)parse_u64(v, "--handle");
         } else {
             die_usage(usage);
         }
     }
-    if (ram_fd < 0 || gt_fd < 0 || !cfg.nqueues || !cfg.sectors || !cfg.gref_count ||
-        !cfg.frame_count)
+    if (guest.ram_fd < 0 || guest.gnttab_fd < 0 || !cfg.nqueues || !cfg.sectors ||
+        !guest.gref_count || !guest.frame_count)
         die_usage(usage);
     if (!cfg.bs || cfg.bs % PAGE || cfg.bs / PAGE > 4096)
         die_usage("--bs must be a multiple of 4096");
@@ -592,23 +485,7 @@ static void parse_args(int argc, char **argv)
     if (cfg.verify && cfg.count * cfg.nqueues > cfg.sectors * SECTOR / cfg.bs)
         die_usage("--verify: more blocks than the disk has");
 
-    cfg.ram = mmap(NULL, cfg.ram_size, PROT_READ | PROT_WRITE, MAP_SHARED, ram_fd, 0);
-    if (cfg.ram == MAP_FAILED) {
-        perror("blkfront_load: mmap guest RAM");
-        exit(1);
-    }
-    cfg.gnttab = mmap(NULL, cfg.nr_entries * sizeof(grant_entry_v1_t), PROT_READ | PROT_WRITE,
-                      MAP_SHARED, gt_fd, 0);
-    if (cfg.gnttab == MAP_FAILED) {
-        perror("blkfront_load: mmap grant table");
-        exit(1);
-    }
-    close(ram_fd);
-    close(gt_fd);
-    if ((uint64_t)cfg.gref_first + cfg.gref_count > cfg.nr_entries)
-        die_usage("--grefs beyond the grant table");
-    if (((uint64_t)cfg.frame_first + cfg.frame_count) * PAGE > cfg.ram_size)
-        die_usage("--frames beyond guest RAM");
+    map_guest();
 }
 
 static void *xcalloc(size_t n, size_t size)
@@ -626,10 +503,10 @@ static void setup_queue(struct queue *q)
 {
     unsigned per_req = cfg.nsegs + cfg.nind;
     uint64_t need = (uint64_t)cfg.qd * per_req;
-    uint64_t frames_each = cfg.frame_count / cfg.nqueues, grefs_each = cfg.gref_count / cfg.nqueues;
+    uint64_t frames_each = guest.frame_count / cfg.nqueues, grefs_each = guest.gref_count / cfg.nqueues;
     if (need > frames_each || need > grefs_each)
         die_usage("not enough --frames or --grefs for qd * pages per request * queues");
-    if (((uint64_t)q->ring_frame + (1u << q->ring_order)) * PAGE > cfg.ram_size)
+    if (((uint64_t)q->ring_frame + (1u << q->ring_order)) * PAGE > guest.ram_size)
         die_usage("--queue: ring beyond guest RAM");
     blkif_sring_t *sring = (blkif_sring_t *)frame_addr(q->ring_frame);
     SHARED_RING_INIT(sring); /* before the backend is told where the ring is */
@@ -637,8 +514,8 @@ static void setup_queue(struct queue *q)
     if (cfg.qd > RING_SIZE(&q->front))
         die_usage("--qd is larger than the ring");
 
-    uint32_t frame0 = cfg.frame_first + (uint32_t)(q->index * frames_each);
-    grant_ref_t gref0 = cfg.gref_first + (grant_ref_t)(q->index * grefs_each);
+    uint32_t frame0 = guest.frame_first + (uint32_t)(q->index * frames_each);
+    grant_ref_t gref0 = guest.gref_first + (grant_ref_t)(q->index * grefs_each);
     q->slots = xcalloc(cfg.qd, sizeof(*q->slots));
     q->free_slots = xcalloc(cfg.qd, sizeof(*q->free_slots));
     q->batch = xcalloc(cfg.qd, sizeof(*q->batch));
@@ -693,13 +570,10 @@ int main(int argc, char **argv)
     parse_args(argc, argv);
     for (unsigned i = 0; i < cfg.nqueues; i++)
         setup_queue(&cfg.q[i]);
-    printf("ready\n");
-    fflush(stdout);
-    char line[16];
-    if (!fgets(line, sizeof(line), stdin))
+    if (!ready_then_wait_for_go())
         return 2;
 
-    struct rusage ru0, ru1;
+    struct rusage ru0;
     getrusage(RUSAGE_SELF, &ru0);
     cfg.go_ns = now_ns();
     cfg.deadline_ns = cfg.go_ns + (uint64_t)(cfg.seconds * 1e9);
@@ -714,11 +588,7 @@ int main(int argc, char **argv)
             end = cfg.q[i].end_ns;
     }
 
-    getrusage(RUSAGE_SELF, &ru1);
-    double cpu = (double)(ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec + ru1.ru_stime.tv_sec -
-                          ru0.ru_stime.tv_sec) +
-                 (double)(ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec + ru1.ru_stime.tv_usec -
-                          ru0.ru_stime.tv_usec) / 1e6;
+    double cpu = cpu_seconds_since(&ru0);
     uint64_t ios = 0, bytes = 0, errors = 0, bad = 0, refused = 0, mismatches = 0, kicks = 0,
              waits = 0, nlat = 0;
     const char *failure = "";

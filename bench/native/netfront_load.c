@@ -34,35 +34,20 @@
  * a grant was still in use after its response, or a ring's producer index made no
  * sense; 2 for bad arguments.
  */
-#define _GNU_SOURCE
+#include "frontend_common.h"
+
 #include <errno.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
-#include <stdarg.h>
-#include <stdbool.h>
-#include <stdint.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/mman.h>
-#include <sys/resource.h>
 #include <sys/uio.h>
-#include <time.h>
 #include <unistd.h>
 
-/* ring.h maps xen_mb/xen_rmb/xen_wmb onto these: a real fence for mb, compiler barriers
- * for rmb/wmb (x86 keeps loads with loads and stores with stores). */
-#define mb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
-#define rmb() __asm__ __volatile__("" ::: "memory")
-#define wmb() __asm__ __volatile__("" ::: "memory")
-#include <xen/xen.h>
-#include <xen/grant_table.h>
 #include <xen/io/netif.h>
 
-#define PAGE 4096u
-#define MAX_QUEUES 16
 #define TX_RING 256u                  /* __CONST_RING_SIZE(netif_tx, 4096) */
 #define RX_RING 256u                  /* __CONST_RING_SIZE(netif_rx, 4096) */
 #define MAX_FRAME_PAGES 17u           /* a 64 KiB GSO frame plus its Ethernet header */
@@ -111,75 +96,32 @@ struct queue {
     uint64_t rx_frames, rx_bytes, rx_gso, rx_slots, rx_errors, rx_tap_drops, rx_unparsed;
     uint64_t refused, bad_responses, kicks, wakeups;
     bool corrupt;
-    char failure[160];
+    char failure[FAILURE_LEN];
 };
 
+const char program_name[] = "netfront_load";
+
 static struct {
-    uint8_t *ram;
-    size_t ram_size;
-    grant_entry_v1_t *gnttab;
-    size_t nr_entries;
-    uint32_t gref_first, gref_count, frame_first, frame_count;
     unsigned nqueues;
-    domid_t domid;
     int stop_fd;
     struct queue q[MAX_QUEUES];
 } cfg;
 
-static void die_usage(const char *msg)
-{
-    fprintf(stderr, "netfront_load: %s\n", msg);
-    exit(2);
-}
+#define fail(q, ...) note_failure((q)->failure, __VA_ARGS__)
 
-static uint8_t *frame_addr(uint32_t frame)
-{
-    return cfg.ram + (size_t)frame * PAGE;
-}
-
-__attribute__((format(printf, 2, 3)))
-static void fail(struct queue *q, const char *fmt, ...)
-{
-    if (q->failure[0])
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(q->failure, sizeof(q->failure), fmt, ap);
-    va_end(ap);
-}
-
-/* --- grants (what Linux's gnttab_grant_foreign_access_ref / _end_foreign_access do) -- */
-
-static void grant_access(grant_ref_t gref, uint32_t frame, bool readonly)
-{
-    grant_entry_v1_t *e = &cfg.gnttab[gref];
-    e->frame = frame;
-    e->domid = cfg.domid;
-    wmb(); /* frame and domid are visible before the flags make the entry valid */
-    __atomic_store_n(&e->flags, (uint16_t)(GTF_permit_access | (readonly ? GTF_readonly : 0)),
-                     __ATOMIC_RELAXED);
-}
-
-/* Revoke unless the backend still has the page mapped (GTF_reading/GTF_writing). */
+/* Revoke unless the backend still has the page mapped: counted and reported then. */
 static bool end_access(struct queue *q, grant_ref_t gref)
 {
-    uint16_t *flags = &cfg.gnttab[gref].flags;
-    uint16_t old = __atomic_load_n(flags, __ATOMIC_RELAXED);
-    do {
-        if (old & (GTF_reading | GTF_writing)) {
-            q->refused++;
-            fail(q, "grant %u still in use after its response", (unsigned)gref);
-            return false;
-        }
-    } while (!__atomic_compare_exchange_n(flags, &old, 0, false, __ATOMIC_SEQ_CST,
-                                          __ATOMIC_RELAXED));
-    return true;
+    if (end_grant(gref))
+        return true;
+    q->refused++;
+    fail(q, "grant %u still in use after its response", (unsigned)gref);
+    return false;
 }
 
 static void kick(struct queue *q, int fd)
 {
-    uint64_t one = 1;
-    if (write(fd, &one, sizeof(one)) != sizeof(one))
+    if (!eventfd_kick(fd))
         fail(q, "kick eventfd write failed: %s", strerror(errno));
     q->kicks++;
 }
@@ -192,7 +134,7 @@ static void tx_responses(struct queue *q)
     do {
         RING_IDX prod = q->tx.sring->rsp_prod;
         rmb(); /* the responses up to prod are visible once prod is */
-        if (prod - q->tx.rsp_cons > q->tx.req_prod_pvt - q->tx.rsp_cons) {
+        if (RING_RSP_PROD_BEYOND_REQUESTS(&q->tx, prod)) {
             fail(q, "tx rsp_prod %u is beyond the requests made (%u)", prod,
                  q->tx.req_prod_pvt);
             q->corrupt = true;
@@ -492,7 +434,7 @@ static void rx_responses(struct queue *q)
     for (;;) {
         RING_IDX prod = q->rx.sring->rsp_prod;
         rmb();
-        if (prod - q->rx.rsp_cons > q->rx.req_prod_pvt - q->rx.rsp_cons) {
+        if (RING_RSP_PROD_BEYOND_REQUESTS(&q->rx, prod)) {
             fail(q, "rx rsp_prod %u is beyond the buffers posted (%u)", prod,
                  q->rx.req_prod_pvt);
             q->corrupt = true;
@@ -521,8 +463,7 @@ static void rx_responses(struct queue *q)
 
 static void drain(struct queue *q, int fd)
 {
-    uint64_t v;
-    if (read(fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+    if (!eventfd_drain(fd))
         fail(q, "call eventfd read failed: %s", strerror(errno));
 }
 
@@ -568,28 +509,6 @@ static void *queue_main(void *arg)
 
 /* --- set-up ------------------------------------------------------------------------- */
 
-static uint64_t parse_u64(const char *s, const char *what)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 0);
-    if (errno || end == s || *end)
-        die_usage(what);
-    return v;
-}
-
-static void parse_pair(const char *s, uint64_t *a, uint64_t *b, const char *what)
-{
-    char buf[64];
-    const char *colon = strchr(s, ':');
-    if (!colon || (size_t)(colon - s) >= sizeof(buf))
-        die_usage(what);
-    memcpy(buf, s, (size_t)(colon - s));
-    buf[colon - s] = 0;
-    *a = parse_u64(buf, what);
-    *b = parse_u64(colon + 1, what);
-}
-
 static const char usage[] =
     "usage: netfront_load --ram FD:SIZE --gnttab FD:FRAMES --grefs FIRST:COUNT\n"
     "         --frames FIRST:COUNT [--domid N]\n"
@@ -597,32 +516,14 @@ static const char usage[] =
 
 static void parse_args(int argc, char **argv)
 {
-    int ram_fd = -1, gt_fd = -1;
-    uint64_t a, b;
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
         if (i + 1 >= argc)
             die_usage(usage);
         const char *v = argv[++i];
-        if (!strcmp(opt, "--ram")) {
-            parse_pair(v, &a, &b, "--ram FD:SIZE");
-            ram_fd = (int)a;
-            cfg.ram_size = b;
-        } else if (!strcmp(opt, "--gnttab")) {
-            parse_pair(v, &a, &b, "--gnttab FD:FRAMES");
-            gt_fd = (int)a;
-            cfg.nr_entries = b * PAGE / sizeof(grant_entry_v1_t);
-        } else if (!strcmp(opt, "--grefs")) {
-            parse_pair(v, &a, &b, "--grefs FIRST:COUNT");
-            cfg.gref_first = (uint32_t)a;
-            cfg.gref_count = (uint32_t)b;
-        } else if (!strcmp(opt, "--frames")) {
-            parse_pair(v, &a, &b, "--frames FIRST:COUNT");
-            cfg.frame_first = (uint32_t)a;
-            cfg.frame_count = (uint32_t)b;
-        } else if (!strcmp(opt, "--domid")) {
-            cfg.domid = (domid_t)parse_u64(v, "--domid");
-        } else if (!strcmp(opt, "--queue")) {
+        if (parse_guest_option(opt, v))
+            continue;
+        if (!strcmp(opt, "--queue")) {
             unsigned long long txr, rxr;
             int fds[5], n = 0;
             if (cfg.nqueues == MAX_QUEUES)
@@ -643,40 +544,24 @@ static void parse_args(int argc, char **argv)
             die_usage(usage);
         }
     }
-    if (ram_fd < 0 || gt_fd < 0 || !cfg.nqueues)
+    if (guest.ram_fd < 0 || guest.gnttab_fd < 0 || !cfg.nqueues)
         die_usage(usage);
     uint64_t need = (uint64_t)cfg.nqueues * (TX_RING + RX_RING);
-    if (cfg.gref_count < need || cfg.frame_count < need)
+    if (guest.gref_count < need || guest.frame_count < need)
         die_usage("--grefs and --frames need 512 per queue");
-    cfg.ram = mmap(NULL, cfg.ram_size, PROT_READ | PROT_WRITE, MAP_SHARED, ram_fd, 0);
-    if (cfg.ram == MAP_FAILED) {
-        perror("netfront_load: mmap guest RAM");
-        exit(1);
-    }
-    cfg.gnttab = mmap(NULL, cfg.nr_entries * sizeof(grant_entry_v1_t), PROT_READ | PROT_WRITE,
-                      MAP_SHARED, gt_fd, 0);
-    if (cfg.gnttab == MAP_FAILED) {
-        perror("netfront_load: mmap grant table");
-        exit(1);
-    }
-    close(ram_fd);
-    close(gt_fd);
-    if ((uint64_t)cfg.gref_first + cfg.gref_count > cfg.nr_entries)
-        die_usage("--grefs beyond the grant table");
-    if (((uint64_t)cfg.frame_first + cfg.frame_count) * PAGE > cfg.ram_size)
-        die_usage("--frames beyond guest RAM");
+    map_guest();
 }
 
 static void setup_queue(struct queue *q)
 {
     uint32_t base = (uint32_t)q->index * (TX_RING + RX_RING);
-    q->tx_frame0 = cfg.frame_first + base;
+    q->tx_frame0 = guest.frame_first + base;
     q->rx_frame0 = q->tx_frame0 + TX_RING;
-    q->tx_gref0 = cfg.gref_first + base;
+    q->tx_gref0 = guest.gref_first + base;
     q->rx_gref0 = q->tx_gref0 + TX_RING;
     for (unsigned r = 0; r < 2; r++) {
         uint32_t frame = r ? q->rx_ring_frame : q->tx_ring_frame;
-        if (((uint64_t)frame + 1) * PAGE > cfg.ram_size)
+        if (((uint64_t)frame + 1) * PAGE > guest.ram_size)
             die_usage("--queue: ring beyond guest RAM");
     }
     netif_tx_sring_t *txs = (netif_tx_sring_t *)frame_addr(q->tx_ring_frame);
@@ -701,30 +586,23 @@ int main(int argc, char **argv)
         perror("netfront_load: eventfd");
         return 1;
     }
-    printf("ready\n");
-    fflush(stdout);
-    char line[16];
-    if (!fgets(line, sizeof(line), stdin))
+    if (!ready_then_wait_for_go())
         return 2;
 
-    struct rusage ru0, ru1;
+    struct rusage ru0;
     getrusage(RUSAGE_SELF, &ru0);
     pthread_t threads[MAX_QUEUES];
     for (unsigned i = 0; i < cfg.nqueues; i++)
         if (pthread_create(&threads[i], NULL, queue_main, &cfg.q[i]))
             die_usage("pthread_create failed");
+    char line[16];
     while (fgets(line, sizeof(line), stdin) && strncmp(line, "stop", 4))
         ;
-    uint64_t one = 1;
-    if (write(cfg.stop_fd, &one, sizeof(one)) != sizeof(one))
+    if (!eventfd_kick(cfg.stop_fd))
         perror("netfront_load: stop eventfd");
     for (unsigned i = 0; i < cfg.nqueues; i++)
         pthread_join(threads[i], NULL);
-    getrusage(RUSAGE_SELF, &ru1);
-    double cpu = (double)(ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec + ru1.ru_stime.tv_sec -
-                          ru0.ru_stime.tv_sec) +
-                 (double)(ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec + ru1.ru_stime.tv_usec -
-                          ru0.ru_stime.tv_usec) / 1e6;
+    double cpu = cpu_seconds_since(&ru0);
 
     struct queue t;
     memset(&t, 0, sizeof(t));
