@@ -82,7 +82,7 @@ def _run_sanitized(lib: Path, code: str, *args: str) -> subprocess.CompletedProc
     libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
                              text=True, check=True).stdout.strip()
     env = os.environ | _ASAN_ENV | {"LD_PRELOAD": libasan, "BACKENDD_BLK_KERNEL": str(lib),
-                                    "PYTHONPATH": str(ROOT)}
+                                    "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
     return subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
 
