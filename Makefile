@@ -10,37 +10,44 @@ DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 f
 NBDPY   := /usr/lib/python3/dist-packages
 DEBSTAMP := $(VENV)/.debs
 
+KERNEL    := backendd/dataplane/_blk_kernel.so
 NETKERNEL := backendd/dataplane/_net_kernel.so
+KERNELS   := $(KERNEL) $(NETKERNEL)
 
-.PHONY: demo test lint bench fuzz clean debs native install uninstall netkernel
+.PHONY: demo test lint bench fuzz clean debs native kernel netkernel install uninstall
 
 # The daemon and a simulated guest with a disk and a nic, for about 20 seconds.
 DEMO_SECONDS ?= 20
-demo: $(STAMP) $(NETKERNEL)
+demo: $(STAMP) $(KERNELS)
 	$(PY) -m rings
 	$(VENV)/bin/backendd demo --seconds $(DEMO_SECONDS)
 
 # Hypothesis profile (tests/profiles.py): derandomized for `make test`, longer for `make fuzz`.
 HYPOTHESIS_PROFILE ?= ci
 
-test: $(STAMP) native $(NETKERNEL)
+test: $(STAMP) native $(KERNELS)
 	$(VENV)/bin/ruff check .
 	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP) native $(NETKERNEL)
+bench: $(STAMP) native $(KERNELS)
 	$(PY) -m bench
 
 # The benchmarks' C programs (bench/native/*.c) into build/native/.
 native: $(STAMP)
 	$(PY) -m bench.native
 
-fuzz: $(STAMP) $(NETKERNEL)
+fuzz: $(STAMP) $(KERNELS)
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz_*.py tests/test_blk_request.py \
 	  tests/test_protocol_messages.py tests/test_layout_codecs.py
 	$(PY) -m bench.fuzz
+
+# The compiled blk data plane (gcc -Wall -Wextra -Werror against Xen's headers).
+kernel: $(KERNEL)
+$(KERNEL): backendd/dataplane/blk_kernel.c backendd/dataplane/build.py $(STAMP)
+	$(PY) -m backendd.dataplane.build
 
 # The compiled netif data plane (gcc -Wall -Wextra -Werror against Xen's headers).
 netkernel: $(NETKERNEL)
@@ -85,6 +92,8 @@ CONFDIR    := $(SYSCONFDIR)/backendd
 install:
 	$(PYTHON) -m venv --clear $(DESTDIR)$(LIBDIR)
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check .
+	@# The compiled blk data plane, built next to the installed package.
+	$(DESTDIR)$(LIBDIR)/bin/python -m backendd.dataplane.build
 	@# The compiled net data plane, built next to the installed package.
 	$(DESTDIR)$(LIBDIR)/bin/python -I -m backendd.dataplane.netkernel
 	@# Scripts name the venv by its final path, not the staging one.
@@ -127,4 +136,4 @@ uninstall:
 	@echo "uninstalled (kept: a changed $(CONFDIR)/backendd.toml, images in $(STATEDIR)/images)"
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis $(NETKERNEL)
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis $(KERNELS)

@@ -7,6 +7,7 @@ would wrap in C is caught by comparing with 2**64 instead).
 
 import bisect
 import contextlib
+import ctypes
 import errno
 import mmap
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ class GuestMemory:
         # Sorted by gpa so lookups are a bisect, not a scan.
         self._regions: list[_Region] = []
         self._starts: list[int] = []
+        self.generation = 0  # changes whenever a region is added or removed
+        self._native: NativeRegions | None = None
 
     @property
     def regions(self) -> list[tuple[int, int]]:
@@ -74,11 +77,16 @@ class GuestMemory:
             raise ControlError(errno.EINVAL, f"region {gpa:#x}+{size:#x}: cannot map: {e}") from e
         self._regions.insert(i, _Region(gpa, size, m))
         self._starts.insert(i, gpa)
+        self._native = None
+        self.generation += 1
 
     def remove_region(self, gpa: int, size: int) -> None:
         i = bisect.bisect_left(self._starts, gpa)
         if i >= len(self._regions) or self._regions[i].gpa != gpa or self._regions[i].size != size:
             raise ControlError(errno.ENOENT, f"region {gpa:#x}+{size:#x}: no such region")
+        # Our own snapshot of host addresses goes first; one a device still holds (a
+        # compiled data plane mid-request) keeps the region exported, hence busy.
+        self._native = None
         try:
             # mmap refuses to close while a memoryview still exports it: that is exactly
             # "a device still holds a view of this memory".
@@ -87,6 +95,7 @@ class GuestMemory:
             raise ControlError(errno.EBUSY, f"region {gpa:#x}+{size:#x}: still in use") from e
         del self._regions[i]
         del self._starts[i]
+        self.generation += 1
 
     def _find(self, gpa: int) -> _Region | None:
         i = bisect.bisect_right(self._starts, gpa) - 1
@@ -142,7 +151,16 @@ class GuestMemory:
             r.map[off:off + k] = data[done:done + k]
             done += k
 
+    def native(self) -> "NativeRegions":
+        """Host addresses of every region, for compiled code (backendd/dataplane). The
+        snapshot pins the mappings: while anyone holds it, its regions cannot be
+        removed (EBUSY), as with a memoryview."""
+        if self._native is None:
+            self._native = NativeRegions([(r.gpa, r.size, r.map) for r in self._regions])
+        return self._native
+
     def close(self) -> None:
+        self._native = None
         for r in self._regions:
             # A leftover view keeps its mapping alive until it is collected; the daemon
             # is tearing down, so dropping our reference is all we can do.
@@ -150,3 +168,26 @@ class GuestMemory:
                 r.map.close()
         self._regions.clear()
         self._starts.clear()
+
+
+class NativeRegions:
+    """(gpa, size, host address) of each region, sorted by gpa, as a C array of
+    `struct bk_region`; holding it keeps the mmaps exported (they cannot be closed)."""
+
+    def __init__(self, regions: list[tuple[int, int, mmap.mmap]]) -> None:
+        from backendd.dataplane.kernel import Region
+
+        self._anchors = [(ctypes.c_char * size).from_buffer(m) for _, size, m in regions]
+        self.array = (Region * max(1, len(regions)))()
+        for k, ((gpa, size, _), anchor) in enumerate(zip(regions, self._anchors,
+                                                          strict=True)):
+            self.array[k] = Region(gpa, size, ctypes.addressof(anchor))
+        self.count = len(regions)
+
+    def host_address(self, gpa: int, length: int) -> int:
+        """Host address of [gpa, gpa+length) inside one region."""
+        for k in range(self.count):
+            r = self.array[k]
+            if r.gpa <= gpa and gpa + length <= r.gpa + r.size:
+                return r.host + (gpa - r.gpa)
+        raise GuestMemoryError(f"range {gpa:#x}+{length:#x}: not inside one memory region")

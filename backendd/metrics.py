@@ -82,6 +82,15 @@ DEVICE_FAMILIES: dict[str, dict[str, Family]] = {
                               "Requests waiting for the NBD connection."),
         "nbd_in_flight": Family("backendd_blk_nbd_in_flight_requests", "gauge",
                                 "Requests sent to the NBD server and not yet answered."),
+        "inline_io": _c("backendd_blk_inline_requests_total",
+                        "Requests the compiled data plane served on the event loop "
+                        "(page-cache hits, RWF_NOWAIT)."),
+        "pooled": _c("backendd_blk_pooled_requests_total",
+                     "Requests handed to the I/O threads."),
+        "parallel": _c("backendd_blk_parallel_ring_batches_total",
+                       "Ring batches the compiled data plane served on a helper thread."),
+        "compiled": Family("backendd_blk_compiled_dataplane", "gauge",
+                           "1 when the compiled data plane serves the device's rings."),
         "queues": _QUEUES,
     },
     "net": {

@@ -50,6 +50,10 @@ class Row:
     cpu_us: float = NAN
     front_cpu_us: float = NAN
 
+    def _replace_what(self, what: str) -> Row:
+        self.what = what
+        return self
+
     def cells(self) -> tuple[object, ...]:
         return (self.what, self.iops, self.mb_per_s, self.p50_us, self.p99_us, self.cpu_us,
                 self.front_cpu_us)
@@ -120,6 +124,18 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
         for rw in ("read", "write"):
             await run(f"1m-{rw}", Load(rw=rw, pattern="seq", bs=MiB, qd=4, seconds=seconds))
         qd1 = await run("qd1", Load(bs=4096, qd=1, seconds=seconds))
+        # A guest reading its disk with O_DIRECT (every read goes to the device) beside one
+        # whose reads the page cache serves: the cached one should barely notice.
+        cached_load = Load(bs=4096, qd=32, seconds=seconds)
+        beside, direct = await asyncio.gather(
+            run_load(path, image, cached_load, daemon_pid=proc.pid),
+            run_load(path, image, Load(bs=4096, qd=32, seconds=seconds, seed=9),
+                     device_config={"direct-io": "1"}))
+        results["beside-direct"] = beside
+        rows.append(_row(cached_load, beside)._replace_what(
+            "backendd 4 KiB randread QD32 x1q beside an O_DIRECT guest"))
+        rows.append(_row(cached_load, direct)._replace_what(
+            "backendd 4 KiB randread QD32 x1q, O_DIRECT (the other guest)"))
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
@@ -169,6 +185,8 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
         ("1 MiB seq write QD4, MB/s / best fio", _ratio(results["1m-write"].mb_per_s,
                                                        fio_1m["write"]), 0.90, True, "%"),
         ("4 KiB randread QD32, 2 queues / 1 queue", _ratio(two.iops, r4.iops), 1.5, True, "x"),
+        ("cached 4 KiB randread beside an O_DIRECT guest / alone",
+         _ratio(results["beside-direct"].iops, results["4k-read-1-0"].iops), 0.8, True, "%"),
         ("QD1 4 KiB read p50 / eventfd ping-pong p50",
          _ratio(qd1.lat_ns["p50"], pp["p50_ns"]), 4.0, False, "x"),
     ]

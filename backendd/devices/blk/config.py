@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from backendd.errors import ConfigError
 
 KNOWN_KEYS = ("path", "mode", "device-type", "direct-io", "sector-size", "discard",
-              "persistent")
+              "persistent", "dataplane")
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,10 @@ class BlkConfig:
     sector_size: int = 512
     discard: bool = True  # "0" disables it even when the backing could punch holes
     persistent: bool = True  # offer feature-persistent (used when the frontend says 1 too)
+    # "compiled": the C kernel serves the rings (backendd/dataplane), and persistent grants
+    # are not offered; "python": the reference path; "auto": compiled when the kernel is
+    # built, except for a connection that negotiated persistent grants.
+    dataplane: str = "auto"
 
 
 def _choice(config: Mapping[str, str], key: str, choices: dict[str, object],
@@ -43,6 +47,9 @@ def parse_config(config: Mapping[str, str],
     if image_allowed is not None and not image_allowed(path):
         raise ConfigError(f"path: {path!r} is outside the allowed image directories")
     bools = {"0": False, "1": True}
+    dataplane = str(_choice(config, "dataplane",
+                            {"auto": "auto", "compiled": "compiled", "python": "python"},
+                            "auto"))
     return BlkConfig(
         path=path,
         readonly=bool(_choice(config, "mode", {"r": True, "w": False}, "w")),
@@ -50,5 +57,6 @@ def parse_config(config: Mapping[str, str],
         direct_io=bool(_choice(config, "direct-io", bools, "0")),
         sector_size=int(_choice(config, "sector-size", {"512": 512, "4096": 4096}, "512")),
         discard=bool(_choice(config, "discard", bools, "1")),
-        persistent=bool(_choice(config, "persistent", bools, "1")),
+        persistent=bool(_choice(config, "persistent", bools, "1")) and dataplane != "compiled",
+        dataplane=dataplane,
     )

@@ -12,8 +12,10 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from backendd.dataplane import kernel as blk_kernel
+from backendd.dataplane.blk import CompiledRingQueue
 from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
-from backendd.errors import ControlError
+from backendd.errors import ConfigError, ControlError
 from backendd.inflight import InflightError, InflightRegion, ring_id
 from rings.blkif import BLKIF_CODECS
 from rings.consts import BLKIF_PROTOCOL_NAMES
@@ -68,7 +70,19 @@ class BlkDevice(Device):
         self.persistent = False  # negotiated at the last connect
         # Persistent-grant counters of rings already disconnected (stats are per device).
         self._pgrant_done: dict[str, int] = {}
-        self.queues: list[RingQueue] = []
+        if nbd_disk and self.cfg.dataplane == "compiled":
+            self.image.close()
+            raise ConfigError("dataplane: compiled serves files and block devices; an NBD "
+                              "export is served by the python data plane")
+        # NBD I/O runs on libnbd's connection, which only the Python path drives.
+        self.kernel = (blk_kernel.load() if self.cfg.dataplane != "python" and not nbd_disk
+                       else None)
+        if self.cfg.dataplane == "compiled" and self.kernel is None:
+            self.image.close()
+            raise ConfigError(f"dataplane: compiled, but {blk_kernel.library_path()} is "
+                              "not built (make builds it)")
+        self.compiled = False  # the compiled kernel serves the rings of this connection
+        self.queues: list[RingQueue | CompiledRingQueue] = []
         self._channels: list[EventChannel] = []
         self._connected: dict[str, str] | None = None
         self._inflight: memoryview | None = None
@@ -116,7 +130,10 @@ class BlkDevice(Device):
         codecs = BLKIF_CODECS[front.abi]
         # Used only when both ends say 1 (the frontend's key is read at every connect).
         self.persistent = self.cfg.persistent and front.persistent
-        queues: list[RingQueue] = []
+        # The kernel does not keep persistent grants: a connection that uses them is
+        # served by the Python path.
+        self.compiled = self.kernel is not None and not self.persistent
+        queues: list[RingQueue | CompiledRingQueue] = []
         region = None
         if self._inflight is not None:
             try:
@@ -165,7 +182,7 @@ class BlkDevice(Device):
                     # what was answered; everything past it is read again from the ring
                     # (BACK_RING_ATTACH). A fresh ring has it at 0.
                     back = BackRing.attach(shared)
-                queues.append(RingQueue(
+                args = dict(
                     index=i, back=back, ring_maps=maps, inflight=table, recovery=rec,
                     channel=channels[qk.port], codecs=codecs, geometry=self.geometry,
                     image=self.image, grants=self.ctx.grants,
@@ -173,9 +190,18 @@ class BlkDevice(Device):
                     else self._submit,
                     loop=self.ctx.loop, counters=self.counters,
                     on_corrupt=self._corrupt, on_refused=self._refused,
-                    batch=self.batch,
-                    pgrants=PersistentGrants(self.ctx.grants, self.pgrant_limit)
-                    if self.persistent else None))
+                    batch=self.batch)
+                if self.compiled:
+                    try:
+                        queues.append(CompiledRingQueue(kernel=self.kernel, **args))
+                    except BaseException:
+                        for m in maps:
+                            m.release()
+                        raise
+                else:
+                    queues.append(RingQueue(
+                        **args, pgrants=PersistentGrants(self.ctx.grants, self.pgrant_limit)
+                        if self.persistent else None))
         except BaseException:
             for q in queues:
                 q.release()
@@ -269,7 +295,8 @@ class BlkDevice(Device):
         pg["pgrants"] = sum(len(q.pgrants) for q in self.queues if q.pgrants is not None)
         extra = self.image.stats() if isinstance(self.image, NbdImage) else {}
         return self.counters.as_dict() | pg | {"queues": len(self.queues),
-                                              "persistent": int(self.persistent)} | extra
+                                              "persistent": int(self.persistent),
+                                              "compiled": int(self.compiled)} | extra
 
     async def close(self) -> None:
         await self.disconnect()

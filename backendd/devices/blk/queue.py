@@ -67,9 +67,11 @@ Submit = Callable[..., "asyncio.Future[list[IoItem]]"]
 
 
 class Counters:
+    # inline_io / pooled: requests served on the event loop / handed to the I/O pool;
+    # parallel: ring batches the compiled kernel served on a helper thread.
     __slots__ = ("bytes_read", "bytes_written", "discards", "errors", "flushes",
-                 "invalid", "reads", "replayed", "requests", "rings_halted", "unsupported",
-                 "writes")
+                 "inline_io", "invalid", "parallel", "pooled", "reads", "replayed",
+                 "requests", "rings_halted", "unsupported", "writes")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -264,6 +266,7 @@ class RingQueue:
 
     def _run(self, batch: list[IoItem]) -> None:
         self._inflight += len(batch)
+        self.counters.pooled += len(batch)
         fut = self.submit(execute_batch, self.image, batch)
         fut.add_done_callback(lambda f, b=batch: self._completed(f, b))
 

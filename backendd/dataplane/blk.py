@@ -1,0 +1,355 @@
+"""A blkif ring served by the compiled kernel (blk_kernel.c): Python calls in once per
+wake-up, never per request or per segment.
+
+The kernel takes the batch, checks, pins grants, does the I/O that the page cache can
+serve without blocking (preadv2/pwritev2 with RWF_NOWAIT), answers and publishes. What
+would block comes back as pool jobs: flush and discard, O_DIRECT images and block
+devices, and any transfer that met EAGAIN. A pool thread runs them in the kernel too
+(`bk_io`, the GIL released), and the event loop hands them back (`bk_complete`), which
+unpins, answers and starts what waited behind a flush.
+
+Same interface and same behaviour as backendd/devices/blk/queue.py's RingQueue (the
+reference, tested against this one by tests/test_dataplane_differential.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from rings.sring import REQ_PROD
+
+from . import kernel as K
+
+if TYPE_CHECKING:
+    from backendd.devices.blk.image import Image
+    from backendd.devices.blk.queue import Counters
+    from backendd.devices.blk.request import Geometry
+    from backendd.evtchn import EventChannel
+    from backendd.grants import GrantMapping, GrantTable
+    from backendd.inflight import InflightQueue, Recovery
+    from rings.blkif import BlkifCodecs
+    from rings.ring import BackRing
+
+log = logging.getLogger(__name__)
+
+BATCH = 4  # pool jobs: requests per job, as the Python path
+
+
+class ServiceRound:
+    """The compiled rings due in one loop turn (kicked, or with work left), served by one
+    kernel call: with two or more, the kernel serves them on its helper threads in
+    parallel while the loop waits with the GIL released, so queues use the cores and
+    nothing in the control plane changes under them."""
+
+    def __init__(self, kernel: K.Kernel, loop: asyncio.AbstractEventLoop) -> None:
+        self.k = kernel
+        self.loop = loop
+        self.due: list[CompiledRingQueue] = []
+        self.scheduled = False
+
+    def add(self, q: CompiledRingQueue) -> None:
+        if q._in_round:
+            return
+        q._in_round = True
+        self.due.append(q)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.run)
+
+    def run(self) -> None:
+        self.scheduled = False
+        due, self.due = self.due, []
+        queues = []
+        for q in due:
+            q._in_round = False
+            if not (q.halted or q._stopping or q._q is None):
+                q._refresh()
+                queues.append(q)
+        if len(queues) == 1:
+            q = queues[0]
+            self.k.serve(q._q, ctypes.byref(q._env), ctypes.byref(q._out))
+        elif queues:
+            n = len(queues)
+            qs = (ctypes.c_void_p * n)(*(q._q for q in queues))
+            envs = (ctypes.POINTER(K.Env) * n)(*(ctypes.pointer(q._env) for q in queues))
+            outs = (ctypes.POINTER(K.Out) * n)(*(ctypes.pointer(q._out) for q in queues))
+            helped = self.k.serve_many(qs, envs, outs, n)
+            for q in queues[1:1 + helped]:
+                q.counters.parallel += 1
+        for q in queues:
+            q._after(q._out)
+
+
+_rounds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ServiceRound] = \
+    weakref.WeakKeyDictionary()
+
+
+def service_round(kernel: K.Kernel, loop: asyncio.AbstractEventLoop) -> ServiceRound:
+    r = _rounds.get(loop)
+    if r is None or r.k is not kernel:
+        r = _rounds[loop] = ServiceRound(kernel, loop)
+    return r
+
+
+class CompiledRingQueue:
+    def __init__(self, *, kernel: K.Kernel, index: int, back: BackRing,
+                 ring_maps: list[GrantMapping], channel: EventChannel, codecs: BlkifCodecs,
+                 geometry: Geometry, image: Image, grants: GrantTable,
+                 submit: Callable[..., asyncio.Future], loop: asyncio.AbstractEventLoop,
+                 counters: Counters, on_corrupt: Callable[[str], None], batch: int = BATCH,
+                 on_refused: Callable[[str], None] | None = None,
+                 inflight: InflightQueue | None = None,
+                 recovery: Recovery | None = None) -> None:
+        self.k = kernel
+        self.index = index
+        self.back = back
+        self.ring_maps = ring_maps
+        self.channel = channel
+        self.codecs = codecs
+        self.image = image
+        self.grants = grants
+        self.memory = grants.memory
+        self.submit = submit
+        self.loop = loop
+        self.counters = counters
+        self.on_corrupt = on_corrupt
+        # Requests refused for the guest's own fault: the kernel counts them, one line
+        # per batch says how many (rate-limited by the caller).
+        self.on_refused = on_refused or (lambda message: log.debug("%s", message))
+        self.batch = batch
+        self.inflight = inflight
+        self.pgrants = None  # persistent grants are served by the Python path
+        self.halted = False
+        self._stopping = False
+        self._in_round = False
+        self._round = service_round(kernel, loop)
+        self._blocked = False
+        self._inpool = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._recovery = recovery
+        self._out = K.Out()
+        self._env = K.Env()
+        self._env_key: tuple[int, int] | None = None
+        self._uses_anchor: ctypes.Array | None = None
+        self._pool_pin: object | None = None  # the memory snapshot, while I/O is out
+        self._geo = geometry
+        cfg = K.Config()
+        native = self.memory.native()
+        for k, m in enumerate(ring_maps):
+            cfg.pages[k] = native.host_address(m.frame << 12, 4096)
+        cfg.nr_pages = len(ring_maps)
+        cfg.size = back.size
+        cfg.abi = int(codecs.abi)
+        cfg.max_pending = min(K.MAX_PENDING, back.size)
+        cfg.start = back.rsp_prod_pvt
+        cfg.req_cons = back.req_cons
+        self._inflight_anchor = None
+        if inflight is not None:
+            self._inflight_anchor = (ctypes.c_char * len(inflight.view)).from_buffer(
+                inflight.view)
+            cfg.inflight = ctypes.addressof(self._inflight_anchor)
+        cfg.disk = self._disk(geometry)
+        q = self.k.queue_new(ctypes.byref(cfg))
+        if not q:
+            raise ValueError(f"blk ring {index}: the kernel refused the ring geometry")
+        self._q = q
+
+    # --- configuration -------------------------------------------------------------
+
+    def _disk(self, geo: Geometry) -> K.Disk:
+        img = self.image
+        if geo.max_indirect_segments > K.MAX_SEGS:
+            raise ValueError(f"{geo.max_indirect_segments} indirect segments: the kernel "
+                             f"takes at most {K.MAX_SEGS}")
+        return K.Disk(fd=img.fd, sector_size=geo.sector_size, sectors=geo.sectors,
+                      readonly=geo.readonly, discard=geo.discard,
+                      discard_secure=geo.discard_secure, is_block=img.is_block,
+                      max_indirect=geo.max_indirect_segments,
+                      inline_io=not (img.is_block or img.cfg.direct_io))
+
+    @property
+    def geo(self) -> Geometry:
+        return self._geo
+
+    @geo.setter
+    def geo(self, geo: Geometry) -> None:
+        self._geo = geo
+        self.k.queue_set_disk(self._q, ctypes.byref(self._disk(geo)))
+
+    def _refresh(self) -> None:
+        """Point the kernel at the current memory regions and grant table."""
+        mem, gt = self.memory, self.grants
+        key = (mem.generation, gt.generation)
+        if key == self._env_key:
+            return
+        native = mem.native()
+        env = self._env
+        env.regions = native.array
+        env.nr_regions = native.count
+        pin = gt._pin
+        if pin is None or not gt.entries:
+            env.gnt_version = 0
+            env.gnt_entries = 0
+            self._uses_anchor = None
+        else:
+            env.gnt_version = gt.version
+            env.gnt_entries = gt.entries
+            env.backend_domid = gt.backend_domid
+            env.gnt_shared = pin.address
+            env.gnt_status = pin.address + gt._status_base
+            self._uses_anchor = (ctypes.c_uint32 * len(gt._uses)).from_buffer(gt._uses)
+            env.gnt_uses = ctypes.addressof(self._uses_anchor)
+        self._env_key = key
+
+    # --- serving ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        replay: list[tuple[int, bytes]] = []
+        if self.inflight is not None and self._recovery is not None:
+            # A new generation, or the live one resumed (see backendd/inflight.py); the
+            # kernel then learns which entries are free.
+            self.inflight.begin(self._recovery)
+            self.k.inflight_scan(self._q)
+            replay = self._recovery.replay
+        self._recovery = None
+        if replay:
+            raws = b"".join(raw[:K.SLOT_MAX].ljust(K.SLOT_MAX, b"\0") for _, raw in replay)
+            idx = (ctypes.c_uint32 * len(replay))(*(i for i, _ in replay))
+            self._refresh()
+            self.k.replay(self._q, ctypes.byref(self._env), raws, idx, len(replay),
+                          ctypes.byref(self._out))
+            self.counters.replayed += len(replay)
+            self._after(self._out)
+        self.channel.start(self.loop, self._schedule)
+        self._schedule()  # requests queued before we listened
+
+    def _schedule(self) -> None:
+        self._round.add(self)
+
+    @property
+    def _scheduled(self) -> bool:
+        return self._in_round
+
+    def _after(self, out: K.Out) -> None:
+        c, st = self.counters, out.stats
+        for name in K.STAT_NAMES:
+            value = getattr(st, name)
+            if value:
+                setattr(c, name, getattr(c, name) + value)
+        refused = st.invalid + st.unsupported
+        if refused:
+            why = K.WHY[out.refused_why] if out.refused_why < len(K.WHY) else "?"
+            more = f" (and {refused - 1} more in this batch)" if refused > 1 else ""
+            self.on_refused(f"blk ring {self.index}: request {out.refused_id} refused: "
+                            f"{why}{more}")
+        flags = out.flags
+        if flags & K.INTERNAL:
+            log.error("blk ring %d: stopped on an internal error (no free request slot "
+                      "or in-flight entry)", self.index)
+            self._halt("internal error while taking requests")
+        if flags & K.CORRUPT:
+            prod = self.back.ring.idx[REQ_PROD]
+            self._halt(f"req_prod {prod} is more than a ring ({self.back.size}) ahead "
+                       "of the responses")
+        if out.njobs:
+            self._run_jobs(out)
+        if flags & K.NOTIFY:
+            self.channel.notify()
+        if flags & K.BLOCKED:
+            self._blocked = True
+        if flags & K.MORE and not self.halted:
+            self._schedule()
+        self._check_idle()
+
+    def _run_jobs(self, out: K.Out) -> None:
+        jobs, flush = list(out.jobs[:out.njobs]), out.job_flush
+        i = 0
+        while i < len(jobs):
+            if flush[i]:
+                group = jobs[i:i + 1]
+            else:
+                group = []
+                while i + len(group) < len(jobs) and len(group) < self.batch \
+                        and not flush[i + len(group)]:
+                    group.append(jobs[i + len(group)])
+            i += len(group)
+            arr, count = K.JobArray(*group), len(group)
+            self._inpool += count
+            self._pool_pin = self.memory.native()
+            self._idle.clear()
+            try:
+                fut = self.submit(self.k.io, self._q, arr, count)
+            except Exception:
+                log.exception("blk ring %d: cannot hand I/O to the pool", self.index)
+                fut = self.loop.create_future()
+                fut.cancel()
+            fut.add_done_callback(lambda f, a=arr, n=count: self._completed(f, a, n))
+
+    def _completed(self, fut: asyncio.Future, arr: ctypes.Array, n: int) -> None:
+        failed = fut.cancelled() or fut.exception() is not None
+        if failed and not fut.cancelled():
+            log.error("blk ring %d: I/O job failed", self.index, exc_info=fut.exception())
+        self._inpool -= n
+        self._refresh()
+        self.k.complete(self._q, ctypes.byref(self._env), arr, n, int(failed),
+                        ctypes.byref(self._out))
+        self._after(self._out)
+        if self._blocked and not self.halted:
+            self._blocked = False
+            self._schedule()
+
+    def _halt(self, message: str) -> None:
+        self.halted = True
+        self.counters.rings_halted += 1
+        self.channel.stop()
+        self.on_corrupt(f"blk ring {self.index}: {message}")
+
+    def _check_idle(self) -> None:
+        if not self._inpool:
+            self._pool_pin = None
+            self._idle.set()
+
+    def state(self) -> dict[str, int]:
+        st = (ctypes.c_uint32 * 7)()
+        self.k.queue_state(self._q, st)
+        names = ("req_cons", "rsp_prod_pvt", "pushed", "waiting", "in_pool", "halted",
+                 "draining")
+        return dict(zip(names, st, strict=True))
+
+    # --- stopping --------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Stop taking requests, let what was taken complete and be answered."""
+        self._stopping = True
+        self.channel.stop()
+        await self._idle.wait()
+        self.k.push(self._q, ctypes.byref(self._out))
+        if self._out.flags & K.NOTIFY:
+            self.channel.notify()
+        if self.inflight is not None:
+            # Everything taken is answered (or the ring is halted): whatever ring comes
+            # next, even on these pages, starts a new generation of the table.
+            self.inflight.close()
+
+    def release(self) -> None:
+        """After stop(): free the kernel's state, let go of the ring and the channel."""
+        if self._q:
+            self.k.queue_free(self._q)
+            self._q = None
+        self._inflight_anchor = None
+        self._uses_anchor = None
+        self._env_key = None
+        ring = self.back.ring
+        ring.release()
+        for view in getattr(ring, "pages", [ring.area]):
+            view.release()
+        for m in self.ring_maps:
+            m.release()
+        self.ring_maps.clear()
+        self.channel.close()

@@ -1,0 +1,1350 @@
+/* The compiled blkif data plane: one call serves a whole ring batch.
+ *
+ * Python (backendd/dataplane/blk.py) stays the control plane: it maps the ring pages,
+ * owns the event channel, the I/O pool, the stats and the logs, and calls in here once
+ * per wake-up (bk_serve), once per finished pool job (bk_complete) and, in a pool thread,
+ * for the blocking I/O (bk_io). Nothing here calls back into Python.
+ *
+ * The pure-Python path (backendd/devices/blk/{request,queue}.py, backendd/grants.py) is
+ * the specification: every check, every grant rule and every in-flight table update
+ * below follows it step by step, and a differential test feeds both the same rings.
+ *
+ * Order per request, which is the security argument:
+ *   copy the slot (XSA-155: the guest may rewrite it; only the copy is looked at)
+ *   -> record it in the in-flight table -> decode and check the copy
+ *   -> indirect pages: pin, check the window, copy, unpin, check the copy
+ *   -> pin every segment's grant (compare-and-swap, v1 or v2 rules), check each window
+ *   -> the I/O: inline with RWF_NOWAIT, or handed to the pool when it would block
+ *   -> unpin every grant BEFORE the response (XSA-396: once answered, the guest may
+ *      revoke and reuse the page) -> response with zeroed padding (XSA-216)
+ *   -> publish, then ring.h's notify rule.
+ * Every guest value (indices, counts, sectors, grefs, frames, sub-page windows) is
+ * checked before it is used as an offset; guest memory is reached only through the
+ * region table, one checked page at a time.
+ */
+#define _GNU_SOURCE
+#define __XEN_INTERFACE_VERSION__ 0x00040e00
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <xen/xen.h>
+#include <xen/grant_table.h>
+#include <xen/io/blkif.h>
+
+#define BK_PAGE 4096u
+#define BK_SECTOR 512u
+#define BK_SECTORS_PER_PAGE (BK_PAGE / BK_SECTOR)
+#define BK_SRING_HEADER offsetof(struct blkif_sring, ring)
+#define BK_MAX_PENDING 64       /* requests taken and not answered, per ring */
+#define BK_BUDGET 64            /* requests taken per call */
+#define BK_MAX_SEGS 256         /* indirect segments we advertise (blkback's default) */
+#define BK_MAX_RING_PAGES 16
+#define BK_MAX_RING 1024        /* entries: the in-flight table's bound */
+#define BK_MAX_TRIES 5          /* grant compare-and-swap retries, then "unstable" */
+#define BK_SEGS_PER_FRAME (BK_PAGE / sizeof(struct blkif_request_segment))
+#define BK_SLOT_MAX 112         /* sizeof(union blkif_sring_entry) on x86_64 */
+
+/* The in-flight table (backendd/inflight.py, docs/protocol.md; the binding checks these
+ * at load). Queue header: live, ring_size, req_cons, generation, rsp_prod, ring_id.
+ * Entries (2 * ring_size used, a request in any free one): state, ring index, response
+ * index, generation, the request. */
+#define IF_QUEUE_HEADER 64
+#define IF_REQ_CONS 8
+#define IF_GENERATION 12
+#define IF_RSP_PROD 16
+#define IF_ENTRY 128
+#define IF_ENTRY_HEADER 16
+#define IF_E_INDEX 4
+#define IF_E_RSP_INDEX 8
+#define IF_E_GENERATION 12
+#define IF_MAX_ENTRIES 1024
+#define IF_FREE 0
+#define IF_IN_FLIGHT 1
+#define IF_ANSWERED 2
+
+/* The x86_32 guest ABI: uint64_t is 4-aligned there. Xen's header gives the native
+ * (x86_64) layout; these are the same declarations under i386 alignment, and a test
+ * holds both against the rings/ layouts and a -m32 build of Xen's header. */
+#pragma pack(push, 4)
+struct bk32_request {
+    uint8_t operation;
+    uint8_t nr_segments;
+    blkif_vdev_t handle;
+    uint64_t id;
+    blkif_sector_t sector_number;
+    struct blkif_request_segment seg[BLKIF_MAX_SEGMENTS_PER_REQUEST];
+};
+struct bk32_request_discard {
+    uint8_t operation;
+    uint8_t flag;
+    blkif_vdev_t handle;
+    uint64_t id;
+    blkif_sector_t sector_number;
+    uint64_t nr_sectors;
+};
+struct bk32_request_indirect {
+    uint8_t operation;
+    uint8_t indirect_op;
+    uint16_t nr_segments;
+    uint64_t id;
+    blkif_sector_t sector_number;
+    blkif_vdev_t handle;
+    grant_ref_t indirect_grefs[BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST];
+    uint64_t pad;
+};
+struct bk32_response {
+    uint64_t id;
+    uint8_t operation;
+    int16_t status;
+};
+#pragma pack(pop)
+
+_Static_assert(sizeof(struct blkif_request) == 112, "x86_64 request");
+_Static_assert(sizeof(struct blkif_response) == 16, "x86_64 response");
+_Static_assert(sizeof(struct bk32_request) == 108, "x86_32 request");
+_Static_assert(sizeof(struct bk32_request_indirect) == 64, "x86_32 indirect");
+_Static_assert(sizeof(struct bk32_response) == 12, "x86_32 response");
+_Static_assert(sizeof(grant_entry_v1_t) == 8 && sizeof(grant_entry_v2_t) == 16, "grants");
+
+enum { BK_ABI_X86_64 = 0, BK_ABI_X86_32 = 1 };
+
+/* ---- what Python hands in ------------------------------------------------------- */
+
+struct bk_region {          /* one guest RAM region as mapped in this process */
+    uint64_t gpa;
+    uint64_t size;
+    uint8_t *host;
+};
+
+struct bk_env {             /* guest memory and grant table: Python refreshes it when
+                             * either changes (regions added/removed, table regrown) */
+    const struct bk_region *regions; /* sorted by gpa, non-overlapping */
+    uint32_t nr_regions;
+    uint32_t gnt_version;   /* 0: no table */
+    uint32_t gnt_entries;
+    uint32_t backend_domid;
+    uint8_t *gnt_shared;    /* the entries */
+    uint8_t *gnt_status;    /* v2: the status words */
+    uint32_t *gnt_uses;     /* 2 per gref: uses, writable uses (shared with grants.py) */
+};
+
+struct bk_disk {
+    int32_t fd;
+    uint32_t sector_size;   /* logical block: 512 or 4096 */
+    uint64_t sectors;       /* in 512-byte units */
+    uint32_t readonly, discard, discard_secure, is_block;
+    uint32_t max_indirect;  /* indirect segments advertised */
+    uint32_t inline_io;     /* 0: every transfer goes to the pool (O_DIRECT, block dev) */
+};
+
+struct bk_config {
+    uint8_t *pages[BK_MAX_RING_PAGES];
+    uint32_t nr_pages;
+    uint32_t size;          /* ring entries, a power of two */
+    uint32_t abi;
+    uint32_t max_pending;
+    uint32_t start;         /* req_cons = rsp_prod_pvt at attach */
+    uint32_t req_cons;      /* != start after an in-flight table recovery */
+    uint8_t *inflight;      /* this queue's table, or NULL */
+    struct bk_disk disk;
+};
+
+struct bk_stats {
+    uint64_t requests, reads, writes, bytes_read, bytes_written;
+    uint64_t errors, invalid, unsupported, flushes, discards, inline_io, pooled;
+};
+
+enum { BK_NOTIFY = 1, BK_MORE = 2, BK_BLOCKED = 4, BK_CORRUPT = 8, BK_INTERNAL = 16 };
+
+struct bk_out {
+    struct bk_stats stats;
+    uint32_t flags;
+    uint32_t njobs;          /* slots to hand to the pool, in order */
+    uint16_t jobs[BK_MAX_PENDING];
+    uint8_t job_flush[BK_MAX_PENDING];
+    uint64_t refused_id;     /* the first request refused in this call, for the log */
+    uint32_t refused_why;    /* enum bk_why; 0: none */
+    uint32_t _pad;
+};
+
+/* Why a request was refused (the binding turns these into request.py's words). */
+enum bk_why {
+    WHY_NONE, WHY_UNKNOWN_OP, WHY_NSEG, WHY_READONLY, WHY_SEG_PAGE, WHY_ALIGN, WHY_WRAP,
+    WHY_BEYOND, WHY_INDIRECT_OP, WHY_INDIRECT_NSEG, WHY_INDIRECT_PAGES, WHY_GRANT,
+    WHY_SUBPAGE, WHY_NO_DISCARD, WHY_NO_SECURE_DISCARD,
+};
+
+/* ---- per-queue state -------------------------------------------------------------- */
+
+enum { SLOT_FREE = 0, SLOT_WAITING, SLOT_POOL };
+
+struct bk_pending {
+    uint32_t state;
+    uint32_t ring_index;
+    uint64_t id;
+    uint8_t op;             /* answered with; an indirect request's inner op */
+    uint8_t flush;
+    uint8_t write;
+    uint8_t _pad;
+    int16_t status;
+    int32_t error;          /* errno of a failed system call */
+    uint64_t sector;
+    uint64_t nr_sectors;
+    uint32_t nseg;          /* grants pinned */
+    uint32_t if_entry;      /* its in-flight table entry */
+    uint32_t iov_next;      /* first iovec not yet moved */
+    uint64_t done;          /* bytes moved so far */
+    uint32_t grefs[BK_MAX_SEGS];
+    uint8_t gwrite[BK_MAX_SEGS];
+    struct iovec iov[BK_MAX_SEGS];
+};
+
+struct bk_queue {
+    uint8_t *pages[BK_MAX_RING_PAGES];
+    uint32_t nr_pages, size, mask, abi, entry_size, rsp_size, max_pending;
+    uint32_t req_cons, rsp_prod_pvt, pushed;
+    uint32_t halted, draining, inpool;
+    uint8_t *inflight;
+    struct bk_disk disk;
+    uint32_t fifo[BK_MAX_PENDING];   /* waiting slots, in ring order */
+    uint32_t fifo_head, fifo_count;
+    uint32_t nunpub;
+    uint16_t unpub[BK_MAX_RING];     /* table entries answered, response not published */
+    uint32_t if_cap, if_nfree;
+    uint16_t if_free[IF_MAX_ENTRIES]; /* free entries; the last is used next */
+    /* Without a table, responses go out in ring order: one waits here, by request ring
+     * index, until those to every earlier index are written. */
+    uint8_t held[BK_MAX_RING];
+    uint8_t held_rsp[BK_MAX_RING][sizeof(struct blkif_response)];
+    struct bk_pending slots[BK_MAX_PENDING];
+};
+
+/* ---- shared memory access --------------------------------------------------------- */
+
+static inline uint32_t load32(const uint8_t *p)
+{
+    return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED);
+}
+
+static inline uint16_t load16(const uint8_t *p)
+{
+    return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED);
+}
+
+static inline void store32(uint8_t *p, uint32_t v)
+{
+    __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELAXED);
+}
+
+static inline void rd_barrier(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+static inline void wr_barrier(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+static inline void full_barrier(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+#define SRING_IDX(q, field) ((q)->pages[0] + offsetof(struct blkif_sring, field))
+
+/* Slot `index` of a ring laid over pages that are contiguous only in the guest's view:
+ * a slot may straddle two pages. */
+static void ring_copy(struct bk_queue *q, uint32_t index, uint8_t *buf, uint32_t len,
+                      int to_ring)
+{
+    size_t off = BK_SRING_HEADER + (size_t)(index & q->mask) * q->entry_size;
+    size_t page = off / BK_PAGE, start = off % BK_PAGE;
+    size_t first = len < BK_PAGE - start ? len : BK_PAGE - start;
+    if (to_ring) {
+        memcpy(q->pages[page] + start, buf, first);
+        if (first < len)
+            memcpy(q->pages[page + 1], buf + first, len - first);
+    } else {
+        memcpy(buf, q->pages[page] + start, first);
+        if (first < len)
+            memcpy(buf + first, q->pages[page + 1], len - first);
+    }
+}
+
+/* Guest frame -> host address of the whole page, or NULL if not guest memory. */
+static uint8_t *guest_page(const struct bk_env *env, uint64_t frame)
+{
+    if (frame > (UINT64_MAX >> 12))   /* the page's address must fit 64 bits */
+        return NULL;
+    uint64_t gpa = frame << 12;
+    uint32_t lo = 0, hi = env->nr_regions;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (env->regions[mid].gpa <= gpa)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0)
+        return NULL;
+    const struct bk_region *r = &env->regions[lo - 1];
+    uint64_t off = gpa - r->gpa;
+    if (off >= r->size || r->size - off < BK_PAGE)
+        return NULL;
+    return r->host + off;
+}
+
+/* ---- grants: the rules of backendd/grants.py -------------------------------------- */
+
+/* Queues served in parallel (bk_serve_many) may pin the same gref at once: the
+ * compare-and-swap on the shared entry and our use count must move together, and the
+ * "last use clears the bit" step must not interleave with a new pin (Xen holds the
+ * active entry's lock for the same reason). One small spinlock per gref stripe. */
+#define BK_LOCK_STRIPES 1024
+static uint32_t gnt_locks[BK_LOCK_STRIPES];
+
+static inline uint32_t *gnt_lock_of(const struct bk_env *env, uint32_t gref)
+{
+    uintptr_t h = (uintptr_t)env->gnt_uses / 8 + gref;
+    return &gnt_locks[h % BK_LOCK_STRIPES];
+}
+
+static inline void gnt_lock(uint32_t *l)
+{
+    while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(l, __ATOMIC_RELAXED))
+            __builtin_ia32_pause();
+}
+
+static inline void gnt_unlock(uint32_t *l)
+{
+    __atomic_store_n(l, 0, __ATOMIC_RELEASE);
+}
+
+static int grant_check(const struct bk_env *env, uint16_t flags, uint16_t domid,
+                       int writable)
+{
+    unsigned kind = flags & GTF_type_mask;
+    if (kind == GTF_transitive && env->gnt_version == 2)
+        return -1;          /* transitive grants are not supported */
+    if (kind != GTF_permit_access)
+        return -1;          /* revoked or never granted */
+    if (domid != env->backend_domid)
+        return -1;
+    if (writable && (flags & GTF_readonly))
+        return -1;
+    return 0;
+}
+
+/* Set and clear bits of a shared u16 the guest may change at any moment: loop until
+ * our swap lands on the value actually there. Returns the value before. */
+static uint16_t update16(uint8_t *p, uint16_t set, uint16_t clear)
+{
+    uint16_t seen = load16(p);
+    while (!__atomic_compare_exchange_n((uint16_t *)p, &seen,
+                                        (uint16_t)((seen | set) & ~clear), 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        ;
+    return seen;
+}
+
+static void grant_end_use_locked(const struct bk_env *env, uint32_t gref, int writable)
+{
+    uint32_t *uses = &env->gnt_uses[2 * (size_t)gref];
+    uint16_t clear = 0;
+    uses[0]--;
+    if (writable && --uses[1] == 0)
+        clear |= GTF_writing;
+    if (uses[0] == 0)
+        clear |= GTF_reading;
+    if (!clear)
+        return;
+    if (env->gnt_version == 2)
+        update16(env->gnt_status + 2 * (size_t)gref, 0, clear);
+    else
+        update16(env->gnt_shared + sizeof(grant_entry_v1_t) * (size_t)gref, 0, clear);
+}
+
+static void grant_end_use(const struct bk_env *env, uint32_t gref, int writable)
+{
+    uint32_t *l = gnt_lock_of(env, gref);
+    gnt_lock(l);
+    grant_end_use_locked(env, gref, writable);
+    gnt_unlock(l);
+}
+
+/* Pin one grant for reading (and writing if asked). On success: *page is the host
+ * address of the guest page and [*lo, *hi) the part of it the guest granted. */
+static int grant_pin_locked(const struct bk_env *env, uint32_t gref, int writable,
+                            uint8_t **page, uint32_t *lo, uint32_t *hi)
+{
+    uint16_t want = GTF_reading | (writable ? GTF_writing : 0);
+    uint64_t frame;
+    if (env->gnt_version == 0 || gref >= env->gnt_entries)
+        return -1;
+    *lo = 0;
+    *hi = BK_PAGE;
+    if (env->gnt_version == 1) {
+        uint8_t *e = env->gnt_shared + sizeof(grant_entry_v1_t) * (size_t)gref;
+        uint32_t seen = load32(e);  /* flags | domid << 16 */
+        int tries;
+        for (tries = 0; tries < BK_MAX_TRIES; tries++) {
+            if (grant_check(env, seen & 0xffff, seen >> 16, writable))
+                return -1;
+            /* flags and domid swap together, so the grant cannot be re-targeted to
+             * another domain between the check and the pin (as Xen does for v1). */
+            uint32_t old = seen;
+            if (__atomic_compare_exchange_n((uint32_t *)e, &seen, old | want, 0,
+                                            __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+                break;
+        }
+        if (tries == BK_MAX_TRIES)
+            return -1;      /* unstable */
+        rd_barrier();       /* the frame is read after pinning */
+        frame = load32(e + offsetof(grant_entry_v1_t, frame));
+    } else {
+        uint8_t *e = env->gnt_shared + sizeof(grant_entry_v2_t) * (size_t)gref;
+        uint8_t *status = env->gnt_status + 2 * (size_t)gref;
+        uint32_t hdr;
+        uint16_t added = 0;
+        int tries;
+        for (tries = 0; tries < BK_MAX_TRIES; tries++) {
+            hdr = load32(e);
+            if (grant_check(env, hdr & 0xffff, hdr >> 16, writable))
+                return -1;
+            added = want & ~update16(status, want, 0);
+            /* the status store is visible before the entry is read again, so a guest
+             * revoking now either sees our bits or we see its revocation */
+            full_barrier();
+            if (load32(e) == hdr)
+                break;
+            if (added)
+                update16(status, 0, added);
+        }
+        if (tries == BK_MAX_TRIES)
+            return -1;
+        rd_barrier();
+        uint16_t page_off = load16(e + offsetof(grant_entry_v2_t, sub_page.page_off));
+        uint16_t length = load16(e + offsetof(grant_entry_v2_t, sub_page.length));
+        frame = __atomic_load_n((uint64_t *)(e + offsetof(grant_entry_v2_t, full_page.frame)),
+                                __ATOMIC_RELAXED);
+        if ((hdr & 0xffff) & GTF_sub_page) {
+            if ((uint32_t)page_off + length > BK_PAGE) {
+                if (added)
+                    update16(status, 0, added);
+                return -1;
+            }
+            *lo = page_off;
+            *hi = (uint32_t)page_off + length;
+        }
+    }
+    uint32_t *uses = &env->gnt_uses[2 * (size_t)gref];
+    uses[0]++;
+    uses[1] += writable ? 1 : 0;
+    *page = guest_page(env, frame);
+    if (!*page) {
+        grant_end_use_locked(env, gref, writable);
+        return -1;
+    }
+    return 0;
+}
+
+static int grant_pin(const struct bk_env *env, uint32_t gref, int writable,
+                     uint8_t **page, uint32_t *lo, uint32_t *hi)
+{
+    if (env->gnt_version == 0 || gref >= env->gnt_entries)
+        return -1;
+    uint32_t *l = gnt_lock_of(env, gref);
+    gnt_lock(l);
+    int rc = grant_pin_locked(env, gref, writable, page, lo, hi);
+    gnt_unlock(l);
+    return rc;
+}
+
+/* ---- the in-flight table ---------------------------------------------------------- */
+
+static inline uint8_t *if_entry(struct bk_queue *q, uint32_t entry)
+{
+    return q->inflight + IF_QUEUE_HEADER + (size_t)entry * IF_ENTRY;
+}
+
+static inline uint32_t if_u32(struct bk_queue *q, uint32_t entry, uint32_t off)
+{
+    uint32_t v;
+    memcpy(&v, if_entry(q, entry) + off, 4);
+    return v;
+}
+
+/* Which entries hold requests of the current generation; the others are free. The same
+ * walk, in the same order, as InflightQueue._scan, so both planes use the same entries. */
+void bk_inflight_scan(struct bk_queue *q)
+{
+    if (!q->inflight)
+        return;
+    uint32_t gen;
+    memcpy(&gen, q->inflight + IF_GENERATION, 4);
+    static __thread uint32_t seen[IF_MAX_ENTRIES];
+    uint32_t nseen = 0;
+    q->if_nfree = 0;
+    for (uint32_t k = q->if_cap; k-- > 0;) {
+        uint8_t state = *if_entry(q, k);
+        uint32_t index = if_u32(q, k, IF_E_INDEX);
+        int taken = state != IF_FREE && if_u32(q, k, IF_E_GENERATION) == gen;
+        for (uint32_t j = 0; taken && j < nseen; j++)
+            if (seen[j] == index)
+                taken = 0;
+        if (taken)
+            seen[nseen++] = index;
+        else
+            q->if_free[q->if_nfree++] = (uint16_t)k;
+    }
+}
+
+/* The entry holding ring index `index` of this generation (a replayed request), or a
+ * free one; -1 if there is none (cannot happen: 2 * ring_size entries). */
+static int32_t if_claim(struct bk_queue *q, uint32_t index, int replayed)
+{
+    if (replayed) {
+        uint32_t gen;
+        memcpy(&gen, q->inflight + IF_GENERATION, 4);
+        for (uint32_t k = q->if_cap; k-- > 0;) {
+            if (*if_entry(q, k) != IF_FREE && if_u32(q, k, IF_E_GENERATION) == gen &&
+                if_u32(q, k, IF_E_INDEX) == index) {
+                int free_slot = 0;
+                for (uint32_t j = 0; j < q->if_nfree; j++)
+                    if (q->if_free[j] == k)
+                        free_slot = 1;
+                if (!free_slot)
+                    return (int32_t)k;
+            }
+        }
+    }
+    if (q->if_nfree == 0)
+        return -1;
+    uint32_t k = q->if_free[--q->if_nfree];
+    if (*if_entry(q, k) != IF_FREE)     /* void (an older generation): free it first */
+        __atomic_store_n(if_entry(q, k), (uint8_t)IF_FREE, __ATOMIC_RELEASE);
+    return (int32_t)k;
+}
+
+static int32_t if_in_flight(struct bk_queue *q, uint32_t index, const uint8_t *raw,
+                            int replayed)
+{
+    int32_t k = if_claim(q, index, replayed);
+    if (k < 0)
+        return -1;
+    uint8_t *e = if_entry(q, (uint32_t)k);
+    memcpy(e + IF_ENTRY_HEADER, raw, q->entry_size);
+    memcpy(e + IF_E_INDEX, &index, 4);
+    memcpy(e + IF_E_GENERATION, q->inflight + IF_GENERATION, 4);
+    __atomic_store_n(e, (uint8_t)IF_IN_FLIGHT, __ATOMIC_RELEASE); /* state last */
+    return k;
+}
+
+static void if_answering(struct bk_queue *q, uint32_t entry, uint32_t rsp_index)
+{
+    uint8_t *e = if_entry(q, entry);
+    memcpy(e + IF_E_RSP_INDEX, &rsp_index, 4);
+    __atomic_store_n(e, (uint8_t)IF_ANSWERED, __ATOMIC_RELEASE);
+}
+
+/* ---- responses and the notify rule ------------------------------------------------ */
+
+static void answer(struct bk_queue *q, uint64_t id, uint8_t op, int16_t status,
+                   uint32_t index, uint32_t entry)
+{
+    uint8_t buf[sizeof(struct blkif_response)];
+    if (q->halted)
+        return;     /* a corrupt ring: write nothing more into it */
+    memset(buf, 0, sizeof(buf));   /* padding goes out as zeros (XSA-216) */
+    if (q->abi == BK_ABI_X86_32) {
+        struct bk32_response r;
+        memset(&r, 0, sizeof(r));
+        r.id = id;
+        r.operation = op;
+        r.status = status;
+        memcpy(buf, &r, sizeof(r));
+    } else {
+        struct blkif_response r;
+        memset(&r, 0, sizeof(r));
+        r.id = id;
+        r.operation = op;
+        r.status = status;
+        memcpy(buf, &r, sizeof(r));
+    }
+    if (q->inflight) {
+        if_answering(q, entry, q->rsp_prod_pvt);
+        if (q->nunpub < BK_MAX_RING)
+            q->unpub[q->nunpub++] = (uint16_t)entry;
+        ring_copy(q, q->rsp_prod_pvt, buf, q->rsp_size, 1);
+        q->rsp_prod_pvt++;
+        return;
+    }
+    /* In ring order: rsp_prod never passes an unanswered request, so after a restart
+     * without a table the shared rsp_prod alone says what was answered. */
+    q->held[index & q->mask] = 1;
+    memcpy(q->held_rsp[index & q->mask], buf, sizeof(buf));
+    while (q->held[q->rsp_prod_pvt & q->mask]) {
+        q->held[q->rsp_prod_pvt & q->mask] = 0;
+        ring_copy(q, q->rsp_prod_pvt, q->held_rsp[q->rsp_prod_pvt & q->mask], q->rsp_size, 1);
+        q->rsp_prod_pvt++;
+    }
+}
+
+/* RING_PUSH_RESPONSES_AND_CHECK_NOTIFY. */
+static void push(struct bk_queue *q, struct bk_out *out)
+{
+    uint32_t old = q->pushed, new = q->rsp_prod_pvt;
+    if (q->halted || new == old)
+        return;
+    wr_barrier();   /* responses before the index */
+    store32(SRING_IDX(q, rsp_prod), new);
+    q->pushed = new;
+    full_barrier(); /* the index before we read rsp_event */
+    uint32_t event = load32(SRING_IDX(q, rsp_event));
+    if ((uint32_t)(new - event) < (uint32_t)(new - old))
+        out->flags |= BK_NOTIFY;
+    if (q->inflight && q->nunpub) {
+        /* published now: a restarted daemon must not run these again */
+        for (uint32_t i = 0; i < q->nunpub; i++) {
+            __atomic_store_n(if_entry(q, q->unpub[i]), (uint8_t)IF_FREE, __ATOMIC_RELEASE);
+            q->if_free[q->if_nfree++] = q->unpub[i];
+        }
+        store32(q->inflight + IF_RSP_PROD, q->rsp_prod_pvt);
+    }
+    q->nunpub = 0;
+}
+
+/* ---- decoding and checking one request (backendd/devices/blk/request.py) ------- */
+
+struct req {
+    uint8_t op, nseg8, flag, inner;
+    uint16_t nseg16;
+    uint64_t id, sector, nr_sectors;
+    struct blkif_request_segment seg[BLKIF_MAX_SEGMENTS_PER_REQUEST];
+    grant_ref_t igrefs[BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST];
+};
+
+#define DECODE(T_REQ, T_DIS, T_IND)                                                  \
+    do {                                                                             \
+        T_REQ r; T_DIS d; T_IND n;                                                   \
+        memcpy(&r, raw, sizeof(r)); memcpy(&d, raw, sizeof(d));                     \
+        memcpy(&n, raw, sizeof(n));                                                  \
+        f->op = r.operation; f->nseg8 = r.nr_segments; f->id = r.id;                 \
+        f->sector = r.sector_number; memcpy(f->seg, r.seg, sizeof(f->seg));          \
+        f->flag = d.flag; f->nr_sectors = d.nr_sectors;                              \
+        f->inner = n.indirect_op; f->nseg16 = n.nr_segments;                         \
+        memcpy(f->igrefs, n.indirect_grefs, sizeof(f->igrefs));                      \
+    } while (0)
+
+static void decode(uint32_t abi, const uint8_t *raw, struct req *f)
+{
+    /* id and sector sit at the same offsets in every variant of one ABI */
+    if (abi == BK_ABI_X86_32)
+        DECODE(struct bk32_request, struct bk32_request_discard, struct bk32_request_indirect);
+    else
+        DECODE(struct blkif_request, struct blkif_request_discard,
+               struct blkif_request_indirect);
+}
+
+struct seg {
+    uint32_t gref;
+    uint8_t first, last;
+};
+
+/* _check_transfer: segments inside their page, alignment, range, write permission.
+ * Returns the total 512-byte sectors, or -1. */
+static int64_t check_transfer(const struct bk_disk *disk, uint8_t op, uint64_t sector,
+                              const struct seg *segs, uint32_t nseg, uint32_t *why)
+{
+    if (op != BLKIF_OP_READ && disk->readonly)
+        return *why = WHY_READONLY, -1;
+    uint32_t mask = disk->sector_size / BK_SECTOR - 1;
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < nseg; i++) {
+        uint32_t first = segs[i].first, last = segs[i].last;
+        if (last >= BK_SECTORS_PER_PAGE || last < first)
+            return *why = WHY_SEG_PAGE, -1;
+        uint32_t nsec = last - first + 1;
+        if ((first | nsec) & mask)
+            return *why = WHY_ALIGN, -1;
+        total += nsec;
+    }
+    if (total && (sector & mask))
+        return *why = WHY_ALIGN, -1;
+    if (total) {
+        if (sector > UINT64_MAX - total)
+            return *why = WHY_WRAP, -1;     /* sector + total would not fit a u64 */
+        if (sector + total > disk->sectors)
+            return *why = WHY_BEYOND, -1;
+    }
+    return (int64_t)total;
+}
+
+static int is_flush_op(uint8_t op)
+{
+    return op == BLKIF_OP_WRITE_BARRIER || op == BLKIF_OP_FLUSH_DISKCACHE;
+}
+
+static struct bk_pending *slot_alloc(struct bk_queue *q)
+{
+    for (uint32_t i = 0; i < BK_MAX_PENDING; i++)
+        if (q->slots[i].state == SLOT_FREE)
+            return &q->slots[i];
+    return NULL;
+}
+
+static void slot_release(const struct bk_env *env, struct bk_pending *s)
+{
+    for (uint32_t i = 0; i < s->nseg; i++)
+        grant_end_use(env, s->grefs[i], s->gwrite[i]);
+    s->nseg = 0;
+}
+
+/* Copy an indirect request's segment descriptors out of its indirect pages. */
+static int read_indirect(const struct bk_env *env, const struct req *f, uint32_t nseg,
+                         struct seg *segs)
+{
+    uint32_t pages = (nseg + BK_SEGS_PER_FRAME - 1) / BK_SEGS_PER_FRAME;
+    size_t left = (size_t)nseg * sizeof(struct blkif_request_segment);
+    static __thread struct blkif_request_segment copy[BK_MAX_SEGS];
+    uint8_t *dst = (uint8_t *)copy;
+    for (uint32_t p = 0; p < pages; p++) {
+        uint8_t *page;
+        uint32_t lo, hi;
+        size_t n = left < BK_PAGE ? left : BK_PAGE;
+        if (grant_pin(env, f->igrefs[p], 0, &page, &lo, &hi))
+            return -1;
+        int ok = lo == 0 && n <= hi;
+        if (ok)
+            memcpy(dst, page, n);   /* a private copy, then let go */
+        grant_end_use(env, f->igrefs[p], 0);
+        if (!ok)
+            return -1;
+        dst += n;
+        left -= n;
+    }
+    for (uint32_t i = 0; i < nseg; i++) {
+        segs[i].gref = copy[i].gref;
+        segs[i].first = copy[i].first_sect;
+        segs[i].last = copy[i].last_sect;
+    }
+    return 0;
+}
+
+/* Take one private copy: validate, pin, queue (or answer at once). */
+static void accept(struct bk_queue *q, const struct bk_env *env, const uint8_t *raw,
+                   uint32_t index, uint32_t entry, struct bk_out *out)
+{
+    struct req f;
+    struct seg segs[BK_MAX_SEGS];
+    uint32_t nseg;
+    uint8_t op;
+    int64_t total = 0;
+    uint32_t why = WHY_NONE;
+    decode(q->abi, raw, &f);
+    out->stats.requests++;
+    op = f.op;
+    if (op == BLKIF_OP_READ || op == BLKIF_OP_WRITE || is_flush_op(op)) {
+        nseg = f.nseg8;
+        if ((nseg == 0 && !is_flush_op(op)) || nseg > BLKIF_MAX_SEGMENTS_PER_REQUEST) {
+            why = WHY_NSEG;
+            goto invalid;
+        }
+        for (uint32_t i = 0; i < nseg; i++) {
+            segs[i].gref = f.seg[i].gref;
+            segs[i].first = f.seg[i].first_sect;
+            segs[i].last = f.seg[i].last_sect;
+        }
+        total = check_transfer(&q->disk, op, f.sector, segs, nseg, &why);
+        if (total < 0)
+            goto invalid;
+    } else if (op == BLKIF_OP_INDIRECT) {
+        op = f.inner;   /* answered with the inner operation, as blkback does */
+        nseg = f.nseg16;
+        why = WHY_INDIRECT_OP;
+        if (op != BLKIF_OP_READ && op != BLKIF_OP_WRITE)
+            goto invalid;
+        why = WHY_INDIRECT_NSEG;
+        if (nseg == 0 || nseg > q->disk.max_indirect || nseg > BK_MAX_SEGS)
+            goto invalid;
+        why = WHY_READONLY;
+        if (op == BLKIF_OP_WRITE && q->disk.readonly)
+            goto invalid;
+        why = WHY_INDIRECT_PAGES;
+        if ((nseg + BK_SEGS_PER_FRAME - 1) / BK_SEGS_PER_FRAME >
+            BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST)
+            goto invalid;
+        why = WHY_GRANT;
+        if (read_indirect(env, &f, nseg, segs))
+            goto invalid;
+        total = check_transfer(&q->disk, op, f.sector, segs, nseg, &why);
+        if (total < 0)
+            goto invalid;
+    } else if (op == BLKIF_OP_DISCARD) {
+        int secure = f.flag & BLKIF_DISCARD_SECURE;
+        nseg = 0;
+        why = q->disk.discard ? WHY_NO_SECURE_DISCARD : WHY_NO_DISCARD;
+        if (!q->disk.discard || (secure && !q->disk.discard_secure))
+            goto unsupported;
+        why = WHY_READONLY;
+        if (q->disk.readonly)
+            goto invalid;
+        if (f.nr_sectors) {
+            why = f.sector > UINT64_MAX - f.nr_sectors ? WHY_WRAP : WHY_BEYOND;
+            if (f.sector > UINT64_MAX - f.nr_sectors ||
+                f.sector + f.nr_sectors > q->disk.sectors)
+                goto invalid;
+        }
+    } else {
+        why = WHY_UNKNOWN_OP;
+        goto unsupported;
+    }
+
+    struct bk_pending *s = slot_alloc(q);
+    if (!s) {           /* cannot happen: room is checked before taking */
+        out->flags |= BK_INTERNAL;
+        goto invalid;
+    }
+    s->ring_index = index;
+    s->if_entry = entry;
+    s->id = f.id;
+    s->op = op;
+    s->flush = is_flush_op(op);
+    s->write = op != BLKIF_OP_READ;
+    s->status = BLKIF_RSP_OKAY;
+    s->error = 0;
+    s->sector = f.sector;
+    s->nr_sectors = op == BLKIF_OP_DISCARD ? f.nr_sectors : (uint64_t)total;
+    s->nseg = 0;
+    s->iov_next = 0;
+    s->done = 0;
+    /* A read fills guest pages, so it needs them writable; a write only reads them. */
+    int writable = op == BLKIF_OP_READ;
+    for (uint32_t i = 0; i < nseg; i++) {
+        uint8_t *page;
+        uint32_t lo, hi;
+        if (grant_pin(env, segs[i].gref, writable, &page, &lo, &hi)) {
+            slot_release(env, s);
+            why = WHY_GRANT;
+            goto invalid;
+        }
+        s->grefs[s->nseg] = segs[i].gref;
+        s->gwrite[s->nseg] = (uint8_t)writable;
+        s->nseg++;
+        uint32_t start = segs[i].first * BK_SECTOR;
+        uint32_t len = (segs[i].last - segs[i].first + 1u) * BK_SECTOR;
+        if (start < lo || start + len > hi) {   /* outside a v2 sub-page grant */
+            slot_release(env, s);
+            why = WHY_SUBPAGE;
+            goto invalid;
+        }
+        s->iov[i].iov_base = page + start;
+        s->iov[i].iov_len = len;
+    }
+    s->state = SLOT_WAITING;
+    q->fifo[(q->fifo_head + q->fifo_count) % BK_MAX_PENDING] = (uint32_t)(s - q->slots);
+    q->fifo_count++;
+    return;
+
+invalid:
+    out->stats.invalid++;
+    if (!out->refused_why) {
+        out->refused_id = f.id;
+        out->refused_why = why;
+    }
+    answer(q, f.id, op, BLKIF_RSP_ERROR, index, entry);
+    return;
+unsupported:
+    out->stats.unsupported++;
+    if (!out->refused_why) {
+        out->refused_id = f.id;
+        out->refused_why = why;
+    }
+    answer(q, f.id, op, BLKIF_RSP_EOPNOTSUPP, index, entry);
+}
+
+/* ---- the I/O ---------------------------------------------------------------------- */
+
+/* Move what is left of a transfer. Returns 0 when done (status set on error), 1 when
+ * it would block (RWF_NOWAIT only): the pool continues from where it stopped; 2 when
+ * the filesystem does not do RWF_NOWAIT for this direction at all. */
+static int transfer(struct bk_pending *s, int fd, int nowait)
+{
+    while (s->iov_next < s->nseg) {
+        off_t off = (off_t)(s->sector * BK_SECTOR + s->done);
+        struct iovec *iov = &s->iov[s->iov_next];
+        int cnt = (int)(s->nseg - s->iov_next);
+        ssize_t n = s->write ? pwritev2(fd, iov, cnt, off, nowait ? RWF_NOWAIT : 0)
+                             : preadv2(fd, iov, cnt, off, nowait ? RWF_NOWAIT : 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (nowait && errno == EAGAIN)
+                return 1;
+            if (nowait && errno == EOPNOTSUPP)
+                return 2;
+            s->status = BLKIF_RSP_ERROR;
+            s->error = errno;
+            return 0;
+        }
+        if (n == 0) {   /* the backing store ended before the request did */
+            s->status = BLKIF_RSP_ERROR;
+            s->error = EIO;
+            return 0;
+        }
+        s->done += (uint64_t)n;
+        size_t left = (size_t)n;
+        while (s->iov_next < s->nseg && left >= s->iov[s->iov_next].iov_len) {
+            left -= s->iov[s->iov_next].iov_len;
+            s->iov[s->iov_next].iov_len = 0;
+            s->iov_next++;
+        }
+        if (left) {
+            s->iov[s->iov_next].iov_base = (uint8_t *)s->iov[s->iov_next].iov_base + left;
+            s->iov[s->iov_next].iov_len -= left;
+        }
+    }
+    return 0;
+}
+
+/* Only reads are tried inline. A write waits for a frozen filesystem in the VFS before
+ * RWF_NOWAIT is looked at (file_start_write), so even a NOWAIT write can stall the
+ * event loop; and ext4 refuses RWF_NOWAIT for buffered writes anyway. */
+static int needs_pool(const struct bk_queue *q, const struct bk_pending *s)
+{
+    return s->write || s->flush || s->op == BLKIF_OP_DISCARD || !q->disk.inline_io;
+}
+
+static void account(const struct bk_pending *s, struct bk_out *out)
+{
+    struct bk_stats *st = &out->stats;
+    if (s->status != BLKIF_RSP_OKAY) {
+        st->errors++;
+        return;
+    }
+    if (s->flush)
+        st->flushes++;
+    if (s->op == BLKIF_OP_DISCARD)
+        st->discards++;
+    else if (s->op == BLKIF_OP_READ) {
+        st->reads++;
+        st->bytes_read += s->nr_sectors * BK_SECTOR;
+    } else if (s->nr_sectors) {
+        st->writes++;
+        st->bytes_written += s->nr_sectors * BK_SECTOR;
+    }
+}
+
+/* Done: grants go back before the response (XSA-396), then the answer. */
+static void finish(struct bk_queue *q, const struct bk_env *env, struct bk_pending *s,
+                   struct bk_out *out)
+{
+    slot_release(env, s);
+    account(s, out);
+    answer(q, s->id, s->op, s->status, s->ring_index, s->if_entry);
+    s->state = SLOT_FREE;
+}
+
+/* Start what waits: inline when the page cache has it, else to the pool. A flush or
+ * barrier starts only once everything before it has completed, and nothing after it
+ * starts until it has completed. A request runs inline only while nothing taken before
+ * it is in the pool, so requests start in ring order, as on the Python path. */
+static void dispatch(struct bk_queue *q, const struct bk_env *env, struct bk_out *out)
+{
+    while (q->fifo_count && !q->draining) {
+        struct bk_pending *s = &q->slots[q->fifo[q->fifo_head]];
+        if (s->flush) {
+            if (q->inpool)
+                break;
+            q->draining = 1;
+        }
+        q->fifo_head = (q->fifo_head + 1) % BK_MAX_PENDING;
+        q->fifo_count--;
+        if (!needs_pool(q, s) && !q->inpool && transfer(s, q->disk.fd, 1) == 0) {
+            out->stats.inline_io++;
+            finish(q, env, s, out);
+            continue;
+        }
+        s->state = SLOT_POOL;
+        q->inpool++;
+        out->stats.pooled++;
+        out->job_flush[out->njobs] = s->flush;
+        out->jobs[out->njobs++] = (uint16_t)(s - q->slots);
+    }
+}
+
+/* ---- taking requests ------------------------------------------------------------ */
+
+static uint32_t unconsumed(struct bk_queue *q)
+{
+    uint32_t req = load32(SRING_IDX(q, req_prod)) - q->req_cons;
+    uint32_t rsp = q->size - (q->req_cons - q->rsp_prod_pvt);
+    return req < rsp ? req : rsp;
+}
+
+/* RING_FINAL_CHECK_FOR_REQUESTS */
+static int final_check(struct bk_queue *q)
+{
+    if (unconsumed(q))
+        return 1;
+    store32(SRING_IDX(q, req_event), q->req_cons + 1);
+    full_barrier();
+    return unconsumed(q) > 0;
+}
+
+static void halt(struct bk_queue *q, const struct bk_env *env)
+{
+    q->halted = 1;
+    while (q->fifo_count) {     /* never started: just let go */
+        struct bk_pending *s = &q->slots[q->fifo[q->fifo_head]];
+        q->fifo_head = (q->fifo_head + 1) % BK_MAX_PENDING;
+        q->fifo_count--;
+        slot_release(env, s);
+        s->state = SLOT_FREE;
+    }
+}
+
+static int take(struct bk_queue *q, const struct bk_env *env, struct bk_out *out)
+{
+    uint8_t raws[BK_BUDGET][BK_SLOT_MAX];
+    uint32_t entries[BK_BUDGET];
+    uint32_t budget = BK_BUDGET;
+    while (budget > 0) {
+        uint32_t pending = q->req_cons - q->rsp_prod_pvt;
+        if (pending >= q->max_pending) {
+            out->flags |= BK_BLOCKED;   /* a completion resumes us */
+            return 0;
+        }
+        uint32_t room = q->max_pending - pending;
+        uint32_t limit = room < budget ? room : budget;
+        uint32_t first = q->req_cons, cons = first, n = 0;
+        uint32_t prod = load32(SRING_IDX(q, req_prod));     /* read once */
+        rd_barrier();
+        if ((uint32_t)(prod - q->rsp_prod_pvt) > q->size)
+            return -1;  /* more requests than the ring holds: corrupt */
+        while (cons != prod && n < limit) {
+            if ((uint32_t)(cons - q->rsp_prod_pvt) >= q->size)
+                break;  /* RING_REQUEST_CONS_OVERFLOW */
+            memset(raws[n], 0, BK_SLOT_MAX);
+            ring_copy(q, cons, raws[n], q->entry_size, 0);
+            cons++;
+            n++;
+        }
+        q->req_cons = cons;
+        budget -= n;
+        if (q->inflight && n) {
+            for (uint32_t k = 0; k < n; k++) {
+                int32_t e = if_in_flight(q, first + k, raws[k], 0);
+                if (e < 0) {
+                    out->flags |= BK_INTERNAL;  /* no free entry: a bug of ours */
+                    return -1;
+                }
+                entries[k] = (uint32_t)e;
+            }
+            store32(q->inflight + IF_REQ_CONS, q->req_cons);
+        }
+        for (uint32_t k = 0; k < n; k++)
+            accept(q, env, raws[k], first + k, q->inflight ? entries[k] : 0, out);
+        if (n == 0 && !final_check(q))
+            return 0;
+    }
+    out->flags |= BK_MORE;  /* budget spent, more may be waiting */
+    return 0;
+}
+
+/* ---- the entry points ------------------------------------------------------------- */
+
+struct bk_queue *bk_queue_new(const struct bk_config *cfg)
+{
+    if (cfg->nr_pages == 0 || cfg->nr_pages > BK_MAX_RING_PAGES || cfg->size == 0 ||
+        (cfg->size & (cfg->size - 1)) || cfg->size > BK_MAX_RING || cfg->abi > 1 ||
+        cfg->max_pending == 0 || cfg->max_pending > BK_MAX_PENDING)
+        return NULL;
+    uint32_t esz = cfg->abi == BK_ABI_X86_32 ? sizeof(struct bk32_request)
+                                             : sizeof(union blkif_sring_entry);
+    if (BK_SRING_HEADER + (size_t)cfg->size * esz > (size_t)cfg->nr_pages * BK_PAGE)
+        return NULL;
+    struct bk_queue *q = calloc(1, sizeof(*q));
+    if (!q)
+        return NULL;
+    memcpy(q->pages, cfg->pages, sizeof(q->pages));
+    q->nr_pages = cfg->nr_pages;
+    q->size = cfg->size;
+    q->mask = cfg->size - 1;
+    q->abi = cfg->abi;
+    q->entry_size = esz;
+    q->rsp_size = cfg->abi == BK_ABI_X86_32 ? sizeof(struct bk32_response)
+                                            : sizeof(struct blkif_response);
+    q->max_pending = cfg->max_pending;
+    q->req_cons = cfg->req_cons;
+    q->rsp_prod_pvt = q->pushed = cfg->start;
+    q->inflight = cfg->inflight;
+    q->if_cap = 2 * cfg->size;
+    if (q->if_cap > IF_MAX_ENTRIES) {
+        free(q);
+        return NULL;
+    }
+    q->disk = cfg->disk;
+    bk_inflight_scan(q);
+    return q;
+}
+
+void bk_queue_free(struct bk_queue *q)
+{
+    free(q);
+}
+
+void bk_queue_set_disk(struct bk_queue *q, const struct bk_disk *disk)
+{
+    q->disk = *disk;
+}
+
+/* req_cons, rsp_prod_pvt, pushed, waiting, in the pool, halted, draining */
+void bk_queue_state(const struct bk_queue *q, uint32_t out[7])
+{
+    out[0] = q->req_cons;
+    out[1] = q->rsp_prod_pvt;
+    out[2] = q->pushed;
+    out[3] = q->fifo_count;
+    out[4] = q->inpool;
+    out[5] = q->halted;
+    out[6] = q->draining;
+}
+
+/* One wake-up: take what the guest queued, check, pin, do what the page cache has,
+ * answer, publish. Pool work comes back in out->jobs. */
+void bk_serve(struct bk_queue *q, const struct bk_env *env, struct bk_out *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (q->halted)
+        return;
+    if (take(q, env, out)) {
+        halt(q, env);
+        if (!(out->flags & BK_INTERNAL))
+            out->flags |= BK_CORRUPT;
+        return;
+    }
+    dispatch(q, env, out);
+    /* The take loop stopped for want of room, but what filled the room was answered
+     * inline just now: no pool completion will come to resume this ring, so it asks to
+     * be served again. */
+    if ((out->flags & BK_BLOCKED) && q->req_cons - q->rsp_prod_pvt < q->max_pending) {
+        out->flags &= ~(uint32_t)BK_BLOCKED;
+        out->flags |= BK_MORE;
+    }
+    push(q, out);
+}
+
+/* ---- several rings at once -------------------------------------------------------- */
+
+/* Helper threads serve the other rings of one bk_serve_many call while the caller
+ * serves the first. The caller (the event loop, GIL released) waits for all of them,
+ * so nothing in the control plane (regions, grant table) changes meanwhile. */
+#define BK_HELPERS 7
+struct bk_work {
+    struct bk_queue *q;
+    const struct bk_env *env;
+    struct bk_out *out;
+};
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
+static struct bk_work pool_work[BK_HELPERS];
+static uint32_t pool_next, pool_count, pool_busy, pool_threads;
+
+static void *helper(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&pool_lock);
+    for (;;) {
+        while (pool_next == pool_count)
+            pthread_cond_wait(&pool_wake, &pool_lock);
+        struct bk_work w = pool_work[pool_next++];
+        pool_busy++;
+        pthread_mutex_unlock(&pool_lock);
+        bk_serve(w.q, w.env, w.out);
+        pthread_mutex_lock(&pool_lock);
+        if (--pool_busy == 0 && pool_next == pool_count)
+            pthread_cond_broadcast(&pool_done);
+    }
+    return NULL;
+}
+
+/* Serve n rings, in parallel when n > 1. Returns how many ran on helper threads. */
+uint32_t bk_serve_many(struct bk_queue *const *qs, const struct bk_env *const *envs,
+                       struct bk_out *const *outs, uint32_t n)
+{
+    static pthread_mutex_t one_call = PTHREAD_MUTEX_INITIALIZER;
+    uint32_t helped = 0;
+    if (n == 0)
+        return 0;
+    if (n > 1) {
+        pthread_mutex_lock(&one_call);  /* one event loop at a time uses the helpers */
+        pthread_mutex_lock(&pool_lock);
+        helped = n - 1 < BK_HELPERS ? n - 1 : BK_HELPERS;
+        while (pool_threads < helped) {
+            pthread_t t;
+            pthread_attr_t attr;
+            pthread_attr_init(&attr);
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            int rc = pthread_create(&t, &attr, helper, NULL);
+            pthread_attr_destroy(&attr);
+            if (rc)
+                break;
+            pool_threads++;
+        }
+        if (helped > pool_threads)
+            helped = pool_threads;
+        for (uint32_t k = 0; k < helped; k++)
+            pool_work[k] = (struct bk_work){qs[1 + k], envs[1 + k], outs[1 + k]};
+        pool_next = 0;
+        pool_count = helped;
+        pthread_cond_broadcast(&pool_wake);
+        pthread_mutex_unlock(&pool_lock);
+    }
+    bk_serve(qs[0], envs[0], outs[0]);
+    for (uint32_t k = 1 + helped; k < n; k++)   /* more rings than helpers */
+        bk_serve(qs[k], envs[k], outs[k]);
+    if (helped) {
+        pthread_mutex_lock(&pool_lock);
+        while (pool_busy || pool_next != pool_count)
+            pthread_cond_wait(&pool_done, &pool_lock);
+        pool_next = pool_count = 0;
+        pthread_mutex_unlock(&pool_lock);
+        pthread_mutex_unlock(&one_call);
+    } else if (n > 1) {
+        pthread_mutex_unlock(&one_call);
+    }
+    return helped;
+}
+
+/* Requests an earlier daemon took and never visibly answered (from the in-flight
+ * table), in ring order: recorded again, then served like new ones. */
+void bk_replay(struct bk_queue *q, const struct bk_env *env, const uint8_t *raws,
+               const uint32_t *indices, uint32_t n, struct bk_out *out)
+{
+    memset(out, 0, sizeof(*out));
+    for (uint32_t k = 0; k < n; k++) {
+        uint8_t raw[BK_SLOT_MAX];
+        memset(raw, 0, sizeof(raw));
+        memcpy(raw, raws + (size_t)k * BK_SLOT_MAX, BK_SLOT_MAX);
+        int32_t e = 0;
+        if (q->inflight) {
+            /* recorded again, in the entry it has, so a second crash replays it again */
+            e = if_in_flight(q, indices[k], raw, 1);
+            if (e < 0) {
+                out->flags |= BK_INTERNAL;
+                halt(q, env);
+                return;
+            }
+        }
+        accept(q, env, raw, indices[k], (uint32_t)e, out);
+    }
+    dispatch(q, env, out);
+    push(q, out);
+}
+
+/* In a pool thread: the blocking part of pool jobs. Touches only the given slots. */
+void bk_io(struct bk_queue *q, const uint16_t *jobs, uint32_t n)
+{
+    for (uint32_t k = 0; k < n; k++) {
+        if (jobs[k] >= BK_MAX_PENDING)
+            continue;
+        struct bk_pending *s = &q->slots[jobs[k]];
+        if (s->state != SLOT_POOL)
+            continue;
+        int fd = q->disk.fd;
+        if (s->flush && fdatasync(fd) < 0) {
+            s->status = BLKIF_RSP_ERROR;
+            s->error = errno;
+            continue;
+        }
+        if (s->op == BLKIF_OP_DISCARD) {
+            if (!s->nr_sectors)
+                continue;
+            uint64_t range[2] = {s->sector * BK_SECTOR, s->nr_sectors * BK_SECTOR};
+            int rc = q->disk.is_block
+                ? ioctl(fd, BLKDISCARD, range)
+                : fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                            (off_t)range[0], (off_t)range[1]);
+            if (rc < 0) {
+                s->status = BLKIF_RSP_ERROR;
+                s->error = errno;
+            }
+        } else if (s->nseg) {
+            transfer(s, fd, 0);
+        }
+    }
+}
+
+/* On the event loop: pool jobs are back (failed: the pool failed, not the disk). */
+void bk_complete(struct bk_queue *q, const struct bk_env *env, const uint16_t *jobs,
+                 uint32_t n, int32_t failed, struct bk_out *out)
+{
+    memset(out, 0, sizeof(*out));
+    for (uint32_t k = 0; k < n; k++) {
+        if (jobs[k] >= BK_MAX_PENDING)
+            continue;
+        struct bk_pending *s = &q->slots[jobs[k]];
+        if (s->state != SLOT_POOL)
+            continue;
+        if (failed)
+            s->status = BLKIF_RSP_ERROR;
+        q->inpool--;
+        if (s->flush)
+            q->draining = 0;
+        finish(q, env, s, out);
+    }
+    if (!q->halted) {
+        dispatch(q, env, out);
+        push(q, out);
+    }
+}
+
+/* Publish what was answered (stopping). */
+void bk_push(struct bk_queue *q, struct bk_out *out)
+{
+    memset(out, 0, sizeof(*out));
+    push(q, out);
+}
+
+/* Layouts as compiled, for the binding's and the tests' checks. */
+#define L(x) ((uint32_t)(x))
+uint32_t bk_layout(uint32_t *out, uint32_t max)
+{
+    const uint32_t v[] = {
+        /* x86_64, from Xen's header */
+        L(sizeof(struct blkif_request)), L(offsetof(struct blkif_request, id)),
+        L(offsetof(struct blkif_request, sector_number)), L(offsetof(struct blkif_request, seg)),
+        L(offsetof(struct blkif_request_discard, nr_sectors)),
+        L(offsetof(struct blkif_request_indirect, nr_segments)),
+        L(offsetof(struct blkif_request_indirect, indirect_grefs)),
+        L(sizeof(struct blkif_request_indirect)),
+        L(sizeof(struct blkif_response)), L(offsetof(struct blkif_response, status)),
+        L(sizeof(union blkif_sring_entry)),
+        /* x86_32 */
+        L(sizeof(struct bk32_request)), L(offsetof(struct bk32_request, id)),
+        L(offsetof(struct bk32_request, sector_number)), L(offsetof(struct bk32_request, seg)),
+        L(offsetof(struct bk32_request_discard, nr_sectors)),
+        L(offsetof(struct bk32_request_indirect, nr_segments)),
+        L(offsetof(struct bk32_request_indirect, indirect_grefs)),
+        L(sizeof(struct bk32_request_indirect)),
+        L(sizeof(struct bk32_response)), L(offsetof(struct bk32_response, status)),
+        L(sizeof(struct bk32_request)),
+        /* grants, ring header, in-flight table */
+        L(sizeof(grant_entry_v1_t)), L(offsetof(grant_entry_v1_t, frame)),
+        L(sizeof(grant_entry_v2_t)), L(offsetof(grant_entry_v2_t, sub_page.page_off)),
+        L(offsetof(grant_entry_v2_t, sub_page.length)),
+        L(offsetof(grant_entry_v2_t, full_page.frame)),
+        L(BK_SRING_HEADER), L(offsetof(struct blkif_sring, rsp_prod)),
+        L(offsetof(struct blkif_sring, rsp_event)),
+        IF_QUEUE_HEADER, IF_ENTRY, IF_ENTRY_HEADER, BK_MAX_PENDING, BK_MAX_SEGS,
+        L(sizeof(struct bk_pending)), L(sizeof(struct bk_out)), L(sizeof(struct bk_config)),
+        L(sizeof(struct bk_env)), L(sizeof(struct bk_disk)), L(sizeof(struct bk_stats)),
+    };
+    uint32_t n = sizeof(v) / sizeof(v[0]);
+    for (uint32_t i = 0; i < n && i < max; i++)
+        out[i] = v[i];
+    return n;
+}

@@ -1,0 +1,175 @@
+"""ctypes binding of blk_kernel.c: the structures it takes and the calls it exports.
+
+ctypes releases the GIL for the length of each call, so a pool thread doing blocking
+I/O in `bk_io`, or a queue served from its own thread, runs beside the event loop.
+
+The library is looked for at $BACKENDD_BLK_KERNEL (the tests point it at a sanitizer
+build) or next to this file, where `make` puts it. `load()` returns None when it is not
+built: devices then use the pure-Python data plane.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+from backendd import inflight
+
+MAX_PENDING = 64
+MAX_SEGS = 256
+MAX_RING_PAGES = 16
+MAX_RING = 1024
+SLOT_MAX = 112
+
+NOTIFY, MORE, BLOCKED, CORRUPT, INTERNAL = 1, 2, 4, 8, 16
+
+_u8p = ctypes.POINTER(ctypes.c_uint8)
+
+
+class Region(ctypes.Structure):
+    _fields_ = [("gpa", ctypes.c_uint64), ("size", ctypes.c_uint64), ("host", ctypes.c_void_p)]
+
+
+class Env(ctypes.Structure):
+    _fields_ = [("regions", ctypes.POINTER(Region)), ("nr_regions", ctypes.c_uint32),
+                ("gnt_version", ctypes.c_uint32), ("gnt_entries", ctypes.c_uint32),
+                ("backend_domid", ctypes.c_uint32), ("gnt_shared", ctypes.c_void_p),
+                ("gnt_status", ctypes.c_void_p), ("gnt_uses", ctypes.c_void_p)]
+
+
+class Disk(ctypes.Structure):
+    _fields_ = [("fd", ctypes.c_int32), ("sector_size", ctypes.c_uint32),
+                ("sectors", ctypes.c_uint64), ("readonly", ctypes.c_uint32),
+                ("discard", ctypes.c_uint32), ("discard_secure", ctypes.c_uint32),
+                ("is_block", ctypes.c_uint32), ("max_indirect", ctypes.c_uint32),
+                ("inline_io", ctypes.c_uint32)]
+
+
+class Config(ctypes.Structure):
+    _fields_ = [("pages", ctypes.c_void_p * MAX_RING_PAGES), ("nr_pages", ctypes.c_uint32),
+                ("size", ctypes.c_uint32), ("abi", ctypes.c_uint32),
+                ("max_pending", ctypes.c_uint32), ("start", ctypes.c_uint32),
+                ("req_cons", ctypes.c_uint32), ("inflight", ctypes.c_void_p),
+                ("disk", Disk)]
+
+
+STAT_NAMES = ("requests", "reads", "writes", "bytes_read", "bytes_written", "errors",
+              "invalid", "unsupported", "flushes", "discards", "inline_io", "pooled")
+
+
+class Stats(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in STAT_NAMES]
+
+
+class Out(ctypes.Structure):
+    _fields_ = [("stats", Stats), ("flags", ctypes.c_uint32), ("njobs", ctypes.c_uint32),
+                ("jobs", ctypes.c_uint16 * MAX_PENDING),
+                ("job_flush", ctypes.c_uint8 * MAX_PENDING),
+                ("refused_id", ctypes.c_uint64), ("refused_why", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32)]
+
+
+# enum bk_why: why the first refused request of a call was refused.
+WHY = ("", "unknown operation", "bad number of segments", "write to a read-only disk",
+       "segment sectors outside a page", "not aligned to the disk's sectors",
+       "sector range wraps", "sector range beyond the disk", "indirect operation",
+       "bad number of indirect segments", "too many indirect pages",
+       "a grant refused (revoked, another domain's, read-only, beyond the table or not "
+       "guest memory)", "segment outside its sub-page grant", "discard not supported",
+       "secure discard not supported")
+
+
+JobArray = ctypes.c_uint16 * MAX_PENDING
+
+# What bk_layout reports, in its order; checked against Xen's sizes the binding relies on.
+LAYOUT_NAMES = (
+    "x64.request.sizeof", "x64.request.id", "x64.request.sector_number", "x64.request.seg",
+    "x64.discard.nr_sectors", "x64.indirect.nr_segments", "x64.indirect.indirect_grefs",
+    "x64.indirect.sizeof", "x64.response.sizeof", "x64.response.status", "x64.entry",
+    "x32.request.sizeof", "x32.request.id", "x32.request.sector_number", "x32.request.seg",
+    "x32.discard.nr_sectors", "x32.indirect.nr_segments", "x32.indirect.indirect_grefs",
+    "x32.indirect.sizeof", "x32.response.sizeof", "x32.response.status", "x32.entry",
+    "grant_v1.sizeof", "grant_v1.frame", "grant_v2.sizeof", "grant_v2.page_off",
+    "grant_v2.length", "grant_v2.frame", "sring.ring", "sring.rsp_prod", "sring.rsp_event",
+    "inflight.queue_header", "inflight.entry", "inflight.entry_header", "max_pending",
+    "max_segs", "sizeof.pending", "sizeof.out", "sizeof.config", "sizeof.env", "sizeof.disk",
+    "sizeof.stats",
+)
+
+
+class KernelError(Exception):
+    pass
+
+
+class Kernel:
+    """The loaded library with typed entry points."""
+
+    def __init__(self, path: str) -> None:
+        lib = ctypes.CDLL(path)
+        self.path = path
+        vp, u32, i32 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int32
+        envp, outp = ctypes.POINTER(Env), ctypes.POINTER(Out)
+        u16p = ctypes.POINTER(ctypes.c_uint16)
+        self.queue_new = _fn(lib.bk_queue_new, vp, [ctypes.POINTER(Config)])
+        self.queue_free = _fn(lib.bk_queue_free, None, [vp])
+        self.queue_set_disk = _fn(lib.bk_queue_set_disk, None, [vp, ctypes.POINTER(Disk)])
+        self.queue_state = _fn(lib.bk_queue_state, None, [vp, ctypes.POINTER(u32)])
+        self.serve = _fn(lib.bk_serve, None, [vp, envp, outp])
+        self.replay = _fn(lib.bk_replay, None, [vp, envp, ctypes.c_char_p,
+                                                ctypes.POINTER(u32), u32, outp])
+        self.io = _fn(lib.bk_io, None, [vp, u16p, u32])
+        self.complete = _fn(lib.bk_complete, None, [vp, envp, u16p, u32, i32, outp])
+        self.push = _fn(lib.bk_push, None, [vp, outp])
+        self.inflight_scan = _fn(lib.bk_inflight_scan, None, [vp])
+        self.serve_many = _fn(lib.bk_serve_many, u32, [ctypes.POINTER(vp),
+                                                       ctypes.POINTER(envp),
+                                                       ctypes.POINTER(outp), u32])
+        self._layout = _fn(lib.bk_layout, u32, [ctypes.POINTER(u32), u32])
+        self._check()
+
+    def layout(self) -> dict[str, int]:
+        buf = (ctypes.c_uint32 * 128)()
+        n = self._layout(buf, 128)
+        return dict(zip(LAYOUT_NAMES, buf[:n], strict=True))
+
+    def _check(self) -> None:
+        lay = self.layout()
+        want = {
+            "inflight.queue_header": inflight.QUEUE_HEADER_SIZE,
+            "inflight.entry": inflight.ENTRY_SIZE,
+            "inflight.entry_header": inflight.ENTRY_HEADER_SIZE,
+            "max_pending": MAX_PENDING, "max_segs": MAX_SEGS,
+            "sizeof.out": ctypes.sizeof(Out), "sizeof.config": ctypes.sizeof(Config),
+            "sizeof.env": ctypes.sizeof(Env), "sizeof.disk": ctypes.sizeof(Disk),
+            "sizeof.stats": ctypes.sizeof(Stats),
+        }
+        bad = {k: (lay[k], v) for k, v in want.items() if lay[k] != v}
+        if bad:
+            raise KernelError(f"{self.path}: built for other layouts: {bad}")
+
+
+def _fn(f, restype, argtypes):
+    f.restype = restype
+    f.argtypes = argtypes
+    return f
+
+
+def library_path() -> str:
+    return os.environ.get("BACKENDD_BLK_KERNEL") or str(Path(__file__).with_name(
+        "_blk_kernel.so"))
+
+
+_loaded: Kernel | None = None
+_tried = False
+
+
+def load() -> Kernel | None:
+    """The kernel, or None if it is not built."""
+    global _loaded, _tried
+    if not _tried:
+        _tried = True
+        path = library_path()
+        if os.path.exists(path):
+            _loaded = Kernel(path)
+    return _loaded
