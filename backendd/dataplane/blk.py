@@ -148,6 +148,7 @@ class CompiledRingQueue:
         cfg.abi = int(codecs.abi)
         cfg.max_pending = min(K.MAX_PENDING, back.size)
         cfg.start = back.rsp_prod_pvt
+        self._resumed = back.rsp_prod_pvt != 0  # taken over from an earlier daemon
         cfg.req_cons = back.req_cons
         self._inflight_anchor = None
         if inflight is not None:
@@ -227,6 +228,10 @@ class CompiledRingQueue:
             self.counters.replayed += len(replay)
             self._after(self._out)
         self.channel.start(self.loop, self._schedule)
+        if self._resumed:
+            # An earlier daemon may have died between publishing responses and signalling
+            # them: one event, so the guest looks at its ring (a spurious one is harmless).
+            self.channel.notify()
         self._schedule()  # requests queued before we listened
 
     def _schedule(self) -> None:

@@ -129,6 +129,7 @@ class RingQueue:
     # --- taking requests -----------------------------------------------------------
 
     def start(self) -> None:
+        resumed = self.back.rsp_prod_pvt != 0
         replay: list[tuple[int, bytes]] = []
         if self.inflight is not None and self._recovery is not None:
             # A new generation, or the live one resumed (see backendd/inflight.py).
@@ -147,6 +148,10 @@ class RingQueue:
             self._dispatch()
             self._push()
         self.channel.start(self.loop, self._kick)
+        if resumed:
+            # An earlier daemon may have died between publishing responses and signalling
+            # them: one event, so the guest looks at its ring (a spurious one is harmless).
+            self.channel.notify()
         # Requests may have been queued before we listened (the frontend does not kick
         # for them again).
         self._schedule()
