@@ -7,6 +7,17 @@ def open_fds() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
+def describe_fds(fds: set[int]) -> str:
+    """What each fd is (its /proc/self/fd link), for a leak check's failure message."""
+    out = []
+    for fd in sorted(fds):
+        try:
+            out.append(f"{fd} -> {os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            out.append(f"{fd} (closed since)")
+    return ", ".join(out)
+
+
 def fdinfo(fd: int, field: str) -> str:
     """The first value of `field` in /proc/self/fdinfo/FD (e.g. "flags", "eventfd-count")."""
     with open(f"/proc/self/fdinfo/{fd}") as f:
