@@ -46,7 +46,7 @@ fuzz: $(STAMP) $(KERNELS)
 
 # The compiled blk data plane (gcc -Wall -Wextra -Werror against Xen's headers).
 kernel: $(KERNEL)
-$(KERNEL): backendd/dataplane/blk_kernel.c backendd/dataplane/build.py $(STAMP)
+$(KERNEL): backendd/dataplane/blk_kernel.c backendd/dataplane/core.h backendd/dataplane/build.py $(STAMP)
 	$(PY) -m backendd.dataplane.build
 
 # The compiled netif data plane (gcc -Wall -Wextra -Werror against Xen's headers).

@@ -132,6 +132,26 @@ def test_v2_sub_page_slot_is_an_error_and_the_ring_goes_on(kernel, plane):
 
 
 @pytest.mark.parametrize("plane", PLANES)
+def test_v2_grant_of_the_last_frame_below_2_pow_64_is_guest_memory(kernel, plane):
+    # A region may end exactly at 2**64 (the VMM's rule); its last page, frame 2**52 - 1,
+    # is guest memory on both planes.
+    w = _world(kernel, plane, version=2)
+    try:
+        top = (1 << 52) - 1
+        w.mem.add_region(top << 12, 4096, w.ram.fd, 4 * 4096)  # RAM page 4, seen up there
+        frame = _udp_frame(60)
+        w.ram.write(4 * 4096, frame)
+        gref = w.gt.grant_access(top)
+        _post(w, [TX_REQUEST.pack(gref, 0, 0, 9, 60)])
+        netdiff._drive(w)
+        assert _responses(w, 0, 1) == [(9, 0)]
+        assert [f[10:] for f in netdiff._frames(w)] == [frame]
+        assert w.table.in_use(gref) == 0
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("plane", PLANES)
 def test_first_slot_crossing_its_page_halts_the_vif(kernel, plane):
     w = _world(kernel, plane)
     try:

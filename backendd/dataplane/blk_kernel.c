@@ -37,11 +37,11 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include <xen/xen.h>
-#include <xen/grant_table.h>
+#include "core.h"
+
 #include <xen/io/blkif.h>
 
-#define BK_PAGE 4096u
+#define BK_PAGE DP_PAGE
 #define BK_SECTOR 512u
 #define BK_SECTORS_PER_PAGE (BK_PAGE / BK_SECTOR)
 #define BK_SRING_HEADER offsetof(struct blkif_sring, ring)
@@ -50,7 +50,6 @@
 #define BK_MAX_SEGS 256         /* indirect segments we advertise (blkback's default) */
 #define BK_MAX_RING_PAGES 16
 #define BK_MAX_RING 1024        /* entries: the in-flight table's bound */
-#define BK_MAX_TRIES 5          /* grant compare-and-swap retries, then "unstable" */
 #define BK_SEGS_PER_FRAME (BK_PAGE / sizeof(struct blkif_request_segment))
 #define BK_SLOT_MAX 112         /* sizeof(union blkif_sring_entry) on x86_64 */
 
@@ -114,29 +113,10 @@ _Static_assert(sizeof(struct blkif_response) == 16, "x86_64 response");
 _Static_assert(sizeof(struct bk32_request) == 108, "x86_32 request");
 _Static_assert(sizeof(struct bk32_request_indirect) == 64, "x86_32 indirect");
 _Static_assert(sizeof(struct bk32_response) == 12, "x86_32 response");
-_Static_assert(sizeof(grant_entry_v1_t) == 8 && sizeof(grant_entry_v2_t) == 16, "grants");
 
 enum { BK_ABI_X86_64 = 0, BK_ABI_X86_32 = 1 };
 
 /* ---- what Python hands in ------------------------------------------------------- */
-
-struct bk_region {          /* one guest RAM region as mapped in this process */
-    uint64_t gpa;
-    uint64_t size;
-    uint8_t *host;
-};
-
-struct bk_env {             /* guest memory and grant table: Python refreshes it when
-                             * either changes (regions added/removed, table regrown) */
-    const struct bk_region *regions; /* sorted by gpa, non-overlapping */
-    uint32_t nr_regions;
-    uint32_t gnt_version;   /* 0: no table */
-    uint32_t gnt_entries;
-    uint32_t backend_domid;
-    uint8_t *gnt_shared;    /* the entries */
-    uint8_t *gnt_status;    /* v2: the status words */
-    uint32_t *gnt_uses;     /* 2 per gref: uses, writable uses (shared with grants.py) */
-};
 
 struct bk_disk {
     int32_t fd;
@@ -229,26 +209,7 @@ struct bk_queue {
     struct bk_pending slots[BK_MAX_PENDING];
 };
 
-/* ---- shared memory access --------------------------------------------------------- */
-
-static inline uint32_t load32(const uint8_t *p)
-{
-    return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED);
-}
-
-static inline uint16_t load16(const uint8_t *p)
-{
-    return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED);
-}
-
-static inline void store32(uint8_t *p, uint32_t v)
-{
-    __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELAXED);
-}
-
-static inline void rd_barrier(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
-static inline void wr_barrier(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
-static inline void full_barrier(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+/* ---- shared memory access (core.h) and the ring ------------------------------- */
 
 #define SRING_IDX(q, field) ((q)->pages[0] + offsetof(struct blkif_sring, field))
 
@@ -271,39 +232,17 @@ static void ring_copy(struct bk_queue *q, uint32_t index, uint8_t *buf, uint32_t
     }
 }
 
-/* Guest frame -> host address of the whole page, or NULL if not guest memory. */
-static uint8_t *guest_page(const struct bk_env *env, uint64_t frame)
-{
-    if (frame > (UINT64_MAX >> 12))   /* the page's address must fit 64 bits */
-        return NULL;
-    uint64_t gpa = frame << 12;
-    uint32_t lo = 0, hi = env->nr_regions;
-    while (lo < hi) {
-        uint32_t mid = lo + (hi - lo) / 2;
-        if (env->regions[mid].gpa <= gpa)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    if (lo == 0)
-        return NULL;
-    const struct bk_region *r = &env->regions[lo - 1];
-    uint64_t off = gpa - r->gpa;
-    if (off >= r->size || r->size - off < BK_PAGE)
-        return NULL;
-    return r->host + off;
-}
-
-/* ---- grants: the rules of backendd/grants.py -------------------------------------- */
+/* ---- grants: core.h's pin and unpin (the rules of backendd/grants.py) ------------ */
 
 /* Queues served in parallel (bk_serve_many) may pin the same gref at once: the
  * compare-and-swap on the shared entry and our use count must move together, and the
  * "last use clears the bit" step must not interleave with a new pin (Xen holds the
- * active entry's lock for the same reason). One small spinlock per gref stripe. */
+ * active entry's lock for the same reason). One small spinlock per gref stripe, held
+ * around core.h's pin and unpin. */
 #define BK_LOCK_STRIPES 1024
 static uint32_t gnt_locks[BK_LOCK_STRIPES];
 
-static inline uint32_t *gnt_lock_of(const struct bk_env *env, uint32_t gref)
+static inline uint32_t *gnt_lock_of(const struct dp_env *env, uint32_t gref)
 {
     uintptr_t h = (uintptr_t)env->gnt_uses / 8 + gref;
     return &gnt_locks[h % BK_LOCK_STRIPES];
@@ -321,142 +260,21 @@ static inline void gnt_unlock(uint32_t *l)
     __atomic_store_n(l, 0, __ATOMIC_RELEASE);
 }
 
-static int grant_check(const struct bk_env *env, uint16_t flags, uint16_t domid,
-                       int writable)
-{
-    unsigned kind = flags & GTF_type_mask;
-    if (kind == GTF_transitive && env->gnt_version == 2)
-        return -1;          /* transitive grants are not supported */
-    if (kind != GTF_permit_access)
-        return -1;          /* revoked or never granted */
-    if (domid != env->backend_domid)
-        return -1;
-    if (writable && (flags & GTF_readonly))
-        return -1;
-    return 0;
-}
-
-/* Set and clear bits of a shared u16 the guest may change at any moment: loop until
- * our swap lands on the value actually there. Returns the value before. */
-static uint16_t update16(uint8_t *p, uint16_t set, uint16_t clear)
-{
-    uint16_t seen = load16(p);
-    while (!__atomic_compare_exchange_n((uint16_t *)p, &seen,
-                                        (uint16_t)((seen | set) & ~clear), 0,
-                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-        ;
-    return seen;
-}
-
-static void grant_end_use_locked(const struct bk_env *env, uint32_t gref, int writable)
-{
-    uint32_t *uses = &env->gnt_uses[2 * (size_t)gref];
-    uint16_t clear = 0;
-    uses[0]--;
-    if (writable && --uses[1] == 0)
-        clear |= GTF_writing;
-    if (uses[0] == 0)
-        clear |= GTF_reading;
-    if (!clear)
-        return;
-    if (env->gnt_version == 2)
-        update16(env->gnt_status + 2 * (size_t)gref, 0, clear);
-    else
-        update16(env->gnt_shared + sizeof(grant_entry_v1_t) * (size_t)gref, 0, clear);
-}
-
-static void grant_end_use(const struct bk_env *env, uint32_t gref, int writable)
+static void grant_end_use(const struct dp_env *env, uint32_t gref, int writable)
 {
     uint32_t *l = gnt_lock_of(env, gref);
     gnt_lock(l);
-    grant_end_use_locked(env, gref, writable);
+    dp_grant_unpin(env, gref, writable);
     gnt_unlock(l);
 }
 
-/* Pin one grant for reading (and writing if asked). On success: *page is the host
- * address of the guest page and [*lo, *hi) the part of it the guest granted. */
-static int grant_pin_locked(const struct bk_env *env, uint32_t gref, int writable,
-                            uint8_t **page, uint32_t *lo, uint32_t *hi)
-{
-    uint16_t want = GTF_reading | (writable ? GTF_writing : 0);
-    uint64_t frame;
-    if (env->gnt_version == 0 || gref >= env->gnt_entries)
-        return -1;
-    *lo = 0;
-    *hi = BK_PAGE;
-    if (env->gnt_version == 1) {
-        uint8_t *e = env->gnt_shared + sizeof(grant_entry_v1_t) * (size_t)gref;
-        uint32_t seen = load32(e);  /* flags | domid << 16 */
-        int tries;
-        for (tries = 0; tries < BK_MAX_TRIES; tries++) {
-            if (grant_check(env, seen & 0xffff, seen >> 16, writable))
-                return -1;
-            /* flags and domid swap together, so the grant cannot be re-targeted to
-             * another domain between the check and the pin (as Xen does for v1). */
-            uint32_t old = seen;
-            if (__atomic_compare_exchange_n((uint32_t *)e, &seen, old | want, 0,
-                                            __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-                break;
-        }
-        if (tries == BK_MAX_TRIES)
-            return -1;      /* unstable */
-        rd_barrier();       /* the frame is read after pinning */
-        frame = load32(e + offsetof(grant_entry_v1_t, frame));
-    } else {
-        uint8_t *e = env->gnt_shared + sizeof(grant_entry_v2_t) * (size_t)gref;
-        uint8_t *status = env->gnt_status + 2 * (size_t)gref;
-        uint32_t hdr;
-        uint16_t added = 0;
-        int tries;
-        for (tries = 0; tries < BK_MAX_TRIES; tries++) {
-            hdr = load32(e);
-            if (grant_check(env, hdr & 0xffff, hdr >> 16, writable))
-                return -1;
-            added = want & ~update16(status, want, 0);
-            /* the status store is visible before the entry is read again, so a guest
-             * revoking now either sees our bits or we see its revocation */
-            full_barrier();
-            if (load32(e) == hdr)
-                break;
-            if (added)
-                update16(status, 0, added);
-        }
-        if (tries == BK_MAX_TRIES)
-            return -1;
-        rd_barrier();
-        uint16_t page_off = load16(e + offsetof(grant_entry_v2_t, sub_page.page_off));
-        uint16_t length = load16(e + offsetof(grant_entry_v2_t, sub_page.length));
-        frame = __atomic_load_n((uint64_t *)(e + offsetof(grant_entry_v2_t, full_page.frame)),
-                                __ATOMIC_RELAXED);
-        if ((hdr & 0xffff) & GTF_sub_page) {
-            if ((uint32_t)page_off + length > BK_PAGE) {
-                if (added)
-                    update16(status, 0, added);
-                return -1;
-            }
-            *lo = page_off;
-            *hi = (uint32_t)page_off + length;
-        }
-    }
-    uint32_t *uses = &env->gnt_uses[2 * (size_t)gref];
-    uses[0]++;
-    uses[1] += writable ? 1 : 0;
-    *page = guest_page(env, frame);
-    if (!*page) {
-        grant_end_use_locked(env, gref, writable);
-        return -1;
-    }
-    return 0;
-}
-
-static int grant_pin(const struct bk_env *env, uint32_t gref, int writable,
+/* 0, or a negated DP_G_ reason with nothing left pinned (see dp_grant_pin). */
+static int grant_pin(const struct dp_env *env, uint32_t gref, int writable,
                      uint8_t **page, uint32_t *lo, uint32_t *hi)
 {
-    if (env->gnt_version == 0 || gref >= env->gnt_entries)
-        return -1;
     uint32_t *l = gnt_lock_of(env, gref);
     gnt_lock(l);
-    int rc = grant_pin_locked(env, gref, writable, page, lo, hi);
+    int rc = dp_grant_pin(env, gref, writable, page, lo, hi);
     gnt_unlock(l);
     return rc;
 }
@@ -597,11 +415,11 @@ static void push(struct bk_queue *q, struct bk_out *out)
     uint32_t old = q->pushed, new = q->rsp_prod_pvt;
     if (q->halted || new == old)
         return;
-    wr_barrier();   /* responses before the index */
-    store32(SRING_IDX(q, rsp_prod), new);
+    dp_wmb();   /* responses before the index */
+    dp_store32(SRING_IDX(q, rsp_prod), new);
     q->pushed = new;
-    full_barrier(); /* the index before we read rsp_event */
-    uint32_t event = load32(SRING_IDX(q, rsp_event));
+    dp_mb(); /* the index before we read rsp_event */
+    uint32_t event = dp_load32(SRING_IDX(q, rsp_event));
     if ((uint32_t)(new - event) < (uint32_t)(new - old))
         out->flags |= BK_NOTIFY;
     if (q->inflight && q->nunpub) {
@@ -610,7 +428,7 @@ static void push(struct bk_queue *q, struct bk_out *out)
             __atomic_store_n(if_entry(q, q->unpub[i]), (uint8_t)IF_FREE, __ATOMIC_RELEASE);
             q->if_free[q->if_nfree++] = q->unpub[i];
         }
-        store32(q->inflight + IF_RSP_PROD, q->rsp_prod_pvt);
+        dp_store32(q->inflight + IF_RSP_PROD, q->rsp_prod_pvt);
     }
     q->nunpub = 0;
 }
@@ -694,7 +512,7 @@ static struct bk_pending *slot_alloc(struct bk_queue *q)
     return NULL;
 }
 
-static void slot_release(const struct bk_env *env, struct bk_pending *s)
+static void slot_release(const struct dp_env *env, struct bk_pending *s)
 {
     for (uint32_t i = 0; i < s->nseg; i++)
         grant_end_use(env, s->grefs[i], s->gwrite[i]);
@@ -702,7 +520,7 @@ static void slot_release(const struct bk_env *env, struct bk_pending *s)
 }
 
 /* Copy an indirect request's segment descriptors out of its indirect pages. */
-static int read_indirect(const struct bk_env *env, const struct req *f, uint32_t nseg,
+static int read_indirect(const struct dp_env *env, const struct req *f, uint32_t nseg,
                          struct seg *segs)
 {
     uint32_t pages = (nseg + BK_SEGS_PER_FRAME - 1) / BK_SEGS_PER_FRAME;
@@ -733,7 +551,7 @@ static int read_indirect(const struct bk_env *env, const struct req *f, uint32_t
 }
 
 /* Take one private copy: validate, pin, queue (or answer at once). */
-static void accept(struct bk_queue *q, const struct bk_env *env, const uint8_t *raw,
+static void accept(struct bk_queue *q, const struct dp_env *env, const uint8_t *raw,
                    uint32_t index, uint32_t entry, struct bk_out *out)
 {
     struct req f;
@@ -937,7 +755,7 @@ static void account(const struct bk_pending *s, struct bk_out *out)
 }
 
 /* Done: grants go back before the response (XSA-396), then the answer. */
-static void finish(struct bk_queue *q, const struct bk_env *env, struct bk_pending *s,
+static void finish(struct bk_queue *q, const struct dp_env *env, struct bk_pending *s,
                    struct bk_out *out)
 {
     slot_release(env, s);
@@ -950,7 +768,7 @@ static void finish(struct bk_queue *q, const struct bk_env *env, struct bk_pendi
  * barrier starts only once everything before it has completed, and nothing after it
  * starts until it has completed. A request runs inline only while nothing taken before
  * it is in the pool, so requests start in ring order, as on the Python path. */
-static void dispatch(struct bk_queue *q, const struct bk_env *env, struct bk_out *out)
+static void dispatch(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
     while (q->fifo_count && !q->draining) {
         struct bk_pending *s = &q->slots[q->fifo[q->fifo_head]];
@@ -978,7 +796,7 @@ static void dispatch(struct bk_queue *q, const struct bk_env *env, struct bk_out
 
 static uint32_t unconsumed(struct bk_queue *q)
 {
-    uint32_t req = load32(SRING_IDX(q, req_prod)) - q->req_cons;
+    uint32_t req = dp_load32(SRING_IDX(q, req_prod)) - q->req_cons;
     uint32_t rsp = q->size - (q->req_cons - q->rsp_prod_pvt);
     return req < rsp ? req : rsp;
 }
@@ -988,12 +806,12 @@ static int final_check(struct bk_queue *q)
 {
     if (unconsumed(q))
         return 1;
-    store32(SRING_IDX(q, req_event), q->req_cons + 1);
-    full_barrier();
+    dp_store32(SRING_IDX(q, req_event), q->req_cons + 1);
+    dp_mb();
     return unconsumed(q) > 0;
 }
 
-static void halt(struct bk_queue *q, const struct bk_env *env)
+static void halt(struct bk_queue *q, const struct dp_env *env)
 {
     q->halted = 1;
     while (q->fifo_count) {     /* never started: just let go */
@@ -1005,7 +823,7 @@ static void halt(struct bk_queue *q, const struct bk_env *env)
     }
 }
 
-static int take(struct bk_queue *q, const struct bk_env *env, struct bk_out *out)
+static int take(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
     uint8_t raws[BK_BUDGET][BK_SLOT_MAX];
     uint32_t entries[BK_BUDGET];
@@ -1019,8 +837,8 @@ static int take(struct bk_queue *q, const struct bk_env *env, struct bk_out *out
         uint32_t room = q->max_pending - pending;
         uint32_t limit = room < budget ? room : budget;
         uint32_t first = q->req_cons, cons = first, n = 0;
-        uint32_t prod = load32(SRING_IDX(q, req_prod));     /* read once */
-        rd_barrier();
+        uint32_t prod = dp_load32(SRING_IDX(q, req_prod));     /* read once */
+        dp_rmb();
         if ((uint32_t)(prod - q->rsp_prod_pvt) > q->size)
             return -1;  /* more requests than the ring holds: corrupt */
         while (cons != prod && n < limit) {
@@ -1042,7 +860,7 @@ static int take(struct bk_queue *q, const struct bk_env *env, struct bk_out *out
                 }
                 entries[k] = (uint32_t)e;
             }
-            store32(q->inflight + IF_REQ_CONS, q->req_cons);
+            dp_store32(q->inflight + IF_REQ_CONS, q->req_cons);
         }
         for (uint32_t k = 0; k < n; k++)
             accept(q, env, raws[k], first + k, q->inflight ? entries[k] : 0, out);
@@ -1114,7 +932,7 @@ void bk_queue_state(const struct bk_queue *q, uint32_t out[7])
 
 /* One wake-up: take what the guest queued, check, pin, do what the page cache has,
  * answer, publish. Pool work comes back in out->jobs. */
-void bk_serve(struct bk_queue *q, const struct bk_env *env, struct bk_out *out)
+void bk_serve(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
     memset(out, 0, sizeof(*out));
     if (q->halted)
@@ -1144,7 +962,7 @@ void bk_serve(struct bk_queue *q, const struct bk_env *env, struct bk_out *out)
 #define BK_HELPERS 7
 struct bk_work {
     struct bk_queue *q;
-    const struct bk_env *env;
+    const struct dp_env *env;
     struct bk_out *out;
 };
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -1172,7 +990,7 @@ static void *helper(void *arg)
 }
 
 /* Serve n rings, in parallel when n > 1. Returns how many ran on helper threads. */
-uint32_t bk_serve_many(struct bk_queue *const *qs, const struct bk_env *const *envs,
+uint32_t bk_serve_many(struct bk_queue *const *qs, const struct dp_env *const *envs,
                        struct bk_out *const *outs, uint32_t n)
 {
     static pthread_mutex_t one_call = PTHREAD_MUTEX_INITIALIZER;
@@ -1221,7 +1039,7 @@ uint32_t bk_serve_many(struct bk_queue *const *qs, const struct bk_env *const *e
 
 /* Requests an earlier daemon took and never visibly answered (from the in-flight
  * table), in ring order: recorded again, then served like new ones. */
-void bk_replay(struct bk_queue *q, const struct bk_env *env, const uint8_t *raws,
+void bk_replay(struct bk_queue *q, const struct dp_env *env, const uint8_t *raws,
                const uint32_t *indices, uint32_t n, struct bk_out *out)
 {
     memset(out, 0, sizeof(*out));
@@ -1279,7 +1097,7 @@ void bk_io(struct bk_queue *q, const uint16_t *jobs, uint32_t n)
 }
 
 /* On the event loop: pool jobs are back (failed: the pool failed, not the disk). */
-void bk_complete(struct bk_queue *q, const struct bk_env *env, const uint16_t *jobs,
+void bk_complete(struct bk_queue *q, const struct dp_env *env, const uint16_t *jobs,
                  uint32_t n, int32_t failed, struct bk_out *out)
 {
     memset(out, 0, sizeof(*out));
@@ -1341,7 +1159,7 @@ uint32_t bk_layout(uint32_t *out, uint32_t max)
         L(offsetof(struct blkif_sring, rsp_event)),
         IF_QUEUE_HEADER, IF_ENTRY, IF_ENTRY_HEADER, BK_MAX_PENDING, BK_MAX_SEGS,
         L(sizeof(struct bk_pending)), L(sizeof(struct bk_out)), L(sizeof(struct bk_config)),
-        L(sizeof(struct bk_env)), L(sizeof(struct bk_disk)), L(sizeof(struct bk_stats)),
+        L(sizeof(struct dp_env)), L(sizeof(struct bk_disk)), L(sizeof(struct bk_stats)),
     };
     uint32_t n = sizeof(v) / sizeof(v[0]);
     for (uint32_t i = 0; i < n && i < max; i++)

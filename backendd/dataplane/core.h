@@ -63,7 +63,7 @@ static inline void dp_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 /* Guest frame -> host address of the whole page, or NULL if not guest memory. */
 static inline uint8_t *dp_guest_page(const struct dp_env *env, uint64_t frame)
 {
-    if (frame >= (UINT64_MAX >> 12))
+    if (frame > (UINT64_MAX >> 12))   /* the page's address must fit 64 bits */
         return NULL;
     uint64_t gpa = frame << 12;
     uint32_t lo = 0, hi = env->nr_regions;
