@@ -47,12 +47,12 @@ fuzz: $(STAMP) $(KERNELS)
 # The compiled blk data plane (gcc -Wall -Wextra -Werror against Xen's headers).
 kernel: $(KERNEL)
 $(KERNEL): backendd/dataplane/blk_kernel.c backendd/dataplane/core.h backendd/dataplane/build.py $(STAMP)
-	$(PY) -m backendd.dataplane.build
+	$(PY) -m backendd.dataplane.build blk
 
 # The compiled netif data plane (gcc -Wall -Wextra -Werror against Xen's headers).
 netkernel: $(NETKERNEL)
-$(NETKERNEL): backendd/dataplane/net_kernel.c backendd/dataplane/core.h backendd/dataplane/netkernel.py $(STAMP)
-	$(PY) -m backendd.dataplane.netkernel
+$(NETKERNEL): backendd/dataplane/net_kernel.c backendd/dataplane/core.h backendd/dataplane/build.py $(STAMP)
+	$(PY) -m backendd.dataplane.build net
 
 debs: $(DEBSTAMP)
 
@@ -92,10 +92,9 @@ CONFDIR    := $(SYSCONFDIR)/backendd
 install:
 	$(PYTHON) -m venv --clear $(DESTDIR)$(LIBDIR)
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check .
-	@# The compiled blk data plane, built next to the installed package.
-	$(DESTDIR)$(LIBDIR)/bin/python -m backendd.dataplane.build
-	@# The compiled net data plane, built next to the installed package.
-	$(DESTDIR)$(LIBDIR)/bin/python -I -m backendd.dataplane.netkernel
+	@# The compiled blk and net data planes, built next to the installed package
+	@# (-I: the installed one, not the source tree in the current directory).
+	$(DESTDIR)$(LIBDIR)/bin/python -I -m backendd.dataplane.build blk net
 	@# Scripts name the venv by its final path, not the staging one.
 	@if [ -n "$(DESTDIR)" ]; then \
 	  grep -lIs -- '$(DESTDIR)' $(DESTDIR)$(LIBDIR)/bin/* | \

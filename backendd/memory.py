@@ -172,10 +172,10 @@ class GuestMemory:
 
 class NativeRegions:
     """(gpa, size, host address) of each region, sorted by gpa, as a C array of
-    `struct bk_region`; holding it keeps the mmaps exported (they cannot be closed)."""
+    `struct dp_region`; holding it keeps the mmaps exported (they cannot be closed)."""
 
     def __init__(self, regions: list[tuple[int, int, mmap.mmap]]) -> None:
-        from backendd.dataplane.kernel import Region
+        from backendd.dataplane.build import Region
 
         self._anchors = [(ctypes.c_char * size).from_buffer(m) for _, size, m in regions]
         self.array = (Region * max(1, len(regions)))()

@@ -63,8 +63,8 @@ def test_kernel_layouts_are_the_rings_layouts(kernel):
 
 def test_kernel_builds_warning_free_from_the_source(tmp_path):
     # -Wall -Wextra -Werror, plain and with the sanitizers.
-    assert build(tmp_path / "plain.so").exists()
-    assert build(tmp_path / "asan.so", sanitize=True).exists()
+    assert build("blk", tmp_path / "plain.so").exists()
+    assert build("blk", tmp_path / "asan.so", sanitize=True).exists()
 
 
 def test_differential_random_and_hostile_rings(kernel):
@@ -88,7 +88,7 @@ def _run_sanitized(lib: Path, code: str, *args: str) -> subprocess.CompletedProc
 
 
 def test_differential_under_address_and_ub_sanitizers(tmp_path):
-    lib = build(tmp_path / "asan.so", sanitize=True)
+    lib = build("blk", tmp_path / "asan.so", sanitize=True)
     code = (
         "import sys\n"
         "from backendd.dataplane import kernel as K\n"

@@ -68,8 +68,9 @@ def test_install_verify_and_uninstall_in_a_scratch_root(tmp_path: Path) -> None:
     assert (root / f"{PREFIX.lstrip('/')}/share/doc/backendd/LICENSE").exists()
     images = root / "var/lib/backendd/images"
     assert stat.S_IMODE(images.stat().st_mode) == 0o700
-    # The compiled net data plane was built into the installed package.
-    assert list(lib.glob("lib/python3*/site-packages/backendd/dataplane/_net_kernel.so"))
+    # The compiled blk and net data planes were built into the installed package.
+    for name in ("_blk_kernel.so", "_net_kernel.so"):
+        assert list(lib.glob(f"lib/python3*/site-packages/backendd/dataplane/{name}")), name
 
     # The installed package runs on its own, with its dependencies: serve, ready, status.
     python = lib / "bin" / "python"

@@ -17,6 +17,7 @@ import pytest
 from test_net_harness import make_guest, namespaces, plug, uniq
 
 from backendd.dataplane import netkernel as nk
+from backendd.dataplane.build import build
 from backendd.dataplane.net import CompiledRxPath, CompiledTxPath
 from backendd.devices.net.device import NetDevice
 from backendd.devices.net.rx import RxPath
@@ -34,12 +35,12 @@ MORE, EXTRA, CSUM = 4, 8, 1
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory) -> nk.NetKernel:
-    return nk.NetKernel(str(nk.build(tmp_path_factory.mktemp("nk") / "net.so")))
+    return nk.NetKernel(str(build("net", tmp_path_factory.mktemp("nk") / "net.so")))
 
 
 def test_builds_with_warnings_as_errors_plain_and_sanitized(tmp_path):
-    assert nk.build(tmp_path / "plain.so").exists()
-    assert nk.build(tmp_path / "asan.so", sanitize=True).exists()
+    assert build("net", tmp_path / "plain.so").exists()
+    assert build("net", tmp_path / "asan.so", sanitize=True).exists()
 
 
 def test_differential_random_and_hostile_chains(kernel):
@@ -55,7 +56,7 @@ def test_rx_differential_posted_buffers_and_frames(kernel):
 
 
 def test_differential_under_address_and_ub_sanitizers(tmp_path):
-    lib = nk.build(tmp_path / "asan.so", sanitize=True)
+    lib = build("net", tmp_path / "asan.so", sanitize=True)
     libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
                              text=True, check=True).stdout.strip()
     env = os.environ | {"LD_PRELOAD": libasan, "BACKENDD_NET_KERNEL": str(lib),
@@ -295,8 +296,9 @@ pytestmark_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 @pytestmark_root
 @pytest.mark.parametrize("plane", PLANES)
 async def test_dataplane_key_selects_the_tx_path(plane, monkeypatch, tmp_path):
-    monkeypatch.setenv("BACKENDD_NET_KERNEL", str(nk.build(tmp_path / "net.so")))
-    monkeypatch.setattr(nk, "_tried", False)
+    monkeypatch.setenv("BACKENDD_NET_KERNEL", str(build("net", tmp_path / "net.so")))
+    monkeypatch.setattr(nk.LOADER, "_tried", False)
+    monkeypatch.setattr(nk.LOADER, "_loaded", None)
     host = uniq("nbh")
     with namespaces(host):
         guest = make_guest()

@@ -1,55 +1,133 @@
-"""Compiles the data-plane kernel with the system gcc against Xen's public headers.
+"""Compiles and loads the data-plane kernels (blk_kernel.c, net_kernel.c; both include
+core.h) with the system gcc against Xen's public headers.
 
-    python -m backendd.dataplane.build [--sanitize] [-o PATH]
+    python -m backendd.dataplane.build [--sanitize] [-o PATH] [blk] [net]
 
-The Makefile runs this before `demo` and `test`; the tests also build a sanitizer
-variant (-fsanitize=address,undefined) into a temporary directory.
+builds the kernels named (both if none) next to this file, or one of them at PATH. The
+Makefile runs this before `demo` and `test`, and `make install` into the installed
+package; the tests also build sanitizer variants (-fsanitize=address,undefined) into a
+temporary directory.
+
+`Loader` is how each binding finds its library: at $BACKENDD_BLK_KERNEL or
+$BACKENDD_NET_KERNEL (the tests point them at sanitizer builds), else next to this file.
+`Region` and `Env` are core.h's `dp_region` and `dp_env`, which both kernels take.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 HERE = Path(__file__).resolve().parent
-SOURCE = HERE / "blk_kernel.c"
-LIBRARY = HERE / "_blk_kernel.so"
+XEN = Path("/usr/include/xen")
 CFLAGS = ["-std=gnu11", "-O2", "-g", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared",
           "-fvisibility=default"]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
             "-fno-omit-frame-pointer"]
 
 
+@dataclass(frozen=True)
+class Spec:
+    """One kernel: its C file, the Xen header it cannot do without, where it goes."""
+
+    name: str
+    source: Path
+    xen_header: str
+    env: str
+
+    @property
+    def library(self) -> Path:
+        return HERE / f"_{self.name}_kernel.so"
+
+
+KERNELS = {
+    "blk": Spec("blk", HERE / "blk_kernel.c", "io/blkif.h", "BACKENDD_BLK_KERNEL"),
+    "net": Spec("net", HERE / "net_kernel.c", "io/netif.h", "BACKENDD_NET_KERNEL"),
+}
+HEADERS = (HERE / "core.h",)  # included by every kernel
+
+
+class Region(ctypes.Structure):
+    _fields_ = [("gpa", ctypes.c_uint64), ("size", ctypes.c_uint64), ("host", ctypes.c_void_p)]
+
+
+class Env(ctypes.Structure):
+    _fields_ = [("regions", ctypes.POINTER(Region)), ("nr_regions", ctypes.c_uint32),
+                ("gnt_version", ctypes.c_uint32), ("gnt_entries", ctypes.c_uint32),
+                ("backend_domid", ctypes.c_uint32), ("gnt_shared", ctypes.c_void_p),
+                ("gnt_status", ctypes.c_void_p), ("gnt_uses", ctypes.c_void_p)]
+
+
 class BuildError(Exception):
     pass
 
 
-def build(out: Path = LIBRARY, sanitize: bool = False) -> Path:
+def build(name: str, out: Path | None = None, sanitize: bool = False) -> Path:
+    """Compile kernel `name` ("blk" or "net") to `out` (default: next to this file)."""
+    spec = KERNELS[name]
+    out = spec.library if out is None else out
     gcc = shutil.which("gcc")
     if gcc is None:
         raise BuildError("gcc is missing (the Makefile installs it)")
-    if not Path("/usr/include/xen/io/blkif.h").exists():
+    if not (XEN / spec.xen_header).exists():
         raise BuildError("Xen public headers missing: install libxen-dev")
     flags = CFLAGS + (SANITIZE if sanitize else [])
     tmp = out.with_name(out.name + ".tmp")
-    result = subprocess.run([gcc, *flags, "-o", str(tmp), str(SOURCE)],
+    result = subprocess.run([gcc, *flags, "-o", str(tmp), str(spec.source)],
                             capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
-        raise BuildError(f"gcc failed:\n{result.stderr}")
+        raise BuildError(f"gcc failed on {spec.source.name}:\n{result.stderr}")
     tmp.replace(out)  # atomic: a running daemon keeps the old file it mapped
     return out
+
+
+T = TypeVar("T")
+
+
+class Loader(Generic[T]):
+    """Finds and opens one kernel's library once per process; `load()` is None when it
+    is not built (devices then use the pure-Python data plane)."""
+
+    def __init__(self, name: str, bind: Callable[[str], T]) -> None:
+        self.spec = KERNELS[name]
+        self.bind = bind
+        self._loaded: T | None = None
+        self._tried = False
+
+    def library_path(self) -> str:
+        return os.environ.get(self.spec.env) or str(self.spec.library)
+
+    def load(self) -> T | None:
+        if not self._tried:
+            self._tried = True
+            path = self.library_path()
+            if os.path.exists(path):
+                self._loaded = self.bind(path)
+        return self._loaded
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m backendd.dataplane.build")
     ap.add_argument("--sanitize", action="store_true")
-    ap.add_argument("-o", "--output", type=Path, default=LIBRARY)
+    ap.add_argument("-o", "--output", type=Path, help="with exactly one kernel named")
+    ap.add_argument("kernels", nargs="*", metavar="{blk,net}")
     args = ap.parse_args(argv)
+    names = args.kernels or list(KERNELS)
+    if unknown := [n for n in names if n not in KERNELS]:
+        ap.error(f"unknown kernel {unknown[0]!r}: blk or net")
+    if args.output is not None and len(names) != 1:
+        ap.error("-o needs exactly one kernel")
     try:
-        print(build(args.output, args.sanitize))
+        for name in names:
+            print(build(name, args.output, args.sanitize))
     except BuildError as e:
         print(e, file=sys.stderr)
         return 1

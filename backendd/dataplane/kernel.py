@@ -3,18 +3,17 @@
 ctypes releases the GIL for the length of each call, so a pool thread doing blocking
 I/O in `bk_io`, or a queue served from its own thread, runs beside the event loop.
 
-The library is looked for at $BACKENDD_BLK_KERNEL (the tests point it at a sanitizer
-build) or next to this file, where `make` puts it. `load()` returns None when it is not
-built: devices then use the pure-Python data plane.
+build.py builds it (`make kernel`) and its `Loader` finds it: at $BACKENDD_BLK_KERNEL
+(the tests point it at a sanitizer build) or next to this file. `load()` returns None
+when it is not built: devices then use the pure-Python data plane.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
-from pathlib import Path
 
 from backendd import inflight
+from backendd.dataplane.build import Env, Loader
 
 MAX_PENDING = 64
 MAX_SEGS = 256
@@ -25,17 +24,6 @@ SLOT_MAX = 112
 NOTIFY, MORE, BLOCKED, CORRUPT, INTERNAL = 1, 2, 4, 8, 16
 
 _u8p = ctypes.POINTER(ctypes.c_uint8)
-
-
-class Region(ctypes.Structure):
-    _fields_ = [("gpa", ctypes.c_uint64), ("size", ctypes.c_uint64), ("host", ctypes.c_void_p)]
-
-
-class Env(ctypes.Structure):
-    _fields_ = [("regions", ctypes.POINTER(Region)), ("nr_regions", ctypes.c_uint32),
-                ("gnt_version", ctypes.c_uint32), ("gnt_entries", ctypes.c_uint32),
-                ("backend_domid", ctypes.c_uint32), ("gnt_shared", ctypes.c_void_p),
-                ("gnt_status", ctypes.c_void_p), ("gnt_uses", ctypes.c_void_p)]
 
 
 class Disk(ctypes.Structure):
@@ -155,21 +143,6 @@ def _fn(f, restype, argtypes):
     return f
 
 
-def library_path() -> str:
-    return os.environ.get("BACKENDD_BLK_KERNEL") or str(Path(__file__).with_name(
-        "_blk_kernel.so"))
-
-
-_loaded: Kernel | None = None
-_tried = False
-
-
-def load() -> Kernel | None:
-    """The kernel, or None if it is not built."""
-    global _loaded, _tried
-    if not _tried:
-        _tried = True
-        path = library_path()
-        if os.path.exists(path):
-            _loaded = Kernel(path)
-    return _loaded
+LOADER = Loader("blk", Kernel)
+library_path = LOADER.library_path
+load = LOADER.load

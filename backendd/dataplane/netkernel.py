@@ -1,37 +1,21 @@
-"""Build and ctypes binding of net_kernel.c (with core.h, the primitives it shares).
+"""ctypes binding of net_kernel.c (with core.h, the primitives it shares with the blk
+kernel).
 
-    python -m backendd.dataplane.netkernel [--sanitize] [-o PATH]
-
-compiles it with the system gcc against Xen's public headers (-Wall -Wextra -Werror);
-the Makefile does so before `demo` and `test`, and the tests also build a sanitizer
-variant (-fsanitize=address,undefined) into a temporary directory.
-
-The library is looked for at $BACKENDD_NET_KERNEL (the tests point it at a sanitizer
-build) or next to this file. `load()` returns None when it is not built: net devices
-then use the pure-Python data plane.
+build.py compiles it (`make netkernel`: gcc -Wall -Wextra -Werror against Xen's public
+headers; the tests also build a sanitizer variant) and its `Loader` finds it: at
+$BACKENDD_NET_KERNEL (the tests point it at a sanitizer build) or next to this file.
+`load()` returns None when it is not built: net devices then use the pure-Python data
+plane.
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
+from backendd.dataplane.build import Env, Loader, Region
 from backendd.grants import GrantTable
 from backendd.memory import GuestMemory
 from rings.ring import BackRing
-
-HERE = Path(__file__).resolve().parent
-SOURCE = HERE / "net_kernel.c"
-HEADERS = (HERE / "core.h",)
-LIBRARY = HERE / "_net_kernel.so"
-CFLAGS = ["-std=gnu11", "-O2", "-g", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared"]
-SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-            "-fno-omit-frame-pointer"]
 
 BUDGET = 64
 MAX_ERRORS = 64
@@ -74,17 +58,6 @@ GRANT_REASONS = {
 
 OUT_COUNTERS = ("tx_packets", "tx_bytes", "tx_gso", "tx_errors", "tx_dropped_csum",
                 "tx_dropped_tap", "tx_tap_full", "tx_rate_limited")
-
-
-class Region(ctypes.Structure):
-    _fields_ = [("gpa", ctypes.c_uint64), ("size", ctypes.c_uint64), ("host", ctypes.c_void_p)]
-
-
-class Env(ctypes.Structure):
-    _fields_ = [("regions", ctypes.POINTER(Region)), ("nr_regions", ctypes.c_uint32),
-                ("gnt_version", ctypes.c_uint32), ("gnt_entries", ctypes.c_uint32),
-                ("backend_domid", ctypes.c_uint32), ("gnt_shared", ctypes.c_void_p),
-                ("gnt_status", ctypes.c_void_p), ("gnt_uses", ctypes.c_void_p)]
 
 
 class Ring(ctypes.Structure):
@@ -160,26 +133,6 @@ class RxOut(ctypes.Structure):
 
 class KernelError(Exception):
     pass
-
-
-class BuildError(Exception):
-    pass
-
-
-def build(out: Path = LIBRARY, sanitize: bool = False) -> Path:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise BuildError("gcc is missing (the Makefile installs it)")
-    if not Path("/usr/include/xen/io/netif.h").exists():
-        raise BuildError("Xen public headers missing: install libxen-dev")
-    flags = CFLAGS + (SANITIZE if sanitize else [])
-    tmp = out.with_name(out.name + ".tmp")
-    result = subprocess.run([gcc, *flags, "-o", str(tmp), str(SOURCE)],
-                            capture_output=True, text=True, timeout=300)
-    if result.returncode != 0:
-        raise BuildError(f"gcc failed:\n{result.stderr}")
-    tmp.replace(out)  # atomic: a running daemon keeps the old file it mapped
-    return out
 
 
 class NetKernel:
@@ -261,37 +214,6 @@ class NativeEnv:
         self._anchors = []
 
 
-def library_path() -> str:
-    return os.environ.get("BACKENDD_NET_KERNEL") or str(LIBRARY)
-
-
-_loaded: NetKernel | None = None
-_tried = False
-
-
-def load() -> NetKernel | None:
-    """The kernel, or None if it is not built."""
-    global _loaded, _tried
-    if not _tried:
-        _tried = True
-        path = library_path()
-        if os.path.exists(path):
-            _loaded = NetKernel(path)
-    return _loaded
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m backendd.dataplane.netkernel")
-    ap.add_argument("--sanitize", action="store_true")
-    ap.add_argument("-o", "--output", type=Path, default=LIBRARY)
-    args = ap.parse_args(argv)
-    try:
-        print(build(args.output, args.sanitize))
-    except BuildError as e:
-        print(e, file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+LOADER = Loader("net", NetKernel)
+library_path = LOADER.library_path
+load = LOADER.load
