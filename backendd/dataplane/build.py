@@ -70,6 +70,10 @@ class BuildError(Exception):
     pass
 
 
+class KernelError(Exception):
+    """A library that does not match its binding (built for other layouts)."""
+
+
 def build(name: str, out: Path | None = None, sanitize: bool = False) -> Path:
     """Compile kernel `name` ("blk" or "net") to `out` (default: next to this file)."""
     spec = KERNELS[name]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 
 from backendd import inflight
-from backendd.dataplane.build import Env, Loader
+from backendd.dataplane.build import Env, KernelError, Loader
 
 MAX_PENDING = 64
 MAX_SEGS = 256
@@ -84,10 +84,6 @@ LAYOUT_NAMES = (
     "max_segs", "sizeof.pending", "sizeof.out", "sizeof.config", "sizeof.env", "sizeof.disk",
     "sizeof.stats",
 )
-
-
-class KernelError(Exception):
-    pass
 
 
 class Kernel:

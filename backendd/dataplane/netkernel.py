@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 
-from backendd.dataplane.build import Env, Loader, Region
+from backendd.dataplane.build import Env, KernelError, Loader, Region
 from backendd.grants import GrantTable
 from backendd.memory import GuestMemory
 from rings.ring import BackRing
@@ -129,10 +129,6 @@ class RxOut(ctypes.Structure):
     _fields_ = ([(name, ctypes.c_uint64) for name in RX_COUNTERS]
                 + [("flags", ctypes.c_uint32), ("fatal_prod", ctypes.c_uint32),
                    ("nbad", ctypes.c_uint32), ("bad", RxBad * RX_MAX_POSTED)])
-
-
-class KernelError(Exception):
-    pass
 
 
 class NetKernel:
