@@ -7,6 +7,9 @@ the rings (SHARED_RING_INIT), grants its data pages itself and says "ready"; the
 FRONTEND_STATE connects the device with the ring refs and channels, the C program is told
 to go, and it drives the rings at full speed and prints one line of JSON.
 
+run_load_socket instead lets the program do the control plane itself, through the C
+client library (clients/c/backendd-client.h) with --socket, as a C VMM would.
+
 The daemon's CPU time is read from /proc (utime + stime of the daemon process and its
 descendants) just before "go" and after the program exits.
 """
@@ -221,6 +224,41 @@ async def run_load(socket_path: str, image: str, load: Load, *,
         guest.close()
 
 
+async def run_load_socket(socket_path: str, image: str, load: Load, *,
+                          binary: Path | None = None,
+                          device_config: dict[str, str] | None = None,
+                          inflight: bool = False) -> dict:
+    """One run of the load generator doing its own control plane (--socket): it connects
+    to the daemon through the C client library (clients/c), hands over its guest memory,
+    grant table and eventfds, connects the disk, runs, and closes and removes it. Returns
+    its JSON line; LoadFailed when it fails."""
+    binary = binary or build("blkfront_load")
+    args = [str(binary), "--socket", socket_path, "--disk", f"path={image}",
+            *(a for k, v in (device_config or {}).items() for a in ("--disk", f"{k}={v}")),
+            "--queues", str(load.queues), "--devid", str(DEVID), "--qd", str(load.qd),
+            "--bs", str(load.bs), "--rw", load.rw, "--pattern", load.pattern,
+            "--persistent", str(int(load.persistent)), "--seed", str(load.seed),
+            "--handle", str(DEVID & 0xFFFF)]
+    args += ["--count", str(load.count)] if load.count else ["--seconds", str(load.seconds)]
+    if load.verify:
+        args.append("--verify")
+    if inflight:
+        args.append("--inflight")
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    try:
+        raw = json.loads(out.decode().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise LoadFailed(f"blkfront_load exited {proc.returncode} without results: "
+                         f"{err.decode()}") from None
+    if proc.returncode != 0:
+        raise LoadFailed(f"blkfront_load: {raw.get('failure') or 'failed'} ({raw}); "
+                         f"{err.decode()}")
+    return raw
+
+
 async def pingpong(rounds: int = 20000) -> dict[str, int]:
     """The eventfd round trip between two processes: the latency floor of a kick."""
     proc = await asyncio.create_subprocess_exec(
@@ -240,4 +278,4 @@ def pattern_bytes(offset: int, length: int, seed: int) -> bytes:
 
 
 __all__ = ["Load", "LoadFailed", "LoadResult", "daemon_cpu", "pattern_bytes", "pingpong",
-           "run_load"]
+           "run_load", "run_load_socket"]

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from bench.blkload import Load, LoadFailed, pattern_bytes, pingpong, run_load
+from bench.blkload import (
+    Load,
+    LoadFailed,
+    pattern_bytes,
+    pingpong,
+    run_load,
+    run_load_socket,
+)
 from bench.native import build
 
 MiB = 1 << 20
@@ -96,6 +103,49 @@ async def test_sanitizer_build(daemon, image, sanitized):
                  Load(bs=MiB, qd=2, count=4, verify=True, seed=12),
                  Load(bs=64 * 1024, qd=4, count=20, verify=True, persistent=True, seed=13)):
         await check(daemon, image, load, binary=sanitized, force_pool=load.persistent)
+
+
+async def check_socket(daemon, image: Path, load: Load, **kw) -> dict:
+    raw = await run_load_socket(daemon.path, str(image), load, **kw)
+    assert raw["ios"] == 2 * load.count * load.queues
+    assert raw["mismatches"] == 0 and raw["errors"] == 0 and raw["failure"] == ""
+    assert raw["sectors"] == IMAGE_SIZE // 512  # from FRONTEND_STATE's reply
+    assert raw["held_after_close"] == 0
+    assert_image_has_pattern(image, load)
+    return raw
+
+
+async def test_socket_mode_does_its_own_control_plane(daemon, image):
+    """--socket: the generator connects through the C client library (clients/c), hands
+    over its memfds and eventfds, connects the disk, runs verified I/O, closes the disk
+    (which must then hold none of its grants) and removes it. A two-page ring (qd 40),
+    SET_INFLIGHT and feature-persistent are part of the last run."""
+    for load in (Load(bs=4096, qd=16, queues=2, count=150, verify=True, seed=21),
+                 Load(bs=MiB, qd=4, pattern="seq", count=6, verify=True, seed=22)):
+        await check_socket(daemon, image, load)
+    raw = await check_socket(daemon, image, Load(bs=8192, qd=40, count=50, verify=True,
+                                                 persistent=True, seed=23), inflight=True)
+    assert raw["persistent"] == raw["offered_persistent"] == 1
+
+
+async def test_socket_mode_reports_a_failed_request(daemon, image):
+    with pytest.raises(LoadFailed, match="answered status -1"):
+        await run_load_socket(daemon.path, str(image), Load(count=8, qd=4, verify=True),
+                              device_config={"mode": "r"})
+
+
+async def test_socket_mode_reports_a_refused_device(daemon, tmp_path):
+    with pytest.raises(LoadFailed, match="ADD_DEVICE"):
+        await run_load_socket(daemon.path, str(tmp_path / "missing.img"),
+                              Load(count=8, verify=True))
+
+
+async def test_socket_mode_sanitizer_build(daemon, image, sanitized):
+    for load in (Load(bs=4096, qd=32, queues=2, count=100, verify=True, seed=31),
+                 Load(bs=MiB, qd=2, count=4, verify=True, seed=32),
+                 Load(bs=64 * 1024, qd=4, count=20, verify=True, persistent=True, seed=33)):
+        await check_socket(daemon, image, load, binary=sanitized,
+                           inflight=load.persistent)
 
 
 async def test_eventfd_pingpong_builds_and_runs():

@@ -13,11 +13,16 @@ import sys
 from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parent
-OUT = SOURCES.parent.parent / "build" / "native"
+ROOT = SOURCES.parent.parent
+# The C client library (docs/protocol.md, "Reference client for C VMMs"): blkfront_load
+# does its own control plane through it with --socket.
+CLIENT = ROOT / "clients" / "c"
+OUT = ROOT / "build" / "native"
 PROGRAMS = ("blkfront_load", "netfront_load", "eventfd_pingpong")
 # What the frontends share (guest memory, grants, eventfds, options, the stdio protocol).
-COMMON = {"blkfront_load": ("frontend_common.c",), "netfront_load": ("frontend_common.c",)}
-COMMON_HEADERS = ("frontend_common.h",)
+COMMON = {"blkfront_load": ("frontend_common.c", CLIENT / "backendd-client.c"),
+          "netfront_load": ("frontend_common.c",)}
+COMMON_HEADERS = ("frontend_common.h", CLIENT / "backendd-client.h")
 CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-pthread"]
 SANITIZE = ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
             "-fno-sanitize-recover=all"]
@@ -45,7 +50,7 @@ def build(name: str, sanitize: bool = False, out_dir: Path | None = None) -> Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}")
     flags = CFLAGS + (SANITIZE if sanitize else [])
-    result = subprocess.run([gcc, *flags, "-o", str(tmp), *map(str, sources)],
+    result = subprocess.run([gcc, *flags, f"-I{CLIENT}", "-o", str(tmp), *map(str, sources)],
                             capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)

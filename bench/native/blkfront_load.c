@@ -3,10 +3,15 @@
  *
  * The control plane (guest memory and grant table handed to the daemon, ADD_DEVICE, ring
  * pages allocated and granted, FRONTEND_STATE with the ring refs and event channels) is
- * done by the caller (bench/blkload.py). This program inherits the guest RAM and
- * grant-table memfds and each queue's kick/call eventfds, maps the memfds, initialises
- * the rings (SHARED_RING_INIT, FRONT_RING_INIT) and drives them with ring.h's macros,
- * one thread per queue:
+ * done either by the caller (bench/blkload.py), or here, with --socket, through the C
+ * client library (clients/c/backendd-client.h), as a C VMM would. In the first mode this
+ * program inherits the guest RAM and grant-table memfds and each queue's kick/call
+ * eventfds; in the second it makes them itself (sealed memfds, eventfd pairs), hands
+ * them over with ADD_MEM_REGION, SET_GRANT_TABLE and ADD_DEVICE (the disk's config from
+ * --disk KEY=VALUE, SET_INFLIGHT with --inflight), connects the device with
+ * FRONTEND_STATE Connected, and closes and removes it after the run. Either way it maps
+ * the memfds, initialises the rings (SHARED_RING_INIT, FRONT_RING_INIT) and drives them
+ * with ring.h's macros, one thread per queue:
  *
  *   - requests are built in a private copy and put with RING_GET_REQUEST, pushed with
  *     RING_PUSH_REQUESTS_AND_CHECK_NOTIFY (kick only when it says so); responses are
@@ -23,16 +28,21 @@
  *
  * Protocol on stdio: after mapping, ring set-up and granting, print "ready"; wait for one
  * line on stdin (sent once the backend is connected); run; print one line of JSON (I/Os,
- * bytes, seconds, this program's own CPU seconds, latency percentiles, counters). Exit
- * status 0, or 1 when any request failed, a response was malformed, a grant was still
- * in use after its response, a verified read did not match, or the ring stalled; 2 for
- * bad arguments.
+ * bytes, seconds, this program's own CPU seconds, latency percentiles, counters). With
+ * --socket there is no "ready"/go: it runs as soon as the device is connected, and the
+ * JSON also gives the disk's sectors, whether the backend offered feature-persistent and
+ * how many grants were still in use once the device was closed. Exit status 0, or 1 when
+ * any request failed, a response was malformed, a grant was still in use after its
+ * response (or after the close), a verified read did not match, the ring stalled, or a
+ * control request failed; 2 for bad arguments.
  *
  * --verify: per queue, write COUNT distinct blocks with a pattern, then read them back
  * and check every byte here. The pattern's 8-byte word at disk byte offset o is
  * o * 0x9E3779B97F4A7C15 ^ seed (little-endian), so the image can be checked outside.
  */
 #include "frontend_common.h"
+
+#include "backendd-client.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -42,8 +52,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+
+#include <sys/eventfd.h>
 
 #include <xen/io/blkif.h>
+#include <xen/io/protocols.h>
 
 #define SECTOR 512u
 #define SEGS_PER_INDIRECT_PAGE (PAGE / sizeof(struct blkif_request_segment))
@@ -99,6 +113,20 @@ static struct {
     uint64_t go_ns, deadline_ns;
     struct queue q[MAX_QUEUES];
 } cfg = { .qd = 32, .bs = 4096, .random = true, .handle = 0 };
+
+/* --socket: the control plane done here, through the client library. */
+#define FIRST_GREF 8 /* the entries below are Xen's reserved ones */
+#define FIRST_PORT 1
+static struct {
+    const char *socket;
+    struct bkd_kv disk;        /* ADD_DEVICE's config */
+    uint32_t devid;
+    unsigned nqueues, order;
+    bool inflight, want_persistent, offered_persistent;
+    struct bkd_client *c;
+    struct bkd_channel ch[MAX_QUEUES];
+    uint64_t held_after_close;
+} ctl = { .devid = 51712 };
 
 static uint64_t now_ns(void)
 {
@@ -385,6 +413,7 @@ static bool run_phase(struct queue *q, uint8_t op, uint64_t total)
 static void *queue_main(void *arg)
 {
     struct queue *q = arg;
+    q->cursor = cfg.sectors * SECTOR / cfg.bs / cfg.nqueues * (uint64_t)q->index;
     if (cfg.verify) {
         if (run_phase(q, BLKIF_OP_WRITE, cfg.count))
             run_phase(q, BLKIF_OP_READ, cfg.count);
@@ -402,7 +431,11 @@ static const char usage[] =
     "         --frames FIRST:COUNT --queue RINGFRAME:ORDER:KICKFD:CALLFD [--queue ...]\n"
     "         --sectors N [--max-indirect N] [--qd N] [--bs BYTES] [--rw read|write]\n"
     "         [--pattern rand|seq] [--seconds S | --count N] [--persistent 0|1]\n"
-    "         [--verify] [--seed N] [--domid N] [--handle N]";
+    "         [--verify] [--seed N] [--domid N] [--handle N]\n"
+    "   or: blkfront_load --socket PATH --disk path=IMAGE [--disk KEY=VALUE ...]\n"
+    "         [--queues N] [--devid N] [--inflight] [--qd N] [--bs BYTES] ... (as above)";
+
+static void check_backend(void);
 
 static void parse_args(int argc, char **argv)
 {
@@ -410,6 +443,10 @@ static void parse_args(int argc, char **argv)
         const char *opt = argv[i];
         if (!strcmp(opt, "--verify")) {
             cfg.verify = true;
+            continue;
+        }
+        if (!strcmp(opt, "--inflight")) {
+            ctl.inflight = true;
             continue;
         }
         if (i + 1 >= argc)
@@ -431,6 +468,23 @@ static void parse_args(int argc, char **argv)
             q->ring_order = (unsigned)order;
             q->kick_fd = kick;
             q->call_fd = call;
+        } else if (!strcmp(opt, "--socket")) {
+            ctl.socket = v;
+        } else if (!strcmp(opt, "--disk")) {
+            const char *eq = strchr(v, '=');
+            char key[BKD_KV_MAX_KEY + 1];
+            if (!eq || eq == v || (size_t)(eq - v) > BKD_KV_MAX_KEY)
+                die_usage("--disk KEY=VALUE");
+            memcpy(key, v, (size_t)(eq - v));
+            key[eq - v] = 0;
+            if (bkd_kv_set(&ctl.disk, key, eq + 1))
+                die_usage("--disk KEY=VALUE: too long");
+        } else if (!strcmp(opt, "--queues")) {
+            ctl.nqueues = (unsigned)parse_u64(v, "--queues");
+            if (!ctl.nqueues || ctl.nqueues > MAX_QUEUES)
+                die_usage("--queues must be 1..16");
+        } else if (!strcmp(opt, "--devid")) {
+            ctl.devid = (uint32_t)parse_u64(v, "--devid");
         } else if (!strcmp(opt, "--sectors")) {
             cfg.sectors = parse_u64(v, "--sectors");
         } else if (!strcmp(opt, "--max-indirect")) {
@@ -461,9 +515,17 @@ static void parse_args(int argc, char **argv)
             die_usage(usage);
         }
     }
-    if (guest.ram_fd < 0 || guest.gnttab_fd < 0 || !cfg.nqueues || !cfg.sectors ||
-        !guest.gref_count || !guest.frame_count)
+    if (ctl.socket) {
+        if (guest.ram_fd >= 0 || guest.gnttab_fd >= 0 || cfg.nqueues || cfg.sectors ||
+            guest.gref_count || guest.frame_count)
+            die_usage("--socket: the program sets up the guest, the queues and the disk");
+        if (!bkd_kv_get(&ctl.disk, "path"))
+            die_usage("--socket needs --disk path=IMAGE");
+        cfg.nqueues = ctl.nqueues ? ctl.nqueues : 1;
+    } else if (guest.ram_fd < 0 || guest.gnttab_fd < 0 || !cfg.nqueues || !cfg.sectors ||
+               !guest.gref_count || !guest.frame_count) {
         die_usage(usage);
+    }
     if (!cfg.bs || cfg.bs % PAGE || cfg.bs / PAGE > 4096)
         die_usage("--bs must be a multiple of 4096");
     if (!cfg.qd || cfg.qd > 0xffff)
@@ -472,20 +534,27 @@ static void parse_args(int argc, char **argv)
         die_usage("give one of --seconds and --count");
     if (cfg.verify && !cfg.count)
         die_usage("--verify needs --count");
+    cfg.nsegs = cfg.bs / PAGE;
+    if (cfg.nsegs > BLKIF_MAX_SEGMENTS_PER_REQUEST)
+        cfg.nind = (unsigned)((cfg.nsegs + SEGS_PER_INDIRECT_PAGE - 1) / SEGS_PER_INDIRECT_PAGE);
+    if (cfg.nind > BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST)
+        die_usage("--bs needs more than 8 indirect pages");
+    if (!ctl.socket) {
+        check_backend();
+        map_guest();
+    }
+}
+
+/* What needs the backend's keys (the caller's --max-indirect and --sectors, or the
+ * daemon's answers with --socket). */
+static void check_backend(void)
+{
+    if (cfg.nind && cfg.nsegs > cfg.max_indirect)
+        die_usage("--bs needs more segments than the backend's indirect limit");
     if ((uint64_t)cfg.bs > cfg.sectors * SECTOR)
         die_usage("--bs is bigger than the disk");
-    cfg.nsegs = cfg.bs / PAGE;
-    if (cfg.nsegs > BLKIF_MAX_SEGMENTS_PER_REQUEST) {
-        if (cfg.nsegs > cfg.max_indirect)
-            die_usage("--bs needs more segments than the backend's indirect limit");
-        cfg.nind = (unsigned)((cfg.nsegs + SEGS_PER_INDIRECT_PAGE - 1) / SEGS_PER_INDIRECT_PAGE);
-        if (cfg.nind > BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST)
-            die_usage("--bs needs more than 8 indirect pages");
-    }
     if (cfg.verify && cfg.count * cfg.nqueues > cfg.sectors * SECTOR / cfg.bs)
         die_usage("--verify: more blocks than the disk has");
-
-    map_guest();
 }
 
 static void *xcalloc(size_t n, size_t size)
@@ -555,7 +624,6 @@ static void setup_queue(struct queue *q)
     q->cap_lat = expect < MAX_SAMPLES ? expect : MAX_SAMPLES;
     q->lat = xcalloc(q->cap_lat, sizeof(*q->lat));
     q->rng = (cfg.seed ^ 0x2545F4914F6CDD1Dull) * (uint64_t)(q->index + 1) | 1;
-    q->cursor = cfg.sectors * SECTOR / cfg.bs / cfg.nqueues * (uint64_t)q->index;
     q->gen = 1ull << 31; /* ids use the high bits too: a backend that cuts them is caught */
 }
 
@@ -565,12 +633,160 @@ static int cmp_u32(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* --- --socket: the control plane through clients/c ----------------------------------- */
+
+/* A failed control request: the daemon's message too, then exit 1 (closing the
+ * connection makes the daemon drop this guest's device, grant table and memory). */
+static void ctl_check(int r, const char *what)
+{
+    if (r >= 0)
+        return;
+    fprintf(stderr, "blkfront_load: %s: %s (%s)\n", what, strerror(-r),
+            ctl.c ? bkd_last_error(ctl.c) : "");
+    exit(1);
+}
+
+static void kv_setf(struct bkd_kv *kv, const char *key, uint64_t value)
+{
+    char v[24];
+    snprintf(v, sizeof(v), "%" PRIu64, value);
+    ctl_check(bkd_kv_set(kv, key, v), "key/value map");
+}
+
+/* Guest RAM holds the rings (queue q's at frame q << order), then the data pages; the
+ * grant table has the rings' refs from FIRST_GREF on, then the data pages' refs. Both
+ * memfds are handed to the daemon, then mapped here; then ADD_DEVICE (and SET_INFLIGHT). */
+static void control_attach(void)
+{
+    while (__CONST_RING_SIZE(blkif, PAGE) << ctl.order < cfg.qd)
+        ctl.order++;
+    if (ctl.order > 4)
+        die_usage("--qd needs a ring of more than 16 pages");
+    uint32_t ring_pages = cfg.nqueues << ctl.order;
+    uint64_t data_pages = (uint64_t)cfg.nqueues * cfg.qd * (cfg.nsegs + cfg.nind);
+    if (data_pages > (1u << 24))
+        die_usage("--qd * --bs * --queues is too much guest memory");
+    uint64_t entries = FIRST_GREF + ring_pages + data_pages;
+    uint32_t gt_frames = (uint32_t)((entries + bkd_gnttab_entries_per_frame(1) - 1) /
+                                    bkd_gnttab_entries_per_frame(1));
+    guest.ram_size = (size_t)(ring_pages + data_pages) * PAGE;
+    guest.nr_entries = (size_t)gt_frames * bkd_gnttab_entries_per_frame(1);
+    guest.frame_first = ring_pages;
+    guest.frame_count = (uint32_t)data_pages;
+    guest.gref_first = FIRST_GREF + ring_pages;
+    guest.gref_count = (uint32_t)data_pages;
+
+    struct bkd_kv info = {0};
+    ctl_check(bkd_kv_set(&info, "name", program_name), "key/value map");
+    ctl_check(bkd_connect_info(ctl.socket, 0, &info, &ctl.c), "connect and HELLO");
+    bkd_kv_free(&info);
+    ctl_check(guest.ram_fd = bkd_memfd("guest-ram", guest.ram_size), "guest RAM memfd");
+    ctl_check(guest.gnttab_fd = bkd_memfd("guest-gnttab", (uint64_t)gt_frames * PAGE),
+              "grant table memfd");
+    ctl_check(bkd_add_mem_region(ctl.c, 0, guest.ram_size, guest.ram_fd, 0), "ADD_MEM_REGION");
+    ctl_check(bkd_set_grant_table(ctl.c, guest.gnttab_fd, 1, gt_frames, 0, guest.domid),
+              "SET_GRANT_TABLE");
+    map_guest(); /* and closes the memfds: the daemon has its own */
+
+    uint32_t state;
+    struct bkd_kv keys = {0};
+    ctl_check(bkd_add_device(ctl.c, ctl.devid, BKD_DEV_BLK, &ctl.disk, &state, &keys),
+              "ADD_DEVICE");
+    uint64_t v;
+    cfg.max_indirect = bkd_kv_get_u64(&keys, "feature-max-indirect-segments", &v) ? 0
+                                                                                    : (unsigned)v;
+    ctl.offered_persistent = bkd_kv_get_u64(&keys, "feature-persistent", &v) == 0 && v == 1;
+    ctl.want_persistent = cfg.persistent;
+    cfg.persistent = ctl.want_persistent && ctl.offered_persistent;
+    bkd_kv_free(&keys);
+    if (ctl.inflight) {
+        uint64_t size = bkd_inflight_size(cfg.nqueues);
+        int fd;
+        ctl_check(fd = bkd_memfd("inflight", size), "in-flight memfd");
+        ctl_check(bkd_set_inflight(ctl.c, ctl.devid, fd, 0, size), "SET_INFLIGHT");
+        close(fd);
+    }
+    for (unsigned i = 0; i < cfg.nqueues; i++) {
+        struct queue *q = &cfg.q[i];
+        q->index = (int)i;
+        q->ring_frame = i << ctl.order;
+        q->ring_order = ctl.order;
+        ctl_check(bkd_channel_open(&ctl.ch[i], FIRST_PORT + i, EFD_NONBLOCK), "eventfd");
+        q->kick_fd = ctl.ch[i].kick_fd;
+        q->call_fd = ctl.ch[i].call_fd;
+    }
+}
+
+/* Once the rings are initialised: grant their pages, FRONTEND_STATE Connected with the
+ * ring refs and channels; the reply gives the disk's size. */
+static void control_connect(void)
+{
+    struct bkd_kv fkeys = {0}, bkeys = {0};
+    ctl_check(bkd_kv_set(&fkeys, "protocol", XEN_IO_PROTO_ABI_X86_64), "key/value map");
+    ctl_check(bkd_kv_set(&fkeys, "feature-persistent", ctl.want_persistent ? "1" : "0"),
+              "key/value map");
+    if (cfg.nqueues > 1)
+        kv_setf(&fkeys, "multi-queue-num-queues", cfg.nqueues);
+    if (ctl.order)
+        kv_setf(&fkeys, "ring-page-order", ctl.order);
+    for (unsigned i = 0; i < cfg.nqueues; i++) {
+        char prefix[24] = "", key[64];
+        if (cfg.nqueues > 1)
+            snprintf(prefix, sizeof(prefix), "queue-%u/", i);
+        for (unsigned p = 0; p < 1u << ctl.order; p++) {
+            grant_ref_t gref = FIRST_GREF + (i << ctl.order) + p;
+            grant_access(gref, cfg.q[i].ring_frame + p, false);
+            if (ctl.order)
+                snprintf(key, sizeof(key), "%sring-ref%u", prefix, p);
+            else
+                snprintf(key, sizeof(key), "%sring-ref", prefix);
+            kv_setf(&fkeys, key, gref);
+        }
+        snprintf(key, sizeof(key), "%sevent-channel", prefix);
+        kv_setf(&fkeys, key, ctl.ch[i].port);
+    }
+    uint32_t state;
+    ctl_check(bkd_frontend_state(ctl.c, ctl.devid, BKD_XB_CONNECTED, &fkeys, ctl.ch,
+                                 cfg.nqueues, &state, &bkeys),
+              "FRONTEND_STATE Connected");
+    if (state != BKD_XB_CONNECTED || bkd_kv_get_u64(&bkeys, "sectors", &cfg.sectors)) {
+        fprintf(stderr, "blkfront_load: the backend did not connect (state %u)\n", state);
+        exit(1);
+    }
+    bkd_kv_free(&fkeys);
+    bkd_kv_free(&bkeys);
+    check_backend();
+}
+
+/* After the run: close the device; it must then hold none of this guest's grants
+ * (GTF_reading/GTF_writing clear on every entry); remove it and disconnect. */
+static void control_detach(void)
+{
+    ctl_check(bkd_frontend_state(ctl.c, ctl.devid, BKD_XB_CLOSED, NULL, NULL, 0, NULL, NULL),
+              "FRONTEND_STATE Closed");
+    for (size_t g = 0; g < guest.nr_entries; g++)
+        if (__atomic_load_n(&guest.gnttab[g].flags, __ATOMIC_ACQUIRE) &
+            (GTF_reading | GTF_writing))
+            ctl.held_after_close++;
+    ctl_check(bkd_remove_device(ctl.c, ctl.devid), "REMOVE_DEVICE");
+    ctl_check(bkd_remove_mem_region(ctl.c, 0, guest.ram_size), "REMOVE_MEM_REGION");
+    bkd_close(ctl.c);
+    ctl.c = NULL;
+    for (unsigned i = 0; i < cfg.nqueues; i++)
+        bkd_channel_close(&ctl.ch[i]);
+    bkd_kv_free(&ctl.disk);
+}
+
 int main(int argc, char **argv)
 {
     parse_args(argc, argv);
+    if (ctl.socket)
+        control_attach();
     for (unsigned i = 0; i < cfg.nqueues; i++)
         setup_queue(&cfg.q[i]);
-    if (!ready_then_wait_for_go())
+    if (ctl.socket)
+        control_connect();
+    else if (!ready_then_wait_for_go())
         return 2;
 
     struct rusage ru0;
@@ -618,16 +834,28 @@ int main(int argc, char **argv)
     qsort(lat, nlat, sizeof(*lat), cmp_u32);
 #define PCT(p) (nlat ? lat[(size_t)((double)(nlat - 1) * (p))] : 0)
     double seconds = (double)(end - cfg.go_ns) / 1e9;
+    char held_why[FAILURE_LEN];
+    if (ctl.socket) {
+        control_detach();
+        if (ctl.held_after_close && !failure[0]) {
+            snprintf(held_why, sizeof(held_why), "%" PRIu64 " grants still in use after "
+                     "the device was closed", ctl.held_after_close);
+            failure = held_why;
+        }
+    }
     printf("{\"ios\": %" PRIu64 ", \"bytes\": %" PRIu64 ", \"seconds\": %.6f, "
            "\"cpu_seconds\": %.6f, \"queues\": %u, \"qd\": %u, \"bs\": %u, \"persistent\": %d, "
            "\"errors\": %" PRIu64 ", \"bad_responses\": %" PRIu64 ", "
            "\"refused_end_access\": %" PRIu64 ", \"mismatches\": %" PRIu64 ", "
            "\"kicks\": %" PRIu64 ", \"waits\": %" PRIu64 ", "
            "\"lat_ns\": {\"mean\": %.0f, \"p50\": %u, \"p90\": %u, \"p99\": %u, "
-           "\"p999\": %u, \"max\": %u}, \"failure\": \"%s\"}\n",
+           "\"p999\": %u, \"max\": %u}, \"sectors\": %" PRIu64 ", "
+           "\"offered_persistent\": %d, \"held_after_close\": %" PRIu64 ", "
+           "\"failure\": \"%s\"}\n",
            ios, bytes, seconds, cpu, cfg.nqueues, cfg.qd, cfg.bs, cfg.persistent, errors, bad,
            refused, mismatches, kicks, waits, nlat ? sum / (double)nlat : 0.0, PCT(0.5),
-           PCT(0.9), PCT(0.99), PCT(0.999), PCT(1.0), failure);
+           PCT(0.9), PCT(0.99), PCT(0.999), PCT(1.0), cfg.sectors,
+           ctl.socket ? ctl.offered_persistent : -1, ctl.held_after_close, failure);
     fflush(stdout);
     for (unsigned i = 0; i < cfg.nqueues; i++) {
         struct queue *q = &cfg.q[i];
@@ -644,6 +872,7 @@ int main(int argc, char **argv)
         free(q->lat);
     }
     free(lat);
-    bool ok = !errors && !bad && !refused && !mismatches && !failure[0];
+    bool ok = !errors && !bad && !refused && !mismatches && !ctl.held_after_close &&
+              !failure[0];
     return ok ? 0 : 1;
 }
