@@ -1,5 +1,6 @@
 """The benchmarks' C programs (blkfront_load, netfront_load, eventfd_pingpong): built with
 the Debian gcc against Xen's public headers, on demand, into build/native/ of the checkout.
+blkfront_load is compiled with the C client library (clients/c/backendd-client.c).
 
     python -m bench.native          build them all (what `make bench` and `make test` run)
 """
