@@ -10,6 +10,11 @@ namespace. The C program inherits all of it, initialises the rings, says "ready"
 FRONTEND_STATE connects the device, the program is told to go and bridges frames between
 the guest tap and the rings until it is told to stop, and prints one line of JSON.
 
+With socket=True the program does that control plane itself, through the C client
+library (clients/c/backendd-client.h) with --socket, as a C VMM would, and reports the
+daemon's counters (GET_STATS) in its JSON; only the guest tap and its namespace come
+from here.
+
     async with netfront(socket, host_ns=..., guest_ns=..., ...) as run:
         ... traffic between the namespaces ...
         result = await run.finish()
@@ -53,6 +58,16 @@ class NetLoadFailed(RuntimeError):
     after its response, or a ring index that made no sense."""
 
 
+def sum_counters(counters: dict[str, str]) -> dict[str, int]:
+    """The daemon's counters for a nic (GET_STATS), summed over its queues."""
+    out: dict[str, int] = {}
+    for key, value in counters.items():
+        name = key.split(".", 1)[-1]
+        with contextlib.suppress(ValueError):
+            out[name] = out.get(name, 0) + int(value)
+    return out
+
+
 @dataclass
 class NetResult:
     raw: dict
@@ -61,27 +76,31 @@ class NetResult:
     def __getitem__(self, key: str) -> int:
         return self.raw[key]
 
+    @property
+    def daemon_stats(self) -> dict[str, int]:
+        """With socket=True: the counters the program read with GET_STATS after the run,
+        summed over the queues."""
+        return sum_counters(self.raw.get("daemon", {}))
+
 
 @dataclass
 class NetRun:
-    client: VmmClient
+    client: VmmClient | None  # None with socket=True: the program has the connection
     proc: asyncio.subprocess.Process
     host_tap: str
     guest_tap: str
     queues: int
     split: bool
     grefs: range
-    _guest: SimGuest
+    _guest: SimGuest | None
     result: NetResult | None = None
 
     async def stats(self) -> dict[str, int]:
-        """The daemon's counters for the nic, summed over its queues."""
-        out: dict[str, int] = {}
-        for key, value in (await self.client.stats(DEVID)).items():
-            name = key.split(".", 1)[-1]
-            with contextlib.suppress(ValueError):
-                out[name] = out.get(name, 0) + int(value)
-        return out
+        """The daemon's counters for the nic, summed over its queues (not with
+        socket=True: NetResult.daemon_stats has them then)."""
+        if self.client is None:
+            raise RuntimeError("the program holds the connection: see daemon_stats")
+        return sum_counters(await self.client.stats(DEVID))
 
     async def finish(self) -> NetResult:
         """Stop the bridge, close the device; raise NetLoadFailed if the netfront saw
@@ -98,9 +117,12 @@ class NetRun:
         except (IndexError, ValueError):
             raise NetLoadFailed(f"netfront_load exited {self.proc.returncode} without "
                                 f"results: {err.decode()}") from None
-        await self.client.frontend_state(DEVID, XenbusState.CLOSED, {})
-        gt = self._guest.gnttab
-        held = [g for g in self.grefs if gt.entry(g)[0] & (GTF_READING | GTF_WRITING)]
+        if self.client is not None and self._guest is not None:
+            await self.client.frontend_state(DEVID, XenbusState.CLOSED, {})
+            gt = self._guest.gnttab
+            held = [g for g in self.grefs if gt.entry(g)[0] & (GTF_READING | GTF_WRITING)]
+        else:  # the program closed the nic itself and counted the grants still held
+            held = [-1] * int(raw.get("held_after_close", 0))
         self.result = NetResult(raw, held)
         if self.proc.returncode != 0:
             raise NetLoadFailed(f"netfront_load: {raw.get('failure') or 'failed'} ({raw}); "
@@ -112,10 +134,21 @@ class NetRun:
 async def netfront(socket_path: str, *, host_ns: str, guest_ns: str, host_tap: str,
                    guest_tap: str, queues: int = 1, split: bool = True,
                    binary: Path | None = None, mtu: int = 1500,
-                   config: dict[str, str] | None = None) -> AsyncIterator[NetRun]:
+                   config: dict[str, str] | None = None,
+                   socket: bool = False) -> AsyncIterator[NetRun]:
     """One connection, one guest, one nic bridged to `guest_tap` in `guest_ns`; the
-    daemon's tap is `host_tap` in `host_ns`. Both taps are up, without addresses."""
+    daemon's tap is `host_tap` in `host_ns`. Both taps are up, without addresses.
+    socket=True: the program does the control plane itself, through the C client library
+    (--socket); only the guest tap and its namespace are set up here."""
     binary = binary or build("netfront_load")
+    if socket:
+        async with _netfront_socket(socket_path, guest_ns=guest_ns, guest_tap=guest_tap,
+                                    queues=queues, split=split, binary=binary, mtu=mtu,
+                                    config={"tap": host_tap, "netns": host_ns,
+                                            "queues": str(queues), "mtu": str(mtu),
+                                            **(config or {})}) as run:
+            yield run
+        return
     data_pages = queues * PAGES_PER_QUEUE
     ram_pages = data_pages + 2 * queues + 64
     gnttab_frames = -(-(ram_pages + 16) * 8 // PAGE_SIZE) + 1
@@ -171,10 +204,7 @@ async def netfront(socket_path: str, *, host_ns: str, guest_ns: str, host_tap: s
                                       f"{tap_fds[-1]}"]
         for fd in tap_fds:
             set_offload(fd, True, True, True)
-        await run_netlink_async(configure_link, LinkConfig(guest_tap, mtu=mtu,
-                                                           netns=guest_ns))
-        subprocess.run(["ip", "-n", guest_ns, "link", "set", guest_tap, "gso_max_size",
-                        str(GUEST_GSO_MAX)], check=True, capture_output=True)
+        await guest_tap_up(guest_ns, guest_tap, mtu)
         gref_first, memory_args = guest_args(ram, gt, ring_grefs, data_pages)
         args = [str(binary), *memory_args, *queue_args]
         proc, why = await start_ready(args, [ram.fd, gt.fd, *fds, *tap_fds])
@@ -202,4 +232,43 @@ async def netfront(socket_path: str, *, host_ns: str, guest_ns: str, host_tap: s
         guest.close()
 
 
-__all__ = ["NetLoadFailed", "NetResult", "NetRun", "netfront"]
+async def guest_tap_up(guest_ns: str, guest_tap: str, mtu: int) -> None:
+    await run_netlink_async(configure_link, LinkConfig(guest_tap, mtu=mtu, netns=guest_ns))
+    subprocess.run(["ip", "-n", guest_ns, "link", "set", guest_tap, "gso_max_size",
+                    str(GUEST_GSO_MAX)], check=True, capture_output=True)
+
+
+@contextlib.asynccontextmanager
+async def _netfront_socket(socket_path: str, *, guest_ns: str, guest_tap: str, queues: int,
+                           split: bool, binary: Path, mtu: int, config: dict[str, str]
+                           ) -> AsyncIterator[NetRun]:
+    tap_fds: list[int] = []
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        for _ in range(queues):
+            tap_fds.append(open_tap(guest_tap, multi_queue=queues > 1))
+        for fd in tap_fds:
+            set_offload(fd, True, True, True)
+        await guest_tap_up(guest_ns, guest_tap, mtu)
+        args = [str(binary), "--socket", socket_path, "--devid", str(DEVID),
+                "--split", str(int(split)),
+                *(a for k, v in config.items() for a in ("--nic", f"{k}={v}")),
+                *(a for fd in tap_fds for a in ("--tap", str(fd)))]
+        # "ready" comes once the program has connected the nic.
+        proc, why = await start_ready(args, tap_fds)
+        if why or proc.returncode is not None:
+            raise NetLoadFailed(f"netfront_load did not start: {why}")
+        close_fds(tap_fds)  # the program's copies keep the guest tap
+        tap_fds.clear()
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        await proc.stdin.drain()
+        yield NetRun(None, proc, config["tap"], guest_tap, queues, split, range(0), None)
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        close_fds(tap_fds)
+
+
+__all__ = ["NetLoadFailed", "NetResult", "NetRun", "netfront", "sum_counters"]

@@ -27,13 +27,13 @@ def sanitized(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def bridge_and_check(daemon, queues: int, split: bool, nbytes: int,
-                           binary: Path | None = None) -> None:
+                           binary: Path | None = None, socket: bool = False) -> None:
     host, gns = uniq("nlh"), uniq("nlg")
     tap, gtap = uniq("nlt") + "h", uniq("nlt") + "g"
     with namespaces(host, gns):
         async with netfront(daemon.path, host_ns=host, guest_ns=gns, host_tap=tap,
                             guest_tap=gtap, queues=queues, split=split,
-                            binary=binary) as bridge:
+                            binary=binary, socket=socket) as bridge:
             await addr(host, tap, "10.79.0.1/24")
             await addr(gns, gtap, "10.79.0.2/24")
             await run("ping", "-c", "3", "-i", "0.2", "-W", "5", "10.79.0.1", ns=gns)
@@ -42,8 +42,11 @@ async def bridge_and_check(daemon, queues: int, split: bool, nbytes: int,
             assert sent == received  # guest -> host, byte for byte
             sent, received = await tcp_transfer(host, gns, "10.79.0.2", nbytes, seed=4)
             assert sent == received  # host -> guest
-            stats = await bridge.stats()
+            stats = None if socket else await bridge.stats()
             result = await bridge.finish()
+    if socket:  # read by the program itself, with GET_STATS, before it closed the nic
+        stats = result.daemon_stats
+        assert result["daemon"]  # the raw counters made it into the JSON line
     assert result["failure"] == "" and result["refused_end_access"] == 0
     assert result["tx_too_big"] == 0 and result["rx_tap_drops"] == 0
     assert result.held_after_close == []  # the closed device holds none of our grants
@@ -51,6 +54,7 @@ async def bridge_and_check(daemon, queues: int, split: bool, nbytes: int,
     assert result["tx_gso"] > 0 and result["rx_gso"] > 0
     assert result["tx_bytes"] > nbytes and result["rx_bytes"] > nbytes
     # What the netfront put on the rings is what the daemon counted.
+    assert stats is not None
     assert stats["tx_packets"] == result["tx_frames"]
     assert stats["tx_gso"] == result["tx_gso"]
     assert stats["rx_packets"] == result["rx_frames"]
@@ -70,6 +74,28 @@ async def test_one_queue_shared_channel(daemon):
 async def test_sanitizer_build(daemon, sanitized):
     """The same with -fsanitize=address,undefined: any report aborts the program."""
     await bridge_and_check(daemon, queues=2, split=True, nbytes=2 * MiB, binary=sanitized)
+
+
+async def test_socket_mode_does_its_own_control_plane(daemon):
+    """--socket: the program connects through the C client library (clients/c), hands
+    over its memfds and eventfds, adds and connects the nic, bridges, reads the daemon's
+    counters, closes the nic (which must then hold none of its grants) and removes it."""
+    await bridge_and_check(daemon, queues=2, split=True, nbytes=4 * MiB, socket=True)
+    await bridge_and_check(daemon, queues=1, split=False, nbytes=MiB, socket=True)
+
+
+async def test_socket_mode_sanitizer_build(daemon, sanitized):
+    await bridge_and_check(daemon, queues=2, split=True, nbytes=2 * MiB, binary=sanitized,
+                           socket=True)
+
+
+async def test_socket_mode_reports_a_refused_nic(daemon):
+    host, gns = uniq("nlh"), uniq("nlg")
+    with namespaces(host, gns), pytest.raises(NetLoadFailed, match="ADD_DEVICE"):
+        async with netfront(daemon.path, host_ns=host, guest_ns=gns,
+                            host_tap=uniq("nlt") + "h", guest_tap=uniq("nlt") + "g",
+                            socket=True, config={"no-such-key": "1"}):
+            pass
 
 
 async def test_a_program_that_does_not_start_is_reported(daemon):

@@ -1,6 +1,7 @@
 """The benchmarks' C programs (blkfront_load, netfront_load, eventfd_pingpong): built with
 the Debian gcc against Xen's public headers, on demand, into build/native/ of the checkout.
-blkfront_load is compiled with the C client library (clients/c/backendd-client.c).
+blkfront_load and netfront_load are compiled with the C client library
+(clients/c/backendd-client.c).
 
     python -m bench.native          build them all (what `make bench` and `make test` run)
 """
@@ -16,13 +17,13 @@ from pathlib import Path
 SOURCES = Path(__file__).resolve().parent
 ROOT = SOURCES.parent.parent
 # The C client library (docs/protocol.md, "Reference client for C VMMs"): blkfront_load
-# does its own control plane through it with --socket.
+# and netfront_load do their own control plane through it with --socket.
 CLIENT = ROOT / "clients" / "c"
 OUT = ROOT / "build" / "native"
 PROGRAMS = ("blkfront_load", "netfront_load", "eventfd_pingpong")
 # What the frontends share (guest memory, grants, eventfds, options, the stdio protocol).
 COMMON = {"blkfront_load": ("frontend_common.c", CLIENT / "backendd-client.c"),
-          "netfront_load": ("frontend_common.c",)}
+          "netfront_load": ("frontend_common.c", CLIENT / "backendd-client.c")}
 COMMON_HEADERS = ("frontend_common.h", CLIENT / "backendd-client.h")
 CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-pthread"]
 SANITIZE = ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",

@@ -2,13 +2,19 @@
  * in a "guest" network namespace, so that the kernel's TCP/IP stack (iperf3, ping) is
  * the guest and the benchmark measures the backend, not a Python frontend.
  *
- * The control plane (guest memory and grant table handed to the daemon, ADD_DEVICE, ring
- * pages allocated and granted, the guest tap opened with vnet headers and the offloads
- * set, FRONTEND_STATE) is done by the caller (bench/netload.py). This program inherits
- * the guest RAM and grant-table memfds, per queue the tx and rx event channels'
- * kick/call eventfds and one queue fd of the guest tap, maps the memfds, initialises the
- * rings (SHARED_RING_INIT, FRONT_RING_INIT) and serves them with ring.h's macros, one
- * thread per queue:
+ * The guest tap (opened with vnet headers, the offloads set) and its namespace come from
+ * the caller (bench/netload.py), one tap queue fd per ring queue. The control plane
+ * (guest memory and grant table handed to the daemon, ADD_DEVICE, ring pages allocated
+ * and granted, FRONTEND_STATE) is done either by the caller too, or here, with --socket,
+ * through the C client library (clients/c/backendd-client.h), as a C VMM would. In the
+ * first mode this program inherits the guest RAM and grant-table memfds and per queue
+ * the tx and rx event channels' kick/call eventfds; in the second it makes them itself
+ * (sealed memfds, eventfd pairs), hands them over with ADD_MEM_REGION, SET_GRANT_TABLE
+ * and ADD_DEVICE (the nic's config from --nic KEY=VALUE), connects the nic with
+ * FRONTEND_STATE Connected, and after the run reads the daemon's counters (GET_STATS),
+ * closes and removes the nic. Either way it maps the memfds, initialises the rings
+ * (SHARED_RING_INIT, FRONT_RING_INIT) and serves them with ring.h's macros, one thread
+ * per queue:
  *
  *   - tx (guest -> backend): a frame read from the guest tap lands, behind its
  *     virtio_net_hdr, straight in up to 17 guest pages; each page is granted read-only
@@ -27,26 +33,32 @@
  *     caller passes the same fds twice); kicks only when RING_PUSH_REQUESTS_AND_CHECK_
  *     NOTIFY says so, and responses are taken until a final check finds none.
  *
- * Protocol on stdio: after ring set-up print "ready"; wait for one line on stdin (sent once
- * the backend is connected) and start; run until a second line ("stop") or end of
- * input; print one line of JSON (frames, bytes, GSO frames, slots, errors, kicks, this
- * program's CPU seconds). Exit status 0, or 1 when a response was an error or malformed,
- * a grant was still in use after its response, or a ring's producer index made no
- * sense; 2 for bad arguments.
+ * Protocol on stdio: after ring set-up (with --socket: once the nic is connected) print
+ * "ready"; wait for one line on stdin (sent once the backend is connected) and start; run
+ * until a second line ("stop") or end of input; print one line of JSON (frames, bytes,
+ * GSO frames, slots, errors, kicks, this program's CPU seconds; with --socket also the
+ * daemon's counters for the nic and how many grants were still in use once it was
+ * closed). Exit status 0, or 1 when a response was an error or malformed, a grant was
+ * still in use after its response (or after the close), a ring's producer index made no
+ * sense, or a control request failed; 2 for bad arguments.
  */
 #include "frontend_common.h"
+
+#include "backendd-client.h"
 
 #include <errno.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include <xen/io/netif.h>
+#include <xen/io/protocols.h>
 
 #define TX_RING 256u                  /* __CONST_RING_SIZE(netif_tx, 4096) */
 #define RX_RING 256u                  /* __CONST_RING_SIZE(netif_rx, 4096) */
@@ -106,6 +118,22 @@ static struct {
     int stop_fd;
     struct queue q[MAX_QUEUES];
 } cfg;
+
+/* --socket: the control plane done here, through the client library. */
+#define FIRST_GREF 8 /* the entries below are Xen's reserved ones */
+#define FIRST_PORT 1
+static struct {
+    const char *socket;
+    struct bkd_kv nic;         /* ADD_DEVICE's config */
+    uint32_t devid;
+    bool split;
+    unsigned ntaps, nchannels;
+    int tap[MAX_QUEUES];
+    struct bkd_client *c;
+    struct bkd_channel ch[2 * MAX_QUEUES];
+    struct bkd_kv stats;       /* GET_STATS after the run */
+    uint64_t held_after_close;
+} ctl = { .split = true };
 
 #define fail(q, ...) note_failure((q)->failure, __VA_ARGS__)
 
@@ -512,7 +540,9 @@ static void *queue_main(void *arg)
 static const char usage[] =
     "usage: netfront_load --ram FD:SIZE --gnttab FD:FRAMES --grefs FIRST:COUNT\n"
     "         --frames FIRST:COUNT [--domid N]\n"
-    "         --queue TXRING:RXRING:TXKICK:TXCALL:RXKICK:RXCALL:TAPFD [--queue ...]";
+    "         --queue TXRING:RXRING:TXKICK:TXCALL:RXKICK:RXCALL:TAPFD [--queue ...]\n"
+    "   or: netfront_load --socket PATH --nic KEY=VALUE [--nic ...] --tap FD [--tap FD ...]\n"
+    "         [--split 0|1] [--devid N]";
 
 static void parse_args(int argc, char **argv)
 {
@@ -540,9 +570,37 @@ static void parse_args(int argc, char **argv)
             q->rx_kick = fds[2];
             q->rx_call = fds[3];
             q->tap_fd = fds[4];
+        } else if (!strcmp(opt, "--socket")) {
+            ctl.socket = v;
+        } else if (!strcmp(opt, "--nic")) {
+            const char *eq = strchr(v, '=');
+            char key[BKD_KV_MAX_KEY + 1];
+            if (!eq || eq == v || (size_t)(eq - v) > BKD_KV_MAX_KEY)
+                die_usage("--nic KEY=VALUE");
+            memcpy(key, v, (size_t)(eq - v));
+            key[eq - v] = 0;
+            if (bkd_kv_set(&ctl.nic, key, eq + 1))
+                die_usage("--nic KEY=VALUE: too long");
+        } else if (!strcmp(opt, "--tap")) {
+            if (ctl.ntaps == MAX_QUEUES)
+                die_usage("too many queues");
+            ctl.tap[ctl.ntaps++] = (int)parse_u64(v, "--tap");
+        } else if (!strcmp(opt, "--split")) {
+            ctl.split = parse_u64(v, "--split") != 0;
+        } else if (!strcmp(opt, "--devid")) {
+            ctl.devid = (uint32_t)parse_u64(v, "--devid");
         } else {
             die_usage(usage);
         }
+    }
+    if (ctl.socket) {
+        if (guest.ram_fd >= 0 || guest.gnttab_fd >= 0 || cfg.nqueues || guest.gref_count ||
+            guest.frame_count)
+            die_usage("--socket: the program sets up the guest and the rings");
+        if (!ctl.ntaps)
+            die_usage("--socket needs a --tap FD per queue");
+        cfg.nqueues = ctl.ntaps;
+        return;
     }
     if (guest.ram_fd < 0 || guest.gnttab_fd < 0 || !cfg.nqueues)
         die_usage(usage);
@@ -576,9 +634,183 @@ static void setup_queue(struct queue *q)
         q->tx_free[q->ntx_free++] = (uint16_t)(TX_RING - 1 - i);
 }
 
+/* --- --socket: the control plane through clients/c ----------------------------------- */
+
+/* A failed control request: the daemon's message too, then exit 1 (closing the
+ * connection makes the daemon drop this guest's device, grant table and memory). */
+static void ctl_check(int r, const char *what)
+{
+    if (r >= 0)
+        return;
+    fprintf(stderr, "netfront_load: %s: %s (%s)\n", what, strerror(-r),
+            ctl.c ? bkd_last_error(ctl.c) : "");
+    exit(1);
+}
+
+static void kv_setf(struct bkd_kv *kv, const char *key, uint64_t value)
+{
+    char v[24];
+    snprintf(v, sizeof(v), "%" PRIu64, value);
+    ctl_check(bkd_kv_set(kv, key, v), "key/value map");
+}
+
+/* Guest RAM holds queue q's tx and rx rings at frames 2q and 2q+1, then the data pages
+ * (TX_RING + RX_RING per queue); the grant table has the rings' refs from FIRST_GREF on,
+ * then the data pages' refs. Both memfds are handed to the daemon, then mapped here;
+ * then ADD_DEVICE with the --nic config, and an eventfd pair per event channel. */
+static void control_attach(void)
+{
+    uint32_t ring_pages = 2 * cfg.nqueues;
+    uint32_t data_pages = cfg.nqueues * (TX_RING + RX_RING);
+    uint64_t entries = FIRST_GREF + ring_pages + data_pages;
+    uint32_t gt_frames = (uint32_t)((entries + bkd_gnttab_entries_per_frame(1) - 1) /
+                                    bkd_gnttab_entries_per_frame(1));
+    guest.ram_size = (size_t)(ring_pages + data_pages) * PAGE;
+    guest.nr_entries = (size_t)gt_frames * bkd_gnttab_entries_per_frame(1);
+    guest.frame_first = ring_pages;
+    guest.frame_count = data_pages;
+    guest.gref_first = FIRST_GREF + ring_pages;
+    guest.gref_count = data_pages;
+
+    struct bkd_kv info = {0};
+    ctl_check(bkd_kv_set(&info, "name", program_name), "key/value map");
+    ctl_check(bkd_connect_info(ctl.socket, 0, &info, &ctl.c), "connect and HELLO");
+    bkd_kv_free(&info);
+    ctl_check(guest.ram_fd = bkd_memfd("guest-ram", guest.ram_size), "guest RAM memfd");
+    ctl_check(guest.gnttab_fd = bkd_memfd("guest-gnttab", (uint64_t)gt_frames * PAGE),
+              "grant table memfd");
+    ctl_check(bkd_add_mem_region(ctl.c, 0, guest.ram_size, guest.ram_fd, 0), "ADD_MEM_REGION");
+    ctl_check(bkd_set_grant_table(ctl.c, guest.gnttab_fd, 1, gt_frames, 0, guest.domid),
+              "SET_GRANT_TABLE");
+    map_guest(); /* and closes the memfds: the daemon has its own */
+
+    if (!bkd_kv_get(&ctl.nic, "queues"))
+        kv_setf(&ctl.nic, "queues", cfg.nqueues);
+    uint32_t state;
+    struct bkd_kv keys = {0};
+    ctl_check(bkd_add_device(ctl.c, ctl.devid, BKD_DEV_NET, &ctl.nic, &state, &keys),
+              "ADD_DEVICE");
+    uint64_t v;
+    if (ctl.split && (bkd_kv_get_u64(&keys, "feature-split-event-channels", &v) || v != 1)) {
+        fprintf(stderr, "netfront_load: the daemon does not offer split event channels\n");
+        exit(1);
+    }
+    if (bkd_kv_get_u64(&keys, "multi-queue-max-queues", &v))
+        v = 1;
+    if (v < cfg.nqueues) {
+        fprintf(stderr, "netfront_load: the daemon offers fewer than %u queues\n",
+                cfg.nqueues);
+        exit(1);
+    }
+    bkd_kv_free(&keys);
+    for (unsigned i = 0; i < cfg.nqueues; i++) {
+        struct queue *q = &cfg.q[i];
+        q->index = (int)i;
+        q->tx_ring_frame = 2 * i;
+        q->rx_ring_frame = 2 * i + 1;
+        q->tap_fd = ctl.tap[i];
+        struct bkd_channel *tx = &ctl.ch[ctl.nchannels], *rx = tx;
+        ctl_check(bkd_channel_open(tx, FIRST_PORT + ctl.nchannels, EFD_NONBLOCK), "eventfd");
+        ctl.nchannels++;
+        if (ctl.split) {
+            rx = &ctl.ch[ctl.nchannels];
+            ctl_check(bkd_channel_open(rx, FIRST_PORT + ctl.nchannels, EFD_NONBLOCK),
+                      "eventfd");
+            ctl.nchannels++;
+        }
+        q->tx_kick = tx->kick_fd;
+        q->tx_call = tx->call_fd;
+        q->rx_kick = rx->kick_fd;
+        q->rx_call = rx->call_fd;
+    }
+}
+
+/* Once the rings are initialised: grant their pages, FRONTEND_STATE Connected with the
+ * ring refs, the channels and the features Linux's netfront asks for. */
+static void control_connect(void)
+{
+    struct bkd_kv fkeys = {0};
+    static const char *const features[] = {
+        "request-rx-copy", "feature-rx-notify", "feature-sg", "feature-gso-tcpv4",
+        "feature-gso-tcpv6", "feature-ipv6-csum-offload"};
+    for (size_t i = 0; i < sizeof(features) / sizeof(features[0]); i++)
+        ctl_check(bkd_kv_set(&fkeys, features[i], "1"), "key/value map");
+    if (cfg.nqueues > 1)
+        kv_setf(&fkeys, "multi-queue-num-queues", cfg.nqueues);
+    for (unsigned i = 0; i < cfg.nqueues; i++) {
+        char prefix[24] = "", key[64];
+        if (cfg.nqueues > 1)
+            snprintf(prefix, sizeof(prefix), "queue-%u/", i);
+        grant_ref_t tx_gref = FIRST_GREF + 2 * i, rx_gref = tx_gref + 1;
+        grant_access(tx_gref, cfg.q[i].tx_ring_frame, false);
+        grant_access(rx_gref, cfg.q[i].rx_ring_frame, false);
+        snprintf(key, sizeof(key), "%stx-ring-ref", prefix);
+        kv_setf(&fkeys, key, tx_gref);
+        snprintf(key, sizeof(key), "%srx-ring-ref", prefix);
+        kv_setf(&fkeys, key, rx_gref);
+        if (ctl.split) {
+            snprintf(key, sizeof(key), "%sevent-channel-tx", prefix);
+            kv_setf(&fkeys, key, ctl.ch[2 * i].port);
+            snprintf(key, sizeof(key), "%sevent-channel-rx", prefix);
+            kv_setf(&fkeys, key, ctl.ch[2 * i + 1].port);
+        } else {
+            snprintf(key, sizeof(key), "%sevent-channel", prefix);
+            kv_setf(&fkeys, key, ctl.ch[i].port);
+        }
+    }
+    uint32_t state;
+    ctl_check(bkd_frontend_state(ctl.c, ctl.devid, BKD_XB_CONNECTED, &fkeys, ctl.ch,
+                                 ctl.nchannels, &state, NULL),
+              "FRONTEND_STATE Connected");
+    bkd_kv_free(&fkeys);
+    if (state != BKD_XB_CONNECTED) {
+        fprintf(stderr, "netfront_load: the backend did not connect (state %u)\n", state);
+        exit(1);
+    }
+}
+
+/* After the run: the daemon's counters (GET_STATS); close the device, which must then
+ * hold none of this guest's grants (GTF_reading/GTF_writing clear on every entry);
+ * remove it and disconnect. */
+static void control_detach(void)
+{
+    ctl_check(bkd_get_stats(ctl.c, ctl.devid, &ctl.stats), "GET_STATS");
+    ctl_check(bkd_frontend_state(ctl.c, ctl.devid, BKD_XB_CLOSED, NULL, NULL, 0, NULL, NULL),
+              "FRONTEND_STATE Closed");
+    for (size_t g = 0; g < guest.nr_entries; g++)
+        if (__atomic_load_n(&guest.gnttab[g].flags, __ATOMIC_ACQUIRE) &
+            (GTF_reading | GTF_writing))
+            ctl.held_after_close++;
+    ctl_check(bkd_remove_device(ctl.c, ctl.devid), "REMOVE_DEVICE");
+    ctl_check(bkd_remove_mem_region(ctl.c, 0, guest.ram_size), "REMOVE_MEM_REGION");
+    bkd_close(ctl.c);
+    ctl.c = NULL;
+    for (unsigned i = 0; i < ctl.nchannels; i++)
+        bkd_channel_close(&ctl.ch[i]);
+    bkd_kv_free(&ctl.nic);
+}
+
+/* A JSON string of `s` on stdout. */
+static void print_json_string(const char *s)
+{
+    putchar('"');
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\')
+            printf("\\%c", ch);
+        else if (ch < 0x20)
+            printf("\\u%04x", ch);
+        else
+            putchar(ch);
+    }
+    putchar('"');
+}
+
 int main(int argc, char **argv)
 {
     parse_args(argc, argv);
+    if (ctl.socket)
+        control_attach();
     for (unsigned i = 0; i < cfg.nqueues; i++)
         setup_queue(&cfg.q[i]);
     cfg.stop_fd = eventfd(0, EFD_CLOEXEC);
@@ -586,6 +818,8 @@ int main(int argc, char **argv)
         perror("netfront_load: eventfd");
         return 1;
     }
+    if (ctl.socket)
+        control_connect();
     if (!ready_then_wait_for_go())
         return 2;
 
@@ -618,6 +852,15 @@ int main(int argc, char **argv)
         if (!failure[0] && q->failure[0])
             failure = q->failure;
     }
+    char held_why[FAILURE_LEN];
+    if (ctl.socket) {
+        control_detach();
+        if (ctl.held_after_close && !failure[0]) {
+            snprintf(held_why, sizeof(held_why), "%" PRIu64 " grants still in use after "
+                     "the device was closed", ctl.held_after_close);
+            failure = held_why;
+        }
+    }
     printf("{\"queues\": %u, \"cpu_seconds\": %.6f, "
            "\"tx_frames\": %" PRIu64 ", \"tx_bytes\": %" PRIu64 ", \"tx_gso\": %" PRIu64 ", "
            "\"tx_slots\": %" PRIu64 ", \"tx_errors\": %" PRIu64 ", \"tx_too_big\": %" PRIu64 ", "
@@ -633,8 +876,19 @@ int main(int argc, char **argv)
            failure);
     for (unsigned i = 0; i < cfg.nqueues; i++)
         printf("%s%" PRIu64, i ? ", " : "", cfg.q[i].tx_frames + cfg.q[i].rx_frames);
-    printf("]}\n");
+    printf("], \"held_after_close\": %" PRIu64 ", \"daemon\": {", ctl.held_after_close);
+    for (size_t i = 0; i < ctl.stats.count; i++) {
+        printf("%s", i ? ", " : "");
+        print_json_string(ctl.stats.pairs[i].key);
+        printf(": ");
+        print_json_string(ctl.stats.pairs[i].value);
+    }
+    printf("}}\n");
     fflush(stdout);
-    bool ok = !t.tx_errors && !t.rx_errors && !t.refused && !t.bad_responses && !failure[0];
+    bkd_kv_free(&ctl.stats);
+    for (unsigned i = 0; ctl.socket && i < cfg.nqueues; i++)
+        close(cfg.q[i].tap_fd);
+    bool ok = !t.tx_errors && !t.rx_errors && !t.refused && !t.bad_responses &&
+              !ctl.held_after_close && !failure[0];
     return ok ? 0 : 1;
 }
