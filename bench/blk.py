@@ -6,8 +6,10 @@ measured in this one run.
     python -m bench.blk [--seconds S]
 
 The frontend is C so that the figures are the daemon's: the Python simulated guest costs
-more per request than the daemon does. Daemon CPU per I/O is the daemon process's
-utime + stime over the run divided by the I/Os answered; the frontend's is the load
+more per request than the daemon does. It pairs with the daemon as a C VMM would, through
+the C client library (clients/c, blkfront_load --socket). Daemon CPU per I/O is the daemon process's
+utime + stime over the run (from the generator's "ready" once the disk is connected to
+its "done" before it closes it) divided by the I/Os answered; the frontend's is the load
 generator's own, so that one can see it is not the limit. QD is per queue. fio is required:
 without it there is no baseline, and the bench stops.
 """
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from backendd.demo import start_daemon
 
-from .blkload import Load, LoadFailed, LoadResult, pingpong, run_load
+from .blkload import Load, LoadFailed, LoadResult, pingpong, run_load_socket, socket_result
 from .native import build
 from .report import table
 
@@ -106,8 +108,12 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
     try:
         pp = await pingpong()
 
+        async def one(load: Load, measure_cpu: bool = True, **kw) -> LoadResult:
+            return socket_result(load, await run_load_socket(
+                path, image, load, daemon_pid=proc.pid if measure_cpu else None, **kw))
+
         async def run(key: str, load: Load) -> LoadResult:
-            result = await run_load(path, image, load, daemon_pid=proc.pid)
+            result = await one(load)
             if result.held_after_close:
                 raise LoadFailed(f"{len(result.held_after_close)} grants still in use after "
                                  "the device was closed")
@@ -128,9 +134,9 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
         # whose reads the page cache serves: the cached one should barely notice.
         cached_load = Load(bs=4096, qd=32, seconds=seconds)
         beside, direct = await asyncio.gather(
-            run_load(path, image, cached_load, daemon_pid=proc.pid),
-            run_load(path, image, Load(bs=4096, qd=32, seconds=seconds, seed=9),
-                     device_config={"direct-io": "1"}))
+            one(cached_load),
+            one(Load(bs=4096, qd=32, seconds=seconds, seed=9), measure_cpu=False,
+                device_config={"direct-io": "1"}))
         results["beside-direct"] = beside
         rows.append(_row(cached_load, beside)._replace_what(
             "backendd 4 KiB randread QD32 x1q beside an O_DIRECT guest"))

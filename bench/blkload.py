@@ -227,11 +227,13 @@ async def run_load(socket_path: str, image: str, load: Load, *,
 async def run_load_socket(socket_path: str, image: str, load: Load, *,
                           binary: Path | None = None,
                           device_config: dict[str, str] | None = None,
-                          inflight: bool = False) -> dict:
+                          inflight: bool = False, daemon_pid: int | None = None) -> dict:
     """One run of the load generator doing its own control plane (--socket): it connects
     to the daemon through the C client library (clients/c), hands over its guest memory,
     grant table and eventfds, connects the disk, runs, and closes and removes it. Returns
-    its JSON line; LoadFailed when it fails."""
+    its JSON line; LoadFailed when it fails. With daemon_pid, the daemon's CPU seconds
+    over the run alone (from its "ready" once connected to its "done" before the close,
+    --markers) are added as "daemon_cpu_seconds"."""
     binary = binary or build("blkfront_load")
     args = [str(binary), "--socket", socket_path, "--disk", f"path={image}",
             *(a for k, v in (device_config or {}).items() for a in ("--disk", f"{k}={v}")),
@@ -244,10 +246,32 @@ async def run_load_socket(socket_path: str, image: str, load: Load, *,
         args.append("--verify")
     if inflight:
         args.append("--inflight")
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
+    cpu: float | None = None
+    if daemon_pid is None:
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+    else:
+        proc, why = await start_ready([*args, "--markers"], [])
+        if why or proc.returncode is not None:
+            raise LoadFailed(f"blkfront_load did not connect: {why}")
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            cpu0 = daemon_cpu(daemon_pid)
+            proc.stdin.write(b"go\n")
+            await proc.stdin.drain()
+            done = await proc.stdout.readline()
+            cpu1 = daemon_cpu(daemon_pid)
+            if done.strip() == b"done" and cpu0 is not None and cpu1 is not None:
+                cpu = cpu1 - cpu0
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                proc.stdin.write(b"close\n")
+            out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
     try:
         raw = json.loads(out.decode().splitlines()[-1])
     except (IndexError, ValueError):
@@ -256,7 +280,17 @@ async def run_load_socket(socket_path: str, image: str, load: Load, *,
     if proc.returncode != 0:
         raise LoadFailed(f"blkfront_load: {raw.get('failure') or 'failed'} ({raw}); "
                          f"{err.decode()}")
+    if cpu is not None:
+        raw["daemon_cpu_seconds"] = cpu
     return raw
+
+
+def socket_result(load: Load, raw: dict) -> LoadResult:
+    """A LoadResult from run_load_socket's JSON line (with daemon_pid)."""
+    return LoadResult(load, bool(raw["persistent"]), raw["offered_persistent"] == 1,
+                      raw["ios"], raw["bytes"], raw["seconds"], raw["lat_ns"],
+                      raw.get("daemon_cpu_seconds"), raw["sectors"], (0, 0),
+                      [-1] * raw["held_after_close"], raw)
 
 
 async def pingpong(rounds: int = 20000) -> dict[str, int]:
@@ -278,4 +312,4 @@ def pattern_bytes(offset: int, length: int, seed: int) -> bytes:
 
 
 __all__ = ["Load", "LoadFailed", "LoadResult", "daemon_cpu", "pattern_bytes", "pingpong",
-           "run_load", "run_load_socket"]
+           "run_load", "run_load_socket", "socket_result"]

@@ -6,6 +6,7 @@ and run the same way, so the benchmark's frontend cannot rot."""
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from bench.blkload import (
     pingpong,
     run_load,
     run_load_socket,
+    socket_result,
 )
 from bench.native import build
 
@@ -126,6 +128,19 @@ async def test_socket_mode_does_its_own_control_plane(daemon, image):
     raw = await check_socket(daemon, image, Load(bs=8192, qd=40, count=50, verify=True,
                                                  persistent=True, seed=23), inflight=True)
     assert raw["persistent"] == raw["offered_persistent"] == 1
+
+
+async def test_socket_mode_markers_bracket_the_run(daemon, image):
+    """With daemon_pid (--markers) the program says "ready" once connected and "done"
+    before it closes the disk; the daemon's CPU time between the two comes back. The
+    daemon here runs in this process, so its CPU time is this process's."""
+    load = Load(bs=4096, qd=32, count=2000, verify=True, seed=24)
+    raw = await check_socket(daemon, image, load, daemon_pid=os.getpid())
+    # It served the 4000 I/Os in between: far more than /proc's 10 ms tick of CPU time.
+    assert raw["daemon_cpu_seconds"] > 0
+    result = socket_result(load, raw)
+    assert result.ios == 4000 and result.held_after_close == []
+    assert result.cpu_us_per_io > 0
 
 
 async def test_socket_mode_reports_a_failed_request(daemon, image):

@@ -29,9 +29,12 @@
  * Protocol on stdio: after mapping, ring set-up and granting, print "ready"; wait for one
  * line on stdin (sent once the backend is connected); run; print one line of JSON (I/Os,
  * bytes, seconds, this program's own CPU seconds, latency percentiles, counters). With
- * --socket there is no "ready"/go: it runs as soon as the device is connected, and the
- * JSON also gives the disk's sectors, whether the backend offered feature-persistent and
- * how many grants were still in use once the device was closed. Exit status 0, or 1 when
+ * --socket there is no "ready"/go: it runs as soon as the device is connected (with
+ * --markers it says "ready" once the device is connected and waits for a line, and after
+ * the run says "done" and waits for another before it closes the device, so that the
+ * caller can measure the daemon's CPU time over the run alone), and the JSON also gives
+ * the disk's sectors, whether the backend offered feature-persistent and how many grants
+ * were still in use once the device was closed. Exit status 0, or 1 when
  * any request failed, a response was malformed, a grant was still in use after its
  * response (or after the close), a verified read did not match, the ring stalled, or a
  * control request failed; 2 for bad arguments.
@@ -122,7 +125,7 @@ static struct {
     struct bkd_kv disk;        /* ADD_DEVICE's config */
     uint32_t devid;
     unsigned nqueues, order;
-    bool inflight, want_persistent, offered_persistent;
+    bool inflight, want_persistent, offered_persistent, markers;
     struct bkd_client *c;
     struct bkd_channel ch[MAX_QUEUES];
     uint64_t held_after_close;
@@ -433,7 +436,7 @@ static const char usage[] =
     "         [--pattern rand|seq] [--seconds S | --count N] [--persistent 0|1]\n"
     "         [--verify] [--seed N] [--domid N] [--handle N]\n"
     "   or: blkfront_load --socket PATH --disk path=IMAGE [--disk KEY=VALUE ...]\n"
-    "         [--queues N] [--devid N] [--inflight] [--qd N] [--bs BYTES] ... (as above)";
+    "         [--queues N] [--devid N] [--inflight] [--markers] [--qd N] [--bs BYTES] ... (as above)";
 
 static void check_backend(void);
 
@@ -447,6 +450,10 @@ static void parse_args(int argc, char **argv)
         }
         if (!strcmp(opt, "--inflight")) {
             ctl.inflight = true;
+            continue;
+        }
+        if (!strcmp(opt, "--markers")) {
+            ctl.markers = true;
             continue;
         }
         if (i + 1 >= argc)
@@ -522,6 +529,8 @@ static void parse_args(int argc, char **argv)
         if (!bkd_kv_get(&ctl.disk, "path"))
             die_usage("--socket needs --disk path=IMAGE");
         cfg.nqueues = ctl.nqueues ? ctl.nqueues : 1;
+    } else if (ctl.markers) {
+        die_usage("--markers is for --socket");
     } else if (guest.ram_fd < 0 || guest.gnttab_fd < 0 || !cfg.nqueues || !cfg.sectors ||
                !guest.gref_count || !guest.frame_count) {
         die_usage(usage);
@@ -677,7 +686,9 @@ static void control_attach(void)
     guest.gref_count = (uint32_t)data_pages;
 
     struct bkd_kv info = {0};
-    ctl_check(bkd_kv_set(&info, "name", program_name), "key/value map");
+    char name[64]; /* a guest's name is unique among the daemon's connections */
+    snprintf(name, sizeof(name), "%s-%d", program_name, (int)getpid());
+    ctl_check(bkd_kv_set(&info, "name", name), "key/value map");
     ctl_check(bkd_connect_info(ctl.socket, 0, &info, &ctl.c), "connect and HELLO");
     bkd_kv_free(&info);
     ctl_check(guest.ram_fd = bkd_memfd("guest-ram", guest.ram_size), "guest RAM memfd");
@@ -786,7 +797,7 @@ int main(int argc, char **argv)
         setup_queue(&cfg.q[i]);
     if (ctl.socket)
         control_connect();
-    else if (!ready_then_wait_for_go())
+    if ((!ctl.socket || ctl.markers) && !ready_then_wait_for_go())
         return 2;
 
     struct rusage ru0;
@@ -805,6 +816,13 @@ int main(int argc, char **argv)
     }
 
     double cpu = cpu_seconds_since(&ru0);
+    if (ctl.markers) { /* the run is over; the device is closed once the caller says so */
+        char line[16];
+        printf("done\n");
+        fflush(stdout);
+        if (!fgets(line, sizeof(line), stdin))
+            return 2;
+    }
     uint64_t ios = 0, bytes = 0, errors = 0, bad = 0, refused = 0, mismatches = 0, kicks = 0,
              waits = 0, nlat = 0;
     const char *failure = "";

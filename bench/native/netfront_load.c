@@ -673,7 +673,9 @@ static void control_attach(void)
     guest.gref_count = data_pages;
 
     struct bkd_kv info = {0};
-    ctl_check(bkd_kv_set(&info, "name", program_name), "key/value map");
+    char name[64]; /* a guest's name is unique among the daemon's connections */
+    snprintf(name, sizeof(name), "%s-%d", program_name, (int)getpid());
+    ctl_check(bkd_kv_set(&info, "name", name), "key/value map");
     ctl_check(bkd_connect_info(ctl.socket, 0, &info, &ctl.c), "connect and HELLO");
     bkd_kv_free(&info);
     ctl_check(guest.ram_fd = bkd_memfd("guest-ram", guest.ram_size), "guest RAM memfd");
