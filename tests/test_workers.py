@@ -670,3 +670,68 @@ async def test_a_worker_at_its_open_file_limit_fails_only_its_own_guests_request
         assert not [d for d in done if isinstance(d, BaseException)], done
         log = daemon.log()
         assert "worker_crashed" not in log and "worker_failed" not in log
+
+
+async def wait_taken(guest: Guest, count: int) -> None:
+    assert guest.client is not None
+    for _ in range(int(GUARD * 100)):
+        if int((await guest.client.stats(DEVID))[f"{DEVID}.requests"]) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the daemon never took {count} requests")
+
+
+async def test_sigterm_drains_every_workers_requests_in_flight(tmp_path, freezable_dir):
+    """Two guests' writes are taken by their workers and held in flight by a frozen
+    filesystem when the supervisor gets SIGTERM. Each worker drains its guest as the single
+    process does (protocol.md, "Stopping: SIGTERM and SIGINT"): once the filesystem thaws
+    every taken write is answered, by a worker that then exits, and the daemon exits 0.
+    Nothing answers after the daemon is gone, so a write still unanswered then was lost."""
+    mnt = freezable_dir
+    writes = 6
+    daemon = Daemon(tmp_path)
+    await daemon.start()
+    a, b = Guest(mnt, "a"), Guest(mnt, "b")
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for guest in (a, b):
+            await guest.connect(daemon.sock)
+            guest.conn = await daemon.newest_guest()
+        pids = [await daemon.worker_pid(g.conn) for g in (a, b)]
+        subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
+        data = {g.conn: [bytes([g.conn, i + 1]) * 2048 for i in range(writes)]
+                for g in (a, b)}
+        for g in (a, b):
+            assert g.front is not None
+            tasks += [asyncio.create_task(g.front.write(i * 64, data[g.conn][i]))
+                      for i in range(writes)]
+        for g in (a, b):
+            await wait_taken(g, writes)  # all taken, their I/O stuck
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
+        for g in (a, b):
+            await daemon.wait_log(f"event=worker_stopping conn={g.conn} ")
+        assert not any(t.done() for t in tasks)  # still in flight while draining
+        subprocess.run(["fsfreeze", "-u", str(mnt)], check=True)
+        assert await asyncio.wait_for(daemon.proc.wait(), 2 * GUARD) == 0
+        # The daemon is gone: every write was answered before its worker exited.
+        await asyncio.wait_for(asyncio.gather(*tasks), GUARD)
+        for g in (a, b):
+            assert g.front is not None
+            assert g.front.stray_responses == []
+            assert all(not q.waiters for q in g.front.queues)
+            image = g.image.read_bytes()
+            for i in range(writes):
+                assert image[i * 64 * 512:i * 64 * 512 + 4096] == data[g.conn][i]
+        log = daemon.log()
+        for g, pid in zip((a, b), pids, strict=True):
+            assert f"event=worker_exited conn={g.conn} worker_pid={pid}" in log
+        for bad in ("worker_crashed", "worker_failed", "worker_stop_timeout"):
+            assert bad not in log
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
+        for t in tasks:
+            t.cancel()
+        await a.close()
+        await b.close()
+        await daemon.stop()
