@@ -2,10 +2,11 @@
 
 The daemon runs as its own process (`python -m backendd serve`), so its CPU time is
 measured alone. The guest is the C netfront (bench/native/netfront_load.c, wired by
-bench/netload.py): it bridges the netif rings to a tap in a "guest" namespace, so the
-kernel's stack is on both ends: iperf3 in the guest namespace talks to iperf3 in the
-"host" namespace, where the daemon's tap is. The baseline is the same iperf3 runs over a
-veth pair between two namespaces.
+bench/netload.py): it pairs with the daemon as a C VMM would, through the C client
+library (clients/c, --socket), and bridges the netif rings to a tap in a "guest"
+namespace, so the kernel's stack is on both ends: iperf3 in the guest namespace talks to
+iperf3 in the "host" namespace, where the daemon's tap is. The baseline is the same iperf3
+runs over a veth pair between two namespaces.
 
 Measured: TCP for a few seconds each way: one flow, and FLOWS flows with one and with
 two queues; UDP with 64-byte payloads each way (`-b 0`, received packets per
@@ -238,7 +239,7 @@ async def _daemon(nss: Namespaces, queues: int, f: Figures, dataplane: str | Non
     tap, gtap = f"{nss.tag}h", f"{nss.tag}g"
     async with _daemon_process() as (sock, pid), \
             netfront(sock, host_ns=host, guest_ns=guest, host_tap=tap, guest_tap=gtap,
-                     queues=queues,
+                     queues=queues, socket=True,
                      config={"dataplane": dataplane} if dataplane else None) as bridge:
         await _run("ip", "addr", "add", f"{HOST_IP}/24", "dev", tap, ns=host)
         await _run("ip", "addr", "add", f"{GUEST_IP}/24", "dev", gtap, ns=guest)
@@ -264,7 +265,7 @@ async def _rate_limited(nss: Namespaces) -> float:
     tap, gtap = f"{nss.tag}h", f"{nss.tag}g"
     async with _daemon_process() as (sock, _pid), \
             netfront(sock, host_ns=host, guest_ns=guest, host_tap=tap, guest_tap=gtap,
-                     config={"rate": f"{RATE_BYTES},{RATE_USEC}"}):
+                     socket=True, config={"rate": f"{RATE_BYTES},{RATE_USEC}"}):
         await _run("ip", "addr", "add", f"{HOST_IP}/24", "dev", tap, ns=host)
         await _run("ip", "addr", "add", f"{GUEST_IP}/24", "dev", gtap, ns=guest)
         result = await _iperf(host, guest, HOST_IP, "-t", str(TCP_SECONDS))

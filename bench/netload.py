@@ -96,11 +96,18 @@ class NetRun:
     result: NetResult | None = None
 
     async def stats(self) -> dict[str, int]:
-        """The daemon's counters for the nic, summed over its queues (not with
-        socket=True: NetResult.daemon_stats has them then)."""
-        if self.client is None:
-            raise RuntimeError("the program holds the connection: see daemon_stats")
-        return sum_counters(await self.client.stats(DEVID))
+        """The daemon's counters for the nic, summed over its queues (with socket=True
+        the program asks for them, GET_STATS, when told "stats")."""
+        if self.client is not None:
+            return sum_counters(await self.client.stats(DEVID))
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(b"stats\n")
+        await self.proc.stdin.drain()
+        line = await self.proc.stdout.readline()
+        try:
+            return sum_counters(json.loads(line)["daemon"])
+        except (ValueError, KeyError):
+            raise NetLoadFailed(f"netfront_load did not answer stats: {line!r}") from None
 
     async def finish(self) -> NetResult:
         """Stop the bridge, close the device; raise NetLoadFailed if the netfront saw

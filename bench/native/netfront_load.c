@@ -35,7 +35,9 @@
  *
  * Protocol on stdio: after ring set-up (with --socket: once the nic is connected) print
  * "ready"; wait for one line on stdin (sent once the backend is connected) and start; run
- * until a second line ("stop") or end of input; print one line of JSON (frames, bytes,
+ * until a line "stop" or end of input (with --socket, a line "stats" meanwhile is answered
+ * with one line of JSON, {"daemon": {the nic's counters}}, from GET_STATS); print one
+ * line of JSON (frames, bytes,
  * GSO frames, slots, errors, kicks, this program's CPU seconds; with --socket also the
  * daemon's counters for the nic and how many grants were still in use once it was
  * closed). Exit status 0, or 1 when a response was an error or malformed, a grant was
@@ -792,6 +794,32 @@ static void control_detach(void)
     bkd_kv_free(&ctl.nic);
 }
 
+static void print_json_string(const char *s);
+
+/* "stats" on stdin during the run (--socket): one JSON line {"daemon": {counters}}. */
+static void print_daemon_counters(const struct bkd_kv *kv)
+{
+    printf("{");
+    for (size_t i = 0; i < kv->count; i++) {
+        printf("%s", i ? ", " : "");
+        print_json_string(kv->pairs[i].key);
+        printf(": ");
+        print_json_string(kv->pairs[i].value);
+    }
+    printf("}");
+}
+
+static void stats_line(void)
+{
+    struct bkd_kv kv = {0};
+    ctl_check(bkd_get_stats(ctl.c, ctl.devid, &kv), "GET_STATS");
+    printf("{\"daemon\": ");
+    print_daemon_counters(&kv);
+    printf("}\n");
+    fflush(stdout);
+    bkd_kv_free(&kv);
+}
+
 /* A JSON string of `s` on stdout. */
 static void print_json_string(const char *s)
 {
@@ -833,7 +861,8 @@ int main(int argc, char **argv)
             die_usage("pthread_create failed");
     char line[16];
     while (fgets(line, sizeof(line), stdin) && strncmp(line, "stop", 4))
-        ;
+        if (ctl.socket && !strncmp(line, "stats", 5))
+            stats_line();
     if (!eventfd_kick(cfg.stop_fd))
         perror("netfront_load: stop eventfd");
     for (unsigned i = 0; i < cfg.nqueues; i++)
@@ -878,14 +907,9 @@ int main(int argc, char **argv)
            failure);
     for (unsigned i = 0; i < cfg.nqueues; i++)
         printf("%s%" PRIu64, i ? ", " : "", cfg.q[i].tx_frames + cfg.q[i].rx_frames);
-    printf("], \"held_after_close\": %" PRIu64 ", \"daemon\": {", ctl.held_after_close);
-    for (size_t i = 0; i < ctl.stats.count; i++) {
-        printf("%s", i ? ", " : "");
-        print_json_string(ctl.stats.pairs[i].key);
-        printf(": ");
-        print_json_string(ctl.stats.pairs[i].value);
-    }
-    printf("}}\n");
+    printf("], \"held_after_close\": %" PRIu64 ", \"daemon\": ", ctl.held_after_close);
+    print_daemon_counters(&ctl.stats);
+    printf("}\n");
     fflush(stdout);
     bkd_kv_free(&ctl.stats);
     for (unsigned i = 0; ctl.socket && i < cfg.nqueues; i++)
