@@ -47,6 +47,7 @@ class NetRound:
         self.scheduled = False
         self.shared = 0  # kernel calls that served two or more wake-ups
         self.helped = 0  # wake-ups served on a helper thread
+        self.apart = 0  # calls that served two queues (by name) on two threads
 
     def add(self, path: CompiledTxPath | CompiledRxPath) -> None:
         if path._in_round:
@@ -79,6 +80,9 @@ class NetRound:
         if n > 1:
             self.shared += 1
             self.helped += helped
+            if helped and len({p.name for p in ready}) > 1 \
+                    and len({w.thread for w in works}) > 1:
+                self.apart += 1
         for w, path in zip(works, ready, strict=True):
             path.served_on.add(w.thread)
             try:
