@@ -64,8 +64,12 @@ class NetRound:
         ready = []
         for path in due:
             path._in_round = False
-            if path._prepare():
-                ready.append(path)
+        for path in due:
+            try:
+                if path._prepare():
+                    ready.append(path)
+            except Exception:  # one path's bug must not leave the others unserved
+                log.exception("%s: before the kernel call", path.name)
         if not ready:
             return
         n = len(ready)
