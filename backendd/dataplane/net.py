@@ -6,11 +6,22 @@ arms the credit timer or the writer, and signals the event channel once.
 
 A multicast control packet is left on the ring by the kernel: Python answers that one
 packet with the reference code (the vif's list is Python's) and calls in again.
+
+The wake-ups due in one loop turn (every kicked tx ring and readable rx tap queue of
+every nic on the loop) go to one kernel call, `nk_serve_many` (NetRound): with two or
+more, the kernel serves them on helper threads in parallel while the loop waits with the
+GIL released, so the queues of a multi-queue nic use the cores. Each wake-up touches
+only its own queue's state; what the queues share (the vif's counters and multicast
+list, the grant table, the regions) is read before the call and written after it, by
+Python.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import logging
+import weakref
 
 from backendd.devices.net.ratelimit import CreditScheduler
 from backendd.devices.net.rx import BUDGET as RX_BUDGET
@@ -22,6 +33,77 @@ from backendd.grants import GrantTable
 from rings.ring import BackRing
 
 from . import netkernel as nk
+
+log = logging.getLogger(__name__)
+
+
+class NetRound:
+    """The compiled tx and rx wake-ups due in one loop turn, served by one kernel call."""
+
+    def __init__(self, kernel: nk.NetKernel, loop: asyncio.AbstractEventLoop) -> None:
+        self.k = kernel
+        self.loop = loop
+        self.due: list[CompiledTxPath | CompiledRxPath] = []
+        self.scheduled = False
+        self.shared = 0  # kernel calls that served two or more wake-ups
+        self.helped = 0  # wake-ups served on a helper thread
+        self.apart = 0  # calls that served two queues (by name) on two threads
+
+    def add(self, path: CompiledTxPath | CompiledRxPath) -> None:
+        if path._in_round:
+            return
+        path._in_round = True
+        self.due.append(path)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.run)
+
+    def run(self) -> None:
+        self.scheduled = False
+        due, self.due = self.due, []
+        ready = []
+        for path in due:
+            path._in_round = False
+        for path in due:
+            try:
+                if path._prepare():
+                    ready.append(path)
+            except Exception:  # one path's bug must not leave the others unserved
+                log.exception("%s: before the kernel call", path.name)
+        if not ready:
+            return
+        n = len(ready)
+        works = (nk.Work * n)()
+        for w, path in zip(works, ready, strict=True):
+            path._work(w)
+        try:
+            helped = self.k.serve_many(works, n)
+        finally:
+            for path in ready:
+                path._released()
+        if n > 1:
+            self.shared += 1
+            self.helped += helped
+            if helped and len({p.name for p in ready}) > 1 \
+                    and len({w.thread for w in works}) > 1:
+                self.apart += 1
+        for w, path in zip(works, ready, strict=True):
+            path.served_on.add(w.thread)
+            try:
+                path._finish()
+            except Exception:  # one path's bug must not leave the others unanswered
+                log.exception("%s: after the kernel call", path.name)
+
+
+_rounds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, NetRound] = \
+    weakref.WeakKeyDictionary()
+
+
+def net_round(kernel: nk.NetKernel, loop: asyncio.AbstractEventLoop) -> NetRound:
+    r = _rounds.get(loop)
+    if r is None or r.k is not kernel:
+        r = _rounds[loop] = NetRound(kernel, loop)
+    return r
 
 
 class CompiledTxPath(TxPath):
@@ -37,23 +119,53 @@ class CompiledTxPath(TxPath):
         self.q.r.page = nk.ctypes.addressof(self._ring_anchor)
         self.q.fd = fd
         self.out = nk.TxOut()
+        self.round = net_round(kernel, loop)
+        self._in_round = False
+        self.served_on: set[int] = set()  # thread ids that served its wake-ups
 
     def stop(self) -> None:
         super().stop()
         self._ring_anchor = None  # the ring mapping may go now
 
+    def kick(self) -> None:
+        if not self._scheduled and not self.stopped:
+            self._scheduled = True
+            self.round.add(self)
+
     def _run(self) -> None:
+        """One wake-up on its own (the round serves them together)."""
+        if self._prepare():
+            self._call_prepared()
+
+    def _prepare(self) -> bool:
+        """A wake-up is due: False if it has nothing to do, else the queue is loaded."""
         self._scheduled = False
         if self.stopped or self.vif.halted or self._waiting_writable:
-            return
+            return False
         credit = self.credit
         if credit is not None and credit.waiting:
-            return
-        budget = BUDGET  # packets per wake-up, shared with multicast packets
-        while True:
-            flags, budget = self._call(budget)
-            if not flags & nk.MCAST:
-                break
+            return False
+        self._before(BUDGET)  # packets per wake-up, shared with multicast packets
+        return True
+
+    def _work(self, w: nk.Work) -> None:
+        w.kind = nk.WORK_TX
+        w.q, w.env, w.out = (ctypes.addressof(self.q), ctypes.addressof(self.native.env),
+                             ctypes.addressof(self.out))
+
+    def _released(self) -> None:
+        self.native.release()
+
+    def _call_prepared(self) -> None:
+        try:
+            self.kernel.tx(self.q, self.native.env, self.out)
+        finally:
+            self.native.release()
+        self._finish()
+
+    def _finish(self) -> None:
+        flags, budget = self._after()
+        while flags & nk.MCAST:
             # The multicast packet at req_cons, answered by the reference code, then
             # the kernel again: it publishes the responses of the whole wake-up.
             try:
@@ -68,12 +180,21 @@ class CompiledTxPath(TxPath):
                     self.notify()
                 flags = nk.MORE
                 break
+            flags, budget = self._call(budget)
         if flags & nk.MORE:
             self.kick()
 
     def _call(self, budget: int) -> tuple[int, int]:
-        """One kernel call; its flags and the budget left."""
-        ring, q, out, credit = self.ring, self.q, self.out, self.credit
+        """One kernel call of its own; its flags and the budget left."""
+        self._before(budget)
+        try:
+            self.kernel.tx(self.q, self.native.env, self.out)
+        finally:
+            self.native.release()
+        return self._after()
+
+    def _before(self, budget: int) -> None:
+        ring, q, credit = self.ring, self.q, self.credit
         q.r.load(ring)
         q.budget = budget
         if credit is not None:
@@ -82,10 +203,10 @@ class CompiledTxPath(TxPath):
             q.charged_valid = self._charged is not None
             q.charged_cons = self._charged or 0
         self.native.refresh()
-        try:
-            self.kernel.tx(q, self.native.env, out)
-        finally:
-            self.native.release()
+
+    def _after(self) -> tuple[int, int]:
+        """What the call did, applied: its flags and the budget left."""
+        ring, q, out, credit = self.ring, self.q, self.out, self.credit
         q.r.store(ring)
         flags = out.flags
         counters = self.vif.counters
@@ -145,6 +266,9 @@ class CompiledRxPath(RxPath):
         q.gso_tcpv4, q.gso_tcpv6, q.mcast_control = (f.gso_tcpv4, f.gso_tcpv6,
                                                      f.multicast_control)
         self.out = nk.RxOut()
+        self.round = net_round(kernel, loop)
+        self._in_round = False
+        self.served_on: set[int] = set()  # thread ids that served its wake-ups
 
     @property
     def posted_count(self) -> int:
@@ -162,9 +286,13 @@ class CompiledRxPath(RxPath):
         self._ring_anchor = None  # the ring mapping may go now
 
     def _readable(self) -> None:
+        self.round.add(self)
+
+    def _prepare(self) -> bool:
+        """A wake-up is due: False if it has nothing to do, else the queue is loaded."""
         if self.stopped or self.vif.halted or not self._reading:
-            return
-        ring, q, out, vif = self.ring, self.q, self.out, self.vif
+            return False
+        ring, q, vif = self.ring, self.q, self.vif
         q.r.load(ring)
         if q.mcast_control:
             addrs = list(vif.mcast)[:nk.MCAST_MAX]
@@ -172,14 +300,22 @@ class CompiledRxPath(RxPath):
             for k, a in enumerate(addrs):
                 q.mcast[k][:] = list(a)
         self.native.refresh()
-        try:
-            self.kernel.rx(q, self.native.env, RX_BUDGET, out)
-        finally:
-            # Posted buffers are host pointers into guest RAM: while any is posted, the
-            # regions stay exported, so the VMM cannot unmap them (EBUSY), as a Python
-            # GrantMapping's view keeps them.
-            if not q.count:
-                self.native.release()
+        return True
+
+    def _work(self, w: nk.Work) -> None:
+        w.kind, w.budget = nk.WORK_RX, RX_BUDGET
+        w.q, w.env, w.out = (ctypes.addressof(self.q), ctypes.addressof(self.native.env),
+                             ctypes.addressof(self.out))
+
+    def _released(self) -> None:
+        # Posted buffers are host pointers into guest RAM: while any is posted, the
+        # regions stay exported, so the VMM cannot unmap them (EBUSY), as a Python
+        # GrantMapping's view keeps them.
+        if not self.q.count:
+            self.native.release()
+
+    def _finish(self) -> None:
+        ring, q, out, vif = self.ring, self.q, self.out, self.vif
         q.r.store(ring)
         counters = vif.counters
         for name in nk.RX_COUNTERS:

@@ -24,9 +24,11 @@
 #define _GNU_SOURCE
 #define __XEN_INTERFACE_VERSION__ 0x00040e00
 #include <errno.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -109,6 +111,51 @@ struct nk_tx_out {
 };
 
 /* ---- the ring --------------------------------------------------------------------- */
+
+/* ---- grants: core.h's pin and unpin, one queue at a time per gref ----------------- */
+
+/* The queues of one nic are served in parallel (nk_serve_many) and may name the same
+ * gref: the compare-and-swap on the shared entry and our use count must move together,
+ * and "the last use clears the bit" must not interleave with a new pin. One small
+ * spinlock per gref stripe, held around core.h's pin and unpin. */
+#define NK_LOCK_STRIPES 1024
+static uint32_t gnt_locks[NK_LOCK_STRIPES];
+
+static inline uint32_t *gnt_lock_of(const struct dp_env *env, uint32_t gref)
+{
+    uintptr_t h = (uintptr_t)env->gnt_uses / 8 + gref;
+    return &gnt_locks[h % NK_LOCK_STRIPES];
+}
+
+static inline void gnt_lock(uint32_t *l)
+{
+    while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(l, __ATOMIC_RELAXED))
+            __builtin_ia32_pause();
+}
+
+static inline void gnt_unlock(uint32_t *l)
+{
+    __atomic_store_n(l, 0, __ATOMIC_RELEASE);
+}
+
+static int grant_pin(const struct dp_env *env, uint32_t gref, int writable,
+                     uint8_t **page, uint32_t *lo, uint32_t *hi)
+{
+    uint32_t *l = gnt_lock_of(env, gref);
+    gnt_lock(l);
+    int rc = dp_grant_pin(env, gref, writable, page, lo, hi);
+    gnt_unlock(l);
+    return rc;
+}
+
+static void grant_unpin(const struct dp_env *env, uint32_t gref, int writable)
+{
+    uint32_t *l = gnt_lock_of(env, gref);
+    gnt_lock(l);
+    dp_grant_unpin(env, gref, writable);
+    gnt_unlock(l);
+}
 
 static inline uint8_t *slot_at(const struct nk_ring *r, uint32_t index)
 {
@@ -485,7 +532,7 @@ static int send_packet(struct nk_txq *q, const struct dp_env *env, struct packet
             continue;       /* zero-length slots never touch their grants (XSA-448) */
         uint8_t *page;
         uint32_t lo, hi;
-        int bad = dp_grant_pin(env, s->gref, 0, &page, &lo, &hi);
+        int bad = grant_pin(env, s->gref, 0, &page, &lo, &hi);
         if (bad) {
             error_record(out, p->first.id, NK_R_GRANT, s->gref, (uint32_t)-bad);
             status = S_ERROR;
@@ -546,7 +593,7 @@ static int send_packet(struct nk_txq *q, const struct dp_env *env, struct packet
 release:
     /* Every grant goes before the response is published (XSA-396). */
     for (uint32_t i = 0; i < npinned; i++)
-        dp_grant_unpin(env, pinned[i], 0);
+        grant_unpin(env, pinned[i], 0);
     return status;
 }
 
@@ -734,10 +781,10 @@ static int rx_take(struct nk_rxq *q, const struct dp_env *env, uint32_t want,
         p->ok = 0;
         p->page = NULL;
         uint32_t lo, hi;
-        int bad = dp_grant_pin(env, req.gref, 1, &p->page, &lo, &hi);
+        int bad = grant_pin(env, req.gref, 1, &p->page, &lo, &hi);
         if (!bad && (lo != 0 || hi != DP_PAGE)) {
             /* an rx buffer must be a whole page: a v2 sub-page is the guest's error */
-            dp_grant_unpin(env, req.gref, 1);
+            grant_unpin(env, req.gref, 1);
             bad = -0x100;
         }
         if (bad) {
@@ -876,7 +923,7 @@ static int rx_read_one(struct nk_rxq *q, const struct dp_env *env, struct nk_rx_
     /* Every grant goes before the responses are published (XSA-396). */
     for (uint32_t i = 0; i < used; i++)
         if (entries[i].ok)
-            dp_grant_unpin(env, entries[i].gref, 1);
+            grant_unpin(env, entries[i].gref, 1);
     uint16_t csum = 0;      /* vnet.rx_netif_flags */
     if (v.flags & 1)
         csum = NETRXF_csum_blank | NETRXF_data_validated;
@@ -953,8 +1000,107 @@ void nk_rx_release(struct nk_rxq *q, const struct dp_env *env)
     while (q->count) {
         struct nk_posted p = posted_pop(q);
         if (p.ok)
-            dp_grant_unpin(env, p.gref, 1);
+            grant_unpin(env, p.gref, 1);
     }
+}
+
+/* ---- the queues due in one loop turn, in parallel ------------------------------- */
+
+/* One tx or rx wake-up of one queue. `thread` is set to the thread that served it. */
+struct nk_work {
+    uint32_t kind;      /* NK_WORK_TX or NK_WORK_RX */
+    uint32_t budget;    /* rx: frames */
+    void *q;
+    const struct dp_env *env;
+    void *out;
+    uint64_t thread;
+};
+#define NK_WORK_TX 0
+#define NK_WORK_RX 1
+
+static void serve_one(struct nk_work *w)
+{
+    w->thread = (uint64_t)syscall(SYS_gettid);
+    if (w->kind == NK_WORK_TX)
+        nk_tx(w->q, w->env, w->out);
+    else
+        nk_rx(w->q, w->env, w->budget, w->out);
+}
+
+/* Helper threads serve the other wake-ups of one nk_serve_many call while the caller
+ * serves the first. The caller (the event loop, GIL released) waits for all of them,
+ * so nothing Python owns (regions, grant table, the vif) changes meanwhile; each
+ * wake-up touches only its own queue, out and env, and the grant use counts under
+ * their stripe locks. */
+#define NK_HELPERS 7
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
+static struct nk_work *pool_work[NK_HELPERS];
+static uint32_t pool_next, pool_count, pool_busy, pool_threads;
+
+static void *helper(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&pool_lock);
+    for (;;) {
+        while (pool_next == pool_count)
+            pthread_cond_wait(&pool_wake, &pool_lock);
+        struct nk_work *w = pool_work[pool_next++];
+        pool_busy++;
+        pthread_mutex_unlock(&pool_lock);
+        serve_one(w);
+        pthread_mutex_lock(&pool_lock);
+        if (--pool_busy == 0 && pool_next == pool_count)
+            pthread_cond_broadcast(&pool_done);
+    }
+    return NULL;
+}
+
+/* Serve n wake-ups, in parallel when n > 1. Returns how many ran on helper threads. */
+uint32_t nk_serve_many(struct nk_work *works, uint32_t n)
+{
+    static pthread_mutex_t one_call = PTHREAD_MUTEX_INITIALIZER;
+    uint32_t helped = 0;
+    if (n == 0)
+        return 0;
+    if (n > 1) {
+        pthread_mutex_lock(&one_call);  /* one event loop at a time uses the helpers */
+        pthread_mutex_lock(&pool_lock);
+        helped = n - 1 < NK_HELPERS ? n - 1 : NK_HELPERS;
+        while (pool_threads < helped) {
+            pthread_t t;
+            pthread_attr_t attr;
+            pthread_attr_init(&attr);
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            int rc = pthread_create(&t, &attr, helper, NULL);
+            pthread_attr_destroy(&attr);
+            if (rc)
+                break;
+            pool_threads++;
+        }
+        if (helped > pool_threads)
+            helped = pool_threads;
+        for (uint32_t k = 0; k < helped; k++)
+            pool_work[k] = &works[1 + k];
+        pool_next = 0;
+        pool_count = helped;
+        pthread_cond_broadcast(&pool_wake);
+        pthread_mutex_unlock(&pool_lock);
+    }
+    serve_one(&works[0]);
+    for (uint32_t k = 1 + helped; k < n; k++)   /* more wake-ups than helpers */
+        serve_one(&works[k]);
+    if (helped) {
+        pthread_mutex_lock(&pool_lock);
+        while (pool_busy || pool_next != pool_count)
+            pthread_cond_wait(&pool_done, &pool_lock);
+        pool_next = pool_count = 0;
+        pthread_mutex_unlock(&pool_lock);
+    }
+    if (n > 1)
+        pthread_mutex_unlock(&one_call);
+    return helped;
 }
 
 /* Sizes the binding checks at load. */
@@ -964,7 +1110,7 @@ uint32_t nk_layout(uint32_t *out, uint32_t n)
         sizeof(struct nk_txq), sizeof(struct nk_tx_out), sizeof(struct dp_env),
         sizeof(struct nk_rxq), sizeof(struct nk_rx_out),
         sizeof(struct dp_region), NK_BUDGET, NK_MAX_ERRORS, (uint32_t)NK_SRING_HEADER,
-        (uint32_t)NK_ENTRY,
+        (uint32_t)NK_ENTRY, sizeof(struct nk_work),
     };
     uint32_t k = sizeof(v) / sizeof(v[0]);
     for (uint32_t i = 0; i < k && i < n; i++)

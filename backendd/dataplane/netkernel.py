@@ -131,6 +131,17 @@ class RxOut(ctypes.Structure):
                    ("nbad", ctypes.c_uint32), ("bad", RxBad * RX_MAX_POSTED)])
 
 
+WORK_TX, WORK_RX = 0, 1
+
+
+class Work(ctypes.Structure):
+    """One tx or rx wake-up of one queue in an nk_serve_many call; `thread` is the
+    thread id (gettid) that served it."""
+    _fields_ = [("kind", ctypes.c_uint32), ("budget", ctypes.c_uint32),
+                ("q", ctypes.c_void_p), ("env", ctypes.c_void_p), ("out", ctypes.c_void_p),
+                ("thread", ctypes.c_uint64)]
+
+
 class NetKernel:
     """The loaded library with typed entry points."""
 
@@ -148,6 +159,9 @@ class NetKernel:
         lib.nk_rx_release.restype = None
         lib.nk_rx_release.argtypes = [ctypes.POINTER(RxQueue), ctypes.POINTER(Env)]
         self.rx_release = lib.nk_rx_release
+        lib.nk_serve_many.restype = ctypes.c_uint32
+        lib.nk_serve_many.argtypes = [ctypes.POINTER(Work), ctypes.c_uint32]
+        self.serve_many = lib.nk_serve_many
         lib.nk_layout.restype = ctypes.c_uint32
         lib.nk_layout.argtypes = [ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint32]
         buf = (ctypes.c_uint32 * 16)()
@@ -155,7 +169,8 @@ class NetKernel:
         want = [ctypes.sizeof(TxQueue), ctypes.sizeof(TxOut), ctypes.sizeof(Env),
                 ctypes.sizeof(RxQueue), ctypes.sizeof(RxOut), ctypes.sizeof(Region), BUDGET,
                 MAX_ERRORS]
-        if list(buf[:len(want)]) != want or n < len(want):
+        if (list(buf[:len(want)]) != want or n < 11
+                or buf[10] != ctypes.sizeof(Work)):
             raise KernelError(f"{path}: built for other layouts: {list(buf[:n])} != {want}")
 
 
