@@ -34,6 +34,13 @@ class DaemonSection:
     process_model: str = "single"
     # per-connection: the user workers switch to (empty: they keep the daemon's uid).
     worker_user: str = ""
+    # per-connection: limits set on each worker right after it is forked (setrlimit, soft
+    # and hard). Open files: a worker needs a few dozen for itself, plus per device its
+    # image or tap queues and an eventfd pair per ring. Memory: the worker's own private
+    # memory (RLIMIT_DATA) in MiB, 0 for no limit; guest RAM is a shared mapping of the
+    # VMM's memfds and does not count against it.
+    worker_max_open_files: int = 4096
+    worker_max_memory_mib: int = 0
 
 
 @dataclass(frozen=True)
@@ -165,6 +172,12 @@ def _validate(config: Config, source: str) -> None:
         except KeyError:
             raise ConfigFileError(f"{source}: [daemon] worker_user: no user "
                                   f"{config.daemon.worker_user!r}") from None
+    if not 32 <= config.daemon.worker_max_open_files <= 1 << 20:
+        raise ConfigFileError(f"{source}: [daemon] worker_max_open_files: "
+                              f"{config.daemon.worker_max_open_files} is outside 32..1048576")
+    if not 0 <= config.daemon.worker_max_memory_mib <= 1 << 30:
+        raise ConfigFileError(f"{source}: [daemon] worker_max_memory_mib: "
+                              f"{config.daemon.worker_max_memory_mib} is outside 0..1073741824")
     if config.daemon.guest_log_burst < 0:
         raise ConfigFileError(f"{source}: [daemon] guest_log_burst: must not be negative")
     for d in config.block.allowed_dirs:

@@ -53,6 +53,7 @@ from .worker import (
     ring_dump_from_json,
     ring_dump_to_json,
     serve_connection,
+    set_worker_limits,
 )
 
 # How long the supervisor waits for one worker's status before marking it unresponsive.
@@ -178,6 +179,8 @@ def _fork_worker(config: Config, zsock: socket.socket, sel: selectors.BaseSelect
         zsock.close()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        set_worker_limits(config.daemon.worker_max_open_files,
+                          config.daemon.worker_max_memory_mib)
         drop_privileges(config.daemon.worker_user)
         install_seccomp()
         vmm, chan, broker = (socket.socket(fileno=fd) for fd in fds)

@@ -163,11 +163,17 @@ class Broker:
 
     def _request(self, msg: dict[str, Any]) -> list[int]:
         self.sock.send(json.dumps(msg).encode())
-        data, anc, _, _ = self.sock.recvmsg(
+        data, anc, flags, _ = self.sock.recvmsg(
             BROKER_MSG, socket.CMSG_SPACE(4 * BROKER_MAX_FDS), socket.MSG_CMSG_CLOEXEC)
         fds = [fd for level, kind, raw in anc
                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
                for fd in struct.unpack(f"{len(raw) // 4}i", raw[: len(raw) - len(raw) % 4])]
+        if flags & socket.MSG_CTRUNC:
+            # The kernel installs no fd past RLIMIT_NOFILE: the worker is at its limit.
+            for fd in fds:
+                os.close(fd)
+            raise ControlError(errno.EMFILE, f"{msg['op']}: the worker's open-file limit "
+                               "is reached ([daemon] worker_max_open_files)")
         if not data:
             raise ControlError(errno.EPIPE, f"{msg['op']}: supervisor gone")
         reply = json.loads(data)
@@ -267,6 +273,26 @@ def drop_privileges(user: str = "", keep: tuple[int, ...] = ()) -> None:
     # the same user may attach to it or read its /proc files.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     _prctl(libc, PR_SET_DUMPABLE, 0)
+
+
+def set_worker_limits(max_open_files: int, max_memory_mib: int) -> dict[str, int]:
+    """Soft and hard limits for a worker, set before it drops its capabilities: open files
+    (RLIMIT_NOFILE) and, unless 0, private memory (RLIMIT_DATA). Not RLIMIT_AS: guest RAM is
+    mapped into the worker and counts there, so an address-space cap would have to exceed
+    the largest guest. Not RLIMIT_NPROC: it counts every process of the user, not of this
+    worker. A value above the inherited hard limit is lowered to it (only CAP_SYS_RESOURCE
+    could raise it). Returns what was set."""
+    applied = {}
+    wanted = [(resource.RLIMIT_NOFILE, "max_open_files", max_open_files)]
+    if max_memory_mib:
+        wanted.append((resource.RLIMIT_DATA, "max_memory_bytes", max_memory_mib << 20))
+    for res, name, value in wanted:
+        _, hard = resource.getrlimit(res)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        resource.setrlimit(res, (value, value))
+        applied[name] = value
+    return applied
 
 
 # A worker's system-call filter: a deny-list, since Python itself needs a broad and

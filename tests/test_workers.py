@@ -567,6 +567,18 @@ def test_process_model_and_worker_user_are_checked():
         parse_config('[daemon]\nprocess_model = "per-guest"\n')
     with pytest.raises(ConfigFileError, match="worker_user: no user"):
         parse_config('[daemon]\nworker_user = "no-such-user-here"\n')
+    config = parse_config("[daemon]\nworker_max_open_files = 1024\n"
+                          "worker_max_memory_mib = 512\n")
+    assert (config.daemon.worker_max_open_files, config.daemon.worker_max_memory_mib) == (
+        1024, 512)
+    assert parse_config("").daemon.worker_max_memory_mib == 0
+    for bad, match in [("worker_max_open_files = 8", "outside 32"),
+                       ("worker_max_open_files = \"many\"", "expected an integer"),
+                       ("worker_max_memory_mib = -1", "outside 0"),
+                       ("worker_max_memory_mib = 1.5", "expected an integer"),
+                       ("worker_max_fds = 10", "unknown key")]:
+        with pytest.raises(ConfigFileError, match=match):
+            parse_config(f"[daemon]\n{bad}\n")
 
 
 def test_socket_activation_per_connection(tmp_path):
@@ -593,3 +605,133 @@ def test_socket_activation_per_connection(tmp_path):
         daemon.datagrams(until=b"STOPPING=1")
     finally:
         daemon.close()
+
+
+def proc_limits(pid: int) -> dict[str, tuple[str, str]]:
+    """/proc/PID/limits: name -> (soft, hard)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]:
+        name, soft, hard = line[:26].strip(), line[26:47].strip(), line[47:68].strip()
+        out[name] = (soft, hard)
+    return out
+
+
+async def test_each_worker_runs_under_the_configured_limits(tmp_path):
+    extra = "worker_max_open_files = 300\nworker_max_memory_mib = 2048\n"
+    async with two_guests(tmp_path, extra) as (daemon, a, b):
+        for guest in (a, b):
+            limits = proc_limits(await daemon.worker_pid(guest.conn))
+            assert limits["Max open files"] == ("300", "300")
+            assert limits["Max data size"] == (str(2048 * MiB), str(2048 * MiB))
+            assert limits["Max core file size"] == ("0", "0")
+            # Guest RAM is mapped into the worker: its address space stays unlimited.
+            assert limits["Max address space"] == ("unlimited", "unlimited")
+        # Both workers still do I/O under them.
+        for guest in (a, b):
+            assert guest.front is not None
+            await guest.front.write(8, b"x" * 4096)
+            assert await guest.front.read(8, 4096) == b"x" * 4096
+        # The supervisor itself keeps its own limits.
+        assert daemon.proc is not None
+        assert proc_limits(daemon.proc.pid)["Max open files"] != ("300", "300")
+
+
+async def test_a_worker_at_its_open_file_limit_fails_only_its_own_guests_request(tmp_path):
+    """A worker needs about 30 fds for itself and one more per disk: with a limit of 48,
+    guest a's 32 disks cannot all be opened. The disk that does not fit gets an error reply
+    that names the limit; a's first disk and the other guest's worker carry on."""
+    async with two_guests(tmp_path, "worker_max_open_files = 48\n") as (daemon, a, b):
+        assert a.client is not None and a.front is not None
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(b.verified_io(w, stop, verify=True)) for w in range(2)]
+        try:
+            await b.progress.beyond(5)
+            added = 0
+            with pytest.raises(RequestFailed) as failed:
+                for i in range(1, 32):
+                    await a.client.add_device(DEVID + 16 * i, "blk", {"path": str(a.image)})
+                    added += 1
+            # An error reply for that request (ADD_DEVICE's bad-path errno), saying why.
+            assert failed.value.code == errno.EINVAL, failed.value
+            assert "open-file limit is reached" in failed.value.message
+            assert 0 < added < 31
+            # a's worker is still there and its first disk still serves a.
+            await a.front.write(16, b"a" * 4096)
+            assert await a.front.read(16, 4096) == b"a" * 4096
+            status = await daemon.status()
+            assert status[f"conn.{a.conn}.worker"] == "ok"
+            assert status[f"conn.{a.conn}.devices"] == str(1 + added)
+            # b's verified I/O ran on throughout.
+            await b.progress.beyond(b.progress.count + 10)
+        finally:
+            stop.set()
+            done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True),
+                                          GUARD)
+        assert not [d for d in done if isinstance(d, BaseException)], done
+        log = daemon.log()
+        assert "worker_crashed" not in log and "worker_failed" not in log
+
+
+async def wait_taken(guest: Guest, count: int) -> None:
+    assert guest.client is not None
+    for _ in range(int(GUARD * 100)):
+        if int((await guest.client.stats(DEVID))[f"{DEVID}.requests"]) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the daemon never took {count} requests")
+
+
+async def test_sigterm_drains_every_workers_requests_in_flight(tmp_path, freezable_dir):
+    """Two guests' writes are taken by their workers and held in flight by a frozen
+    filesystem when the supervisor gets SIGTERM. Each worker drains its guest as the single
+    process does (protocol.md, "Stopping: SIGTERM and SIGINT"): once the filesystem thaws
+    every taken write is answered, by a worker that then exits, and the daemon exits 0.
+    Nothing answers after the daemon is gone, so a write still unanswered then was lost."""
+    mnt = freezable_dir
+    writes = 6
+    daemon = Daemon(tmp_path)
+    await daemon.start()
+    a, b = Guest(mnt, "a"), Guest(mnt, "b")
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for guest in (a, b):
+            await guest.connect(daemon.sock)
+            guest.conn = await daemon.newest_guest()
+        pids = [await daemon.worker_pid(g.conn) for g in (a, b)]
+        subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
+        data = {g.conn: [bytes([g.conn, i + 1]) * 2048 for i in range(writes)]
+                for g in (a, b)}
+        for g in (a, b):
+            assert g.front is not None
+            tasks += [asyncio.create_task(g.front.write(i * 64, data[g.conn][i]))
+                      for i in range(writes)]
+        for g in (a, b):
+            await wait_taken(g, writes)  # all taken, their I/O stuck
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
+        for g in (a, b):
+            await daemon.wait_log(f"event=worker_stopping conn={g.conn} ")
+        assert not any(t.done() for t in tasks)  # still in flight while draining
+        subprocess.run(["fsfreeze", "-u", str(mnt)], check=True)
+        assert await asyncio.wait_for(daemon.proc.wait(), 2 * GUARD) == 0
+        # The daemon is gone: every write was answered before its worker exited.
+        await asyncio.wait_for(asyncio.gather(*tasks), GUARD)
+        for g in (a, b):
+            assert g.front is not None
+            assert g.front.stray_responses == []
+            assert all(not q.waiters for q in g.front.queues)
+            image = g.image.read_bytes()
+            for i in range(writes):
+                assert image[i * 64 * 512:i * 64 * 512 + 4096] == data[g.conn][i]
+        log = daemon.log()
+        for g, pid in zip((a, b), pids, strict=True):
+            assert f"event=worker_exited conn={g.conn} worker_pid={pid}" in log
+        for bad in ("worker_crashed", "worker_failed", "worker_stop_timeout"):
+            assert bad not in log
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
+        for t in tasks:
+            t.cancel()
+        await a.close()
+        await b.close()
+        await daemon.stop()
