@@ -9,13 +9,13 @@ from the keys in turn, so a quiet device waits for at most one job per thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from typing import Any
 
 _Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future]
+_Done = tuple[asyncio.Future, bool, Any]
 
 
 def _resolve(fut: asyncio.Future, ok: bool, value: Any) -> None:
@@ -32,6 +32,9 @@ class FairPool:
         self._cond = threading.Condition()
         self._queues: OrderedDict[Hashable, deque[_Job]] = OrderedDict()
         self._stopping = False
+        # Finished jobs not yet taken by their loop, per loop (see _finished).
+        self._done_lock = threading.Lock()
+        self._done: dict[asyncio.AbstractEventLoop, list[_Done]] = {}
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(workers)]
         for t in self._threads:
@@ -68,12 +71,32 @@ class FairPool:
                 result, ok = fn(*args), True
             except BaseException as exc:  # handed to the awaiting coroutine
                 result, ok = exc, False
-            # The loop may have gone away during shutdown; nobody waits for this then.
-            with contextlib.suppress(RuntimeError):
-                fut.get_loop().call_soon_threadsafe(_resolve, fut, ok, result)
+            self._finished(fut, ok, result)
             # An idle thread keeps nothing of its last job alive (a removed device's
             # image, its request buffers) until the next job comes.
             del job, fn, args, fut, result
+
+    def _finished(self, fut: asyncio.Future, ok: bool, result: Any) -> None:
+        loop = fut.get_loop()
+        with self._done_lock:
+            pending = self._done.get(loop)
+            wake = pending is None
+            if wake:
+                pending = self._done[loop] = []
+            pending.append((fut, ok, result))
+        if wake:
+            try:
+                loop.call_soon_threadsafe(self._resolve_all, loop)
+            except RuntimeError:
+                # The loop has gone away during shutdown; nobody waits for these then.
+                with self._done_lock:
+                    self._done.pop(loop, None)
+
+    def _resolve_all(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._done_lock:
+            pending = self._done.pop(loop, [])
+        for fut, ok, result in pending:
+            _resolve(fut, ok, result)
 
     def shutdown(self) -> None:
         """Finish the queued work, then stop the threads."""

@@ -130,6 +130,8 @@ class CompiledRingQueue:
         self._round = service_round(kernel, loop)
         self._blocked = False
         self._inpool = 0
+        self._back: list[tuple[ctypes.Array, int, bool]] = []  # jobs back from the pool
+        self._take_back_due = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._recovery = recovery
@@ -297,14 +299,30 @@ class CompiledRingQueue:
             fut.add_done_callback(lambda f, a=arr, n=count: self._completed(f, a, n))
 
     def _completed(self, fut: asyncio.Future, arr: ctypes.Array, n: int) -> None:
+        """One job is back: keep it for _take_back, which the loop runs once for all the
+        jobs of this ring that came back in this turn (the pool hands them back together)."""
         failed = fut.cancelled() or fut.exception() is not None
         if failed and not fut.cancelled():
             log.error("blk ring %d: I/O job failed", self.index, exc_info=fut.exception())
-        self._inpool -= n
+        self._back.append((arr, n, failed))
+        if not self._take_back_due:
+            self._take_back_due = True
+            self.loop.call_soon(self._take_back)
+
+    def _take_back(self) -> None:
+        self._take_back_due = False
+        back, self._back = self._back, []
+        if not back:
+            return
         self._refresh()
-        self.k.complete(self._q, ctypes.byref(self._env), arr, n, int(failed),
-                        ctypes.byref(self._out))
-        self._after(self._out)
+        for failed in (False, True):
+            slots = [j for arr, n, f in back if f == failed for j in arr[:n]]
+            if not slots:
+                continue
+            self._inpool -= len(slots)
+            self.k.complete(self._q, ctypes.byref(self._env), K.JobArray(*slots),
+                            len(slots), int(failed), ctypes.byref(self._out))
+            self._after(self._out)
         if self._blocked and not self.halted:
             self._blocked = False
             self._schedule()
