@@ -151,8 +151,7 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
         # this machine leaves it when another process reads the disk directly.
         fio_direct = asyncio.create_task(asyncio.to_thread(
             fio, image, "psync", "4k", "randread", 1, seconds, 4))
-        results["beside-fio-direct"] = beside_fio = await run_load(
-            path, image, cached_load, daemon_pid=proc.pid)
+        results["beside-fio-direct"] = beside_fio = await one(cached_load)
         rows.append(_row(cached_load, beside_fio)._replace_what(
             "backendd 4 KiB randread QD32 x1q beside fio O_DIRECT randread"))
         rows.append((await fio_direct)._replace_what(
