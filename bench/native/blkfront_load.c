@@ -475,14 +475,7 @@ static void parse_args(int argc, char **argv)
         } else if (!strcmp(opt, "--socket")) {
             ctl.socket = v;
         } else if (!strcmp(opt, "--disk")) {
-            const char *eq = strchr(v, '=');
-            char key[BKD_KV_MAX_KEY + 1];
-            if (!eq || eq == v || (size_t)(eq - v) > BKD_KV_MAX_KEY)
-                die_usage("--disk KEY=VALUE");
-            memcpy(key, v, (size_t)(eq - v));
-            key[eq - v] = 0;
-            if (bkd_kv_set(&ctl.disk, key, eq + 1))
-                die_usage("--disk KEY=VALUE: too long");
+            parse_kv_option(&ctl.disk, opt, v);
         } else if (!strcmp(opt, "--queues")) {
             ctl.nqueues = (unsigned)parse_u64(v, "--queues");
             if (!ctl.nqueues || ctl.nqueues > MAX_QUEUES)

@@ -180,6 +180,22 @@ void kv_setf(struct bkd_kv *kv, const char *key, uint64_t value)
     ctl_check(bkd_kv_set(kv, key, v), "key/value map");
 }
 
+void parse_kv_option(struct bkd_kv *kv, const char *opt, const char *value)
+{
+    const char *eq = strchr(value, '=');
+    char key[BKD_KV_MAX_KEY + 1], msg[64];
+    if (!eq || eq == value || (size_t)(eq - value) > BKD_KV_MAX_KEY) {
+        snprintf(msg, sizeof(msg), "%s KEY=VALUE", opt);
+        die_usage(msg);
+    }
+    memcpy(key, value, (size_t)(eq - value));
+    key[eq - value] = 0;
+    if (bkd_kv_set(kv, key, eq + 1)) {
+        snprintf(msg, sizeof(msg), "%s KEY=VALUE: too long", opt);
+        die_usage(msg);
+    }
+}
+
 void control_open(const char *socket, uint32_t ring_pages, uint64_t data_pages)
 {
     uint64_t entries = FIRST_GREF + ring_pages + data_pages;

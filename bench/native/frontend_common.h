@@ -97,6 +97,8 @@ extern struct bkd_client *control;
 void ctl_check(int r, const char *what);
 /* Sets `key` to the decimal `value`. */
 void kv_setf(struct bkd_kv *kv, const char *key, uint64_t value);
+/* Takes option `opt`'s KEY=VALUE into `kv` (a device's ADD_DEVICE config). */
+void parse_kv_option(struct bkd_kv *kv, const char *opt, const char *value);
 /* Lays out the guest (RAM: `ring_pages` ring frames, then `data_pages` data frames; grant
  * table: the rings' refs from FIRST_GREF on, then the data pages' refs), connects to
  * `socket` (HELLO with a name unique to this process), hands the daemon both memfds

@@ -572,14 +572,7 @@ static void parse_args(int argc, char **argv)
         } else if (!strcmp(opt, "--socket")) {
             ctl.socket = v;
         } else if (!strcmp(opt, "--nic")) {
-            const char *eq = strchr(v, '=');
-            char key[BKD_KV_MAX_KEY + 1];
-            if (!eq || eq == v || (size_t)(eq - v) > BKD_KV_MAX_KEY)
-                die_usage("--nic KEY=VALUE");
-            memcpy(key, v, (size_t)(eq - v));
-            key[eq - v] = 0;
-            if (bkd_kv_set(&ctl.nic, key, eq + 1))
-                die_usage("--nic KEY=VALUE: too long");
+            parse_kv_option(&ctl.nic, opt, v);
         } else if (!strcmp(opt, "--tap")) {
             if (ctl.ntaps == MAX_QUEUES)
                 die_usage("too many queues");
