@@ -46,12 +46,12 @@ fuzz: $(STAMP) $(KERNELS)
 
 # The compiled blk data plane (gcc -Wall -Wextra -Werror against Xen's headers).
 kernel: $(KERNEL)
-$(KERNEL): backendd/dataplane/blk_kernel.c backendd/dataplane/core.h backendd/dataplane/build.py $(STAMP)
+$(KERNEL): backendd/dataplane/blk_kernel.c backendd/dataplane/core.h backendd/dataplane/pool.h backendd/dataplane/build.py $(STAMP)
 	$(PY) -m backendd.dataplane.build blk
 
 # The compiled netif data plane (gcc -Wall -Wextra -Werror against Xen's headers).
 netkernel: $(NETKERNEL)
-$(NETKERNEL): backendd/dataplane/net_kernel.c backendd/dataplane/core.h backendd/dataplane/build.py $(STAMP)
+$(NETKERNEL): backendd/dataplane/net_kernel.c backendd/dataplane/core.h backendd/dataplane/pool.h backendd/dataplane/build.py $(STAMP)
 	$(PY) -m backendd.dataplane.build net
 
 debs: $(DEBSTAMP)

@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rings.sring import REQ_PROD
 
 from . import kernel as K
+from .rounds import LoopRound, loop_round
 
 if TYPE_CHECKING:
     from backendd.devices.blk.image import Image
@@ -40,33 +40,17 @@ log = logging.getLogger(__name__)
 BATCH = 4  # pool jobs: requests per job, as the Python path
 
 
-class ServiceRound:
+class ServiceRound(LoopRound["CompiledRingQueue"]):
     """The compiled rings due in one loop turn (kicked, or with work left), served by one
     kernel call: with two or more, the kernel serves them on its helper threads in
     parallel while the loop waits with the GIL released, so queues use the cores and
     nothing in the control plane changes under them."""
 
-    def __init__(self, kernel: K.Kernel, loop: asyncio.AbstractEventLoop) -> None:
-        self.k = kernel
-        self.loop = loop
-        self.due: list[CompiledRingQueue] = []
-        self.scheduled = False
+    k: K.Kernel
 
-    def add(self, q: CompiledRingQueue) -> None:
-        if q._in_round:
-            return
-        q._in_round = True
-        self.due.append(q)
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_soon(self.run)
-
-    def run(self) -> None:
-        self.scheduled = False
-        due, self.due = self.due, []
+    def serve(self, due: list[CompiledRingQueue]) -> None:
         queues = []
         for q in due:
-            q._in_round = False
             if not (q.halted or q._stopping or q._q is None):
                 q._refresh()
                 queues.append(q)
@@ -85,15 +69,8 @@ class ServiceRound:
             q._after(q._out)
 
 
-_rounds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ServiceRound] = \
-    weakref.WeakKeyDictionary()
-
-
 def service_round(kernel: K.Kernel, loop: asyncio.AbstractEventLoop) -> ServiceRound:
-    r = _rounds.get(loop)
-    if r is None or r.k is not kernel:
-        r = _rounds[loop] = ServiceRound(kernel, loop)
-    return r
+    return loop_round(ServiceRound, kernel, loop)
 
 
 class CompiledRingQueue:

@@ -38,6 +38,7 @@
 #include <unistd.h>
 
 #include "core.h"
+#include "pool.h"
 
 #include <xen/io/blkif.h>
 
@@ -956,85 +957,26 @@ void bk_serve(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 
 /* ---- several rings at once -------------------------------------------------------- */
 
-/* Helper threads serve the other rings of one bk_serve_many call while the caller
- * serves the first. The caller (the event loop, GIL released) waits for all of them,
- * so nothing in the control plane (regions, grant table) changes meanwhile. */
-#define BK_HELPERS 7
-struct bk_work {
-    struct bk_queue *q;
-    const struct dp_env *env;
-    struct bk_out *out;
+/* The caller serves the first ring, helper threads (pool.h) the others. */
+struct bk_many {
+    struct bk_queue *const *qs;
+    const struct dp_env *const *envs;
+    struct bk_out *const *outs;
 };
-static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
-static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
-static struct bk_work pool_work[BK_HELPERS];
-static uint32_t pool_next, pool_count, pool_busy, pool_threads;
 
-static void *helper(void *arg)
+static void serve_item(void *ctx, uint32_t k)
 {
-    (void)arg;
-    pthread_mutex_lock(&pool_lock);
-    for (;;) {
-        while (pool_next == pool_count)
-            pthread_cond_wait(&pool_wake, &pool_lock);
-        struct bk_work w = pool_work[pool_next++];
-        pool_busy++;
-        pthread_mutex_unlock(&pool_lock);
-        bk_serve(w.q, w.env, w.out);
-        pthread_mutex_lock(&pool_lock);
-        if (--pool_busy == 0 && pool_next == pool_count)
-            pthread_cond_broadcast(&pool_done);
-    }
-    return NULL;
+    const struct bk_many *m = ctx;
+    bk_serve(m->qs[k], m->envs[k], m->outs[k]);
 }
 
 /* Serve n rings, in parallel when n > 1. Returns how many ran on helper threads. */
 uint32_t bk_serve_many(struct bk_queue *const *qs, const struct dp_env *const *envs,
                        struct bk_out *const *outs, uint32_t n)
 {
-    static pthread_mutex_t one_call = PTHREAD_MUTEX_INITIALIZER;
-    uint32_t helped = 0;
-    if (n == 0)
-        return 0;
-    if (n > 1) {
-        pthread_mutex_lock(&one_call);  /* one event loop at a time uses the helpers */
-        pthread_mutex_lock(&pool_lock);
-        helped = n - 1 < BK_HELPERS ? n - 1 : BK_HELPERS;
-        while (pool_threads < helped) {
-            pthread_t t;
-            pthread_attr_t attr;
-            pthread_attr_init(&attr);
-            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-            int rc = pthread_create(&t, &attr, helper, NULL);
-            pthread_attr_destroy(&attr);
-            if (rc)
-                break;
-            pool_threads++;
-        }
-        if (helped > pool_threads)
-            helped = pool_threads;
-        for (uint32_t k = 0; k < helped; k++)
-            pool_work[k] = (struct bk_work){qs[1 + k], envs[1 + k], outs[1 + k]};
-        pool_next = 0;
-        pool_count = helped;
-        pthread_cond_broadcast(&pool_wake);
-        pthread_mutex_unlock(&pool_lock);
-    }
-    bk_serve(qs[0], envs[0], outs[0]);
-    for (uint32_t k = 1 + helped; k < n; k++)   /* more rings than helpers */
-        bk_serve(qs[k], envs[k], outs[k]);
-    if (helped) {
-        pthread_mutex_lock(&pool_lock);
-        while (pool_busy || pool_next != pool_count)
-            pthread_cond_wait(&pool_done, &pool_lock);
-        pool_next = pool_count = 0;
-        pthread_mutex_unlock(&pool_lock);
-        pthread_mutex_unlock(&one_call);
-    } else if (n > 1) {
-        pthread_mutex_unlock(&one_call);
-    }
-    return helped;
+    static struct dp_pool pool = DP_POOL_INIT;
+    struct bk_many m = {qs, envs, outs};
+    return dp_pool_run(&pool, serve_item, &m, n);
 }
 
 /* Requests an earlier daemon took and never visibly answered (from the in-flight

@@ -1,5 +1,5 @@
 """Compiles and loads the data-plane kernels (blk_kernel.c, net_kernel.c; both include
-core.h) with the system gcc against Xen's public headers.
+core.h and pool.h) with the system gcc against Xen's public headers.
 
     python -m backendd.dataplane.build [--sanitize] [-o PATH] [blk] [net]
 
@@ -52,7 +52,7 @@ KERNELS = {
     "blk": Spec("blk", HERE / "blk_kernel.c", "io/blkif.h", "BACKENDD_BLK_KERNEL"),
     "net": Spec("net", HERE / "net_kernel.c", "io/netif.h", "BACKENDD_NET_KERNEL"),
 }
-HEADERS = (HERE / "core.h",)  # included by every kernel
+HEADERS = (HERE / "core.h", HERE / "pool.h")  # included by every kernel
 
 
 class Region(ctypes.Structure):

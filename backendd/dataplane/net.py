@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-import weakref
 
 from backendd.devices.net.ratelimit import CreditScheduler
 from backendd.devices.net.rx import BUDGET as RX_BUDGET
@@ -33,37 +32,24 @@ from backendd.grants import GrantTable
 from rings.ring import BackRing
 
 from . import netkernel as nk
+from .rounds import LoopRound, loop_round
 
 log = logging.getLogger(__name__)
 
 
-class NetRound:
+class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
     """The compiled tx and rx wake-ups due in one loop turn, served by one kernel call."""
 
+    k: nk.NetKernel
+
     def __init__(self, kernel: nk.NetKernel, loop: asyncio.AbstractEventLoop) -> None:
-        self.k = kernel
-        self.loop = loop
-        self.due: list[CompiledTxPath | CompiledRxPath] = []
-        self.scheduled = False
+        super().__init__(kernel, loop)
         self.shared = 0  # kernel calls that served two or more wake-ups
         self.helped = 0  # wake-ups served on a helper thread
         self.apart = 0  # calls that served two queues (by name) on two threads
 
-    def add(self, path: CompiledTxPath | CompiledRxPath) -> None:
-        if path._in_round:
-            return
-        path._in_round = True
-        self.due.append(path)
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_soon(self.run)
-
-    def run(self) -> None:
-        self.scheduled = False
-        due, self.due = self.due, []
+    def serve(self, due: list[CompiledTxPath | CompiledRxPath]) -> None:
         ready = []
-        for path in due:
-            path._in_round = False
         for path in due:
             try:
                 if path._prepare():
@@ -95,15 +81,8 @@ class NetRound:
                 log.exception("%s: after the kernel call", path.name)
 
 
-_rounds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, NetRound] = \
-    weakref.WeakKeyDictionary()
-
-
 def net_round(kernel: nk.NetKernel, loop: asyncio.AbstractEventLoop) -> NetRound:
-    r = _rounds.get(loop)
-    if r is None or r.k is not kernel:
-        r = _rounds[loop] = NetRound(kernel, loop)
-    return r
+    return loop_round(NetRound, kernel, loop)
 
 
 class CompiledTxPath(TxPath):

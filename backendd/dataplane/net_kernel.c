@@ -33,6 +33,7 @@
 #include <unistd.h>
 
 #include "core.h"
+#include "pool.h"
 
 #include <xen/io/netif.h>
 
@@ -1027,80 +1028,19 @@ static void serve_one(struct nk_work *w)
         nk_rx(w->q, w->env, w->budget, w->out);
 }
 
-/* Helper threads serve the other wake-ups of one nk_serve_many call while the caller
- * serves the first. The caller (the event loop, GIL released) waits for all of them,
- * so nothing Python owns (regions, grant table, the vif) changes meanwhile; each
- * wake-up touches only its own queue, out and env, and the grant use counts under
- * their stripe locks. */
-#define NK_HELPERS 7
-static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
-static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
-static struct nk_work *pool_work[NK_HELPERS];
-static uint32_t pool_next, pool_count, pool_busy, pool_threads;
-
-static void *helper(void *arg)
+static void serve_item(void *ctx, uint32_t k)
 {
-    (void)arg;
-    pthread_mutex_lock(&pool_lock);
-    for (;;) {
-        while (pool_next == pool_count)
-            pthread_cond_wait(&pool_wake, &pool_lock);
-        struct nk_work *w = pool_work[pool_next++];
-        pool_busy++;
-        pthread_mutex_unlock(&pool_lock);
-        serve_one(w);
-        pthread_mutex_lock(&pool_lock);
-        if (--pool_busy == 0 && pool_next == pool_count)
-            pthread_cond_broadcast(&pool_done);
-    }
-    return NULL;
+    serve_one(&((struct nk_work *)ctx)[k]);
 }
 
-/* Serve n wake-ups, in parallel when n > 1. Returns how many ran on helper threads. */
+/* Serve n wake-ups, in parallel when n > 1: the caller serves the first, helper
+ * threads (pool.h) the others. Each wake-up touches only its own queue, out and env,
+ * and the grant use counts under their stripe locks. Returns how many ran on helper
+ * threads. */
 uint32_t nk_serve_many(struct nk_work *works, uint32_t n)
 {
-    static pthread_mutex_t one_call = PTHREAD_MUTEX_INITIALIZER;
-    uint32_t helped = 0;
-    if (n == 0)
-        return 0;
-    if (n > 1) {
-        pthread_mutex_lock(&one_call);  /* one event loop at a time uses the helpers */
-        pthread_mutex_lock(&pool_lock);
-        helped = n - 1 < NK_HELPERS ? n - 1 : NK_HELPERS;
-        while (pool_threads < helped) {
-            pthread_t t;
-            pthread_attr_t attr;
-            pthread_attr_init(&attr);
-            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-            int rc = pthread_create(&t, &attr, helper, NULL);
-            pthread_attr_destroy(&attr);
-            if (rc)
-                break;
-            pool_threads++;
-        }
-        if (helped > pool_threads)
-            helped = pool_threads;
-        for (uint32_t k = 0; k < helped; k++)
-            pool_work[k] = &works[1 + k];
-        pool_next = 0;
-        pool_count = helped;
-        pthread_cond_broadcast(&pool_wake);
-        pthread_mutex_unlock(&pool_lock);
-    }
-    serve_one(&works[0]);
-    for (uint32_t k = 1 + helped; k < n; k++)   /* more wake-ups than helpers */
-        serve_one(&works[k]);
-    if (helped) {
-        pthread_mutex_lock(&pool_lock);
-        while (pool_busy || pool_next != pool_count)
-            pthread_cond_wait(&pool_done, &pool_lock);
-        pool_next = pool_count = 0;
-        pthread_mutex_unlock(&pool_lock);
-    }
-    if (n > 1)
-        pthread_mutex_unlock(&one_call);
-    return helped;
+    static struct dp_pool pool = DP_POOL_INIT;
+    return dp_pool_run(&pool, serve_item, works, n);
 }
 
 /* Sizes the binding checks at load. */

@@ -21,7 +21,8 @@ ROOT = SOURCES.parent.parent
 CLIENT = ROOT / "clients" / "c"
 OUT = ROOT / "build" / "native"
 PROGRAMS = ("blkfront_load", "netfront_load", "eventfd_pingpong")
-# What the frontends share (guest memory, grants, eventfds, options, the stdio protocol).
+# What the frontends share (guest memory, grants, eventfds, options, the stdio protocol,
+# the --socket control plane).
 COMMON = {"blkfront_load": ("frontend_common.c", CLIENT / "backendd-client.c"),
           "netfront_load": ("frontend_common.c", CLIENT / "backendd-client.c")}
 COMMON_HEADERS = ("frontend_common.h", CLIENT / "backendd-client.h")

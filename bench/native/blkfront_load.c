@@ -118,15 +118,12 @@ static struct {
 } cfg = { .qd = 32, .bs = 4096, .random = true, .handle = 0 };
 
 /* --socket: the control plane done here, through the client library. */
-#define FIRST_GREF 8 /* the entries below are Xen's reserved ones */
-#define FIRST_PORT 1
 static struct {
     const char *socket;
     struct bkd_kv disk;        /* ADD_DEVICE's config */
     uint32_t devid;
     unsigned nqueues, order;
     bool inflight, want_persistent, offered_persistent, markers;
-    struct bkd_client *c;
     struct bkd_channel ch[MAX_QUEUES];
     uint64_t held_after_close;
 } ctl = { .devid = 51712 };
@@ -478,14 +475,7 @@ static void parse_args(int argc, char **argv)
         } else if (!strcmp(opt, "--socket")) {
             ctl.socket = v;
         } else if (!strcmp(opt, "--disk")) {
-            const char *eq = strchr(v, '=');
-            char key[BKD_KV_MAX_KEY + 1];
-            if (!eq || eq == v || (size_t)(eq - v) > BKD_KV_MAX_KEY)
-                die_usage("--disk KEY=VALUE");
-            memcpy(key, v, (size_t)(eq - v));
-            key[eq - v] = 0;
-            if (bkd_kv_set(&ctl.disk, key, eq + 1))
-                die_usage("--disk KEY=VALUE: too long");
+            parse_kv_option(&ctl.disk, opt, v);
         } else if (!strcmp(opt, "--queues")) {
             ctl.nqueues = (unsigned)parse_u64(v, "--queues");
             if (!ctl.nqueues || ctl.nqueues > MAX_QUEUES)
@@ -644,24 +634,6 @@ static int cmp_u32(const void *a, const void *b)
 
 /* --- --socket: the control plane through clients/c ----------------------------------- */
 
-/* A failed control request: the daemon's message too, then exit 1 (closing the
- * connection makes the daemon drop this guest's device, grant table and memory). */
-static void ctl_check(int r, const char *what)
-{
-    if (r >= 0)
-        return;
-    fprintf(stderr, "blkfront_load: %s: %s (%s)\n", what, strerror(-r),
-            ctl.c ? bkd_last_error(ctl.c) : "");
-    exit(1);
-}
-
-static void kv_setf(struct bkd_kv *kv, const char *key, uint64_t value)
-{
-    char v[24];
-    snprintf(v, sizeof(v), "%" PRIu64, value);
-    ctl_check(bkd_kv_set(kv, key, v), "key/value map");
-}
-
 /* Guest RAM holds the rings (queue q's at frame q << order), then the data pages; the
  * grant table has the rings' refs from FIRST_GREF on, then the data pages' refs. Both
  * memfds are handed to the daemon, then mapped here; then ADD_DEVICE (and SET_INFLIGHT). */
@@ -675,33 +647,11 @@ static void control_attach(void)
     uint64_t data_pages = (uint64_t)cfg.nqueues * cfg.qd * (cfg.nsegs + cfg.nind);
     if (data_pages > (1u << 24))
         die_usage("--qd * --bs * --queues is too much guest memory");
-    uint64_t entries = FIRST_GREF + ring_pages + data_pages;
-    uint32_t gt_frames = (uint32_t)((entries + bkd_gnttab_entries_per_frame(1) - 1) /
-                                    bkd_gnttab_entries_per_frame(1));
-    guest.ram_size = (size_t)(ring_pages + data_pages) * PAGE;
-    guest.nr_entries = (size_t)gt_frames * bkd_gnttab_entries_per_frame(1);
-    guest.frame_first = ring_pages;
-    guest.frame_count = (uint32_t)data_pages;
-    guest.gref_first = FIRST_GREF + ring_pages;
-    guest.gref_count = (uint32_t)data_pages;
-
-    struct bkd_kv info = {0};
-    char name[64]; /* a guest's name is unique among the daemon's connections */
-    snprintf(name, sizeof(name), "%s-%d", program_name, (int)getpid());
-    ctl_check(bkd_kv_set(&info, "name", name), "key/value map");
-    ctl_check(bkd_connect_info(ctl.socket, 0, &info, &ctl.c), "connect and HELLO");
-    bkd_kv_free(&info);
-    ctl_check(guest.ram_fd = bkd_memfd("guest-ram", guest.ram_size), "guest RAM memfd");
-    ctl_check(guest.gnttab_fd = bkd_memfd("guest-gnttab", (uint64_t)gt_frames * PAGE),
-              "grant table memfd");
-    ctl_check(bkd_add_mem_region(ctl.c, 0, guest.ram_size, guest.ram_fd, 0), "ADD_MEM_REGION");
-    ctl_check(bkd_set_grant_table(ctl.c, guest.gnttab_fd, 1, gt_frames, 0, guest.domid),
-              "SET_GRANT_TABLE");
-    map_guest(); /* and closes the memfds: the daemon has its own */
+    control_open(ctl.socket, ring_pages, data_pages);
 
     uint32_t state;
     struct bkd_kv keys = {0};
-    ctl_check(bkd_add_device(ctl.c, ctl.devid, BKD_DEV_BLK, &ctl.disk, &state, &keys),
+    ctl_check(bkd_add_device(control, ctl.devid, BKD_DEV_BLK, &ctl.disk, &state, &keys),
               "ADD_DEVICE");
     uint64_t v;
     cfg.max_indirect = bkd_kv_get_u64(&keys, "feature-max-indirect-segments", &v) ? 0
@@ -714,7 +664,7 @@ static void control_attach(void)
         uint64_t size = bkd_inflight_size(cfg.nqueues);
         int fd;
         ctl_check(fd = bkd_memfd("inflight", size), "in-flight memfd");
-        ctl_check(bkd_set_inflight(ctl.c, ctl.devid, fd, 0, size), "SET_INFLIGHT");
+        ctl_check(bkd_set_inflight(control, ctl.devid, fd, 0, size), "SET_INFLIGHT");
         close(fd);
     }
     for (unsigned i = 0; i < cfg.nqueues; i++) {
@@ -757,7 +707,7 @@ static void control_connect(void)
         kv_setf(&fkeys, key, ctl.ch[i].port);
     }
     uint32_t state;
-    ctl_check(bkd_frontend_state(ctl.c, ctl.devid, BKD_XB_CONNECTED, &fkeys, ctl.ch,
+    ctl_check(bkd_frontend_state(control, ctl.devid, BKD_XB_CONNECTED, &fkeys, ctl.ch,
                                  cfg.nqueues, &state, &bkeys),
               "FRONTEND_STATE Connected");
     if (state != BKD_XB_CONNECTED || bkd_kv_get_u64(&bkeys, "sectors", &cfg.sectors)) {
@@ -773,18 +723,7 @@ static void control_connect(void)
  * (GTF_reading/GTF_writing clear on every entry); remove it and disconnect. */
 static void control_detach(void)
 {
-    ctl_check(bkd_frontend_state(ctl.c, ctl.devid, BKD_XB_CLOSED, NULL, NULL, 0, NULL, NULL),
-              "FRONTEND_STATE Closed");
-    for (size_t g = 0; g < guest.nr_entries; g++)
-        if (__atomic_load_n(&guest.gnttab[g].flags, __ATOMIC_ACQUIRE) &
-            (GTF_reading | GTF_writing))
-            ctl.held_after_close++;
-    ctl_check(bkd_remove_device(ctl.c, ctl.devid), "REMOVE_DEVICE");
-    ctl_check(bkd_remove_mem_region(ctl.c, 0, guest.ram_size), "REMOVE_MEM_REGION");
-    bkd_close(ctl.c);
-    ctl.c = NULL;
-    for (unsigned i = 0; i < cfg.nqueues; i++)
-        bkd_channel_close(&ctl.ch[i]);
+    ctl.held_after_close = control_close(ctl.devid, ctl.ch, cfg.nqueues);
     bkd_kv_free(&ctl.disk);
 }
 

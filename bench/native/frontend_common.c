@@ -1,7 +1,10 @@
 /* See frontend_common.h. */
 #include "frontend_common.h"
 
+#include "backendd-client.h"
+
 #include <errno.h>
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -155,4 +158,86 @@ double cpu_seconds_since(const struct rusage *start)
                     start->ru_stime.tv_sec) +
            (double)(now.ru_utime.tv_usec - start->ru_utime.tv_usec + now.ru_stime.tv_usec -
                     start->ru_stime.tv_usec) / 1e6;
+}
+
+/* --- --socket ----------------------------------------------------------------------- */
+
+struct bkd_client *control;
+
+void ctl_check(int r, const char *what)
+{
+    if (r >= 0)
+        return;
+    fprintf(stderr, "%s: %s: %s (%s)\n", program_name, what, strerror(-r),
+            control ? bkd_last_error(control) : "");
+    exit(1);
+}
+
+void kv_setf(struct bkd_kv *kv, const char *key, uint64_t value)
+{
+    char v[24];
+    snprintf(v, sizeof(v), "%" PRIu64, value);
+    ctl_check(bkd_kv_set(kv, key, v), "key/value map");
+}
+
+void parse_kv_option(struct bkd_kv *kv, const char *opt, const char *value)
+{
+    const char *eq = strchr(value, '=');
+    char key[BKD_KV_MAX_KEY + 1], msg[64];
+    if (!eq || eq == value || (size_t)(eq - value) > BKD_KV_MAX_KEY) {
+        snprintf(msg, sizeof(msg), "%s KEY=VALUE", opt);
+        die_usage(msg);
+    }
+    memcpy(key, value, (size_t)(eq - value));
+    key[eq - value] = 0;
+    if (bkd_kv_set(kv, key, eq + 1)) {
+        snprintf(msg, sizeof(msg), "%s KEY=VALUE: too long", opt);
+        die_usage(msg);
+    }
+}
+
+void control_open(const char *socket, uint32_t ring_pages, uint64_t data_pages)
+{
+    uint64_t entries = FIRST_GREF + ring_pages + data_pages;
+    uint32_t gt_frames = (uint32_t)((entries + bkd_gnttab_entries_per_frame(1) - 1) /
+                                    bkd_gnttab_entries_per_frame(1));
+    guest.ram_size = (size_t)(ring_pages + data_pages) * PAGE;
+    guest.nr_entries = (size_t)gt_frames * bkd_gnttab_entries_per_frame(1);
+    guest.frame_first = ring_pages;
+    guest.frame_count = (uint32_t)data_pages;
+    guest.gref_first = FIRST_GREF + ring_pages;
+    guest.gref_count = (uint32_t)data_pages;
+
+    struct bkd_kv info = {0};
+    char name[64]; /* a guest's name is unique among the daemon's connections */
+    snprintf(name, sizeof(name), "%s-%d", program_name, (int)getpid());
+    ctl_check(bkd_kv_set(&info, "name", name), "key/value map");
+    ctl_check(bkd_connect_info(socket, 0, &info, &control), "connect and HELLO");
+    bkd_kv_free(&info);
+    ctl_check(guest.ram_fd = bkd_memfd("guest-ram", guest.ram_size), "guest RAM memfd");
+    ctl_check(guest.gnttab_fd = bkd_memfd("guest-gnttab", (uint64_t)gt_frames * PAGE),
+              "grant table memfd");
+    ctl_check(bkd_add_mem_region(control, 0, guest.ram_size, guest.ram_fd, 0),
+              "ADD_MEM_REGION");
+    ctl_check(bkd_set_grant_table(control, guest.gnttab_fd, 1, gt_frames, 0, guest.domid),
+              "SET_GRANT_TABLE");
+    map_guest(); /* and closes the memfds: the daemon has its own */
+}
+
+uint64_t control_close(uint32_t devid, struct bkd_channel *ch, unsigned nchannels)
+{
+    uint64_t held = 0;
+    ctl_check(bkd_frontend_state(control, devid, BKD_XB_CLOSED, NULL, NULL, 0, NULL, NULL),
+              "FRONTEND_STATE Closed");
+    for (size_t g = 0; g < guest.nr_entries; g++)
+        if (__atomic_load_n(&guest.gnttab[g].flags, __ATOMIC_ACQUIRE) &
+            (GTF_reading | GTF_writing))
+            held++;
+    ctl_check(bkd_remove_device(control, devid), "REMOVE_DEVICE");
+    ctl_check(bkd_remove_mem_region(control, 0, guest.ram_size), "REMOVE_MEM_REGION");
+    bkd_close(control);
+    control = NULL;
+    for (unsigned i = 0; i < nchannels; i++)
+        bkd_channel_close(&ch[i]);
+    return held;
 }

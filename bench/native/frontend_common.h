@@ -1,7 +1,8 @@
 /* What the C frontends (blkfront_load, netfront_load) share: the guest's memory and v1
  * grant table mapped from the memfds the caller hands over, granting and revoking pages
- * as Linux's grant-table driver does, eventfd kicks, the common command-line options, and
- * the ready/go protocol on stdio.
+ * as Linux's grant-table driver does, eventfd kicks, the common command-line options, the
+ * ready/go protocol on stdio, and the guest's side of --socket (connect, memory, detach)
+ * through the C client library.
  *
  * Each program defines `program_name` (the prefix of its error messages) and includes
  * its own ring header (xen/io/blkif.h, xen/io/netif.h) after this one.
@@ -78,6 +79,35 @@ bool parse_guest_option(const char *opt, const char *value);
 /* Maps the RAM and grant-table memfds, closes them, and checks that the grant refs and
  * frames set aside are inside. */
 void map_guest(void);
+
+/* --- --socket: the control plane through the C client library ----------------------- */
+
+#define FIRST_GREF 8 /* the entries below are Xen's reserved ones */
+#define FIRST_PORT 1
+
+struct bkd_client;
+struct bkd_kv;
+struct bkd_channel;
+
+/* The connection to the daemon (NULL when there is none). */
+extern struct bkd_client *control;
+
+/* A failed control request (r < 0): the daemon's message too, then exit 1 (closing the
+ * connection makes the daemon drop this guest's device, grant table and memory). */
+void ctl_check(int r, const char *what);
+/* Sets `key` to the decimal `value`. */
+void kv_setf(struct bkd_kv *kv, const char *key, uint64_t value);
+/* Takes option `opt`'s KEY=VALUE into `kv` (a device's ADD_DEVICE config). */
+void parse_kv_option(struct bkd_kv *kv, const char *opt, const char *value);
+/* Lays out the guest (RAM: `ring_pages` ring frames, then `data_pages` data frames; grant
+ * table: the rings' refs from FIRST_GREF on, then the data pages' refs), connects to
+ * `socket` (HELLO with a name unique to this process), hands the daemon both memfds
+ * (ADD_MEM_REGION, SET_GRANT_TABLE) and maps them here. */
+void control_open(const char *socket, uint32_t ring_pages, uint64_t data_pages);
+/* After the run: FRONTEND_STATE Closed for `devid`, then counts the grant entries still
+ * mapped (GTF_reading/GTF_writing), REMOVE_DEVICE, REMOVE_MEM_REGION, disconnects and
+ * closes the `nchannels` channels. Returns the count (none should be). */
+uint64_t control_close(uint32_t devid, struct bkd_channel *ch, unsigned nchannels);
 
 /* Prints "ready" and waits for one line on stdin; false at end of input. */
 bool ready_then_wait_for_go(void);

@@ -122,8 +122,6 @@ static struct {
 } cfg;
 
 /* --socket: the control plane done here, through the client library. */
-#define FIRST_GREF 8 /* the entries below are Xen's reserved ones */
-#define FIRST_PORT 1
 static struct {
     const char *socket;
     struct bkd_kv nic;         /* ADD_DEVICE's config */
@@ -131,7 +129,6 @@ static struct {
     bool split;
     unsigned ntaps, nchannels;
     int tap[MAX_QUEUES];
-    struct bkd_client *c;
     struct bkd_channel ch[2 * MAX_QUEUES];
     struct bkd_kv stats;       /* GET_STATS after the run */
     uint64_t held_after_close;
@@ -575,14 +572,7 @@ static void parse_args(int argc, char **argv)
         } else if (!strcmp(opt, "--socket")) {
             ctl.socket = v;
         } else if (!strcmp(opt, "--nic")) {
-            const char *eq = strchr(v, '=');
-            char key[BKD_KV_MAX_KEY + 1];
-            if (!eq || eq == v || (size_t)(eq - v) > BKD_KV_MAX_KEY)
-                die_usage("--nic KEY=VALUE");
-            memcpy(key, v, (size_t)(eq - v));
-            key[eq - v] = 0;
-            if (bkd_kv_set(&ctl.nic, key, eq + 1))
-                die_usage("--nic KEY=VALUE: too long");
+            parse_kv_option(&ctl.nic, opt, v);
         } else if (!strcmp(opt, "--tap")) {
             if (ctl.ntaps == MAX_QUEUES)
                 die_usage("too many queues");
@@ -638,24 +628,6 @@ static void setup_queue(struct queue *q)
 
 /* --- --socket: the control plane through clients/c ----------------------------------- */
 
-/* A failed control request: the daemon's message too, then exit 1 (closing the
- * connection makes the daemon drop this guest's device, grant table and memory). */
-static void ctl_check(int r, const char *what)
-{
-    if (r >= 0)
-        return;
-    fprintf(stderr, "netfront_load: %s: %s (%s)\n", what, strerror(-r),
-            ctl.c ? bkd_last_error(ctl.c) : "");
-    exit(1);
-}
-
-static void kv_setf(struct bkd_kv *kv, const char *key, uint64_t value)
-{
-    char v[24];
-    snprintf(v, sizeof(v), "%" PRIu64, value);
-    ctl_check(bkd_kv_set(kv, key, v), "key/value map");
-}
-
 /* Guest RAM holds queue q's tx and rx rings at frames 2q and 2q+1, then the data pages
  * (TX_RING + RX_RING per queue); the grant table has the rings' refs from FIRST_GREF on,
  * then the data pages' refs. Both memfds are handed to the daemon, then mapped here;
@@ -664,35 +636,13 @@ static void control_attach(void)
 {
     uint32_t ring_pages = 2 * cfg.nqueues;
     uint32_t data_pages = cfg.nqueues * (TX_RING + RX_RING);
-    uint64_t entries = FIRST_GREF + ring_pages + data_pages;
-    uint32_t gt_frames = (uint32_t)((entries + bkd_gnttab_entries_per_frame(1) - 1) /
-                                    bkd_gnttab_entries_per_frame(1));
-    guest.ram_size = (size_t)(ring_pages + data_pages) * PAGE;
-    guest.nr_entries = (size_t)gt_frames * bkd_gnttab_entries_per_frame(1);
-    guest.frame_first = ring_pages;
-    guest.frame_count = data_pages;
-    guest.gref_first = FIRST_GREF + ring_pages;
-    guest.gref_count = data_pages;
-
-    struct bkd_kv info = {0};
-    char name[64]; /* a guest's name is unique among the daemon's connections */
-    snprintf(name, sizeof(name), "%s-%d", program_name, (int)getpid());
-    ctl_check(bkd_kv_set(&info, "name", name), "key/value map");
-    ctl_check(bkd_connect_info(ctl.socket, 0, &info, &ctl.c), "connect and HELLO");
-    bkd_kv_free(&info);
-    ctl_check(guest.ram_fd = bkd_memfd("guest-ram", guest.ram_size), "guest RAM memfd");
-    ctl_check(guest.gnttab_fd = bkd_memfd("guest-gnttab", (uint64_t)gt_frames * PAGE),
-              "grant table memfd");
-    ctl_check(bkd_add_mem_region(ctl.c, 0, guest.ram_size, guest.ram_fd, 0), "ADD_MEM_REGION");
-    ctl_check(bkd_set_grant_table(ctl.c, guest.gnttab_fd, 1, gt_frames, 0, guest.domid),
-              "SET_GRANT_TABLE");
-    map_guest(); /* and closes the memfds: the daemon has its own */
+    control_open(ctl.socket, ring_pages, data_pages);
 
     if (!bkd_kv_get(&ctl.nic, "queues"))
         kv_setf(&ctl.nic, "queues", cfg.nqueues);
     uint32_t state;
     struct bkd_kv keys = {0};
-    ctl_check(bkd_add_device(ctl.c, ctl.devid, BKD_DEV_NET, &ctl.nic, &state, &keys),
+    ctl_check(bkd_add_device(control, ctl.devid, BKD_DEV_NET, &ctl.nic, &state, &keys),
               "ADD_DEVICE");
     uint64_t v;
     if (ctl.split && (bkd_kv_get_u64(&keys, "feature-split-event-channels", &v) || v != 1)) {
@@ -763,7 +713,7 @@ static void control_connect(void)
         }
     }
     uint32_t state;
-    ctl_check(bkd_frontend_state(ctl.c, ctl.devid, BKD_XB_CONNECTED, &fkeys, ctl.ch,
+    ctl_check(bkd_frontend_state(control, ctl.devid, BKD_XB_CONNECTED, &fkeys, ctl.ch,
                                  ctl.nchannels, &state, NULL),
               "FRONTEND_STATE Connected");
     bkd_kv_free(&fkeys);
@@ -778,19 +728,8 @@ static void control_connect(void)
  * remove it and disconnect. */
 static void control_detach(void)
 {
-    ctl_check(bkd_get_stats(ctl.c, ctl.devid, &ctl.stats), "GET_STATS");
-    ctl_check(bkd_frontend_state(ctl.c, ctl.devid, BKD_XB_CLOSED, NULL, NULL, 0, NULL, NULL),
-              "FRONTEND_STATE Closed");
-    for (size_t g = 0; g < guest.nr_entries; g++)
-        if (__atomic_load_n(&guest.gnttab[g].flags, __ATOMIC_ACQUIRE) &
-            (GTF_reading | GTF_writing))
-            ctl.held_after_close++;
-    ctl_check(bkd_remove_device(ctl.c, ctl.devid), "REMOVE_DEVICE");
-    ctl_check(bkd_remove_mem_region(ctl.c, 0, guest.ram_size), "REMOVE_MEM_REGION");
-    bkd_close(ctl.c);
-    ctl.c = NULL;
-    for (unsigned i = 0; i < ctl.nchannels; i++)
-        bkd_channel_close(&ctl.ch[i]);
+    ctl_check(bkd_get_stats(control, ctl.devid, &ctl.stats), "GET_STATS");
+    ctl.held_after_close = control_close(ctl.devid, ctl.ch, ctl.nchannels);
     bkd_kv_free(&ctl.nic);
 }
 
@@ -812,7 +751,7 @@ static void print_daemon_counters(const struct bkd_kv *kv)
 static void stats_line(void)
 {
     struct bkd_kv kv = {0};
-    ctl_check(bkd_get_stats(ctl.c, ctl.devid, &kv), "GET_STATS");
+    ctl_check(bkd_get_stats(control, ctl.devid, &kv), "GET_STATS");
     printf("{\"daemon\": ");
     print_daemon_counters(&kv);
     printf("}\n");

@@ -1,0 +1,62 @@
+"""The work due in one event-loop turn, gathered and served by one kernel call.
+
+A ring or path that has work asks its loop's round to serve it (`add`); the first ask
+in a turn schedules `run` for later in the same turn, so everything kicked meanwhile
+goes to the same call. Each kind of round (blk.ServiceRound, net.NetRound) says how its
+due items make that call (`serve`); there is one round of each kind per loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import Any, Generic, Protocol, TypeVar
+
+
+class Due(Protocol):
+    _in_round: bool  # already due in this turn's round
+
+
+D = TypeVar("D", bound=Due)
+R = TypeVar("R", bound="LoopRound[Any]")
+
+
+class LoopRound(Generic[D]):
+    def __init__(self, kernel: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.k = kernel
+        self.loop = loop
+        self.due: list[D] = []
+        self.scheduled = False
+
+    def add(self, item: D) -> None:
+        if item._in_round:
+            return
+        item._in_round = True
+        self.due.append(item)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.run)
+
+    def run(self) -> None:
+        self.scheduled = False
+        due, self.due = self.due, []
+        for item in due:
+            item._in_round = False
+        self.serve(due)
+
+    def serve(self, due: list[D]) -> None:
+        raise NotImplementedError
+
+
+_rounds: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[type, LoopRound[Any]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def loop_round(cls: type[R], kernel: Any, loop: asyncio.AbstractEventLoop) -> R:
+    """The loop's round of kind `cls` for `kernel` (a new one if the kernel changed)."""
+    kinds = _rounds.setdefault(loop, {})
+    r = kinds.get(cls)
+    if r is None or r.k is not kernel:
+        r = kinds[cls] = cls(kernel, loop)
+    assert isinstance(r, cls)
+    return r
