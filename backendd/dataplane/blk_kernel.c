@@ -233,53 +233,6 @@ static void ring_copy(struct bk_queue *q, uint32_t index, uint8_t *buf, uint32_t
     }
 }
 
-/* ---- grants: core.h's pin and unpin (the rules of backendd/grants.py) ------------ */
-
-/* Queues served in parallel (bk_serve_many) may pin the same gref at once: the
- * compare-and-swap on the shared entry and our use count must move together, and the
- * "last use clears the bit" step must not interleave with a new pin (Xen holds the
- * active entry's lock for the same reason). One small spinlock per gref stripe, held
- * around core.h's pin and unpin. */
-#define BK_LOCK_STRIPES 1024
-static uint32_t gnt_locks[BK_LOCK_STRIPES];
-
-static inline uint32_t *gnt_lock_of(const struct dp_env *env, uint32_t gref)
-{
-    uintptr_t h = (uintptr_t)env->gnt_uses / 8 + gref;
-    return &gnt_locks[h % BK_LOCK_STRIPES];
-}
-
-static inline void gnt_lock(uint32_t *l)
-{
-    while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE))
-        while (__atomic_load_n(l, __ATOMIC_RELAXED))
-            __builtin_ia32_pause();
-}
-
-static inline void gnt_unlock(uint32_t *l)
-{
-    __atomic_store_n(l, 0, __ATOMIC_RELEASE);
-}
-
-static void grant_end_use(const struct dp_env *env, uint32_t gref, int writable)
-{
-    uint32_t *l = gnt_lock_of(env, gref);
-    gnt_lock(l);
-    dp_grant_unpin(env, gref, writable);
-    gnt_unlock(l);
-}
-
-/* 0, or a negated DP_G_ reason with nothing left pinned (see dp_grant_pin). */
-static int grant_pin(const struct dp_env *env, uint32_t gref, int writable,
-                     uint8_t **page, uint32_t *lo, uint32_t *hi)
-{
-    uint32_t *l = gnt_lock_of(env, gref);
-    gnt_lock(l);
-    int rc = dp_grant_pin(env, gref, writable, page, lo, hi);
-    gnt_unlock(l);
-    return rc;
-}
-
 /* ---- the in-flight table ---------------------------------------------------------- */
 
 static inline uint8_t *if_entry(struct bk_queue *q, uint32_t entry)
@@ -516,7 +469,7 @@ static struct bk_pending *slot_alloc(struct bk_queue *q)
 static void slot_release(const struct dp_env *env, struct bk_pending *s)
 {
     for (uint32_t i = 0; i < s->nseg; i++)
-        grant_end_use(env, s->grefs[i], s->gwrite[i]);
+        dp_grant_unpin_locked(env, s->grefs[i], s->gwrite[i]);
     s->nseg = 0;
 }
 
@@ -532,12 +485,12 @@ static int read_indirect(const struct dp_env *env, const struct req *f, uint32_t
         uint8_t *page;
         uint32_t lo, hi;
         size_t n = left < BK_PAGE ? left : BK_PAGE;
-        if (grant_pin(env, f->igrefs[p], 0, &page, &lo, &hi))
+        if (dp_grant_pin_locked(env, f->igrefs[p], 0, &page, &lo, &hi))
             return -1;
         int ok = lo == 0 && n <= hi;
         if (ok)
             memcpy(dst, page, n);   /* a private copy, then let go */
-        grant_end_use(env, f->igrefs[p], 0);
+        dp_grant_unpin_locked(env, f->igrefs[p], 0);
         if (!ok)
             return -1;
         dst += n;
@@ -643,7 +596,7 @@ static void accept(struct bk_queue *q, const struct dp_env *env, const uint8_t *
     for (uint32_t i = 0; i < nseg; i++) {
         uint8_t *page;
         uint32_t lo, hi;
-        if (grant_pin(env, segs[i].gref, writable, &page, &lo, &hi)) {
+        if (dp_grant_pin_locked(env, segs[i].gref, writable, &page, &lo, &hi)) {
             slot_release(env, s);
             why = WHY_GRANT;
             goto invalid;

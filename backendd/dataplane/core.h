@@ -209,4 +209,52 @@ static inline int dp_grant_pin(const struct dp_env *env, uint32_t gref, int writ
     return 0;
 }
 
+/* ---- pin and unpin under a per-gref-stripe lock ----------------------------------- */
+
+/* The queues served in parallel by one *_serve_many call may pin the same gref at once:
+ * the compare-and-swap on the shared entry and our use count must move together, and
+ * "the last use clears the bit" must not interleave with a new pin (Xen holds the
+ * active entry's lock for the same reason). One small spinlock per gref stripe, held
+ * around dp_grant_pin and dp_grant_unpin. Static: each kernel library has its own. */
+#define DP_LOCK_STRIPES 1024
+static uint32_t dp_gnt_locks[DP_LOCK_STRIPES];
+
+static inline uint32_t *dp_gnt_lock_of(const struct dp_env *env, uint32_t gref)
+{
+    uintptr_t h = (uintptr_t)env->gnt_uses / 8 + gref;
+    return &dp_gnt_locks[h % DP_LOCK_STRIPES];
+}
+
+static inline void dp_gnt_lock(uint32_t *l)
+{
+    while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(l, __ATOMIC_RELAXED))
+            __builtin_ia32_pause();
+}
+
+static inline void dp_gnt_unlock(uint32_t *l)
+{
+    __atomic_store_n(l, 0, __ATOMIC_RELEASE);
+}
+
+/* dp_grant_pin, serialised with other queues' pins and unpins of the same gref. */
+static inline int dp_grant_pin_locked(const struct dp_env *env, uint32_t gref, int writable,
+                                      uint8_t **page, uint32_t *lo, uint32_t *hi)
+{
+    uint32_t *l = dp_gnt_lock_of(env, gref);
+    dp_gnt_lock(l);
+    int rc = dp_grant_pin(env, gref, writable, page, lo, hi);
+    dp_gnt_unlock(l);
+    return rc;
+}
+
+/* dp_grant_unpin, likewise. */
+static inline void dp_grant_unpin_locked(const struct dp_env *env, uint32_t gref, int writable)
+{
+    uint32_t *l = dp_gnt_lock_of(env, gref);
+    dp_gnt_lock(l);
+    dp_grant_unpin(env, gref, writable);
+    dp_gnt_unlock(l);
+}
+
 #endif

@@ -113,51 +113,6 @@ struct nk_tx_out {
 
 /* ---- the ring --------------------------------------------------------------------- */
 
-/* ---- grants: core.h's pin and unpin, one queue at a time per gref ----------------- */
-
-/* The queues of one nic are served in parallel (nk_serve_many) and may name the same
- * gref: the compare-and-swap on the shared entry and our use count must move together,
- * and "the last use clears the bit" must not interleave with a new pin. One small
- * spinlock per gref stripe, held around core.h's pin and unpin. */
-#define NK_LOCK_STRIPES 1024
-static uint32_t gnt_locks[NK_LOCK_STRIPES];
-
-static inline uint32_t *gnt_lock_of(const struct dp_env *env, uint32_t gref)
-{
-    uintptr_t h = (uintptr_t)env->gnt_uses / 8 + gref;
-    return &gnt_locks[h % NK_LOCK_STRIPES];
-}
-
-static inline void gnt_lock(uint32_t *l)
-{
-    while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE))
-        while (__atomic_load_n(l, __ATOMIC_RELAXED))
-            __builtin_ia32_pause();
-}
-
-static inline void gnt_unlock(uint32_t *l)
-{
-    __atomic_store_n(l, 0, __ATOMIC_RELEASE);
-}
-
-static int grant_pin(const struct dp_env *env, uint32_t gref, int writable,
-                     uint8_t **page, uint32_t *lo, uint32_t *hi)
-{
-    uint32_t *l = gnt_lock_of(env, gref);
-    gnt_lock(l);
-    int rc = dp_grant_pin(env, gref, writable, page, lo, hi);
-    gnt_unlock(l);
-    return rc;
-}
-
-static void grant_unpin(const struct dp_env *env, uint32_t gref, int writable)
-{
-    uint32_t *l = gnt_lock_of(env, gref);
-    gnt_lock(l);
-    dp_grant_unpin(env, gref, writable);
-    gnt_unlock(l);
-}
-
 static inline uint8_t *slot_at(const struct nk_ring *r, uint32_t index)
 {
     return r->page + NK_SRING_HEADER + (size_t)(index & (r->size - 1)) * r->entry;
@@ -533,7 +488,7 @@ static int send_packet(struct nk_txq *q, const struct dp_env *env, struct packet
             continue;       /* zero-length slots never touch their grants (XSA-448) */
         uint8_t *page;
         uint32_t lo, hi;
-        int bad = grant_pin(env, s->gref, 0, &page, &lo, &hi);
+        int bad = dp_grant_pin_locked(env, s->gref, 0, &page, &lo, &hi);
         if (bad) {
             error_record(out, p->first.id, NK_R_GRANT, s->gref, (uint32_t)-bad);
             status = S_ERROR;
@@ -594,7 +549,7 @@ static int send_packet(struct nk_txq *q, const struct dp_env *env, struct packet
 release:
     /* Every grant goes before the response is published (XSA-396). */
     for (uint32_t i = 0; i < npinned; i++)
-        grant_unpin(env, pinned[i], 0);
+        dp_grant_unpin_locked(env, pinned[i], 0);
     return status;
 }
 
@@ -782,10 +737,10 @@ static int rx_take(struct nk_rxq *q, const struct dp_env *env, uint32_t want,
         p->ok = 0;
         p->page = NULL;
         uint32_t lo, hi;
-        int bad = grant_pin(env, req.gref, 1, &p->page, &lo, &hi);
+        int bad = dp_grant_pin_locked(env, req.gref, 1, &p->page, &lo, &hi);
         if (!bad && (lo != 0 || hi != DP_PAGE)) {
             /* an rx buffer must be a whole page: a v2 sub-page is the guest's error */
-            grant_unpin(env, req.gref, 1);
+            dp_grant_unpin_locked(env, req.gref, 1);
             bad = -0x100;
         }
         if (bad) {
@@ -924,7 +879,7 @@ static int rx_read_one(struct nk_rxq *q, const struct dp_env *env, struct nk_rx_
     /* Every grant goes before the responses are published (XSA-396). */
     for (uint32_t i = 0; i < used; i++)
         if (entries[i].ok)
-            grant_unpin(env, entries[i].gref, 1);
+            dp_grant_unpin_locked(env, entries[i].gref, 1);
     uint16_t csum = 0;      /* vnet.rx_netif_flags */
     if (v.flags & 1)
         csum = NETRXF_csum_blank | NETRXF_data_validated;
@@ -1001,7 +956,7 @@ void nk_rx_release(struct nk_rxq *q, const struct dp_env *env)
     while (q->count) {
         struct nk_posted p = posted_pop(q);
         if (p.ok)
-            grant_unpin(env, p.gref, 1);
+            dp_grant_unpin_locked(env, p.gref, 1);
     }
 }
 
