@@ -619,21 +619,20 @@ static void accept(struct bk_queue *q, const struct dp_env *env, const uint8_t *
     q->fifo_count++;
     return;
 
+    int16_t status;
 invalid:
     out->stats.invalid++;
-    if (!out->refused_why) {
-        out->refused_id = f.id;
-        out->refused_why = why;
-    }
-    answer(q, f.id, op, BLKIF_RSP_ERROR, index, entry);
-    return;
+    status = BLKIF_RSP_ERROR;
+    goto refuse;
 unsupported:
     out->stats.unsupported++;
+    status = BLKIF_RSP_EOPNOTSUPP;
+refuse:
     if (!out->refused_why) {
         out->refused_id = f.id;
         out->refused_why = why;
     }
-    answer(q, f.id, op, BLKIF_RSP_EOPNOTSUPP, index, entry);
+    answer(q, f.id, op, status, index, entry);
 }
 
 /* ---- the I/O ---------------------------------------------------------------------- */
