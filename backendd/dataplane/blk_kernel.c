@@ -186,7 +186,6 @@ struct bk_pending {
     uint32_t iov_next;      /* first iovec not yet moved */
     uint64_t done;          /* bytes moved so far */
     uint32_t grefs[BK_MAX_SEGS];
-    uint8_t gwrite[BK_MAX_SEGS];
     struct iovec iov[BK_MAX_SEGS];
 };
 
@@ -468,8 +467,9 @@ static struct bk_pending *slot_alloc(struct bk_queue *q)
 
 static void slot_release(const struct dp_env *env, struct bk_pending *s)
 {
+    /* accept pins every segment writable exactly when the request reads the disk */
     for (uint32_t i = 0; i < s->nseg; i++)
-        dp_grant_unpin_locked(env, s->grefs[i], s->gwrite[i]);
+        dp_grant_unpin_locked(env, s->grefs[i], !s->write);
     s->nseg = 0;
 }
 
@@ -602,7 +602,6 @@ static void accept(struct bk_queue *q, const struct dp_env *env, const uint8_t *
             goto invalid;
         }
         s->grefs[s->nseg] = segs[i].gref;
-        s->gwrite[s->nseg] = (uint8_t)writable;
         s->nseg++;
         uint32_t start = segs[i].first * BK_SECTOR;
         uint32_t len = (segs[i].last - segs[i].first + 1u) * BK_SECTOR;
