@@ -114,6 +114,10 @@ _Static_assert(sizeof(struct blkif_response) == 16, "x86_64 response");
 _Static_assert(sizeof(struct bk32_request) == 108, "x86_32 request");
 _Static_assert(sizeof(struct bk32_request_indirect) == 64, "x86_32 indirect");
 _Static_assert(sizeof(struct bk32_response) == 12, "x86_32 response");
+_Static_assert(offsetof(struct blkif_sring, req_prod) == DP_SRING_REQ_PROD &&
+               offsetof(struct blkif_sring, req_event) == DP_SRING_REQ_EVENT &&
+               offsetof(struct blkif_sring, rsp_prod) == DP_SRING_RSP_PROD &&
+               offsetof(struct blkif_sring, rsp_event) == DP_SRING_RSP_EVENT, "sring indexes");
 
 enum { BK_ABI_X86_64 = 0, BK_ABI_X86_32 = 1 };
 
@@ -368,13 +372,9 @@ static void push(struct bk_queue *q, struct bk_out *out)
     uint32_t old = q->pushed, new = q->rsp_prod_pvt;
     if (q->halted || new == old)
         return;
-    dp_wmb();   /* responses before the index */
-    dp_store32(SRING_IDX(q, rsp_prod), new);
-    q->pushed = new;
-    dp_mb(); /* the index before we read rsp_event */
-    uint32_t event = dp_load32(SRING_IDX(q, rsp_event));
-    if ((uint32_t)(new - event) < (uint32_t)(new - old))
+    if (dp_ring_push(q->pages[0], old, new))
         out->flags |= BK_NOTIFY;
+    q->pushed = new;
     if (q->inflight && q->nunpub) {
         /* published now: a restarted daemon must not run these again */
         for (uint32_t i = 0; i < q->nunpub; i++) {
@@ -746,21 +746,9 @@ static void dispatch(struct bk_queue *q, const struct dp_env *env, struct bk_out
 
 /* ---- taking requests ------------------------------------------------------------ */
 
-static uint32_t unconsumed(struct bk_queue *q)
-{
-    uint32_t req = dp_load32(SRING_IDX(q, req_prod)) - q->req_cons;
-    uint32_t rsp = q->size - (q->req_cons - q->rsp_prod_pvt);
-    return req < rsp ? req : rsp;
-}
-
-/* RING_FINAL_CHECK_FOR_REQUESTS */
 static int final_check(struct bk_queue *q)
 {
-    if (unconsumed(q))
-        return 1;
-    dp_store32(SRING_IDX(q, req_event), q->req_cons + 1);
-    dp_mb();
-    return unconsumed(q) > 0;
+    return dp_ring_final_check(q->pages[0], q->size, q->req_cons, q->rsp_prod_pvt);
 }
 
 static void halt(struct bk_queue *q, const struct dp_env *env)

@@ -209,6 +209,43 @@ static inline int dp_grant_pin(const struct dp_env *env, uint32_t gref, int writ
     return 0;
 }
 
+/* ---- the shared ring's indexes (io/ring.h) ---------------------------------------- */
+
+/* Every Xen shared ring (DEFINE_RING_TYPES) starts with these four indexes; each kernel
+ * asserts its sring agrees. */
+enum { DP_SRING_REQ_PROD = 0, DP_SRING_REQ_EVENT = 4, DP_SRING_RSP_PROD = 8,
+       DP_SRING_RSP_EVENT = 12 };
+
+/* Requests published and not yet taken, bounded by the free response slots. */
+static inline uint32_t dp_ring_unconsumed(const uint8_t *sring, uint32_t size,
+                                          uint32_t req_cons, uint32_t rsp_prod_pvt)
+{
+    uint32_t req = dp_load32(sring + DP_SRING_REQ_PROD) - req_cons;
+    uint32_t rsp = size - (req_cons - rsp_prod_pvt);
+    return req < rsp ? req : rsp;
+}
+
+/* RING_FINAL_CHECK_FOR_REQUESTS */
+static inline int dp_ring_final_check(uint8_t *sring, uint32_t size, uint32_t req_cons,
+                                      uint32_t rsp_prod_pvt)
+{
+    if (dp_ring_unconsumed(sring, size, req_cons, rsp_prod_pvt))
+        return 1;
+    dp_store32(sring + DP_SRING_REQ_EVENT, req_cons + 1);
+    dp_mb();
+    return dp_ring_unconsumed(sring, size, req_cons, rsp_prod_pvt) > 0;
+}
+
+/* RING_PUSH_RESPONSES_AND_CHECK_NOTIFY, responses old..new written (old != new):
+ * whether the frontend asked to be notified. */
+static inline int dp_ring_push(uint8_t *sring, uint32_t old, uint32_t new)
+{
+    dp_wmb();               /* the frontend sees the responses before the index */
+    dp_store32(sring + DP_SRING_RSP_PROD, new);
+    dp_mb();                /* ... and the index before we read rsp_event */
+    return (uint32_t)(new - dp_load32(sring + DP_SRING_RSP_EVENT)) < (uint32_t)(new - old);
+}
+
 /* ---- pin and unpin under a per-gref-stripe lock ----------------------------------- */
 
 /* The queues served in parallel by one *_serve_many call may pin the same gref at once:

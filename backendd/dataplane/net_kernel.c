@@ -50,6 +50,10 @@ _Static_assert(sizeof(struct netif_tx_request) == 12, "tx request");
 _Static_assert(sizeof(struct netif_tx_response) == 4, "tx response");
 _Static_assert(sizeof(struct netif_extra_info) == 8, "extra info");
 _Static_assert(sizeof(union netif_tx_sring_entry) == 12, "tx entry");
+_Static_assert(offsetof(struct netif_tx_sring, req_prod) == DP_SRING_REQ_PROD &&
+               offsetof(struct netif_tx_sring, req_event) == DP_SRING_REQ_EVENT &&
+               offsetof(struct netif_tx_sring, rsp_prod) == DP_SRING_RSP_PROD &&
+               offsetof(struct netif_tx_sring, rsp_event) == DP_SRING_RSP_EVENT, "sring indexes");
 _Static_assert(offsetof(struct netif_tx_sring, ring) == offsetof(struct netif_rx_sring, ring),
                "one shared ring header for tx and rx");
 
@@ -164,28 +168,13 @@ static int push_responses(struct nk_ring *r)
     uint32_t old = r->pushed, new = r->rsp_prod_pvt;
     if (new == old)
         return 0;
-    dp_wmb();               /* the frontend sees the responses before the index */
-    dp_store32(SRING_IDX(r, rsp_prod), new);
     r->pushed = new;
-    dp_mb();                /* ... and the index before we read rsp_event */
-    return (uint32_t)(new - dp_load32(SRING_IDX(r, rsp_event))) < (uint32_t)(new - old);
+    return dp_ring_push(r->page, old, new);
 }
 
-static uint32_t unconsumed(const struct nk_ring *r)
-{
-    uint32_t req = dp_load32(SRING_IDX(r, req_prod)) - r->req_cons;
-    uint32_t rsp = r->size - (r->req_cons - r->rsp_prod_pvt);
-    return req < rsp ? req : rsp;
-}
-
-/* RING_FINAL_CHECK_FOR_REQUESTS */
 static int final_check(struct nk_ring *r)
 {
-    if (unconsumed(r))
-        return 1;
-    dp_store32(SRING_IDX(r, req_event), r->req_cons + 1);
-    dp_mb();
-    return unconsumed(r) > 0;
+    return dp_ring_final_check(r->page, r->size, r->req_cons, r->rsp_prod_pvt);
 }
 
 /* ---- parsing a packet: backendd/devices/net/tx.py ------------------------------- */
