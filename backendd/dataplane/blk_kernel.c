@@ -926,7 +926,6 @@ void bk_replay(struct bk_queue *q, const struct dp_env *env, const uint8_t *raws
     memset(out, 0, sizeof(*out));
     for (uint32_t k = 0; k < n; k++) {
         uint8_t raw[BK_SLOT_MAX];
-        memset(raw, 0, sizeof(raw));
         memcpy(raw, raws + (size_t)k * BK_SLOT_MAX, BK_SLOT_MAX);
         int32_t e = 0;
         if (q->inflight) {
