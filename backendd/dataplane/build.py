@@ -52,7 +52,6 @@ KERNELS = {
     "blk": Spec("blk", HERE / "blk_kernel.c", "io/blkif.h", "BACKENDD_BLK_KERNEL"),
     "net": Spec("net", HERE / "net_kernel.c", "io/netif.h", "BACKENDD_NET_KERNEL"),
 }
-HEADERS = (HERE / "core.h", HERE / "pool.h")  # included by every kernel
 
 
 class Region(ctypes.Structure):
