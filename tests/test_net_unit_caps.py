@@ -98,13 +98,9 @@ async def test_nic_with_netns_under_the_units_capabilities(tmp_path: Path) -> No
             _, keys = await client.add_device(0, "net", {"tap": tap, "netns": host,
                                                          "queues": "1"})
             front = NetFront(guest.ram, guest.gnttab, 0)
-            channels = front.channels()
-            state, _ = await client.frontend_state(0, XenbusState.CONNECTED,
-                                                   front.frontend_keys(), channels)
+            state, _ = await client.hand_over_channels(0, XenbusState.CONNECTED,
+                                                       front.frontend_keys(), front.channels())
             assert state == XenbusState.CONNECTED
-            for _, kick, call in channels:
-                os.close(kick)
-                os.close(call)
             front.start()
             await front.attach_tap(gtap, netns=gns, mac=keys["mac"])
             # The daemon's tap is up in its namespace, and traffic flows both ways.

@@ -144,15 +144,10 @@ class Guest:
             channels = self.front.channels()
         else:
             channels = self.front.new_channels()
-        try:
-            _, keys = await client.frontend_state(DEVID, XenbusState.CONNECTED,
+        _, keys = await client.hand_over_channels(DEVID, XenbusState.CONNECTED,
                                                   self.front.frontend_keys(), channels)
-        finally:
-            for _, kick, call in channels:
-                os.close(kick)
-                os.close(call)
         self.front.update_backend_keys(keys)
-        if self.front._loop is None:
+        if not self.front.started:
             self.front.start()
         self.replayed += int((await client.stats(DEVID))[f"{DEVID}.replayed"])
         self.client = client
@@ -413,13 +408,9 @@ async def test_a_worker_without_capabilities_serves_a_nic_under_the_units_capabi
                 assert int(worker[key], 16) == 0, (key, worker[key])
             assert worker["NoNewPrivs"] == "1"
             front = NetFront(guest.ram, guest.gnttab, 0)
-            channels = front.channels()
-            state, _ = await client.frontend_state(0, XenbusState.CONNECTED,
-                                                   front.frontend_keys(), channels)
+            state, _ = await client.hand_over_channels(0, XenbusState.CONNECTED,
+                                                       front.frontend_keys(), front.channels())
             assert state == XenbusState.CONNECTED
-            for _, kick, call in channels:
-                os.close(kick)
-                os.close(call)
             front.start()
             await front.attach_tap(gtap, netns=gns, mac=keys["mac"])
             _, shown = await run("ip", "link", "show", tap, ns=host)
