@@ -383,7 +383,7 @@ async def test_a_worker_without_capabilities_serves_a_nic_under_the_units_capabi
     """Started as systemd starts the unit (its bounding set, which has no CAP_SETPCAP, and
     no new privileges), a worker still starts and holds no capability, and still serves a
     nic moved into a namespace: the supervisor made the tap and handed over its fds."""
-    from test_net_harness import addr, namespaces, run, uniq
+    from test_net_harness import connect_and_ping, namespaces, uniq
     from test_net_unit_caps import unit_caps
 
     from backendd.guest.netfront import NetFront
@@ -408,16 +408,8 @@ async def test_a_worker_without_capabilities_serves_a_nic_under_the_units_capabi
                 assert int(worker[key], 16) == 0, (key, worker[key])
             assert worker["NoNewPrivs"] == "1"
             front = NetFront(guest.ram, guest.gnttab, 0)
-            state, _ = await client.hand_over_channels(0, XenbusState.CONNECTED,
-                                                       front.frontend_keys(), front.channels())
-            assert state == XenbusState.CONNECTED
-            front.start()
-            await front.attach_tap(gtap, netns=gns, mac=keys["mac"])
-            _, shown = await run("ip", "link", "show", tap, ns=host)
-            assert "UP" in shown
-            await addr(host, tap, "10.77.31.1/24")
-            await addr(gns, gtap, "10.77.31.2/24")
-            await run("ping", "-c", "3", "-i", "0.2", "-W", "2", "10.77.31.1", ns=gns)
+            await connect_and_ping(client, front, keys["mac"], host, tap, gns, gtap,
+                                   "10.77.31")
             assert "event=tap_created" in daemon.log()
             await client.remove_device(0)
         finally:
