@@ -1018,42 +1018,39 @@ def fuzz_fds(n: int, seed: int) -> Result:
 
 # --- driver --------------------------------------------------------------------------
 
-def fuzz_net_diff(n: int, seed: int) -> Result:
-    """Tx chains through the Python and the compiled tx data planes (bench/netdiff.py):
-    any difference in what the guest or the host sees is a violation."""
+def _net_diff(what: str, run: Callable[..., tuple[int, list[str]]], n: int, seed: int
+              ) -> Result:
+    """run(kernel, n, seed) (netdiff's or netdiff_rx's) against the built net kernel;
+    each difference it reports is a violation."""
     from backendd.dataplane import netkernel
-    from bench import netdiff
 
-    res = Result("net tx differential")
+    res = Result(what)
     kernel = netkernel.load()
     if kernel is None:
         res.violate("the net kernel is not built (make netkernel)")
         return res
     start = time.perf_counter()
-    res.inputs, differences = netdiff.run(kernel, n, seed)
+    res.inputs, differences = run(kernel, n, seed)
     for d in differences:
         res.violate(d)
     res.seconds = time.perf_counter() - start
     return res
+
+
+def fuzz_net_diff(n: int, seed: int) -> Result:
+    """Tx chains through the Python and the compiled tx data planes (bench/netdiff.py):
+    any difference in what the guest or the host sees is a violation."""
+    from bench import netdiff
+
+    return _net_diff("net tx differential", netdiff.run, n, seed)
 
 
 def fuzz_net_rx_diff(n: int, seed: int) -> Result:
     """Posted rx buffers and tap frames through the Python and the compiled rx data
     planes (bench/netdiff_rx.py): any difference the guest could see is a violation."""
-    from backendd.dataplane import netkernel
     from bench import netdiff_rx
 
-    res = Result("net rx differential")
-    kernel = netkernel.load()
-    if kernel is None:
-        res.violate("the net kernel is not built (make netkernel)")
-        return res
-    start = time.perf_counter()
-    res.inputs, differences = netdiff_rx.run(kernel, n, seed)
-    for d in differences:
-        res.violate(d)
-    res.seconds = time.perf_counter() - start
-    return res
+    return _net_diff("net rx differential", netdiff_rx.run, n, seed)
 
 
 def fuzz_blk_diff(n: int, seed: int) -> Result:

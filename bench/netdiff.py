@@ -24,6 +24,7 @@ import random
 import socket
 import struct
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from backendd.dataplane import netkernel as nk
 from backendd.dataplane.net import CompiledTxPath
@@ -54,9 +55,13 @@ class Difference(Exception):
         return f"{self.what}: {self.detail}"[:2000]
 
 
+PathT = TypeVar("PathT")
+
+
 @dataclass
-class World:
-    """One plane's private copy of the guest, the ring and the tap."""
+class World(Generic[PathT]):
+    """One plane's private copy of the guest, the ring and the tap; peer is the tap's
+    other end (tx frames land there, rx frames are sent from it)."""
 
     ram: GuestRAM
     gt: GuestGrantTable
@@ -64,9 +69,9 @@ class World:
     table: GrantTable
     ring_map: memoryview
     shared: SharedRing
-    path: TxPath
+    path: PathT
     vif: VifState
-    sink: socket.socket
+    peer: socket.socket
     tap: socket.socket
     loop: asyncio.AbstractEventLoop
     notifies: list[int] = field(default_factory=lambda: [0])
@@ -80,13 +85,14 @@ class World:
         self.mem.close()
         self.gt.close()
         self.ram.close()
-        self.sink.close()
+        self.peer.close()
         self.tap.close()
         self.loop.close()
 
 
-def _world(kernel: nk.NetKernel | None, version: int, rate: tuple[int, int] | None,
-           sndbuf: int, mcast_control: bool) -> World:
+def guest(version: int, entry_size: int) -> tuple[GuestRAM, GuestGrantTable, GuestMemory,
+                                                   GrantTable, memoryview, SharedRing]:
+    """A plane's guest RAM, grant table (of this version) and initialised shared ring."""
     ram = GuestRAM(RAM_PAGES * PAGE, LAYOUT)
     gt = GuestGrantTable(nr_frames=1, version=version)
     mem = GuestMemory()
@@ -94,10 +100,15 @@ def _world(kernel: nk.NetKernel | None, version: int, rate: tuple[int, int] | No
         mem.add_region(gpa, size, fd, off)
     table = GrantTable(mem)
     table.set_table(gt.fd, 0, 1, version)
-    ring_mm = mmap.mmap(-1, PAGE)
-    ring_map = memoryview(ring_mm)
-    shared = SharedRing(ring_map, TX_ENTRY_SIZE)
+    ring_map = memoryview(mmap.mmap(-1, PAGE))
+    shared = SharedRing(ring_map, entry_size)
     shared.init()
+    return ram, gt, mem, table, ring_map, shared
+
+
+def _world(kernel: nk.NetKernel | None, version: int, rate: tuple[int, int] | None,
+           sndbuf: int, mcast_control: bool) -> World[TxPath]:
+    ram, gt, mem, table, ring_map, shared = guest(version, TX_ENTRY_SIZE)
     tap, sink = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     tap.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
@@ -113,8 +124,8 @@ def _world(kernel: nk.NetKernel | None, version: int, rate: tuple[int, int] | No
     else:
         path = CompiledTxPath(kernel, ring, table, tap.fileno(), vif, loop, "net0/queue-0",
                               credit)
-    w = World(ram, gt, mem, table, ring_map, shared, path, vif, sink, tap, loop,
-              fatal=fatal)
+    w: World[TxPath] = World(ram, gt, mem, table, ring_map, shared, path, vif, sink, tap,
+                             loop, fatal=fatal)
     path.notify = lambda: w.notifies.__setitem__(0, w.notifies[0] + 1)
     return w
 
@@ -338,7 +349,7 @@ def _frames(w: World) -> list[bytes]:
     out = []
     while True:
         try:
-            out.append(w.sink.recv(1 << 17, socket.MSG_DONTWAIT))
+            out.append(w.peer.recv(1 << 17, socket.MSG_DONTWAIT))
         except BlockingIOError:
             return out
 

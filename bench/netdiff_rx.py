@@ -17,56 +17,25 @@ Used by tests/test_net_dataplane.py and `python -m bench.fuzz --targets net-rx-d
 from __future__ import annotations
 
 import asyncio
-import mmap
 import os
 import random
 import select
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from backendd.dataplane import netkernel as nk
 from backendd.dataplane.net import CompiledRxPath
 from backendd.devices.net.rx import RxPath
 from backendd.devices.net.vif import Features, VifState
-from backendd.grants import GrantTable
-from backendd.guest import GuestGrantTable, GuestRAM
-from backendd.memory import GuestMemory
 from rings.consts import GrantType
 from rings.netif import RX_ENTRY_SIZE, RX_REQUEST
-from rings.ring import BackRing, SharedRing
+from rings.ring import BackRing
 from rings.sring import REQ_PROD
 
-from .netdiff import FRAMES, LAYOUT, PAGE, RAM_PAGES, Difference
+from .netdiff import FRAMES, PAGE, Difference, World, guest
 
-
-@dataclass
-class RxWorld:
-    ram: GuestRAM
-    gt: GuestGrantTable
-    mem: GuestMemory
-    table: GrantTable
-    ring_map: memoryview
-    shared: SharedRing
-    path: RxPath
-    vif: VifState
-    peer: socket.socket
-    tap: socket.socket
-    loop: asyncio.AbstractEventLoop
-    notifies: list[int] = field(default_factory=lambda: [0])
-    fatal: list[str] = field(default_factory=list)
-
-    def close(self) -> None:
-        self.path.stop()
-        self.shared.release()
-        self.ring_map.release()
-        self.table.close()
-        self.mem.close()
-        self.gt.close()
-        self.ram.close()
-        self.peer.close()
-        self.tap.close()
-        self.loop.close()
+RxWorld = World[RxPath]
 
 
 @dataclass(frozen=True)
@@ -90,16 +59,7 @@ class RxCase:
 
 
 def build(kernel: nk.NetKernel | None, case: RxCase) -> RxWorld:
-    ram = GuestRAM(RAM_PAGES * PAGE, LAYOUT)
-    gt = GuestGrantTable(nr_frames=1, version=case.version)
-    mem = GuestMemory()
-    for gpa, size, fd, off in ram.regions:
-        mem.add_region(gpa, size, fd, off)
-    table = GrantTable(mem)
-    table.set_table(gt.fd, 0, 1, case.version)
-    ring_map = memoryview(mmap.mmap(-1, PAGE))
-    shared = SharedRing(ring_map, RX_ENTRY_SIZE)
-    shared.init()
+    ram, gt, mem, table, ring_map, shared = guest(case.version, RX_ENTRY_SIZE)
     tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
     tap.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
@@ -114,8 +74,8 @@ def build(kernel: nk.NetKernel | None, case: RxCase) -> RxWorld:
     else:
         path = CompiledRxPath(kernel, ring, table, tap.fileno(), vif, loop, "net0/queue-0",
                               case.gso_offload)
-    w = RxWorld(ram, gt, mem, table, ring_map, shared, path, vif, peer, tap, loop,
-                fatal=fatal)
+    w: RxWorld = World(ram, gt, mem, table, ring_map, shared, path, vif, peer, tap, loop,
+                       fatal=fatal)
     path.notify = lambda: w.notifies.__setitem__(0, w.notifies[0] + 1)
     vif.on_fatal = lambda message: (fatal.append(message), path.stop())
     return w

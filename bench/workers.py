@@ -90,13 +90,8 @@ class Guest:
         self.front = BlkFront(self.sim.ram, self.sim.gnttab, DEVID, queues=1,
                               backend_keys=keys)
         channels = self.front.channels()
-        try:
-            _, keys = await self.client.frontend_state(
-                DEVID, XenbusState.CONNECTED, self.front.frontend_keys(), channels)
-        finally:
-            for _, kick, call in channels:
-                os.close(kick)
-                os.close(call)
+        _, keys = await self.client.hand_over_channels(
+            DEVID, XenbusState.CONNECTED, self.front.frontend_keys(), channels)
         self.front.update_backend_keys(keys)
         self.front.start()
         for i in range(64):  # warm the data path: writes and reads of a few sizes

@@ -4,7 +4,6 @@ outside (the CLI, status, metrics) while a guest uses it."""
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,12 +27,8 @@ async def guest_with_disk(socket_path: str, image: Path, name: str | None = None
         await guest.attach(client)
         _, keys = await client.add_device(DEVID, "blk", {"path": str(image)})
         front = BlkFront(guest.ram, guest.gnttab, DEVID, backend_keys=keys)
-        channels = front.channels()
-        await client.frontend_state(DEVID, XenbusState.CONNECTED, front.frontend_keys(),
-                                    channels)
-        for _, kick, call in channels:
-            os.close(kick)
-            os.close(call)
+        await client.hand_over_channels(DEVID, XenbusState.CONNECTED, front.frontend_keys(),
+                                        front.channels())
         front.start()
         yield front
     finally:

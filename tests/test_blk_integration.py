@@ -49,14 +49,8 @@ def file_bytes(path: str, offset: int = 0, n: int = -1) -> bytes:
 
 async def connect_front(client: VmmClient, front: BlkFront, devid: int = DEVID
                         ) -> tuple[int, dict[str, str]]:
-    channels = front.channels()
-    try:
-        state, keys = await client.frontend_state(devid, XenbusState.CONNECTED,
-                                                  front.frontend_keys(), channels)
-    finally:
-        for _port, kick, call in channels:  # the daemon has its own copies now
-            os.close(kick)
-            os.close(call)
+    state, keys = await client.hand_over_channels(devid, XenbusState.CONNECTED,
+                                                  front.frontend_keys(), front.channels())
     front.update_backend_keys(keys)
     front.start()
     return state, keys

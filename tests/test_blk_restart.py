@@ -91,13 +91,8 @@ class Vmm:
             channels = self.front.channels()
         else:
             channels = self.front.new_channels()
-        try:
-            _, keys = await client.frontend_state(DEVID, XenbusState.CONNECTED,
+        _, keys = await client.hand_over_channels(DEVID, XenbusState.CONNECTED,
                                                   self.front.frontend_keys(), channels)
-        finally:
-            for _, kick, call in channels:
-                os.close(kick)
-                os.close(call)
         self.front.update_backend_keys(keys)
         if not self.front.started:
             self.front.start()

@@ -9,7 +9,6 @@ and publishes the response, but signals nothing; then a real daemon connects the
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import pytest
@@ -53,13 +52,8 @@ async def test_responses_published_but_not_signalled_reach_the_guest(
         assert not write.done()
 
         # The new daemon resumes the ring at the published rsp_prod.
-        try:
-            await client.frontend_state(DEVID, XenbusState.CONNECTED, front.frontend_keys(),
+        await client.hand_over_channels(DEVID, XenbusState.CONNECTED, front.frontend_keys(),
                                         channels)
-        finally:
-            for _, kick, call in channels:
-                os.close(kick)
-                os.close(call)
         try:
             await asyncio.wait_for(write, 30)  # a hang guard, not a speed check
         except TimeoutError:

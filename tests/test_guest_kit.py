@@ -9,6 +9,7 @@ import contextlib
 import os
 import random
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +30,26 @@ def image(tmp_path: Path, size: int = 8 * MiB) -> Path:
     return path
 
 
+@contextlib.asynccontextmanager
+async def attached(socket_path: str, ram_size: int, gnttab_frames: int
+                   ) -> AsyncIterator[tuple[VmmClient, SimGuest]]:
+    """A VMM connection to the daemon and a simulated guest attached through it; both
+    closed on the way out."""
+    client = await VmmClient.connect(socket_path)
+    guest = SimGuest(ram_size=ram_size, gnttab_frames=gnttab_frames)
+    try:
+        await guest.attach(client)
+        yield client, guest
+    finally:
+        await client.close()
+        guest.close()
+
+
 @pytest.mark.parametrize("sector_size", [512, 4096])
 async def test_read_at_write_at_split_and_read_modify_write(daemon, tmp_path, sector_size):
     path = image(tmp_path)
     model = bytearray(path.read_bytes())
-    client = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=64 * MiB, gnttab_frames=32)
-    try:
-        await guest.attach(client)
+    async with attached(daemon.path, 64 * MiB, 32) as (client, guest):
         front = await guest.add_disk(client, DEVID, {"path": str(path),
                                                      "sector-size": str(sector_size)},
                                      queues=2)
@@ -55,19 +68,13 @@ async def test_read_at_write_at_split_and_read_modify_write(daemon, tmp_path, se
         assert await front.read_at(0, len(model)) == bytes(model)
         await front.flush()
         assert path.read_bytes() == bytes(model)
-    finally:
-        await client.close()
-        guest.close()
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["grants", "persistent"])
 async def test_a_full_grant_table_waits_instead_of_raising(daemon, tmp_path, persistent):
     path = image(tmp_path)
-    client = await VmmClient.connect(daemon.path)
     # One frame: 504 grefs for the guest, while 64 writes of 1 MiB need 257 each.
-    guest = SimGuest(ram_size=64 * MiB, gnttab_frames=1)
-    try:
-        await guest.attach(client)
+    async with attached(daemon.path, 64 * MiB, 1) as (client, guest):
         _, keys = await client.add_device(DEVID, "blk", {"path": str(path)})
         front = BlkFront(guest.ram, guest.gnttab, DEVID, queues=2, backend_keys=keys,
                          persistent=persistent)
@@ -80,18 +87,12 @@ async def test_a_full_grant_table_waits_instead_of_raising(daemon, tmp_path, per
         reads = await asyncio.gather(*(front.read(i * 2048, MiB) for i in range(8)))
         assert reads == blobs
         front.close()
-    finally:
-        await client.close()
-        guest.close()
 
 
 async def test_guest_ram_exhaustion_waits_under_a_small_bound(daemon, tmp_path):
     path = image(tmp_path)
-    client = await VmmClient.connect(daemon.path)
     # 2 MiB of RAM: 512 pages, fewer than 4 half-MiB requests in flight take.
-    guest = SimGuest(ram_size=2 * MiB, gnttab_frames=32)
-    try:
-        await guest.attach(client)
+    async with attached(daemon.path, 2 * MiB, 32) as (client, guest):
         _, keys = await client.add_device(DEVID, "blk", {"path": str(path)})
         front = BlkFront(guest.ram, guest.gnttab, DEVID, backend_keys=keys, max_inflight=4)
         await connect_front(client, front)
@@ -99,9 +100,6 @@ async def test_guest_ram_exhaustion_waits_under_a_small_bound(daemon, tmp_path):
                                for i in range(16)))
         assert await front.read(15 * 1024, 4096) == bytes([15]) * 4096
         front.close()
-    finally:
-        await client.close()
-        guest.close()
 
 
 @pytest.fixture
@@ -116,10 +114,7 @@ def serve(tmp_path):
 
 async def test_pending_requests_fail_when_the_daemon_is_lost(serve, tmp_path):
     path = image(tmp_path)
-    client = await VmmClient.connect(serve.path)
-    guest = SimGuest(ram_size=32 * MiB, gnttab_frames=8)
-    try:
-        await guest.attach(client)
+    async with attached(serve.path, 32 * MiB, 8) as (client, guest):
         front = await guest.add_disk(client, DEVID, {"path": str(path)}, inflight=False)
         await front.write_at(0, b"before")
         serve.proc.send_signal(signal.SIGSTOP)  # it will never answer what comes now
@@ -132,9 +127,6 @@ async def test_pending_requests_fail_when_the_daemon_is_lost(serve, tmp_path):
         assert all(isinstance(r, ConnectionLost) for r in results), results
         with pytest.raises(ConnectionLost):  # and new ones fail at once
             await front.read(0, 512)
-    finally:
-        await client.close()
-        guest.close()
 
 
 @pytest.mark.parametrize("stop", ["kill", "sigterm"])
@@ -204,10 +196,7 @@ async def test_reconnect_replays_the_setup_and_completes_pending_writes(tmp_path
 
 async def test_counters_survive_a_frontend_reconnect_within_one_daemon(daemon, tmp_path):
     path = image(tmp_path)
-    client = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=32 * MiB, gnttab_frames=8)
-    try:
-        await guest.attach(client)
+    async with attached(daemon.path, 32 * MiB, 8) as (client, guest):
         _, keys = await client.add_device(DEVID, "blk", {"path": str(path)})
         front = BlkFront(guest.ram, guest.gnttab, DEVID, backend_keys=keys)
         assert not front.started
@@ -223,6 +212,3 @@ async def test_counters_survive_a_frontend_reconnect_within_one_daemon(daemon, t
         stats = await client.stats(DEVID)
         assert stats[f"{DEVID}.writes"] == "2", stats
         front.close()
-    finally:
-        await client.close()
-        guest.close()

@@ -20,6 +20,7 @@ from backendd.grants import GrantTable
 from backendd.guest import GuestGrantTable, GuestRAM, SimGuest, VmmClient
 from backendd.guest.netfront import NetFront
 from backendd.memory import GuestMemory
+from rings.consts import XenbusState
 
 
 class RecordingNotices(NoticeSink):
@@ -168,6 +169,23 @@ async def addr(ns: str, dev: str, cidr: str, mtu: int | None = None) -> None:
         await run("ip", "link", "set", dev, "mtu", str(mtu), ns=ns)
     await run("ip", "link", "set", dev, "up", ns=ns)
 
+
+
+async def connect_and_ping(client: VmmClient, front: NetFront, mac: str, host: str,
+                           tap: str, gns: str, gtap: str, subnet: str) -> None:
+    """Connect `front` (net device 0 on the daemon, tap `tap` in namespace `host`) and
+    start it, put its tap `gtap` in namespace `gns`; check the daemon's tap is UP and
+    that the guest pings it across `subnet` (the /24's first three octets)."""
+    state, _ = await client.hand_over_channels(0, XenbusState.CONNECTED,
+                                               front.frontend_keys(), front.channels())
+    assert state == XenbusState.CONNECTED
+    front.start()
+    await front.attach_tap(gtap, netns=gns, mac=mac)
+    _, shown = await run("ip", "link", "show", tap, ns=host)
+    assert "UP" in shown
+    await addr(host, tap, f"{subnet}.1/24")
+    await addr(gns, gtap, f"{subnet}.2/24")
+    await run("ping", "-c", "3", "-i", "0.2", "-W", "2", f"{subnet}.1", ns=gns)
 
 SINK = """
 import hashlib, socket, sys

@@ -4,8 +4,6 @@ daemon's tap) and the guest namespace (the simulated netfront's tap)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from test_net_harness import addr, daemon_guest, namespaces, run, tcp_transfer, uniq
 
@@ -29,13 +27,9 @@ async def test_ping_and_tcp_through_the_daemon(daemon):
             assert keys["mac"] == "00:16:3e:00:00:33"
             front = NetFront(guest.ram, guest.gnttab, 0, split=True)
             fronts.append(front)
-            channels = front.channels()
-            state, _ = await client.frontend_state(0, XenbusState.CONNECTED,
-                                                   front.frontend_keys(), channels)
+            state, _ = await client.hand_over_channels(0, XenbusState.CONNECTED,
+                                                       front.frontend_keys(), front.channels())
             assert state == XenbusState.CONNECTED
-            for _, kick, call in channels:  # the daemon holds its own copies now
-                os.close(kick)
-                os.close(call)
             front.start()
             await front.attach_tap(gtap, netns=gns, mac=keys["mac"])
             await addr(host, tap, "10.77.9.1/24")

@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_net_harness import addr, namespaces, run, uniq
+from test_net_harness import connect_and_ping, namespaces, uniq
 
 from backendd.guest import SimGuest, VmmClient
 from backendd.guest.netfront import NetFront
-from rings.consts import XenbusState
 
 # Taps, bridges and namespaces need root: without it these tests fail, never skip.
 pytestmark = pytest.mark.usefixtures("root")
@@ -98,21 +97,9 @@ async def test_nic_with_netns_under_the_units_capabilities(tmp_path: Path) -> No
             _, keys = await client.add_device(0, "net", {"tap": tap, "netns": host,
                                                          "queues": "1"})
             front = NetFront(guest.ram, guest.gnttab, 0)
-            channels = front.channels()
-            state, _ = await client.frontend_state(0, XenbusState.CONNECTED,
-                                                   front.frontend_keys(), channels)
-            assert state == XenbusState.CONNECTED
-            for _, kick, call in channels:
-                os.close(kick)
-                os.close(call)
-            front.start()
-            await front.attach_tap(gtap, netns=gns, mac=keys["mac"])
             # The daemon's tap is up in its namespace, and traffic flows both ways.
-            _, shown = await run("ip", "link", "show", tap, ns=host)
-            assert "UP" in shown
-            await addr(host, tap, "10.77.21.1/24")
-            await addr(gns, gtap, "10.77.21.2/24")
-            await run("ping", "-c", "3", "-i", "0.2", "-W", "2", "10.77.21.1", ns=gns)
+            await connect_and_ping(client, front, keys["mac"], host, tap, gns, gtap,
+                                   "10.77.21")
             await client.remove_device(0)
         finally:
             if front is not None:

@@ -144,15 +144,10 @@ class Guest:
             channels = self.front.channels()
         else:
             channels = self.front.new_channels()
-        try:
-            _, keys = await client.frontend_state(DEVID, XenbusState.CONNECTED,
+        _, keys = await client.hand_over_channels(DEVID, XenbusState.CONNECTED,
                                                   self.front.frontend_keys(), channels)
-        finally:
-            for _, kick, call in channels:
-                os.close(kick)
-                os.close(call)
         self.front.update_backend_keys(keys)
-        if self.front._loop is None:
+        if not self.front.started:
             self.front.start()
         self.replayed += int((await client.stats(DEVID))[f"{DEVID}.replayed"])
         self.client = client
@@ -388,7 +383,7 @@ async def test_a_worker_without_capabilities_serves_a_nic_under_the_units_capabi
     """Started as systemd starts the unit (its bounding set, which has no CAP_SETPCAP, and
     no new privileges), a worker still starts and holds no capability, and still serves a
     nic moved into a namespace: the supervisor made the tap and handed over its fds."""
-    from test_net_harness import addr, namespaces, run, uniq
+    from test_net_harness import connect_and_ping, namespaces, uniq
     from test_net_unit_caps import unit_caps
 
     from backendd.guest.netfront import NetFront
@@ -413,20 +408,8 @@ async def test_a_worker_without_capabilities_serves_a_nic_under_the_units_capabi
                 assert int(worker[key], 16) == 0, (key, worker[key])
             assert worker["NoNewPrivs"] == "1"
             front = NetFront(guest.ram, guest.gnttab, 0)
-            channels = front.channels()
-            state, _ = await client.frontend_state(0, XenbusState.CONNECTED,
-                                                   front.frontend_keys(), channels)
-            assert state == XenbusState.CONNECTED
-            for _, kick, call in channels:
-                os.close(kick)
-                os.close(call)
-            front.start()
-            await front.attach_tap(gtap, netns=gns, mac=keys["mac"])
-            _, shown = await run("ip", "link", "show", tap, ns=host)
-            assert "UP" in shown
-            await addr(host, tap, "10.77.31.1/24")
-            await addr(gns, gtap, "10.77.31.2/24")
-            await run("ping", "-c", "3", "-i", "0.2", "-W", "2", "10.77.31.1", ns=gns)
+            await connect_and_ping(client, front, keys["mac"], host, tap, gns, gtap,
+                                   "10.77.31")
             assert "event=tap_created" in daemon.log()
             await client.remove_device(0)
         finally:
