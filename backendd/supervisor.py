@@ -40,7 +40,7 @@ from .errors import ControlError
 from .log import EventLog
 from .metrics import render_status
 from .protocol.messages import ALL_DEVICES, RingDumpReply
-from .server import Server, status_page
+from .server import Server, merge_status_pages, status_page
 from .worker import (
     BROKER_FLAGS,
     BROKER_MAX_FDS,
@@ -468,15 +468,9 @@ class Supervisor(Server):
     async def gather_full_status(self) -> dict[str, str]:
         """Every page merged, from one gathering (the metrics endpoint)."""
         views = await self._gather()
-        out: dict[str, str] = {}
-        cursor = (0, ALL_DEVICES)
-        while True:
-            page = status_page(self.status_header(len(self.workers)), views, *cursor)
-            nxt = page.pop("next.conn", None), page.pop("next.devid", None)
-            out.update(page)
-            if nxt[0] is None or nxt[1] is None:
-                return out
-            cursor = (int(nxt[0]), int(nxt[1]))
+        return merge_status_pages(
+            lambda conn, devid: status_page(self.status_header(len(self.workers)), views,
+                                            conn, devid))
 
     async def prometheus_text(self) -> str:
         """The metrics endpoint's text: every worker's guests, gathered."""
