@@ -238,13 +238,8 @@ class BlkDevice(Device):
     def _refused(self, message: str) -> None:
         # A guest can send bad requests as fast as it likes: at most guest_log_burst
         # lines a minute per device reach the log (docs/protocol.md, "Guest errors").
-        guest_log = self.ctx.extras.get("guest_log")
-        if guest_log is None:  # outside a daemon (unit rigs): no limiter, no noise
+        if not self.guest_error("bad_request", message):  # outside a daemon: no noise
             log.debug("blk %d: %s", self.devid, message)
-            return
-        conn = self.ctx.extras.get("conn")
-        guest_log.warning((conn, self.devid, "bad_request"), "guest_error", conn=conn,
-                          devid=self.devid, kind="bad_request", message=message)
 
     def _corrupt(self, message: str) -> None:
         log.warning("blk %d: frontend misbehaved: %s", self.devid, message)
