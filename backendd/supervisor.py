@@ -40,7 +40,7 @@ from .errors import ControlError
 from .log import EventLog
 from .metrics import render_status
 from .protocol.messages import ALL_DEVICES, RingDumpReply
-from .server import Server, merge_status_pages, status_page
+from .server import Server, _fds_from_ancillary, merge_status_pages, status_page
 from .worker import (
     BROKER_FLAGS,
     BROKER_MAX_FDS,
@@ -124,13 +124,8 @@ def _zygote_main(config: Config, sock: socket.socket) -> None:
     while True:
         for key, _ in sel.select():
             if key.data is None:
-                fds: list[int] = []
                 msg, anc, _, _ = sock.recvmsg(_ZYGOTE_MSG, socket.CMSG_SPACE(12))
-                for level, kind, data in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        arr = array.array("i")
-                        arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-                        fds.extend(arr)
+                fds = _fds_from_ancillary(anc)
                 if not msg:
                     return  # the supervisor is gone; workers see their channels close
                 req = json.loads(msg)
