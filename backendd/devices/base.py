@@ -126,6 +126,10 @@ class Device(abc.ABC):
         """Copies of the connected rings, in a stable order (queue 0 first)."""
         return []
 
+    def ring_names(self) -> list[str]:
+        """The names of ring_snapshots(), without copying the rings (DAEMON_STATUS)."""
+        return [r.name for r in self.ring_snapshots()]
+
     async def close(self) -> None:
         """Device removal: disconnect, then release backing resources (files, taps)."""
         await self.disconnect()

@@ -278,6 +278,9 @@ class BlkDevice(Device):
                                     b"".join(bytes(p) for p in pages)))
         return out
 
+    def ring_names(self) -> list[str]:
+        return [f"queue-{q.index}" for q in self.queues]
+
     def stats(self) -> dict[str, int]:
         pg = dict.fromkeys(("pgrant_hits", "pgrant_misses", "pgrant_purged",
                             "pgrant_overflow", "pgrant_upgrades"), 0)

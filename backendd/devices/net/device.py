@@ -348,3 +348,6 @@ class NetDevice(Device):
                                     bytes(q.rx_map.page_view())))
         return out
 
+    def ring_names(self) -> list[str]:
+        return [f"queue-{q.index}/{way}" for q in self.queues for way in ("tx", "rx")]
+
