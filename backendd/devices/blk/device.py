@@ -33,6 +33,7 @@ from .keys import (
 )
 from .nbd import NbdImage, NbdPolicy, is_nbd_uri
 from .persistent import DEFAULT_LIMIT, PersistentGrants
+from .persistent import STAT_KEYS as PGRANT_STAT_KEYS
 from .queue import BATCH, Counters, RingQueue
 from .request import Geometry
 
@@ -282,8 +283,7 @@ class BlkDevice(Device):
         return [f"queue-{q.index}" for q in self.queues]
 
     def stats(self) -> dict[str, int]:
-        pg = dict.fromkeys(("pgrant_hits", "pgrant_misses", "pgrant_purged",
-                            "pgrant_overflow", "pgrant_upgrades"), 0)
+        pg = dict.fromkeys(PGRANT_STAT_KEYS, 0)
         for k, v in self._pgrant_done.items():
             pg[k] += v
         for q in self.queues:
