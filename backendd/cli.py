@@ -64,11 +64,6 @@ async def _with_client(args: argparse.Namespace, work: Callable[..., Awaitable[i
         raise CliError(f"{path}: cannot reach the daemon: {exc.strerror or exc}") from None
 
 
-async def _fetch_status(client) -> dict[str, str]:
-    """The whole DAEMON_STATUS map, every page of it."""
-    return await client.daemon_status()
-
-
 def _print_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
@@ -119,7 +114,7 @@ def _connections(status: dict[str, str]) -> list[dict[str, Any]]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     async def work(client) -> int:
-        status = await _fetch_status(client)
+        status = await client.daemon_status()  # every page
         conns = _connections(status)
         if args.json:
             _print_json({"version": status.get("version", ""),
@@ -145,7 +140,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     async def work(client) -> int:
-        status = await _fetch_status(client)
+        status = await client.daemon_status()  # every page
         if args.prometheus:
             sys.stdout.write(render_status(status))
             return 0

@@ -274,6 +274,20 @@ def status_page(header: dict[str, str], conns: Mapping[int, ConnView], conn: int
     return out
 
 
+def merge_status_pages(page: Callable[[int, int], dict[str, str]]) -> dict[str, str]:
+    """Every DAEMON_STATUS page, from `page(conn, devid)` (a status_page), merged into
+    one map without the `next.*` keys, as VmmClient.daemon_status() does over the wire."""
+    out: dict[str, str] = {}
+    cursor = (0, ALL_DEVICES)
+    while True:
+        got = page(*cursor)
+        nxt = got.pop("next.conn", None), got.pop("next.devid", None)
+        out.update(got)
+        if nxt[0] is None or nxt[1] is None:
+            return out
+        cursor = (int(nxt[0]), int(nxt[1]))
+
+
 class Server:
     def __init__(self, config: Config, log: EventLog | None = None) -> None:
         self.config = config
@@ -450,16 +464,8 @@ class Server:
         return {**conn.session.status(), "unread_reply_bytes": str(len(conn._out))}
 
     def full_status(self) -> dict[str, str]:
-        """Every page of status() merged into one map, as VmmClient.daemon_status() does."""
-        out: dict[str, str] = {}
-        cursor = (0, ALL_DEVICES)
-        while True:
-            page = self.status(*cursor)
-            nxt = page.pop("next.conn", None), page.pop("next.devid", None)
-            out.update(page)
-            if nxt[0] is None or nxt[1] is None:
-                return out
-            cursor = (int(nxt[0]), int(nxt[1]))
+        """Every page of status() merged into one map (merge_status_pages)."""
+        return merge_status_pages(self.status)
 
     def guest_name_in_use(self, name: str) -> bool:
         # A connection already hung up (its VMM reconnecting) no longer holds its name.

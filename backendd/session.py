@@ -373,7 +373,7 @@ class Session(NoticeSink):
         slot = self.devices[devid]
         out = {f"dev.{devid}.type": slot.type_name,
                f"dev.{devid}.state": slot.xenbus.state.name,
-               f"dev.{devid}.rings": ",".join(r.name for r in slot.device.ring_snapshots())}
+               f"dev.{devid}.rings": ",".join(slot.device.ring_names())}
         for name, value in slot.device.stats().items():
             out[f"dev.{devid}.stat.{name}"] = str(value)
         return out

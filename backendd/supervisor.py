@@ -40,7 +40,7 @@ from .errors import ControlError
 from .log import EventLog
 from .metrics import render_status
 from .protocol.messages import ALL_DEVICES, RingDumpReply
-from .server import Server, status_page
+from .server import Server, _fds_from_ancillary, merge_status_pages, status_page
 from .worker import (
     BROKER_FLAGS,
     BROKER_MAX_FDS,
@@ -124,13 +124,8 @@ def _zygote_main(config: Config, sock: socket.socket) -> None:
     while True:
         for key, _ in sel.select():
             if key.data is None:
-                fds: list[int] = []
                 msg, anc, _, _ = sock.recvmsg(_ZYGOTE_MSG, socket.CMSG_SPACE(12))
-                for level, kind, data in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        arr = array.array("i")
-                        arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-                        fds.extend(arr)
+                fds = _fds_from_ancillary(anc)
                 if not msg:
                     return  # the supervisor is gone; workers see their channels close
                 req = json.loads(msg)
@@ -468,15 +463,9 @@ class Supervisor(Server):
     async def gather_full_status(self) -> dict[str, str]:
         """Every page merged, from one gathering (the metrics endpoint)."""
         views = await self._gather()
-        out: dict[str, str] = {}
-        cursor = (0, ALL_DEVICES)
-        while True:
-            page = status_page(self.status_header(len(self.workers)), views, *cursor)
-            nxt = page.pop("next.conn", None), page.pop("next.devid", None)
-            out.update(page)
-            if nxt[0] is None or nxt[1] is None:
-                return out
-            cursor = (int(nxt[0]), int(nxt[1]))
+        return merge_status_pages(
+            lambda conn, devid: status_page(self.status_header(len(self.workers)), views,
+                                            conn, devid))
 
     async def prometheus_text(self) -> str:
         """The metrics endpoint's text: every worker's guests, gathered."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from backendd.errors import ControlError
+from backendd.log import GuestLogLimiter
 
 if TYPE_CHECKING:
     from backendd.evtchn import EventChannel
@@ -98,6 +99,18 @@ class Device(abc.ABC):
     def stats(self) -> dict[str, int]:
         """Counters: requests, bytes, errors, drops ..."""
 
+    def guest_error(self, kind: str, message: str) -> bool:
+        """A request answered ERROR because of the guest: a warning, rate-limited per
+        guest, device and kind ([daemon] guest_log_burst). False, nothing logged, outside
+        a daemon (unit rigs: no limiter in the extras)."""
+        limiter = self.ctx.extras.get("guest_log")
+        if not isinstance(limiter, GuestLogLimiter):
+            return False
+        conn = self.ctx.extras.get("conn", 0)
+        limiter.warning((conn, self.devid, kind), "guest_error", conn=conn,
+                        devid=self.devid, kind=kind, message=message)
+        return True
+
     async def prepare(self) -> None:
         """After __init__, before backend_keys(): open what takes time (a network
         disk's connection) without blocking the event loop."""
@@ -112,6 +125,10 @@ class Device(abc.ABC):
     def ring_snapshots(self) -> list[RingSnapshot]:
         """Copies of the connected rings, in a stable order (queue 0 first)."""
         return []
+
+    def ring_names(self) -> list[str]:
+        """The names of ring_snapshots(), without copying the rings (DAEMON_STATUS)."""
+        return [r.name for r in self.ring_snapshots()]
 
     async def close(self) -> None:
         """Device removal: disconnect, then release backing resources (files, taps)."""

@@ -33,6 +33,7 @@ from .keys import (
 )
 from .nbd import NbdImage, NbdPolicy, is_nbd_uri
 from .persistent import DEFAULT_LIMIT, PersistentGrants
+from .persistent import STAT_KEYS as PGRANT_STAT_KEYS
 from .queue import BATCH, Counters, RingQueue
 from .request import Geometry
 
@@ -238,13 +239,8 @@ class BlkDevice(Device):
     def _refused(self, message: str) -> None:
         # A guest can send bad requests as fast as it likes: at most guest_log_burst
         # lines a minute per device reach the log (docs/protocol.md, "Guest errors").
-        guest_log = self.ctx.extras.get("guest_log")
-        if guest_log is None:  # outside a daemon (unit rigs): no limiter, no noise
+        if not self.guest_error("bad_request", message):  # outside a daemon: no noise
             log.debug("blk %d: %s", self.devid, message)
-            return
-        conn = self.ctx.extras.get("conn")
-        guest_log.warning((conn, self.devid, "bad_request"), "guest_error", conn=conn,
-                          devid=self.devid, kind="bad_request", message=message)
 
     def _corrupt(self, message: str) -> None:
         log.warning("blk %d: frontend misbehaved: %s", self.devid, message)
@@ -283,9 +279,11 @@ class BlkDevice(Device):
                                     b"".join(bytes(p) for p in pages)))
         return out
 
+    def ring_names(self) -> list[str]:
+        return [f"queue-{q.index}" for q in self.queues]
+
     def stats(self) -> dict[str, int]:
-        pg = dict.fromkeys(("pgrant_hits", "pgrant_misses", "pgrant_purged",
-                            "pgrant_overflow", "pgrant_upgrades"), 0)
+        pg = dict.fromkeys(PGRANT_STAT_KEYS, 0)
         for k, v in self._pgrant_done.items():
             pg[k] += v
         for q in self.queues:

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from backendd.grants import GrantMapping, GrantTable
 
 DEFAULT_LIMIT = 1056  # per ring, as Linux blkback's max_persistent_grants
+# The keys of PersistentGrants.stats(), in order.
+STAT_KEYS = ("pgrant_hits", "pgrant_misses", "pgrant_purged", "pgrant_overflow",
+             "pgrant_upgrades")
 
 
 class _Entry:
@@ -148,6 +151,5 @@ class PersistentGrants:
         self._idle.clear()
 
     def stats(self) -> dict[str, int]:
-        return {"pgrant_hits": self.hits, "pgrant_misses": self.misses,
-                "pgrant_purged": self.purged, "pgrant_overflow": self.overflow,
-                "pgrant_upgrades": self.upgrades}
+        return dict(zip(STAT_KEYS, (self.hits, self.misses, self.purged, self.overflow,
+                                    self.upgrades), strict=True))

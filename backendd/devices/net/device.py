@@ -24,7 +24,6 @@ from backendd.dataplane.netkernel import NetKernel
 from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
 from backendd.errors import ConfigError, ControlError
 from backendd.grants import GrantMapping
-from backendd.log import GuestLogLimiter
 from rings.netif import RX_ENTRY_SIZE, TX_ENTRY_SIZE
 from rings.ring import BackRing, SharedRing
 
@@ -218,7 +217,7 @@ class NetDevice(Device):
                                f"{self.max_queues}")
         mtu = self.mtu if features.sg else min(self.mtu, DEFAULT_MTU)
         self.vif = vif = VifState(self.devid, features, mtu, self._on_fatal,
-                                  self._guest_error)
+                                  self.guest_error)
         # Offloads the kernel may hand us: only what the frontend takes, for v4 and v6.
         csum = features.csum and features.ipv6_csum
         for q in range(nq):
@@ -309,15 +308,6 @@ class NetDevice(Device):
             queue.rx.stop()
         self.ctx.notices.frontend_misbehaved(self.devid, message)
 
-    def _guest_error(self, kind: str, message: str) -> None:
-        """A request answered ERROR because of the guest: a warning, rate-limited per
-        guest, device and kind ([daemon] guest_log_burst)."""
-        limiter = self.ctx.extras.get("guest_log")
-        if isinstance(limiter, GuestLogLimiter):
-            conn = self.ctx.extras.get("conn", 0)
-            limiter.warning((conn, self.devid, kind), "guest_error", conn=conn,
-                            devid=self.devid, kind=kind, message=message)
-
     def _teardown(self) -> None:
         for queue in self.queues:
             queue.close()
@@ -357,4 +347,7 @@ class NetDevice(Device):
             out.append(RingSnapshot(f"queue-{q.index}/rx", "netif-rx",
                                     bytes(q.rx_map.page_view())))
         return out
+
+    def ring_names(self) -> list[str]:
+        return [f"queue-{q.index}/{way}" for q in self.queues for way in ("tx", "rx")]
 
