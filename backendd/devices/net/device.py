@@ -24,9 +24,11 @@ from backendd.dataplane.netkernel import NetKernel
 from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
 from backendd.errors import ConfigError, ControlError
 from backendd.grants import GrantMapping
-from rings.netif import RX_ENTRY_SIZE, TX_ENTRY_SIZE
+from rings.netif import CTRL_ENTRY_SIZE, RX_ENTRY_SIZE, TX_ENTRY_SIZE
 from rings.ring import BackRing, SharedRing
 
+from .ctrl import CtrlRing
+from .hash import HashConfig
 from .ratelimit import CreditScheduler, parse_rate
 from .rx import RxPath
 from .tap import (
@@ -47,6 +49,20 @@ CONFIG_KEYS = {"tap", "mac", "mtu", "bridge", "rate", "netns", "queues", "datapl
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 DEFAULT_MTU = 1500
 MAX_QUEUES = 8
+
+
+@dataclass
+class _Ctrl:
+    ring: CtrlRing
+    mapping: GrantMapping
+    shared: SharedRing
+    channel: EventChannel
+
+    def close(self) -> None:
+        self.ring.stop()
+        self.channel.close()
+        self.shared.release()
+        self.mapping.release()
 
 
 @dataclass
@@ -127,7 +143,11 @@ class NetDevice(Device):
         self.counters_base: dict[str, int] = {}
         self.fds: list[int] = []
         self.queues: list[_Queue] = []
+        self.ctrl: _Ctrl | None = None
         self.vif: VifState | None = None
+        # A steering configuration to start the next connect from (device state being
+        # restored); otherwise each connect starts from netback's defaults.
+        self._restored_hash: HashConfig | None = None
         network = getattr(daemon_config, "network", None)
         self._open_tap(bool(getattr(network, "attach_existing_taps", False)))
 
@@ -175,6 +195,7 @@ class NetDevice(Device):
             "feature-rx-flip": "0",
             "feature-split-event-channels": "1",
             "feature-multicast-control": "1",
+            "feature-ctrl-ring": "1",
             "multi-queue-max-queues": str(self.max_queues),
             "mac": self.mac,
             "mtu": str(self.mtu),
@@ -217,7 +238,12 @@ class NetDevice(Device):
                                f"{self.max_queues}")
         mtu = self.mtu if features.sg else min(self.mtu, DEFAULT_MTU)
         self.vif = vif = VifState(self.devid, features, mtu, self._on_fatal,
-                                  self.guest_error)
+                                  self.guest_error, num_queues=nq)
+        if self._restored_hash is not None:
+            # Checked against this connect's queues (mapping entries name queues).
+            vif.hash = HashConfig.from_bytes(self._restored_hash.to_bytes(), nq)
+            self._restored_hash = None
+        self._connect_ctrl(keys, channels, taken, vif)
         # Offloads the kernel may hand us: only what the frontend takes, for v4 and v6.
         csum = features.csum and features.ipv6_csum
         for q in range(nq):
@@ -231,9 +257,48 @@ class NetDevice(Device):
                 set_queue_attached(fd, True)
             self.queues.append(self._connect_queue(q, prefix, keys, channels, taken, fd,
                                                    vif, offload, credit))
+        vif.rx_wake = [queue.rx.wake for queue in self.queues]
         for queue in self.queues:
             queue.rx.start()
             queue.tx.kick()
+        if self.ctrl is not None:
+            self.ctrl.ring.kick()  # requests posted before Connected are answered
+
+    def _connect_ctrl(self, keys: Mapping[str, str], channels: Mapping[int, EventChannel],
+                      taken: set[int], vif: VifState) -> None:
+        """The control ring, when the frontend gives ctrl-ring-ref (netback's
+        connect_ctrl_ring): one whole page granted writable, its own event channel."""
+        if "ctrl-ring-ref" not in keys:
+            return
+        ref = _uint(keys, "ctrl-ring-ref")
+        port = _uint(keys, "event-channel-ctrl")
+        if port not in channels or port in taken:
+            raise ControlError(errno.EINVAL, f"net: event channel {port}: not given "
+                               "or used twice")
+        mapping = self.ctx.grants.map(ref, writable=True)
+        try:
+            page = mapping.whole_page("the control ring")
+        except BaseException:
+            mapping.release()
+            raise
+        shared = SharedRing(page, CTRL_ENTRY_SIZE)
+        ring = CtrlRing(BackRing.attach(shared), self.ctx.grants, vif, self.ctx.loop,
+                        f"net{self.devid}/ctrl")
+        channel = channels[port]
+        taken.add(port)
+        self.ctrl = _Ctrl(ring, mapping, shared, channel)
+        ring.notify = channel.notify
+        channel.start(self.ctx.loop, ring.kick)
+
+    # --- receive-side steering as device state --------------------------------------
+
+    def hash_state(self) -> bytes:
+        """The steering configuration the frontend set (HashConfig.to_bytes)."""
+        return (self.vif.hash if self.vif is not None else HashConfig()).to_bytes()
+
+    def restore_hash_state(self, blob: bytes) -> None:
+        """Start the next connect from this configuration (ValueError if malformed)."""
+        self._restored_hash = HashConfig.from_bytes(blob)
 
     def _connect_queue(self, q: int, prefix: str, keys: Mapping[str, str],
                        channels: Mapping[int, EventChannel], taken: set[int], fd: int,
@@ -280,10 +345,10 @@ class NetDevice(Device):
             from backendd.dataplane.net import CompiledRxPath
 
             rx = CompiledRxPath(self.kernel, BackRing.attach(rx_shared), grants, fd, vif,
-                                loop, name, gso_offload=bool(offload & 0x6))
+                                loop, name, gso_offload=bool(offload & 0x6), index=q)
         else:
             rx = RxPath(BackRing.attach(rx_shared), grants, fd, vif, loop, name,
-                        gso_offload=bool(offload & 0x6))
+                        gso_offload=bool(offload & 0x6), index=q)
         queue = _Queue(q, fd, tx_map, rx_map, tx_shared, rx_shared, tx, rx)
         tx_ch, rx_ch = channels[tx_port], channels[rx_port]
         taken.update({tx_port, rx_port})
@@ -309,6 +374,9 @@ class NetDevice(Device):
         self.ctx.notices.frontend_misbehaved(self.devid, message)
 
     def _teardown(self) -> None:
+        if self.ctrl is not None:
+            self.ctrl.close()
+            self.ctrl = None
         for queue in self.queues:
             queue.close()
             if queue.index:
@@ -337,6 +405,7 @@ class NetDevice(Device):
             for key, value in counters.items():
                 out[key] = out.get(key, 0) + value
         out["queues"] = len(self.queues)
+        out["ctrl_ring"] = int(self.ctrl is not None)
         return out
 
     def ring_snapshots(self) -> list[RingSnapshot]:
