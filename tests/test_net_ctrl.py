@@ -1,0 +1,365 @@
+"""The netif control ring and receive-side steering: the Toeplitz hash against the
+Microsoft RSS verification values, on both rx paths; the control requests answered with
+netback's statuses, hostile ones among them; the configuration's binary layout; and
+real frames through a real multi-queue tap landing on the queues the mapping table
+names, with the hash in an extra-info slot."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import struct
+
+import pytest
+from test_net_harness import inject, make_guest, namespaces, plug, uniq, until
+
+from backendd.dataplane import netkernel as nk
+from backendd.devices.net import hash as h
+from backendd.devices.net.hash import HashConfig, flow_input, toeplitz
+from backendd.devices.net.vif import Features
+from backendd.errors import ControlError, GuestError
+from backendd.evtchn import EventChannel
+from backendd.guest.netfront import NetFront
+from bench import netdiff_rx
+from rings.consts import NetCtrlStatus, NetCtrlType, NetRxFlags
+from rings.netif import CTRL_REQUEST, CTRL_RESPONSE, EXTRA_HASH, RX_REQUEST, RX_RESPONSE
+from rings.sring import REQ_PROD
+
+# The verification suite's key and its IPv4 and IPv6 cases: (source, source port,
+# destination, destination port, hash with TCP ports, hash over the addresses only).
+MS_KEY = bytes.fromhex("6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c"
+                       "6a42b73bbeac01fa")
+MS_V4 = [
+    ("66.9.149.187", 2794, "161.142.100.80", 1766, 0x51CCC178, 0x323E8FC2),
+    ("199.92.111.2", 14230, "65.69.140.83", 4739, 0xC626B0EA, 0xD718262A),
+    ("24.19.198.95", 12898, "12.22.207.184", 38024, 0x5C2B394A, 0xD2D0A5DE),
+    ("38.27.205.30", 48228, "209.142.163.6", 2217, 0xAFC7327F, 0x82989176),
+    ("153.39.163.191", 44251, "202.188.127.2", 1303, 0x10E828A2, 0x5D1809C5),
+]
+MS_V6 = [
+    ("3ffe:2501:200:1fff::7", 2794, "3ffe:2501:200:3::1", 1766, 0x40207D3D, 0x2CC18CD5),
+    ("3ffe:501:8::260:97ff:fe40:efab", 14230, "ff02::1", 4739, 0xDDE51BBF, 0x0F0C461C),
+    ("3ffe:1900:4545:3:200:f8ff:fe21:67cf", 44251, "fe80::200:f8ff:fe21:67cf", 38024,
+     0x02D1FEEF, 0x4B61E985),
+]
+GUEST_MAC = bytes.fromhex("00163e000001")
+SRC_MAC = bytes.fromhex("020000000099")
+PLANES = ["python", "compiled"]
+
+
+def ip_frame(src: str, sport: int, dst: str, dport: int, proto: int = 6,
+             frag: int = 0, payload: int = 64) -> bytes:
+    """An Ethernet frame to the guest with IPv4 or IPv6 and TCP or UDP ports."""
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    l4 = struct.pack(">HH", sport, dport) + bytes(16 if proto == 6 else 4) + bytes(payload)
+    if s.version == 4:
+        ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, frag, 64, proto, 0,
+                         s.packed, d.packed)
+        return GUEST_MAC + SRC_MAC + b"\x08\x00" + ip + l4
+    ip = struct.pack(">IHBB16s16s", 6 << 28, len(l4), proto, 64, s.packed, d.packed)
+    return GUEST_MAC + SRC_MAC + b"\x86\xdd" + ip + l4
+
+
+# --- the hash ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", MS_V4 + MS_V6)
+def test_toeplitz_microsoft_verification_values(case):
+    src, sport, dst, dport, with_ports, addrs_only = case
+    a = ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed
+    ports = struct.pack(">HH", sport, dport)
+    assert toeplitz(MS_KEY, a + ports) == with_ports
+    assert toeplitz(MS_KEY, a) == addrs_only
+    config = HashConfig(h.ALG_TOEPLITZ, h.ALL_FLAGS, MS_KEY)
+    assert config.hash(a + ports) == with_ports  # the table-driven form agrees
+    tcp = 1 if len(a) == 8 else 3
+    assert flow_input(ip_frame(src, sport, dst, dport), h.ALL_FLAGS) == (tcp, a + ports)
+    # UDP, or TCP with only the address types enabled: the addresses alone.
+    assert flow_input(ip_frame(src, sport, dst, dport, proto=17), h.ALL_FLAGS) == \
+        (tcp - 1, a)
+    only_addrs = h.FLAG_IPV4 | h.FLAG_IPV6
+    assert flow_input(ip_frame(src, sport, dst, dport), only_addrs) == (tcp - 1, a)
+
+
+def test_flow_fields_per_netback():
+    f = ip_frame("10.0.0.1", 1, "10.0.0.2", 2)
+    assert flow_input(f, h.FLAG_IPV6 | h.FLAG_IPV6_TCP) is None  # no IPv4 type enabled
+    assert flow_input(f, h.FLAG_IPV4_TCP)[0] == h.TYPE_IPV4_TCP
+    # A fragment has no TCP header to hash: addresses, or nothing.
+    frag = ip_frame("10.0.0.1", 1, "10.0.0.2", 2, frag=0x2000)
+    assert flow_input(frag, h.ALL_FLAGS)[0] == h.TYPE_IPV4
+    assert flow_input(frag, h.FLAG_IPV4_TCP) is None
+    assert flow_input(f[:14 + 19], h.ALL_FLAGS) is None  # truncated IP header
+    assert flow_input(f[:14 + 22], h.ALL_FLAGS)[0] == h.TYPE_IPV4  # no room for ports
+    arp = GUEST_MAC + SRC_MAC + b"\x08\x06" + bytes(28)
+    assert flow_input(arp, h.ALL_FLAGS) is None
+
+
+@pytest.mark.parametrize("plane", PLANES)
+def test_both_rx_paths_put_the_hash_in_an_extra_info_slot(kernel, plane):
+    """A frame to a one-queue vif with steering set: data slot, hash extra, the value
+    being the verification suite's."""
+    config = HashConfig(h.ALG_TOEPLITZ, h.ALL_FLAGS, MS_KEY)
+    case = netdiff_rx.RxCase(1, Features(sg=True), 1500, False, config.to_bytes(), 1)
+    w = netdiff_rx.build(kernel if plane == "compiled" else None, case)
+    try:
+        assert w.path.need == 2  # one page for the frame, one kept for the hash
+        for k in range(4):
+            w.shared.write_slot(k, RX_REQUEST.pack(k, w.gt.grant_access(4 + k)))
+        w.shared.idx[REQ_PROD] = 4
+        src, sport, dst, dport, with_ports, _ = MS_V4[0]
+        frame = ip_frame(src, sport, dst, dport)
+        w.peer.send(bytes(10) + frame)
+        netdiff_rx.drive(w)
+        rid, _, flags, status = RX_RESPONSE.unpack(w.shared.read_slot(0))
+        assert (rid, flags, status) == (0, NetRxFlags.EXTRA_INFO, len(frame))
+        etype, eflags, htype, alg, value = EXTRA_HASH.unpack(w.shared.read_slot(1))
+        assert (etype, eflags, htype, alg) == (4, 0, h.TYPE_IPV4_TCP, h.ALG_TOEPLITZ)
+        assert int.from_bytes(value, "little") == with_ports
+        assert w.ram.read(4 * 4096, len(frame)) == frame
+        # A frame with no hash (not IP) needs no extra slot: the next buffer takes it.
+        arp = GUEST_MAC + SRC_MAC + b"\x08\x06" + bytes(46)
+        w.peer.send(bytes(10) + arp)
+        netdiff_rx.drive(w)
+        assert RX_RESPONSE.unpack(w.shared.read_slot(2)) == (2, 0, 0, len(arp))
+    finally:
+        w.close()
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = nk.load()
+    if k is None:
+        pytest.fail("the net kernel is not built (make netkernel)")
+    return k
+
+
+# --- the control requests ------------------------------------------------------------
+
+
+class Grants:
+    """Stand-in for the ring's grant copy: gref -> bytes, or refused."""
+
+    def __init__(self, pages: dict[int, bytes]) -> None:
+        self.pages = pages
+        self.reads: list[tuple[int, int]] = []
+
+    def __call__(self, gref: int, n: int) -> bytes | None:
+        self.reads.append((gref, n))
+        page = self.pages.get(gref)
+        return None if page is None or n > len(page) else page[:n]
+
+
+def test_control_requests_answered_as_netback_does():
+    c = HashConfig()
+    read = Grants({7: MS_KEY + bytes(100), 8: struct.pack("<4I", 1, 0, 1, 1)})
+    S, T = NetCtrlStatus, NetCtrlType
+    # Nothing works before an algorithm is set.
+    assert c.handle(T.GET_HASH_FLAGS, (0, 0, 0), 2, read) == (S.NOT_SUPPORTED, 0)
+    assert c.handle(T.SET_HASH_FLAGS, (1, 0, 0), 2, read) == (S.INVALID_PARAMETER, 0)
+    assert c.handle(T.SET_HASH_ALGORITHM, (2, 0, 0), 2, read) == (S.INVALID_PARAMETER, 0)
+    assert c.handle(T.SET_HASH_ALGORITHM, (1, 0, 0), 2, read) == (S.SUCCESS, 0)
+    assert c.handle(T.GET_HASH_FLAGS, (0, 0, 0), 2, read) == (S.SUCCESS, 0xF)
+    assert c.handle(T.SET_HASH_FLAGS, (0x10, 0, 0), 2, read) == (S.INVALID_PARAMETER, 0)
+    assert c.handle(T.SET_HASH_FLAGS, (0xF, 0, 0), 2, read) == (S.SUCCESS, 0)
+    # Key: at most 40 octets, read through the grant; a shorter key is zero-filled.
+    assert c.handle(T.SET_HASH_KEY, (7, 41, 0), 2, read) == (S.INVALID_PARAMETER, 0)
+    assert (7, 41) not in read.reads  # refused before the grant is touched
+    assert c.handle(T.SET_HASH_KEY, (99, 40, 0), 2, read) == (S.INVALID_PARAMETER, 0)
+    assert c.handle(T.SET_HASH_KEY, (7, 40, 0), 2, read) == (S.SUCCESS, 0)
+    assert c.key == MS_KEY
+    # Mapping: size bounded by 128, entries must name connected queues.
+    assert c.handle(T.GET_HASH_MAPPING_SIZE, (0, 0, 0), 2, read) == (S.SUCCESS, 128)
+    assert c.handle(T.SET_HASH_MAPPING_SIZE, (129, 0, 0), 2, read) == \
+        (S.INVALID_PARAMETER, 0)
+    assert c.handle(T.SET_HASH_MAPPING_SIZE, (4, 0, 0), 2, read) == (S.SUCCESS, 0)
+    assert c.mapping == [0, 0, 0, 0]
+    assert c.handle(T.SET_HASH_MAPPING, (8, 4, 1), 2, read) == (S.INVALID_PARAMETER, 0)
+    assert c.handle(T.SET_HASH_MAPPING, (8, 2, 0xFFFFFFFF), 2, read) == \
+        (S.INVALID_PARAMETER, 0)
+    assert c.handle(T.SET_HASH_MAPPING, (8, 4, 0), 2, read) == (S.SUCCESS, 0)
+    assert c.mapping == [1, 0, 1, 1]
+    # An entry naming queue 1 of a one-queue vif: refused, and the table is unchanged.
+    assert c.handle(T.SET_HASH_MAPPING, (8, 4, 0), 1, read) == (S.INVALID_PARAMETER, 0)
+    assert c.mapping == [1, 0, 1, 1]
+    assert c.handle(T.SET_HASH_MAPPING, (99, 2, 0), 2, read) == (S.INVALID_PARAMETER, 0)
+    # Zero-length key and mapping touch no grant.
+    read.reads.clear()
+    assert c.handle(T.SET_HASH_MAPPING, (99, 0, 4), 2, read) == (S.SUCCESS, 0)
+    assert c.handle(T.SET_HASH_KEY, (99, 0, 0), 2, read) == (S.SUCCESS, 0)
+    assert not read.reads and c.key == bytes(40)
+    # What netback does not implement.
+    for t in (T.INVALID, T.GET_GREF_MAPPING_SIZE, T.ADD_GREF_MAPPING,
+              T.DEL_GREF_MAPPING, 11, 0xFFFF):
+        assert c.handle(t, (1, 2, 3), 2, read) == (S.NOT_SUPPORTED, 0)
+
+
+def test_configuration_layout_round_trips_and_refuses_corruption():
+    c = HashConfig(h.ALG_TOEPLITZ, 0xB, MS_KEY, [1, 0, 3, 2])
+    blob = c.to_bytes()
+    assert len(blob) == 8 + 40 + 16
+    assert blob[:8] == bytes([1, 1, 0xB, 0]) + struct.pack("<I", 4)
+    back = HashConfig.from_bytes(blob)
+    assert (back.alg, back.flags, back.key, back.mapping) == (1, 0xB, MS_KEY, [1, 0, 3, 2])
+    assert HashConfig.from_bytes(HashConfig().to_bytes()) == HashConfig()
+    bad = [blob[:-1], blob + b"\0", bytes([2]) + blob[1:], blob[:1] + b"\x02" + blob[2:],
+           blob[:2] + b"\x10" + blob[3:], blob[:3] + b"\x01" + blob[4:],
+           blob[:4] + struct.pack("<I", 129) + blob[8:], b""]
+    for b in bad:
+        with pytest.raises(ValueError):
+            HashConfig.from_bytes(b)
+    with pytest.raises(ValueError, match="queue"):
+        HashConfig.from_bytes(blob, num_queues=3)
+
+
+# --- through the device, real taps --------------------------------------------------
+
+pytestmark_root = pytest.mark.usefixtures("root")
+
+
+def expected_queue(config: HashConfig, frame: bytes, nq: int) -> tuple[int, int | None]:
+    """The queue and hash the mapping says, computed with the plain bitwise Toeplitz."""
+    found = flow_input(frame, config.flags)
+    value = toeplitz(config.key, found[1]) if found else 0
+    queue = config.mapping[value % len(config.mapping)] if config.mapping else value % nq
+    return queue, (value if found else None)
+
+
+@pytestmark_root
+@pytest.mark.parametrize("plane", PLANES)
+async def test_flows_land_on_the_queues_the_mapping_names(plane):
+    host = uniq("hsh")
+    tap = uniq("hs") + plane[0]
+    with namespaces(host):
+        guest = make_guest()
+        try:
+            dev, front = await plug(guest, 3, {"tap": tap, "netns": host, "queues": "2",
+                                               "dataplane": plane},
+                                    queues=2, ctrl_ring=True)
+            mapping = [(k * 7 + k // 3) % 2 for k in range(128)]
+            await front.set_toeplitz(MS_KEY, h.ALL_FLAGS, mapping)
+            config = HashConfig(h.ALG_TOEPLITZ, h.ALL_FLAGS, MS_KEY, mapping)
+            frames = []
+            for k in range(48):  # IPv4/IPv6, TCP/UDP flows, and frames with no hash
+                src, sport, dst, dport, _, _ = (MS_V4 + MS_V6)[k % 8]
+                proto = 17 if k % 3 == 1 else 6
+                frame = ip_frame(src, sport + k, dst, dport, proto=proto)
+                if k % 16 == 15:
+                    frame = GUEST_MAC + SRC_MAC + b"\x88\xb5" + bytes([k]) * 46
+                frames.append(frame[:-1] + bytes([k]))
+            await inject(host, tap, frames)
+            got = await front.wait_rx(len(frames), timeout=20)
+            hashes = list(front.rx_hashes)[-len(frames):]
+            seen = {}
+            for (_, data, _), (queue, hashed) in zip(got, hashes, strict=True):
+                seen[data[-1]] = (queue, hashed, data)
+            assert sorted(seen) == list(range(len(frames)))
+            queues_used = set()
+            for k, frame in enumerate(frames):
+                queue, hashed, data = seen[k]
+                want_queue, want_hash = expected_queue(config, frame, 2)
+                assert data == frame
+                assert queue == want_queue, k
+                queues_used.add(queue)
+                if want_hash is None:
+                    assert hashed is None
+                else:
+                    assert hashed is not None and hashed[1:] == (h.ALG_TOEPLITZ, want_hash)
+                    assert hashed[0] == flow_input(frame, h.ALL_FLAGS)[0]
+            assert queues_used == {0, 1}
+            stats = dev.stats()
+            assert stats["rx_packets"] == len(frames) and stats["rx_dropped"] == 0
+            assert stats["ctrl_requests"] == 5 and stats["ctrl_errors"] == 0
+            assert stats["rx_steered"] > 0  # frames read on one queue for the other
+            assert dev.hash_state() == config.to_bytes()
+            # Everything to queue 1 now: one table entry.
+            status = await front.ctrl_request(NetCtrlType.SET_HASH_MAPPING_SIZE, 1)
+            assert status == (0, 0)
+            assert await front.ctrl_with_page(NetCtrlType.SET_HASH_MAPPING,
+                                              struct.pack("<I", 1), 1) == (0, 0)
+            front.rx_hashes.clear()
+            await inject(host, tap, frames[:8])
+            await front.wait_rx(8, timeout=20)
+            assert {q for q, _ in front.rx_hashes} == {1}
+            assert not front.busy_after_response
+        finally:
+            await guest.close()
+
+
+@pytestmark_root
+async def test_hostile_control_requests_get_errors_and_a_bad_ring_halts_only_itself():
+    host = uniq("hsx")
+    tap = uniq("hx") + "a"
+    with namespaces(host):
+        guest = make_guest()
+        try:
+            dev, front = await plug(guest, 4, {"tap": tap, "netns": host, "queues": "2"},
+                                    queues=2, ctrl_ring=True)
+            T, S = NetCtrlType, NetCtrlStatus
+            assert await front.ctrl_request(T.SET_HASH_ALGORITHM, 1) == (S.SUCCESS, 0)
+            # A key granted to another domain, a gref past the table, a read-only key
+            # (fine: the backend only reads it), a mapping entry naming queue 2 of 2.
+            gfn = guest.ram.alloc_page()
+            foreign = guest.gnttab.grant_access(gfn, domid=5)
+            assert await front.ctrl_request(T.SET_HASH_KEY, foreign, 40) == \
+                (S.INVALID_PARAMETER, 0)
+            assert await front.ctrl_request(T.SET_HASH_KEY, 1 << 30, 40) == \
+                (S.INVALID_PARAMETER, 0)
+            assert await front.ctrl_with_page(T.SET_HASH_KEY, MS_KEY, 40) == (S.SUCCESS, 0)
+            assert await front.ctrl_request(T.SET_HASH_MAPPING_SIZE, 8) == (S.SUCCESS, 0)
+            assert await front.ctrl_with_page(T.SET_HASH_MAPPING,
+                                              struct.pack("<2I", 1, 2), 2) == \
+                (S.INVALID_PARAMETER, 0)
+            assert await front.ctrl_request(T.ADD_GREF_MAPPING, 1, 1) == \
+                (S.NOT_SUPPORTED, 0)
+            assert not guest.gnttab.entry(foreign)[0] & 0x18  # never pinned
+            # Responses echo id and type, with zeroed padding.
+            c = front.ctrl
+            raw = c.shared.read_slot(c.ring.rsp_cons - 1)
+            assert CTRL_RESPONSE.unpack(raw[:12])[:2] == ((c.next_id - 1) & 0xFFFF,
+                                                           T.ADD_GREF_MAPPING)
+            assert raw[12:] == bytes(4)
+            stats = dev.stats()
+            assert stats["ctrl_errors"] == 4 and stats["ctrl_halted"] == 0
+            # A req_prod far ahead: the control ring stops, the data rings go on.
+            c.shared.idx[REQ_PROD] = c.ring.req_prod_pvt + 1000
+            c.port.send()
+            await until(lambda: dev.stats()["ctrl_halted"] == 1)
+            assert not dev.vif.halted
+            frame = ip_frame("10.1.0.1", 1, "10.1.0.2", 2)
+            await inject(host, tap, [frame])
+            ((_, data, _),) = await front.wait_rx(1)
+            assert data == frame
+        finally:
+            await guest.close()
+
+
+@pytestmark_root
+async def test_control_ring_keys_are_checked():
+    guest = make_guest()
+    try:
+        for bad in ("ref", "port", "shared-port"):
+            front = NetFront(guest.ram, guest.gnttab, 5, first_port=60, queues=1,
+                             ctrl_ring=True)
+            guest.fronts.append(front)
+            from backendd.devices.net import NetDevice
+            dev = NetDevice(5, {"tap": uniq("hk") + bad[0]}, guest.ctx)
+            guest.devices.append(dev)
+            keys = front.frontend_keys()
+            if bad == "ref":
+                keys["ctrl-ring-ref"] = str(1 << 30)
+            elif bad == "port":
+                keys["event-channel-ctrl"] = "999"
+            else:
+                keys["event-channel-ctrl"] = keys["event-channel"]
+            chans = {p: EventChannel(p, k, c) for p, k, c in front.channels()}
+            with pytest.raises((ControlError, GuestError)) as e:
+                await dev.connect(keys, chans)
+            assert isinstance(e.value, GuestError) or e.value.code == errno.EINVAL
+            assert dev.ctrl is None and not dev.queues
+    finally:
+        await guest.close()
+
+
+def test_ctrl_layout_sizes():
+    assert CTRL_REQUEST.size == 16 and CTRL_RESPONSE.size == 12
