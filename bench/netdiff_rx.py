@@ -337,6 +337,50 @@ def run_case(kernel: nk.NetKernel, seed: int, rounds: int) -> int:
     return inputs
 
 
+def concurrent(kernel: nk.NetKernel, rounds: int, seed: int) -> dict[str, int]:
+    """Two compiled queues of one steered vif served at once: frames on both taps and
+    buffers on both rings each round, both queues kicked together, so each kernel call
+    (nk_serve_many) serves them on two threads while frames cross between their
+    inboxes. Nothing is compared with the Python path (the interleaving is the
+    threads'); every frame must be accounted for, and the caller runs it under the
+    sanitizers. Returns the counters, with `frames` offered, `apart` (calls that served
+    the two queues on two threads) and `inboxed` (frames still waiting)."""
+    rng = random.Random(seed)
+    config = HashConfig(hash.ALG_TOEPLITZ, hash.ALL_FLAGS, rng.randbytes(40),
+                        [rng.randrange(2) for _ in range(64)])
+    case = RxCase(1, Features(sg=True, gso_tcpv4=True, gso_tcpv6=True, ipv6_csum=True),
+                  1500, True, config.to_bytes(), 2)
+    w = build(kernel, case)
+    try:
+        pool = [w.gt.grant_access(f) for f in FRAMES for _ in range(8)]
+        ids = [[0], [0]]
+        offered = 0
+        for _ in range(rounds):
+            for _, _, peer, _, _ in w.sides():
+                for _ in range(rng.randrange(0, 40)):
+                    peer.send(frame(rng, case, []))
+                    offered += 1
+            for q in range(2):
+                post(w, rng, pool, rng.choice((20, 60, 200)), ids[q], q)
+            for path, _, _, _, _ in w.sides():
+                path.kick()
+            _settle(w)
+        left = 0
+        for path, _, _, _, _ in w.sides():
+            while select.select([path.fd], [], [], 0)[0]:
+                os.read(path.fd, 1 << 17)
+                left += 1
+        out = dict(w.vif.counters)
+        assert isinstance(w.path, CompiledRxPath)
+        boxes = w.path.steer.steer.inbox
+        out |= {"frames": offered, "left_in_tap": left,
+                "inboxed": boxes[0].count + boxes[1].count,
+                "apart": w.path.round.apart}
+        return out
+    finally:
+        w.close()
+
+
 def _short(v: object) -> str:
     if isinstance(v, bytes):
         return f"<{len(v)} bytes {v[:64].hex()}>"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import threading
 
 from backendd.devices.net.ratelimit import CreditScheduler
 from backendd.devices.net.rx import BUDGET as RX_BUDGET
@@ -73,8 +74,11 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
             if helped and len({p.name for p in ready}) > 1 \
                     and len({w.thread for w in works}) > 1:
                 self.apart += 1
+        caller = threading.get_native_id()
         for w, path in zip(works, ready, strict=True):
             path.served_on.add(w.thread)
+            if w.thread != caller:
+                path.vif.counters["parallel"] += 1  # GET_STATS: served on a helper
             try:
                 path._finish()
             except Exception:  # one path's bug must not leave the others unanswered
