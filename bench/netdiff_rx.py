@@ -159,12 +159,14 @@ def build(kernel: nk.NetKernel | None, case: RxCase) -> RxWorld:
     return w
 
 
-def grants(rng: random.Random, w: RxWorld) -> list[int]:
-    """Rx buffer grants, most good, some hostile: read-only, foreign, revoked, beyond
-    memory, transitive, and (v2) sub-pages, which an rx buffer must not be."""
+def grants(rng: random.Random, w: RxWorld, frames: list[int] = FRAMES,
+           n: int = 200) -> list[int]:
+    """Rx buffer grants of `frames`, most good, some hostile: read-only, foreign,
+    revoked, beyond memory, transitive, and (v2) sub-pages, which an rx buffer must not
+    be."""
     out = []
-    for _ in range(200):
-        f = rng.choice(FRAMES)
+    for _ in range(n):
+        f = rng.choice(frames)
         r = rng.random()
         if w.gt.version == 2 and r < 0.03:
             off = rng.randrange(0, PAGE, 2)
@@ -246,7 +248,8 @@ def post(w: RxWorld, rng: random.Random, grefs: list[int], n: int, ident: list[i
     room = shared.size - ((prod - path.ring.rsp_prod_pvt) & 0xFFFFFFFF)
     n = max(0, min(n, room))
     for k in range(n):
-        gref = rng.choice(grefs) if rng.random() < 0.995 else rng.getrandbits(16)
+        # 1 in 200 a gref past any table here (it has at most 512 entries)
+        gref = rng.choice(grefs) if rng.random() < 0.995 else rng.getrandbits(16) | 0x1000
         shared.write_slot(prod + k, RX_REQUEST.pack(ident[0] & 0xFFFF, gref))
         ident[0] += 1
     if rng.random() < 0.005:  # a req_prod more than a ring ahead: fatal
@@ -305,7 +308,12 @@ def run_case(kernel: nk.NetKernel, seed: int, rounds: int) -> int:
     inputs = 0
     try:
         rngs = [random.Random(seed + 1), random.Random(seed + 1)]
-        pools = [grants(r, w) for r, w in zip(rngs, worlds, strict=True)]
+        # With two queues each posts pages of its own: two queues of one world may be
+        # served at once (nk_serve_many), and a page posted on both would then be
+        # written in an order the threads pick.
+        split = [FRAMES] if case.queues == 1 else [FRAMES[::2], FRAMES[1::2]]
+        pools = [[grants(r, w, frames, 200 // len(split)) for frames in split]
+                 for r, w in zip(rngs, worlds, strict=True)]
         idents = [[[0] for _ in range(case.queues)] for _ in worlds]
         mcast = [bytes([1, 0, 0x5E, 0, 0, k]) for k in range(seed % 4)]
         for w in worlds:
@@ -320,7 +328,8 @@ def run_case(kernel: nk.NetKernel, seed: int, rounds: int) -> int:
                     peer.send(frame(r, case, mcast))
                 posted = 0
                 for q in range(case.queues):
-                    posted += post(w, r, g, r.choice((0, 1, 8, 20, 40, 100)), ident[q], q)
+                    posted += post(w, r, g[q], r.choice((0, 1, 8, 20, 40, 100)), ident[q],
+                                   q)
                 if w is worlds[0]:
                     inputs += nframes + posted
                 drive(w, src)
