@@ -384,6 +384,11 @@ class NetDevice(Device):
                     set_queue_attached(queue.fd, False)
         self.queues = []
         if self.vif is not None:
+            # The vif no longer wakes the paths (nor keeps them, and the ring views they
+            # hold, alive: guest memory must be removable once the device is gone).
+            self.vif.rx_wake = []
+            for inbox in self.vif.inboxes:
+                inbox.clear()
             for key, value in self.vif.counters.items():
                 self.counters_base[key] = self.counters_base.get(key, 0) + value
             self.vif.counters.clear()
