@@ -272,6 +272,9 @@ async def test_flows_land_on_the_queues_the_mapping_names(plane):
             assert stats["ctrl_requests"] == 5 and stats["ctrl_errors"] == 0
             assert stats["rx_steered"] > 0  # frames read on one queue for the other
             assert dev.hash_state() == config.to_bytes()
+            assert dev.ring_names()[-1] == "ctrl"
+            snap = dev.ring_snapshots()[-1]
+            assert (snap.name, snap.layout) == ("ctrl", "netifctrl")
             # Everything to queue 1 now: one table entry.
             status = await front.ctrl_request(NetCtrlType.SET_HASH_MAPPING_SIZE, 1)
             assert status == (0, 0)

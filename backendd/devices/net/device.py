@@ -420,8 +420,11 @@ class NetDevice(Device):
                                     bytes(q.tx_map.page_view())))
             out.append(RingSnapshot(f"queue-{q.index}/rx", "netif-rx",
                                     bytes(q.rx_map.page_view())))
+        if self.ctrl is not None:
+            out.append(RingSnapshot("ctrl", "netifctrl", bytes(self.ctrl.mapping.page_view())))
         return out
 
     def ring_names(self) -> list[str]:
-        return [f"queue-{q.index}/{way}" for q in self.queues for way in ("tx", "rx")]
+        names = [f"queue-{q.index}/{way}" for q in self.queues for way in ("tx", "rx")]
+        return names + (["ctrl"] if self.ctrl is not None else [])
 
