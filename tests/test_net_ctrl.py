@@ -6,12 +6,22 @@ names, with the hash in an extra-info slot."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import struct
 
 import pytest
-from test_net_harness import inject, make_guest, namespaces, plug, uniq, until
+from test_net_harness import (
+    addr,
+    inject,
+    make_guest,
+    namespaces,
+    plug,
+    run,
+    uniq,
+    until,
+)
 
 from backendd.dataplane import netkernel as nk
 from backendd.devices.net import hash as h
@@ -251,7 +261,7 @@ async def test_flows_land_on_the_queues_the_mapping_names(plane):
             got = await front.wait_rx(len(frames), timeout=20)
             hashes = list(front.rx_hashes)[-len(frames):]
             seen = {}
-            for (_, data, _), (queue, hashed) in zip(got, hashes, strict=True):
+            for (_, data, _), (queue, hashed, _) in zip(got, hashes, strict=True):
                 seen[data[-1]] = (queue, hashed, data)
             assert sorted(seen) == list(range(len(frames)))
             queues_used = set()
@@ -283,8 +293,103 @@ async def test_flows_land_on_the_queues_the_mapping_names(plane):
             front.rx_hashes.clear()
             await inject(host, tap, frames[:8])
             await front.wait_rx(8, timeout=20)
-            assert {q for q, _ in front.rx_hashes} == {1}
+            assert {q for q, _, _ in front.rx_hashes} == {1}
             assert not front.busy_after_response
+        finally:
+            await guest.close()
+
+
+TCP_SERVER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(32)
+print("ready", flush=True)
+total = 0
+for _ in range(16):
+    c, _ = s.accept()
+    while True:
+        b = c.recv(1 << 16)
+        if not b:
+            break
+        total += len(b)
+    c.close()
+print(total, flush=True)
+"""
+
+TCP_CLIENTS = """
+import socket, sys
+for _ in range(16):
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+    c.sendall(b"y" * 20000)
+    c.close()
+"""
+
+UDP_FLOWS = """
+import socket, sys
+for port in range(int(sys.argv[2]), int(sys.argv[2]) + 16):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    for _ in range(4):
+        s.sendto(b"x" * 100, (sys.argv[1], 9))
+    s.close()
+"""
+
+
+@pytestmark_root
+@pytest.mark.parametrize("plane", PLANES)
+async def test_kernel_traffic_follows_the_mapping(plane):
+    """The kernel's own UDP and TCP flows, host namespace -> daemon's two-queue tap ->
+    rings -> the guest's tap in its namespace: every frame of a flow lands on the queue
+    the frontend's mapping table names, with that flow's hash."""
+    host, gns = uniq("hth"), uniq("htg")
+    tap, gtap = uniq("ht") + plane[0], uniq("hg") + plane[0]
+    with namespaces(host, gns):
+        guest = make_guest()
+        try:
+            dev, front = await plug(guest, 2, {"tap": tap, "netns": host, "queues": "2",
+                                               "dataplane": plane},
+                                    queues=2, ctrl_ring=True)
+            mapping = [k % 2 for k in range(16)]
+            key = bytes(range(1, 41))
+            await front.set_toeplitz(key, h.ALL_FLAGS, mapping)
+            await front.attach_tap(gtap, netns=gns, mac="00:16:3e:00:00:21")
+            await addr(host, tap, "10.79.0.1/24")
+            await addr(gns, gtap, "10.79.0.2/24")
+            await run("ping", "-c", "2", "-i", "0.2", "-W", "2", "10.79.0.2", ns=host)
+            await run("python3", "-c", UDP_FLOWS, "10.79.0.2", "40000", ns=host)
+            server = await asyncio.create_subprocess_exec(
+                "ip", "netns", "exec", gns, "python3", "-c", TCP_SERVER, "5222",
+                stdout=asyncio.subprocess.PIPE)
+            try:
+                assert server.stdout is not None
+                assert (await asyncio.wait_for(server.stdout.readline(), 30)).strip() == \
+                    b"ready"
+                await run("python3", "-c", TCP_CLIENTS, "10.79.0.2", "5222", ns=host)
+                total = await asyncio.wait_for(server.stdout.readline(), 30)
+                assert total.strip() == str(16 * 20000).encode()
+            finally:
+                if server.returncode is None:
+                    server.kill()
+                await server.wait()
+            await until(lambda: sum(1 for _, _, head in front.rx_hashes
+                                    if head[23:24] == b"\x11") >= 64)
+            config = HashConfig(h.ALG_TOEPLITZ, h.ALL_FLAGS, key, mapping)
+            flows_key_addrs = bytes([10, 79, 0, 1, 10, 79, 0, 2])
+            flows: dict[bytes, set[int]] = {}
+            for queue, hashed, head in front.rx_hashes:
+                want_queue, want_hash = expected_queue(config, head, 2)
+                assert queue == want_queue
+                assert (hashed is None) == (want_hash is None)
+                if hashed is not None:
+                    assert hashed[2] == want_hash
+                    tcp = hashed[0] == h.TYPE_IPV4_TCP  # a TCP flow is its ports too
+                    flows.setdefault(head[26:38] if tcp else head[26:34], set()).add(queue)
+            assert all(len(qs) == 1 for qs in flows.values())  # a flow keeps its queue
+            assert {q for qs in flows.values() for q in qs} == {0, 1}
+            assert len({k for k in flows if k[:8] == flows_key_addrs}) >= 17
+            assert dev.stats()["rx_steered"] + dev.stats()["rx_packets"] > 0
         finally:
             await guest.close()
 

@@ -175,8 +175,9 @@ class NetFront:
             queue.tx_free_ids = list(range(tx_shared.size - 1, -1, -1))
             self.queues.append(queue)
         # Per frame delivered: (queue, (hash type, algorithm, value) from its hash
-        # extra-info slot, or None).
-        self.rx_hashes: deque[tuple[int, tuple[int, int, int] | None]] = deque(maxlen=1 << 16)
+        # extra-info slot or None, the frame's first 128 bytes).
+        self.rx_hashes: deque[tuple[int, tuple[int, int, int] | None, bytes]] = \
+            deque(maxlen=1 << 16)
         self.ctrl: _Ctrl | None = None
         if ctrl_ring:
             page = ram.alloc_page()
@@ -548,8 +549,8 @@ class NetFront:
                 self.busy_after_response.append(gref)
             views.append(self.ram.page(gfn)[offset:offset + status])
         frame_len = sum(len(v) for v in views)
-        self.rx_hashes.append((q.index, hashed))
         head = bytes(views[0][:256])
+        self.rx_hashes.append((q.index, hashed, head[:128]))
         vnet = guest_vnet_header(first_flags, gso, head)
         self._count("rx_packets")
         self._count("rx_bytes", frame_len)
