@@ -471,3 +471,24 @@ async def test_control_ring_keys_are_checked():
 
 def test_ctrl_layout_sizes():
     assert CTRL_REQUEST.size == 16 and CTRL_RESPONSE.size == 12
+
+
+@pytestmark_root
+async def test_a_suspended_control_ring_answers_nothing_until_resumed():
+    guest = make_guest()
+    try:
+        dev, front = await plug(guest, 6, {"tap": uniq("hq") + "s", "queues": "1"},
+                                queues=1, ctrl_ring=True)
+        assert await front.ctrl_request(NetCtrlType.SET_HASH_ALGORITHM, 1) == (0, 0)
+        dev.ctrl.ring.suspend()
+        c = front.ctrl
+        rsp_prod = c.shared.idx[2]
+        rid = front.ctrl_post(NetCtrlType.GET_HASH_FLAGS)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert c.shared.idx[2] == rsp_prod and rid not in c.answers  # nothing written
+        dev.ctrl.ring.resume()
+        await until(lambda: rid in c.answers)
+        assert c.answers[rid] == (NetCtrlType.GET_HASH_FLAGS, 0, 0xF)
+    finally:
+        await guest.close()

@@ -38,15 +38,32 @@ class CtrlRing:
         self.on_change: Callable[[], None] = lambda: None
         self.halted = False
         self.stopped = False
+        self.suspended = False
+        self._kicked_while_suspended = False
         self._scheduled = False
 
     def kick(self) -> None:
+        if self.suspended:
+            self._kicked_while_suspended = True
+            return
         if not self._scheduled and not self.stopped and not self.halted:
             self._scheduled = True
             self.loop.call_soon(self._run)
 
     def stop(self) -> None:
         self.stopped = True
+
+    def suspend(self) -> None:
+        """No more requests taken, no write into the ring, no notify until resume()
+        (every request taken so far is answered already: each wake-up answers what it
+        takes before it returns)."""
+        self.suspended = True
+
+    def resume(self) -> None:
+        """Serve again, first looking at the ring for requests posted meanwhile."""
+        self.suspended = False
+        self._kicked_while_suspended = False
+        self.kick()
 
     def read_grant(self, gref: int, nbytes: int) -> bytes | None:
         """The first `nbytes` of grant `gref`, copied as a grant copy from offset 0
@@ -66,6 +83,9 @@ class CtrlRing:
     def _run(self) -> None:
         self._scheduled = False
         if self.stopped or self.halted:
+            return
+        if self.suspended:
+            self._kicked_while_suspended = True
             return
         vif = self.vif
         changed = False
