@@ -14,6 +14,11 @@ down one page afterwards. When the guest posts no buffers we stop reading and th
 wait in the tap's queue, whose length (txqueuelen) bounds what a stalled guest costs
 (XSA-392); the kernel drops and counts beyond it.
 
+With receive-side steering set (hash.py), a hash extra-info slot is reserved the same
+way, after the GSO one; and a frame read here that the frontend's mapping gives to
+another queue is copied into that queue's inbox (vif.Inbox), the buffers it was read into
+staying posted here; each queue delivers its inbox, in order, before reading its tap.
+
 A posted request whose grant cannot be used (bad gref, revoked, read-only, a v2 sub-page)
 fails alone, in its turn, as a failed grant copy does in netback: at the head of the
 posted buffers it is answered ERROR by itself; further on, the frame is read with a
