@@ -492,3 +492,43 @@ async def test_a_suspended_control_ring_answers_nothing_until_resumed():
         assert c.answers[rid] == (NetCtrlType.GET_HASH_FLAGS, 0, 0xF)
     finally:
         await guest.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_key_and_mapping_reads_follow_the_grant_rules(version):
+    """CtrlRing.read_grant on a real grant table: what a grant copy from offset 0 may
+    read; the grant is not left in use."""
+    from backendd.devices.net.ctrl import CtrlRing
+    from backendd.devices.net.vif import VifState
+    from bench import netdiff
+    from rings.consts import GrantType
+
+    ram, gt, mem, table, ring_map, shared = netdiff.guest(version, 16)
+    shared.release()
+    try:
+        ram.write(3 * 4096, MS_KEY)
+        ctrl = CtrlRing(None, table, VifState(0, Features(), 1500, print),  # type: ignore
+                        None, "net0/ctrl")  # type: ignore[arg-type]
+        good = gt.grant_access(3, readonly=True)
+        assert ctrl.read_grant(good, 40) == MS_KEY
+        assert ctrl.read_grant(gt.grant_access(3, domid=4), 40) is None
+        assert ctrl.read_grant(1 << 20, 40) is None
+        revoked = gt.grant_access(3)
+        gt.end_access(revoked)
+        assert ctrl.read_grant(revoked, 4) is None
+        if version == 2:
+            assert ctrl.read_grant(gt.grant_access(3, sub_page=(0, 40)), 40) == MS_KEY
+            assert ctrl.read_grant(gt.grant_access(3, sub_page=(0, 39)), 40) is None
+            assert ctrl.read_grant(gt.grant_access(3, sub_page=(8, 100)), 8) is None
+            trans = gt.grant_access(3)
+            flags, domid, frame = gt.entry(trans)
+            gt.set_entry(trans, GrantType.TRANSITIVE | (flags & ~3), domid, frame)
+            assert ctrl.read_grant(trans, 4) is None
+        assert table.grefs_in_use() == []
+        assert not gt.entry(good)[0] & 0x18 if version == 1 else not gt.status(good) & 0x18
+    finally:
+        table.close()
+        mem.close()
+        ring_map.release()
+        gt.close()
+        ram.close()
