@@ -532,3 +532,32 @@ def test_key_and_mapping_reads_follow_the_grant_rules(version):
         ring_map.release()
         gt.close()
         ram.close()
+
+
+@pytestmark_root
+async def test_a_restored_configuration_starts_the_next_connect():
+    """Device state hands the configuration over: the next connect starts from it (its
+    mapping checked against that connect's queues)."""
+    guest = make_guest()
+    try:
+        config = HashConfig(h.ALG_TOEPLITZ, h.FLAG_IPV4_TCP, MS_KEY, [1, 0])
+        from backendd.devices.net import NetDevice
+        dev = NetDevice(7, {"tap": uniq("hr") + "a", "queues": "2"}, guest.ctx)
+        guest.devices.append(dev)
+        dev.restore_hash_state(config.to_bytes())
+        front = NetFront(guest.ram, guest.gnttab, 7, first_port=70, queues=1)
+        guest.fronts.append(front)
+        chans = {p: EventChannel(p, k, c) for p, k, c in front.channels()}
+        with pytest.raises(ControlError) as e:  # entry 1 names a second queue
+            await dev.connect(front.frontend_keys(), chans)
+        assert e.value.code == errno.EINVAL
+        dev.restore_hash_state(config.to_bytes())
+        front2 = NetFront(guest.ram, guest.gnttab, 7, first_port=80, queues=2)
+        guest.fronts.append(front2)
+        chans = {p: EventChannel(p, k, c) for p, k, c in front2.channels()}
+        await dev.connect(front2.frontend_keys(), chans)
+        assert dev.hash_state() == config.to_bytes()
+        with pytest.raises(ValueError):
+            dev.restore_hash_state(b"\x02" + config.to_bytes()[1:])
+    finally:
+        await guest.close()

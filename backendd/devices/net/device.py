@@ -241,8 +241,12 @@ class NetDevice(Device):
                                   self.guest_error, num_queues=nq)
         if self._restored_hash is not None:
             # Checked against this connect's queues (mapping entries name queues).
-            vif.hash = HashConfig.from_bytes(self._restored_hash.to_bytes(), nq)
+            try:
+                vif.hash = HashConfig.from_bytes(self._restored_hash.to_bytes(), nq)
+            except ValueError as e:
+                raise ControlError(errno.EINVAL, f"net: {e}") from None
             self._restored_hash = None
+            vif.hash_generation += 1
         self._connect_ctrl(keys, channels, taken, vif)
         # Offloads the kernel may hand us: only what the frontend takes, for v4 and v6.
         csum = features.csum and features.ipv6_csum
