@@ -38,12 +38,13 @@ from backendd.devices.net import hash
 from backendd.devices.net.hash import HashConfig
 from backendd.devices.net.rx import RxPath
 from backendd.devices.net.vif import Features, VifState
+from backendd.dirtylog import RingLog
 from rings.consts import GrantType
 from rings.netif import RX_ENTRY_SIZE, RX_REQUEST
 from rings.ring import BackRing, SharedRing
 from rings.sring import REQ_PROD
 
-from .netdiff import FRAMES, PAGE, Difference, World, guest
+from .netdiff import FRAMES, PAGE, RING_FRAME, Difference, World, dirty_log, guest
 
 
 @dataclass
@@ -110,13 +111,14 @@ class RxCase:
 
 
 def _side(kernel: nk.NetKernel | None, case: RxCase, vif: VifState, table: object,
-          shared: object, loop: asyncio.AbstractEventLoop, index: int
-          ) -> tuple[RxPath, socket.socket, socket.socket]:
+          shared: object, loop: asyncio.AbstractEventLoop, index: int,
+          log: RingLog | None = None) -> tuple[RxPath, socket.socket, socket.socket]:
     tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
     tap.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     tap.setblocking(False)
     ring = BackRing.attach(shared)  # type: ignore[arg-type]
+    ring.log = log  # queue 0's ring is in guest memory (netdiff.RING_FRAME), logged
     name = f"net0/queue-{index}"
     if kernel is None:
         path: RxPath = RxPath(ring, table, tap.fileno(), vif, loop,  # type: ignore[arg-type]
@@ -136,7 +138,8 @@ def build(kernel: nk.NetKernel | None, case: RxCase) -> RxWorld:
     if case.hash is not None:
         vif.hash = HashConfig.from_bytes(case.hash, case.queues)
         vif.hash_generation += 1
-    path, tap, peer = _side(kernel, case, vif, table, shared, loop, 0)
+    path, tap, peer = _side(kernel, case, vif, table, shared, loop, 0,
+                            RingLog(mem, [RING_FRAME]))
     w = RxWorld(ram, gt, mem, table, ring_map, shared, path, vif, peer, tap, loop,
                 fatal=fatal)
     path.notify = lambda: w.notifies.__setitem__(0, w.notifies[0] + 1)
@@ -287,6 +290,7 @@ def state(w: RxWorld) -> dict[str, object]:
         # `parallel` (wake-ups served on a helper thread) is the compiled path's alone.
         "counters": {k: v for k, v in w.vif.counters.items() if v and k != "parallel"},
         "halted": (w.vif.halted, len(w.fatal)),
+        "dirty_log": dirty_log(w.mem),
     }
     for k, (path, _, _, ring_map, notifies) in enumerate(w.sides()):
         posted = path.posted_count if isinstance(path, CompiledRxPath) else len(path.posted)

@@ -300,6 +300,13 @@ class RxPath:
             return True
         counters = self.vif.counters
         frame_len = n - VNET_HDR_LEN
+        log = self.grants.memory.log
+        if log is not None and frame_len > 0:
+            # The guest pages the read reached, logged before any response shows them
+            # (a frame filtered or dropped below has been written all the same).
+            for p in bufs[:pages_for(frame_len)]:
+                if p.mapping is not None:
+                    log.mark(p.mapping.frame)
         if frame_len < ETH_HLEN or frame_len > len(views) * PAGE_SIZE:
             counters["rx_dropped"] += 1
             return True
@@ -342,6 +349,8 @@ class RxPath:
             # Fewer extra-info slots than reserved: the data pages move down.
             for k in range(1, npages):
                 self._page(posted[extras + k])[:] = self._page(posted[reserve + k])
+                if log is not None and posted[extras + k].mapping is not None:
+                    log.mark(posted[extras + k].mapping.frame)
         self._respond(vnet, frame_len, gso, hash_info)
         return True
 
@@ -356,9 +365,13 @@ class RxPath:
             # The frontend turned hashing off since (a smaller reserve): no room.
             self.vif.counters["rx_dropped"] += 1
             return
+        log = self.grants.memory.log
         for k in range(pages_for(frame_len)):
             chunk = s.frame[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
-            self._page(self.posted[extras + k if k else 0])[:len(chunk)] = chunk
+            dst = self.posted[extras + k if k else 0]
+            if log is not None and dst.mapping is not None:
+                log.mark(dst.mapping.frame)  # before the write, and the response
+            self._page(dst)[:len(chunk)] = chunk
         self._respond(vnet, frame_len, gso, s.hash)
 
     def _respond(self, vnet: VnetHeader, frame_len: int, gso: tuple[int, int] | None,
