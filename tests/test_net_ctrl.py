@@ -561,3 +561,51 @@ async def test_a_restored_configuration_starts_the_next_connect():
             dev.restore_hash_state(b"\x02" + config.to_bytes()[1:])
     finally:
         await guest.close()
+
+
+@pytestmark_root
+@pytest.mark.parametrize("plane", PLANES)
+async def test_steered_frames_and_control_answers_are_in_the_dirty_log(daemon, plane):
+    """With the dirty log set: every buffer a frame steered to queue 1 is copied into,
+    queue 1's rx ring and the control ring's page are marked as written."""
+    from test_net_harness import daemon_guest
+
+    from backendd.guest.dirtylog import DirtyLog
+    from rings.consts import PAGE_SIZE, XenbusState
+
+    host, tap = uniq("hdl"), uniq("hd") + plane[0]
+    with namespaces(host):
+        async with daemon_guest(daemon.path) as (client, guest, fronts):
+            await client.add_device(0, "net", {"tap": tap, "netns": host, "queues": "2",
+                                               "dataplane": plane})
+            front = NetFront(guest.ram, guest.gnttab, 0, queues=2, split=True,
+                             ctrl_ring=True)
+            fronts.append(front)
+            state, _ = await client.hand_over_channels(0, XenbusState.CONNECTED,
+                                                       front.frontend_keys(),
+                                                       front.channels())
+            assert state == XenbusState.CONNECTED
+            front.start()
+            await front.set_toeplitz(MS_KEY, h.ALL_FLAGS, [1])  # every frame to queue 1
+            ram_pages = guest.ram.size // PAGE_SIZE
+            log = DirtyLog(ram_pages, guest.gnttab.size // PAGE_SIZE)
+            try:
+                await client.set_log(log.fd, log.size, ram_pages)
+                frames = [ip_frame(s, sp + i, d, dp, payload=100 + 90 * i)
+                          for i, (s, sp, d, dp, _, _) in enumerate(MS_V4 * 3)]
+                await inject(host, tap, frames)
+                got = await front.wait_rx(len(frames))
+                assert sorted(data for _, data, _ in got) == sorted(frames)
+                assert {q for q, _, _ in front.rx_hashes} == {1}
+                q1 = front.queues[1]
+                filled = {gfn for gfn, _ in q1.rx_bufs.values()
+                          if any(bytes(guest.ram.page(gfn)[:len(f)]) == f for f in frames)}
+                assert len(filled) == len(frames)
+                ram = log.take_ram()
+                assert filled | {q1.rx_page} <= ram
+                assert front.ctrl.page not in ram  # no control request since SET_LOG
+                assert await front.ctrl_request(NetCtrlType.GET_HASH_FLAGS) == (0, 0xF)
+                assert front.ctrl.page in log.take_ram()
+            finally:
+                await client.clear_log()
+                log.close()
