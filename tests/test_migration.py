@@ -1,0 +1,154 @@
+"""Live migration of a running simulated guest between two real daemon processes
+(backendd/guest/migration.py, docs/migration.md).
+
+The guest runs verified block I/O at QD32 on its disk and, with a nic, a TCP stream from
+its namespace to the host's. The VMM copies its RAM and grant table while it runs, pauses
+it, suspends the source, copies what is still dirty, moves the devices' state to the
+destination and resumes the guest there, on the destination's memory. Then:
+(a) the I/O goes on, no error, no lost or duplicated request, every block as written;
+(b) at the switch point the destination's RAM and grant table equal the source's; with
+    the daemon's dirty log ignored, that comparison fails;
+(c) the TCP connection survives, sha256 equal at both ends;
+(d) the downtime (SUSPEND to RESUME) is measured (printed; bench.migrate reports it)."""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+
+from backendd.guest.memory import GuestRAM, sealed_memfd
+from backendd.guest.migration import CopyMismatch, GuestCpu
+from bench.migrate import DISK_DEVID, HANG, Rig
+from rings.consts import PAGE_SIZE
+
+
+def test_remap_fixed_moves_every_view_to_the_new_file():
+    """The switch: the guest's views keep their addresses and see the new memfd."""
+    ram = GuestRAM(4 * PAGE_SIZE, layout=[(0, 2 * PAGE_SIZE), (8 * PAGE_SIZE, 2 * PAGE_SIZE)])
+    try:
+        view = ram.page(9)
+        ram.write(9 * PAGE_SIZE, b"source")
+        fd = sealed_memfd("dest", 4 * PAGE_SIZE)
+        with mmap.mmap(fd, 4 * PAGE_SIZE) as dest:
+            dest[3 * PAGE_SIZE:3 * PAGE_SIZE + 4] = b"dest"  # gfn 9: the memfd's 4th page
+            old = ram.rebase(fd)
+            os.close(old)
+            assert bytes(view[:4]) == b"dest"
+            view[:5] = b"guest"  # written through the old view, lands in the new file
+            assert dest[3 * PAGE_SIZE:3 * PAGE_SIZE + 5] == b"guest"
+        assert ram.fd == fd and all(r[2] == fd for r in ram.regions)
+        view.release()
+    finally:
+        ram.close()
+
+
+async def test_a_paused_guest_runs_nothing_until_released():
+    cpu = GuestCpu()
+    ticks = 0
+
+    async def guest() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = cpu.submit(guest())
+    try:
+        while ticks < 100:
+            await asyncio.sleep(0.001)
+        await cpu.pause()
+        seen = ticks
+        for _ in range(50):
+            await asyncio.sleep(0.001)
+        assert ticks == seen
+        assert await cpu.while_paused(lambda: ticks) == seen
+        cpu.unpause()
+        while ticks == seen:
+            await asyncio.sleep(0.001)
+    finally:
+        task.cancel()
+        cpu.close()
+
+
+# --- the migration, through two daemon processes ------------------------------------------
+
+async def _migrate(tmp_path: Path, nic: bool, use_daemon_log: bool = True) -> None:
+    rig = Rig(tmp_path, nic=nic)
+    try:
+        await rig.start()
+        await rig.start_load()
+        assert rig.io is not None and rig.disk is not None
+        migration = rig.migration(use_daemon_log=use_daemon_log)
+        if not use_daemon_log:
+            # (b), broken: pages only the daemon wrote since their last copy are stale on
+            # the destination, and the switch-point comparison says so. The source is
+            # resumed and the guest carries on there.
+            with pytest.raises(CopyMismatch) as failed:
+                await migration.run(verify=True)
+            assert failed.value.report.ram_mismatch
+            before = rig.io.counts.completed
+            while rig.io.counts.completed < before + 2 * rig.io.depth:
+                assert not rig.io_done.done(), rig.io.counts.errors  # type: ignore[union-attr]
+                await asyncio.sleep(0.01)
+            await rig.stop_load()
+            assert rig.io.counts.errors == [] and rig.io.counts.mismatches == []
+            return
+        at_switch = rig.io.counts.completed
+        dest = await migration.run(verify=True)
+        old, rig.client = rig.client, dest
+        assert old is not None and old.closed
+        report = migration.report
+        # (b) destination == source at the switch point (run() compared them).
+        assert report.ram_mismatch == [] and report.gnttab_mismatch == []
+        # (d) measured, and printed (no timed assertion here: bench.migrate reports it).
+        print(f"downtime {report.downtime * 1000:.2f} ms; pre-copy rounds "
+              f"{report.precopy_pages}, final {report.final_pages} pages; steps "
+              + ", ".join(f"{k} {v * 1000:.2f}" for k, v in report.steps.items()))
+        assert report.downtime > 0 and len(report.precopy_pages) >= 2
+        # (a) the guest's I/O goes on, now served by the destination.
+        while rig.io.counts.completed < at_switch + 4 * rig.io.depth:
+            assert rig.io_done is not None and not rig.io_done.done(), rig.io.counts.errors
+            await asyncio.sleep(0.01)
+        stats = await dest.stats(DISK_DEVID)
+        assert int(stats.get(f"{DISK_DEVID}.reads", stats.get("reads", "0"))) >= 0
+        sent = received = None
+        if nic:
+            assert rig.stream is not None
+            # (c) more data flows after the switch, then both ends agree.
+            await rig.stream.progress(2)
+            sent, received = await rig.stream.stop()
+        await rig.stop_load()
+        counts = rig.io.counts
+        assert counts.errors == []
+        assert counts.mismatches == []
+        assert counts.completed == counts.issued  # nothing lost: every request answered
+        assert rig.disk.stray_responses == []  # nothing answered twice or unasked
+        bad = await rig.cpu.run(rig.io.read_back())
+        assert bad == []
+        await rig.cpu.run(rig.disk.flush())
+        assert rig.io.image_mismatches(rig.image) == []
+        if nic:
+            assert sent is not None and received is not None
+            assert sent == received and int(sent[0]) > 0
+    finally:
+        await rig.close()
+
+
+@pytest.mark.usefixtures("root")
+async def test_disk_migrates_under_verified_io(tmp_path):
+    await asyncio.wait_for(_migrate(tmp_path, nic=False), HANG)
+
+
+@pytest.mark.usefixtures("root")
+async def test_disk_and_nic_migrate_under_io_and_tcp(tmp_path):
+    await asyncio.wait_for(_migrate(tmp_path, nic=True), HANG)
+
+
+@pytest.mark.usefixtures("root")
+async def test_ignoring_the_daemons_log_is_caught_at_the_switch(tmp_path):
+    """The same migration with the daemon's dirty log ignored fails the comparison."""
+    await asyncio.wait_for(_migrate(tmp_path, nic=False, use_daemon_log=False), HANG)
