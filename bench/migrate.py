@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import random
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from backendd.guest.blkfront import BlkFront
 from backendd.guest.machine import SimGuest
+from backendd.guest.memory import sealed_memfd
 from backendd.guest.migration import GuestCpu, Migration, Moving
 from backendd.guest.netfront import NetFront
 from backendd.guest.vmm import VmmClient
@@ -408,9 +408,22 @@ def _ms(seconds: float) -> float:
     return seconds * 1000
 
 
-async def _measure(workdir: Path, runs: int) -> list[list[object]]:
-    from backendd.guest.memory import sealed_memfd
+async def _state_alone(client: VmmClient, devices: list[Moving]) -> float:
+    """Seconds for SUSPEND, GET_DEVICE_STATE of every device, RESUME: the state transfer
+    on its own, on the serving daemon, with the same devices."""
+    t = time.perf_counter()
+    await client.suspend()
+    for dev in devices:
+        fd = sealed_memfd("bench-state", 0)
+        try:
+            await client.get_device_state(dev.devid, fd)
+        finally:
+            os.close(fd)
+    await client.resume()
+    return time.perf_counter() - t
 
+
+async def _measure(workdir: Path, runs: int) -> list[list[object]]:
     rows: list[list[object]] = []
     downtimes: list[float] = []
     for n in range(runs):
@@ -420,39 +433,31 @@ async def _measure(workdir: Path, runs: int) -> list[list[object]]:
         try:
             await rig.start()
             await rig.start_load()
-            assert rig.client is not None and rig.disk is not None
-            # Baselines on the source, before the migration, with the same devices: one
-            # control round trip, and the state transfer alone (suspend, get and set
-            # the state of every device on a scratch copy, resume).
+            assert rig.client is not None
+            # Baselines, under the same load, on the source: one control round trip
+            # (GET_STATS), and the state transfer alone.
             t = time.perf_counter()
             for _ in range(20):
                 await rig.client.stats(DISK_DEVID)
             rtt = (time.perf_counter() - t) / 20
+            state_alone = statistics.median([await _state_alone(rig.client, rig.devices)
+                                             for _ in range(5)])
             migration = rig.migration()
-            dest = await migration.run()
-            rig.client = dest
+            rig.client = await migration.run()
             if rig.stream is not None:
                 await rig.stream.progress(2)
-                await rig.stream.stop()
+                sent, received = await rig.stream.stop()
+                if sent != received:
+                    raise RigError(f"TCP stream: sent {sent}, received {received}")
             await rig.stop_load()
+            assert rig.io is not None
+            if rig.io.counts.errors or rig.io.counts.mismatches:
+                raise RigError(f"guest I/O: {rig.io.counts}")
             report = migration.report
             downtimes.append(report.downtime)
-            # State transfer alone: GET_DEVICE_STATE of every device on the now serving
-            # destination (suspended for it), then SET_DEVICE_STATE is not repeatable on a
-            # connected device, so the get is timed and the set taken from the migration.
-            t = time.perf_counter()
-            await dest.suspend()
-            for dev in rig.devices:
-                fd = sealed_memfd("bench-state", 0)
-                try:
-                    await dest.get_device_state(dev.devid, fd)
-                finally:
-                    os.close(fd)
-            await dest.resume()
-            state_alone = time.perf_counter() - t
             rows.append([f"run {n + 1}", _ms(report.downtime), _ms(rtt), _ms(state_alone),
-                         len(report.precopy_pages), " ".join(map(str, report.precopy_pages)),
-                         report.final_pages])
+                         " ".join(map(str, report.precopy_pages)), report.final_pages,
+                         sum(report.state_bytes.values())])
             steps = ", ".join(f"{k} {_ms(v):.2f}" for k, v in report.steps.items())
             print(f"run {n + 1}: downtime steps (ms): {steps}", flush=True)
         finally:
@@ -476,14 +481,10 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     print(table(
         "live migration, guest with a disk (verified I/O, QD32) and a nic (TCP stream)",
-        ["", "downtime ms", "control rtt ms", "suspend+get state+resume ms", "rounds",
-         "pages per pre-copy round", "final pages"], rows))
+        ["", "downtime ms", "control rtt ms", "suspend+get state+resume ms",
+         "pages per pre-copy round", "final pages", "state bytes"], rows))
     print("downtime: SUSPEND sent to RESUME answered (target <= 50 ms); the baselines "
           "were measured in the same run")
-
-
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 if __name__ == "__main__":

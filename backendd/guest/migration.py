@@ -151,6 +151,7 @@ class Report:
     state_bytes: dict[int, int] = field(default_factory=dict)  # blob size per device
     ram_mismatch: list[int] = field(default_factory=list)  # gfns (with verify=True)
     gnttab_mismatch: list[int] = field(default_factory=list)  # table pages
+    source_stats: dict[str, str] = field(default_factory=dict)  # GET_STATS, at the end
 
 
 class CopyMismatch(Exception):
@@ -302,6 +303,9 @@ class Migration:
                     await self.source.clear_log()  # the source serves on, unlogged
         assert dest is not None
         self.cpu.unpause()
+        # The source, suspended since, serves nothing more: its counters are final.
+        with contextlib.suppress(RequestFailed, ConnectionError):
+            report.source_stats = await self.source.stats()
         await self.source.close()  # the source lets go of the guest and its devices
         return dest
 
