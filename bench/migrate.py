@@ -308,7 +308,8 @@ class Rig:
 
         async def make_disk() -> BlkFront:
             front = BlkFront(self.guest.ram, self.guest.gnttab, DISK_DEVID,
-                             backend_keys=keys, queues=2, ring_order=1, first_port=1)
+                             backend_keys=keys, queues=2, ring_order=1, first_port=1,
+                             persistent=True)
             return front
 
         self.disk = await self.cpu.run(make_disk())
