@@ -89,7 +89,13 @@ async def _migrate(tmp_path: Path, nic: bool, use_daemon_log: bool = True) -> No
             # resumed and the guest carries on there.
             with pytest.raises(CopyMismatch) as failed:
                 await migration.run(verify=True)
-            assert failed.value.report.ram_mismatch
+            report = failed.value.report
+            print(f"ignoring the daemon's log: {len(report.ram_mismatch)} RAM pages, "
+                  f"{len(report.gnttab_mismatch)} grant-table pages differ")
+            # Pages differ, and only pages the daemon's log named.
+            assert report.ram_mismatch
+            assert set(report.ram_mismatch) <= migration.ignored_ram
+            assert set(report.gnttab_mismatch) <= migration.ignored_gnttab
             before = rig.io.counts.completed
             while rig.io.counts.completed < before + 2 * rig.io.depth:
                 assert not rig.io_done.done(), rig.io.counts.errors  # type: ignore[union-attr]

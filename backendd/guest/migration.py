@@ -220,6 +220,9 @@ class Migration:
         self.max_rounds = max_rounds
         self.converge_pages = converge_pages
         self.report = Report()
+        # use_daemon_log=False: what the daemon's log said, and the VMM ignored.
+        self.ignored_ram: set[int] = set()
+        self.ignored_gnttab: set[int] = set()
         ram = guest.ram
         self.ram_pages = max(gpa + size for gpa, size, _, _ in ram.regions) >> PAGE_SHIFT
         # gfn -> offset in the RAM memfd (guest-physical holes have none).
@@ -234,6 +237,8 @@ class Migration:
         """(gfns, grant-table pages) dirty since the last call; clears them."""
         daemon_ram, daemon_gnt = log.take_ram(), log.take_gnttab()
         if not self.use_daemon_log:
+            self.ignored_ram |= daemon_ram
+            self.ignored_gnttab |= daemon_gnt
             daemon_ram, daemon_gnt = set(), set()
         ram = daemon_ram | self.guest.ram.take_dirty() | self.guest.ram.viewed
         gnt = daemon_gnt | self.guest.gnttab.take_dirty()
