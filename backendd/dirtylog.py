@@ -85,6 +85,10 @@ class DirtyBitmap:
         if 0 <= page < self.gnt_pages:
             fetch_or8(self.address + self.gnt_offset + (page >> 3), 1 << (page & 7))
 
+    def bits(self) -> bytes:
+        """A copy of the whole bitmap (for tests and the differential fuzz)."""
+        return bytes(self._map)
+
     def close(self) -> None:
         if self._pin is not None:
             self._pin.release()

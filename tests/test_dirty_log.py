@@ -171,7 +171,7 @@ async def test_clear_log_without_a_log_is_fine_and_set_log_replaces(vm):
 # --- what gets marked ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dataplane", ["python"])
+@pytest.mark.parametrize("dataplane", ["python", "compiled"])
 @pytest.mark.parametrize("version", [1, 2])
 async def test_block_reads_mark_data_ring_and_grant_pages(daemon, tmp_path, dataplane,
                                                           version):
