@@ -424,13 +424,13 @@ async def _state_alone(client: VmmClient, devices: list[Moving]) -> float:
     return time.perf_counter() - t
 
 
-async def _measure(workdir: Path, runs: int) -> list[list[object]]:
+async def _measure(workdir: Path, runs: int, nic: bool) -> list[list[object]]:
     rows: list[list[object]] = []
     downtimes: list[float] = []
     for n in range(runs):
         run_dir = workdir / f"run{n}"
         run_dir.mkdir()
-        rig = Rig(run_dir, nic=True, tag=f"{os.getpid() % 10000}{n}")
+        rig = Rig(run_dir, nic=nic, tag=f"{os.getpid() % 10000}{n}")
         try:
             await rig.start()
             await rig.start_load()
@@ -469,19 +469,23 @@ async def _measure(workdir: Path, runs: int) -> list[list[object]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """python -m bench.migrate [RUNS] [--no-nic]"""
     args = sys.argv[1:] if argv is None else argv
+    nic = "--no-nic" not in args
+    args = [a for a in args if a != "--no-nic"]
     runs = int(args[0]) if args else 3
     if os.geteuid() != 0:
         raise SystemExit("bench.migrate: needs root (taps, namespaces)")
     workdir = Path(tempfile.mkdtemp(prefix="bench-migrate-"))
     try:
-        rows = asyncio.run(_measure(workdir, runs))
+        rows = asyncio.run(_measure(workdir, runs, nic))
     except RigError as exc:
         raise SystemExit(f"bench.migrate: {exc}") from exc
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    what = "a disk (verified I/O, QD32)" + (" and a nic (TCP stream)" if nic else "")
     print(table(
-        "live migration, guest with a disk (verified I/O, QD32) and a nic (TCP stream)",
+        f"live migration, guest with {what}",
         ["", "downtime ms", "control rtt ms", "suspend+get state+resume ms",
          "pages per pre-copy round", "final pages", "state bytes"], rows))
     print("downtime: SUSPEND sent to RESUME answered (target <= 50 ms); the baselines "
