@@ -14,6 +14,7 @@ destination and resumes the guest there, on the destination's memory. Then:
 from __future__ import annotations
 
 import asyncio
+import errno
 import mmap
 import os
 from pathlib import Path
@@ -21,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from backendd.guest.memory import GuestRAM, sealed_memfd
-from backendd.guest.migration import CopyMismatch, GuestCpu
+from backendd.guest.migration import CopyMismatch, GuestCpu, Migration, MigrationAborted, Moving
+from backendd.guest.vmm import RequestFailed, VmmClient
 from bench.migrate import DISK_DEVID, HANG, Rig
-from rings.consts import PAGE_SIZE
+from rings.consts import PAGE_SIZE, XenbusState
 
 
 def test_remap_fixed_moves_every_view_to_the_new_file():
@@ -164,3 +166,49 @@ async def test_disk_and_nic_migrate_under_io_and_tcp(tmp_path):
 async def test_ignoring_the_daemons_log_is_caught_at_the_switch(tmp_path):
     """The same migration with the daemon's dirty log ignored fails the comparison."""
     await asyncio.wait_for(_migrate(tmp_path, nic=False, use_daemon_log=False), HANG)
+
+
+class CorruptingMigration(Migration):
+    """Flips a byte of the disk's state blob on its way to the destination, and looks at
+    the destination's device once it refused it."""
+
+    refused: RequestFailed | None = None
+    state_after: int | None = None
+
+    async def _set_state(self, dest: VmmClient, dev: Moving, fd: int, size: int) -> None:
+        byte = os.pread(fd, 1, size - 1)
+        os.pwrite(fd, bytes([byte[0] ^ 0xFF]), size - 1)
+        try:
+            await super()._set_state(dest, dev, fd, size)
+        except RequestFailed as exc:
+            self.refused = exc
+            self.state_after, _ = await dest.backend_state(dev.devid)
+            raise
+
+
+@pytest.mark.usefixtures("root")
+async def test_a_refused_state_blob_leaves_the_guest_on_the_source(tmp_path):
+    """The destination refuses a corrupt blob (EINVAL) and leaves its device unconnected;
+    the migration is called off, the source resumed, and the guest's I/O goes on there."""
+    rig = Rig(tmp_path, nic=False)
+    try:
+        await asyncio.wait_for(rig.start(), HANG)
+        await asyncio.wait_for(rig.start_load(), HANG)
+        assert rig.client is not None and rig.io is not None and rig.io_done is not None
+        migration = CorruptingMigration(rig.guest, rig.cpu, rig.client, rig.b.sock,
+                                        rig.devices)
+        with pytest.raises(MigrationAborted):
+            await asyncio.wait_for(migration.run(), HANG)
+        assert migration.refused is not None and migration.refused.code == errno.EINVAL
+        assert migration.state_after != XenbusState.CONNECTED
+        assert not rig.client.closed
+        before = rig.io.counts.completed
+        while rig.io.counts.completed < before + 4 * rig.io.depth:
+            assert not rig.io_done.done(), rig.io.counts.errors
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(rig.stop_load(), HANG)
+        assert rig.io.counts.errors == [] and rig.io.counts.mismatches == []
+        assert rig.io.counts.completed == rig.io.counts.issued
+        assert await rig.cpu.run(rig.io.read_back()) == []
+    finally:
+        await rig.close()

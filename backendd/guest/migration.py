@@ -323,6 +323,9 @@ class Migration:
             finally:
                 os.close(fd)
 
+    async def _set_state(self, dest: VmmClient, dev: Moving, fd: int, size: int) -> None:
+        await dest.set_device_state(dev.devid, fd, size)
+
     async def _stop_and_copy(self, dest: VmmClient, log: Any, ram: _Copier, gnt: _Copier,
                              verify: bool) -> bool:
         """The guest is paused. SUSPEND the source, final copy, move the devices' state,
@@ -367,7 +370,7 @@ class Migration:
             step("late add")
             for dev in self.devices:
                 fd, size = blobs[dev.devid]
-                await dest.set_device_state(dev.devid, fd, size)
+                await self._set_state(dest, dev, fd, size)
             step("set state")
         except RequestFailed as exc:
             # Nothing on the destination is connected: the source serves on.
