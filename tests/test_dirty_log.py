@@ -249,3 +249,89 @@ async def test_persistent_grant_reads_mark_their_pages_every_time(daemon, tmp_pa
         await client.close()
         guest.close()
         log.close()
+
+
+@pytest.mark.usefixtures("root")
+@pytest.mark.parametrize("dataplane", ["python", "compiled"])
+async def test_net_rx_marks_the_buffers_it_fills_and_the_rx_ring(daemon, dataplane):
+    from test_net_harness import daemon_guest, inject, namespaces, uniq
+
+    from backendd.guest.netfront import NetFront
+    from rings.consts import XenbusState
+
+    host, tap = uniq("dlh"), uniq("dl") + dataplane[0]
+    with namespaces(host):
+        async with daemon_guest(daemon.path) as (client, guest, fronts):
+            await client.add_device(0, "net", {"tap": tap, "netns": host,
+                                               "dataplane": dataplane})
+            # Split channels: rx traffic does not kick the tx ring, so the tx ring page
+            # is not written either.
+            front = NetFront(guest.ram, guest.gnttab, 0, split=True)
+            fronts.append(front)
+            state, _ = await client.hand_over_channels(0, XenbusState.CONNECTED,
+                                                       front.frontend_keys(),
+                                                       front.channels())
+            assert state == XenbusState.CONNECTED
+            front.start()
+            ram_pages = guest.ram.size // PAGE_SIZE
+            log = DirtyLog(ram_pages, guest.gnttab.size // PAGE_SIZE)
+            try:
+                await client.set_log(log.fd, log.size, ram_pages)
+                frames = [b"\xff" * 6 + b"\x02\0\0\0\0\x01" + b"\x88\xb5" +
+                          bytes([i]) * (200 + 50 * i) for i in range(12)]
+                await inject(host, tap, frames)
+                got = await front.wait_rx(len(frames))
+                assert [data for _, data, _ in got] == frames
+                q = front.queues[0]
+                filled = {gfn for gfn, _ in q.rx_bufs.values()
+                          if any(bytes(guest.ram.page(gfn)[:len(f)]) == f for f in frames)}
+                assert len(filled) == len(frames)
+                ram = log.take_ram()
+                assert ram == filled | {q.rx_page}
+                # Posted buffers the daemon holds but did not fill are not in it, nor
+                # the tx ring or the tx buffers (the daemon never wrote them).
+                assert q.tx_page not in ram
+                assert not ram & {gfn for gfn, _ in q.tx_pages}
+                rx_grefs = {gref for _, gref in q.rx_bufs.values()}
+                assert log.take_gnttab() == {_gnt_page(guest, g) for g in rx_grefs}
+                # Plain tx traffic: the daemon reads the guest's buffers and writes only
+                # the tx ring (responses, indices) and the grant table.
+                for f in frames[:3]:
+                    await front.send_frame(f)
+                await front.wait_tx_done()
+                assert log.take_ram() == {q.tx_page}
+                tx_grefs = {gref for _, gref in q.tx_pages}
+                gnt = log.take_gnttab()
+                assert gnt and gnt <= {_gnt_page(guest, g) for g in tx_grefs}
+            finally:
+                await client.clear_log()
+                log.close()
+
+
+async def test_per_connection_workers_log_too(tmp_path):
+    """With process_model = "per-connection" the worker serving the guest logs."""
+    from test_workers import Daemon
+
+    image = _image(tmp_path)
+    daemon = Daemon(tmp_path)
+    await daemon.start()
+    client = await VmmClient.connect(daemon.sock)
+    guest = SimGuest(ram_size=RAM, gnttab_frames=GNT_FRAMES)
+    log = DirtyLog(RAM_PAGES, _gnt_pages(guest))
+    try:
+        await guest.attach(client)
+        front = await guest.add_disk(client, 51712, {"path": image}, inflight=False)
+        rec = Recorder(front)
+        await client.set_log(log.fd, log.size, RAM_PAGES)
+        await front.read(16, 5 * 4096)
+        used = rec.take()
+        assert log.take_ram() == {gfn for _, gfn, _ in used} | set(front.queues[0].pages)
+        assert log.take_gnttab() == {_gnt_page(guest, gref) for gref, _, _ in used}
+        await client.clear_log()
+        await front.read(16, 4096)
+        assert log.take_ram() == set()
+    finally:
+        await client.close()
+        guest.close()
+        log.close()
+        await daemon.stop()
