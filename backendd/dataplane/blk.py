@@ -340,7 +340,8 @@ class CompiledRingQueue:
         await self._idle.wait()
         if self._q is None:
             return
-        self.k.push(self._q, ctypes.byref(self._out))
+        self._refresh()
+        self.k.push(self._q, ctypes.byref(self._env), ctypes.byref(self._out))
         if self._out.flags & K.NOTIFY:
             self.channel.notify()
 
