@@ -276,9 +276,13 @@ class Rig:
     """Two daemons (source A, destination B), and a guest with a disk (and a nic) on A,
     the guest's frontends running on its own vCPU thread."""
 
-    def __init__(self, workdir: Path, nic: bool = True, tag: str | None = None) -> None:
+    def __init__(self, workdir: Path, nic: bool = True, tag: str | None = None,
+                 persistent: bool = True) -> None:
         self.workdir = workdir
         self.nic = nic
+        # Persistent grants: the disk is served by the Python path; without, by the
+        # compiled kernel.
+        self.persistent = persistent
         tag = tag or str(os.getpid() % 100000)
         self.host_ns, self.guest_ns = f"mgh{tag}", f"mgg{tag}"
         self.tap, self.gtap = f"mgv{tag}", f"mge{tag}"
@@ -309,7 +313,7 @@ class Rig:
         async def make_disk() -> BlkFront:
             front = BlkFront(self.guest.ram, self.guest.gnttab, DISK_DEVID,
                              backend_keys=keys, queues=2, ring_order=1, first_port=1,
-                             persistent=True)
+                             persistent=self.persistent)
             return front
 
         self.disk = await self.cpu.run(make_disk())

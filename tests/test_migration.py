@@ -78,8 +78,9 @@ async def test_a_paused_guest_runs_nothing_until_released():
 
 # --- the migration, through two daemon processes ------------------------------------------
 
-async def _migrate(tmp_path: Path, nic: bool, use_daemon_log: bool = True) -> None:
-    rig = Rig(tmp_path, nic=nic)
+async def _migrate(tmp_path: Path, nic: bool, use_daemon_log: bool = True,
+                   persistent: bool = True) -> None:
+    rig = Rig(tmp_path, nic=nic, persistent=persistent)
     try:
         await rig.start()
         await rig.start_load()
@@ -153,8 +154,11 @@ async def _migrate(tmp_path: Path, nic: bool, use_daemon_log: bool = True) -> No
 
 
 @pytest.mark.usefixtures("root")
-async def test_disk_migrates_under_verified_io(tmp_path):
-    await asyncio.wait_for(_migrate(tmp_path, nic=False), HANG)
+@pytest.mark.parametrize("persistent", [True, False], ids=["python-plane", "compiled-plane"])
+async def test_disk_migrates_under_verified_io(tmp_path, persistent):
+    """With persistent grants the disk is served by the Python path, without by the
+    compiled kernel: both log what they write and move their state."""
+    await asyncio.wait_for(_migrate(tmp_path, nic=False, persistent=persistent), HANG)
 
 
 @pytest.mark.usefixtures("root")
@@ -163,9 +167,11 @@ async def test_disk_and_nic_migrate_under_io_and_tcp(tmp_path):
 
 
 @pytest.mark.usefixtures("root")
-async def test_ignoring_the_daemons_log_is_caught_at_the_switch(tmp_path):
+@pytest.mark.parametrize("persistent", [True, False], ids=["python-plane", "compiled-plane"])
+async def test_ignoring_the_daemons_log_is_caught_at_the_switch(tmp_path, persistent):
     """The same migration with the daemon's dirty log ignored fails the comparison."""
-    await asyncio.wait_for(_migrate(tmp_path, nic=False, use_daemon_log=False), HANG)
+    await asyncio.wait_for(_migrate(tmp_path, nic=False, use_daemon_log=False,
+                                    persistent=persistent), HANG)
 
 
 class CorruptingMigration(Migration):
