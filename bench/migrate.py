@@ -56,9 +56,11 @@ class RigError(Exception):
 class DaemonProcess:
     """`backendd serve` as a process of its own, started and waited for (READY=1)."""
 
-    def __init__(self, workdir: Path, name: str) -> None:
+    def __init__(self, workdir: Path, name: str, config: str = "") -> None:
         self.sock = str(workdir / f"{name}.sock")
         self.log_path = workdir / f"{name}.log"
+        self.config = workdir / f"{name}.toml"
+        self.config.write_text(config)
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -68,7 +70,8 @@ class DaemonProcess:
         try:
             with open(self.log_path, "ab") as log:
                 self.proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "backendd", "--socket", self.sock, "serve",
+                    sys.executable, "-m", "backendd", "--config", str(self.config),
+                    "--socket", self.sock, "serve",
                     stdout=log, stderr=log, env={**os.environ, "NOTIFY_SOCKET": notify_path})
             loop = asyncio.get_running_loop()
 
