@@ -136,9 +136,10 @@ class Moving:
     config: dict[str, str]
     front: BlkFront | NetFront
     inflight_size: int = 0  # blk: SET_INFLIGHT on the destination with a fresh memfd
-    # Same-host net: the source holds the tap until its device is removed, so the
-    # destination's ADD_DEVICE comes after the source's REMOVE_DEVICE, in the downtime.
-    after_source_release: bool = False
+    # Same-host net: the destination adopts the tap the source holds, which it may only
+    # once the source's device is suspended (its tap queues detached), so this device's
+    # ADD_DEVICE on the destination comes after SUSPEND, in the downtime.
+    add_after_suspend: bool = False
 
 
 @dataclass
@@ -273,7 +274,7 @@ class Migration:
             await dest.set_grant_table(gnt.fd, guest.gnttab.nr_frames,
                                        version=guest.gnttab.version)
             for dev in self.devices:
-                if not dev.after_source_release:
+                if not dev.add_after_suspend:
                     await self._add_device(dest, dev)
 
             # Logging and tracking on before the first copy: every write after this
@@ -364,8 +365,7 @@ class Migration:
                 report.state_bytes[dev.devid] = blobs[dev.devid][1]
             step("get state")
             for dev in self.devices:
-                if dev.after_source_release:
-                    await self.source.remove_device(dev.devid)
+                if dev.add_after_suspend:
                     await self._add_device(dest, dev)
             step("late add")
             for dev in self.devices:
