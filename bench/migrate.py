@@ -56,7 +56,9 @@ class RigError(Exception):
 class DaemonProcess:
     """`backendd serve` as a process of its own, started and waited for (READY=1)."""
 
-    def __init__(self, workdir: Path, name: str, config: str = "") -> None:
+    def __init__(self, workdir: Path, name: str, config: str = "",
+                 netns: str | None = None) -> None:
+        self.netns = netns  # run inside this network namespace: the "host" of its taps
         self.sock = str(workdir / f"{name}.sock")
         self.log_path = workdir / f"{name}.log"
         self.config = workdir / f"{name}.toml"
@@ -69,8 +71,9 @@ class DaemonProcess:
         notify.bind(notify_path)
         try:
             with open(self.log_path, "ab") as log:
+                prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
                 self.proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "backendd", "--config", str(self.config),
+                    *prefix, sys.executable, "-m", "backendd", "--config", str(self.config),
                     "--socket", self.sock, "serve",
                     stdout=log, stderr=log, env={**os.environ, "NOTIFY_SOCKET": notify_path})
             loop = asyncio.get_running_loop()
@@ -289,8 +292,11 @@ class Rig:
         tag = tag or str(os.getpid() % 100000)
         self.host_ns, self.guest_ns = f"mgh{tag}", f"mgg{tag}"
         self.tap, self.gtap = f"mgv{tag}", f"mge{tag}"
-        self.a = DaemonProcess(workdir, "a")
-        self.b = DaemonProcess(workdir, "b")
+        # With a nic, both daemons run in the host namespace, as two daemons on one
+        # host: their taps live there, and the destination adopts the source's tap.
+        netns = self.host_ns if nic else None
+        self.a = DaemonProcess(workdir, "a", netns=netns)
+        self.b = DaemonProcess(workdir, "b", netns=netns)
         self.image = workdir / "disk.img"
         self.guest = SimGuest(ram_size=64 * MiB, gnttab_frames=16)
         self.cpu = GuestCpu()
@@ -306,6 +312,8 @@ class Rig:
     async def start(self) -> None:
         with open(self.image, "wb") as f:
             f.truncate(DISK_BYTES)
+        if self.nic:
+            await self._namespaces_up()
         await self.a.start()
         await self.b.start()
         self.client = await VmmClient.connect(self.a.sock, name="migrant")
@@ -329,16 +337,18 @@ class Rig:
         if self.nic:
             await self._start_nic()
 
-    async def _start_nic(self) -> None:
-        assert self.client is not None
+    async def _namespaces_up(self) -> None:
         for ns in (self.host_ns, self.guest_ns):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
             await sh("ip", "netns", "add", ns)
             self._namespaces.append(ns)
             await sh("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", ns=ns)
             await sh("ip", "link", "set", "lo", "up", ns=ns)
+
+    async def _start_nic(self) -> None:
+        assert self.client is not None
         mac = "00:16:3e:24:00:01"
-        config = {"tap": self.tap, "netns": self.host_ns, "mac": mac}
+        config = {"tap": self.tap, "mac": mac}
         await self.client.add_device(NIC_DEVID, "net", config)
 
         async def make_nic() -> NetFront:
@@ -358,7 +368,9 @@ class Rig:
         await sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", self.tap, ns=self.host_ns)
         await sh("ip", "addr", "add", f"{GUEST_IP}/24", "dev", self.gtap, ns=self.guest_ns)
         await sh("ping", "-c", "2", "-i", "0.2", "-W", "5", HOST_IP, ns=self.guest_ns)
-        self.devices.append(Moving(NIC_DEVID, "net", config, nf))
+        # Same host: the destination adopts the tap, once the source is suspended.
+        self.devices.append(Moving(NIC_DEVID, "net", config | {"adopt-tap": "1"}, nf,
+                                   add_after_suspend=True))
 
     async def start_load(self) -> None:
         """Verified block I/O at QD32 on the guest, and the TCP stream."""
