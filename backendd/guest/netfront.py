@@ -191,6 +191,28 @@ class NetFront:
         """(port, kick_fd, call_fd): the daemon's ends; whoever takes them owns them."""
         return [ch for q in self.queues for ch in q.daemon_fds]
 
+    def new_channels(self) -> list[tuple[int, int, int]]:
+        """Fresh event channels on the same ports, as a VMM makes for another daemon
+        (after a migration): the daemon's ends, like channels(). The rings, grants and
+        buffers are kept."""
+        for q in self.queues:
+            if self._loop is not None:
+                for fd in q.call_fds:
+                    self._loop.remove_reader(fd)
+            close_fds(q.call_fds)
+            old = [q.tx_port] if q.tx_port is q.rx_port else [q.tx_port, q.rx_port]
+            pairs = []
+            for port in old:
+                port.close()
+                pairs.append(new_channel_pair(port.port))
+            q.tx_port, q.rx_port = pairs[0][0], pairs[-1][0]
+            q.call_fds = [os.dup(call) for _, _, call in pairs]
+            q.daemon_fds = [(p.port, kick, call) for p, kick, call in pairs]
+            if self._loop is not None:
+                for fd in q.call_fds:
+                    self._loop.add_reader(fd, self._on_call, q, fd)
+        return self.channels()
+
     @property
     def started(self) -> bool:
         """Whether start() ran: responses are being collected."""
