@@ -135,3 +135,62 @@ async def test_blk_suspend_with_a_flush_in_flight_and_resume_one_device(daemon, 
         os.close(fd)
         await client.close()
         guest.close()
+
+
+def _frame(dst: bytes, n: int) -> bytes:
+    return dst + bytes.fromhex("00163e000051") + b"\x88\xb5" + bytes([n]) * 200
+
+
+@pytest.mark.usefixtures("root")
+@pytest.mark.parametrize("dataplane", ["python", "compiled"])
+async def test_net_suspend_takes_no_tx_reads_no_tap(daemon, dataplane):
+    """While suspended the nic takes none of the guest's tx requests and reads nothing
+    from its tap: guest memory stays as it is, no event; after RESUME the frames posted
+    meanwhile go out once each, and frames flow again both ways."""
+    from test_net_harness import daemon_guest, inject, namespaces, uniq
+
+    from backendd.guest.netfront import NetFront
+    from rings.consts import XenbusState
+
+    host = uniq("msh") + dataplane[0]
+    tap = uniq("mst") + dataplane[0]
+    mac = bytes.fromhex("00163e000052")
+    with namespaces(host):
+        async with daemon_guest(daemon.path) as (client, guest, fronts):
+            await client.add_device(0, "net", {"tap": tap, "netns": host,
+                                               "mac": "00:16:3e:00:00:52",
+                                               "dataplane": dataplane, "queues": "1"})
+            front = NetFront(guest.ram, guest.gnttab, 0, split=True)
+            fronts.append(front)
+            await client.hand_over_channels(0, XenbusState.CONNECTED, front.frontend_keys(),
+                                            front.channels())
+            front.start()
+            await inject(host, tap, [_frame(mac, 1)])
+            await front.wait_rx(1)
+            await front.send_frame(_frame(b"\xff" * 6, 2))
+            await front.wait_tx_done()
+
+            async def counters() -> dict[str, str]:
+                stats: dict[str, str] = {}
+                for _ in range(3):
+                    stats = await client.stats(0)
+                return stats
+
+            await client.suspend()
+            before = await counters()
+            events = front.events
+            for n in range(3):
+                await front.send_frame(_frame(b"\xff" * 6, 10 + n))
+            quiet = memory_bytes(guest)
+            await inject(host, tap, [_frame(mac, 20), _frame(mac, 21)])
+            assert await counters() == before
+            assert memory_bytes(guest) == quiet
+            assert front.events == events and not front.received
+            assert any(q.tx_inflight for q in front.queues)
+            await client.resume()
+            await front.wait_tx_done()
+            after = await client.stats(0)
+            assert int(after["0.tx_packets"]) == int(before["0.tx_packets"]) + 3
+            await inject(host, tap, [_frame(mac, 30)])
+            got = await front.wait_rx(1)
+            assert got[0][1][14] == 30

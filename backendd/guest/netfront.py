@@ -124,6 +124,7 @@ class NetFront:
         self.busy_after_response: list[int] = []
         self.raw_tx_responses: list[tuple[int, int]] = []
         self.rx_event = asyncio.Event()
+        self.events = 0  # events (call eventfd wake-ups) received
         # A hostile frontend's rx buffers: granted as v2 sub-pages (offset, length), or,
         # for the ring indices in rx_bad_grefs, posted once with that gref instead.
         self.rx_sub_page = rx_sub_page
@@ -479,6 +480,7 @@ class NetFront:
     def _on_call(self, q: _Queue, fd: int) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(fd)
+            self.events += 1
         self._tx_responses(q)
         self._rx_responses(q)
 
