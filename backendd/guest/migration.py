@@ -324,6 +324,21 @@ class Migration:
             finally:
                 os.close(fd)
 
+    async def _add_late(self, dest: VmmClient) -> None:
+        for dev in self.devices:
+            if dev.add_after_suspend:
+                await self._add_device(dest, dev)
+
+    async def _call_off(self, dest: VmmClient, late: asyncio.Future[None]) -> None:
+        """Before anything connected on B: B lets go of its devices first (a same-host
+        nic's tap queue with them), then A serves again."""
+        with contextlib.suppress(RequestFailed, ConnectionError):
+            await late
+        for dev in self.devices:
+            with contextlib.suppress(RequestFailed, ConnectionError):
+                await dest.remove_device(dev.devid)
+        await self.source.resume(ALL_DEVICES)
+
     async def _set_state(self, dest: VmmClient, dev: Moving, fd: int, size: int) -> None:
         await dest.set_device_state(dev.devid, fd, size)
 
@@ -345,36 +360,40 @@ class Migration:
 
         await self.source.suspend(ALL_DEVICES)
         step("suspend")
-        gfns, pages = self._take(log)
-        report.final_pages = self._copy(ram, gnt, gfns, pages)
-        step("final copy")
-        if verify:
-            differing = set(ram.differing())
-            report.ram_mismatch = sorted(g for g, off in self._ram_offset.items()
-                                         if off in differing)
-            report.gnttab_mismatch = [off // PAGE_SIZE for off in gnt.differing()]
-            step("verify")
-            if report.ram_mismatch or report.gnttab_mismatch:
-                await self.source.resume(ALL_DEVICES)
-                raise CopyMismatch(report)
+        # Devices B can only add now (a same-host nic adopting the suspended source's
+        # tap) are added on B while the VMM copies and A hands out the state: two
+        # daemons working at once.
+        late = asyncio.ensure_future(self._add_late(dest))
+        await asyncio.sleep(0)  # the task sends its first request before the copy
         blobs: dict[int, tuple[int, int]] = {}
         try:
+            gfns, pages = self._take(log)
+            report.final_pages = self._copy(ram, gnt, gfns, pages)
+            step("final copy")
+            if verify:
+                differing = set(ram.differing())
+                report.ram_mismatch = sorted(g for g, off in self._ram_offset.items()
+                                             if off in differing)
+                report.gnttab_mismatch = [off // PAGE_SIZE for off in gnt.differing()]
+                step("verify")
+                if report.ram_mismatch or report.gnttab_mismatch:
+                    raise CopyMismatch(report)
             for dev in self.devices:
                 fd = sealed_memfd(f"state-{dev.devid}", 0)
+                blobs[dev.devid] = (fd, 0)
                 blobs[dev.devid] = (fd, await self.source.get_device_state(dev.devid, fd))
                 report.state_bytes[dev.devid] = blobs[dev.devid][1]
             step("get state")
-            for dev in self.devices:
-                if dev.add_after_suspend:
-                    await self._add_device(dest, dev)
+            await late
             step("late add")
             for dev in self.devices:
                 fd, size = blobs[dev.devid]
                 await self._set_state(dest, dev, fd, size)
             step("set state")
-        except RequestFailed as exc:
-            # Nothing on the destination is connected: the source serves on.
-            await self.source.resume(ALL_DEVICES)
+        except (RequestFailed, CopyMismatch) as exc:
+            await self._call_off(dest, late)
+            if isinstance(exc, CopyMismatch):
+                raise
             raise MigrationAborted(str(exc)) from exc
         finally:
             for fd, _ in blobs.values():
