@@ -443,8 +443,10 @@ async def _state_alone(client: VmmClient, devices: list[Moving]) -> float:
     return time.perf_counter() - t
 
 
-async def _measure(workdir: Path, runs: int, nic: bool) -> list[list[object]]:
+async def _measure(workdir: Path, runs: int, nic: bool
+                   ) -> tuple[list[list[object]], list[list[object]]]:
     rows: list[list[object]] = []
+    steps_seen: dict[str, list[float]] = {}
     downtimes: list[float] = []
     for n in range(runs):
         run_dir = workdir / f"run{n}"
@@ -478,13 +480,15 @@ async def _measure(workdir: Path, runs: int, nic: bool) -> list[list[object]]:
             rows.append([f"run {n + 1}", _ms(report.downtime), _ms(rtt), _ms(state_alone),
                          " ".join(map(str, report.precopy_pages)), report.final_pages,
                          sum(report.state_bytes.values())])
-            steps = ", ".join(f"{k} {_ms(v):.2f}" for k, v in report.steps.items())
-            print(f"run {n + 1}: downtime steps (ms): {steps}", flush=True)
+            for k, v in report.steps.items():
+                steps_seen.setdefault(k, []).append(_ms(v))
         finally:
             await rig.close()
     rows.append(["median", _ms(statistics.median(downtimes)), float("nan"), float("nan"),
                  "", "", ""])
-    return rows
+    step_rows: list[list[object]] = [[k, statistics.median(v), min(v), max(v)]
+                                     for k, v in steps_seen.items()]
+    return rows, step_rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -497,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("bench.migrate: needs root (taps, namespaces)")
     workdir = Path(tempfile.mkdtemp(prefix="bench-migrate-"))
     try:
-        rows = asyncio.run(_measure(workdir, runs, nic))
+        rows, step_rows = asyncio.run(_measure(workdir, runs, nic))
     except RigError as exc:
         raise SystemExit(f"bench.migrate: {exc}") from exc
     finally:
@@ -509,6 +513,9 @@ def main(argv: list[str] | None = None) -> None:
          "pages per pre-copy round", "final pages", "state bytes"], rows))
     print("downtime: SUSPEND sent to RESUME answered (target <= 50 ms); the baselines "
           "were measured in the same run")
+    print()
+    print(table("where the downtime goes (ms per step, over the runs)",
+                ["step", "median", "min", "max"], step_rows))
 
 
 if __name__ == "__main__":

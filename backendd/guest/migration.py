@@ -398,11 +398,14 @@ class Migration:
         finally:
             for fd, _ in blobs.values():
                 os.close(fd)
-        for dev in self.devices:
-            channels = await self.cpu.while_paused(dev.front.new_channels)
+        # Fresh event channels for every frontend, made on the parked guest in one go.
+        channels = await self.cpu.while_paused(
+            lambda: [dev.front.new_channels() for dev in self.devices])
+        step("new channels")
+        for dev, chans in zip(self.devices, channels, strict=True):
             await dest.hand_over_channels(dev.devid, XenbusState.CONNECTED,
-                                          dev.front.frontend_keys(), channels)
-        step("frontend state")
+                                          dev.front.frontend_keys(), chans)
+            step(f"frontend state {dev.dtype}")
         old_ram = guest.ram.rebase(ram.fd)
         old_gnt = guest.gnttab.rebase(gnt.fd)
         os.close(old_ram)
