@@ -335,3 +335,20 @@ async def test_per_connection_workers_log_too(tmp_path):
         guest.close()
         log.close()
         await daemon.stop()
+
+
+def test_dirty_log_helper_takes_and_clears_each_part():
+    log = DirtyLog(100, 20)  # G = 16: RAM bits in bytes 0..12, table bits from 16
+    try:
+        assert (log.gnt_offset, log.size) == (16, 24)
+        m = log._map
+        m[0] = 0x01          # frame 0
+        m[12] = 0x08         # frame 99
+        m[16] = 0x02         # table page 1
+        m[18] = 0x08         # table page 19
+        assert log.take_ram() == {0, 99}
+        assert log.take_gnttab() == {1, 19}
+        assert log.peek() == bytes(24)
+        assert log.take_ram() == set() and log.take_gnttab() == set()
+    finally:
+        log.close()

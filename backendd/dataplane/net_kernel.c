@@ -145,11 +145,11 @@ static void read_slot(const struct nk_txq *q, uint32_t index, uint8_t raw[12],
     }
 }
 
-/* One response slot: `len` bytes of `data`, the rest of the entry zeroed (no stale
- * bytes in the padding, XSA-216). */
 /* The dp_env of the nk_tx / nk_rx call running on this thread: its dirty log. */
 static __thread const struct dp_env *nk_env;
 
+/* One response slot: `len` bytes of `data`, the rest of the entry zeroed (no stale
+ * bytes in the padding, XSA-216). */
 static void put_slot(struct nk_ring *r, const void *data, size_t len)
 {
     uint8_t buf[NK_ENTRY];
