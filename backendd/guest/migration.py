@@ -119,6 +119,15 @@ class GuestCpu:
         self.loop.close()
 
 
+async def _all(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run `coros` at once and wait for every one; then raise the first exception."""
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results  # type: ignore[return-value]
+
+
 async def _cancel_all() -> None:
     tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     for t in tasks:
@@ -378,17 +387,19 @@ class Migration:
                 step("verify")
                 if report.ram_mismatch or report.gnttab_mismatch:
                     raise CopyMismatch(report)
+            # Requests to one daemon are pipelined where their order does not matter:
+            # it answers them in turn, without a round trip between them.
             for dev in self.devices:
-                fd = sealed_memfd(f"state-{dev.devid}", 0)
-                blobs[dev.devid] = (fd, 0)
-                blobs[dev.devid] = (fd, await self.source.get_device_state(dev.devid, fd))
-                report.state_bytes[dev.devid] = blobs[dev.devid][1]
+                blobs[dev.devid] = (sealed_memfd(f"state-{dev.devid}", 0), 0)
+            sizes = await _all(self.source.get_device_state(dev.devid, blobs[dev.devid][0])
+                               for dev in self.devices)
+            for dev, size in zip(self.devices, sizes, strict=True):
+                blobs[dev.devid] = (blobs[dev.devid][0], size)
+                report.state_bytes[dev.devid] = size
             step("get state")
             await late
             step("late add")
-            for dev in self.devices:
-                fd, size = blobs[dev.devid]
-                await self._set_state(dest, dev, fd, size)
+            await _all(self._set_state(dest, dev, *blobs[dev.devid]) for dev in self.devices)
             step("set state")
         except (RequestFailed, CopyMismatch) as exc:
             await self._call_off(dest, late)
@@ -402,10 +413,12 @@ class Migration:
         channels = await self.cpu.while_paused(
             lambda: [dev.front.new_channels() for dev in self.devices])
         step("new channels")
-        for dev, chans in zip(self.devices, channels, strict=True):
-            await dest.hand_over_channels(dev.devid, XenbusState.CONNECTED,
-                                          dev.front.frontend_keys(), chans)
-            step(f"frontend state {dev.dtype}")
+        # Only once every state was taken: a FRONTEND_STATE without one would connect the
+        # device afresh.
+        await _all(dest.hand_over_channels(dev.devid, XenbusState.CONNECTED,
+                                           dev.front.frontend_keys(), chans)
+                   for dev, chans in zip(self.devices, channels, strict=True))
+        step("frontend state")
         old_ram = guest.ram.rebase(ram.fd)
         old_gnt = guest.gnttab.rebase(gnt.fd)
         os.close(old_ram)
