@@ -21,8 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from backendd.guest.blkfront import BlkFront
+from backendd.guest.gnttab import GuestGrantTable
 from backendd.guest.memory import GuestRAM, sealed_memfd
 from backendd.guest.migration import CopyMismatch, GuestCpu, Migration, MigrationAborted, Moving
+from backendd.guest.netfront import NetFront
 from backendd.guest.vmm import RequestFailed, VmmClient
 from bench.migrate import DISK_DEVID, HANG, Rig
 from rings.consts import PAGE_SIZE, XenbusState
@@ -45,6 +48,34 @@ def test_remap_fixed_moves_every_view_to_the_new_file():
         assert ram.fd == fd and all(r[2] == fd for r in ram.regions)
         view.release()
     finally:
+        ram.close()
+
+
+@pytest.mark.parametrize("kind", ["blk", "net"])
+def test_new_channels_carry_a_pending_notification(kind):
+    """A notification the source sent at SUSPEND and the paused guest never saw is raised
+    on the new channel, so the guest looks at its rings once it runs on the
+    destination (else responses published at SUSPEND would wait forever)."""
+    ram = GuestRAM(4 << 20)
+    gnttab = GuestGrantTable(2)
+    front = BlkFront(ram, gnttab, 1) if kind == "blk" else NetFront(ram, gnttab, 0,
+                                                                      tx_pages=2)
+    try:
+        old = front.channels()
+        os.eventfd_write(old[0][2], 1)  # the daemon's end of the call eventfd
+        for _, kick, call in old:
+            os.close(kick)
+            os.close(call)
+        new = front.new_channels()
+        assert [port for port, _, _ in new] == [port for port, _, _ in old]
+        mine = front.queues[0].call_fd if kind == "blk" else front.queues[0].call_fds[0]
+        assert os.eventfd_read(mine) == 1
+        for _, kick, call in new:
+            os.close(kick)
+            os.close(call)
+    finally:
+        front.close()
+        gnttab.close()
         ram.close()
 
 
