@@ -140,14 +140,33 @@ class VerifiedIO:
         self.model: dict[int, bytes] = {}
         self.counts = IOCounts()
         self._stop = False
+        self._running = 0
+        self._progress = asyncio.Event()  # set at each completion and when a worker ends
 
     def stop(self) -> None:
         self._stop = True
 
     async def run(self) -> None:
+        self._running = self.depth
         await asyncio.gather(*(self._worker(k) for k in range(self.depth)))
 
+    async def until(self, completed: int) -> None:
+        """On the guest: return once `completed` requests have completed in all; raise
+        if the workers stopped before."""
+        while self.counts.completed < completed:
+            if self._running == 0:
+                raise RigError(f"the guest's I/O stopped: {self.counts}")
+            self._progress.clear()
+            await self._progress.wait()
+
     async def _worker(self, k: int) -> None:
+        try:
+            await self._work(k)
+        finally:
+            self._running -= 1
+            self._progress.set()
+
+    async def _work(self, k: int) -> None:
         rng = random.Random(self.seed * 1000 + k)
         mine = list(range(k, self.blocks, self.depth))
         c = self.counts
@@ -170,6 +189,7 @@ class VerifiedIO:
                 c.errors.append(f"block {blk}: {exc!r}")
                 return
             c.completed += 1
+            self._progress.set()
 
     async def read_back(self) -> list[int]:
         """Every block read again: those that differ from the model."""
@@ -377,13 +397,16 @@ class Rig:
         assert self.disk is not None
         self.io = VerifiedIO(self.disk)
         self.io_done = asyncio.wrap_future(self.cpu.submit(self.io.run()))
-        # Some I/O completes before anything else happens.
-        while self.io.counts.completed < 4 * DEPTH and not self.io_done.done():
-            await asyncio.sleep(0.01)
+        await self.io_progress(4 * DEPTH)  # some I/O completes before anything else
         if self.nic:
             self.stream = TcpStream(self.host_ns, self.guest_ns)
             await self.stream.start()
             await self.stream.progress()
+
+    async def io_progress(self, more: int) -> None:
+        """Wait until `more` further requests of the guest's I/O completed."""
+        assert self.io is not None
+        await self.cpu.run(self.io.until(self.io.counts.completed + more))
 
     def migration(self, **kw: object) -> Migration:
         assert self.client is not None
@@ -399,12 +422,10 @@ class Rig:
         if self.stream is not None:
             await self.stream.close()
 
-        def fronts_close() -> None:
-            for dev in self.devices:
-                dev.front.close()
-
         async def on_guest() -> None:
-            fronts_close()
+            for front in (self.netfront, self.disk):
+                if front is not None:
+                    front.close()
 
         with contextlib.suppress(Exception):
             await self.cpu.run(on_guest())

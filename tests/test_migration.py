@@ -14,6 +14,7 @@ destination and resumes the guest there, on the destination's memory. Then:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import mmap
 import os
@@ -82,26 +83,30 @@ def test_new_channels_carry_a_pending_notification(kind):
 async def test_a_paused_guest_runs_nothing_until_released():
     cpu = GuestCpu()
     ticks = 0
+    # (tick count, future set when the guest gets there); changed only while it is parked
+    # or before it starts.
+    goal: tuple[int, concurrent.futures.Future[None]] = (100, concurrent.futures.Future())
 
     async def guest() -> None:
         nonlocal ticks
         while True:
             ticks += 1
+            if ticks == goal[0]:
+                goal[1].set_result(None)
             await asyncio.sleep(0)
 
     task = cpu.submit(guest())
     try:
-        while ticks < 100:
-            await asyncio.sleep(0.001)
+        await asyncio.wrap_future(goal[1])
         await cpu.pause()
         seen = ticks
-        for _ in range(50):
+        for _ in range(50):  # a while of nothing: the guest must not tick
             await asyncio.sleep(0.001)
         assert ticks == seen
         assert await cpu.while_paused(lambda: ticks) == seen
+        goal = (seen + 100, concurrent.futures.Future())
         cpu.unpause()
-        while ticks == seen:
-            await asyncio.sleep(0.001)
+        await asyncio.wrap_future(goal[1])
     finally:
         task.cancel()
         cpu.close()
@@ -130,14 +135,10 @@ async def _migrate(tmp_path: Path, nic: bool, use_daemon_log: bool = True,
             assert report.ram_mismatch
             assert set(report.ram_mismatch) <= migration.ignored_ram
             assert set(report.gnttab_mismatch) <= migration.ignored_gnttab
-            before = rig.io.counts.completed
-            while rig.io.counts.completed < before + 2 * rig.io.depth:
-                assert not rig.io_done.done(), rig.io.counts.errors  # type: ignore[union-attr]
-                await asyncio.sleep(0.01)
+            await rig.io_progress(2 * rig.io.depth)  # on the source still
             await rig.stop_load()
             assert rig.io.counts.errors == [] and rig.io.counts.mismatches == []
             return
-        at_switch = rig.io.counts.completed
         dest = await migration.run(verify=True)
         old, rig.client = rig.client, dest
         assert old is not None and old.closed
@@ -150,9 +151,7 @@ async def _migrate(tmp_path: Path, nic: bool, use_daemon_log: bool = True,
               + ", ".join(f"{k} {v * 1000:.2f}" for k, v in report.steps.items()))
         assert report.downtime > 0 and len(report.precopy_pages) >= 2
         # (a) the guest's I/O goes on, now served by the destination.
-        while rig.io.counts.completed < at_switch + 4 * rig.io.depth:
-            assert rig.io_done is not None and not rig.io_done.done(), rig.io.counts.errors
-            await asyncio.sleep(0.01)
+        await rig.io_progress(4 * rig.io.depth)
         sent = received = None
         if nic:
             assert rig.stream is not None
@@ -239,10 +238,7 @@ async def test_a_refused_state_blob_leaves_the_guest_on_the_source(tmp_path):
         assert migration.refused is not None and migration.refused.code == errno.EINVAL
         assert migration.state_after != XenbusState.CONNECTED
         assert not rig.client.closed
-        before = rig.io.counts.completed
-        while rig.io.counts.completed < before + 4 * rig.io.depth:
-            assert not rig.io_done.done(), rig.io.counts.errors
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(rig.io_progress(4 * rig.io.depth), HANG)  # on the source
         await asyncio.wait_for(rig.stop_load(), HANG)
         assert rig.io.counts.errors == [] and rig.io.counts.mismatches == []
         assert rig.io.counts.completed == rig.io.counts.issued

@@ -44,6 +44,7 @@ from backendd.protocol.messages import ALL_DEVICES
 from rings.consts import PAGE_SHIFT, PAGE_SIZE, XenbusState
 
 from .blkfront import BlkFront
+from .dirtylog import DirtyLog
 from .machine import SimGuest
 from .memory import sealed_memfd
 from .netfront import NetFront
@@ -243,7 +244,7 @@ class Migration:
 
     # --- dirty pages ----------------------------------------------------------------
 
-    def _take(self, log: Any) -> tuple[set[int], set[int]]:
+    def _take(self, log: DirtyLog) -> tuple[set[int], set[int]]:
         """(gfns, grant-table pages) dirty since the last call; clears them."""
         daemon_ram, daemon_gnt = log.take_ram(), log.take_gnttab()
         if not self.use_daemon_log:
@@ -266,8 +267,6 @@ class Migration:
         """Migrate; returns the connection to the destination, which serves the guest
         now. `verify`: compare destination and source memory at the switch point and
         raise CopyMismatch (after resuming the source) when they differ."""
-        from .dirtylog import DirtyLog
-
         guest, report = self.guest, self.report
         ram = _Copier(guest.ram.fd, guest.ram.size, "guest-ram")
         gnt = _Copier(guest.gnttab.fd, guest.gnttab.size, "guest-gnttab")
@@ -295,7 +294,8 @@ class Migration:
             gnt.copy_all()
             report.precopy_pages.append(len(self._ram_offset) + self.gnttab_pages)
             while len(report.precopy_pages) < self.max_rounds:
-                await asyncio.sleep(0)  # let the guest run between rounds
+                # The guest runs on its own thread meanwhile; this loop answers notices.
+                await asyncio.sleep(0)
                 gfns, pages = self._take(log)
                 report.precopy_pages.append(self._copy(ram, gnt, gfns, pages))
                 if report.precopy_pages[-1] <= self.converge_pages:
@@ -351,7 +351,7 @@ class Migration:
     async def _set_state(self, dest: VmmClient, dev: Moving, fd: int, size: int) -> None:
         await dest.set_device_state(dev.devid, fd, size)
 
-    async def _stop_and_copy(self, dest: VmmClient, log: Any, ram: _Copier, gnt: _Copier,
+    async def _stop_and_copy(self, dest: VmmClient, log: DirtyLog, ram: _Copier, gnt: _Copier,
                              verify: bool) -> bool:
         """The guest is paused. SUSPEND the source, final copy, move the devices' state,
         switch the guest to the destination's memory, RESUME there. True once switched;
