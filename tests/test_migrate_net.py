@@ -143,3 +143,57 @@ async def test_net_moves_with_its_tap_and_tcp_survives(tmp_path, dataplane):
             guest.close()
             await a.stop()
             await b.stop()
+
+
+async def test_net_across_hosts_creates_its_own_tap(tmp_path):
+    """Two "hosts" (namespaces), a daemon in each: without adopt-tap the destination
+    creates a tap of the same name in its own namespace, and the guest, moved without
+    reconnecting, reaches the destination host's network through it."""
+    host_a, host_b, gns = uniq("mxa"), uniq("mxb"), uniq("mxg")
+    tap, gtap = uniq("mxt"), uniq("mxu")
+    with namespaces(host_a, host_b, gns):
+        a = Daemon(tmp_path, "a", host_a, "single")
+        b = Daemon(tmp_path, "b", host_b, "single")
+        guest = SimGuest(ram_size=64 * MiB, gnttab_frames=32)
+        ca = cb = None
+        front: NetFront | None = None
+        try:
+            await a.start()
+            await b.start()
+            ca = await VmmClient.connect(a.sock)
+            await guest.attach(ca)
+            config = {"tap": tap, "mac": MAC, "queues": "1"}
+            await ca.add_device(0, "net", config)
+            front = NetFront(guest.ram, guest.gnttab, 0)
+            await ca.hand_over_channels(0, XenbusState.CONNECTED, front.frontend_keys(),
+                                        front.channels())
+            front.start()
+            await front.attach_tap(gtap, netns=gns, mac=MAC)
+            await addr(host_a, tap, "10.77.42.1/24")
+            await addr(gns, gtap, "10.77.42.2/24")
+            await run("ping", "-c", "2", "-i", "0.2", "-W", "2", "10.77.42.1", ns=gns)
+            await ca.suspend()
+            blob = await get_state(ca, 0)
+            move_guest(guest)
+            cb = await VmmClient.connect(b.sock)
+            await guest.attach(cb)
+            await cb.add_device(0, "net", config)  # a tap of its own, on its host
+            await addr(host_b, tap, "10.77.42.1/24")
+            await set_state(cb, 0, blob)
+            await cb.hand_over_channels(0, XenbusState.CONNECTED, front.frontend_keys(),
+                                        front.new_channels())
+            await cb.resume()
+            await ca.close()
+            await run("ip", "neigh", "flush", "all", ns=gns)  # another host, another MAC
+            await run("ping", "-c", "3", "-i", "0.2", "-W", "2", "10.77.42.1", ns=gns)
+            stats = await cb.stats(0)
+            assert int(stats["0.rx_packets"]) >= 3 and int(stats["0.tx_packets"]) >= 3
+        finally:
+            for c in (ca, cb):
+                if c is not None:
+                    await c.close()
+            if front is not None:
+                front.close()
+            guest.close()
+            await a.stop()
+            await b.stop()

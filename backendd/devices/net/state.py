@@ -7,6 +7,7 @@ import struct
 from dataclasses import dataclass, field
 
 from backendd.devstate import (
+    NET_CTRL,
     NET_HASH,
     NET_MCAST,
     NET_QUEUE,
@@ -103,7 +104,7 @@ def encode_mcast(addrs: list[bytes]) -> Section:
 
 
 def decode_state(sections: list[Section]) -> NetState:
-    known = {NET_VIF, NET_QUEUE, NET_RX_POSTED, NET_MCAST, NET_RATE, NET_HASH}
+    known = {NET_VIF, NET_QUEUE, NET_RX_POSTED, NET_MCAST, NET_RATE, NET_HASH, NET_CTRL}
     device, rest = split(sections, known)
     st = NetState(device)
     if not device.connected:
@@ -154,12 +155,12 @@ def decode_state(sections: list[Section]) -> NetState:
             index, waiting, cbytes, cusec, remaining, left = r.take("IIQQQq")
             r.end()
             st.rates[index] = RateState(index, bool(waiting), cbytes, cusec, remaining, left)
-        elif s.type == NET_HASH:
-            # Reserved for the control ring's hash configuration: a device without a
-            # control ring has none to restore, and a blob that carries one cannot be
+        elif s.type in (NET_HASH, NET_CTRL):
+            # Reserved for the control ring and its hash configuration: a device without
+            # a control ring has none to restore, and a blob that carries one cannot be
             # honoured here.
-            raise StateError("a hash configuration (control ring), which this device "
-                             "does not support")
+            raise StateError("a control ring or its hash configuration, which this "
+                             "device does not support")
     if nq is None or st.features is None:
         raise StateError("no net vif section")
     if sorted(queues) != list(range(nq)):
