@@ -52,6 +52,8 @@ class Code(IntEnum):
     DAEMON_STATUS = 10
     RING_DUMP = 11
     SET_INFLIGHT = 12
+    SET_LOG = 13
+    CLEAR_LOG = 14
     # Live migration: quiescing a device and moving its state (docs/protocol.md).
     SUSPEND = 15
     RESUME = 16
@@ -444,6 +446,43 @@ class SetInflight(Message):
 
 
 @dataclass(frozen=True)
+class SetLog(Message):
+    """Start logging the guest pages the daemon writes into the bitmap of the fd (the
+    dirty log, docs/protocol.md; backendd/dirtylog.py), replacing any earlier log."""
+
+    code: ClassVar[Code] = Code.SET_LOG
+    fds: ClassVar[int] = 1
+    _S: ClassVar[struct.Struct] = struct.Struct("<QQQ")
+    mmap_offset: int
+    size: int
+    ram_pages: int
+
+    def encode(self) -> bytes:
+        return self._S.pack(self.mmap_offset, self.size, self.ram_pages)
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        offset, size, ram_pages = _fixed("SET_LOG", cls._S, payload)
+        if size == 0 or offset % 4096:
+            raise ProtocolError(_errno.EINVAL, "SET_LOG: empty log or unaligned mmap_offset")
+        if ram_pages == 0:
+            raise ProtocolError(_errno.EINVAL, "SET_LOG: ram_pages is 0")
+        return cls(offset, size, ram_pages)
+
+
+@dataclass(frozen=True)
+class ClearLog(Message):
+    """Stop logging and unmap the log."""
+
+    code: ClassVar[Code] = Code.CLEAR_LOG
+
+    def encode(self) -> bytes:
+        return b""
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        _end("CLEAR_LOG", payload, 0)
+        return cls()
 class Suspend(_DevidOnly):
     """devid ALL_DEVICES: every device of the connection."""
 
@@ -722,6 +761,8 @@ REQUESTS: dict[Code, type[Message]] = {
         DaemonStatus,
         RingDump,
         SetInflight,
+        SetLog,
+        ClearLog,
         Suspend,
         Resume,
         GetDeviceState,
@@ -744,6 +785,8 @@ REPLIES: dict[Code, type[Message]] = {
     Code.DAEMON_STATUS: StatsReply,
     Code.RING_DUMP: RingDumpReply,
     Code.SET_INFLIGHT: EmptyReply,
+    Code.SET_LOG: EmptyReply,
+    Code.CLEAR_LOG: EmptyReply,
     Code.SUSPEND: EmptyReply,
     Code.RESUME: EmptyReply,
     Code.GET_DEVICE_STATE: DeviceStateReply,

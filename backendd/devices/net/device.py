@@ -24,6 +24,7 @@ from backendd import devstate
 from backendd.dataplane import netkernel
 from backendd.dataplane.netkernel import NetKernel
 from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
+from backendd.dirtylog import RingLog
 from backendd.errors import ConfigError, ControlError
 from backendd.grants import GrantMapping
 from rings.netif import RX_ENTRY_SIZE, TX_ENTRY_SIZE
@@ -368,6 +369,8 @@ class NetDevice(Device):
             for m in maps:
                 m.release()
             raise
+        tx_back.log = RingLog(grants.memory, [tx_map.frame])
+        rx_back.log = RingLog(grants.memory, [rx_map.frame])
         tx: TxPath
         if self.kernel is not None:
             from backendd.dataplane.net import CompiledTxPath  # it builds on TxPath
