@@ -42,10 +42,11 @@ async def posted(tasks: list[asyncio.Task], front) -> None:
         await asyncio.sleep(0)
 
 
-@pytest.mark.parametrize("dataplane,persistent", [("python", False), ("python", True),
-                                                  ("compiled", False)])
+@pytest.mark.parametrize("dataplane,persistent,queues", [
+    ("python", False, 1), ("python", True, 1), ("compiled", False, 1),
+    ("compiled", False, 3)])  # three rings: the kernel serves them in parallel
 async def test_blk_suspend_quiesces_then_resume_completes(daemon, tmp_path, dataplane,
-                                                          persistent):
+                                                          persistent, queues):
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(16 * MiB))
     client = await VmmClient.connect(daemon.path)
@@ -54,7 +55,7 @@ async def test_blk_suspend_quiesces_then_resume_completes(daemon, tmp_path, data
         await guest.attach(client)
         front = await guest.add_disk(client, DEVID, {"path": str(image),
                                                      "dataplane": dataplane},
-                                     inflight=False, persistent=persistent)
+                                     inflight=False, persistent=persistent, queues=queues)
         rng = random.Random(7)
         data = {i: rng.randbytes(4096 * (1 + i % 4)) for i in range(48)}
         first = [asyncio.create_task(front.write(i * 64, d)) for i, d in data.items()]
@@ -62,8 +63,8 @@ async def test_blk_suspend_quiesces_then_resume_completes(daemon, tmp_path, data
         await client.suspend()
         # Everything taken is answered and published: rsp_prod counts every request.
         stats = await client.stats(DEVID)
-        ring = front.queues[0].shared
-        assert ring.idx[RSP_PROD] == int(stats[f"{DEVID}.requests"]) > 0
+        answered = sum(q.shared.idx[RSP_PROD] for q in front.queues)
+        assert answered == int(stats[f"{DEVID}.requests"]) > 0
         await client.suspend()  # again: nothing changes
         events = front.events
         quiet = memory_bytes(guest)
