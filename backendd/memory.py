@@ -176,6 +176,11 @@ class GuestMemory:
             r.map[off:off + k] = data[done:done + k]
             done += k
 
+    def mappings(self) -> list[mmap.mmap]:
+        """Each region's mapping, in gpa order (the simulated guest remaps them when it
+        migrates)."""
+        return [r.map for r in self._regions]
+
     def native(self) -> NativeRegions:
         """Host addresses of every region, for compiled code (backendd/dataplane). The
         snapshot pins the mappings: while anyone holds it, its regions cannot be

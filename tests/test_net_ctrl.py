@@ -31,7 +31,7 @@ from backendd.errors import ControlError, GuestError
 from backendd.evtchn import EventChannel
 from backendd.guest.netfront import NetFront
 from bench import netdiff_rx
-from rings.consts import NetCtrlStatus, NetCtrlType, NetRxFlags
+from rings.consts import NetCtrlStatus, NetCtrlType, NetRxFlags, XenbusState
 from rings.netif import CTRL_REQUEST, CTRL_RESPONSE, EXTRA_HASH, RX_REQUEST, RX_RESPONSE
 from rings.sring import REQ_PROD
 
@@ -534,31 +534,64 @@ def test_key_and_mapping_reads_follow_the_grant_rules(version):
         ram.close()
 
 
+def _fresh_channels(front: NetFront) -> dict[int, EventChannel]:
+    """New eventfds for the frontend's ports (a second device's ends)."""
+    import os
+    flags = os.EFD_NONBLOCK | os.EFD_CLOEXEC
+    return {p: EventChannel(p, os.eventfd(0, flags), os.eventfd(0, flags))
+            for p, _, _ in front.channels()}
+
+
 @pytestmark_root
-async def test_a_restored_configuration_starts_the_next_connect():
-    """Device state hands the configuration over: the next connect starts from it (its
-    mapping checked against that connect's queues)."""
+async def test_device_state_carries_the_control_ring_and_its_configuration():
+    """SUSPEND, the state sections, a second device loading them: it connects with the
+    same steering and the control ring at the same indices; mismatches are EINVAL."""
+    from backendd import devstate
+    from backendd.devices.net import NetDevice
+
     guest = make_guest()
     try:
-        config = HashConfig(h.ALG_TOEPLITZ, h.FLAG_IPV4_TCP, MS_KEY, [1, 0])
-        from backendd.devices.net import NetDevice
-        dev = NetDevice(7, {"tap": uniq("hr") + "a", "queues": "2"}, guest.ctx)
-        guest.devices.append(dev)
-        dev.restore_hash_state(config.to_bytes())
-        front = NetFront(guest.ram, guest.gnttab, 7, first_port=70, queues=1)
-        guest.fronts.append(front)
-        chans = {p: EventChannel(p, k, c) for p, k, c in front.channels()}
-        with pytest.raises(ControlError) as e:  # entry 1 names a second queue
-            await dev.connect(front.frontend_keys(), chans)
-        assert e.value.code == errno.EINVAL
-        dev.restore_hash_state(config.to_bytes())
-        front2 = NetFront(guest.ram, guest.gnttab, 7, first_port=80, queues=2)
-        guest.fronts.append(front2)
-        chans = {p: EventChannel(p, k, c) for p, k, c in front2.channels()}
-        await dev.connect(front2.frontend_keys(), chans)
-        assert dev.hash_state() == config.to_bytes()
-        with pytest.raises(ValueError):
-            dev.restore_hash_state(b"\x02" + config.to_bytes()[1:])
+        a, front = await plug(guest, 8, {"tap": uniq("hm") + "a", "queues": "2"},
+                              queues=2, ctrl_ring=True)
+        config = HashConfig(h.ALG_TOEPLITZ, h.FLAG_IPV4_TCP, MS_KEY, [1, 0, 0, 1])
+        await front.set_toeplitz(config.key, config.flags, config.mapping)
+        await a.suspend()
+        sections = a.save_state(XenbusState.CONNECTED)
+        kinds = {sec.type for sec in sections}
+        assert {devstate.NET_HASH, devstate.NET_CTRL} <= kinds
+        b = NetDevice(8, {"tap": uniq("hm") + "b", "queues": "2"}, guest.ctx)
+        guest.devices.append(b)
+        b.load_state(sections)
+        await b.connect(front.frontend_keys(), _fresh_channels(front))
+        assert b.hash_state() == config.to_bytes()
+        assert b.ctrl is not None and b.ctrl.ring.suspended
+        ca, cb = a.ctrl.ring.ring, b.ctrl.ring.ring
+        assert (cb.req_cons, cb.rsp_prod_pvt) == (ca.req_cons, ca.rsp_prod_pvt) != (0, 0)
+        await b.resume()
+        assert not b.ctrl.ring.suspended
+        # The frontend's control keys must match the state's; a state whose mapping
+        # names a queue the connect does not have is refused too.
+        c = NetDevice(8, {"tap": uniq("hm") + "c", "queues": "2"}, guest.ctx)
+        guest.devices.append(c)
+        c.load_state(sections)
+        keys = front.frontend_keys()
+        keys["event-channel-ctrl"] = "63"
+        chans = _fresh_channels(front)
+        chans[63] = chans.pop(front.ctrl.port.port)
+        with pytest.raises(ControlError) as e:
+            await c.connect(keys, chans)
+        assert e.value.code == errno.EINVAL and c.ctrl is None
+        bad = [sec if sec.type != devstate.NET_HASH else devstate.Section(
+            devstate.NET_HASH, HashConfig(1, 0, bytes(40), [2]).to_bytes())
+            for sec in sections]
+        d = NetDevice(8, {"tap": uniq("hm") + "d", "queues": "2"}, guest.ctx)
+        guest.devices.append(d)
+        d.load_state(bad)
+        with pytest.raises(ControlError) as e:
+            await d.connect(front.frontend_keys(), _fresh_channels(front))
+        assert e.value.code == errno.EINVAL and "queue" in str(e.value)
+        with pytest.raises(devstate.StateError):
+            d.load_state([sec for sec in sections if sec.type != devstate.NET_HASH])
     finally:
         await guest.close()
 
