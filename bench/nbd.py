@@ -1,6 +1,7 @@
 """Block reads through an NBD export: a real `backendd serve` process, its disk an
 nbd+unix:// export of qemu-nbd serving a warm raw image, driven by the C blkfront load
-generator (bench/blkload.py); beside it, in the same run and on the same export, fio's
+generator doing its own control plane as a VMM would (bench/blkload.py
+run_load_socket); beside it, in the same run and on the same export, fio's
 own NBD engine (libnbd in C), or nbdcopy where this fio has no such engine.
 
     python -m bench.nbd [--seconds S]      (also run at the end of python -m bench.blk)
@@ -23,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .blkload import Load, LoadResult, run_load
+from .blkload import Load, LoadFailed, LoadResult, run_load_socket, socket_result
 from .native import build
 from .report import table
 
@@ -112,8 +113,13 @@ async def measure(workdir: Path, uri: str, seconds: float) -> list[tuple]:
             runs = []
             for persistent in (False, True) if PERSISTENT else (False,):
                 one = Load(**{**load.__dict__, "seconds": seconds, "persistent": persistent})
-                runs.append(await run_load(path, uri, one, daemon_pid=proc.pid,
-                                           sectors=IMAGE_SIZE // 512))
+                # As a VMM would: the program does its own control plane (clients/c).
+                result = socket_result(one, await run_load_socket(path, uri, one,
+                                                                  daemon_pid=proc.pid))
+                if result.held_after_close:
+                    raise LoadFailed(f"{len(result.held_after_close)} grants still in use "
+                                     "after the device was closed")
+                runs.append(result)
             results.append((label, runs))
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -457,12 +457,20 @@ async def test_qcow2_through_qemu_nbd(vm, tmp_path, servers):
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
 
 
-@pytest.mark.parametrize("persistent", [False, True], ids=["grants", "persistent-grants"])
-async def test_nbdkit_memory(vm, tmp_path, servers, persistent):
+@pytest.mark.parametrize("dataplane, persistent", [("auto", True), ("python", False),
+                                                   ("python", True)],
+                         ids=["compiled", "python", "python-persistent-grants"])
+async def test_nbdkit_memory(vm, tmp_path, servers, dataplane, persistent):
     srv = nbdkit_memory(tmp_path, "8M")
     servers.append(srv.start())
-    front, keys = await attach(vm, 1, uri(srv), queues=4, persistent=persistent)
-    assert front.use_persistent == persistent
+    front, keys = await attach(vm, 1, uri(srv), queues=4, persistent=persistent,
+                               dataplane=dataplane)
+    # The compiled kernel serves NBD disks, and offers no persistent grants; the Python
+    # data plane does, when asked for it.
+    compiled = dataplane == "auto"
+    assert keys["feature-persistent"] == ("0" if compiled else "1")
+    assert front.use_persistent == (persistent and not compiled)
+    assert stats_of(await vm.client.stats(1), 1)["compiled"] == int(compiled)
     assert keys["sectors"] == str(8 * MiB // 512)
     model = bytearray(8 * MiB)
     await workload(front, model, workers=8, rounds=40, seed=1)

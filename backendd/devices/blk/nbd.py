@@ -35,7 +35,7 @@ import urllib.parse
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from backendd.errors import ConfigError
 from rings.consts import SECTOR_SIZE, BlkifOp, BlkifStatus
@@ -167,25 +167,58 @@ class NbdPolicy:
 
 class _Op:
     """One blkif request as a sequence of steps, each a set of NBD commands that may run
-    together; a step is sent again whole after a reconnect."""
+    together; a step is sent again whole after a reconnect. `sink` is told when it is
+    done (`failed`: 0 or an errno); `key` orders what is sent again."""
 
-    __slots__ = ("batch", "failed", "item", "outstanding", "steps")
+    __slots__ = ("bounce", "failed", "key", "outstanding", "read", "sink", "steps", "tag")
 
-    def __init__(self, item: IoItem, batch: _Batch, steps: list[list[tuple]]) -> None:
-        self.item = item
-        self.batch = batch
+    def __init__(self, sink: Sink, tag: Any, key: int, steps: list[list[tuple]],
+                 read: bool = False, bounce: bytearray | None = None) -> None:
+        self.sink = sink
+        self.tag = tag
+        self.key = key  # the order of submission
         self.steps = deque(steps)
+        self.read = read
+        self.bounce = bounce  # a read's data, to be copied into the guest's pages
         self.outstanding = 0
         self.failed = 0
 
 
+class Sink(Protocol):
+    """Who hears of finished requests: `nbd_done` for each, then `nbd_settle` once after
+    every batch of them (one wake-up's worth), so answers go out together."""
+
+    def nbd_done(self, op: _Op) -> None: ...
+
+    def nbd_settle(self) -> None: ...
+
+
 class _Batch:
+    """The Python data plane's pool job: IoItems, resolved together."""
+
     __slots__ = ("future", "items", "left")
 
     def __init__(self, items: list[IoItem], future: asyncio.Future) -> None:
         self.items = items
         self.future = future
         self.left = len(items)
+
+    def nbd_done(self, op: _Op) -> None:
+        item = op.tag
+        if op.failed:
+            item.status = BlkifStatus.ERROR
+            item.error = op.failed
+        elif op.bounce is not None:
+            buf, pos = memoryview(op.bounce), 0
+            for view in item.views:  # the one copy into guest memory
+                view[:] = buf[pos:pos + len(view)]
+                pos += len(view)
+        self.left -= 1
+        if self.left == 0 and not self.future.done():
+            self.future.set_result(self.items)
+
+    def nbd_settle(self) -> None:
+        pass
 
 
 class NbdImage:
@@ -194,6 +227,7 @@ class NbdImage:
 
     is_block = False
     discard_secure = False
+    fd = -1  # the compiled data plane reaches the export through libnbd, not an fd
 
     def __init__(self, cfg: BlkConfig, policy: NbdPolicy,
                  loop: asyncio.AbstractEventLoop, name: str = "") -> None:
@@ -216,12 +250,17 @@ class NbdImage:
         self.export_readonly = False
         # The connection.
         self._h: Any = None
+        self._o: Any = None  # self._h's handle, for the extension's calls on the data path
+        self._mod = self.nbd.libnbdmod
         self._gen = 0
         self._fd = -1
         self._watch = 0  # AIO_DIRECTION bits registered with the loop
         self._ready = False
         self._closed = False
         self._done: list[tuple[_Op, int, int]] = []  # (op, generation, errno)
+        self._touched: dict[Sink, None] = {}  # sinks with finished ops, to settle
+        self._pumping = False
+        self._seq = 0  # ops in the order they came
         self._queue: deque[_Op] = deque()  # waiting for a connection
         self._active: set[_Op] = set()
         self._last_progress = 0.0
@@ -310,13 +349,15 @@ class NbdImage:
         except nbd.Error as e:
             self._connect_error = str(e)
             self._lost(f"connect: {e}")
+            self._pump()  # answers for what failed
             return
         self._h = h
+        self._o = h._o
         self._gen += 1
         self._fd = -1  # _rewatch() asks libnbd
         self._watch = 0
         self._last_progress = self.loop.time()
-        self._after_call()
+        self._pump()
 
     # --- the socket ----------------------------------------------------------------
 
@@ -335,7 +376,7 @@ class NbdImage:
                 self._fd = fd
             if fd < 0:
                 return
-        want = self._h.aio_get_direction() & self.nbd.AIO_DIRECTION_BOTH
+        want = self._mod.aio_get_direction(self._o) & 3  # AIO_DIRECTION_BOTH
         if want == self._watch:
             return
         changed = want ^ self._watch
@@ -359,33 +400,46 @@ class NbdImage:
         self._watch = 0
 
     def _readable(self) -> None:
-        self._notify(self._h.aio_notify_read if self._h is not None else None)
+        self._notify(self._mod.aio_notify_read)
 
     def _writable(self) -> None:
-        self._notify(self._h.aio_notify_write if self._h is not None else None)
+        self._notify(self._mod.aio_notify_write)
 
-    def _notify(self, call: Callable[[], object] | None) -> None:
-        if call is None:
+    def _notify(self, call: Callable[[Any], object]) -> None:
+        if self._o is None:
             return
         try:
-            call()
+            call(self._o)
         except self.nbd.Error as e:
             self._connect_error = str(e)
-        self._after_call()
+        self._pump()
 
-    def _after_call(self) -> None:
+    def _pump(self) -> None:
         """After any call into libnbd: notice a dead connection or a finished
-        handshake, act on completions, watch the right directions."""
-        h = self._h
-        if h is None:
+        handshake, act on completions, tell the sinks (whose answers may send more),
+        watch the right directions. Calls from inside (a sink sending more) return at
+        once: the outer pass goes on until nothing is left."""
+        if self._pumping:
             return
-        if h.aio_is_dead() or h.aio_is_closed():
-            self._lost(self._connect_error or "connection closed")
-            return
-        if not self._ready and h.aio_is_ready():
-            self._became_ready()
-        self._complete()
-        self._rewatch()
+        self._pumping = True
+        try:
+            while True:
+                o, mod = self._o, self._mod
+                if o is not None:
+                    if mod.aio_is_dead(o) or mod.aio_is_closed(o):
+                        self._lost(self._connect_error or "connection closed")
+                    else:
+                        if not self._ready and mod.aio_is_ready(o):
+                            self._became_ready()
+                        self._complete()
+                if not self._touched:
+                    break
+                touched, self._touched = self._touched, {}
+                for sink in touched:
+                    sink.nbd_settle()
+            self._rewatch()
+        finally:
+            self._pumping = False
 
     def _became_ready(self) -> None:
         self._ready = True
@@ -411,6 +465,7 @@ class NbdImage:
 
     def _drop_connection(self) -> None:
         h, self._h = self._h, None
+        self._o = None
         self._gen += 1  # completions of the old connection are ignored from now on
         self._ready = False
         if h is None:
@@ -428,7 +483,7 @@ class NbdImage:
         self._drop_connection()
         self._done.clear()
         # What was in flight goes first when the server is back, in the order it came.
-        active = sorted(self._active, key=lambda op: op.item.ring_index)
+        active = sorted(self._active, key=lambda op: op.key)
         self._active.clear()
         if not self._draining:
             self.resent += len(active)
@@ -478,17 +533,72 @@ class NbdImage:
             self.timed_out += 1
             self._lost(f"no answer for {self.policy.io_timeout:.1f} s")
         self._check_deadline()
+        self._pump()  # answers for what failed
         self._watchdog = self.loop.call_later(self._tick_interval(), self._tick)
 
     # --- requests ------------------------------------------------------------------
 
     def submit(self, _fn: object, _image: object, items: list[IoItem]) -> asyncio.Future:
-        """In place of the I/O pool: run `items` and resolve to them when all are done
-        (status set on each, as engine.execute_batch does)."""
+        """In place of the I/O pool (the Python data plane): run `items` and resolve to
+        them when all are done (status set on each, as engine.execute_batch does)."""
         future = self.loop.create_future()
         batch = _Batch(items, future)
+        ops = []
         for item in items:
-            op = _Op(item, batch, self._plan(item))
+            req = item.req
+            views = item.views
+            buf: Any = None
+            bounce = None
+            read = req.op == BlkifOp.READ
+            if len(views) == 1:
+                buf = views[0]
+            elif views and not read:
+                buf = b"".join(views)  # the one copy out of guest memory
+            elif views:
+                buf = bounce = bytearray(req.nbytes)
+            ops.append(self.op(batch, item, req.op, item.is_flush,
+                               req.sector * SECTOR_SIZE, req.nr_sectors * SECTOR_SIZE,
+                               buf, bounce))
+        self.submit_ops(ops)
+        return future
+
+    def op(self, sink: Sink, tag: Any, blkif_op: int, flush: bool, offset: int,
+           length: int, buf: Any, bounce: bytearray | None = None) -> _Op:
+        """A request for submit_ops: `buf` holds the data of a read or a write (a view
+        of guest memory, or a bounce buffer whose contents `sink` moves itself), None
+        for a flush without data or a discard."""
+        steps: list[list[tuple]] = []
+        self._seq += 1
+        key = self._seq
+        if blkif_op == BlkifOp.DISCARD:
+            cmds = []
+            while length > 0:
+                n = min(length, TRIM_CHUNK)
+                cmds.append(("trim", offset, n))
+                offset += n
+                length -= n
+            if cmds:
+                steps.append(cmds)
+            return _Op(sink, tag, key, steps)
+        read = blkif_op == BlkifOp.READ
+        if flush and self.flush:
+            steps.append([("flush",)])
+        if buf is not None:
+            fua = flush and not read and self.flush
+            flags = 0
+            if fua and self.fua:
+                flags, fua = self.nbd.CMD_FLAG_FUA, False
+            steps.append([("pread" if read else "pwrite", offset, buf, flags)])
+            if fua:
+                # A flush with data: the data must be durable too, and this server
+                # has no FUA flag.
+                steps.append([("flush",)])
+        return _Op(sink, tag, key, steps, read, bounce)
+
+    def submit_ops(self, ops: list[_Op]) -> None:
+        """Send `ops` (or queue them while the connection is down); each sink hears of
+        its own as they finish."""
+        for op in ops:
             if self._failing or self._closed or (self._draining and not self._ready):
                 op.failed = errno.ENOTCONN
                 self._finish(op)
@@ -496,43 +606,7 @@ class NbdImage:
                 self._start(op)
             else:
                 self._queue.append(op)
-        if self._h is not None:
-            self._after_call()
-        return future
-
-    def _plan(self, item: IoItem) -> list[list[tuple]]:
-        req = item.req
-        offset = req.sector * SECTOR_SIZE
-        steps: list[list[tuple]] = []
-        if req.op == BlkifOp.DISCARD:
-            cmds = []
-            length = req.nr_sectors * SECTOR_SIZE
-            while length > 0:
-                n = min(length, TRIM_CHUNK)
-                cmds.append(("trim", offset, n))
-                offset += n
-                length -= n
-            return [cmds] if cmds else []
-        if item.is_flush and self.flush:
-            steps.append([("flush",)])
-        if item.views:
-            write = req.writes
-            fua = item.is_flush and write and self.flush
-            if fua and self.fua:
-                flags, fua = self.nbd.CMD_FLAG_FUA, False
-            else:
-                flags = 0
-            if len(item.views) == 1:
-                steps.append([("pwrite" if write else "pread", offset, item.views[0], flags)])
-            elif write:
-                steps.append([("pwrite_bounce", offset, None, flags)])
-            else:
-                steps.append([("pread_bounce", offset, None, flags)])
-            if fua:
-                # A flush with data: the data must be durable too, and this server
-                # has no FUA flag.
-                steps.append([("flush",)])
-        return steps
+        self._pump()
 
     def _start(self, op: _Op) -> None:
         if not op.steps:
@@ -541,7 +615,7 @@ class NbdImage:
         if not self._ready:
             self._queue.append(op)
             return
-        h, nbd, gen = self._h, self.nbd, self._gen
+        o, mod, gen, done_list = self._o, self._mod, self._gen, self._done
         step = op.steps[0]
         op.outstanding = len(step)
         op.failed = 0
@@ -550,74 +624,59 @@ class NbdImage:
         self._active.add(op)
         for cmd in step:
             def done(err: Any, op: _Op = op, gen: int = gen) -> int:
-                self._done.append((op, gen, err.value))
+                done_list.append((op, gen, err.value))
                 return 1
             kind = cmd[0]
             try:
                 if kind == "pread":
-                    h.aio_pread(cmd[2], cmd[1], completion=done, flags=cmd[3])
+                    mod.aio_pread(o, cmd[2], cmd[1], done, cmd[3])
                 elif kind == "pwrite":
-                    h.aio_pwrite(cmd[2], cmd[1], completion=done, flags=cmd[3])
-                elif kind == "pread_bounce":
-                    buf = bytearray(op.item.req.nbytes)
-                    op.steps[0] = [(kind, cmd[1], buf, cmd[3])]
-                    h.aio_pread(buf, cmd[1], completion=done, flags=cmd[3])
-                elif kind == "pwrite_bounce":
-                    buf = b"".join(op.item.views)  # the one copy out of guest memory
-                    h.aio_pwrite(buf, cmd[1], completion=done, flags=cmd[3])
+                    mod.aio_pwrite(o, cmd[2], cmd[1], done, cmd[3])
                 elif kind == "flush":
-                    h.aio_flush(completion=done)
+                    mod.aio_flush(o, done, 0)
                 else:
-                    h.aio_trim(cmd[2], cmd[1], completion=done)
-            except nbd.Error as e:
-                if h.aio_is_dead() or h.aio_is_closed():
+                    mod.aio_trim(o, cmd[2], cmd[1], done, 0)
+            except self.nbd.Error as e:
+                if mod.aio_is_dead(o) or mod.aio_is_closed(o):
                     # The connection died under us: the op waits for the next one.
                     self._lost(str(e))
                     return
                 # Refused before it was sent (e.g. beyond a shrunken export).
                 op.outstanding -= 1
-                op.failed = e.errno or errno.EIO
+                op.failed = e.errnum or errno.EIO
         if op.outstanding == 0:
             self._step_done(op)
 
     def _complete(self) -> None:
-        done, self._done = self._done, []
-        if done:
-            self._last_progress = self.loop.time()
-        for op, gen, err in done:
-            if gen != self._gen or op not in self._active:
-                continue
-            if err:
-                op.failed = op.failed or err
-            op.outstanding -= 1
-            if op.outstanding == 0:
-                self._step_done(op)
+        done = self._done  # the callbacks hold this list: emptied in place
+        if not done:
+            return
+        self._last_progress = self.loop.time()
+        active = self._active
+        while done:
+            batch = done[:]
+            done.clear()
+            gen = self._gen
+            for op, op_gen, err in batch:
+                if op_gen != gen or op not in active:
+                    continue
+                if err:
+                    op.failed = op.failed or err
+                op.outstanding -= 1
+                if op.outstanding == 0:
+                    self._step_done(op)
 
     def _step_done(self, op: _Op) -> None:
         self._active.discard(op)
-        step = op.steps.popleft()
-        if op.failed:
-            self._finish(op)
-            return
-        if step and step[0][0] == "pread_bounce":
-            buf = memoryview(step[0][2])
-            pos = 0
-            for view in op.item.views:  # the one copy into guest memory
-                view[:] = buf[pos:pos + len(view)]
-                pos += len(view)
-        if op.steps:
+        op.steps.popleft()
+        if op.steps and not op.failed:
             self._start(op)
         else:
             self._finish(op)
 
     def _finish(self, op: _Op) -> None:
-        if op.failed:
-            op.item.status = BlkifStatus.ERROR
-            op.item.error = op.failed
-        batch = op.batch
-        batch.left -= 1
-        if batch.left == 0 and not batch.future.done():
-            batch.future.set_result(batch.items)
+        self._touched[op.sink] = None
+        op.sink.nbd_done(op)
 
     # --- the device's view ---------------------------------------------------------
 
@@ -650,6 +709,7 @@ class NbdImage:
         self._draining = draining
         if draining:
             self._fail_queue()
+            self._pump()
 
     def _fail_queue(self) -> None:
         while self._queue:
@@ -671,4 +731,5 @@ class NbdImage:
         for op in ops:
             op.failed = op.failed or errno.ENOTCONN
             self._finish(op)
+        self._pump()
 
