@@ -151,6 +151,7 @@ class NbdPolicy:
     tls_certificates: str = ""
     tls_psk_file: str = ""
     tls_username: str = ""
+    connections: int = 1  # multi-conn: this many, when the server can
 
     @classmethod
     def from_config(cls, daemon_config: object) -> NbdPolicy:
@@ -162,7 +163,8 @@ class NbdPolicy:
                    getattr(block, "nbd_io_timeout_ms", 30000) / 1000,
                    getattr(block, "nbd_tls_certificates", ""),
                    getattr(block, "nbd_tls_psk_file", ""),
-                   getattr(block, "nbd_tls_username", ""))
+                   getattr(block, "nbd_tls_username", ""),
+                   getattr(block, "nbd_connections", 1))
 
 
 class _Op:
@@ -221,6 +223,28 @@ class _Batch:
         pass
 
 
+class _Conn:
+    """One libnbd handle and how the event loop watches its socket."""
+
+    __slots__ = ("fd", "h", "index", "o", "ready", "settled", "watch")
+
+    def __init__(self, h: Any, index: int) -> None:
+        self.h = h
+        self.o = h._o  # the extension's handle, for its calls on the data path
+        self.index = index  # 0: the first, whose handshake tells about the export
+        self.fd = -1
+        self.watch = 0  # AIO_DIRECTION bits registered with the loop
+        self.ready = False
+        self.settled = False  # ready, and its socket known: no more asking libnbd
+
+
+def _close_handle(h: Any) -> None:
+    """Close a handle now (the bindings have no close() of their own)."""
+    handle = h.__dict__.pop("_o", None)
+    if handle is not None:
+        _nbd().libnbdmod.close(handle)
+
+
 class NbdImage:
     """The backing store of a disk on an NBD export; the same face as `Image` towards
     the device and the keys, plus `submit` in place of the I/O pool."""
@@ -248,14 +272,14 @@ class NbdImage:
         self.flush = True
         self.fua = False
         self.export_readonly = False
-        # The connection.
-        self._h: Any = None
-        self._o: Any = None  # self._h's handle, for the extension's calls on the data path
+        # The connections: the first, then (multi-conn) the others; empty while down.
+        self._conns: list[_Conn] = []
+        self._live: list[_Conn] = []  # those whose handshake is done
+        self._rr = 0  # the next command's connection, round robin
+        self._multi_refused = False  # an extra connection failed: one from now on
         self._mod = self.nbd.libnbdmod
         self._gen = 0
-        self._fd = -1
-        self._watch = 0  # AIO_DIRECTION bits registered with the loop
-        self._ready = False
+        self._ready = False  # the first connection is ready: the disk serves
         self._closed = False
         self._done: list[tuple[_Op, int, int]] = []  # (op, generation, errno)
         self._touched: dict[Sink, None] = {}  # sinks with finished ops, to settle
@@ -298,7 +322,7 @@ class NbdImage:
         self._watchdog = self.loop.call_later(self._tick_interval(), self._tick)
 
     def _learn(self) -> None:
-        h, nbd, cfg = self._h, self.nbd, self.cfg
+        h, nbd, cfg = self._conns[0].h, self.nbd, self.cfg
         size = h.get_size()
         self.size = size - size % cfg.sector_size
         if self.size == 0:
@@ -324,10 +348,23 @@ class NbdImage:
         self._retry = None
         if self._closed:
             return
+        try:
+            conn = self._new_conn()
+        except self.nbd.Error as e:
+            self._connect_error = str(e)
+            self._lost(f"connect: {e}")
+            self._pump()  # answers for what failed
+            return
+        self._gen += 1
+        self._conns = [conn]
+        self._last_progress = self.loop.time()
+        self._pump()
+
+    def _new_conn(self) -> _Conn:
         nbd = self.nbd
         t = self.target
+        h = nbd.NBD()
         try:
-            h = nbd.NBD()
             h.set_handle_name(f"backendd-{os.getpid()}")
             h.set_export_name(t.export)
             h.set_tls(nbd.TLS_REQUIRE if t.tls else nbd.TLS_DISABLE)
@@ -346,70 +383,77 @@ class NbdImage:
                 h.aio_connect_unix(t.socket)
             else:
                 h.aio_connect_tcp(t.host, str(t.port))
-        except nbd.Error as e:
-            self._connect_error = str(e)
-            self._lost(f"connect: {e}")
-            self._pump()  # answers for what failed
+        except nbd.Error:
+            _close_handle(h)
+            raise
+        return _Conn(h, len(self._conns))
+
+    def _more_conns(self) -> None:
+        """Multi-conn: once the first connection is ready, and the server says that
+        its connections see one another's writes and flushes (can_multi_conn), open
+        the others the policy asks for."""
+        h = self._conns[0].h
+        want = self.policy.connections
+        if want <= 1 or self._multi_refused or not h.can_multi_conn():
             return
-        self._h = h
-        self._o = h._o
-        self._gen += 1
-        self._fd = -1  # _rewatch() asks libnbd
-        self._watch = 0
-        self._last_progress = self.loop.time()
-        self._pump()
+        try:
+            for _ in range(want - 1):
+                self._conns.append(self._new_conn())
+        except self.nbd.Error as e:
+            log.warning("nbd %s: a second connection to %s failed (%s): one from now on",
+                        self.name, self.target.server, e)
+            self._multi_refused = True
 
     # --- the socket ----------------------------------------------------------------
 
     def _rewatch(self) -> None:
-        if self._h is None:
-            return
-        if not self._ready:
+        for conn in self._conns:
+            self._rewatch_conn(conn)
+
+    def _rewatch_conn(self, conn: _Conn) -> None:
+        if not conn.settled:
             # While connecting, libnbd may try one address after another, each with a
-            # socket of its own.
+            # socket of its own; the handshake may even end, on the last of them, within
+            # one call. The socket is settled at the first look once it is ready.
             try:
-                fd = self._h.aio_get_fd()
+                fd = conn.h.aio_get_fd()
             except self.nbd.Error:
                 fd = -1
-            if fd != self._fd:
-                self._unwatch()
-                self._fd = fd
+            if fd != conn.fd:
+                self._unwatch(conn)
+                conn.fd = fd
             if fd < 0:
                 return
-        want = self._mod.aio_get_direction(self._o) & 3  # AIO_DIRECTION_BOTH
-        if want == self._watch:
+            conn.settled = conn.ready
+        want = self._mod.aio_get_direction(conn.o) & 3  # AIO_DIRECTION_BOTH
+        if want == conn.watch:
             return
-        changed = want ^ self._watch
-        if changed & self.nbd.AIO_DIRECTION_READ:
-            if want & self.nbd.AIO_DIRECTION_READ:
-                self.loop.add_reader(self._fd, self._readable)
+        changed = want ^ conn.watch
+        if changed & 1:  # AIO_DIRECTION_READ
+            if want & 1:
+                self.loop.add_reader(conn.fd, self._notify, self._mod.aio_notify_read, conn)
             else:
-                self.loop.remove_reader(self._fd)
-        if changed & self.nbd.AIO_DIRECTION_WRITE:
-            if want & self.nbd.AIO_DIRECTION_WRITE:
-                self.loop.add_writer(self._fd, self._writable)
+                self.loop.remove_reader(conn.fd)
+        if changed & 2:  # AIO_DIRECTION_WRITE
+            if want & 2:
+                self.loop.add_writer(conn.fd, self._notify, self._mod.aio_notify_write,
+                                     conn)
             else:
-                self.loop.remove_writer(self._fd)
-        self._watch = want
+                self.loop.remove_writer(conn.fd)
+        conn.watch = want
 
-    def _unwatch(self) -> None:
-        if self._watch & self.nbd.AIO_DIRECTION_READ:
-            self.loop.remove_reader(self._fd)
-        if self._watch & self.nbd.AIO_DIRECTION_WRITE:
-            self.loop.remove_writer(self._fd)
-        self._watch = 0
+    def _unwatch(self, conn: _Conn) -> None:
+        if conn.watch & 1:
+            self.loop.remove_reader(conn.fd)
+        if conn.watch & 2:
+            self.loop.remove_writer(conn.fd)
+        conn.watch = 0
 
-    def _readable(self) -> None:
-        self._notify(self._mod.aio_notify_read)
-
-    def _writable(self) -> None:
-        self._notify(self._mod.aio_notify_write)
-
-    def _notify(self, call: Callable[[Any], object]) -> None:
-        if self._o is None:
+    def _notify(self, call: Callable[[Any], object], conn: _Conn) -> None:
+        if conn.o is None:
             return
         try:
-            call(self._o)
+            call(conn.o)
         except self.nbd.Error as e:
             self._connect_error = str(e)
         self._pump()
@@ -423,15 +467,24 @@ class NbdImage:
             return
         self._pumping = True
         try:
+            mod = self._mod
             while True:
-                o, mod = self._o, self._mod
-                if o is not None:
+                for conn in self._conns:
+                    o = conn.o
                     if mod.aio_is_dead(o) or mod.aio_is_closed(o):
+                        if not conn.ready and conn.index:
+                            log.warning("nbd %s: a second connection to %s failed: one "
+                                        "from now on", self.name, self.target.server)
+                            self._multi_refused = True
                         self._lost(self._connect_error or "connection closed")
-                    else:
-                        if not self._ready and mod.aio_is_ready(o):
+                        break
+                    if not conn.ready and mod.aio_is_ready(o):
+                        conn.ready = True
+                        self._live.append(conn)
+                        if not conn.index:
                             self._became_ready()
-                        self._complete()
+                            break  # the list of connections may have grown
+                self._complete()
                 if not self._touched:
                     break
                 touched, self._touched = self._touched, {}
@@ -454,29 +507,27 @@ class NbdImage:
         self._failing = False
         if self._connected_event is not None:
             self._connected_event.set()
+        self._more_conns()
         while self._queue and self._ready:
             self._start(self._queue.popleft())
 
     def _check_size_after_reconnect(self) -> None:
-        size = self._h.get_size()
+        size = self._conns[0].h.get_size()
         if size - size % self.cfg.sector_size < self.size:
             # A smaller export now: requests beyond its end fail at the server.
             log.warning("nbd %s: the export shrank to %d bytes", self.name, size)
 
     def _drop_connection(self) -> None:
-        h, self._h = self._h, None
-        self._o = None
-        self._gen += 1  # completions of the old connection are ignored from now on
+        conns, self._conns = self._conns, []
+        self._live = []
+        self._gen += 1  # completions of the old connections are ignored from now on
         self._ready = False
-        if h is None:
-            return
-        self._unwatch()
-        self._fd = -1
-        # Closing the handle drops what libnbd holds of guest memory for commands
-        # that never completed; the bindings have no close() of their own.
-        handle = h.__dict__.pop("_o", None)
-        if handle is not None:
-            self.nbd.libnbdmod.close(handle)
+        for conn in conns:
+            self._unwatch(conn)
+            conn.o = None
+            # Closing the handle drops what libnbd holds of guest memory for commands
+            # that never completed.
+            _close_handle(conn.h)
 
     def _lost(self, why: str) -> None:
         was_ready = self._ready
@@ -528,7 +579,7 @@ class NbdImage:
         if self._closed:
             return
         now = self.loop.time()
-        if self._h is not None and (self._active or not self._ready) and \
+        if self._conns and (self._active or not self._ready) and \
                 now - self._last_progress >= self.policy.io_timeout:
             self.timed_out += 1
             self._lost(f"no answer for {self.policy.io_timeout:.1f} s")
@@ -615,7 +666,13 @@ class NbdImage:
         if not self._ready:
             self._queue.append(op)
             return
-        o, mod, gen, done_list = self._o, self._mod, self._gen, self._done
+        live = self._live
+        if len(live) == 1:
+            o = live[0].o
+        else:
+            self._rr += 1
+            o = live[self._rr % len(live)].o
+        mod, gen, done_list = self._mod, self._gen, self._done
         step = op.steps[0]
         op.outstanding = len(step)
         op.failed = 0
@@ -689,12 +746,13 @@ class NbdImage:
                 "nbd_connection_losses": self.connection_losses,
                 "nbd_reconnects": self.reconnects, "nbd_timeouts": self.timed_out,
                 "nbd_resent": self.resent,
-                "nbd_waiting": len(self._queue), "nbd_in_flight": len(self._active)}
+                "nbd_waiting": len(self._queue), "nbd_in_flight": len(self._active),
+                "nbd_connections": len(self._live)}
 
     def resized(self) -> bool:
         if not self._ready:
             return False
-        size = self._h.get_size()
+        size = self._conns[0].h.get_size()
         size -= size % self.cfg.sector_size
         if size == self.size or size == 0:
             return False
