@@ -117,7 +117,7 @@ class Kernel:
                                                 ctypes.POINTER(u32), u32, outp])
         self.io = _fn(lib.bk_io, None, [vp, u16p, u32])
         self.complete = _fn(lib.bk_complete, None, [vp, envp, u16p, u32, i32, outp])
-        self.push = _fn(lib.bk_push, None, [vp, outp])
+        self.push = _fn(lib.bk_push, None, [vp, envp, outp])
         self.inflight_scan = _fn(lib.bk_inflight_scan, None, [vp])
         self.jobs_describe = _fn(lib.bk_jobs_describe, u32, [vp, u16p, u32,
                                                              ctypes.POINTER(JobDesc)])
