@@ -1061,6 +1061,7 @@ void bk_jobs_done(struct bk_queue *q, const struct dp_env *env, const uint16_t *
 {
     struct bk_out done;
     memset(&done, 0, sizeof(done));
+    q->env = env;   /* the answers below write the ring: log its pages with this env */
     for (uint32_t k = 0; k < n; k++) {
         if (jobs[k] >= BK_MAX_PENDING)
             continue;
