@@ -11,14 +11,20 @@ aio_trim, and their completion callbacks only record the result; the records are
 after libnbd returns. There is no thread and no blocking call (a TLS export named by a
 host name resolves that name inside libnbd; see docs/blk.md).
 
-Guest memory is handed to libnbd as it is: a request of one segment is read into or
-written from the granted page itself. A request of several segments, contiguous on the
-disk but not in memory, goes as one NBD command through one bounce buffer: one command
-and one copy cost less than a command per 4 KiB segment.
+Requests come as ops (`op()`, `submit_ops()`) from either data plane: the compiled
+kernel's NBD rings (backendd/dataplane/blknbd.py) or the Python one (`submit`, in place of
+the I/O pool). Each op's sink hears of it when it is done, and once more after every batch
+(`nbd_settle`), so the answers of one wake-up go out together. Guest memory is handed to
+libnbd as it is: a request whose pages are one run is read into or written from them. A
+request of several segments, contiguous on the disk but not in memory, goes as one NBD
+command through one bounce buffer: one command and one copy cost less than a command per
+4 KiB segment. With `nbd_connections` above 1 and a server that can multi-conn, commands
+go to several connections in turn.
 
 When the connection is lost (the server went away, or had commands outstanding and said
 nothing for `nbd_io_timeout_ms`) the disk is degraded: commands in flight go back to the
-head of the queue, and a new connection is tried with a growing backoff. If it comes back
+head of the queue, the other connections are closed too, and a new connection is tried
+with a growing backoff. If it comes back
 within `nbd_reconnect_timeout_ms` they are sent again and the guest sees nothing but the
 delay; after that every waiting request, and each new one until the server is back, is
 answered with an error. Reads, writes, flushes and trims are all safe to send twice.
