@@ -52,7 +52,7 @@ class ServiceRound(LoopRound["CompiledRingQueue"]):
     def serve(self, due: list[CompiledRingQueue]) -> None:
         queues = []
         for q in due:
-            if not (q.halted or q._stopping or q._q is None):
+            if not (q.halted or q._stopping or q.suspended or q._q is None):
                 q._refresh()
                 queues.append(q)
         if len(queues) == 1:
@@ -104,6 +104,9 @@ class CompiledRingQueue:
         self.pgrants = None  # persistent grants are served by the Python path
         self.halted = False
         self._stopping = False
+        self.suspended = False  # as RingQueue's
+        self.migrated = False
+        self.started = False
         self._in_round = False
         self._round = service_round(kernel, loop)
         self._blocked = False
@@ -192,6 +195,9 @@ class CompiledRingQueue:
     # --- serving ---------------------------------------------------------------------
 
     def start(self) -> None:
+        self.started = True
+        if self.migrated:
+            self._resumed = False  # the source signalled its responses already
         replay: list[tuple[int, bytes]] = []
         if self.inflight is not None and self._recovery is not None:
             # A new generation, or the live one resumed (see backendd/inflight.py); the
@@ -323,6 +329,36 @@ class CompiledRingQueue:
         names = ("req_cons", "rsp_prod_pvt", "pushed", "waiting", "in_pool", "halted",
                  "draining")
         return dict(zip(names, st, strict=True))
+
+    # --- suspending ------------------------------------------------------------------
+
+    async def suspend(self) -> None:
+        """As RingQueue.suspend: what the kernel took (inline, in the pool, waiting
+        behind a flush) is answered, published and signalled before this returns."""
+        self.suspended = True
+        self.channel.stop()
+        await self._idle.wait()
+        if self._q is None:
+            return
+        self._refresh()
+        self.k.push(self._q, ctypes.byref(self._env), ctypes.byref(self._out))
+        if self._out.flags & K.NOTIFY:
+            self.channel.notify()
+
+    def resume(self) -> None:
+        self.suspended = False
+        if not self.started:
+            self.start()
+            return
+        if self.halted or self._stopping:
+            return
+        self.channel.start(self.loop, self._schedule)
+        self._schedule()
+
+    def saved_indices(self) -> tuple[int, int, int]:
+        """req_cons, rsp_prod_pvt and the rsp_prod last published, from the kernel."""
+        st = self.state()
+        return st["req_cons"], st["rsp_prod_pvt"], st["pushed"]
 
     # --- stopping --------------------------------------------------------------------
 

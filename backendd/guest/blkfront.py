@@ -97,6 +97,8 @@ class BlkFront:
         self.backend_keys: dict[str, str] = dict(backend_keys or {})
         self.refused_revokes: list[int] = []
         self.stray_responses: list[bytes] = []
+        self.events = 0  # events (call eventfd wake-ups) received
+        self._watched: VmmClient | None = None
         self._free_pages: list[int] = []
         self._next_id = 0
         self._rr = 0
@@ -189,6 +191,7 @@ class BlkFront:
     def _on_call(self, q: _Queue) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(q.call_fd)
+            self.events += 1
         while True:
             for raw in q.front.take_responses():
                 rid, op, status = self.codecs.response.unpack_from(raw)
@@ -474,9 +477,12 @@ class BlkFront:
         """Tie this frontend to the control connection that serves it. When that
         connection is lost: with keep_pending False, pending requests fail with
         ConnectionLost instead of waiting forever; with True (an in-flight table was
-        given with SET_INFLIGHT), they stay pending for the daemon that takes over."""
+        given with SET_INFLIGHT), they stay pending for the daemon that takes over.
+        Only the connection watched last counts: after a migration the source's may go."""
+        self._watched = client
+
         def lost() -> None:
-            if not keep_pending:
+            if not keep_pending and self._watched is client:
                 self.fail_pending(ConnectionLost(f"blk {self.devid}: connection to the "
                                                  "daemon lost"))
         client.add_lost_callback(lost)

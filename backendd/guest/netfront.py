@@ -124,6 +124,7 @@ class NetFront:
         self.busy_after_response: list[int] = []
         self.raw_tx_responses: list[tuple[int, int]] = []
         self.rx_event = asyncio.Event()
+        self.events = 0  # events (call eventfd wake-ups) received
         # A hostile frontend's rx buffers: granted as v2 sub-pages (offset, length), or,
         # for the ring indices in rx_bad_grefs, posted once with that gref instead.
         self.rx_sub_page = rx_sub_page
@@ -190,6 +191,28 @@ class NetFront:
     def channels(self) -> list[tuple[int, int, int]]:
         """(port, kick_fd, call_fd): the daemon's ends; whoever takes them owns them."""
         return [ch for q in self.queues for ch in q.daemon_fds]
+
+    def new_channels(self) -> list[tuple[int, int, int]]:
+        """Fresh event channels on the same ports, as a VMM makes for another daemon
+        (after a migration): the daemon's ends, like channels(). The rings, grants and
+        buffers are kept."""
+        for q in self.queues:
+            if self._loop is not None:
+                for fd in q.call_fds:
+                    self._loop.remove_reader(fd)
+            close_fds(q.call_fds)
+            old = [q.tx_port] if q.tx_port is q.rx_port else [q.tx_port, q.rx_port]
+            pairs = []
+            for port in old:
+                port.close()
+                pairs.append(new_channel_pair(port.port))
+            q.tx_port, q.rx_port = pairs[0][0], pairs[-1][0]
+            q.call_fds = [os.dup(call) for _, _, call in pairs]
+            q.daemon_fds = [(p.port, kick, call) for p, kick, call in pairs]
+            if self._loop is not None:
+                for fd in q.call_fds:
+                    self._loop.add_reader(fd, self._on_call, q, fd)
+        return self.channels()
 
     @property
     def started(self) -> bool:
@@ -452,6 +475,7 @@ class NetFront:
     def _on_call(self, q: _Queue, fd: int) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(fd)
+            self.events += 1
         self._tx_responses(q)
         self._rx_responses(q)
 
