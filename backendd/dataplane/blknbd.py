@@ -99,7 +99,7 @@ class NbdRingQueue(CompiledRingQueue):
         self._inpool -= n
         self._refresh()
         env, out = ctypes.byref(self._env), ctypes.byref(self._out)
-        if self.halted or self._stopping:
+        if self.halted or self._stopping or self.suspended:
             # Answer, take nothing new.
             for bad in (0, 1):
                 slots = [self._slots[i] for i in range(n) if bool(self._errs[i]) == bad]
