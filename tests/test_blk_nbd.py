@@ -185,7 +185,8 @@ class Nbdkit(NbdServer):
 def nbdkit_memory(tmp: Path, size: str, *, readonly: bool = False,
                   name: str = "nbdkit", tls_psk: Path | None = None,
                   tls_certificates: Path | None = None, tcp_port: int = 0,
-                  multi_conn: bool = True) -> NbdServer:
+                  multi_conn: bool = True, filters: tuple[str, ...] | list[str] = (),
+                  params: tuple[str, ...] | list[str] = ()) -> NbdServer:
     sock = tmp / f"{name}.sock"
     where = ["-i", "127.0.0.1", "-p", str(tcp_port)] if tcp_port else ["-U", str(sock)]
     argv = ["nbdkit", *where, "--run", "echo ready; read _", "memory", size]
@@ -193,6 +194,8 @@ def nbdkit_memory(tmp: Path, size: str, *, readonly: bool = False,
         argv.insert(1, "--readonly")
     if tls_psk is not None:
         argv[1:1] = ["--tls=require", f"--tls-psk={tls_psk}"]
+    argv[1:1] = [f"--filter={f}" for f in filters]
+    argv += params
     if not multi_conn:  # nbdkit's memory plugin can multi-conn; the filter says not
         argv[1:1] = ["--filter=multi-conn"]
         argv.append("multi-conn-mode=disable")
