@@ -20,6 +20,7 @@ import ctypes
 import logging
 from typing import TYPE_CHECKING, Any
 
+from backendd.memory import GuestMemoryError
 from rings.consts import BlkifOp
 
 from . import kernel as K
@@ -67,8 +68,11 @@ class NbdRingQueue(CompiledRingQueue):
             bounce = None
             if op != BlkifOp.DISCARD and length:
                 if d.addr:  # one run of pages: libnbd reads into / writes from them
-                    buf = native.host_view(d.addr, length)
-                else:
+                    try:
+                        buf = native.host_view(d.addr, length)
+                    except GuestMemoryError:  # a run over two adjacent mappings
+                        buf = None
+                if buf is None:
                     buf = bytearray(length)
                     if op == BlkifOp.READ:
                         bounce = buf
