@@ -392,6 +392,7 @@ class Session(NoticeSink):
             self.log.info("device_connected", conn=self.conn_id, devid=msg.devid)
         elif transition.action is Action.DISCONNECT:
             await slot.device.disconnect()
+            slot.device.drop_state()
             self.log.info("device_disconnected", conn=self.conn_id, devid=msg.devid,
                           frontend_state=XenbusState(msg.state).name)
         slot.xenbus.commit(transition)
