@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import struct
 from collections.abc import Callable
 
@@ -51,7 +50,7 @@ def patch(stype: int, offset: int, fmt: str, *values: int, nth: int = 0):
 
 def repeat(stype: int):
     def fn(sections: list[S]) -> list[S]:
-        return sections + [next(s for s in sections if s.type == stype)]
+        return [*sections, next(s for s in sections if s.type == stype)]
     return fn
 
 
@@ -166,4 +165,207 @@ async def test_state_dropped_when_the_frontend_closes_before_connecting(daemon, 
         await a.close()
         if b is not None:
             await b.close()
+        guest.close()
+
+
+# --- net -------------------------------------------------------------------------------
+
+def _frame(dst: bytes, n: int, size: int = 200) -> bytes:
+    return dst + bytes.fromhex("00163e000061") + b"\x88\xb5" + bytes([n]) * size
+
+
+@pytest.mark.usefixtures("root")
+async def test_net_hostile_blobs_refused_or_clamped(daemon):
+    """A suspended nic's blob, rewritten: queues beyond any bound, sections repeated,
+    posted rx buffers that are not the requests in the rx ring, an rx req_cons beyond the
+    ring's req_prod, a multicast list beyond its bound: EINVAL each, at SET_DEVICE_STATE
+    or at the connect that would use it, InitWait after. Then the true blob connects and
+    frames flow."""
+    from test_net_harness import daemon_guest, inject, namespaces, uniq
+
+    from backendd.guest.netfront import NetFront
+
+    host = uniq("mhh")
+    tap, tap_b = uniq("mht"), uniq("mhu")
+    mac = bytes.fromhex("00163e000062")
+    config = {"netns": host, "mac": "00:16:3e:00:00:62", "queues": "1",
+              "dataplane": "python"}
+    with namespaces(host):
+        async with daemon_guest(daemon.path) as (a, guest, fronts):
+            await a.add_device(0, "net", config | {"tap": tap})
+            front = NetFront(guest.ram, guest.gnttab, 0)
+            fronts.append(front)
+            await a.hand_over_channels(0, XenbusState.CONNECTED, front.frontend_keys(),
+                                       front.channels())
+            front.start()
+            # Frames in: the rx path takes posted buffers from the ring (more than it
+            # uses), so the state has posted buffers.
+            await inject(host, tap, [_frame(mac, n) for n in range(3)])
+            await front.wait_rx(3)
+            await a.suspend()
+            blob = await get_state(a, 0)
+            sections = devstate.decode(blob, NET)
+            queue = next(s for s in sections if s.type == NET_QUEUE).body
+            rx_cons, rx_pvt = struct.unpack_from("<II", queue, 32)
+            posted = next(s for s in sections if s.type == NET_RX_POSTED).body
+            nposted = struct.unpack_from("<I", posted, 4)[0]
+            assert nposted == (rx_cons - rx_pvt) & 0xFFFFFFFF and nposted > 0
+            move_guest(guest)
+            b = await VmmClient.connect(daemon.path)
+            try:
+                await guest.attach(b)
+                await b.add_device(0, "net", config | {"tap": tap_b})
+                at_set = {
+                    "queues": (patch(NET_VIF, 8, "I", 0xFFFFFFFF), "queues"),
+                    "no queue": (patch(NET_VIF, 8, "I", 0), "queues"),
+                    "mtu": (patch(NET_VIF, 4, "I", 0xFFFFFFF0), "mtu"),
+                    "two vif": (repeat(NET_VIF), "two net vif"),
+                    "two mcast": (repeat(NET_MCAST), "two multicast"),
+                    "mcast bound": (replace(NET_MCAST, struct.pack("<I", 65) + bytes(6 * 65)),
+                                    "65 addresses"),
+                    "rate twice": (lambda ss: ss + [S(NET_RATE, struct.pack(
+                        "<IIQQQq", 0, 0, 1, 1, 1, 1))] * 2, "two rate"),
+                }
+                for name, (fn, words) in at_set.items():
+                    await refused(set_state(b, 0, edit(blob, NET, fn)), words)
+                    assert (await b.backend_state(0))[0] == XenbusState.INIT_WAIT, name
+                # Blobs that hold together alone but not with the copied rx ring.
+                ring = front.queues[0].rx_shared
+                first_id, first_gref = struct.unpack_from("<HxxI", posted, 8)
+                at_connect = {"gref": patch(NET_RX_POSTED, 12, "I", first_gref + 1),
+                              "id": patch(NET_RX_POSTED, 8, "H", first_id ^ 1)}
+                for name, fn in at_connect.items():
+                    await set_state(b, 0, edit(blob, NET, fn))
+                    await refused(b.hand_over_channels(0, XenbusState.CONNECTED,
+                                                       front.frontend_keys(),
+                                                       front.new_channels()),
+                                  "in the rx ring")
+                    assert (await b.backend_state(0))[0] == XenbusState.INIT_WAIT, name
+                # The copied ring's req_prod short of the state's rx req_cons (a state
+                # from later than the memory): the last posted buffer is no request.
+                req_prod = ring.idx[REQ_PROD]
+                ring.idx[REQ_PROD] = (rx_cons - 1) & 0xFFFFFFFF
+                await set_state(b, 0, blob)
+                await refused(b.hand_over_channels(0, XenbusState.CONNECTED,
+                                                   front.frontend_keys(),
+                                                   front.new_channels()), "beyond req_prod")
+                ring.idx[REQ_PROD] = req_prod
+                await set_state(b, 0, blob)
+                state, _ = await b.hand_over_channels(0, XenbusState.CONNECTED,
+                                                      front.frontend_keys(),
+                                                      front.new_channels())
+                assert state == XenbusState.CONNECTED
+                await b.resume()
+                await a.close()
+                await inject(host, tap_b, [_frame(mac, 9)])
+                got = await front.wait_rx(1)
+                assert got[-1][1][14] == 9
+                assert ring.idx[RSP_PROD] != 0
+            finally:
+                await b.close()
+
+
+@pytest.mark.usefixtures("root")
+async def test_net_rate_credit_from_a_blob_is_clamped(daemon):
+    """A NET_RATE section for the destination's own rate but with a credit no window
+    gives (2**62 bytes left, the window ending in 2**62 usec): the credit is clamped to
+    one burst, so the guest's frames beyond it wait for the next window (counted in
+    tx_rate_limited), instead of the rate limit being gone or the nic stalled for ever."""
+    from test_net_harness import daemon_guest, namespaces, uniq
+
+    from backendd.devices.net.ratelimit import MIN_BURST
+    from backendd.guest.netfront import NetFront
+
+    host = uniq("mrh")
+    tap, tap_b = uniq("mrt"), uniq("mru")
+    config = {"netns": host, "mac": "00:16:3e:00:00:63", "queues": "1",
+              "dataplane": "python", "rate": "1000,3600000000"}  # 1000 bytes an hour
+    with namespaces(host):
+        async with daemon_guest(daemon.path) as (a, guest, fronts):
+            await a.add_device(0, "net", config | {"tap": tap})
+            front = NetFront(guest.ram, guest.gnttab, 0, tx_pages=200)
+            fronts.append(front)
+            await a.hand_over_channels(0, XenbusState.CONNECTED, front.frontend_keys(),
+                                       front.channels())
+            front.start()
+            await a.suspend()
+            blob = await get_state(a, 0)
+            rate = next(s for s in devstate.decode(blob, NET) if s.type == NET_RATE).body
+            assert struct.unpack_from("<QQ", rate, 8) == (1000, 3600000000)
+            blob = edit(blob, NET, patch(NET_RATE, 24, "Qq", 1 << 62, 1 << 62))
+            move_guest(guest)
+            b = await VmmClient.connect(daemon.path)
+            try:
+                await guest.attach(b)
+                await b.add_device(0, "net", config | {"tap": tap_b})
+                await set_state(b, 0, blob)
+                await b.hand_over_channels(0, XenbusState.CONNECTED, front.frontend_keys(),
+                                           front.new_channels())
+                await b.resume()
+                await a.close()
+                frames = MIN_BURST // 1000 + 10
+                sends = [asyncio.create_task(front.send_frame(_frame(b"\xff" * 6, n, 986)))
+                         for n in range(frames)]
+                try:
+                    stats: dict[str, str] = {}
+
+                    async def limited() -> None:
+                        nonlocal stats
+                        while int(stats.get("0.tx_rate_limited", 0)) == 0:
+                            await asyncio.sleep(0.01)
+                            stats = await b.stats(0)
+                    await asyncio.wait_for(limited(), 30)
+                    sent = int(stats["0.tx_bytes"]) if "0.tx_bytes" in stats else None
+                    assert int(stats["0.tx_packets"]) <= MIN_BURST // 1000
+                    assert sent is None or sent <= MIN_BURST
+                finally:
+                    for t in sends:
+                        t.cancel()
+                    await asyncio.gather(*sends, return_exceptions=True)
+            finally:
+                await b.close()
+
+
+@pytest.mark.parametrize("dataplane", ["python", "compiled"])
+async def test_a_kick_storm_while_suspended_wakes_nothing(daemon, tmp_path, dataplane):
+    """Thousands of kicks and a posted request while suspended: the daemon's loop is not
+    woken by them (its event channel counts no wake-up, no request is taken), not
+    even when SUSPEND comes again, GET_DEVICE_STATE is asked twice (the same blob) and
+    RESUME of another, never suspended, device is asked; RESUME then serves the request
+    once."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(8 * MiB))
+    a = await VmmClient.connect(daemon.path)
+    guest = SimGuest(ram_size=48 * MiB, gnttab_frames=16)
+    try:
+        await guest.attach(a)
+        front = await guest.add_disk(a, DEVID, {"path": str(image), "dataplane": dataplane},
+                                     inflight=False)
+        other = await guest.add_disk(a, DEVID + 16, {"path": str(image)}, inflight=False)
+        await front.write(0, b"k" * 4096)
+        (conn,) = [c for c in daemon.server.connections.values()
+                   if DEVID in c.session.devices]
+        device = conn.session.devices[DEVID].device
+        await a.suspend(DEVID)
+        channel = device.queues[0].channel
+        wakeups = channel.kicks
+        before = await a.stats(DEVID)
+        task = asyncio.create_task(front.read(0, 4096))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        for _ in range(5000):
+            front.queues[0].port.send()
+        await a.suspend(DEVID)
+        await a.resume(DEVID + 16)
+        assert await get_state(a, DEVID) == await get_state(a, DEVID)
+        for _ in range(3):
+            assert await a.stats(DEVID) == before
+        assert channel.kicks == wakeups and not task.done()
+        await a.resume(DEVID)
+        assert await asyncio.wait_for(task, 30) == b"k" * 4096
+        assert await other.read(0, 4096) == b"k" * 4096
+        after = await a.stats(DEVID)
+        assert int(after[f"{DEVID}.requests"]) == int(before[f"{DEVID}.requests"]) + 1
+    finally:
+        await a.close()
         guest.close()
