@@ -106,7 +106,7 @@ def _back_ring(shared: SharedRing, st: tuple[int, int, int] | None, name: str) -
     return back
 
 
-def _check_posted(rx: SharedRing, st: QueueState, posted: list[tuple[int, bool, int]],
+def check_posted(rx: SharedRing, st: QueueState, posted: list[tuple[int, bool, int]],
                   name: str) -> None:
     """The posted rx buffers of a state must be the requests the guest put in the rx
     ring's slots from rsp_prod_pvt on (taken, not answered: still there in the copy),
@@ -123,6 +123,20 @@ def _check_posted(rx: SharedRing, st: QueueState, posted: list[tuple[int, bool, 
             raise ControlError(errno.EINVAL, f"{name}: posted rx buffer {k} is id {req_id} "
                                f"gref {gref} in the state, id {slot[0]} gref {slot[1]} in "
                                "the rx ring")
+
+
+def restore_credit(credit: CreditScheduler, rs: RateState, now: float) -> bool:
+    """A migrated queue's credit carried on, if it was kept for the same rate (else
+    False: it starts afresh). Clamped to what the credit can hold: no more than a burst
+    banked, and the current window ending within one window from `now`."""
+    if (rs.credit_bytes, rs.credit_usec) != (credit.credit_bytes,
+                                              round(credit.credit_window * 1e6)):
+        return False
+    credit.remaining = min(rs.remaining, credit.max_burst)
+    credit.waiting = rs.waiting
+    left = min(max(rs.window_left_usec, 0), rs.credit_usec)
+    credit.window_start = now + left / 1e6 - credit.credit_window
+    return True
 
 
 def _flag(keys: Mapping[str, str], name: str, default: bool = False) -> bool:
@@ -319,7 +333,7 @@ class NetDevice(Device):
             if st is not None:
                 queue = self.queues[-1]
                 posted = incoming.posted.get(q, [])
-                _check_posted(queue.rx_shared, st, posted, f"net {self.devid} queue {q}")
+                check_posted(queue.rx_shared, st, posted, f"net {self.devid} queue {q}")
                 queue.rx.adopt(posted)
                 queue.tx._charged = st.charged
         if not self.suspended:  # suspended: RESUME starts them
@@ -333,17 +347,9 @@ class NetDevice(Device):
         queue.tx.kick()
 
     def _restore_credit(self, credit: CreditScheduler, rs: RateState) -> None:
-        if (rs.credit_bytes, rs.credit_usec) != (credit.credit_bytes,
-                                                  round(credit.credit_window * 1e6)):
+        if not restore_credit(credit, rs, self.ctx.loop.time()):
             log.info("net %d: rate changed across the migration: credit starts afresh",
                      self.devid)
-            return
-        # Clamped to what the credit can hold: no more than a burst banked, and the
-        # current window ending within one window from now.
-        credit.remaining = min(rs.remaining, credit.max_burst)
-        credit.waiting = rs.waiting
-        left = min(max(rs.window_left_usec, 0), rs.credit_usec)
-        credit.window_start = self.ctx.loop.time() + left / 1e6 - credit.credit_window
 
     def _connect_queue(self, q: int, prefix: str, keys: Mapping[str, str],
                        channels: Mapping[int, EventChannel], taken: set[int], fd: int,
