@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import struct
 from collections.abc import Callable
 
@@ -368,4 +369,77 @@ async def test_a_kick_storm_while_suspended_wakes_nothing(daemon, tmp_path, data
         assert int(after[f"{DEVID}.requests"]) == int(before[f"{DEVID}.requests"]) + 1
     finally:
         await a.close()
+        guest.close()
+
+
+# --- control requests while suspended ----------------------------------------------------
+
+def _memory(guest: SimGuest) -> tuple[bytes, bytes]:
+    return (os.pread(guest.ram.fd, guest.ram.size, 0),
+            os.pread(guest.gnttab.fd, guest.gnttab.size, 0))
+
+
+@pytest.mark.parametrize("dataplane,persistent", [("python", True), ("compiled", False)])
+async def test_control_requests_while_suspended_write_nothing(daemon, tmp_path, dataplane,
+                                                              persistent):
+    """While a disk is suspended with a request posted: the grant table grows, the
+    memory region under its rings cannot go (EBUSY), the dirty log is cleared and set
+    again, GET_DEVICE_STATE twice gives one blob, SET_DEVICE_STATE on the live device is
+    refused: guest memory and the log stay untouched. RESUME serves the request once (its
+    page in the new log). Suspended again, the frontend closes and the device is
+    removed; the daemon goes on serving."""
+    from backendd.guest.dirtylog import DirtyLog
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(8 * MiB))
+    guest = SimGuest(ram_size=48 * MiB, gnttab_frames=32)
+    ram_pages = max(gpa + size for gpa, size, _, _ in guest.ram.regions) // 4096
+    logs: list[DirtyLog] = []
+    a = await VmmClient.connect(daemon.path)
+    try:
+        for gpa, size, fd, offset in guest.ram.regions:
+            await a.add_mem_region(gpa, size, fd, offset)
+        await a.set_grant_table(guest.gnttab.fd, 16)  # grows to 32 below
+        front = await guest.add_disk(a, DEVID, {"path": str(image), "dataplane": dataplane},
+                                     inflight=False, persistent=persistent)
+        await front.write(0, b"s" * 4096)
+        logs.append(DirtyLog(ram_pages, 32))
+        await a.set_log(logs[0].fd, logs[0].size, ram_pages)
+        await a.suspend()
+        logs[0].take_ram()
+        logs[0].take_gnttab()
+        task = asyncio.create_task(front.read(0, 4096))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        quiet = _memory(guest)  # the request is on the ring, the guest has kicked
+        await a.set_grant_table(guest.gnttab.fd, 32)
+        gpa, size, _, _ = guest.ram.regions[0]
+        with pytest.raises(RequestFailed) as info:
+            await a.remove_mem_region(gpa, size)
+        assert info.value.code == errno.EBUSY
+        assert not logs[0].take_ram() and not logs[0].take_gnttab()
+        await a.clear_log()
+        logs.append(DirtyLog(ram_pages, 32))
+        await a.set_log(logs[1].fd, logs[1].size, ram_pages)
+        blob = await get_state(a, DEVID)
+        assert await get_state(a, DEVID) == blob
+        with pytest.raises(RequestFailed) as info:
+            await set_state(a, DEVID, blob)
+        assert info.value.code == errno.EBUSY
+        await a.suspend()
+        quiet_now = _memory(guest)
+        assert quiet_now[0] == quiet[0] and quiet_now[1] == quiet[1]
+        assert not task.done() and not logs[1].take_ram() and not logs[1].take_gnttab()
+        await a.resume()
+        assert await asyncio.wait_for(task, 30) == b"s" * 4096
+        assert logs[1].take_ram()  # the response landed, logged
+        await a.suspend()
+        await a.frontend_state(DEVID, XenbusState.CLOSING, {})
+        await a.resume()
+        await a.remove_device(DEVID)
+        assert await a.stats() == {}
+    finally:
+        await a.close()
+        for log in logs:
+            log.close()
         guest.close()
