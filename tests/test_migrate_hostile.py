@@ -221,6 +221,7 @@ async def test_net_hostile_blobs_refused_or_clamped(daemon):
                     "no queue": (patch(NET_VIF, 8, "I", 0), "queues"),
                     "mtu": (patch(NET_VIF, 4, "I", 0xFFFFFFF0), "mtu"),
                     "two vif": (repeat(NET_VIF), "two net vif"),
+                    "usable": (patch(NET_RX_POSTED, 10, "H", 2), "usable flag"),
                     "two mcast": (repeat(NET_MCAST), "two multicast"),
                     "mcast bound": (replace(NET_MCAST, struct.pack("<I", 65) + bytes(6 * 65)),
                                     "65 addresses"),

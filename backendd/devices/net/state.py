@@ -152,6 +152,9 @@ def decode_state(sections: list[Section]) -> NetState:
             r.end()
             if index in st.posted:
                 raise StateError(f"two posted-buffer sections for net queue {index}")
+            if any(u > 1 for u in triples[1::3]):
+                raise StateError(f"net queue {index}: a posted buffer's usable flag is "
+                                 "not 0 or 1")
             st.posted[index] = [(triples[k], bool(triples[k + 1]), triples[k + 2])
                                 for k in range(0, len(triples), 3)]
         elif s.type == NET_MCAST:
