@@ -128,13 +128,14 @@ def check_posted(rx: SharedRing, st: QueueState, posted: list[tuple[int, bool, i
 def restore_credit(credit: CreditScheduler, rs: RateState, now: float) -> bool:
     """A migrated queue's credit carried on, if it was kept for the same rate (else
     False: it starts afresh). Clamped to what the credit can hold: no more than a burst
-    banked, and the current window ending within one window from `now`."""
+    banked, and the current window ending within two windows from `now` (a queue
+    waiting for credit is between the end of one window and the next)."""
     if (rs.credit_bytes, rs.credit_usec) != (credit.credit_bytes,
                                               round(credit.credit_window * 1e6)):
         return False
     credit.remaining = min(rs.remaining, credit.max_burst)
     credit.waiting = rs.waiting
-    left = min(max(rs.window_left_usec, 0), rs.credit_usec)
+    left = min(max(rs.window_left_usec, 0), 2 * rs.credit_usec)
     credit.window_start = now + left / 1e6 - credit.credit_window
     return True
 
