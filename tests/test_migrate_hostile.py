@@ -9,6 +9,7 @@ import asyncio
 import errno
 import os
 import struct
+import zlib
 from collections.abc import Callable
 
 import pytest
@@ -222,6 +223,7 @@ async def test_net_hostile_blobs_refused_or_clamped(daemon):
                     "mtu": (patch(NET_VIF, 4, "I", 0xFFFFFFF0), "mtu"),
                     "two vif": (repeat(NET_VIF), "two net vif"),
                     "usable": (patch(NET_RX_POSTED, 10, "H", 2), "usable flag"),
+                    "empty queue": (replace(NET_QUEUE, b""), "truncated"),
                     "two mcast": (repeat(NET_MCAST), "two multicast"),
                     "mcast bound": (replace(NET_MCAST, struct.pack("<I", 65) + bytes(6 * 65)),
                                     "65 addresses"),
@@ -231,6 +233,14 @@ async def test_net_hostile_blobs_refused_or_clamped(daemon):
                 for name, (fn, words) in at_set.items():
                     await refused(set_state(b, 0, edit(blob, NET, fn)), words)
                     assert (await b.backend_state(0))[0] == XenbusState.INIT_WAIT, name
+                # The last section's length one past the blob's end (checksum right).
+                last = sections[-1]
+                over = bytearray(blob)
+                struct.pack_into("<I", over, len(blob) - len(last.body) - 4,
+                                 len(last.body) + 1)
+                over[24:28] = bytes(4)
+                over[24:28] = struct.pack("<I", zlib.crc32(bytes(over)))
+                await refused(set_state(b, 0, bytes(over)), "run past the blob")
                 # Blobs that hold together alone but not with the copied rx ring.
                 ring = front.queues[0].rx_shared
                 first_id, first_gref = struct.unpack_from("<HxxI", posted, 8)
