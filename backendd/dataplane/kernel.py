@@ -70,6 +70,19 @@ WHY = ("", "unknown operation", "bad number of segments", "write to a read-only 
 
 JobArray = ctypes.c_uint16 * MAX_PENDING
 
+
+class JobDesc(ctypes.Structure):
+    """struct bk_job_desc: what a pool job asks for, for a caller that moves the data
+    itself (a disk on an NBD export)."""
+
+    _fields_ = [("slot", ctypes.c_uint16), ("op", ctypes.c_uint8), ("flush", ctypes.c_uint8),
+                ("ring_index", ctypes.c_uint32), ("offset", ctypes.c_uint64),
+                ("length", ctypes.c_uint64), ("addr", ctypes.c_uint64)]
+
+
+JobDescArray = JobDesc * MAX_PENDING
+ErrArray = ctypes.c_int32 * MAX_PENDING
+
 # What bk_layout reports, in its order; checked against Xen's sizes the binding relies on.
 LAYOUT_NAMES = (
     "x64.request.sizeof", "x64.request.id", "x64.request.sector_number", "x64.request.seg",
@@ -106,6 +119,13 @@ class Kernel:
         self.complete = _fn(lib.bk_complete, None, [vp, envp, u16p, u32, i32, outp])
         self.push = _fn(lib.bk_push, None, [vp, envp, outp])
         self.inflight_scan = _fn(lib.bk_inflight_scan, None, [vp])
+        self.jobs_describe = _fn(lib.bk_jobs_describe, u32, [vp, u16p, u32,
+                                                             ctypes.POINTER(JobDesc)])
+        self.jobs_done = _fn(lib.bk_jobs_done, None, [vp, envp, u16p, ctypes.POINTER(i32),
+                                                      u32, outp])
+        self.queue_set_poll = _fn(lib.bk_queue_set_poll, None, [vp, u32])
+        self.job_copy = _fn(lib.bk_job_copy, i32, [vp, ctypes.c_uint16, ctypes.c_void_p,
+                                                   ctypes.c_uint64, i32])
         self.serve_many = _fn(lib.bk_serve_many, u32, [ctypes.POINTER(vp),
                                                        ctypes.POINTER(envp),
                                                        ctypes.POINTER(outp), u32])

@@ -173,15 +173,23 @@ class BlkFront:
 
     def new_channels(self) -> list[tuple[int, int, int]]:
         """Fresh event channels for every queue, as a VMM makes for a restarted daemon
-        (the old daemon's eventfds died with it). Returns the daemon's ends, like
-        channels(); the rings, grants and requests in flight are kept."""
+        (the old daemon's eventfds died with it) or for the destination of a migration.
+        Returns the daemon's ends, like channels(); the rings, grants and requests in
+        flight are kept. A notification pending on an old channel is carried over to
+        the new one, as a VMM carries an event channel's pending bit."""
         for q in self.queues:
             if self._loop is not None:
                 self._loop.remove_reader(q.call_fd)
+            try:
+                pending = os.eventfd_read(q.call_fd)
+            except BlockingIOError:
+                pending = 0
             os.close(q.call_fd)
             q.port.close()
             port, kick, call = new_channel_pair(q.port.port)
             q.port, q.call_fd, q.daemon_fds = port, os.dup(call), (kick, call)
+            if pending:
+                os.eventfd_write(q.call_fd, 1)
             if self._loop is not None:
                 self._loop.add_reader(q.call_fd, self._on_call, q)
         return self.channels()

@@ -483,6 +483,9 @@ class ClearLog(Message):
     def decode(cls, payload: bytes | memoryview) -> Self:
         _end("CLEAR_LOG", payload, 0)
         return cls()
+
+
+@dataclass(frozen=True)
 class Suspend(_DevidOnly):
     """devid ALL_DEVICES: every device of the connection."""
 

@@ -191,6 +191,7 @@ int bkd_set_inflight(struct bkd_client *c, uint32_t devid, int fd, uint64_t mmap
 int bkd_set_log(struct bkd_client *c, int fd, uint64_t mmap_offset, uint64_t size,
                 uint64_t ram_pages);
 int bkd_clear_log(struct bkd_client *c);
+
 /* Live migration (docs/protocol.md, "Live migration"). SUSPEND / RESUME one device or
  * BKD_ALL_DEVICES. GET_DEVICE_STATE writes a suspended device's state blob at offset 0
  * of memfd `fd` (bkd_memfd; grown as needed) and sets *size. SET_DEVICE_STATE hands the

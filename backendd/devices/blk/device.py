@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from backendd import devstate
 from backendd.dataplane import kernel as blk_kernel
 from backendd.dataplane.blk import CompiledRingQueue
+from backendd.dataplane.blknbd import NbdRingQueue
 from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
 from backendd.dirtylog import RingLog
 from backendd.errors import ConfigError, ControlError, GuestError
@@ -61,6 +62,11 @@ class BlkDevice(Device):
         allowed = getattr(daemon_config, "image_allowed", None)
         nbd_disk = is_nbd_uri(config.get("path", ""))
         self.cfg = parse_config(config, None if nbd_disk else allowed)
+        self.kernel = blk_kernel.load() if self.cfg.dataplane != "python" else None
+        if nbd_disk and self.kernel is not None:
+            # The kernel serves an NBD disk's rings (blknbd); it keeps no persistent
+            # grants, and pinning in C costs less than the guest's copies through them.
+            self.cfg = dataclasses.replace(self.cfg, persistent=False)
         self.image: Image | NbdImage
         if nbd_disk:  # connected in prepare(); I/O on the event loop, not the pool
             self.image = NbdImage(self.cfg, NbdPolicy.from_config(daemon_config),
@@ -74,13 +80,6 @@ class BlkDevice(Device):
         self.persistent = False  # negotiated at the last connect
         # Persistent-grant counters of rings already disconnected (stats are per device).
         self._pgrant_done: dict[str, int] = {}
-        if nbd_disk and self.cfg.dataplane == "compiled":
-            self.image.close()
-            raise ConfigError("dataplane: compiled serves files and block devices; an NBD "
-                              "export is served by the python data plane")
-        # NBD I/O runs on libnbd's connection, which only the Python path drives.
-        self.kernel = (blk_kernel.load() if self.cfg.dataplane != "python" and not nbd_disk
-                       else None)
         if self.cfg.dataplane == "compiled" and self.kernel is None:
             self.image.close()
             raise ConfigError(f"dataplane: compiled, but {blk_kernel.library_path()} is "
@@ -216,8 +215,11 @@ class BlkDevice(Device):
                     on_corrupt=self._corrupt, on_refused=self._refused,
                     batch=self.batch)
                 if self.compiled:
+                    # An NBD disk's transfers go to libnbd (blknbd), a file's to the pool.
+                    cls = NbdRingQueue if isinstance(self.image, NbdImage) \
+                        else CompiledRingQueue
                     try:
-                        queues.append(CompiledRingQueue(kernel=self.kernel, **args))
+                        queues.append(cls(kernel=self.kernel, **args))
                     except BaseException:
                         for m in maps:
                             m.release()
