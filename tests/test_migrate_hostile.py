@@ -454,3 +454,41 @@ async def test_control_requests_while_suspended_write_nothing(daemon, tmp_path, 
         for log in logs:
             log.close()
         guest.close()
+
+
+@pytest.mark.parametrize("dataplane", ["python", "compiled"])
+async def test_suspend_before_the_frontend_connects(daemon, tmp_path, dataplane):
+    """SUSPEND between ADD_DEVICE and the connect (requests on one connection are
+    handled one at a time, so this is "during connect" as a VMM can send it): the device
+    connects suspended, takes nothing the guest posts and writes nothing, until RESUME."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"q" * 4096 + bytes(8 * MiB - 4096))
+    a = await VmmClient.connect(daemon.path)
+    guest = SimGuest(ram_size=48 * MiB, gnttab_frames=16)
+    front: BlkFront | None = None
+    try:
+        await guest.attach(a)
+        _, keys = await a.add_device(DEVID, "blk", {"path": str(image),
+                                                    "dataplane": dataplane})
+        await a.suspend(DEVID)
+        front = BlkFront(guest.ram, guest.gnttab, DEVID, backend_keys=keys)
+        state, _ = await a.hand_over_channels(DEVID, XenbusState.CONNECTED,
+                                              front.frontend_keys(), front.channels())
+        assert state == XenbusState.CONNECTED
+        front.start()
+        front.watch(a)
+        task = asyncio.create_task(front.read(0, 4096))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        quiet = _memory(guest)
+        before = await a.stats(DEVID)
+        for _ in range(3):
+            assert await a.stats(DEVID) == before
+        assert _memory(guest) == quiet and not task.done()
+        await a.resume(DEVID)
+        assert await asyncio.wait_for(task, 30) == b"q" * 4096
+    finally:
+        if front is not None:
+            front.close()
+        await a.close()
+        guest.close()
