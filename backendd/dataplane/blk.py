@@ -1,12 +1,12 @@
 """A blkif ring served by the compiled kernel (blk_kernel.c): Python calls in once per
 wake-up, never per request or per segment.
 
-The kernel takes the batch, checks, pins grants, does the I/O that the page cache can
-serve without blocking (preadv2/pwritev2 with RWF_NOWAIT), answers and publishes. What
-would block comes back as pool jobs: flush and discard, O_DIRECT images and block
-devices, and any transfer that met EAGAIN. A pool thread runs them in the kernel too
-(`bk_io`, the GIL released), and the event loop hands them back (`bk_complete`), which
-unpins, answers and starts what waited behind a flush.
+The kernel takes the batch, checks, pins grants, does the reads that the page cache can
+serve without blocking (preadv2 with RWF_NOWAIT), answers and publishes. What would
+block goes to the kernel's own I/O threads: writes, flush and discard, O_DIRECT images
+and block devices, and any read that met EAGAIN. They never enter Python; when a ring's
+jobs are done they write its wake eventfd, and the event loop reaps them all with one
+call (`bk_reap`), which unpins, answers and starts what waited behind a flush.
 
 Same interface and same behaviour as backendd/devices/blk/queue.py's RingQueue (the
 reference, tested against this one by tests/test_dataplane_differential.py).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
     from rings.ring import BackRing
 
 log = logging.getLogger(__name__)
-
-BATCH = 4  # pool jobs: requests per job, as the Python path
 
 
 class ServiceRound(LoopRound["CompiledRingQueue"]):
@@ -78,7 +77,7 @@ class CompiledRingQueue:
                  ring_maps: list[GrantMapping], channel: EventChannel, codecs: BlkifCodecs,
                  geometry: Geometry, image: Image, grants: GrantTable,
                  submit: Callable[..., asyncio.Future], loop: asyncio.AbstractEventLoop,
-                 counters: Counters, on_corrupt: Callable[[str], None], batch: int = BATCH,
+                 counters: Counters, on_corrupt: Callable[[str], None], batch: int = 4,
                  on_refused: Callable[[str], None] | None = None,
                  inflight: InflightQueue | None = None,
                  recovery: Recovery | None = None) -> None:
@@ -91,6 +90,7 @@ class CompiledRingQueue:
         self.image = image
         self.grants = grants
         self.memory = grants.memory
+        # submit and batch: RingQueue's signature; the kernel's I/O threads do that work.
         self.submit = submit
         self.loop = loop
         self.counters = counters
@@ -107,8 +107,6 @@ class CompiledRingQueue:
         self._round = service_round(kernel, loop)
         self._blocked = False
         self._inpool = 0
-        self._back: list[tuple[ctypes.Array, int, bool]] = []  # jobs back from the pool
-        self._take_back_due = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._recovery = recovery
@@ -135,10 +133,15 @@ class CompiledRingQueue:
                 inflight.view)
             cfg.inflight = ctypes.addressof(self._inflight_anchor)
         cfg.disk = self._disk(geometry)
+        # The kernel's I/O threads write it when jobs of this ring are done.
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        cfg.wake_fd = self._wake_fd
         q = self.k.queue_new(ctypes.byref(cfg))
         if not q:
+            os.close(self._wake_fd)
             raise ValueError(f"blk ring {index}: the kernel refused the ring geometry")
         self._q = q
+        loop.add_reader(self._wake_fd, self._reap)
 
     # --- configuration -------------------------------------------------------------
 
@@ -241,8 +244,11 @@ class CompiledRingQueue:
             prod = self.back.ring.idx[REQ_PROD]
             self._halt(f"req_prod {prod} is more than a ring ({self.back.size}) ahead "
                        "of the responses")
-        if out.njobs:
-            self._run_jobs(out)
+        if out.inpool and self._pool_pin is None:
+            # guest pages are being read or written by the I/O threads: no region goes
+            self._pool_pin = self.memory.native()
+            self._idle.clear()
+        self._inpool = out.inpool
         if flags & K.NOTIFY:
             self.channel.notify()
         if flags & K.BLOCKED:
@@ -251,55 +257,13 @@ class CompiledRingQueue:
             self._schedule()
         self._check_idle()
 
-    def _run_jobs(self, out: K.Out) -> None:
-        jobs, flush = list(out.jobs[:out.njobs]), out.job_flush
-        i = 0
-        while i < len(jobs):
-            if flush[i]:
-                group = jobs[i:i + 1]
-            else:
-                group = []
-                while i + len(group) < len(jobs) and len(group) < self.batch \
-                        and not flush[i + len(group)]:
-                    group.append(jobs[i + len(group)])
-            i += len(group)
-            arr, count = K.JobArray(*group), len(group)
-            self._inpool += count
-            self._pool_pin = self.memory.native()
-            self._idle.clear()
-            try:
-                fut = self.submit(self.k.io, self._q, arr, count)
-            except Exception:
-                log.exception("blk ring %d: cannot hand I/O to the pool", self.index)
-                fut = self.loop.create_future()
-                fut.cancel()
-            fut.add_done_callback(lambda f, a=arr, n=count: self._completed(f, a, n))
-
-    def _completed(self, fut: asyncio.Future, arr: ctypes.Array, n: int) -> None:
-        """One job is back: keep it for _take_back, which the loop runs once for all the
-        jobs of this ring that came back in this turn (the pool hands them back together)."""
-        failed = fut.cancelled() or fut.exception() is not None
-        if failed and not fut.cancelled():
-            log.error("blk ring %d: I/O job failed", self.index, exc_info=fut.exception())
-        self._back.append((arr, n, failed))
-        if not self._take_back_due:
-            self._take_back_due = True
-            self.loop.call_soon(self._take_back)
-
-    def _take_back(self) -> None:
-        self._take_back_due = False
-        back, self._back = self._back, []
-        if not back:
+    def _reap(self) -> None:
+        """The ring's wake eventfd: I/O threads have finished jobs of this ring."""
+        if self._q is None:
             return
         self._refresh()
-        for failed in (False, True):
-            slots = [j for arr, n, f in back if f == failed for j in arr[:n]]
-            if not slots:
-                continue
-            self._inpool -= len(slots)
-            self.k.complete(self._q, ctypes.byref(self._env), K.JobArray(*slots),
-                            len(slots), int(failed), ctypes.byref(self._out))
-            self._after(self._out)
+        self.k.reap(self._q, ctypes.byref(self._env), ctypes.byref(self._out))
+        self._after(self._out)
         if self._blocked and not self.halted:
             self._blocked = False
             self._schedule()
@@ -340,8 +304,10 @@ class CompiledRingQueue:
     def release(self) -> None:
         """After stop(): free the kernel's state, let go of the ring and the channel."""
         if self._q:
+            self.loop.remove_reader(self._wake_fd)
             self.k.queue_free(self._q)
             self._q = None
+            os.close(self._wake_fd)
         self._inflight_anchor = None
         self._uses_anchor = None
         self._env_key = None

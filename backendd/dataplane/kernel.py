@@ -1,7 +1,8 @@
 """ctypes binding of blk_kernel.c: the structures it takes and the calls it exports.
 
-ctypes releases the GIL for the length of each call, so a pool thread doing blocking
-I/O in `bk_io`, or a queue served from its own thread, runs beside the event loop.
+ctypes releases the GIL for the length of each call, so rings served on the kernel's
+helper threads run beside each other; the blocking I/O runs on the kernel's own I/O
+threads, which never enter Python.
 
 build.py builds it (`make kernel`) and its `Loader` finds it: at $BACKENDD_BLK_KERNEL
 (the tests point it at a sanitizer build) or next to this file. `load()` returns None
@@ -39,7 +40,7 @@ class Config(ctypes.Structure):
                 ("size", ctypes.c_uint32), ("abi", ctypes.c_uint32),
                 ("max_pending", ctypes.c_uint32), ("start", ctypes.c_uint32),
                 ("req_cons", ctypes.c_uint32), ("inflight", ctypes.c_void_p),
-                ("disk", Disk)]
+                ("wake_fd", ctypes.c_int32), ("_pad", ctypes.c_uint32), ("disk", Disk)]
 
 
 STAT_NAMES = ("requests", "reads", "writes", "bytes_read", "bytes_written", "errors",
@@ -51,9 +52,7 @@ class Stats(ctypes.Structure):
 
 
 class Out(ctypes.Structure):
-    _fields_ = [("stats", Stats), ("flags", ctypes.c_uint32), ("njobs", ctypes.c_uint32),
-                ("jobs", ctypes.c_uint16 * MAX_PENDING),
-                ("job_flush", ctypes.c_uint8 * MAX_PENDING),
+    _fields_ = [("stats", Stats), ("flags", ctypes.c_uint32), ("inpool", ctypes.c_uint32),
                 ("refused_id", ctypes.c_uint64), ("refused_why", ctypes.c_uint32),
                 ("_pad", ctypes.c_uint32)]
 
@@ -67,8 +66,6 @@ WHY = ("", "unknown operation", "bad number of segments", "write to a read-only 
        "guest memory)", "segment outside its sub-page grant", "discard not supported",
        "secure discard not supported")
 
-
-JobArray = ctypes.c_uint16 * MAX_PENDING
 
 # What bk_layout reports, in its order; checked against Xen's sizes the binding relies on.
 LAYOUT_NAMES = (
@@ -92,9 +89,8 @@ class Kernel:
     def __init__(self, path: str) -> None:
         lib = ctypes.CDLL(path)
         self.path = path
-        vp, u32, i32 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int32
+        vp, u32 = ctypes.c_void_p, ctypes.c_uint32
         envp, outp = ctypes.POINTER(Env), ctypes.POINTER(Out)
-        u16p = ctypes.POINTER(ctypes.c_uint16)
         self.queue_new = _fn(lib.bk_queue_new, vp, [ctypes.POINTER(Config)])
         self.queue_free = _fn(lib.bk_queue_free, None, [vp])
         self.queue_set_disk = _fn(lib.bk_queue_set_disk, None, [vp, ctypes.POINTER(Disk)])
@@ -102,8 +98,8 @@ class Kernel:
         self.serve = _fn(lib.bk_serve, None, [vp, envp, outp])
         self.replay = _fn(lib.bk_replay, None, [vp, envp, ctypes.c_char_p,
                                                 ctypes.POINTER(u32), u32, outp])
-        self.io = _fn(lib.bk_io, None, [vp, u16p, u32])
-        self.complete = _fn(lib.bk_complete, None, [vp, envp, u16p, u32, i32, outp])
+        self.reap = _fn(lib.bk_reap, None, [vp, envp, outp])
+        self.io_threads = _fn(lib.bk_io_threads, u32, [u32])
         self.push = _fn(lib.bk_push, None, [vp, outp])
         self.inflight_scan = _fn(lib.bk_inflight_scan, None, [vp])
         self.serve_many = _fn(lib.bk_serve_many, u32, [ctypes.POINTER(vp),
