@@ -39,20 +39,72 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# Beyond this many rings on one loop, a turn serves only the rings due (looking at every
+# ring's shared index each turn would cost more than it gains).
+ROUND_MEMBERS = 16
+
+
 class ServiceRound(LoopRound["CompiledRingQueue"]):
     """The compiled rings due in one loop turn (kicked, or with work left), served by one
     kernel call: with two or more, the kernel serves them on its helper threads in
     parallel while the loop waits with the GIL released, so queues use the cores and
-    nothing in the control plane changes under them."""
+    nothing in the control plane changes under them. The call also serves, beside them,
+    every other ring of this loop whose guest has already published requests (its kick
+    not read yet): frontends kick independently, so a turn seldom finds two kicks."""
 
     k: K.Kernel
 
+    def __init__(self, kernel: K.Kernel, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(kernel, loop)
+        self.members: list[CompiledRingQueue] = []  # rings started and not stopped
+        self._arrays: tuple | None = None  # the members as C arrays, built when they change
+
+    def join(self, q: CompiledRingQueue) -> None:
+        self.members.append(q)
+        self._arrays = None
+
+    def leave(self, q: CompiledRingQueue) -> None:
+        if q in self.members:
+            self.members.remove(q)
+            self._arrays = None
+
     def serve(self, due: list[CompiledRingQueue]) -> None:
-        queues = []
+        due = [q for q in due if not (q.halted or q._stopping or q._q is None)]
+        members = self.members
+        if len(members) > ROUND_MEMBERS or any(q not in members for q in due):
+            self._serve_list(due)
+            return
+        if len(members) == 1:
+            if due:
+                self._serve_list(due)
+            return
+        if not due:
+            return
+        if self._arrays is None:
+            n = len(members)
+            self._arrays = (
+                n, (ctypes.c_void_p * n)(*(q._q for q in members)),
+                (ctypes.POINTER(K.Env) * n)(*(ctypes.pointer(q._env) for q in members)),
+                (ctypes.POINTER(K.Out) * n)(*(ctypes.pointer(q._out) for q in members)),
+                (ctypes.c_uint8 * n)(), (ctypes.c_uint8 * n)())
+        n, qs, envs, outs, due_mask, served = self._arrays
+        ctypes.memset(due_mask, 0, n)
         for q in due:
-            if not (q.halted or q._stopping or q._q is None):
-                q._refresh()
-                queues.append(q)
+            due_mask[members.index(q)] = 1
+        for q in members:
+            q._refresh()
+        helped = self.k.serve_round(qs, envs, outs, n, due_mask, served)
+        j = 0  # the kernel serves the first ring it takes itself, the next `helped` on helpers
+        for k, q in enumerate(members):
+            if served[k]:
+                if 0 < j <= helped:
+                    q.counters.parallel += 1
+                j += 1
+                q._after(q._out)
+
+    def _serve_list(self, queues: list[CompiledRingQueue]) -> None:
+        for q in queues:
+            q._refresh()
         if len(queues) == 1:
             q = queues[0]
             self.k.serve(q._q, ctypes.byref(q._env), ctypes.byref(q._out))
@@ -136,6 +188,7 @@ class CompiledRingQueue:
         # The kernel's I/O threads write it when jobs of this ring are done.
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         cfg.wake_fd = self._wake_fd
+        cfg.kick_fd = channel.kick_fd
         q = self.k.queue_new(ctypes.byref(cfg))
         if not q:
             os.close(self._wake_fd)
@@ -210,6 +263,7 @@ class CompiledRingQueue:
             self.counters.replayed += len(replay)
             self._after(self._out)
         self.channel.start(self.loop, self._schedule)
+        self._round.join(self)
         if self._resumed:
             # An earlier daemon may have died between publishing responses and signalling
             # them: one event, so the guest looks at its ring (a spurious one is harmless).
@@ -291,6 +345,7 @@ class CompiledRingQueue:
     async def stop(self) -> None:
         """Stop taking requests, let what was taken complete and be answered."""
         self._stopping = True
+        self._round.leave(self)
         self.channel.stop()
         await self._idle.wait()
         self.k.push(self._q, ctypes.byref(self._out))
@@ -303,6 +358,7 @@ class CompiledRingQueue:
 
     def release(self) -> None:
         """After stop(): free the kernel's state, let go of the ring and the channel."""
+        self._round.leave(self)
         if self._q:
             self.loop.remove_reader(self._wake_fd)
             self.k.queue_free(self._q)

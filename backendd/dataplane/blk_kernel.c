@@ -142,7 +142,7 @@ struct bk_config {
     uint32_t req_cons;      /* != start after an in-flight table recovery */
     uint8_t *inflight;      /* this queue's table, or NULL */
     int32_t wake_fd;        /* an eventfd the I/O threads write when jobs are done */
-    uint32_t _pad;
+    int32_t kick_fd;        /* the guest's kicks: drained when served without one */
     struct bk_disk disk;
 };
 
@@ -205,7 +205,7 @@ struct bk_queue {
     uint32_t nunpub;
     uint16_t unpub[BK_MAX_RING];     /* table entries answered, response not published */
     /* With the I/O threads (under iopool.lock): jobs waiting, jobs done and not reaped. */
-    int32_t wake_fd;
+    int32_t wake_fd, kick_fd;
     uint32_t in_run, running;
     struct bk_queue *run_next;
     uint16_t jq[BK_MAX_PENDING];
@@ -1002,6 +1002,7 @@ struct bk_queue *bk_queue_new(const struct bk_config *cfg)
     }
     q->disk = cfg->disk;
     q->wake_fd = cfg->wake_fd;
+    q->kick_fd = cfg->kick_fd;
     bk_inflight_scan(q);
     return q;
 }
@@ -1080,6 +1081,46 @@ uint32_t bk_serve_many(struct bk_queue *const *qs, const struct dp_env *const *e
     static struct dp_pool pool = DP_POOL_INIT;
     struct bk_many m = {qs, envs, outs};
     return dp_pool_run(&pool, serve_item, &m, n);
+}
+
+/* One loop turn: the rings kicked (due[k] != 0) and, beside them, every other ring that
+ * already has requests published and room to take them. Two frontends kick
+ * independently, so a turn rarely finds both kicks: without this the rings would be
+ * served one after the other on the loop's thread and the helpers would seldom run. A
+ * ring served without its kick has the kick drained (it is served now; a kick still
+ * reported by the loop's poll finds nothing and is dropped). served[k] says which were
+ * served; returns how many ran on helper threads. */
+#define BK_ROUND_MAX 1024
+uint32_t bk_serve_round(struct bk_queue *const *qs, const struct dp_env *const *envs,
+                        struct bk_out *const *outs, uint32_t n, const uint8_t *due,
+                        uint8_t *served)
+{
+    struct bk_queue *sq[BK_ROUND_MAX];
+    const struct dp_env *se[BK_ROUND_MAX];
+    struct bk_out *so[BK_ROUND_MAX];
+    uint32_t m = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        struct bk_queue *q = qs[k];
+        int take_it = due[k] != 0;
+        if (!take_it && !q->halted && q->req_cons - q->rsp_prod_pvt < q->max_pending &&
+            dp_ring_unconsumed(q->pages[0], q->size, q->req_cons, q->rsp_prod_pvt)) {
+            take_it = 1;
+            if (q->kick_fd >= 0) {
+                uint64_t v;
+                struct iovec iov = {&v, sizeof(v)};
+                ssize_t rc = preadv2(q->kick_fd, &iov, 1, -1, RWF_NOWAIT);
+                (void)rc;   /* nothing there, or no NOWAIT: the kick comes as usual */
+            }
+        }
+        served[k] = (uint8_t)(take_it && m < BK_ROUND_MAX);
+        if (served[k]) {
+            sq[m] = q;
+            se[m] = envs[k];
+            so[m] = outs[k];
+            m++;
+        }
+    }
+    return bk_serve_many(sq, se, so, m);
 }
 
 /* Requests an earlier daemon took and never visibly answered (from the in-flight

@@ -20,6 +20,7 @@ MAX_PENDING = 64
 MAX_SEGS = 256
 MAX_RING_PAGES = 16
 MAX_RING = 1024
+ROUND_MAX = 1024  # rings in one bk_serve_round call
 SLOT_MAX = 112
 
 NOTIFY, MORE, BLOCKED, CORRUPT, INTERNAL = 1, 2, 4, 8, 16
@@ -40,7 +41,7 @@ class Config(ctypes.Structure):
                 ("size", ctypes.c_uint32), ("abi", ctypes.c_uint32),
                 ("max_pending", ctypes.c_uint32), ("start", ctypes.c_uint32),
                 ("req_cons", ctypes.c_uint32), ("inflight", ctypes.c_void_p),
-                ("wake_fd", ctypes.c_int32), ("_pad", ctypes.c_uint32), ("disk", Disk)]
+                ("wake_fd", ctypes.c_int32), ("kick_fd", ctypes.c_int32), ("disk", Disk)]
 
 
 STAT_NAMES = ("requests", "reads", "writes", "bytes_read", "bytes_written", "errors",
@@ -105,6 +106,10 @@ class Kernel:
         self.serve_many = _fn(lib.bk_serve_many, u32, [ctypes.POINTER(vp),
                                                        ctypes.POINTER(envp),
                                                        ctypes.POINTER(outp), u32])
+        u8p = ctypes.POINTER(ctypes.c_uint8)
+        self.serve_round = _fn(lib.bk_serve_round, u32, [ctypes.POINTER(vp),
+                                                         ctypes.POINTER(envp),
+                                                         ctypes.POINTER(outp), u32, u8p, u8p])
         self._layout = _fn(lib.bk_layout, u32, [ctypes.POINTER(u32), u32])
         self._check()
 
