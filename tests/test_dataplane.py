@@ -214,6 +214,7 @@ async def test_a_ring_with_requests_is_served_beside_a_kicked_one(tmp_path):
         assert front.queues[1].front.req_prod_pvt == 1
         assert await front.read(0, 4096, queue=0) == file_bytes(image, 0, 4096)
         assert await asyncio.wait_for(silent, timeout=30) == file_bytes(image, 4096, 4096)
+        assert dev.queues[1].channel.kicks == 0
     finally:
         await rig.close()
 

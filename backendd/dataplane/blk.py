@@ -69,7 +69,7 @@ class ServiceRound(LoopRound["CompiledRingQueue"]):
             self._arrays = None
 
     def serve(self, due: list[CompiledRingQueue]) -> None:
-        due = [q for q in due if not (q.halted or q._stopping or q._q is None)]
+        due = [q for q in due if q._may_serve()]
         members = self.members
         if len(members) > ROUND_MEMBERS or any(q not in members for q in due):
             self._serve_list(due)
@@ -80,6 +80,8 @@ class ServiceRound(LoopRound["CompiledRingQueue"]):
             return
         if not due:
             return
+        for q in due:
+            q._in_due = True
         if self._arrays is None:
             n = len(members)
             self._arrays = (
@@ -88,14 +90,15 @@ class ServiceRound(LoopRound["CompiledRingQueue"]):
                 (ctypes.POINTER(K.Out) * n)(*(ctypes.pointer(q._out) for q in members)),
                 (ctypes.c_uint8 * n)(), (ctypes.c_uint8 * n)())
         n, qs, envs, outs, due_mask, served = self._arrays
-        ctypes.memset(due_mask, 0, n)
-        for q in due:
-            due_mask[members.index(q)] = 1
-        for q in members:
-            q._refresh()
+        for k, q in enumerate(members):
+            # 1: kicked; 2: served if its guest has published requests; 0: not at all
+            due_mask[k] = 1 if q._in_due else 2 if q._may_serve() else 0
+            if due_mask[k]:
+                q._refresh()
         helped = self.k.serve_round(qs, envs, outs, n, due_mask, served)
         j = 0  # the kernel serves the first ring it takes itself, the next `helped` on helpers
         for k, q in enumerate(members):
+            q._in_due = False
             if served[k]:
                 if 0 < j <= helped:
                     q.counters.parallel += 1
@@ -156,6 +159,7 @@ class CompiledRingQueue:
         self.halted = False
         self._stopping = False
         self._in_round = False
+        self._in_due = False  # kicked, in the round being served
         self._round = service_round(kernel, loop)
         self._blocked = False
         self._inpool = 0
@@ -269,6 +273,10 @@ class CompiledRingQueue:
             # them: one event, so the guest looks at its ring (a spurious one is harmless).
             self.channel.notify()
         self._schedule()  # requests queued before we listened
+
+    def _may_serve(self) -> bool:
+        """Whether a round may take requests from this ring (it is listening)."""
+        return not (self.halted or self._stopping or self._q is None)
 
     def _schedule(self) -> None:
         self._round.add(self)

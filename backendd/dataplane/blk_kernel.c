@@ -1083,8 +1083,8 @@ uint32_t bk_serve_many(struct bk_queue *const *qs, const struct dp_env *const *e
     return dp_pool_run(&pool, serve_item, &m, n);
 }
 
-/* One loop turn: the rings kicked (due[k] != 0) and, beside them, every other ring that
- * already has requests published and room to take them. Two frontends kick
+/* One loop turn: the rings kicked (due[k] == 1) and, beside them, every ring that may be
+ * served (due[k] == 2) and already has requests published and room to take them. Two frontends kick
  * independently, so a turn rarely finds both kicks: without this the rings would be
  * served one after the other on the loop's thread and the helpers would seldom run. A
  * ring served without its kick has the kick drained (it is served now; a kick still
@@ -1101,8 +1101,8 @@ uint32_t bk_serve_round(struct bk_queue *const *qs, const struct dp_env *const *
     uint32_t m = 0;
     for (uint32_t k = 0; k < n; k++) {
         struct bk_queue *q = qs[k];
-        int take_it = due[k] != 0;
-        if (!take_it && !q->halted && q->req_cons - q->rsp_prod_pvt < q->max_pending &&
+        int take_it = due[k] == 1;
+        if (due[k] == 2 && !q->halted && q->req_cons - q->rsp_prod_pvt < q->max_pending &&
             dp_ring_unconsumed(q->pages[0], q->size, q->req_cons, q->rsp_prod_pvt)) {
             take_it = 1;
             if (q->kick_fd >= 0) {
