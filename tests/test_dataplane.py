@@ -99,12 +99,15 @@ def test_differential_under_address_and_ub_sanitizers(tmp_path):
         "n, cases, bad = blkdiff.run(1500, seed=23, kernel=k)\n"
         "print(n, cases, bad)\n"
         "if bad: sys.exit(1)\n"
-        # The device paths the harness does not take: the pool (EAGAIN, flush, discard,
-        # O_DIRECT) and rings served in parallel on the kernel's helper threads.
+        # The device paths the harness does not take: the I/O threads (EAGAIN, writes,
+        # flush, discard, O_DIRECT), rings served in parallel on the kernel's helper
+        # threads, and a ring served beside a kicked one.
         "import asyncio, pathlib, tempfile\n"
         "from tests import test_dataplane as t\n"
         "for fn in (t.test_page_cache_misses_go_to_the_pool_and_hits_are_served_inline,\n"
         "           t.test_direct_io_images_are_served_by_the_pool,\n"
+        "           t.test_blocking_io_runs_on_the_kernels_threads_not_the_python_pool,\n"
+        "           t.test_a_ring_with_requests_is_served_beside_a_kicked_one,\n"
         "           t.test_queues_served_in_parallel_threads):\n"
         "    asyncio.run(fn(pathlib.Path(tempfile.mkdtemp(dir=sys.argv[1]))))\n"
         "print('device paths ok')\n")
