@@ -57,6 +57,9 @@ $(NETKERNEL): backendd/dataplane/net_kernel.c backendd/dataplane/core.h backendd
 debs: $(DEBSTAMP)
 
 # Install only what is missing, so a prepared machine does no network round trip.
+# `prometheus` is here for its promtool (the tests check the metrics text with it); the
+# Prometheus server it also installs is enabled and started by the package on a systemd
+# host, so a fresh install of it is disabled and stopped again right away.
 $(DEBSTAMP): Makefile
 	@missing=""; for p in $(DEBS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -64,6 +67,9 @@ $(DEBSTAMP): Makefile
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  case " $$missing " in *" prometheus "*) \
+	    if [ -d /run/systemd/system ]; then systemctl disable --now prometheus.service; fi;; \
+	  esac; \
 	fi
 	@mkdir -p $(VENV) && touch $@
 

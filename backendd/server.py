@@ -35,6 +35,8 @@ from .session import DaemonView, Session, load_device_types
 MAX_FDS_PER_RECV = 2 * MAX_CHANNELS
 RECV_SIZE = 65536
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECV * array.array("i").itemsize)
+# sun_path is 108 bytes, the terminating NUL included.
+MAX_SOCKET_PATH = 107
 # Stop reading a connection once this many requests wait: the VMM must read its replies.
 MAX_QUEUED_REQUESTS = 64
 # Stop reading and handling a connection's requests once this many reply bytes wait for
@@ -347,6 +349,10 @@ class Server:
         """Listen at `path`, which appears only once the socket listens: bound and listening
         under a temporary name first, then hard-linked to `path` (which fails rather than
         replaces if the name was taken meanwhile). A live daemon's socket is never removed."""
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            # The link would succeed, but no client could connect by that name.
+            raise StartupError(f"control socket {path}: the path is {len(os.fsencode(path))} "
+                               f"bytes, a unix socket's is at most {MAX_SOCKET_PATH}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._clear_stale(path)

@@ -38,7 +38,7 @@ from backendd.guest.machine import SimGuest
 from backendd.guest.vmm import VmmClient
 from rings.consts import XenbusState
 
-from .blkload import Load, run_load
+from .blkload import Load, run_load_socket, socket_result
 from .report import table
 
 MiB = 1 << 20
@@ -160,8 +160,9 @@ async def scaling(model: str, images: list[str], workdir: Path,
     proc, sock = await start(model, workdir)
     try:
         load = Load(rw="read", bs=4096, qd=32, seconds=seconds)
-        one = await run_load(sock, images[0], load)
-        two = await asyncio.gather(*(run_load(sock, image, load) for image in images))
+        one = socket_result(load, await run_load_socket(sock, images[0], load))
+        two = [socket_result(load, raw) for raw in await asyncio.gather(
+            *(run_load_socket(sock, image, load) for image in images))]
         return one.iops, sum(r.iops for r in two)
     finally:
         proc.send_signal(signal.SIGTERM)

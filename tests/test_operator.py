@@ -169,10 +169,14 @@ def test_metrics_address_in_use_is_one_line_and_leaves_no_socket(daemons, tmp_pa
     assert not [p for p in tmp_path.iterdir() if p.is_socket()]
 
 
-@pytest.mark.parametrize("where", ["proc", "not-a-dir", "not-a-socket"])
+@pytest.mark.parametrize("where", ["proc", "not-a-dir", "not-a-socket", "too-long"])
 def test_startup_errors_name_the_path(daemons, tmp_path, where) -> None:
     if where == "proc":
         path = "/proc/backendd-test.sock"
+    elif where == "too-long":
+        # Connectable by no client (sockaddr_un holds 108 bytes with the NUL), though a
+        # short temporary name in the same directory could still be bound and linked.
+        path = str(tmp_path / ("x" * (110 - len(str(tmp_path)))))
     elif where == "not-a-dir":
         (tmp_path / "file").write_text("")
         path = str(tmp_path / "file" / "backendd.sock")
