@@ -688,7 +688,7 @@ static int transfer(struct bk_pending *s, int fd, int nowait)
 
 /* Only reads are tried inline. A write waits for a frozen filesystem in the VFS before
  * RWF_NOWAIT is looked at (file_start_write), so even a NOWAIT write can stall the
- * event loop; and ext4 refuses RWF_NOWAIT for buffered writes anyway. */
+ * event loop; and ext4 refuses RWF_NOWAIT buffered writes anyway (EOPNOTSUPP, every one). */
 static int needs_pool(const struct bk_queue *q, const struct bk_pending *s)
 {
     return s->write || s->flush || s->op == BLKIF_OP_DISCARD || !q->disk.inline_io;
@@ -871,10 +871,10 @@ uint32_t bk_io_threads(uint32_t n)
     return n;
 }
 
-/* Start what waits: inline when the page cache has it, else to the pool. A flush or
- * barrier starts only once everything before it has completed, and nothing after it
+/* Start what waits: inline when the page cache has it, else to the I/O threads. A flush
+ * or barrier starts only once everything before it has completed, and nothing after it
  * starts until it has completed. A request runs inline only while nothing taken before
- * it is in the pool, so requests start in ring order, as on the Python path. */
+ * it is with the threads, so requests start in ring order, as on the Python path. */
 static void dispatch(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
     uint16_t jobs[BK_MAX_PENDING];
@@ -1084,12 +1084,12 @@ uint32_t bk_serve_many(struct bk_queue *const *qs, const struct dp_env *const *e
 }
 
 /* One loop turn: the rings kicked (due[k] == 1) and, beside them, every ring that may be
- * served (due[k] == 2) and already has requests published and room to take them. Two frontends kick
- * independently, so a turn rarely finds both kicks: without this the rings would be
- * served one after the other on the loop's thread and the helpers would seldom run. A
- * ring served without its kick has the kick drained (it is served now; a kick still
- * reported by the loop's poll finds nothing and is dropped). served[k] says which were
- * served; returns how many ran on helper threads. */
+ * served (due[k] == 2) and already has requests published and room to take them. Two
+ * frontends kick independently, so a turn rarely finds both kicks: without this the
+ * rings would be served one after the other on the loop's thread and the helpers would
+ * seldom run. A ring served without its kick has the kick drained (it is served now; a
+ * kick still reported by the loop's poll finds nothing and is dropped). served[k] says
+ * which were served; returns how many ran on helper threads. */
 #define BK_ROUND_MAX 1024
 uint32_t bk_serve_round(struct bk_queue *const *qs, const struct dp_env *const *envs,
                         struct bk_out *const *outs, uint32_t n, const uint8_t *due,
