@@ -138,6 +138,11 @@ class GrantTable:
         if any(g >= new_entries for g in busy):
             raise ControlError(errno.EBUSY, "grant table shrink: grefs beyond it are in use")
         total = nr_frames + (self.status_frames(nr_frames) if version == 2 else 0)
+        log = self.memory.log
+        if log is not None and total > log.gnt_pages:
+            raise ControlError(errno.EINVAL, f"grant table of {total} pages: the dirty "
+                               f"log has bits for {log.gnt_pages} (SET_LOG again with a "
+                               "larger log, or CLEAR_LOG, first)")
         try:
             m = mmap.mmap(fd, total * PAGE_SIZE, flags=mmap.MAP_SHARED,
                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
@@ -216,6 +221,7 @@ class GrantTable:
             old = flags | domid << 16
             ok, seen = cmpxchg32(addr, old, old | want)
             if ok:
+                self._logged(gref * GRANT_ENTRY_V1_SIZE)
                 break
             flags, domid = seen & 0xFFFF, seen >> 16
         else:
@@ -263,8 +269,24 @@ class GrantTable:
         while True:
             ok, now = cmpxchg16(addr, seen, (seen | set_bits) & ~clear_bits)
             if ok:
+                self._logged(offset)
                 return seen
             seen = now
+
+    def _logged(self, offset: int) -> None:
+        """The daemon wrote the table at byte `offset` of its mapping: mark that page of
+        the table in the dirty log, if there is one."""
+        log = self.memory.log
+        if log is not None:
+            log.mark_gnttab(offset // PAGE_SIZE)
+
+    @property
+    def pages(self) -> int:
+        """Pages of the fd the table maps (v2: the status frames too)."""
+        if self._map is None:
+            return 0
+        return self.nr_frames + (self.status_frames(self.nr_frames) if self.version == 2
+                                 else 0)
 
     def _status_offset(self, gref: int) -> int:
         return self._status_base + gref * GRANT_STATUS_SIZE

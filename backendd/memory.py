@@ -5,16 +5,22 @@ range-checked here with plain integer arithmetic (Python ints never wrap, so a s
 would wrap in C is caught by comparing with 2**64 instead).
 """
 
+from __future__ import annotations
+
 import bisect
 import contextlib
 import ctypes
 import errno
 import mmap
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rings.consts import PAGE_SHIFT, PAGE_SIZE
 
 from .errors import ControlError, GuestError
+
+if TYPE_CHECKING:
+    from .dirtylog import DirtyBitmap
 
 ADDR_LIMIT = 1 << 64
 
@@ -50,8 +56,10 @@ class GuestMemory:
         # Sorted by gpa so lookups are a bisect, not a scan.
         self._regions: list[_Region] = []
         self._starts: list[int] = []
-        self.generation = 0  # changes whenever a region is added or removed
+        self.generation = 0  # changes whenever a region or the dirty log changes
         self._native: NativeRegions | None = None
+        # SET_LOG's bitmap (backendd/dirtylog.py) while the VMM logs writes, else None.
+        self.log: DirtyBitmap | None = None
 
     @property
     def regions(self) -> list[tuple[int, int]]:
@@ -65,6 +73,10 @@ class GuestMemory:
             raise ControlError(errno.EINVAL, "region size 0")
         if gpa + size > ADDR_LIMIT or offset + size > ADDR_LIMIT:
             raise ControlError(errno.EINVAL, f"region {gpa:#x}+{size:#x}: beyond 2**64")
+        if self.log is not None and gpa + size > self.log.ram_pages << PAGE_SHIFT:
+            raise ControlError(errno.EINVAL, f"region {gpa:#x}+{size:#x}: beyond the "
+                               f"dirty log's {self.log.ram_pages} RAM pages (SET_LOG "
+                               "again with more, or CLEAR_LOG, first)")
         i = bisect.bisect_right(self._starts, gpa)
         prev = self._regions[i - 1] if i > 0 else None
         nxt = self._regions[i] if i < len(self._regions) else None
@@ -96,6 +108,19 @@ class GuestMemory:
         del self._regions[i]
         del self._starts[i]
         self.generation += 1
+
+    def set_log(self, log: DirtyBitmap | None) -> None:
+        """Start logging into `log` (replacing any log), or stop (None); the old log is
+        unmapped. Checks that every region lies below the log's ram_pages."""
+        if log is not None:
+            for r in self._regions:
+                if r.end > log.ram_pages << PAGE_SHIFT:
+                    raise ControlError(errno.EINVAL, f"SET_LOG: ram_pages {log.ram_pages} "
+                                       f"does not cover region {r.gpa:#x}+{r.size:#x}")
+        old, self.log = self.log, log
+        self.generation += 1  # compiled data planes take the new log before their next call
+        if old is not None:
+            old.close()
 
     def _find(self, gpa: int) -> _Region | None:
         i = bisect.bisect_right(self._starts, gpa) - 1
@@ -151,7 +176,7 @@ class GuestMemory:
             r.map[off:off + k] = data[done:done + k]
             done += k
 
-    def native(self) -> "NativeRegions":
+    def native(self) -> NativeRegions:
         """Host addresses of every region, for compiled code (backendd/dataplane). The
         snapshot pins the mappings: while anyone holds it, its regions cannot be
         removed (EBUSY), as with a memoryview."""
@@ -161,6 +186,9 @@ class GuestMemory:
 
     def close(self) -> None:
         self._native = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
         for r in self._regions:
             # A leftover view keeps its mapping alive until it is collected; the daemon
             # is tearing down, so dropping our reference is all we can do.

@@ -31,6 +31,7 @@ from rings.consts import PAGE_SIZE, XenbusState
 
 from .config import Config
 from .devices.base import DEVICE_TYPES, Device, DeviceContext, NoticeSink
+from .dirtylog import DirtyBitmap
 from .errors import ControlError, GuestError
 from .evtchn import EventChannel
 from .fdrules import require_eventfd, require_sealed_memfd
@@ -44,6 +45,7 @@ from .protocol.messages import (
     PROTOCOL_VERSION,
     AddDevice,
     AddMemRegion,
+    ClearLog,
     Code,
     DaemonStatus,
     DeviceFailed,
@@ -64,6 +66,7 @@ from .protocol.messages import (
     RingDumpReply,
     SetGrantTable,
     SetInflight,
+    SetLog,
     StateReply,
     StatsReply,
     decode_request,
@@ -225,6 +228,12 @@ class Session(NoticeSink):
             case SetInflight():
                 self._set_inflight(msg, fds[0])
                 return EmptyReply()
+            case SetLog():
+                self._set_log(msg, fds[0])
+                return EmptyReply()
+            case ClearLog():
+                self.memory.set_log(None)
+                return EmptyReply()
             case GetBackendState():
                 slot = self._slot(msg.devid)
                 return StateReply(slot.xenbus.state, dict(slot.keys))
@@ -315,6 +324,20 @@ class Session(NoticeSink):
             raise
         slot.release_inflight()
         slot.inflight = region
+
+    def _set_log(self, msg: SetLog, fd: int) -> None:
+        require_sealed_memfd(fd, "SET_LOG", msg.mmap_offset, msg.size)
+        log = DirtyBitmap(fd, msg.mmap_offset, msg.size, msg.ram_pages)
+        try:
+            if self.grants.pages > log.gnt_pages:
+                raise ControlError(errno.EINVAL, f"SET_LOG: {msg.size} bytes leave bits for "
+                                   f"{log.gnt_pages} grant-table pages after the "
+                                   f"{msg.ram_pages} RAM pages; the table has "
+                                   f"{self.grants.pages}")
+            self.memory.set_log(log)
+        except BaseException:
+            log.close()
+            raise
 
     async def _remove_device(self, devid: int) -> None:
         slot = self._slot(devid)

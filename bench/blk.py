@@ -39,6 +39,7 @@ from .report import table
 MiB = 1 << 20
 IMAGE_SIZE = 256 * MiB
 SECONDS = 3.0
+LOG_ROUNDS = 5  # dirty log off/on pairs
 NAN = float("nan")
 
 
@@ -141,6 +142,21 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
         for rw in ("read", "write"):
             await run(f"1m-{rw}", Load(rw=rw, pattern="seq", bs=MiB, qd=4, seconds=seconds))
         qd1 = await run("qd1", Load(bs=4096, qd=1, seconds=seconds))
+        # The dirty log's cost (live migration's pre-copy): the same 4 KiB random reads
+        # with logging off and on, alternated five times; the run of median IOPS of each
+        # (single runs scatter by +-50% on a shared machine).
+        log_load = Load(bs=4096, qd=32, seconds=seconds)
+        runs: dict[bool, list[LoadResult]] = {False: [], True: []}
+        for _ in range(LOG_ROUNDS):
+            for on in (False, True):
+                runs[on].append(await one(log_load, log=on))
+        for on in (False, True):
+            results["log-on" if on else "log-off"] = sorted(
+                runs[on], key=lambda r: r.iops)[LOG_ROUNDS // 2]
+        rows.append(_row(log_load, results["log-off"])._replace_what(
+            "backendd 4 KiB randread QD32 x1q, dirty log off (median of 5)"))
+        rows.append(_row(log_load, results["log-on"])._replace_what(
+            "backendd 4 KiB randread QD32 x1q, dirty log on (median of 5)"))
         # A guest reading its disk with O_DIRECT (every read goes to the device) beside one
         # whose reads the page cache serves: the cached one should barely notice.
         cached_load = Load(bs=4096, qd=32, seconds=seconds)
@@ -221,6 +237,8 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
          _ratio(results["beside-direct"].iops, results["alone"].iops), 0.8, True, "%"),
         ("the same, beside fio's O_DIRECT reads instead / alone (the machine's part)",
          _ratio(results["beside-fio-direct"].iops, results["alone"].iops), 0.8, True, "%"),
+        ("4 KiB randread QD32 1q, dirty log on / off (IOPS)",
+         _ratio(results["log-on"].iops, results["log-off"].iops), 0.90, True, "%"),
         ("QD1 4 KiB read p50 / eventfd ping-pong p50",
          _ratio(qd1.lat_ns["p50"], pp["p50_ns"]), 4.0, False, "x"),
     ]

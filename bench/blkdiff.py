@@ -29,6 +29,7 @@ from backendd.devices.blk.config import BlkConfig
 from backendd.devices.blk.image import Image
 from backendd.devices.blk.queue import Counters, RingQueue
 from backendd.devices.blk.request import Geometry
+from backendd.dirtylog import DirtyBitmap, RingLog, gnttab_offset, log_size
 from backendd.evtchn import EventChannel
 from backendd.grants import GrantTable
 from backendd.guest import GuestGrantTable
@@ -50,6 +51,7 @@ RING_GREF = 8            # grefs 8.. name the ring pages
 DATA_GREFS = range(16, 48)  # random entries: data and indirect pages
 INDIRECT_GREFS = (48, 49)   # well-formed indirect pages
 IGNORED_STATS = ("inline_io", "pooled")  # where the I/O ran differs by design
+LOG_RAM_PAGES = LAYOUT[-1][0] + LAYOUT[-1][1]  # the dirty log's frames: up to RAM's end
 
 
 def _fd_offset(frame: int) -> int:
@@ -76,6 +78,11 @@ class World:
             off += n * PAGE
         self.grants = GrantTable(self.mem)
         self.grants.set_table(self.gt.fd, 0, 1, version)
+        # Logging on in both planes: the bitmaps must come out the same.
+        self.log_fd = os.memfd_create("diff-log", os.MFD_CLOEXEC)
+        self.log_size = log_size(LOG_RAM_PAGES, self.gt.size // PAGE)
+        os.ftruncate(self.log_fd, self.log_size)
+        self.mem.set_log(DirtyBitmap(self.log_fd, 0, self.log_size, LOG_RAM_PAGES))
         self.path = os.path.join(tmpdir, f"{name}.img")
         with open(self.path, "wb") as f:
             f.write(bytes(IMAGE_SECTORS * 512))
@@ -88,6 +95,7 @@ class World:
     def load(self, case: Case) -> None:
         os.pwrite(self.ram_fd, case.ram, 0)
         os.pwrite(self.gt.fd, case.gnttab, 0)
+        os.pwrite(self.log_fd, bytes(self.log_size), 0)
         os.ftruncate(self.image.fd, 0)
         os.pwrite(self.image.fd, case.image, 0)
         self.if_map[:] = bytes(len(self.if_map))
@@ -97,6 +105,7 @@ class World:
         self.image.close()
         self.grants.close()
         self.mem.close()
+        os.close(self.log_fd)
         self.gt.close()
         self.if_map.close()
         os.close(self.if_fd)
@@ -292,6 +301,7 @@ def run_plane(world: World, case: Case, plane: str, loop: asyncio.AbstractEventL
         back.req_cons = rec.req_cons
     else:
         back = BackRing.attach(shared)
+    back.log = RingLog(world.mem, [m.frame for m in maps])  # as the device sets it
     counters = Counters()
     corrupt: list[str] = []
     channel = EventChannel(0, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
@@ -320,7 +330,17 @@ def run_plane(world: World, case: Case, plane: str, loop: asyncio.AbstractEventL
         "image": os.pread(world.image.fd, size, 0), "image_size": size,
         "inflight": _inflight_bytes(world, case), "stats": stats, "halted": q.halted,
         "corrupt": len(corrupt),
+        "dirty_log": _dirty(world),
     }
+
+
+def _dirty(world: World) -> tuple[list[int], list[int]]:
+    """The guest frames and grant-table pages the plane logged as written."""
+    bits = os.pread(world.log_fd, world.log_size, 0)
+    g = gnttab_offset(LOG_RAM_PAGES)
+    ram = [n for n in range(LOG_RAM_PAGES) if bits[n >> 3] >> (n & 7) & 1]
+    gnt = [k for k in range((world.log_size - g) * 8) if bits[g + (k >> 3)] >> (k & 7) & 1]
+    return ram, gnt
 
 
 def _inflight_bytes(world: World, case: Case) -> tuple:

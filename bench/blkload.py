@@ -227,13 +227,15 @@ async def run_load(socket_path: str, image: str, load: Load, *,
 async def run_load_socket(socket_path: str, image: str, load: Load, *,
                           binary: Path | None = None,
                           device_config: dict[str, str] | None = None,
-                          inflight: bool = False, daemon_pid: int | None = None) -> dict:
+                          inflight: bool = False, daemon_pid: int | None = None,
+                          log: bool = False) -> dict:
     """One run of the load generator doing its own control plane (--socket): it connects
     to the daemon through the C client library (clients/c), hands over its guest memory,
     grant table and eventfds, connects the disk, runs, and closes and removes it. Returns
     its JSON line; LoadFailed when it fails. With daemon_pid, the daemon's CPU seconds
     over the run alone (from its "ready" once connected to its "done" before the close,
-    --markers) are added as "daemon_cpu_seconds"."""
+    --markers) are added as "daemon_cpu_seconds". With log, the daemon logs its writes
+    into a dirty log (--log) and "dirty_pages" counts the guest pages it marked."""
     binary = binary or build("blkfront_load")
     args = [str(binary), "--socket", socket_path, "--disk", f"path={image}",
             *(a for k, v in (device_config or {}).items() for a in ("--disk", f"{k}={v}")),
@@ -246,6 +248,8 @@ async def run_load_socket(socket_path: str, image: str, load: Load, *,
         args.append("--verify")
     if inflight:
         args.append("--inflight")
+    if log:
+        args.append("--log")  # the dirty log on for the run (SET_LOG)
     cpu: float | None = None
     if daemon_pid is None:
         proc = await asyncio.create_subprocess_exec(

@@ -755,6 +755,8 @@ def fuzz_control(n: int, seed: int) -> Result:
 
 # --- fd kinds, seals and per-connection bounds ----------------------------------------
 
+# The fds target's guest RAM ends at 1 GiB + 1 MiB: a dirty log needs this many frames.
+LOG_RAM_PAGES = ((1 << 30) + (1 << 20)) >> 12
 FD_KINDS = ("eventfd", "eventfd-blocking", "eventfd-full", "sealed", "sealed-short",
             "unsealed", "grow-sealed", "pipe", "socket", "file", "devnull")
 
@@ -798,6 +800,7 @@ async def _fds(n: int, seed: int, res: Result) -> None:
     import fcntl
 
     from backendd.config import Config, DaemonSection
+    from backendd.dirtylog import log_size
     from backendd.guest import RequestFailed, SimGuest, VmmClient
     from backendd.guest.blkfront import BlkFront
     from backendd.inflight import region_size
@@ -805,12 +808,14 @@ async def _fds(n: int, seed: int, res: Result) -> None:
     from backendd.protocol.messages import (
         AddDevice,
         AddMemRegion,
+        ClearLog,
         DeviceType,
         FrontendState,
         RemoveDevice,
         RemoveMemRegion,
         SetGrantTable,
         SetInflight,
+        SetLog,
     )
     from backendd.server import Server
     from backendd.session import MAX_DEVICES, MAX_MEM_REGIONS
@@ -864,10 +869,12 @@ async def _fds(n: int, seed: int, res: Result) -> None:
             res.inputs += 1
             op = "fill" if rng.random() < 0.01 else rng.choice(
                 ("region", "region", "unregion", "gnttab", "device", "undevice", "inflight",
-                 "connect", "connect", "connect"))
+                 "connect", "connect", "connect", "log"))
             kinds = [rng.choice(FD_KINDS[:3] if op == "connect" and rng.random() < 0.7
                                 else FD_KINDS) for _ in range(2)]
             size = rng.choice((1, 2, 4)) * PAGE
+            if op == "log":  # room for the guest's frames (up to 1 GiB + 1 MiB), then more
+                size = log_size(LOG_RAM_PAGES, 1) + rng.choice((0, 1, 3)) * PAGE
             made = [_fd_of_kind(k, max(size, region_size(1)) if op == "inflight" else size,
                                 where) for k in kinds]
             sent = [fd for fd, _ in made]
@@ -953,6 +960,20 @@ async def _fds(n: int, seed: int, res: Result) -> None:
                              f"rc {rc}")
                     else:
                         need(rc != errno.EBADF, f"sealed memfd as in-flight: rc {rc}")
+                elif op == "log":
+                    # The dirty log: with it set, the other ops must go on as before (every
+                    # region here lies below LOG_RAM_PAGES), and rings served with it.
+                    if rng.random() < 0.3:
+                        need(await ask(ClearLog(), []) == 0, "CLEAR_LOG refused")
+                    else:
+                        pages = rng.choice((LOG_RAM_PAGES, LOG_RAM_PAGES - 1))
+                        rc = await ask(SetLog(0, size, pages), sent[:1])
+                        if not memfd_ok:
+                            need(rc == errno.EBADF, f"{kinds[0]} as the dirty log: rc {rc}")
+                        elif kinds[0] == "sealed-short" or pages < LOG_RAM_PAGES:
+                            need(rc == errno.EINVAL, f"log short or below RAM: rc {rc}")
+                        else:
+                            need(rc == 0, f"a good dirty log refused: rc {rc}")
                 elif op == "connect" and devices:
                     devid = rng.choice(sorted(devices))
                     front = BlkFront(guest.ram, guest.gnttab, devid)

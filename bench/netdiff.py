@@ -18,7 +18,6 @@ by `python -m bench.fuzz --targets net-diff` (inputs are slot chains).
 from __future__ import annotations
 
 import asyncio
-import mmap
 import os
 import random
 import socket
@@ -31,6 +30,7 @@ from backendd.dataplane.net import CompiledTxPath
 from backendd.devices.net.ratelimit import CreditScheduler
 from backendd.devices.net.txpath import TxPath
 from backendd.devices.net.vif import Features, VifState
+from backendd.dirtylog import DirtyBitmap, RingLog, log_size
 from backendd.grants import GrantTable
 from backendd.guest import GuestGrantTable, GuestRAM
 from backendd.memory import GuestMemory
@@ -40,8 +40,11 @@ from rings.ring import BackRing, SharedRing
 from rings.sring import REQ_PROD
 
 PAGE = 4096
-RAM_PAGES = 24
-LAYOUT = [(0, 16 * PAGE), (32 * PAGE, 8 * PAGE)]
+RAM_PAGES = 25
+# The last page, frame 48, is the shared ring's: in guest memory, so that both planes
+# log their ring writes (the dirty log is on in both and compared).
+RING_FRAME = 48
+LAYOUT = [(0, 16 * PAGE), (32 * PAGE, 8 * PAGE), (RING_FRAME * PAGE, PAGE)]
 FRAMES = [*range(16), *range(32, 40)]
 MORE, EXTRA, CSUM, VALID = 4, 8, 1, 2
 
@@ -100,7 +103,13 @@ def guest(version: int, entry_size: int) -> tuple[GuestRAM, GuestGrantTable, Gue
         mem.add_region(gpa, size, fd, off)
     table = GrantTable(mem)
     table.set_table(gt.fd, 0, 1, version)
-    ring_map = memoryview(mmap.mmap(-1, PAGE))
+    log_fd = os.memfd_create("diff-log", os.MFD_CLOEXEC)
+    size = log_size(RING_FRAME + 1, gt.size // PAGE)
+    os.ftruncate(log_fd, size)
+    mem.set_log(DirtyBitmap(log_fd, 0, size, RING_FRAME + 1))
+    os.close(log_fd)
+    ring_map = mem.view(RING_FRAME * PAGE, PAGE)
+    ring_map[:] = bytes(PAGE)
     shared = SharedRing(ring_map, entry_size)
     shared.init()
     return ram, gt, mem, table, ring_map, shared
@@ -119,6 +128,7 @@ def _world(kernel: nk.NetKernel | None, version: int, rate: tuple[int, int] | No
                                multicast_control=mcast_control), 1500, fatal.append)
     credit = CreditScheduler(*rate, loop.time()) if rate else None
     ring = BackRing.attach(shared)
+    ring.log = RingLog(mem, [RING_FRAME])
     if kernel is None:
         path = TxPath(ring, table, tap.fileno(), vif, loop, "net0/queue-0", credit)
     else:
@@ -369,7 +379,16 @@ def _state(w: World, frames: list[bytes]) -> dict[str, object]:
         "halted": (w.vif.halted, len(w.fatal)),
         "notified": w.notifies[0] > 0,
         "cons": (w.path.ring.req_cons, w.path.ring.rsp_prod_pvt),
+        "dirty_log": dirty_log(w.mem),
     }
+
+
+def dirty_log(mem: GuestMemory) -> tuple[list[int], list[int]]:
+    """(guest frames, grant-table pages) the plane logged as written."""
+    assert mem.log is not None
+    bits, g = mem.log.bits(), mem.log.gnt_offset
+    return ([n for n in range(mem.log.ram_pages) if bits[n >> 3] >> (n & 7) & 1],
+            [k for k in range(mem.log.gnt_pages) if bits[g + (k >> 3)] >> (k & 7) & 1])
 
 
 def run_case(kernel: nk.NetKernel, seed: int, rounds: int, per_round: int) -> int:

@@ -28,12 +28,13 @@ from backendd.dataplane import netkernel as nk
 from backendd.dataplane.net import CompiledRxPath
 from backendd.devices.net.rx import RxPath
 from backendd.devices.net.vif import Features, VifState
+from backendd.dirtylog import RingLog
 from rings.consts import GrantType
 from rings.netif import RX_ENTRY_SIZE, RX_REQUEST
 from rings.ring import BackRing
 from rings.sring import REQ_PROD
 
-from .netdiff import FRAMES, PAGE, Difference, World, guest
+from .netdiff import FRAMES, PAGE, RING_FRAME, Difference, World, dirty_log, guest
 
 RxWorld = World[RxPath]
 
@@ -68,6 +69,7 @@ def build(kernel: nk.NetKernel | None, case: RxCase) -> RxWorld:
     fatal: list[str] = []
     vif = VifState(0, case.features, case.mtu if case.features.sg else 1500, fatal.append)
     ring = BackRing.attach(shared)
+    ring.log = RingLog(mem, [RING_FRAME])
     if kernel is None:
         path: RxPath = RxPath(ring, table, tap.fileno(), vif, loop, "net0/queue-0",
                               case.gso_offload)
@@ -170,6 +172,7 @@ def state(w: RxWorld) -> dict[str, object]:
         "halted": (w.vif.halted, len(w.fatal)),
         "notified": w.notifies[0] > 0,
         "cons": (path.ring.req_cons, path.ring.rsp_prod_pvt),
+        "dirty_log": dirty_log(w.mem),
     }
 
 

@@ -46,6 +46,14 @@ _cas32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_i
                    ctypes.c_int]
 _cas32.restype = ctypes.c_bool
 
+_or8 = _lib.__atomic_fetch_or_1
+_or8.argtypes = [ctypes.c_void_p, ctypes.c_uint8, ctypes.c_int]
+_or8.restype = ctypes.c_uint8
+
+_xchg64 = _lib.__atomic_exchange_8
+_xchg64.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
+_xchg64.restype = ctypes.c_uint64
+
 
 def full_barrier() -> None:
     """xen_mb(): orders earlier loads and stores before later ones, including a store
@@ -80,6 +88,17 @@ def cmpxchg32(address: int, expected: int, desired: int) -> tuple[bool, int]:
     seen = ctypes.c_uint32(expected)
     ok = _cas32(address, ctypes.byref(seen), desired, _SEQ_CST, _SEQ_CST)
     return bool(ok), seen.value
+
+
+def fetch_or8(address: int, bits: int) -> int:
+    """Atomically OR `bits` into the byte at `address` (`lock or`); returns the byte
+    before. A dirty-log bit is set this way while the VMM clears words of the same log."""
+    return int(_or8(address, bits, _SEQ_CST))
+
+
+def exchange64(address: int, value: int) -> int:
+    """Atomically replace the aligned u64 at `address` with `value`; returns the old one."""
+    return int(_xchg64(address, value, _SEQ_CST))
 
 
 class PinnedAddress:

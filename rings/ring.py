@@ -12,10 +12,17 @@ places per side, between publishing an index and reading the other side's event 
 before the index store, and an index load before slot reads; on x86 they are free.
 """
 
+from typing import Protocol
+
 from .atomic import full_barrier, read_barrier, write_barrier
 from .sring import REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD, SRING_HEADER_SIZE, ring_entries
 
 U32 = 0xFFFFFFFF
+SRING_INDEX_BYTES = 16  # req_prod, req_event, rsp_prod, rsp_event
+
+
+class RingWriteLog(Protocol):
+    def wrote(self, offset: int, length: int) -> None: ...
 
 
 class RingCorrupted(Exception):
@@ -121,11 +128,14 @@ class PagedSharedRing(SharedRing):
 class BackRing:
     """The back end's private state (req_cons, rsp_prod_pvt) over a shared ring."""
 
-    __slots__ = ("_pushed", "req_cons", "ring", "rsp_prod_pvt", "size")
+    __slots__ = ("_pushed", "log", "req_cons", "ring", "rsp_prod_pvt", "size")
 
     def __init__(self, ring: SharedRing, start: int = 0) -> None:
         # BACK_RING_INIT starts at 0; BACK_RING_ATTACH resumes at the published rsp_prod.
         self.ring = ring
+        # Told of every write into the shared ring (byte offset, length in the ring's
+        # pages), e.g. for a dirty log; None: nobody asks.
+        self.log: RingWriteLog | None = None
         self.size = ring.size
         self.req_cons = start & U32
         self.rsp_prod_pvt = start & U32
@@ -171,6 +181,8 @@ class BackRing:
         if self.rsp_prod_pvt == self.req_cons:
             raise RuntimeError("more responses than requests taken")
         self.ring.write_slot(self.rsp_prod_pvt, data)
+        if self.log is not None:
+            self.log.wrote(self.ring.slot_offset(self.rsp_prod_pvt), len(data))
         self.rsp_prod_pvt = (self.rsp_prod_pvt + 1) & U32
 
     def push_responses(self) -> bool:
@@ -180,7 +192,11 @@ class BackRing:
         if new == old:
             return False
         write_barrier()  # front end sees the responses before the index
+        if self.log is not None:
+            self.log.wrote(0, SRING_INDEX_BYTES)  # before the index is visible ...
         self.ring.idx[RSP_PROD] = new
+        if self.log is not None:
+            self.log.wrote(0, SRING_INDEX_BYTES)  # ... and after it has landed
         self._pushed = new
         full_barrier()  # front end sees the index before we read rsp_event
         return _sub(new, self.ring.idx[RSP_EVENT]) < _sub(new, old)
@@ -191,6 +207,8 @@ class BackRing:
         if self.unconsumed_requests():
             return True
         self.ring.idx[REQ_EVENT] = (self.req_cons + 1) & U32
+        if self.log is not None:
+            self.log.wrote(0, SRING_INDEX_BYTES)
         full_barrier()  # req_event is visible before we look at req_prod again
         return self.unconsumed_requests() > 0
 

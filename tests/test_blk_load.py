@@ -143,6 +143,25 @@ async def test_socket_mode_markers_bracket_the_run(daemon, image):
     assert result.cpu_us_per_io > 0
 
 
+@pytest.mark.parametrize("dataplane", ["python", "compiled"])
+async def test_socket_mode_dirty_log(daemon, image, dataplane):
+    """--log: SET_LOG through the C client before the run; after it exactly the pages the
+    daemon wrote are set: each of the 32 slots' data page (4 KiB reads, every slot used)
+    and the one ring page, none of the pages it only read (writes); the grant table's
+    page too. Without --log there is no log (-1)."""
+    cfg = {"dataplane": dataplane, "persistent": "0"}
+    raw = await run_load_socket(daemon.path, str(image), Load(rw="read", qd=32, count=400),
+                                device_config=cfg, log=True)
+    assert raw["errors"] == 0 and raw["failure"] == ""
+    assert (raw["dirty_pages"], raw["dirty_gnttab_pages"]) == (32 + 1, 1)
+    raw = await run_load_socket(daemon.path, str(image), Load(rw="write", qd=32, count=400),
+                                device_config=cfg, log=True)
+    assert (raw["dirty_pages"], raw["dirty_gnttab_pages"]) == (1, 1)
+    raw = await run_load_socket(daemon.path, str(image), Load(rw="read", qd=4, count=10),
+                                device_config=cfg)
+    assert (raw["dirty_pages"], raw["dirty_gnttab_pages"]) == (-1, -1)
+
+
 async def test_socket_mode_reports_a_failed_request(daemon, image):
     with pytest.raises(LoadFailed, match="answered status -1"):
         await run_load_socket(daemon.path, str(image), Load(count=8, qd=4, verify=True),
@@ -159,8 +178,9 @@ async def test_socket_mode_sanitizer_build(daemon, image, sanitized):
     for load in (Load(bs=4096, qd=32, queues=2, count=100, verify=True, seed=31),
                  Load(bs=MiB, qd=2, count=4, verify=True, seed=32),
                  Load(bs=64 * 1024, qd=4, count=20, verify=True, persistent=True, seed=33)):
-        await check_socket(daemon, image, load, binary=sanitized,
-                           inflight=load.persistent)
+        raw = await check_socket(daemon, image, load, binary=sanitized,
+                                 inflight=load.persistent, log=load.bs == MiB)
+        assert (raw["dirty_pages"] > 0) == (load.bs == MiB)  # the dirty log, taken
 
 
 async def test_eventfd_pingpong_builds_and_runs():

@@ -480,6 +480,34 @@ async def test_nbdkit_memory(vm, tmp_path, servers, persistent):
     await detach(vm, 1, front)
 
 
+@pytest.mark.parametrize("persistent", [False, True], ids=["grants", "persistent-grants"])
+async def test_nbd_reads_are_in_the_dirty_log(vm, tmp_path, servers, persistent):
+    """Reads served from an NBD export mark the pages they fill, like any other read."""
+    from test_dirty_log import Recorder
+
+    from backendd.guest.dirtylog import DirtyLog
+
+    srv = nbdkit_memory(tmp_path, "8M")
+    servers.append(srv.start())
+    front, _ = await attach(vm, 1, uri(srv), persistent=persistent)
+    rec = Recorder(front)
+    ram_pages = vm.guest.ram.size // 4096
+    log = DirtyLog(ram_pages, vm.guest.gnttab.size // 4096)
+    try:
+        await vm.client.set_log(log.fd, log.size, ram_pages)
+        await front.write(64, random.Random(7).randbytes(3 * 4096))
+        rec.take()
+        log.take_ram()
+        for _ in range(3):
+            await front.read(64, 3 * 4096)
+            filled = {gfn for _, gfn, ro in rec.take() if not ro}
+            assert filled and log.take_ram() == filled | {front.queues[0].pages[0]}
+        await vm.client.clear_log()
+    finally:
+        log.close()
+    await detach(vm, 1, front)
+
+
 async def test_read_only_export(vm, tmp_path, servers):
     image = tmp_path / "base.raw"
     content = random.Random(3).randbytes(4 * MiB)

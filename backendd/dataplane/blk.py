@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from rings.sring import REQ_PROD
 
 from . import kernel as K
+from .build import set_log
 from .rounds import LoopRound, loop_round
 
 if TYPE_CHECKING:
@@ -245,6 +246,7 @@ class CompiledRingQueue:
             env.gnt_status = pin.address + gt._status_base
             self._uses_anchor = (ctypes.c_uint32 * len(gt._uses)).from_buffer(gt._uses)
             env.gnt_uses = ctypes.addressof(self._uses_anchor)
+        set_log(env, mem.log)
         self._env_key = key
 
     # --- serving ---------------------------------------------------------------------
@@ -356,7 +358,8 @@ class CompiledRingQueue:
         self._round.leave(self)
         self.channel.stop()
         await self._idle.wait()
-        self.k.push(self._q, ctypes.byref(self._out))
+        self._refresh()
+        self.k.push(self._q, ctypes.byref(self._env), ctypes.byref(self._out))
         if self._out.flags & K.NOTIFY:
             self.channel.notify()
         if self.inflight is not None:

@@ -191,6 +191,7 @@ struct bk_pending {
     uint64_t done;          /* bytes moved so far */
     uint32_t grefs[BK_MAX_SEGS];
     struct iovec iov[BK_MAX_SEGS];
+    uint8_t *page[BK_MAX_SEGS];     /* the pinned pages, for the dirty log */
 };
 
 struct bk_queue {
@@ -219,6 +220,7 @@ struct bk_queue {
     uint8_t held[BK_MAX_RING];
     uint8_t held_rsp[BK_MAX_RING][sizeof(struct blkif_response)];
     struct bk_pending slots[BK_MAX_PENDING];
+    const struct dp_env *env;        /* the current call's: its dirty log */
 };
 
 /* ---- shared memory access (core.h) and the ring ------------------------------- */
@@ -235,8 +237,11 @@ static void ring_copy(struct bk_queue *q, uint32_t index, uint8_t *buf, uint32_t
     size_t first = len < BK_PAGE - start ? len : BK_PAGE - start;
     if (to_ring) {
         memcpy(q->pages[page] + start, buf, first);
-        if (first < len)
+        dp_log_host(q->env, q->pages[page]);
+        if (first < len) {
             memcpy(q->pages[page + 1], buf + first, len - first);
+            dp_log_host(q->env, q->pages[page + 1]);
+        }
     } else {
         memcpy(buf, q->pages[page] + start, first);
         if (first < len)
@@ -380,7 +385,7 @@ static void push(struct bk_queue *q, struct bk_out *out)
     uint32_t old = q->pushed, new = q->rsp_prod_pvt;
     if (q->halted || new == old)
         return;
-    if (dp_ring_push(q->pages[0], old, new))
+    if (dp_ring_push(q->env, q->pages[0], old, new))
         out->flags |= BK_NOTIFY;
     q->pushed = new;
     if (q->inflight && q->nunpub) {
@@ -620,6 +625,7 @@ static void accept(struct bk_queue *q, const struct dp_env *env, const uint8_t *
         }
         s->iov[i].iov_base = page + start;
         s->iov[i].iov_len = len;
+        s->page[i] = page;
     }
     s->state = SLOT_WAITING;
     q->fifo[(q->fifo_head + q->fifo_count) % BK_MAX_PENDING] = (uint32_t)(s - q->slots);
@@ -718,6 +724,9 @@ static void account(const struct bk_pending *s, struct bk_out *out)
 static void finish(struct bk_queue *q, const struct dp_env *env, struct bk_pending *s,
                    struct bk_out *out)
 {
+    if (env->log && !s->write)     /* the pages a read filled, before the answer */
+        for (uint32_t i = 0; i < s->nseg; i++)
+            dp_log_host(env, s->page[i]);
     slot_release(env, s);
     account(s, out);
     answer(q, s->id, s->op, s->status, s->ring_index, s->if_entry);
@@ -905,7 +914,8 @@ static void dispatch(struct bk_queue *q, const struct dp_env *env, struct bk_out
 
 static int final_check(struct bk_queue *q)
 {
-    return dp_ring_final_check(q->pages[0], q->size, q->req_cons, q->rsp_prod_pvt);
+    return dp_ring_final_check(q->env, q->pages[0], q->size, q->req_cons,
+                               q->rsp_prod_pvt);
 }
 
 static void halt(struct bk_queue *q, const struct dp_env *env)
@@ -1039,6 +1049,7 @@ void bk_queue_state(const struct bk_queue *q, uint32_t out[7])
 void bk_serve(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
     memset(out, 0, sizeof(*out));
+    q->env = env;
     if (q->halted)
         return;
     if (take(q, env, out)) {
@@ -1129,6 +1140,7 @@ void bk_replay(struct bk_queue *q, const struct dp_env *env, const uint8_t *raws
                const uint32_t *indices, uint32_t n, struct bk_out *out)
 {
     memset(out, 0, sizeof(*out));
+    q->env = env;
     for (uint32_t k = 0; k < n; k++) {
         uint8_t raw[BK_SLOT_MAX];
         memcpy(raw, raws + (size_t)k * BK_SLOT_MAX, BK_SLOT_MAX);
@@ -1156,6 +1168,7 @@ void bk_reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
     uint16_t jobs[BK_MAX_PENDING];
     uint32_t n;
     memset(out, 0, sizeof(*out));
+    q->env = env;
     if (q->wake_fd >= 0) {
         uint64_t v;
         ssize_t rc = read(q->wake_fd, &v, sizeof(v));  /* before taking the list */
@@ -1185,9 +1198,10 @@ void bk_reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 }
 
 /* Publish what was answered (stopping). */
-void bk_push(struct bk_queue *q, struct bk_out *out)
+void bk_push(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
     memset(out, 0, sizeof(*out));
+    q->env = env;
     push(q, out);
     out->inpool = q->inpool;
 }

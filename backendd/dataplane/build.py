@@ -24,7 +24,10 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from backendd.dirtylog import DirtyBitmap
 
 HERE = Path(__file__).resolve().parent
 XEN = Path("/usr/include/xen")
@@ -62,7 +65,22 @@ class Env(ctypes.Structure):
     _fields_ = [("regions", ctypes.POINTER(Region)), ("nr_regions", ctypes.c_uint32),
                 ("gnt_version", ctypes.c_uint32), ("gnt_entries", ctypes.c_uint32),
                 ("backend_domid", ctypes.c_uint32), ("gnt_shared", ctypes.c_void_p),
-                ("gnt_status", ctypes.c_void_p), ("gnt_uses", ctypes.c_void_p)]
+                ("gnt_status", ctypes.c_void_p), ("gnt_uses", ctypes.c_void_p),
+                ("log", ctypes.c_void_p), ("log_ram_pages", ctypes.c_uint64),
+                ("log_gnt_offset", ctypes.c_uint64), ("log_gnt_pages", ctypes.c_uint64)]
+
+
+def set_log(env: Env, log: DirtyBitmap | None) -> None:
+    """Point `env` at the connection's dirty log (None: logging off, one NULL test per
+    write site in the kernels)."""
+    if log is None or not log.address:
+        env.log = None
+        env.log_ram_pages = env.log_gnt_offset = env.log_gnt_pages = 0
+    else:
+        env.log = log.address
+        env.log_ram_pages = log.ram_pages
+        env.log_gnt_offset = log.gnt_offset
+        env.log_gnt_pages = log.gnt_pages
 
 
 class BuildError(Exception):

@@ -39,7 +39,51 @@ struct dp_env {             /* guest memory and grant table, refreshed by Python
     uint8_t *gnt_shared;    /* the entries */
     uint8_t *gnt_status;    /* v2: the status words */
     uint32_t *gnt_uses;     /* 2 per gref: uses, writable uses (shared with grants.py) */
+    /* The dirty log (SET_LOG, backendd/dirtylog.py); log NULL: logging is off. */
+    uint8_t *log;
+    uint64_t log_ram_pages; /* bits 0.. are guest frames */
+    uint64_t log_gnt_offset; /* byte of the grant table's page bits */
+    uint64_t log_gnt_pages;
 };
+
+/* ---- the dirty log: bits set with an atomic OR, after the write they log -------- */
+
+static inline void dp_log_bit(uint8_t *bits, uint64_t n)
+{
+    /* a locked OR: the stores before it are visible before the bit */
+    __atomic_fetch_or(bits + (n >> 3), (uint8_t)(1u << (n & 7)), __ATOMIC_SEQ_CST);
+}
+
+/* Guest frame `gfn` was written. */
+static inline void dp_log_gfn(const struct dp_env *env, uint64_t gfn)
+{
+    if (env->log && gfn < env->log_ram_pages)
+        dp_log_bit(env->log, gfn);
+}
+
+/* The guest page holding host address `p` (inside a region) was written. */
+static inline void dp_log_host(const struct dp_env *env, const uint8_t *p)
+{
+    if (!env || !env->log)
+        return;
+    for (uint32_t i = 0; i < env->nr_regions; i++) {
+        const struct dp_region *r = &env->regions[i];
+        if (p >= r->host && (uint64_t)(p - r->host) < r->size) {
+            dp_log_gfn(env, (r->gpa + (uint64_t)(p - r->host)) >> 12);
+            return;
+        }
+    }
+}
+
+/* The grant-table word at `p` (an entry or a v2 status word) was written. */
+static inline void dp_log_gnt(const struct dp_env *env, const uint8_t *p)
+{
+    if (!env->log)
+        return;
+    uint64_t page = (uint64_t)(p - env->gnt_shared) >> 12;
+    if (page < env->log_gnt_pages)
+        dp_log_bit(env->log + env->log_gnt_offset, page);
+}
 
 static inline uint32_t dp_load32(const uint8_t *p)
 {
@@ -122,10 +166,11 @@ static inline void dp_grant_unpin(const struct dp_env *env, uint32_t gref, int w
         clear |= GTF_reading;
     if (!clear)
         return;
-    if (env->gnt_version == 2)
-        dp_update16(env->gnt_status + 2 * (size_t)gref, 0, clear);
-    else
-        dp_update16(env->gnt_shared + sizeof(grant_entry_v1_t) * (size_t)gref, 0, clear);
+    uint8_t *p = env->gnt_version == 2
+        ? env->gnt_status + 2 * (size_t)gref
+        : env->gnt_shared + sizeof(grant_entry_v1_t) * (size_t)gref;
+    dp_update16(p, 0, clear);
+    dp_log_gnt(env, p);
 }
 
 /* Pin one grant for reading (and writing if asked). On success (0): *page is the host
@@ -154,8 +199,10 @@ static inline int dp_grant_pin(const struct dp_env *env, uint32_t gref, int writ
              * another domain between the check and the pin (as Xen does for v1). */
             uint32_t old = seen;
             if (__atomic_compare_exchange_n((uint32_t *)e, &seen, old | want, 0,
-                                            __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+                                            __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+                dp_log_gnt(env, e);
                 break;
+            }
         }
         if (tries == DP_MAX_TRIES)
             return -DP_G_UNSTABLE;
@@ -172,13 +219,16 @@ static inline int dp_grant_pin(const struct dp_env *env, uint32_t gref, int writ
             if ((bad = dp_grant_check(env, hdr & 0xffff, hdr >> 16, writable)))
                 return bad;
             added = want & ~dp_update16(status, want, 0);
+            dp_log_gnt(env, status);
             /* the status store is visible before the entry is read again, so a guest
              * revoking now either sees our bits or we see its revocation */
             dp_mb();
             if (dp_load32(e) == hdr)
                 break;
-            if (added)
+            if (added) {
                 dp_update16(status, 0, added);
+                dp_log_gnt(env, status);
+            }
         }
         if (tries == DP_MAX_TRIES)
             return -DP_G_UNSTABLE;
@@ -190,8 +240,10 @@ static inline int dp_grant_pin(const struct dp_env *env, uint32_t gref, int writ
                                 __ATOMIC_RELAXED);
         if ((hdr & 0xffff) & GTF_sub_page) {
             if ((uint32_t)page_off + length > DP_PAGE) {
-                if (added)
+                if (added) {
                     dp_update16(status, 0, added);
+                    dp_log_gnt(env, status);
+                }
                 return -DP_G_SUB_PAGE;
             }
             *lo = page_off;
@@ -226,22 +278,26 @@ static inline uint32_t dp_ring_unconsumed(const uint8_t *sring, uint32_t size,
 }
 
 /* RING_FINAL_CHECK_FOR_REQUESTS */
-static inline int dp_ring_final_check(uint8_t *sring, uint32_t size, uint32_t req_cons,
-                                      uint32_t rsp_prod_pvt)
+static inline int dp_ring_final_check(const struct dp_env *env, uint8_t *sring,
+                                      uint32_t size, uint32_t req_cons, uint32_t rsp_prod_pvt)
 {
     if (dp_ring_unconsumed(sring, size, req_cons, rsp_prod_pvt))
         return 1;
     dp_store32(sring + DP_SRING_REQ_EVENT, req_cons + 1);
+    dp_log_host(env, sring);
     dp_mb();
     return dp_ring_unconsumed(sring, size, req_cons, rsp_prod_pvt) > 0;
 }
 
 /* RING_PUSH_RESPONSES_AND_CHECK_NOTIFY, responses old..new written (old != new):
  * whether the frontend asked to be notified. */
-static inline int dp_ring_push(uint8_t *sring, uint32_t old, uint32_t new)
+static inline int dp_ring_push(const struct dp_env *env, uint8_t *sring, uint32_t old,
+                               uint32_t new)
 {
     dp_wmb();               /* the frontend sees the responses before the index */
+    dp_log_host(env, sring);    /* logged before the index is visible, and after */
     dp_store32(sring + DP_SRING_RSP_PROD, new);
+    dp_log_host(env, sring);
     dp_mb();                /* ... and the index before we read rsp_event */
     return (uint32_t)(new - dp_load32(sring + DP_SRING_RSP_EVENT)) < (uint32_t)(new - old);
 }

@@ -101,7 +101,7 @@ class Kernel:
                                                 ctypes.POINTER(u32), u32, outp])
         self.reap = _fn(lib.bk_reap, None, [vp, envp, outp])
         self.io_threads = _fn(lib.bk_io_threads, u32, [u32])
-        self.push = _fn(lib.bk_push, None, [vp, outp])
+        self.push = _fn(lib.bk_push, None, [vp, envp, outp])
         self.inflight_scan = _fn(lib.bk_inflight_scan, None, [vp])
         self.serve_many = _fn(lib.bk_serve_many, u32, [ctypes.POINTER(vp),
                                                        ctypes.POINTER(envp),

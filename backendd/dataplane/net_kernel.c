@@ -145,6 +145,9 @@ static void read_slot(const struct nk_txq *q, uint32_t index, uint8_t raw[12],
     }
 }
 
+/* The dp_env of the nk_tx / nk_rx call running on this thread: its dirty log. */
+static __thread const struct dp_env *nk_env;
+
 /* One response slot: `len` bytes of `data`, the rest of the entry zeroed (no stale
  * bytes in the padding, XSA-216). */
 static void put_slot(struct nk_ring *r, const void *data, size_t len)
@@ -153,6 +156,7 @@ static void put_slot(struct nk_ring *r, const void *data, size_t len)
     memset(buf, 0, sizeof(buf));
     memcpy(buf, data, len);
     memcpy(slot_at(r, r->rsp_prod_pvt), buf, r->entry);
+    dp_log_host(nk_env, r->page);
     r->rsp_prod_pvt++;
 }
 
@@ -169,12 +173,12 @@ static int push_responses(struct nk_ring *r)
     if (new == old)
         return 0;
     r->pushed = new;
-    return dp_ring_push(r->page, old, new);
+    return dp_ring_push(nk_env, r->page, old, new);
 }
 
 static int final_check(struct nk_ring *r)
 {
-    return dp_ring_final_check(r->page, r->size, r->req_cons, r->rsp_prod_pvt);
+    return dp_ring_final_check(nk_env, r->page, r->size, r->req_cons, r->rsp_prod_pvt);
 }
 
 /* ---- parsing a packet: backendd/devices/net/tx.py ------------------------------- */
@@ -559,6 +563,7 @@ void nk_tx(struct nk_txq *q, const struct dp_env *env, struct nk_tx_out *out)
     struct packet p;
     int budget_left = 0, stop = 0;
     memset(out, 0, offsetof(struct nk_tx_out, errors));
+    nk_env = env;
     if (q->budget > NK_BUDGET)
         q->budget = NK_BUDGET;
     while (q->budget > 0) {
@@ -813,6 +818,10 @@ static int rx_read_one(struct nk_rxq *q, const struct dp_env *env, struct nk_rx_
         return 1;
     }
     int64_t frame_len = (int64_t)n - NK_VNET_HDR;
+    if (env->log && frame_len > 0)  /* the guest pages the read reached */
+        for (uint32_t i = 0; i < nbufs && (int64_t)i * DP_PAGE < frame_len; i++)
+            if (bufs[i]->ok)
+                dp_log_host(env, bufs[i]->page);
     if (frame_len < NK_ETH_HLEN || frame_len > (int64_t)nbufs * DP_PAGE) {
         out->rx_dropped++;
         return 1;
@@ -846,6 +855,8 @@ static int rx_read_one(struct nk_rxq *q, const struct dp_env *env, struct nk_rx_
         for (uint32_t k = 1; k < npages; k++) {
             const struct nk_posted *dst = k == 1 ? posted_at(q, 1) : bufs[k - 1];
             memmove(rx_page(q, dst), rx_page(q, bufs[k]), DP_PAGE);
+            if (dst->ok)
+                dp_log_host(env, dst->page);
         }
     }
     uint32_t used = npages + (gso ? 1 : 0);
@@ -916,6 +927,7 @@ void nk_rx(struct nk_rxq *q, const struct dp_env *env, uint32_t budget,
            struct nk_rx_out *out)
 {
     memset(out, 0, offsetof(struct nk_rx_out, bad));
+    nk_env = env;
     if (q->need < 1 || q->need > NK_RX_MAX_POSTED / 2 || q->r.entry != 8 ||
         q->r.size > NK_RX_MAX_POSTED) {
         out->flags |= NK_FATAL;     /* a binding error, never a guest's */

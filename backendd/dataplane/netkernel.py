@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 
-from backendd.dataplane.build import Env, KernelError, Loader, Region
+from backendd.dataplane.build import Env, KernelError, Loader, Region, set_log
 from backendd.grants import GrantTable
 from backendd.memory import GuestMemory
 from rings.ring import BackRing
@@ -216,6 +216,7 @@ class NativeEnv:
                 self.env.gnt_status = pin.address + g._status_base
                 self.env.gnt_uses = ctypes.addressof(uses)
         self.env.backend_domid = g.backend_domid
+        set_log(self.env, self.memory.log)
 
     def release(self) -> None:
         """Let go of the regions (after the call), so the VMM may remove them."""

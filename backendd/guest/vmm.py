@@ -17,6 +17,7 @@ from backendd.protocol.messages import (
     PROTOCOL_VERSION,
     AddDevice,
     AddMemRegion,
+    ClearLog,
     Code,
     DaemonStatus,
     DeviceType,
@@ -32,6 +33,7 @@ from backendd.protocol.messages import (
     RemoveMemRegion,
     SetGrantTable,
     SetInflight,
+    SetLog,
     StateReply,
     StatsReply,
     decode_notice,
@@ -222,6 +224,13 @@ class VmmClient:
 
     async def set_inflight(self, devid: int, fd: int, size: int, offset: int = 0) -> None:
         await self.request(SetInflight(devid, offset, size), [fd])
+
+    async def set_log(self, fd: int, size: int, ram_pages: int, offset: int = 0) -> None:
+        """Start the dirty log (backendd.guest.dirtylog.DirtyLog makes one)."""
+        await self.request(SetLog(offset, size, ram_pages), [fd])
+
+    async def clear_log(self) -> None:
+        await self.request(ClearLog())
 
     async def hand_over_channels(self, devid: int, state: int, keys: Mapping[str, str],
                                  channels: Sequence[tuple[int, int, int]]

@@ -52,6 +52,8 @@ class Code(IntEnum):
     DAEMON_STATUS = 10
     RING_DUMP = 11
     SET_INFLIGHT = 12
+    SET_LOG = 13
+    CLEAR_LOG = 14
     # Notices have their own range so a stray one is never mistaken for a request.
     DEVICE_FAILED = 0x100
     FRONTEND_MISBEHAVED = 0x101
@@ -439,6 +441,46 @@ class SetInflight(Message):
 
 
 @dataclass(frozen=True)
+class SetLog(Message):
+    """Start logging the guest pages the daemon writes into the bitmap of the fd (the
+    dirty log, docs/protocol.md; backendd/dirtylog.py), replacing any earlier log."""
+
+    code: ClassVar[Code] = Code.SET_LOG
+    fds: ClassVar[int] = 1
+    _S: ClassVar[struct.Struct] = struct.Struct("<QQQ")
+    mmap_offset: int
+    size: int
+    ram_pages: int
+
+    def encode(self) -> bytes:
+        return self._S.pack(self.mmap_offset, self.size, self.ram_pages)
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        offset, size, ram_pages = _fixed("SET_LOG", cls._S, payload)
+        if size == 0 or offset % 4096:
+            raise ProtocolError(_errno.EINVAL, "SET_LOG: empty log or unaligned mmap_offset")
+        if ram_pages == 0:
+            raise ProtocolError(_errno.EINVAL, "SET_LOG: ram_pages is 0")
+        return cls(offset, size, ram_pages)
+
+
+@dataclass(frozen=True)
+class ClearLog(Message):
+    """Stop logging and unmap the log."""
+
+    code: ClassVar[Code] = Code.CLEAR_LOG
+
+    def encode(self) -> bytes:
+        return b""
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        _end("CLEAR_LOG", payload, 0)
+        return cls()
+
+
+@dataclass(frozen=True)
 class DaemonStatus(Message):
     """Every connection and device of the daemon, not only the asker's, one page per
     request: the page starts at connection `conn` (the lowest id >= conn), with its own
@@ -645,6 +687,8 @@ REQUESTS: dict[Code, type[Message]] = {
         DaemonStatus,
         RingDump,
         SetInflight,
+        SetLog,
+        ClearLog,
     )
 }
 NOTICES: dict[Code, type[Message]] = {
@@ -663,6 +707,8 @@ REPLIES: dict[Code, type[Message]] = {
     Code.DAEMON_STATUS: StatsReply,
     Code.RING_DUMP: RingDumpReply,
     Code.SET_INFLIGHT: EmptyReply,
+    Code.SET_LOG: EmptyReply,
+    Code.CLEAR_LOG: EmptyReply,
 }
 # Fixed fd counts, checked before decoding. None: depends on the payload
 # (FRONTEND_STATE: 2 per channel), checked right after decoding.

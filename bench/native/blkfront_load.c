@@ -39,6 +39,10 @@
  * response (or after the close), a verified read did not match, the ring stalled, or a
  * control request failed; 2 for bad arguments.
  *
+ * --log (with --socket): SET_LOG before the device is connected, so the daemon logs every
+ * guest page it writes during the run; after it the log is taken (atomic exchange per
+ * word) and the JSON gives "dirty_pages" and "dirty_gnttab_pages" (-1 without --log).
+ *
  * --verify: per queue, write COUNT distinct blocks with a pattern, then read them back
  * and check every byte here. The pattern's 8-byte word at disk byte offset o is
  * o * 0x9E3779B97F4A7C15 ^ seed (little-endian), so the image can be checked outside.
@@ -58,6 +62,7 @@
 #include <unistd.h>
 
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 
 #include <xen/io/blkif.h>
 #include <xen/io/protocols.h>
@@ -123,10 +128,13 @@ static struct {
     struct bkd_kv disk;        /* ADD_DEVICE's config */
     uint32_t devid;
     unsigned nqueues, order;
-    bool inflight, want_persistent, offered_persistent, markers;
+    bool inflight, want_persistent, offered_persistent, markers, log;
     struct bkd_channel ch[MAX_QUEUES];
     uint64_t held_after_close;
-} ctl = { .devid = 51712 };
+    uint8_t *log_map;          /* --log: the dirty log, mapped */
+    uint64_t log_size, log_ram_pages, log_gnt_pages;
+    int64_t dirty_pages, dirty_gnttab_pages;
+} ctl = { .devid = 51712, .dirty_pages = -1, .dirty_gnttab_pages = -1 };
 
 static uint64_t now_ns(void)
 {
@@ -433,7 +441,8 @@ static const char usage[] =
     "         [--pattern rand|seq] [--seconds S | --count N] [--persistent 0|1]\n"
     "         [--verify] [--seed N] [--domid N] [--handle N]\n"
     "   or: blkfront_load --socket PATH --disk path=IMAGE [--disk KEY=VALUE ...]\n"
-    "         [--queues N] [--devid N] [--inflight] [--markers] [--qd N] [--bs BYTES] ... (as above)";
+    "         [--queues N] [--devid N] [--inflight] [--markers] [--log] [--qd N] [--bs BYTES]\n"
+    "         ... (as above)";
 
 static void check_backend(void);
 
@@ -447,6 +456,10 @@ static void parse_args(int argc, char **argv)
         }
         if (!strcmp(opt, "--inflight")) {
             ctl.inflight = true;
+            continue;
+        }
+        if (!strcmp(opt, "--log")) {
+            ctl.log = true;
             continue;
         }
         if (!strcmp(opt, "--markers")) {
@@ -521,6 +534,8 @@ static void parse_args(int argc, char **argv)
         cfg.nqueues = ctl.nqueues ? ctl.nqueues : 1;
     } else if (ctl.markers) {
         die_usage("--markers is for --socket");
+    if (ctl.log && !ctl.socket)
+        die_usage("--log is for --socket");
     } else if (guest.ram_fd < 0 || guest.gnttab_fd < 0 || !cfg.nqueues || !cfg.sectors ||
                !guest.gref_count || !guest.frame_count) {
         die_usage(usage);
@@ -648,6 +663,18 @@ static void control_attach(void)
     if (data_pages > (1u << 24))
         die_usage("--qd * --bs * --queues is too much guest memory");
     control_open(ctl.socket, ring_pages, data_pages);
+    if (ctl.log) {  /* every page the daemon writes from now on is logged */
+        ctl.log_ram_pages = guest.ram_size / PAGE;
+        ctl.log_gnt_pages = guest.nr_entries / bkd_gnttab_entries_per_frame(1);
+        ctl.log_size = bkd_log_size(ctl.log_ram_pages, ctl.log_gnt_pages);
+        int fd;
+        ctl_check(fd = bkd_memfd("dirty-log", ctl.log_size), "dirty log memfd");
+        ctl.log_map = mmap(NULL, ctl.log_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (ctl.log_map == MAP_FAILED)
+            die_usage("cannot map the dirty log");
+        ctl_check(bkd_set_log(control, fd, 0, ctl.log_size, ctl.log_ram_pages), "SET_LOG");
+        close(fd);
+    }
 
     uint32_t state;
     struct bkd_kv keys = {0};
@@ -723,6 +750,13 @@ static void control_connect(void)
  * (GTF_reading/GTF_writing clear on every entry); remove it and disconnect. */
 static void control_detach(void)
 {
+    if (ctl.log) {  /* what the run wrote, then logging off */
+        ctl.dirty_pages = (int64_t)bkd_log_take(ctl.log_map, 0, ctl.log_ram_pages, NULL);
+        ctl.dirty_gnttab_pages = (int64_t)bkd_log_take(
+            ctl.log_map, bkd_log_gnttab_offset(ctl.log_ram_pages), ctl.log_gnt_pages, NULL);
+        ctl_check(bkd_clear_log(control), "CLEAR_LOG");
+        munmap(ctl.log_map, ctl.log_size);
+    }
     ctl.held_after_close = control_close(ctl.devid, ctl.ch, cfg.nqueues);
     bkd_kv_free(&ctl.disk);
 }
@@ -808,11 +842,13 @@ int main(int argc, char **argv)
            "\"lat_ns\": {\"mean\": %.0f, \"p50\": %u, \"p90\": %u, \"p99\": %u, "
            "\"p999\": %u, \"max\": %u}, \"sectors\": %" PRIu64 ", "
            "\"offered_persistent\": %d, \"held_after_close\": %" PRIu64 ", "
+           "\"dirty_pages\": %" PRId64 ", \"dirty_gnttab_pages\": %" PRId64 ", "
            "\"failure\": \"%s\"}\n",
            ios, bytes, seconds, cpu, cfg.nqueues, cfg.qd, cfg.bs, cfg.persistent, errors, bad,
            refused, mismatches, kicks, waits, nlat ? sum / (double)nlat : 0.0, PCT(0.5),
            PCT(0.9), PCT(0.99), PCT(0.999), PCT(1.0), cfg.sectors,
-           ctl.socket ? ctl.offered_persistent : -1, ctl.held_after_close, failure);
+           ctl.socket ? ctl.offered_persistent : -1, ctl.held_after_close, ctl.dirty_pages,
+           ctl.dirty_gnttab_pages, failure);
     fflush(stdout);
     for (unsigned i = 0; i < cfg.nqueues; i++) {
         struct queue *q = &cfg.q[i];

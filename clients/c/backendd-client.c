@@ -807,6 +807,21 @@ int bkd_set_inflight(struct bkd_client *c, uint32_t devid, int fd, uint64_t mmap
     return request_empty(c, BKD_SET_INFLIGHT, p, sizeof(p), &fd, 1);
 }
 
+int bkd_set_log(struct bkd_client *c, int fd, uint64_t mmap_offset, uint64_t size,
+                uint64_t ram_pages)
+{
+    uint8_t p[24];
+    put64(p, mmap_offset);
+    put64(p + 8, size);
+    put64(p + 16, ram_pages);
+    return request_empty(c, BKD_SET_LOG, p, sizeof(p), &fd, 1);
+}
+
+int bkd_clear_log(struct bkd_client *c)
+{
+    return request_empty(c, BKD_CLEAR_LOG, NULL, 0, NULL, 0);
+}
+
 /* --- notices ----------------------------------------------------------------------- */
 
 int bkd_read_notices(struct bkd_client *c, int timeout_ms)
@@ -895,6 +910,31 @@ uint32_t bkd_gnttab_status_frames(uint32_t nr_frames)
 {
     uint64_t entries = (uint64_t)nr_frames * bkd_gnttab_entries_per_frame(2);
     return (uint32_t)((entries * 2 + BKD_PAGE_SIZE - 1) / BKD_PAGE_SIZE);
+}
+
+uint64_t bkd_log_gnttab_offset(uint64_t ram_pages)
+{
+    return ((ram_pages + 7) / 8 + 7) / 8 * 8;
+}
+
+uint64_t bkd_log_size(uint64_t ram_pages, uint64_t gnttab_pages)
+{
+    return bkd_log_gnttab_offset(ram_pages) + (gnttab_pages + 63) / 64 * 8;
+}
+
+uint64_t bkd_log_take(void *log, uint64_t byte_offset, uint64_t nbits, uint8_t *out)
+{
+    uint64_t *words = (uint64_t *)((uint8_t *)log + byte_offset), n = 0;
+    for (uint64_t w = 0; w < (nbits + 63) / 64; w++) {
+        uint64_t v = __atomic_exchange_n(&words[w], 0, __ATOMIC_SEQ_CST);
+        if (w == nbits / 64)    /* the last, partial word: only bits below nbits */
+            v &= (1ull << (nbits % 64)) - 1;
+        n += (uint64_t)__builtin_popcountll(v);
+        if (out)
+            for (unsigned b = 0; b < 8 && w * 8 + b < (nbits + 7) / 8; b++)
+                out[w * 8 + b] = (uint8_t)(v >> (8 * b));
+    }
+    return n;
 }
 
 uint64_t bkd_inflight_size(uint32_t nr_queues)

@@ -55,6 +55,8 @@ enum bkd_code {
     BKD_DAEMON_STATUS = 10,
     BKD_RING_DUMP = 11,
     BKD_SET_INFLIGHT = 12,
+    BKD_SET_LOG = 13,
+    BKD_CLEAR_LOG = 14,
     BKD_NOTICE_DEVICE_FAILED = 0x100,
     BKD_NOTICE_FRONTEND_MISBEHAVED = 0x101,
     BKD_NOTICE_KEYS_CHANGED = 0x102,
@@ -178,6 +180,14 @@ int bkd_get_stats(struct bkd_client *c, uint32_t devid, struct bkd_kv *counters)
 int bkd_set_inflight(struct bkd_client *c, uint32_t devid, int fd, uint64_t mmap_offset,
                      uint64_t size);
 
+/* SET_LOG: log the guest pages the daemon writes in the bitmap at mmap_offset (page-
+ * aligned) of `fd`, a sealed memfd (bkd_memfd) of at least mmap_offset + size bytes;
+ * bkd_log_size() gives the size for `ram_pages` and the grant table's pages. Sent again,
+ * it replaces the log. CLEAR_LOG: logging off. docs/protocol.md, "Dirty log". */
+int bkd_set_log(struct bkd_client *c, int fd, uint64_t mmap_offset, uint64_t size,
+                uint64_t ram_pages);
+int bkd_clear_log(struct bkd_client *c);
+
 /* Any request, raw: `payload` of `len` bytes and `nfds` fds. On result 0 the reply body
  * (after the i32 result) is copied to *body (malloc'd, caller frees; may be NULL when
  * empty) and its length to *body_len. For tests and for codes this header does not wrap. */
@@ -219,6 +229,14 @@ void bkd_channel_close(struct bkd_channel *ch);
 uint32_t bkd_gnttab_entries_per_frame(uint32_t version); /* 512 (v1) or 256 (v2) */
 uint32_t bkd_gnttab_status_frames(uint32_t nr_frames);   /* v2 status frames */
 uint64_t bkd_inflight_size(uint32_t nr_queues);          /* page-rounded */
+/* The dirty log: its grant-table bits start at byte bkd_log_gnttab_offset(ram_pages);
+ * bkd_log_size covers both, in whole 64-bit words. */
+uint64_t bkd_log_gnttab_offset(uint64_t ram_pages);
+uint64_t bkd_log_size(uint64_t ram_pages, uint64_t gnttab_pages);
+/* Read and clear bits [0, nbits) of the log mapped at `log` + byte_offset (8-aligned),
+ * with an atomic exchange per 64-bit word, so no bit the daemon sets meanwhile is lost;
+ * `out` (NULL, or ceil(nbits / 8) bytes) gets them. Returns how many were set. */
+uint64_t bkd_log_take(void *log, uint64_t byte_offset, uint64_t nbits, uint8_t *out);
 
 #ifdef __cplusplus
 }

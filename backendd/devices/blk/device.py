@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from backendd.dataplane import kernel as blk_kernel
 from backendd.dataplane.blk import CompiledRingQueue
 from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
+from backendd.dirtylog import RingLog
 from backendd.errors import ConfigError, ControlError
 from backendd.inflight import InflightError, InflightRegion, ring_id
 from rings.blkif import BLKIF_CODECS
@@ -183,6 +184,7 @@ class BlkDevice(Device):
                     # what was answered; everything past it is read again from the ring
                     # (BACK_RING_ATTACH). A fresh ring has it at 0.
                     back = BackRing.attach(shared)
+                back.log = RingLog(self.ctx.memory, [m.frame for m in maps])
                 args = dict(
                     index=i, back=back, ring_maps=maps, inflight=table, recovery=rec,
                     channel=channels[qk.port], codecs=codecs, geometry=self.geometry,

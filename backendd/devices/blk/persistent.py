@@ -52,6 +52,10 @@ class Use:
     def writable(self) -> bool:
         return self._entry.mapping.writable
 
+    @property
+    def frame(self) -> int:
+        return self._entry.mapping.frame
+
     def page_view(self, start: int = 0, length: int | None = None) -> memoryview:
         return self._entry.mapping.page_view(start, length)
 

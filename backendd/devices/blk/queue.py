@@ -286,6 +286,10 @@ class RingQueue:
         for item in batch:
             if item.is_flush:
                 self._draining = False
+            if self.grants.memory.log is not None and item.req.op == BlkifOp.READ:
+                # The pages this read filled, logged before the response shows them.
+                for m in item.mappings:
+                    self.grants.memory.log.mark(m.frame)
             # Grants go back before the response: once answered, the guest may revoke
             # and reuse the pages, and we must not touch them again (XSA-396).
             item.release()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from backendd.dataplane import netkernel
 from backendd.dataplane.netkernel import NetKernel
 from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
+from backendd.dirtylog import RingLog
 from backendd.errors import ConfigError, ControlError
 from backendd.grants import GrantMapping
 from rings.netif import RX_ENTRY_SIZE, TX_ENTRY_SIZE
@@ -267,22 +268,25 @@ class NetDevice(Device):
         tx_shared = SharedRing(tx_page, TX_ENTRY_SIZE)
         rx_shared = SharedRing(rx_page, RX_ENTRY_SIZE)
         name = f"net{self.devid}/queue-{q}"
+        tx_back, rx_back = BackRing.attach(tx_shared), BackRing.attach(rx_shared)
+        tx_back.log = RingLog(grants.memory, [tx_map.frame])
+        rx_back.log = RingLog(grants.memory, [rx_map.frame])
         tx: TxPath
         if self.kernel is not None:
             from backendd.dataplane.net import CompiledTxPath  # it builds on TxPath
 
-            tx = CompiledTxPath(self.kernel, BackRing.attach(tx_shared), grants, fd, vif,
+            tx = CompiledTxPath(self.kernel, tx_back, grants, fd, vif,
                                 loop, name, credit)
         else:
-            tx = TxPath(BackRing.attach(tx_shared), grants, fd, vif, loop, name, credit)
+            tx = TxPath(tx_back, grants, fd, vif, loop, name, credit)
         rx: RxPath
         if self.kernel is not None:
             from backendd.dataplane.net import CompiledRxPath
 
-            rx = CompiledRxPath(self.kernel, BackRing.attach(rx_shared), grants, fd, vif,
+            rx = CompiledRxPath(self.kernel, rx_back, grants, fd, vif,
                                 loop, name, gso_offload=bool(offload & 0x6))
         else:
-            rx = RxPath(BackRing.attach(rx_shared), grants, fd, vif, loop, name,
+            rx = RxPath(rx_back, grants, fd, vif, loop, name,
                         gso_offload=bool(offload & 0x6))
         queue = _Queue(q, fd, tx_map, rx_map, tx_shared, rx_shared, tx, rx)
         tx_ch, rx_ch = channels[tx_port], channels[rx_port]

@@ -253,6 +253,13 @@ class RxPath:
             return True
         counters = self.vif.counters
         frame_len = n - VNET_HDR_LEN
+        log = self.grants.memory.log
+        if log is not None and frame_len > 0:
+            # The guest pages the read reached, logged before any response shows them
+            # (a frame filtered or dropped below has been written all the same).
+            for p in bufs[:pages_for(frame_len)]:
+                if p.mapping is not None:
+                    log.mark(p.mapping.frame)
         if frame_len < ETH_HLEN or frame_len > len(views) * PAGE_SIZE:
             counters["rx_dropped"] += 1
             return True
@@ -275,6 +282,8 @@ class RxPath:
             order = [posted[0], posted[1], *bufs[1:]]
             for k in range(1, npages):
                 self._page(order[k])[:] = self._page(order[k + 1])
+                if log is not None and order[k].mapping is not None:
+                    log.mark(order[k].mapping.frame)
         used = npages + (1 if gso is not None else 0)
         entries = [posted.popleft() for _ in range(used)]
         # The extra-info slot carries no data: its buffer is neither written nor needed.

@@ -145,6 +145,39 @@ int main(int argc, char **argv)
         mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, gt, 0);
     EXPECT(gt >= 0 && table != MAP_FAILED, "grant table");
     EXPECT(bkd_set_grant_table(c, gt, 1, 1, 0, 0) == 0, "SET_GRANT_TABLE");
+
+    /* The dirty log: 256 RAM pages (the 1 MiB region) and the 1-page grant table. */
+    uint64_t log_size = bkd_log_size(256, 1);
+    EXPECT(log_size == 40 && bkd_log_gnttab_offset(256) == 32, "log size %lu",
+           (unsigned long)log_size);
+    int logfd = bkd_memfd("dirty-log", log_size);
+    EXPECT(logfd >= 0, "log memfd");
+    int lp[2];
+    EXPECT(pipe2(lp, O_CLOEXEC) == 0, "pipe");
+    r = bkd_set_log(c, lp[0], 0, log_size, 256);
+    EXPECT(r == -EBADF && strstr(bkd_last_error(c), "memfd"), "a pipe as the log: %d", r);
+    close(lp[0]);
+    close(lp[1]);
+    r = bkd_set_log(c, logfd, 0, log_size, 255);
+    EXPECT(r == -EINVAL && strstr(bkd_last_error(c), "does not cover"), "ram_pages: %d", r);
+    r = bkd_set_log(c, logfd, 0, bkd_log_gnttab_offset(256), 256);
+    EXPECT(r == -EINVAL && strstr(bkd_last_error(c), "grant-table"), "no table bits: %d", r);
+    r = bkd_request_raw(c, BKD_CLEAR_LOG, NULL, 0, &logfd, 1, NULL, NULL);
+    EXPECT(r == -EBADF, "CLEAR_LOG with an fd: %d", r);
+    EXPECT(bkd_set_log(c, logfd, 0, log_size, 256) == 0, "SET_LOG");
+    r = bkd_add_mem_region(c, 1 << 20, 4096, ram, 0);
+    EXPECT(r == -EINVAL && strstr(bkd_last_error(c), "dirty log"), "region beyond: %d", r);
+    uint8_t *logmap = mmap(NULL, log_size, PROT_READ | PROT_WRITE, MAP_SHARED, logfd, 0);
+    EXPECT(logmap != MAP_FAILED, "mmap log");
+    logmap[3] = 0x81; /* as if frames 24 and 31 were written */
+    uint8_t bits[32] = {0};
+    EXPECT(bkd_log_take(logmap, 0, 256, bits) == 2 && bits[3] == 0x81 && logmap[3] == 0,
+           "take and clear");
+    EXPECT(bkd_clear_log(c) == 0 && bkd_clear_log(c) == 0, "CLEAR_LOG");
+    munmap(logmap, log_size);
+    close(logfd);
+    printf("dirty log: a pipe EBADF, short ram_pages and log EINVAL, a region beyond it "
+           "EINVAL, taken and cleared\n");
     struct bkd_kv cfg = {0}, keys = {0};
     bkd_kv_set(&cfg, "path", argv[2]);
     EXPECT(bkd_add_device(c, 51712, BKD_DEV_BLK, &cfg, NULL, NULL) == 0, "ADD_DEVICE");
