@@ -4,7 +4,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 fio e2fsprogs \
-           prometheus python3-libnbd libnbd-bin qemu-utils nbdkit
+           prometheus python3-libnbd libnbd-bin qemu-utils nbdkit openssl
 # Debian's libnbd bindings (python3-libnbd: not on the Python index) are seen by the venv
 # through a .pth file naming a directory with just them, not the rest of dist-packages.
 NBDPY   := /usr/lib/python3/dist-packages

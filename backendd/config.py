@@ -59,6 +59,8 @@ class BlockSection:
     nbd_tls_certificates: str = ""  # a directory of X.509 files
     nbd_tls_psk_file: str = ""      # a PSK file ("username:hexkey" lines): PSK, not X.509
     nbd_tls_username: str = ""
+    # Connections per NBD disk when the server allows several (multi-conn).
+    nbd_connections: int = 1
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,8 @@ def _validate(config: Config, source: str) -> None:
         value = getattr(config.block, name)
         if value and not os.path.isabs(value):
             raise ConfigFileError(f"{source}: [block] {name}: {value!r} is not absolute")
+    if not 1 <= config.block.nbd_connections <= 16:
+        raise ConfigFileError(f"{source}: [block] nbd_connections: outside 1..16")
     for name in ("nbd_reconnect_timeout_ms", "nbd_io_timeout_ms"):
         if not 1 <= getattr(config.block, name) <= 3_600_000:
             raise ConfigFileError(f"{source}: [block] {name}: outside 1..3600000")

@@ -75,6 +75,12 @@ class GrantMapping:
         self._page = None
         table._end_use(self.gref, self.writable)
 
+    def hand_over(self) -> None:
+        """The pin outlives this object: its new holder (the compiled data plane, which
+        counts in the same `_uses`) releases it by gref."""
+        self._table = None
+        self._page = None
+
     def __enter__(self) -> "GrantMapping":
         return self
 

@@ -176,6 +176,11 @@ class GuestMemory:
             r.map[off:off + k] = data[done:done + k]
             done += k
 
+    def mappings(self) -> list[mmap.mmap]:
+        """Each region's mapping, in gpa order (the simulated guest remaps them when it
+        migrates)."""
+        return [r.map for r in self._regions]
+
     def native(self) -> NativeRegions:
         """Host addresses of every region, for compiled code (backendd/dataplane). The
         snapshot pins the mappings: while anyone holds it, its regions cannot be
@@ -219,3 +224,15 @@ class NativeRegions:
             if r.gpa <= gpa and gpa + length <= r.gpa + r.size:
                 return r.host + (gpa - r.gpa)
         raise GuestMemoryError(f"range {gpa:#x}+{length:#x}: not inside one memory region")
+
+    def host_view(self, address: int, length: int) -> memoryview:
+        """A view of [address, address+length) by host address (as compiled code names
+        guest memory), inside one region."""
+        views = self.__dict__.get("_views")
+        if views is None:
+            views = self._views = [(self.array[k].host, len(a), memoryview(a).cast("B"))
+                                   for k, a in enumerate(self._anchors)]
+        for host, size, view in views:
+            if host <= address and address + length <= host + size:
+                return view[address - host:address - host + length]
+        raise GuestMemoryError(f"host address {address:#x}+{length:#x}: not guest memory")

@@ -82,6 +82,9 @@ DEVICE_FAMILIES: dict[str, dict[str, Family]] = {
                               "Requests waiting for the NBD connection."),
         "nbd_in_flight": Family("backendd_blk_nbd_in_flight_requests", "gauge",
                                 "Requests sent to the NBD server and not yet answered."),
+        "nbd_connections": Family("backendd_blk_nbd_connections", "gauge",
+                                  "The disk's NBD connections that are up (several with "
+                                  "multi-conn)."),
         "inline_io": _c("backendd_blk_inline_requests_total",
                         "Requests the compiled data plane served on the event loop "
                         "(page-cache hits, RWF_NOWAIT)."),

@@ -344,6 +344,10 @@ class Server:
         self._listener = sock
         self.loop.add_reader(sock.fileno(), self._accept)
         self.log.info("listening", socket=self.address)
+        with contextlib.suppress(ImportError):
+            from .devices.net.tap import preload_netlink
+
+            preload_netlink()
 
     def _bind(self, path: Path) -> socket.socket:
         """Listen at `path`, which appears only once the socket listens: bound and listening

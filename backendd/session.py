@@ -29,6 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 from rings.consts import PAGE_SIZE, XenbusState
 
+from . import devstate
 from .config import Config
 from .devices.base import DEVICE_TYPES, Device, DeviceContext, NoticeSink
 from .dirtylog import DirtyBitmap
@@ -49,11 +50,13 @@ from .protocol.messages import (
     Code,
     DaemonStatus,
     DeviceFailed,
+    DeviceStateReply,
     DeviceType,
     EmptyReply,
     FrontendMisbehaved,
     FrontendState,
     GetBackendState,
+    GetDeviceState,
     GetStats,
     Hello,
     HelloReply,
@@ -62,13 +65,16 @@ from .protocol.messages import (
     ProtocolError,
     RemoveDevice,
     RemoveMemRegion,
+    Resume,
     RingDump,
     RingDumpReply,
+    SetDeviceState,
     SetGrantTable,
     SetInflight,
     SetLog,
     StateReply,
     StatsReply,
+    Suspend,
     decode_request,
 )
 from .xenbus import Action, XenbusBackend
@@ -107,6 +113,7 @@ MAX_MEM_REGIONS = 128
 MAX_DEVICES = 32
 
 DEVICE_TYPE_NAMES = {DeviceType.BLK: "blk", DeviceType.NET: "net"}
+DEVICE_TYPE_CODES = {name: int(code) for code, name in DEVICE_TYPE_NAMES.items()}
 
 
 def load_device_types() -> None:
@@ -249,6 +256,14 @@ class Session(NoticeSink):
                 if self.daemon is None:
                     raise ControlError(errno.EOPNOTSUPP, "RING_DUMP: no daemon view")
                 return await _resolved(self.daemon.ring_dump(msg.conn, msg.devid, msg.ring))
+            case Suspend() | Resume():
+                await self._suspend_resume(msg)
+                return EmptyReply()
+            case GetDeviceState():
+                return self._get_device_state(msg.devid, fds[0])
+            case SetDeviceState():
+                self._set_device_state(msg, fds[0])
+                return EmptyReply()
         raise ProtocolError(errno.EOPNOTSUPP, f"{msg.code.name}: not handled")
 
     async def _hello(self, msg: Hello) -> HelloReply:
@@ -381,6 +396,54 @@ class Session(NoticeSink):
                           frontend_state=XenbusState(msg.state).name)
         slot.xenbus.commit(transition)
         return StateReply(slot.xenbus.state, dict(slot.keys))
+
+    # --- live migration ------------------------------------------------------------
+
+    async def _suspend_resume(self, msg: Suspend | Resume) -> None:
+        chosen = (list(self.devices.items()) if msg.devid == ALL_DEVICES
+                  else [(msg.devid, self._slot(msg.devid))])
+        verb = "suspend" if isinstance(msg, Suspend) else "resume"
+        # Every device quiesces at once: the reply waits for the slowest, not the sum.
+        await asyncio.gather(*(getattr(slot.device, verb)() for _, slot in chosen))
+        for devid, _ in chosen:
+            self.log.info(f"device_{verb}d", conn=self.conn_id, devid=devid)
+
+    def _get_device_state(self, devid: int, fd: int) -> DeviceStateReply:
+        slot = self._slot(devid)
+        if not slot.device.suspended:
+            raise ControlError(errno.EBUSY, f"device {devid}: GET_DEVICE_STATE of a device "
+                               "that is not suspended (SUSPEND it first)")
+        require_sealed_memfd(fd, "GET_DEVICE_STATE", 0, 0)
+        blob = devstate.encode(DEVICE_TYPE_CODES[slot.type_name],
+                               slot.device.save_state(slot.xenbus.state))
+        try:
+            if os.fstat(fd).st_size < len(blob):
+                os.ftruncate(fd, len(blob))
+            if os.pwrite(fd, blob, 0) != len(blob):
+                raise OSError(errno.EIO, "short write")
+        except OSError as e:
+            raise ControlError(errno.EINVAL, f"GET_DEVICE_STATE: cannot write the "
+                               f"{len(blob)}-byte state into the memfd: {e.strerror}") from e
+        return DeviceStateReply(len(blob))
+
+    def _set_device_state(self, msg: SetDeviceState, fd: int) -> None:
+        slot = self._slot(msg.devid)
+        if slot.xenbus.state != XenbusState.INIT_WAIT:
+            raise ControlError(errno.EBUSY, f"device {msg.devid}: SET_DEVICE_STATE in "
+                               f"{slot.xenbus.state.name}; only right after ADD_DEVICE "
+                               "(InitWait), before the frontend connects")
+        if msg.size > devstate.MAX_BLOB:
+            raise ControlError(errno.EINVAL, f"SET_DEVICE_STATE: {msg.size} bytes, at most "
+                               f"{devstate.MAX_BLOB}")
+        require_sealed_memfd(fd, "SET_DEVICE_STATE", 0, msg.size)
+        try:
+            blob = os.pread(fd, msg.size, 0)
+        except OSError as e:
+            raise ControlError(errno.EINVAL, f"SET_DEVICE_STATE: {e.strerror}") from e
+        sections = devstate.decode(blob, DEVICE_TYPE_CODES[slot.type_name])
+        slot.device.load_state(sections)
+        self.log.info("device_state_set", conn=self.conn_id, devid=msg.devid,
+                      bytes=len(blob))
 
     def status(self) -> dict[str, str]:
         """This connection's own part of DAEMON_STATUS, keys relative to "conn.<id>."."""

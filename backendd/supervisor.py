@@ -327,7 +327,8 @@ class Supervisor(Server):
 
         name, queues, mtu = msg["name"], msg["queues"], msg["mtu"]
         bridge, netns = msg["bridge"], msg["netns"]
-        if not (isinstance(name, str) and isinstance(queues, int)
+        adopt = msg.get("adopt", False)  # a same-host migration's destination
+        if not (isinstance(name, str) and isinstance(queues, int) and isinstance(adopt, bool)
                 and 1 <= queues <= BROKER_MAX_FDS and (mtu is None or isinstance(mtu, int))
                 and (bridge is None or isinstance(bridge, str))
                 and (netns is None or isinstance(netns, str))):
@@ -340,8 +341,9 @@ class Supervisor(Server):
             raise ControlError(errno.EINVAL, f"net: netns {netns!r}: no such network "
                                "namespace")
         fds = make_tap(name, queues, mtu, bridge, netns,
-                       self.config.network.attach_existing_taps)
-        self.log.info("tap_created", conn=worker.conn_id, tap=name, queues=queues)
+                       self.config.network.attach_existing_taps, adopt)
+        self.log.info("tap_adopted" if adopt else "tap_created", conn=worker.conn_id,
+                      tap=name, queues=queues)
         return fds
 
     def _close_broker(self, worker: Worker) -> None:

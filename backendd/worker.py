@@ -195,9 +195,9 @@ class Broker:
         return fds[0]
 
     def open_tap(self, name: str, queues: int, mtu: int | None, bridge: str | None,
-                 netns: str | None) -> list[int]:
+                 netns: str | None, adopt: bool = False) -> list[int]:
         fds = self._request({"op": "open_tap", "name": name, "queues": queues, "mtu": mtu,
-                             "bridge": bridge, "netns": netns})
+                             "bridge": bridge, "netns": netns, "adopt": adopt})
         if len(fds) != queues:
             for fd in fds:
                 os.close(fd)

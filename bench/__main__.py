@@ -5,7 +5,7 @@ never printed without its baseline, and a missing benchmark is never silent."""
 import importlib
 import sys
 
-BENCHES = ["bench.rings", "bench.blk", "bench.net", "bench.workers"]
+BENCHES = ["bench.rings", "bench.blk", "bench.net", "bench.workers", "bench.migrate"]
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """Block reads through an NBD export: a real `backendd serve` process, its disk an
 nbd+unix:// export of qemu-nbd serving a warm raw image, driven by the C blkfront load
-generator (bench/blkload.py); beside it, in the same run and on the same export, fio's
+generator doing its own control plane as a VMM would (bench/blkload.py
+run_load_socket); beside it, in the same run and on the same export, fio's
 own NBD engine (libnbd in C), or nbdcopy where this fio has no such engine.
 
     python -m bench.nbd [--seconds S]      (also run at the end of python -m bench.blk)
@@ -23,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .blkload import Load, LoadResult, run_load
+from .blkload import Load, LoadFailed, LoadResult, run_load_socket, socket_result
 from .native import build
 from .report import table
 
@@ -34,8 +35,8 @@ NAN = float("nan")
 # (label, load, fio's rw and bs)
 CASES = [("4 KiB randread QD32", Load(bs=4096, qd=32), "randread", "4k"),
          ("1 MiB seq read QD4", Load(pattern="seq", bs=MiB, qd=4), "read", "1m")]
-# The same loads with persistent grants asked for (the daemon offers them by default).
-PERSISTENT = True
+# The compiled data plane (the default), and the Python one for comparison.
+DATAPLANES = [("auto", ""), ("python", ", python data plane")]
 
 
 def fio_has_nbd() -> bool:
@@ -104,41 +105,50 @@ async def _daemon(workdir: Path) -> tuple[asyncio.subprocess.Process, str]:
     return proc, path
 
 
+def baseline(uri: str, label: str, load: Load, rw: str, bs: str,
+             seconds: float) -> tuple[str, float, float]:
+    """(what, IOPS, MB/s) of the baseline on the same export."""
+    if fio_has_nbd():
+        return (f"fio nbd engine, {label}", *fio_nbd(uri, rw, bs, load.qd, seconds))
+    if shutil.which("nbdcopy") and load.pattern == "seq":
+        return (f"nbdcopy, {label}", *nbdcopy(uri, load.bs, load.qd))
+    return f"(no baseline), {label}", NAN, NAN
+
+
 async def measure(workdir: Path, uri: str, seconds: float) -> list[tuple]:
+    """Per case: the baseline, the daemon's lines, the baseline again; each line's share
+    is of the mean of the two baseline runs around it, so that a machine whose load
+    drifts during the run (other work on it) moves both alike."""
     proc, path = await _daemon(workdir)
-    results: list[tuple[str, list[LoadResult]]] = []
+    rows: list[tuple] = []
     try:
-        for label, load, _rw, _bs in CASES:
-            runs = []
-            for persistent in (False, True) if PERSISTENT else (False,):
-                one = Load(**{**load.__dict__, "seconds": seconds, "persistent": persistent})
-                runs.append(await run_load(path, uri, one, daemon_pid=proc.pid,
-                                           sectors=IMAGE_SIZE // 512))
-            results.append((label, runs))
+        for label, load, rw, bs in CASES:
+            before = baseline(uri, label, load, rw, bs, seconds)
+            runs: list[tuple[str, LoadResult]] = []
+            for dataplane, note in DATAPLANES:
+                one = Load(**{**load.__dict__, "seconds": seconds})
+                # As a VMM would: the program does its own control plane (clients/c).
+                raw = await run_load_socket(path, uri, one, daemon_pid=proc.pid,
+                                            device_config={"dataplane": dataplane})
+                result = socket_result(one, raw)
+                if result.held_after_close:
+                    raise LoadFailed(f"{len(result.held_after_close)} grants still in use "
+                                     "after the device was closed")
+                runs.append((note, result))
+            after = baseline(uri, label, load, rw, bs, seconds)
+            base_iops, base_mbs = (before[1] + after[1]) / 2, (before[2] + after[2]) / 2
+            for note, result in runs:
+                share = f"{result.iops / base_iops:.0%}" if base_iops == base_iops else "-"
+                rows.append((f"backendd on NBD, {label}{note}", result.iops,
+                             result.mb_per_s, result.lat_ns["p50"] / 1e3,
+                             result.cpu_us_per_io, result.frontend_cpu_us_per_io, share))
+            rows.append((f"{before[0]} (mean of 2 runs: {before[1]:,.0f} and "
+                         f"{after[1]:,.0f} IOPS)", base_iops, base_mbs, NAN, NAN, NAN,
+                         "100%"))
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
         await proc.wait()
-    with_fio = fio_has_nbd()
-    rows: list[tuple] = []
-    for (label, runs), (_, load, rw, bs) in zip(results, CASES, strict=True):
-        if with_fio:
-            base_iops, base_mbs = fio_nbd(uri, rw, bs, load.qd, seconds)
-            base = f"fio nbd engine, {label}"
-        elif shutil.which("nbdcopy") and load.pattern == "seq":
-            base_iops, base_mbs = nbdcopy(uri, load.bs, load.qd)
-            base = f"nbdcopy, {label}"
-        else:
-            base_iops = base_mbs = NAN
-            base = f"(no baseline), {label}"
-        for result in runs:
-            share = f"{result.iops / base_iops:.0%}" if base_iops == base_iops else "-"
-            what = f"backendd on NBD, {label}"
-            if result.load.persistent:
-                what += ", persistent" if result.persistent else ", persistent (not offered)"
-            rows.append((what, result.iops, result.mb_per_s, result.lat_ns["p50"] / 1e3,
-                         result.cpu_us_per_io, result.frontend_cpu_us_per_io, share))
-        rows.append((base, base_iops, base_mbs, NAN, NAN, NAN, "100%"))
     return rows
 
 

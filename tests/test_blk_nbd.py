@@ -125,6 +125,14 @@ async def in_flight_reaches(client: VmmClient, devid: int, n: int) -> None:
     raise AssertionError(f"never {n} requests in flight")
 
 
+async def connections_reach(client: VmmClient, devid: int, n: int) -> None:
+    """The extra connections of multi-conn finish their handshakes in the background."""
+    for _ in range(10000):
+        if stats_of(await client.stats(devid), devid)["nbd_connections"] == n:
+            return
+    raise AssertionError(f"never {n} connections")
+
+
 def qemu_nbd(tmp: Path, image: Path, fmt: str, *, export: str = "disk",
              readonly: bool = False, name: str = "qemu") -> NbdServer:
     sock, pidfile = tmp / f"{name}.sock", tmp / f"{name}.pid"
@@ -176,7 +184,9 @@ class Nbdkit(NbdServer):
 
 def nbdkit_memory(tmp: Path, size: str, *, readonly: bool = False,
                   name: str = "nbdkit", tls_psk: Path | None = None,
-                  tcp_port: int = 0) -> NbdServer:
+                  tls_certificates: Path | None = None, tcp_port: int = 0,
+                  multi_conn: bool = True, filters: tuple[str, ...] | list[str] = (),
+                  params: tuple[str, ...] | list[str] = ()) -> NbdServer:
     sock = tmp / f"{name}.sock"
     where = ["-i", "127.0.0.1", "-p", str(tcp_port)] if tcp_port else ["-U", str(sock)]
     argv = ["nbdkit", *where, "--run", "echo ready; read _", "memory", size]
@@ -184,6 +194,14 @@ def nbdkit_memory(tmp: Path, size: str, *, readonly: bool = False,
         argv.insert(1, "--readonly")
     if tls_psk is not None:
         argv[1:1] = ["--tls=require", f"--tls-psk={tls_psk}"]
+    argv[1:1] = [f"--filter={f}" for f in filters]
+    argv += params
+    if not multi_conn:  # nbdkit's memory plugin can multi-conn; the filter says not
+        argv[1:1] = ["--filter=multi-conn"]
+        argv.append("multi-conn-mode=disable")
+    if tls_certificates is not None:  # and the client must show one of the same CA
+        argv[1:1] = ["--tls=require", f"--tls-certificates={tls_certificates}",
+                     "--tls-verify-peer"]
     return Nbdkit(argv, tmp / f"{name}.pid", sock)
 
 
@@ -457,12 +475,20 @@ async def test_qcow2_through_qemu_nbd(vm, tmp_path, servers):
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
 
 
-@pytest.mark.parametrize("persistent", [False, True], ids=["grants", "persistent-grants"])
-async def test_nbdkit_memory(vm, tmp_path, servers, persistent):
+@pytest.mark.parametrize("dataplane, persistent", [("auto", True), ("python", False),
+                                                   ("python", True)],
+                         ids=["compiled", "python", "python-persistent-grants"])
+async def test_nbdkit_memory(vm, tmp_path, servers, dataplane, persistent):
     srv = nbdkit_memory(tmp_path, "8M")
     servers.append(srv.start())
-    front, keys = await attach(vm, 1, uri(srv), queues=4, persistent=persistent)
-    assert front.use_persistent == persistent
+    front, keys = await attach(vm, 1, uri(srv), queues=4, persistent=persistent,
+                               dataplane=dataplane)
+    # The compiled kernel serves NBD disks, and offers no persistent grants; the Python
+    # data plane does, when asked for it.
+    compiled = dataplane == "auto"
+    assert keys["feature-persistent"] == ("0" if compiled else "1")
+    assert front.use_persistent == (persistent and not compiled)
+    assert stats_of(await vm.client.stats(1), 1)["compiled"] == int(compiled)
     assert keys["sectors"] == str(8 * MiB // 512)
     model = bytearray(8 * MiB)
     await workload(front, model, workers=8, rounds=40, seed=1)
@@ -480,16 +506,72 @@ async def test_nbdkit_memory(vm, tmp_path, servers, persistent):
     await detach(vm, 1, front)
 
 
-@pytest.mark.parametrize("persistent", [False, True], ids=["grants", "persistent-grants"])
-async def test_nbd_reads_are_in_the_dirty_log(vm, tmp_path, servers, persistent):
-    """Reads served from an NBD export mark the pages they fill, like any other read."""
+async def compiled_nbd_scenario(tmp_path: Path) -> None:
+    """Verified I/O of every kind through the compiled kernel on an NBD disk: direct and
+    indirect, guest pages in one run and scattered (the bounce buffer), flush, discard,
+    refused requests; also run with the kernel under AddressSanitizer (below)."""
+    srv = nbdkit_memory(tmp_path, "8M", name="asan").start()
+    server, client, guest, _ = await start_vm(tmp_path)
+    vm = Vm(client, guest, server, io.StringIO())
+    try:
+        front, _ = await attach(vm, 1, uri(srv), queues=2)
+        assert stats_of(await client.stats(1), 1)["compiled"] == 1
+        model = bytearray(8 * MiB)
+        await workload(front, model, workers=8, rounds=25, seed=15)
+        data = random.Random(16).randbytes(MiB)
+        await front.write(MiB // 512, data, indirect=True)
+        model[MiB:2 * MiB] = data
+        assert await front.read(MiB // 512, MiB, indirect=True) == data
+        await front.flush()
+        await front.discard(4 * MiB // 512, MiB // 512)
+        model[4 * MiB:5 * MiB] = bytes(MiB)
+        assert await front.read(4 * MiB // 512, MiB) == model[4 * MiB:5 * MiB]
+        with pytest.raises(BlkIOError):  # beyond the export: the kernel refuses it
+            await front.read(8 * MiB // 512, 4096)
+        stats = stats_of(await client.stats(1), 1)
+        assert stats["errors"] == 0 and stats["invalid"] == 1
+        await detach(vm, 1, front)
+    finally:
+        await closing(vm)
+        guest.close()
+        srv.stop()
+
+
+async def test_compiled_kernel_on_an_nbd_disk(tmp_path):
+    await compiled_nbd_scenario(tmp_path)
+
+
+def test_compiled_kernel_on_an_nbd_disk_under_sanitizers(tmp_path):
+    from test_dataplane import _run_sanitized
+
+    from backendd.dataplane.build import build
+    lib = build("blk", tmp_path / "asan.so", sanitize=True)
+    result = _run_sanitized(lib, (
+        "import asyncio, pathlib, sys\n"
+        "from backendd.dataplane import kernel as K\n"
+        f"assert K.load().path == {str(lib)!r}\n"
+        "import test_blk_nbd as t\n"
+        "asyncio.run(t.compiled_nbd_scenario(pathlib.Path(sys.argv[1])))\n"
+        "print('nbd ok')\n"), str(tmp_path))
+    report = result.stderr
+    assert "AddressSanitizer" not in report and "runtime error" not in report, report
+    assert result.returncode == 0 and "nbd ok" in result.stdout, result.stdout + report
+
+
+@pytest.mark.parametrize("dataplane, persistent", [("auto", False), ("python", False),
+                                                   ("python", True)],
+                         ids=["compiled", "python", "python-persistent-grants"])
+async def test_nbd_reads_are_in_the_dirty_log(vm, tmp_path, servers, dataplane, persistent):
+    """Reads served from an NBD export mark the pages they fill, like any other read:
+    libnbd writing straight into guest pages (compiled) or through a bounce buffer."""
     from test_dirty_log import Recorder
 
     from backendd.guest.dirtylog import DirtyLog
 
     srv = nbdkit_memory(tmp_path, "8M")
     servers.append(srv.start())
-    front, _ = await attach(vm, 1, uri(srv), persistent=persistent)
+    front, _ = await attach(vm, 1, uri(srv), persistent=persistent, dataplane=dataplane)
+    assert stats_of(await vm.client.stats(1), 1)["compiled"] == (dataplane == "auto")
     rec = Recorder(front)
     ram_pages = vm.guest.ram.size // 4096
     log = DirtyLog(ram_pages, vm.guest.gnttab.size // 4096)
@@ -574,6 +656,50 @@ async def test_server_restart_under_load(vm_factory, tmp_path, servers, fmt, sig
         raw.write_bytes(model)
         cmp = qemu_img("compare", "-f", fmt, "-F", "raw", str(image), str(raw))
         assert cmp.returncode == 0, cmp.stdout
+    finally:
+        await closing(vm)
+
+
+async def test_multi_conn(vm_factory, tmp_path, servers):
+    """With [block] nbd_connections, a disk opens that many connections to a server that
+    can multi-conn (its connections see one another's writes and flushes) and spreads its
+    commands over them; to one that cannot, one. A crash under load loses them all,
+    and all come back."""
+    vm = await vm_factory(nbd_connections=3, nbd_reconnect_timeout_ms=60000,
+                          nbd_io_timeout_ms=10000)
+    image = tmp_path / "disk.raw"
+    assert qemu_img("create", "-q", "-f", "raw", str(image), "8M").returncode == 0
+    srv = qemu_nbd(tmp_path, image, "raw")
+    servers.append(srv.start())
+    single = nbdkit_memory(tmp_path, "4M", name="single", multi_conn=False)
+    servers.append(single.start())
+    try:
+        front, _ = await attach(vm, 1, uri(srv, "disk"), queues=2)
+        await connections_reach(vm.client, 1, 3)
+        model = bytearray(8 * MiB)
+        progress = Progress()
+        load = asyncio.ensure_future(workload(front, model, workers=8, rounds=40, seed=13,
+                                              progress=progress))
+        await progress.reach(100)
+        await asyncio.to_thread(srv.stop, signal.SIGKILL)
+        await asyncio.to_thread(srv.start)
+        assert await load == 8 * 40
+        await front.flush()
+        stats = stats_of(await vm.client.stats(1), 1)
+        assert stats["errors"] == 0 and stats["nbd_reconnects"] == 1
+        assert stats["compiled"] == 1
+        await connections_reach(vm.client, 1, 3)
+        await detach(vm, 1, front)
+        srv.stop()
+        raw = tmp_path / "guest-view.raw"
+        raw.write_bytes(model)
+        cmp = qemu_img("compare", "-f", "raw", "-F", "raw", str(image), str(raw))
+        assert cmp.returncode == 0, cmp.stdout
+
+        front, _ = await attach(vm, 2, uri(single))
+        assert stats_of(await vm.client.stats(2), 2)["nbd_connections"] == 1
+        await workload(front, bytearray(4 * MiB), workers=4, rounds=10, seed=14)
+        await detach(vm, 2, front)
     finally:
         await closing(vm)
 
@@ -715,6 +841,83 @@ async def test_tls_with_a_pre_shared_key(vm_factory, tmp_path, servers):
                                        {"path": f"nbds+unix:///?socket={plain.socket}"})
     finally:
         await closing(vm)
+
+
+def make_pki(where: Path) -> tuple[Path, Path]:
+    """A CA of our own, a server certificate and a client certificate for localhost,
+    made with openssl; returns the two directories as nbdkit (ca-cert.pem,
+    server-cert.pem, server-key.pem) and libnbd (ca-cert.pem, client-cert.pem,
+    client-key.pem) read them."""
+    where.mkdir()
+    server, client = where / "server", where / "client"
+    server.mkdir()
+    client.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=where, check=True, capture_output=True,
+                       timeout=60)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca-cert.pem",
+            "-days", "2", "-subj", "/CN=backendd test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for who, usage, into in (("server", "serverAuth", server),
+                             ("client", "clientAuth", client)):
+        openssl("req", *ec, "-keyout", f"{who}-key.pem", "-out", f"{who}.csr",
+                "-subj", "/CN=localhost")
+        (where / f"{who}.ext").write_text(
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+            f"extendedKeyUsage={usage}\nkeyUsage=critical,digitalSignature\n"
+            "basicConstraints=CA:FALSE\n")
+        openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca-cert.pem", "-CAkey",
+                "ca-key.pem", "-set_serial", str(random.getrandbits(63)), "-days", "2",
+                "-out", f"{who}-cert.pem", "-extfile", f"{who}.ext")
+        for name in ("ca-cert.pem", f"{who}-cert.pem", f"{who}-key.pem"):
+            (into / name).write_bytes((where / name).read_bytes())
+        (into / f"{who}-key.pem").chmod(0o600)
+    return server, client
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_tls_with_x509_certificates(vm_factory, tmp_path, servers, transport):
+    """nbds:// with certificates from a CA of the test's own: the daemon checks the
+    server's certificate (and its name, localhost, over TCP), the server the daemon's;
+    certificates from another CA are refused."""
+    server_pki, client_pki = make_pki(tmp_path / "pki")
+    _, stranger_pki = make_pki(tmp_path / "other-pki")
+    port = free_port() if transport == "tcp" else 0
+    srv = nbdkit_memory(tmp_path, "2M", tls_certificates=server_pki, name="x509",
+                        tcp_port=port)
+    servers.append(srv.start())
+    if port:
+        path, allowed = f"nbds://localhost:{port}/", [f"localhost:{port}"]
+    else:
+        path, allowed = f"nbds+unix:///?socket={srv.socket}", [str(tmp_path)]
+    vm = await vm_factory(nbd_tls_certificates=str(client_pki), allowed_nbd=allowed)
+    stranger = await vm_factory(nbd_tls_certificates=str(stranger_pki),
+                                allowed_nbd=allowed)
+    try:
+        front, keys = await attach(vm, 1, path)
+        assert keys["sectors"] == str(2 * MiB // 512)
+        model = bytearray(2 * MiB)
+        await workload(front, model, workers=4, rounds=10, seed=12)
+        await front.flush()
+        stats = stats_of(await vm.client.stats(1), 1)
+        assert stats["errors"] == 0 and stats["compiled"] == 1
+        await detach(vm, 1, front)
+        # Another CA's certificates: the server is not trusted, nor is the client.
+        with pytest.raises(RequestFailed, match="cannot connect") as refused:
+            await stranger.client.add_device(2, "blk", {"path": path})
+        assert "certificate" in str(refused.value).lower() or \
+            "tls" in str(refused.value).lower(), refused.value
+        # The TLS server refuses a plain connection.
+        plain = path.replace("nbds", "nbd", 1)
+        with pytest.raises(RequestFailed, match="cannot connect"):
+            await vm.client.add_device(3, "blk", {"path": plain})
+    finally:
+        await closing(vm)
+        await closing(stranger)
 
 
 def free_port() -> int:

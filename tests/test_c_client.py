@@ -117,7 +117,7 @@ def test_c_client_error_paths(serve: Serve, tmp_path: Path, sanitize: bool) -> N
     image.write_bytes(bytes(1 << 20))
     result = run_clean([str(binary), serve.path, str(image), str(serve.proc.pid)])
     for step in ("a named guest", "connection alive", "F_SEAL_SHRINK set", "FRONTEND_MISBEHAVED",
-                 "a pipe refused with EBADF",
+                 "a pipe refused with EBADF", "migration: SUSPEND, a",
                  "dirty log: a pipe EBADF", "bound: 128 memory regions, then ENOSPC",
                  "-ETIMEDOUT, then -EPIPE", "-ECONNRESET, then -EPIPE"):
         assert step in result.stdout, result.stdout

@@ -148,3 +148,22 @@ def test_guest_ram_with_hole_is_shared_with_the_daemon():
     finally:
         mem.close()
         ram.close()
+
+
+def test_host_view_stays_inside_one_region(mem, memfd):
+    """What compiled code names by host address comes back as a view of that region
+    only: a range that runs past its end is refused even if the next mapping happens to
+    follow it in the daemon's address space (an NBD request's pages fall back to a
+    bounce buffer then)."""
+    mem.add_region(0, 2 * PAGE, memfd, 0)
+    mem.add_region(2 * PAGE, 2 * PAGE, memfd, 2 * PAGE)
+    native = mem.native()
+    base = native.host_address(PAGE, PAGE)
+    os.pwrite(memfd, b"host", PAGE + 8)
+    view = native.host_view(base + 8, 4)
+    assert bytes(view) == b"host"
+    view[:] = b"back"
+    assert os.pread(memfd, 4, PAGE + 8) == b"back"
+    with pytest.raises(GuestMemoryError):
+        native.host_view(base, 2 * PAGE)
+    view.release()

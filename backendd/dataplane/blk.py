@@ -159,6 +159,9 @@ class CompiledRingQueue:
         self.pgrants = None  # persistent grants are served by the Python path
         self.halted = False
         self._stopping = False
+        self.suspended = False  # as RingQueue's
+        self.migrated = False
+        self.started = False
         self._in_round = False
         self._in_due = False  # kicked, in the round being served
         self._round = service_round(kernel, loop)
@@ -252,6 +255,9 @@ class CompiledRingQueue:
     # --- serving ---------------------------------------------------------------------
 
     def start(self) -> None:
+        self.started = True
+        if self.migrated:
+            self._resumed = False  # the source signalled its responses already
         replay: list[tuple[int, bytes]] = []
         if self.inflight is not None and self._recovery is not None:
             # A new generation, or the live one resumed (see backendd/inflight.py); the
@@ -278,7 +284,7 @@ class CompiledRingQueue:
 
     def _may_serve(self) -> bool:
         """Whether a round may take requests from this ring (it is listening)."""
-        return not (self.halted or self._stopping or self._q is None)
+        return not (self.halted or self._stopping or self.suspended or self._q is None)
 
     def _schedule(self) -> None:
         self._round.add(self)
@@ -308,6 +314,8 @@ class CompiledRingQueue:
             prod = self.back.ring.idx[REQ_PROD]
             self._halt(f"req_prod {prod} is more than a ring ({self.back.size}) ahead "
                        "of the responses")
+        if out.njobs:
+            self._run_jobs(out)
         if out.inpool and self._pool_pin is None:
             # guest pages are being read or written by the I/O threads: no region goes
             self._pool_pin = self.memory.native()
@@ -320,6 +328,11 @@ class CompiledRingQueue:
         if flags & K.MORE and not self.halted:
             self._schedule()
         self._check_idle()
+
+    def _run_jobs(self, out: K.Out) -> None:
+        """Jobs handed back for a caller that moves the data itself (`Disk.external`,
+        NbdRingQueue); a queue on a file never gets any."""
+        raise NotImplementedError
 
     def _reap(self) -> None:
         """The ring's wake eventfd: I/O threads have finished jobs of this ring."""
@@ -349,6 +362,36 @@ class CompiledRingQueue:
         names = ("req_cons", "rsp_prod_pvt", "pushed", "waiting", "in_pool", "halted",
                  "draining")
         return dict(zip(names, st, strict=True))
+
+    # --- suspending ------------------------------------------------------------------
+
+    async def suspend(self) -> None:
+        """As RingQueue.suspend: what the kernel took (inline, in the pool, waiting
+        behind a flush) is answered, published and signalled before this returns."""
+        self.suspended = True
+        self.channel.stop()
+        await self._idle.wait()
+        if self._q is None:
+            return
+        self._refresh()
+        self.k.push(self._q, ctypes.byref(self._env), ctypes.byref(self._out))
+        if self._out.flags & K.NOTIFY:
+            self.channel.notify()
+
+    def resume(self) -> None:
+        self.suspended = False
+        if not self.started:
+            self.start()
+            return
+        if self.halted or self._stopping:
+            return
+        self.channel.start(self.loop, self._schedule)
+        self._schedule()
+
+    def saved_indices(self) -> tuple[int, int, int]:
+        """req_cons, rsp_prod_pvt and the rsp_prod last published, from the kernel."""
+        st = self.state()
+        return st["req_cons"], st["rsp_prod_pvt"], st["pushed"]
 
     # --- stopping --------------------------------------------------------------------
 

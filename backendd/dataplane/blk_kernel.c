@@ -130,6 +130,9 @@ struct bk_disk {
     uint32_t readonly, discard, discard_secure, is_block;
     uint32_t max_indirect;  /* indirect segments advertised */
     uint32_t inline_io;     /* 0: every transfer goes to the pool (O_DIRECT, block dev) */
+    uint32_t external;      /* 1: the caller moves the data (an NBD export): pool jobs
+                             * come back in bk_out.jobs instead of going to the kernel's
+                             * I/O threads */
 };
 
 struct bk_config {
@@ -156,7 +159,11 @@ enum { BK_NOTIFY = 1, BK_MORE = 2, BK_BLOCKED = 4, BK_CORRUPT = 8, BK_INTERNAL =
 struct bk_out {
     struct bk_stats stats;
     uint32_t flags;
-    uint32_t inpool;         /* requests with the I/O threads, not yet reaped */
+    uint32_t njobs;          /* disk.external: slots for the caller, in order */
+    uint16_t jobs[BK_MAX_PENDING];
+    uint8_t job_flush[BK_MAX_PENDING];
+    uint32_t inpool;         /* requests in the pool (I/O threads or caller), not done */
+    uint32_t _pad0;
     uint64_t refused_id;     /* the first request refused in this call, for the log */
     uint32_t refused_why;    /* enum bk_why; 0: none */
     uint32_t _pad;
@@ -199,6 +206,7 @@ struct bk_queue {
     uint32_t nr_pages, size, mask, abi, entry_size, rsp_size, max_pending;
     uint32_t req_cons, rsp_prod_pvt, pushed;
     uint32_t halted, draining, inpool;
+    uint32_t poll_busy;     /* bk_queue_set_poll: no kick wanted while jobs are out */
     uint8_t *inflight;
     struct bk_disk disk;
     uint32_t fifo[BK_MAX_PENDING];   /* waiting slots, in ring order */
@@ -905,7 +913,12 @@ static void dispatch(struct bk_queue *q, const struct dp_env *env, struct bk_out
         s->state = SLOT_POOL;
         q->inpool++;
         out->stats.pooled++;
-        jobs[njobs++] = (uint16_t)(s - q->slots);
+        if (q->disk.external) {
+            out->job_flush[out->njobs] = s->flush;
+            out->jobs[out->njobs++] = (uint16_t)(s - q->slots);
+        } else {
+            jobs[njobs++] = (uint16_t)(s - q->slots);
+        }
     }
     pool_submit(q, jobs, njobs);
 }
@@ -971,8 +984,14 @@ static int take(struct bk_queue *q, const struct dp_env *env, struct bk_out *out
         }
         for (uint32_t k = 0; k < n; k++)
             accept(q, env, raws[k], first + k, q->inflight ? entries[k] : 0, out);
-        if (n == 0 && !final_check(q))
-            return 0;
+        if (n == 0) {
+            /* With jobs out and a caller that looks at the ring again after each
+             * completion, the guest need not kick: req_event is left where it is. */
+            if (q->poll_busy && q->inpool)
+                return 0;
+            if (!final_check(q))
+                return 0;
+        }
     }
     out->flags |= BK_MORE;  /* budget spent, more may be waiting */
     return 0;
@@ -1045,7 +1064,7 @@ void bk_queue_state(const struct bk_queue *q, uint32_t out[7])
 }
 
 /* One wake-up: take what the guest queued, check, pin, do what the page cache has,
- * answer, publish. Pool work comes back in out->jobs. */
+ * answer, publish. Pool work goes to the I/O threads (disk.external: out->jobs). */
 void bk_serve(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
     memset(out, 0, sizeof(*out));
@@ -1197,6 +1216,33 @@ void bk_reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
     out->inpool = q->inpool;
 }
 
+/* On the event loop: jobs the caller moved itself (disk.external) are back (failed: the
+ * caller could not do them). */
+void bk_complete(struct bk_queue *q, const struct dp_env *env, const uint16_t *jobs,
+                 uint32_t n, int32_t failed, struct bk_out *out)
+{
+    memset(out, 0, sizeof(*out));
+    q->env = env;
+    for (uint32_t k = 0; k < n; k++) {
+        if (jobs[k] >= BK_MAX_PENDING)
+            continue;
+        struct bk_pending *s = &q->slots[jobs[k]];
+        if (s->state != SLOT_POOL)
+            continue;
+        if (failed)
+            s->status = BLKIF_RSP_ERROR;
+        q->inpool--;
+        if (s->flush)
+            q->draining = 0;
+        finish(q, env, s, out);
+    }
+    if (!q->halted) {
+        dispatch(q, env, out);
+        push(q, out);
+    }
+    out->inpool = q->inpool;
+}
+
 /* Publish what was answered (stopping). */
 void bk_push(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
@@ -1204,6 +1250,124 @@ void bk_push(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
     q->env = env;
     push(q, out);
     out->inpool = q->inpool;
+}
+
+/* ---- pool jobs moved by the caller (a disk on an NBD export) ---------------------- */
+
+/* A backing store the kernel cannot reach (an NBD export, which libnbd serves on the
+ * event loop) takes every transfer as a pool job (inline_io 0). The caller learns what
+ * each job asks for here, moves the data between the guest pages and the store itself,
+ * and hands the slots back with bk_complete, which unpins and answers as for any job. */
+struct bk_job_desc {
+    uint16_t slot;
+    uint8_t op;             /* BLKIF_OP_*: an indirect request's inner operation */
+    uint8_t flush;          /* FLUSH_DISKCACHE or WRITE_BARRIER: flush before the data */
+    uint32_t ring_index;
+    uint64_t offset;        /* bytes */
+    uint64_t length;        /* bytes: the data, or the range to discard */
+    uint64_t addr;          /* host address of the data if its pages are one run, else 0 */
+};
+_Static_assert(sizeof(struct bk_job_desc) == 32, "bk_job_desc");
+
+/* For a caller that serves the ring again after every bk_complete: while jobs are out,
+ * an empty ring does not ask the guest for a kick (req_event stays behind), so a busy
+ * guest's requests are taken at the next completion, without an event each. */
+void bk_queue_set_poll(struct bk_queue *q, uint32_t on)
+{
+    q->poll_busy = on != 0;
+}
+
+/* On the event loop: jobs the caller moved itself are done (errs[k]: 0, or the errno
+ * that failed jobs[k]); they are unpinned and answered, then the ring is served again
+ * as by bk_serve, all in one call. */
+void bk_jobs_done(struct bk_queue *q, const struct dp_env *env, const uint16_t *jobs,
+                  const int32_t *errs, uint32_t n, struct bk_out *out)
+{
+    struct bk_out done;
+    memset(&done, 0, sizeof(done));
+    q->env = env;   /* the answers below write the ring: log its pages with this env */
+    for (uint32_t k = 0; k < n; k++) {
+        if (jobs[k] >= BK_MAX_PENDING)
+            continue;
+        struct bk_pending *s = &q->slots[jobs[k]];
+        if (s->state != SLOT_POOL)
+            continue;
+        if (errs[k]) {
+            s->status = BLKIF_RSP_ERROR;
+            s->error = errs[k];
+        }
+        q->inpool--;
+        if (s->flush)
+            q->draining = 0;
+        finish(q, env, s, &done);
+    }
+    if (q->halted) {
+        *out = done;
+        out->inpool = q->inpool;
+        return;
+    }
+    bk_serve(q, env, out);  /* publishes these answers too */
+    uint64_t *sum = (uint64_t *)&out->stats;
+    const uint64_t *add = (const uint64_t *)&done.stats;
+    for (size_t i = 0; i < sizeof(done.stats) / sizeof(uint64_t); i++)
+        sum[i] += add[i];
+}
+
+/* Describe n jobs (slots from out->jobs). Returns how many were described: slots that
+ * are not in the pool are left out. */
+uint32_t bk_jobs_describe(const struct bk_queue *q, const uint16_t *jobs, uint32_t n,
+                          struct bk_job_desc *descs)
+{
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (jobs[i] >= BK_MAX_PENDING)
+            continue;
+        const struct bk_pending *s = &q->slots[jobs[i]];
+        if (s->state != SLOT_POOL)
+            continue;
+        struct bk_job_desc *d = &descs[k++];
+        memset(d, 0, sizeof(*d));
+        d->slot = jobs[i];
+        d->op = s->op;
+        d->flush = s->flush;
+        d->ring_index = s->ring_index;
+        d->offset = s->sector * BK_SECTOR;
+        d->length = s->nr_sectors * BK_SECTOR;
+        if (s->nseg) {
+            uint8_t *next = s->iov[0].iov_base;
+            uint32_t j = 0;
+            for (; j < s->nseg && s->iov[j].iov_base == next; j++)
+                next += s->iov[j].iov_len;
+            if (j == s->nseg)
+                d->addr = (uint64_t)(uintptr_t)s->iov[0].iov_base;
+        }
+    }
+    return k;
+}
+
+/* Copy a job's data between its guest pages and buf (len: the job's length), to the
+ * guest when to_guest, else from it. Returns 0, or -1 for a slot not in the pool or a
+ * length that is not the job's. */
+int32_t bk_job_copy(const struct bk_queue *q, uint16_t slot, uint8_t *buf, uint64_t len,
+                    int32_t to_guest)
+{
+    if (slot >= BK_MAX_PENDING)
+        return -1;
+    const struct bk_pending *s = &q->slots[slot];
+    if (s->state != SLOT_POOL || len != s->nr_sectors * BK_SECTOR)
+        return -1;
+    uint64_t pos = 0;
+    for (uint32_t i = 0; i < s->nseg; i++) {
+        size_t n = s->iov[i].iov_len;
+        if (pos + n > len)
+            return -1;
+        if (to_guest)
+            memcpy(s->iov[i].iov_base, buf + pos, n);
+        else
+            memcpy(buf + pos, s->iov[i].iov_base, n);
+        pos += n;
+    }
+    return pos == len ? 0 : -1;
 }
 
 /* Layouts as compiled, for the binding's and the tests' checks. */

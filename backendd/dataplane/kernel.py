@@ -33,7 +33,7 @@ class Disk(ctypes.Structure):
                 ("sectors", ctypes.c_uint64), ("readonly", ctypes.c_uint32),
                 ("discard", ctypes.c_uint32), ("discard_secure", ctypes.c_uint32),
                 ("is_block", ctypes.c_uint32), ("max_indirect", ctypes.c_uint32),
-                ("inline_io", ctypes.c_uint32)]
+                ("inline_io", ctypes.c_uint32), ("external", ctypes.c_uint32)]
 
 
 class Config(ctypes.Structure):
@@ -53,7 +53,10 @@ class Stats(ctypes.Structure):
 
 
 class Out(ctypes.Structure):
-    _fields_ = [("stats", Stats), ("flags", ctypes.c_uint32), ("inpool", ctypes.c_uint32),
+    _fields_ = [("stats", Stats), ("flags", ctypes.c_uint32), ("njobs", ctypes.c_uint32),
+                ("jobs", ctypes.c_uint16 * MAX_PENDING),
+                ("job_flush", ctypes.c_uint8 * MAX_PENDING),
+                ("inpool", ctypes.c_uint32), ("_pad0", ctypes.c_uint32),
                 ("refused_id", ctypes.c_uint64), ("refused_why", ctypes.c_uint32),
                 ("_pad", ctypes.c_uint32)]
 
@@ -67,6 +70,21 @@ WHY = ("", "unknown operation", "bad number of segments", "write to a read-only 
        "guest memory)", "segment outside its sub-page grant", "discard not supported",
        "secure discard not supported")
 
+
+JobArray = ctypes.c_uint16 * MAX_PENDING
+
+
+class JobDesc(ctypes.Structure):
+    """struct bk_job_desc: what a pool job asks for, for a caller that moves the data
+    itself (a disk on an NBD export)."""
+
+    _fields_ = [("slot", ctypes.c_uint16), ("op", ctypes.c_uint8), ("flush", ctypes.c_uint8),
+                ("ring_index", ctypes.c_uint32), ("offset", ctypes.c_uint64),
+                ("length", ctypes.c_uint64), ("addr", ctypes.c_uint64)]
+
+
+JobDescArray = JobDesc * MAX_PENDING
+ErrArray = ctypes.c_int32 * MAX_PENDING
 
 # What bk_layout reports, in its order; checked against Xen's sizes the binding relies on.
 LAYOUT_NAMES = (
@@ -90,8 +108,9 @@ class Kernel:
     def __init__(self, path: str) -> None:
         lib = ctypes.CDLL(path)
         self.path = path
-        vp, u32 = ctypes.c_void_p, ctypes.c_uint32
+        vp, u32, i32 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int32
         envp, outp = ctypes.POINTER(Env), ctypes.POINTER(Out)
+        u16p = ctypes.POINTER(ctypes.c_uint16)
         self.queue_new = _fn(lib.bk_queue_new, vp, [ctypes.POINTER(Config)])
         self.queue_free = _fn(lib.bk_queue_free, None, [vp])
         self.queue_set_disk = _fn(lib.bk_queue_set_disk, None, [vp, ctypes.POINTER(Disk)])
@@ -100,9 +119,17 @@ class Kernel:
         self.replay = _fn(lib.bk_replay, None, [vp, envp, ctypes.c_char_p,
                                                 ctypes.POINTER(u32), u32, outp])
         self.reap = _fn(lib.bk_reap, None, [vp, envp, outp])
+        self.complete = _fn(lib.bk_complete, None, [vp, envp, u16p, u32, i32, outp])
         self.io_threads = _fn(lib.bk_io_threads, u32, [u32])
         self.push = _fn(lib.bk_push, None, [vp, envp, outp])
         self.inflight_scan = _fn(lib.bk_inflight_scan, None, [vp])
+        self.jobs_describe = _fn(lib.bk_jobs_describe, u32, [vp, u16p, u32,
+                                                             ctypes.POINTER(JobDesc)])
+        self.jobs_done = _fn(lib.bk_jobs_done, None, [vp, envp, u16p, ctypes.POINTER(i32),
+                                                      u32, outp])
+        self.queue_set_poll = _fn(lib.bk_queue_set_poll, None, [vp, u32])
+        self.job_copy = _fn(lib.bk_job_copy, i32, [vp, ctypes.c_uint16, ctypes.c_void_p,
+                                                   ctypes.c_uint64, i32])
         self.serve_many = _fn(lib.bk_serve_many, u32, [ctypes.POINTER(vp),
                                                        ctypes.POINTER(envp),
                                                        ctypes.POINTER(outp), u32])

@@ -107,7 +107,7 @@ class CompiledTxPath(TxPath):
         self._ring_anchor = None  # the ring mapping may go now
 
     def kick(self) -> None:
-        if not self._scheduled and not self.stopped:
+        if not self._scheduled and not self.stopped and not self.suspended:
             self._scheduled = True
             self.round.add(self)
 
@@ -119,7 +119,7 @@ class CompiledTxPath(TxPath):
     def _prepare(self) -> bool:
         """A wake-up is due: False if it has nothing to do, else the queue is loaded."""
         self._scheduled = False
-        if self.stopped or self.vif.halted or self._waiting_writable:
+        if self.stopped or self.suspended or self.vif.halted or self._waiting_writable:
             return False
         credit = self.credit
         if credit is not None and credit.waiting:
@@ -267,9 +267,35 @@ class CompiledRxPath(RxPath):
     def _readable(self) -> None:
         self.round.add(self)
 
+    def posted_buffers(self) -> list[tuple[int, bool, int]]:
+        q = self.q
+        out = []
+        for k in range(q.count):
+            p = q.posted[(q.head + k) % nk.RX_MAX_POSTED]
+            out.append((p.id, bool(p.ok), p.gref))
+        return out
+
+    def adopt(self, posted: list[tuple[int, bool, int]]) -> None:
+        """As RxPath.adopt, into the kernel's queue: each buffer is pinned here and its
+        pin handed to the kernel, which lets it go by gref (nk_rx_release, or once used)."""
+        q = self.q
+        native = self.grants.memory.native()
+        for req_id, usable, gref in posted:
+            if q.count >= nk.RX_MAX_POSTED:
+                raise ValueError(f"{self.name}: more posted buffers than a ring holds")
+            p = q.posted[(q.head + q.count) % nk.RX_MAX_POSTED]
+            p.id, p.gref, p.ok, p.page = req_id, gref, 0, None
+            mapping = self._pin(req_id, gref) if usable else None
+            if mapping is not None:
+                p.page = native.host_address(mapping.frame << 12, 4096)
+                p.ok = 1
+                mapping.hand_over()
+            q.count += 1
+        self.native.refresh()  # posted buffers keep the regions exported
+
     def _prepare(self) -> bool:
         """A wake-up is due: False if it has nothing to do, else the queue is loaded."""
-        if self.stopped or self.vif.halted or not self._reading:
+        if self.stopped or self.suspended or self.vif.halted or not self._reading:
             return False
         ring, q, vif = self.ring, self.q, self.vif
         q.r.load(ring)

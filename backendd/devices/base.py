@@ -14,6 +14,15 @@ Lifecycle, driven by backendd.xenbus from the frontend's state changes:
                                release grants and ring mappings; idempotent
   stats()                   -> counters for `backendd stats`
   ring_snapshots()          -> copies of the live rings for `backendd ring-dump`
+
+Live migration (docs/protocol.md, SUSPEND to SET_DEVICE_STATE):
+  await suspend()           -> stop taking requests, complete and answer what was taken,
+                               publish; then nothing is written into guest memory and no
+                               event is sent until resume() or disconnect
+  await resume()            -> serve again, looking at the rings first
+  save_state(xenbus_state)  -> the state sections of a suspended device (backendd.devstate)
+  load_state(sections)      -> on the destination, before connect(): the next connect
+                               resumes the rings from this state, suspended
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from backendd.errors import ControlError
 from backendd.log import GuestLogLimiter
 
 if TYPE_CHECKING:
+    from backendd.devstate import Section
     from backendd.evtchn import EventChannel
     from backendd.grants import GrantTable
     from backendd.memory import GuestMemory
@@ -78,6 +88,8 @@ class Device(abc.ABC):
         self.devid = devid
         self.config = dict(config)
         self.ctx = ctx
+        # SUSPEND until RESUME; a device connected from a state blob starts suspended.
+        self.suspended = False
 
     @abc.abstractmethod
     def backend_keys(self) -> dict[str, str]:
@@ -133,6 +145,19 @@ class Device(abc.ABC):
     async def close(self) -> None:
         """Device removal: disconnect, then release backing resources (files, taps)."""
         await self.disconnect()
+
+    async def suspend(self) -> None:
+        """Quiesce (see the module's docstring); a suspended device stays suspended."""
+        raise ControlError(errno.EOPNOTSUPP, f"{self.type_name} devices cannot be suspended")
+
+    async def resume(self) -> None:
+        raise ControlError(errno.EOPNOTSUPP, f"{self.type_name} devices cannot be suspended")
+
+    def save_state(self, xenbus_state: int) -> list[Section]:
+        raise ControlError(errno.EOPNOTSUPP, f"{self.type_name} devices have no state blob")
+
+    def load_state(self, sections: list[Section]) -> None:
+        raise ControlError(errno.EOPNOTSUPP, f"{self.type_name} devices have no state blob")
 
 
 DEVICE_TYPES: dict[str, type[Device]] = {}

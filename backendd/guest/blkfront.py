@@ -97,6 +97,8 @@ class BlkFront:
         self.backend_keys: dict[str, str] = dict(backend_keys or {})
         self.refused_revokes: list[int] = []
         self.stray_responses: list[bytes] = []
+        self.events = 0  # events (call eventfd wake-ups) received
+        self._watched: VmmClient | None = None
         self._free_pages: list[int] = []
         self._next_id = 0
         self._rr = 0
@@ -171,15 +173,23 @@ class BlkFront:
 
     def new_channels(self) -> list[tuple[int, int, int]]:
         """Fresh event channels for every queue, as a VMM makes for a restarted daemon
-        (the old daemon's eventfds died with it). Returns the daemon's ends, like
-        channels(); the rings, grants and requests in flight are kept."""
+        (the old daemon's eventfds died with it) or for the destination of a migration.
+        Returns the daemon's ends, like channels(); the rings, grants and requests in
+        flight are kept. A notification pending on an old channel is carried over to
+        the new one, as a VMM carries an event channel's pending bit."""
         for q in self.queues:
             if self._loop is not None:
                 self._loop.remove_reader(q.call_fd)
+            try:
+                pending = os.eventfd_read(q.call_fd)
+            except BlockingIOError:
+                pending = 0
             os.close(q.call_fd)
             q.port.close()
             port, kick, call = new_channel_pair(q.port.port)
             q.port, q.call_fd, q.daemon_fds = port, os.dup(call), (kick, call)
+            if pending:
+                os.eventfd_write(q.call_fd, 1)
             if self._loop is not None:
                 self._loop.add_reader(q.call_fd, self._on_call, q)
         return self.channels()
@@ -189,6 +199,7 @@ class BlkFront:
     def _on_call(self, q: _Queue) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(q.call_fd)
+            self.events += 1
         while True:
             for raw in q.front.take_responses():
                 rid, op, status = self.codecs.response.unpack_from(raw)
@@ -474,9 +485,12 @@ class BlkFront:
         """Tie this frontend to the control connection that serves it. When that
         connection is lost: with keep_pending False, pending requests fail with
         ConnectionLost instead of waiting forever; with True (an in-flight table was
-        given with SET_INFLIGHT), they stay pending for the daemon that takes over."""
+        given with SET_INFLIGHT), they stay pending for the daemon that takes over.
+        Only the connection watched last counts: after a migration the source's may go."""
+        self._watched = client
+
         def lost() -> None:
-            if not keep_pending:
+            if not keep_pending and self._watched is client:
                 self.fail_pending(ConnectionLost(f"blk {self.devid}: connection to the "
                                                  "daemon lost"))
         client.add_lost_callback(lost)

@@ -1,8 +1,11 @@
 """The simulated guest's RAM: one memfd, laid out as one or more guest-physical regions,
 with a page allocator for the front-end drivers and tests."""
 
+import ctypes
 import fcntl
+import mmap
 import os
+import threading
 
 from rings.consts import PAGE_SHIFT, PAGE_SIZE
 
@@ -21,6 +24,28 @@ def sealed_memfd(name: str, size: int, flags: int = 0) -> int:
         os.close(fd)
         raise
     return fd
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+MAP_FIXED = 0x10
+
+
+def remap_fixed(m: mmap.mmap, fd: int, offset: int = 0) -> None:
+    """Map `fd` from `offset` at the very address `m` maps, in place of what is there
+    (MAP_FIXED): every memoryview and pointer into `m` now sees the new file, without
+    knowing. A migrated guest moves to the destination's memory this way."""
+    size = len(m)
+    anchor = (ctypes.c_char * size).from_buffer(m)
+    addr = ctypes.addressof(anchor)
+    del anchor  # the address stays valid: `m` keeps the mapping
+    got = _libc.mmap(addr, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_SHARED | MAP_FIXED, fd, offset)
+    if got != addr:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap(MAP_FIXED) over {size:#x} bytes: {os.strerror(err)}")
 
 
 class GuestRAM:
@@ -48,11 +73,43 @@ class GuestRAM:
         self._free = [gfn for gpa, rsize in reversed(layout)
                       for gfn in reversed(range(gpa >> PAGE_SHIFT, gpa + rsize >> PAGE_SHIFT))]
         self._allocated: set[int] = set()
+        # Live migration: the simulated VMM tracks the guest's own writes (see
+        # backendd/guest/migration.py). `dirty` collects the frames written through
+        # write() while tracking is on; `viewed` every frame handed out as a writable
+        # view, whose later writes nobody can see (the frontends' rings, netfront's tx
+        # pages), so a migration must count them dirty in every round.
+        self._dirty_lock = threading.Lock()
+        self._dirty: set[int] | None = None
+        self.viewed: set[int] = set()
+
+    def track_writes(self, on: bool) -> None:
+        """Start (with an empty set) or stop collecting the frames write() touches."""
+        with self._dirty_lock:
+            self._dirty = set() if on else None
+
+    def take_dirty(self) -> set[int]:
+        """The frames written since the last call (tracking must be on), and clear."""
+        with self._dirty_lock:
+            if self._dirty is None:
+                raise RuntimeError("write tracking is off")
+            taken, self._dirty = self._dirty, set()
+        return taken
 
     @property
     def regions(self) -> list[tuple[int, int, int, int]]:
         """(gpa, size, fd, offset) for each region, as the VMM hands them to the daemon."""
         return list(self._regions)
+
+    def rebase(self, fd: int) -> int:
+        """Put memfd `fd` (same size and layout) under the guest's RAM in place of ours,
+        at the same addresses (remap_fixed), so that every view the guest holds now sees
+        `fd`'s pages. Returns the old fd, which the caller closes."""
+        offsets = {gpa: offset for gpa, _, _, offset in self._regions}
+        for (gpa, _), region in zip(self._mem.regions, self._mem.mappings(), strict=True):
+            remap_fixed(region, fd, offsets[gpa])
+        old, self.fd = self.fd, fd
+        self._regions = [(gpa, size, fd, offset) for gpa, size, _, offset in self._regions]
+        return old
 
     def alloc_page(self) -> int:
         if not self._free:
@@ -68,14 +125,25 @@ class GuestRAM:
         self._allocated.remove(gfn)
         self._free.append(gfn)
 
-    def page(self, gfn: int) -> memoryview:
-        return self._mem.page(gfn)
+    def page(self, gfn: int, readonly: bool = False) -> memoryview:
+        """A view of one frame; a writable one puts the frame in `viewed` for good."""
+        view = self._mem.page(gfn)
+        if readonly:
+            return view.toreadonly()
+        self.viewed.add(gfn)
+        return view
 
     def read(self, gpa: int, n: int) -> bytes:
         return self._mem.read(gpa, n)
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self._mem.write(gpa, data)
+        if self._dirty is not None:
+            # Marked after the write: a VMM that takes the mark copies the new bytes.
+            end = gpa + memoryview(data).nbytes
+            with self._dirty_lock:
+                if self._dirty is not None:
+                    self._dirty.update(range(gpa >> PAGE_SHIFT, (end - 1 >> PAGE_SHIFT) + 1))
 
     def close(self) -> None:
         self._mem.close()

@@ -124,6 +124,7 @@ class NetFront:
         self.busy_after_response: list[int] = []
         self.raw_tx_responses: list[tuple[int, int]] = []
         self.rx_event = asyncio.Event()
+        self.events = 0  # events (call eventfd wake-ups) received
         # A hostile frontend's rx buffers: granted as v2 sub-pages (offset, length), or,
         # for the ring indices in rx_bad_grefs, posted once with that gref instead.
         self.rx_sub_page = rx_sub_page
@@ -190,6 +191,33 @@ class NetFront:
     def channels(self) -> list[tuple[int, int, int]]:
         """(port, kick_fd, call_fd): the daemon's ends; whoever takes them owns them."""
         return [ch for q in self.queues for ch in q.daemon_fds]
+
+    def new_channels(self) -> list[tuple[int, int, int]]:
+        """Fresh event channels (the same port numbers) for every queue, as a VMM makes
+        for the destination of a migration. Returns the daemon's ends, like channels();
+        rings, grants and buffers are kept. A notification pending on an old channel is
+        carried over to the new one, as a VMM carries an event channel's pending bit."""
+        for q in self.queues:
+            pending = False
+            for fd in q.call_fds:
+                if self._loop is not None:
+                    self._loop.remove_reader(fd)
+                with contextlib.suppress(BlockingIOError):
+                    pending |= os.eventfd_read(fd) > 0
+            close_fds(q.call_fds)
+            old_ports = [q.tx_port] if not self.split else [q.tx_port, q.rx_port]
+            for port in old_ports:
+                port.close()
+            pairs = [new_channel_pair(port.port) for port in old_ports]
+            q.tx_port, q.rx_port = pairs[0][0], pairs[-1][0]
+            q.call_fds = [os.dup(call) for _, _, call in pairs]
+            q.daemon_fds = [(p.port, kick, call) for p, kick, call in pairs]
+            if pending:
+                os.eventfd_write(q.call_fds[0], 1)
+            if self._loop is not None:
+                for fd in q.call_fds:
+                    self._loop.add_reader(fd, self._on_call, q, fd)
+        return self.channels()
 
     @property
     def started(self) -> bool:
@@ -433,7 +461,7 @@ class NetFront:
             gfn, gref = q.rx_bufs[rid]
             if self.gnttab.entry(gref)[0] & (GTF_READING | GTF_WRITING):
                 self.busy_after_response.append(gref)
-            views.append(self.ram.page(gfn)[offset:offset + status])
+            views.append(self.ram.page(gfn, readonly=True)[offset:offset + status])
         frame_len = sum(len(v) for v in views)
         head = bytes(views[0][:256])
         vnet = guest_vnet_header(first_flags, gso, head)
@@ -452,6 +480,7 @@ class NetFront:
     def _on_call(self, q: _Queue, fd: int) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(fd)
+            self.events += 1
         self._tx_responses(q)
         self._rx_responses(q)
 

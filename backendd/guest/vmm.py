@@ -20,22 +20,27 @@ from backendd.protocol.messages import (
     ClearLog,
     Code,
     DaemonStatus,
+    DeviceStateReply,
     DeviceType,
     ErrorReply,
     Flags,
     FrontendState,
     GetBackendState,
+    GetDeviceState,
     GetStats,
     Hello,
     HelloReply,
     Message,
     RemoveDevice,
     RemoveMemRegion,
+    Resume,
+    SetDeviceState,
     SetGrantTable,
     SetInflight,
     SetLog,
     StateReply,
     StatsReply,
+    Suspend,
     decode_notice,
     decode_reply,
 )
@@ -271,6 +276,26 @@ class VmmClient:
         reply = await self.request(GetStats(devid))
         assert isinstance(reply, StatsReply)
         return reply.counters
+
+    # --- live migration ------------------------------------------------------------
+
+    async def suspend(self, devid: int = ALL_DEVICES) -> None:
+        """SUSPEND: when this returns, the device(s) answered what they took and write
+        nothing into guest memory until resume()."""
+        await self.request(Suspend(devid))
+
+    async def resume(self, devid: int = ALL_DEVICES) -> None:
+        await self.request(Resume(devid))
+
+    async def get_device_state(self, devid: int, fd: int) -> int:
+        """GET_DEVICE_STATE into memfd `fd` (at offset 0); returns the blob's size."""
+        reply = await self.request(GetDeviceState(devid), [fd])
+        assert isinstance(reply, DeviceStateReply)
+        return reply.size
+
+    async def set_device_state(self, devid: int, fd: int, size: int) -> None:
+        """SET_DEVICE_STATE from the first `size` bytes of memfd `fd`."""
+        await self.request(SetDeviceState(devid, size), [fd])
 
 
 __all__ = ["ConnectionLost", "RequestFailed", "VmmClient"]

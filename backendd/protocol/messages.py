@@ -54,6 +54,11 @@ class Code(IntEnum):
     SET_INFLIGHT = 12
     SET_LOG = 13
     CLEAR_LOG = 14
+    # Live migration: quiescing a device and moving its state (docs/protocol.md).
+    SUSPEND = 15
+    RESUME = 16
+    GET_DEVICE_STATE = 17
+    SET_DEVICE_STATE = 18
     # Notices have their own range so a stray one is never mistaken for a request.
     DEVICE_FAILED = 0x100
     FRONTEND_MISBEHAVED = 0x101
@@ -481,6 +486,63 @@ class ClearLog(Message):
 
 
 @dataclass(frozen=True)
+class Suspend(_DevidOnly):
+    """devid ALL_DEVICES: every device of the connection."""
+
+    code: ClassVar[Code] = Code.SUSPEND
+
+
+@dataclass(frozen=True)
+class Resume(_DevidOnly):
+    """devid ALL_DEVICES: every device of the connection."""
+
+    code: ClassVar[Code] = Code.RESUME
+
+
+@dataclass(frozen=True)
+class GetDeviceState(Message):
+    """The state blob of a suspended device, written at offset 0 of the fd (a sealed
+    memfd, grown if needed); the reply says how many bytes."""
+
+    code: ClassVar[Code] = Code.GET_DEVICE_STATE
+    fds: ClassVar[int] = 1
+    _S: ClassVar[struct.Struct] = struct.Struct("<II")
+    devid: int
+
+    def encode(self) -> bytes:
+        return self._S.pack(self.devid, 0)
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        devid, pad = _fixed("GET_DEVICE_STATE", cls._S, payload)
+        if pad:
+            raise ProtocolError(_errno.EINVAL, "GET_DEVICE_STATE: padding is not zero")
+        return cls(devid)
+
+
+@dataclass(frozen=True)
+class SetDeviceState(Message):
+    """`size` bytes at offset 0 of the fd: a blob GET_DEVICE_STATE wrote, for a device
+    just added and not connected yet."""
+
+    code: ClassVar[Code] = Code.SET_DEVICE_STATE
+    fds: ClassVar[int] = 1
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIQ")
+    devid: int
+    size: int
+
+    def encode(self) -> bytes:
+        return self._S.pack(self.devid, 0, self.size)
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        devid, pad, size = _fixed("SET_DEVICE_STATE", cls._S, payload)
+        if pad:
+            raise ProtocolError(_errno.EINVAL, "SET_DEVICE_STATE: padding is not zero")
+        return cls(devid, size)
+
+
+@dataclass(frozen=True)
 class DaemonStatus(Message):
     """Every connection and device of the daemon, not only the asker's, one page per
     request: the page starts at connection `conn` (the lowest id >= conn), with its own
@@ -602,6 +664,21 @@ class RingDumpReply(Message):
 
 
 @dataclass(frozen=True)
+class DeviceStateReply(Message):
+    """GET_DEVICE_STATE: the size of the blob written."""
+
+    _S: ClassVar[struct.Struct] = struct.Struct("<Q")
+    size: int
+
+    def encode(self) -> bytes:
+        return self._S.pack(self.size)
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        return cls(*_fixed("GET_DEVICE_STATE reply", cls._S, payload))
+
+
+@dataclass(frozen=True)
 class ErrorReply:
     """A failed request: `errno` is positive here, sent as -errno."""
 
@@ -689,6 +766,10 @@ REQUESTS: dict[Code, type[Message]] = {
         SetInflight,
         SetLog,
         ClearLog,
+        Suspend,
+        Resume,
+        GetDeviceState,
+        SetDeviceState,
     )
 }
 NOTICES: dict[Code, type[Message]] = {
@@ -709,6 +790,10 @@ REPLIES: dict[Code, type[Message]] = {
     Code.SET_INFLIGHT: EmptyReply,
     Code.SET_LOG: EmptyReply,
     Code.CLEAR_LOG: EmptyReply,
+    Code.SUSPEND: EmptyReply,
+    Code.RESUME: EmptyReply,
+    Code.GET_DEVICE_STATE: DeviceStateReply,
+    Code.SET_DEVICE_STATE: EmptyReply,
 }
 # Fixed fd counts, checked before decoding. None: depends on the payload
 # (FRONTEND_STATE: 2 per channel), checked right after decoding.

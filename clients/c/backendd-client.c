@@ -822,6 +822,52 @@ int bkd_clear_log(struct bkd_client *c)
     return request_empty(c, BKD_CLEAR_LOG, NULL, 0, NULL, 0);
 }
 
+int bkd_suspend(struct bkd_client *c, uint32_t devid)
+{
+    uint8_t p[4];
+    put32(p, devid);
+    return request_empty(c, BKD_SUSPEND, p, sizeof(p), NULL, 0);
+}
+
+int bkd_resume(struct bkd_client *c, uint32_t devid)
+{
+    uint8_t p[4];
+    put32(p, devid);
+    return request_empty(c, BKD_RESUME, p, sizeof(p), NULL, 0);
+}
+
+int bkd_get_device_state(struct bkd_client *c, uint32_t devid, int fd, uint64_t *size)
+{
+    uint8_t p[8];
+    put32(p, devid);
+    put32(p + 4, 0);
+    uint8_t *body;
+    size_t blen;
+    int r = bkd_request_raw(c, BKD_GET_DEVICE_STATE, p, sizeof(p), &fd, 1, &body, &blen);
+    if (r)
+        return r;
+    if (blen != 8) {
+        free(body);
+        return die(c, -EPROTO, "malformed GET_DEVICE_STATE reply");
+    }
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = v << 8 | body[i];
+    free(body);
+    if (size)
+        *size = v;
+    return 0;
+}
+
+int bkd_set_device_state(struct bkd_client *c, uint32_t devid, int fd, uint64_t size)
+{
+    uint8_t p[16];
+    put32(p, devid);
+    put32(p + 4, 0);
+    put64(p + 8, size);
+    return request_empty(c, BKD_SET_DEVICE_STATE, p, sizeof(p), &fd, 1);
+}
+
 /* --- notices ----------------------------------------------------------------------- */
 
 int bkd_read_notices(struct bkd_client *c, int timeout_ms)

@@ -57,6 +57,10 @@ enum bkd_code {
     BKD_SET_INFLIGHT = 12,
     BKD_SET_LOG = 13,
     BKD_CLEAR_LOG = 14,
+    BKD_SUSPEND = 15,
+    BKD_RESUME = 16,
+    BKD_GET_DEVICE_STATE = 17,
+    BKD_SET_DEVICE_STATE = 18,
     BKD_NOTICE_DEVICE_FAILED = 0x100,
     BKD_NOTICE_FRONTEND_MISBEHAVED = 0x101,
     BKD_NOTICE_KEYS_CHANGED = 0x102,
@@ -187,6 +191,15 @@ int bkd_set_inflight(struct bkd_client *c, uint32_t devid, int fd, uint64_t mmap
 int bkd_set_log(struct bkd_client *c, int fd, uint64_t mmap_offset, uint64_t size,
                 uint64_t ram_pages);
 int bkd_clear_log(struct bkd_client *c);
+
+/* Live migration (docs/protocol.md, "Live migration"). SUSPEND / RESUME one device or
+ * BKD_ALL_DEVICES. GET_DEVICE_STATE writes a suspended device's state blob at offset 0
+ * of memfd `fd` (bkd_memfd; grown as needed) and sets *size. SET_DEVICE_STATE hands the
+ * first `size` bytes of memfd `fd` to a device added and not connected yet. */
+int bkd_suspend(struct bkd_client *c, uint32_t devid);
+int bkd_resume(struct bkd_client *c, uint32_t devid);
+int bkd_get_device_state(struct bkd_client *c, uint32_t devid, int fd, uint64_t *size);
+int bkd_set_device_state(struct bkd_client *c, uint32_t devid, int fd, uint64_t size);
 
 /* Any request, raw: `payload` of `len` bytes and `nfds` fds. On result 0 the reply body
  * (after the i32 result) is copied to *body (malloc'd, caller frees; may be NULL when

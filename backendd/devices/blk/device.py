@@ -12,11 +12,13 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from backendd import devstate
 from backendd.dataplane import kernel as blk_kernel
 from backendd.dataplane.blk import CompiledRingQueue
+from backendd.dataplane.blknbd import NbdRingQueue
 from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
 from backendd.dirtylog import RingLog
-from backendd.errors import ConfigError, ControlError
+from backendd.errors import ConfigError, ControlError, GuestError
 from backendd.inflight import InflightError, InflightRegion, ring_id
 from rings.blkif import BLKIF_CODECS
 from rings.consts import BLKIF_PROTOCOL_NAMES
@@ -37,6 +39,7 @@ from .persistent import DEFAULT_LIMIT, PersistentGrants
 from .persistent import STAT_KEYS as PGRANT_STAT_KEYS
 from .queue import BATCH, Counters, RingQueue
 from .request import Geometry
+from .state import BlkState, RingState, decode_state, encode_pgrants
 
 if TYPE_CHECKING:
     from backendd.evtchn import EventChannel
@@ -59,6 +62,11 @@ class BlkDevice(Device):
         allowed = getattr(daemon_config, "image_allowed", None)
         nbd_disk = is_nbd_uri(config.get("path", ""))
         self.cfg = parse_config(config, None if nbd_disk else allowed)
+        self.kernel = blk_kernel.load() if self.cfg.dataplane != "python" else None
+        if nbd_disk and self.kernel is not None:
+            # The kernel serves an NBD disk's rings (blknbd); it keeps no persistent
+            # grants, and pinning in C costs less than the guest's copies through them.
+            self.cfg = dataclasses.replace(self.cfg, persistent=False)
         self.image: Image | NbdImage
         if nbd_disk:  # connected in prepare(); I/O on the event loop, not the pool
             self.image = NbdImage(self.cfg, NbdPolicy.from_config(daemon_config),
@@ -72,13 +80,6 @@ class BlkDevice(Device):
         self.persistent = False  # negotiated at the last connect
         # Persistent-grant counters of rings already disconnected (stats are per device).
         self._pgrant_done: dict[str, int] = {}
-        if nbd_disk and self.cfg.dataplane == "compiled":
-            self.image.close()
-            raise ConfigError("dataplane: compiled serves files and block devices; an NBD "
-                              "export is served by the python data plane")
-        # NBD I/O runs on libnbd's connection, which only the Python path drives.
-        self.kernel = (blk_kernel.load() if self.cfg.dataplane != "python" and not nbd_disk
-                       else None)
         if self.cfg.dataplane == "compiled" and self.kernel is None:
             self.image.close()
             raise ConfigError(f"dataplane: compiled, but {blk_kernel.library_path()} is "
@@ -89,6 +90,10 @@ class BlkDevice(Device):
         self._connected: dict[str, str] | None = None
         self._inflight: memoryview | None = None
         self._resize_timer: asyncio.TimerHandle | None = None
+        # The frontend keys the rings were connected with (the state blob carries them),
+        # and a migrated state the next connect resumes from (SET_DEVICE_STATE).
+        self._front_keys: dict[str, str] = {}
+        self._incoming: BlkState | None = None
 
     def _set_geometry(self) -> None:
         self.geometry = Geometry(sectors=self.image.sectors,
@@ -132,6 +137,9 @@ class BlkDevice(Device):
         codecs = BLKIF_CODECS[front.abi]
         # Used only when both ends say 1 (the frontend's key is read at every connect).
         self.persistent = self.cfg.persistent and front.persistent
+        incoming = self._incoming if self._incoming and self._incoming.front else None
+        if incoming is not None:
+            self._check_incoming(incoming, front)
         # The kernel does not keep persistent grants: a connection that uses them is
         # served by the Python path.
         self.compiled = self.kernel is not None and not self.persistent
@@ -175,7 +183,19 @@ class BlkDevice(Device):
                         log.warning("blk %d queue %d: in-flight table not resumed (%s): "
                                     "starting generation %d", self.devid, i, rec.reason,
                                     rec.generation)
-                if rec is not None and not rec.fresh:
+                if incoming is not None:
+                    # Migrated: where the source stopped, which it published (checked).
+                    st = incoming.rings[i]
+                    if shared.idx[RSP_PROD] != st.rsp_prod_pvt:
+                        for m in maps:
+                            m.release()
+                        raise ControlError(errno.EINVAL, f"blk {self.devid} queue {i}: the "
+                                           f"ring's rsp_prod is {shared.idx[RSP_PROD]}, the "
+                                           f"device state says {st.rsp_prod_pvt}: this is "
+                                           "not the guest's memory as it was at SUSPEND")
+                    back = BackRing(shared, st.rsp_prod_pvt)
+                    back.req_cons = st.req_cons
+                elif rec is not None and not rec.fresh:
                     # Resume where the earlier daemon stopped, not at BACK_RING_INIT.
                     back = BackRing(shared, rec.rsp_prod)
                     back.req_cons = rec.req_cons
@@ -195,8 +215,11 @@ class BlkDevice(Device):
                     on_corrupt=self._corrupt, on_refused=self._refused,
                     batch=self.batch)
                 if self.compiled:
+                    # An NBD disk's transfers go to libnbd (blknbd), a file's to the pool.
+                    cls = NbdRingQueue if isinstance(self.image, NbdImage) \
+                        else CompiledRingQueue
                     try:
-                        queues.append(CompiledRingQueue(kernel=self.kernel, **args))
+                        queues.append(cls(kernel=self.kernel, **args))
                     except BaseException:
                         for m in maps:
                             m.release()
@@ -205,17 +228,83 @@ class BlkDevice(Device):
                     queues.append(RingQueue(
                         **args, pgrants=PersistentGrants(self.ctx.grants, self.pgrant_limit)
                         if self.persistent else None))
+                if incoming is not None:
+                    queues[-1].migrated = True
+                    self._restore_pgrants(queues[-1], incoming.pgrants.get(i, []))
         except BaseException:
             for q in queues:
                 q.release()
             raise
         self.queues = queues
-        for q in queues:
-            q.start()  # writes the table's decision first
+        self._front_keys = dict(frontend_keys)
+        self._incoming = None
+        if not self.suspended:  # suspended: RESUME starts them
+            for q in queues:
+                q.start()  # writes the table's decision first
         self._connected = connected_keys(self.image)
         self._resize_timer = self.ctx.loop.call_later(RESIZE_CHECK_SECONDS,
                                                       self._check_size)
         return dict(self._connected)
+
+    def _check_incoming(self, st: BlkState, front: object) -> None:
+        """The frontend keys of the connect must describe the rings the state has."""
+        if front != st.front:
+            raise ControlError(errno.EINVAL, f"blk {self.devid}: the frontend keys differ "
+                               "from the device state's (rings, ports, protocol or "
+                               "feature-persistent): connect with the frontend's keys as "
+                               "they were at SUSPEND")
+        if any(st.pgrants.values()) and not self.persistent:
+            raise ControlError(errno.EINVAL, f"blk {self.devid}: the device state has "
+                               "persistent grants, but this device does not use them "
+                               "(config persistent=0?)")
+
+    def _restore_pgrants(self, q: RingQueue | CompiledRingQueue,
+                         grants: list[tuple[int, bool]]) -> None:
+        if q.pgrants is None:
+            return
+        for gref, writable in grants:
+            try:
+                q.pgrants.restore(gref, writable)
+            except GuestError as e:  # not cached: a later use pins it as a miss
+                log.warning("blk %d queue %d: persistent grant not restored: %s",
+                            self.devid, q.index, e)
+
+    # --- live migration ---------------------------------------------------------------
+
+    async def suspend(self) -> None:
+        self.suspended = True
+        started = [q for q in self.queues if q.started]
+        if started:
+            await asyncio.gather(*(q.suspend() for q in started))
+
+    async def resume(self) -> None:
+        if not self.suspended:
+            return
+        self.suspended = False
+        for q in self.queues:
+            q.resume()
+
+    def save_state(self, xenbus_state: int) -> list[devstate.Section]:
+        connected = self._connected is not None
+        out = [devstate.DeviceSection(xenbus_state, connected,
+                                      self._front_keys if connected else {}).encode()]
+        if not connected:
+            return out
+        front = parse_frontend_keys(self._front_keys, MAX_QUEUES)
+        for q, qk in zip(self.queues, front.queues, strict=True):
+            req_cons, rsp_prod_pvt, pushed = q.saved_indices()
+            out.append(RingState(q.index, qk.port, qk.ring_refs, req_cons, rsp_prod_pvt,
+                                 pushed).encode())
+            if q.pgrants is not None:
+                out.append(encode_pgrants(q.index, q.pgrants.saved()))
+        return out
+
+    def load_state(self, sections: list[devstate.Section]) -> None:
+        if self._connected is not None:
+            raise ControlError(errno.EBUSY, f"blk {self.devid}: SET_DEVICE_STATE on a "
+                               "connected device")
+        self._incoming = decode_state(sections, MAX_QUEUES)
+        self.suspended = True
 
     def _check_size(self) -> None:
         self._resize_timer = None

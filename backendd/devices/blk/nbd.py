@@ -11,14 +11,20 @@ aio_trim, and their completion callbacks only record the result; the records are
 after libnbd returns. There is no thread and no blocking call (a TLS export named by a
 host name resolves that name inside libnbd; see docs/blk.md).
 
-Guest memory is handed to libnbd as it is: a request of one segment is read into or
-written from the granted page itself. A request of several segments, contiguous on the
-disk but not in memory, goes as one NBD command through one bounce buffer: one command
-and one copy cost less than a command per 4 KiB segment.
+Requests come as ops (`op()`, `submit_ops()`) from either data plane: the compiled
+kernel's NBD rings (backendd/dataplane/blknbd.py) or the Python one (`submit`, in place of
+the I/O pool). Each op's sink hears of it when it is done, and once more after every batch
+(`nbd_settle`), so the answers of one wake-up go out together. Guest memory is handed to
+libnbd as it is: a request whose pages are one run is read into or written from them. A
+request of several segments, contiguous on the disk but not in memory, goes as one NBD
+command through one bounce buffer: one command and one copy cost less than a command per
+4 KiB segment. With `nbd_connections` above 1 and a server that can multi-conn, commands
+go to several connections in turn.
 
 When the connection is lost (the server went away, or had commands outstanding and said
 nothing for `nbd_io_timeout_ms`) the disk is degraded: commands in flight go back to the
-head of the queue, and a new connection is tried with a growing backoff. If it comes back
+head of the queue, the other connections are closed too, and a new connection is tried
+with a growing backoff. If it comes back
 within `nbd_reconnect_timeout_ms` they are sent again and the guest sees nothing but the
 delay; after that every waiting request, and each new one until the server is back, is
 answered with an error. Reads, writes, flushes and trims are all safe to send twice.
@@ -35,7 +41,7 @@ import urllib.parse
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from backendd.errors import ConfigError
 from rings.consts import SECTOR_SIZE, BlkifOp, BlkifStatus
@@ -151,6 +157,7 @@ class NbdPolicy:
     tls_certificates: str = ""
     tls_psk_file: str = ""
     tls_username: str = ""
+    connections: int = 1  # multi-conn: this many, when the server can
 
     @classmethod
     def from_config(cls, daemon_config: object) -> NbdPolicy:
@@ -162,30 +169,86 @@ class NbdPolicy:
                    getattr(block, "nbd_io_timeout_ms", 30000) / 1000,
                    getattr(block, "nbd_tls_certificates", ""),
                    getattr(block, "nbd_tls_psk_file", ""),
-                   getattr(block, "nbd_tls_username", ""))
+                   getattr(block, "nbd_tls_username", ""),
+                   getattr(block, "nbd_connections", 1))
 
 
 class _Op:
     """One blkif request as a sequence of steps, each a set of NBD commands that may run
-    together; a step is sent again whole after a reconnect."""
+    together; a step is sent again whole after a reconnect. `sink` is told when it is
+    done (`failed`: 0 or an errno); `key` orders what is sent again."""
 
-    __slots__ = ("batch", "failed", "item", "outstanding", "steps")
+    __slots__ = ("bounce", "failed", "key", "outstanding", "read", "sink", "steps", "tag")
 
-    def __init__(self, item: IoItem, batch: _Batch, steps: list[list[tuple]]) -> None:
-        self.item = item
-        self.batch = batch
+    def __init__(self, sink: Sink, tag: Any, key: int, steps: list[list[tuple]],
+                 read: bool = False, bounce: bytearray | None = None) -> None:
+        self.sink = sink
+        self.tag = tag
+        self.key = key  # the order of submission
         self.steps = deque(steps)
+        self.read = read
+        self.bounce = bounce  # a read's data, to be copied into the guest's pages
         self.outstanding = 0
         self.failed = 0
 
 
+class Sink(Protocol):
+    """Who hears of finished requests: `nbd_done` for each, then `nbd_settle` once after
+    every batch of them (one wake-up's worth), so answers go out together."""
+
+    def nbd_done(self, op: _Op) -> None: ...
+
+    def nbd_settle(self) -> None: ...
+
+
 class _Batch:
+    """The Python data plane's pool job: IoItems, resolved together."""
+
     __slots__ = ("future", "items", "left")
 
     def __init__(self, items: list[IoItem], future: asyncio.Future) -> None:
         self.items = items
         self.future = future
         self.left = len(items)
+
+    def nbd_done(self, op: _Op) -> None:
+        item = op.tag
+        if op.failed:
+            item.status = BlkifStatus.ERROR
+            item.error = op.failed
+        elif op.bounce is not None:
+            buf, pos = memoryview(op.bounce), 0
+            for view in item.views:  # the one copy into guest memory
+                view[:] = buf[pos:pos + len(view)]
+                pos += len(view)
+        self.left -= 1
+        if self.left == 0 and not self.future.done():
+            self.future.set_result(self.items)
+
+    def nbd_settle(self) -> None:
+        pass
+
+
+class _Conn:
+    """One libnbd handle and how the event loop watches its socket."""
+
+    __slots__ = ("fd", "h", "index", "o", "ready", "settled", "watch")
+
+    def __init__(self, h: Any, index: int) -> None:
+        self.h = h
+        self.o = h._o  # the extension's handle, for its calls on the data path
+        self.index = index  # 0: the first, whose handshake tells about the export
+        self.fd = -1
+        self.watch = 0  # AIO_DIRECTION bits registered with the loop
+        self.ready = False
+        self.settled = False  # ready, and its socket known: no more asking libnbd
+
+
+def _close_handle(h: Any) -> None:
+    """Close a handle now (the bindings have no close() of their own)."""
+    handle = h.__dict__.pop("_o", None)
+    if handle is not None:
+        _nbd().libnbdmod.close(handle)
 
 
 class NbdImage:
@@ -194,6 +257,7 @@ class NbdImage:
 
     is_block = False
     discard_secure = False
+    fd = -1  # the compiled data plane reaches the export through libnbd, not an fd
 
     def __init__(self, cfg: BlkConfig, policy: NbdPolicy,
                  loop: asyncio.AbstractEventLoop, name: str = "") -> None:
@@ -214,14 +278,19 @@ class NbdImage:
         self.flush = True
         self.fua = False
         self.export_readonly = False
-        # The connection.
-        self._h: Any = None
+        # The connections: the first, then (multi-conn) the others; empty while down.
+        self._conns: list[_Conn] = []
+        self._live: list[_Conn] = []  # those whose handshake is done
+        self._rr = 0  # the next command's connection, round robin
+        self._multi_refused = False  # an extra connection failed: one from now on
+        self._mod = self.nbd.libnbdmod
         self._gen = 0
-        self._fd = -1
-        self._watch = 0  # AIO_DIRECTION bits registered with the loop
-        self._ready = False
+        self._ready = False  # the first connection is ready: the disk serves
         self._closed = False
         self._done: list[tuple[_Op, int, int]] = []  # (op, generation, errno)
+        self._touched: dict[Sink, None] = {}  # sinks with finished ops, to settle
+        self._pumping = False
+        self._seq = 0  # ops in the order they came
         self._queue: deque[_Op] = deque()  # waiting for a connection
         self._active: set[_Op] = set()
         self._last_progress = 0.0
@@ -259,7 +328,7 @@ class NbdImage:
         self._watchdog = self.loop.call_later(self._tick_interval(), self._tick)
 
     def _learn(self) -> None:
-        h, nbd, cfg = self._h, self.nbd, self.cfg
+        h, nbd, cfg = self._conns[0].h, self.nbd, self.cfg
         size = h.get_size()
         self.size = size - size % cfg.sector_size
         if self.size == 0:
@@ -285,10 +354,23 @@ class NbdImage:
         self._retry = None
         if self._closed:
             return
+        try:
+            conn = self._new_conn()
+        except self.nbd.Error as e:
+            self._connect_error = str(e)
+            self._lost(f"connect: {e}")
+            self._pump()  # answers for what failed
+            return
+        self._gen += 1
+        self._conns = [conn]
+        self._last_progress = self.loop.time()
+        self._pump()
+
+    def _new_conn(self) -> _Conn:
         nbd = self.nbd
         t = self.target
+        h = nbd.NBD()
         try:
-            h = nbd.NBD()
             h.set_handle_name(f"backendd-{os.getpid()}")
             h.set_export_name(t.export)
             h.set_tls(nbd.TLS_REQUIRE if t.tls else nbd.TLS_DISABLE)
@@ -307,85 +389,116 @@ class NbdImage:
                 h.aio_connect_unix(t.socket)
             else:
                 h.aio_connect_tcp(t.host, str(t.port))
-        except nbd.Error as e:
-            self._connect_error = str(e)
-            self._lost(f"connect: {e}")
+        except nbd.Error:
+            _close_handle(h)
+            raise
+        return _Conn(h, len(self._conns))
+
+    def _more_conns(self) -> None:
+        """Multi-conn: once the first connection is ready, and the server says that
+        its connections see one another's writes and flushes (can_multi_conn), open
+        the others the policy asks for."""
+        h = self._conns[0].h
+        want = self.policy.connections
+        if want <= 1 or self._multi_refused or not h.can_multi_conn():
             return
-        self._h = h
-        self._gen += 1
-        self._fd = -1  # _rewatch() asks libnbd
-        self._watch = 0
-        self._last_progress = self.loop.time()
-        self._after_call()
+        try:
+            for _ in range(want - 1):
+                self._conns.append(self._new_conn())
+        except self.nbd.Error as e:
+            log.warning("nbd %s: a second connection to %s failed (%s): one from now on",
+                        self.name, self.target.server, e)
+            self._multi_refused = True
 
     # --- the socket ----------------------------------------------------------------
 
     def _rewatch(self) -> None:
-        if self._h is None:
-            return
-        if not self._ready:
+        for conn in self._conns:
+            self._rewatch_conn(conn)
+
+    def _rewatch_conn(self, conn: _Conn) -> None:
+        if not conn.settled:
             # While connecting, libnbd may try one address after another, each with a
-            # socket of its own.
+            # socket of its own; the handshake may even end, on the last of them, within
+            # one call. The socket is settled at the first look once it is ready.
             try:
-                fd = self._h.aio_get_fd()
+                fd = conn.h.aio_get_fd()
             except self.nbd.Error:
                 fd = -1
-            if fd != self._fd:
-                self._unwatch()
-                self._fd = fd
+            if fd != conn.fd:
+                self._unwatch(conn)
+                conn.fd = fd
             if fd < 0:
                 return
-        want = self._h.aio_get_direction() & self.nbd.AIO_DIRECTION_BOTH
-        if want == self._watch:
+            conn.settled = conn.ready
+        want = self._mod.aio_get_direction(conn.o) & 3  # AIO_DIRECTION_BOTH
+        if want == conn.watch:
             return
-        changed = want ^ self._watch
-        if changed & self.nbd.AIO_DIRECTION_READ:
-            if want & self.nbd.AIO_DIRECTION_READ:
-                self.loop.add_reader(self._fd, self._readable)
+        changed = want ^ conn.watch
+        if changed & 1:  # AIO_DIRECTION_READ
+            if want & 1:
+                self.loop.add_reader(conn.fd, self._notify, self._mod.aio_notify_read, conn)
             else:
-                self.loop.remove_reader(self._fd)
-        if changed & self.nbd.AIO_DIRECTION_WRITE:
-            if want & self.nbd.AIO_DIRECTION_WRITE:
-                self.loop.add_writer(self._fd, self._writable)
+                self.loop.remove_reader(conn.fd)
+        if changed & 2:  # AIO_DIRECTION_WRITE
+            if want & 2:
+                self.loop.add_writer(conn.fd, self._notify, self._mod.aio_notify_write,
+                                     conn)
             else:
-                self.loop.remove_writer(self._fd)
-        self._watch = want
+                self.loop.remove_writer(conn.fd)
+        conn.watch = want
 
-    def _unwatch(self) -> None:
-        if self._watch & self.nbd.AIO_DIRECTION_READ:
-            self.loop.remove_reader(self._fd)
-        if self._watch & self.nbd.AIO_DIRECTION_WRITE:
-            self.loop.remove_writer(self._fd)
-        self._watch = 0
+    def _unwatch(self, conn: _Conn) -> None:
+        if conn.watch & 1:
+            self.loop.remove_reader(conn.fd)
+        if conn.watch & 2:
+            self.loop.remove_writer(conn.fd)
+        conn.watch = 0
 
-    def _readable(self) -> None:
-        self._notify(self._h.aio_notify_read if self._h is not None else None)
-
-    def _writable(self) -> None:
-        self._notify(self._h.aio_notify_write if self._h is not None else None)
-
-    def _notify(self, call: Callable[[], object] | None) -> None:
-        if call is None:
+    def _notify(self, call: Callable[[Any], object], conn: _Conn) -> None:
+        if conn.o is None:
             return
         try:
-            call()
+            call(conn.o)
         except self.nbd.Error as e:
             self._connect_error = str(e)
-        self._after_call()
+        self._pump()
 
-    def _after_call(self) -> None:
+    def _pump(self) -> None:
         """After any call into libnbd: notice a dead connection or a finished
-        handshake, act on completions, watch the right directions."""
-        h = self._h
-        if h is None:
+        handshake, act on completions, tell the sinks (whose answers may send more),
+        watch the right directions. Calls from inside (a sink sending more) return at
+        once: the outer pass goes on until nothing is left."""
+        if self._pumping:
             return
-        if h.aio_is_dead() or h.aio_is_closed():
-            self._lost(self._connect_error or "connection closed")
-            return
-        if not self._ready and h.aio_is_ready():
-            self._became_ready()
-        self._complete()
-        self._rewatch()
+        self._pumping = True
+        try:
+            mod = self._mod
+            while True:
+                for conn in self._conns:
+                    o = conn.o
+                    if mod.aio_is_dead(o) or mod.aio_is_closed(o):
+                        if not conn.ready and conn.index:
+                            log.warning("nbd %s: a second connection to %s failed: one "
+                                        "from now on", self.name, self.target.server)
+                            self._multi_refused = True
+                        self._lost(self._connect_error or "connection closed")
+                        break
+                    if not conn.ready and mod.aio_is_ready(o):
+                        conn.ready = True
+                        self._live.append(conn)
+                        if not conn.index:
+                            self._became_ready()
+                            break  # the list of connections may have grown
+                self._complete()
+                if not self._touched:
+                    break
+                touched, self._touched = self._touched, {}
+                for sink in touched:
+                    sink.nbd_settle()
+            self._rewatch()
+        finally:
+            self._pumping = False
 
     def _became_ready(self) -> None:
         self._ready = True
@@ -400,35 +513,34 @@ class NbdImage:
         self._failing = False
         if self._connected_event is not None:
             self._connected_event.set()
+        self._more_conns()
         while self._queue and self._ready:
             self._start(self._queue.popleft())
 
     def _check_size_after_reconnect(self) -> None:
-        size = self._h.get_size()
+        size = self._conns[0].h.get_size()
         if size - size % self.cfg.sector_size < self.size:
             # A smaller export now: requests beyond its end fail at the server.
             log.warning("nbd %s: the export shrank to %d bytes", self.name, size)
 
     def _drop_connection(self) -> None:
-        h, self._h = self._h, None
-        self._gen += 1  # completions of the old connection are ignored from now on
+        conns, self._conns = self._conns, []
+        self._live = []
+        self._gen += 1  # completions of the old connections are ignored from now on
         self._ready = False
-        if h is None:
-            return
-        self._unwatch()
-        self._fd = -1
-        # Closing the handle drops what libnbd holds of guest memory for commands
-        # that never completed; the bindings have no close() of their own.
-        handle = h.__dict__.pop("_o", None)
-        if handle is not None:
-            self.nbd.libnbdmod.close(handle)
+        for conn in conns:
+            self._unwatch(conn)
+            conn.o = None
+            # Closing the handle drops what libnbd holds of guest memory for commands
+            # that never completed.
+            _close_handle(conn.h)
 
     def _lost(self, why: str) -> None:
         was_ready = self._ready
         self._drop_connection()
         self._done.clear()
         # What was in flight goes first when the server is back, in the order it came.
-        active = sorted(self._active, key=lambda op: op.item.ring_index)
+        active = sorted(self._active, key=lambda op: op.key)
         self._active.clear()
         if not self._draining:
             self.resent += len(active)
@@ -473,22 +585,77 @@ class NbdImage:
         if self._closed:
             return
         now = self.loop.time()
-        if self._h is not None and (self._active or not self._ready) and \
+        if self._conns and (self._active or not self._ready) and \
                 now - self._last_progress >= self.policy.io_timeout:
             self.timed_out += 1
             self._lost(f"no answer for {self.policy.io_timeout:.1f} s")
         self._check_deadline()
+        self._pump()  # answers for what failed
         self._watchdog = self.loop.call_later(self._tick_interval(), self._tick)
 
     # --- requests ------------------------------------------------------------------
 
     def submit(self, _fn: object, _image: object, items: list[IoItem]) -> asyncio.Future:
-        """In place of the I/O pool: run `items` and resolve to them when all are done
-        (status set on each, as engine.execute_batch does)."""
+        """In place of the I/O pool (the Python data plane): run `items` and resolve to
+        them when all are done (status set on each, as engine.execute_batch does)."""
         future = self.loop.create_future()
         batch = _Batch(items, future)
+        ops = []
         for item in items:
-            op = _Op(item, batch, self._plan(item))
+            req = item.req
+            views = item.views
+            buf: Any = None
+            bounce = None
+            read = req.op == BlkifOp.READ
+            if len(views) == 1:
+                buf = views[0]
+            elif views and not read:
+                buf = b"".join(views)  # the one copy out of guest memory
+            elif views:
+                buf = bounce = bytearray(req.nbytes)
+            ops.append(self.op(batch, item, req.op, item.is_flush,
+                               req.sector * SECTOR_SIZE, req.nr_sectors * SECTOR_SIZE,
+                               buf, bounce))
+        self.submit_ops(ops)
+        return future
+
+    def op(self, sink: Sink, tag: Any, blkif_op: int, flush: bool, offset: int,
+           length: int, buf: Any, bounce: bytearray | None = None) -> _Op:
+        """A request for submit_ops: `buf` holds the data of a read or a write (a view
+        of guest memory, or a bounce buffer whose contents `sink` moves itself), None
+        for a flush without data or a discard."""
+        steps: list[list[tuple]] = []
+        self._seq += 1
+        key = self._seq
+        if blkif_op == BlkifOp.DISCARD:
+            cmds = []
+            while length > 0:
+                n = min(length, TRIM_CHUNK)
+                cmds.append(("trim", offset, n))
+                offset += n
+                length -= n
+            if cmds:
+                steps.append(cmds)
+            return _Op(sink, tag, key, steps)
+        read = blkif_op == BlkifOp.READ
+        if flush and self.flush:
+            steps.append([("flush",)])
+        if buf is not None:
+            fua = flush and not read and self.flush
+            flags = 0
+            if fua and self.fua:
+                flags, fua = self.nbd.CMD_FLAG_FUA, False
+            steps.append([("pread" if read else "pwrite", offset, buf, flags)])
+            if fua:
+                # A flush with data: the data must be durable too, and this server
+                # has no FUA flag.
+                steps.append([("flush",)])
+        return _Op(sink, tag, key, steps, read, bounce)
+
+    def submit_ops(self, ops: list[_Op]) -> None:
+        """Send `ops` (or queue them while the connection is down); each sink hears of
+        its own as they finish."""
+        for op in ops:
             if self._failing or self._closed or (self._draining and not self._ready):
                 op.failed = errno.ENOTCONN
                 self._finish(op)
@@ -496,43 +663,7 @@ class NbdImage:
                 self._start(op)
             else:
                 self._queue.append(op)
-        if self._h is not None:
-            self._after_call()
-        return future
-
-    def _plan(self, item: IoItem) -> list[list[tuple]]:
-        req = item.req
-        offset = req.sector * SECTOR_SIZE
-        steps: list[list[tuple]] = []
-        if req.op == BlkifOp.DISCARD:
-            cmds = []
-            length = req.nr_sectors * SECTOR_SIZE
-            while length > 0:
-                n = min(length, TRIM_CHUNK)
-                cmds.append(("trim", offset, n))
-                offset += n
-                length -= n
-            return [cmds] if cmds else []
-        if item.is_flush and self.flush:
-            steps.append([("flush",)])
-        if item.views:
-            write = req.writes
-            fua = item.is_flush and write and self.flush
-            if fua and self.fua:
-                flags, fua = self.nbd.CMD_FLAG_FUA, False
-            else:
-                flags = 0
-            if len(item.views) == 1:
-                steps.append([("pwrite" if write else "pread", offset, item.views[0], flags)])
-            elif write:
-                steps.append([("pwrite_bounce", offset, None, flags)])
-            else:
-                steps.append([("pread_bounce", offset, None, flags)])
-            if fua:
-                # A flush with data: the data must be durable too, and this server
-                # has no FUA flag.
-                steps.append([("flush",)])
-        return steps
+        self._pump()
 
     def _start(self, op: _Op) -> None:
         if not op.steps:
@@ -541,7 +672,13 @@ class NbdImage:
         if not self._ready:
             self._queue.append(op)
             return
-        h, nbd, gen = self._h, self.nbd, self._gen
+        live = self._live
+        if len(live) == 1:
+            o = live[0].o
+        else:
+            self._rr += 1
+            o = live[self._rr % len(live)].o
+        mod, gen, done_list = self._mod, self._gen, self._done
         step = op.steps[0]
         op.outstanding = len(step)
         op.failed = 0
@@ -550,74 +687,59 @@ class NbdImage:
         self._active.add(op)
         for cmd in step:
             def done(err: Any, op: _Op = op, gen: int = gen) -> int:
-                self._done.append((op, gen, err.value))
+                done_list.append((op, gen, err.value))
                 return 1
             kind = cmd[0]
             try:
                 if kind == "pread":
-                    h.aio_pread(cmd[2], cmd[1], completion=done, flags=cmd[3])
+                    mod.aio_pread(o, cmd[2], cmd[1], done, cmd[3])
                 elif kind == "pwrite":
-                    h.aio_pwrite(cmd[2], cmd[1], completion=done, flags=cmd[3])
-                elif kind == "pread_bounce":
-                    buf = bytearray(op.item.req.nbytes)
-                    op.steps[0] = [(kind, cmd[1], buf, cmd[3])]
-                    h.aio_pread(buf, cmd[1], completion=done, flags=cmd[3])
-                elif kind == "pwrite_bounce":
-                    buf = b"".join(op.item.views)  # the one copy out of guest memory
-                    h.aio_pwrite(buf, cmd[1], completion=done, flags=cmd[3])
+                    mod.aio_pwrite(o, cmd[2], cmd[1], done, cmd[3])
                 elif kind == "flush":
-                    h.aio_flush(completion=done)
+                    mod.aio_flush(o, done, 0)
                 else:
-                    h.aio_trim(cmd[2], cmd[1], completion=done)
-            except nbd.Error as e:
-                if h.aio_is_dead() or h.aio_is_closed():
+                    mod.aio_trim(o, cmd[2], cmd[1], done, 0)
+            except self.nbd.Error as e:
+                if mod.aio_is_dead(o) or mod.aio_is_closed(o):
                     # The connection died under us: the op waits for the next one.
                     self._lost(str(e))
                     return
                 # Refused before it was sent (e.g. beyond a shrunken export).
                 op.outstanding -= 1
-                op.failed = e.errno or errno.EIO
+                op.failed = e.errnum or errno.EIO
         if op.outstanding == 0:
             self._step_done(op)
 
     def _complete(self) -> None:
-        done, self._done = self._done, []
-        if done:
-            self._last_progress = self.loop.time()
-        for op, gen, err in done:
-            if gen != self._gen or op not in self._active:
-                continue
-            if err:
-                op.failed = op.failed or err
-            op.outstanding -= 1
-            if op.outstanding == 0:
-                self._step_done(op)
+        done = self._done  # the callbacks hold this list: emptied in place
+        if not done:
+            return
+        self._last_progress = self.loop.time()
+        active = self._active
+        while done:
+            batch = done[:]
+            done.clear()
+            gen = self._gen
+            for op, op_gen, err in batch:
+                if op_gen != gen or op not in active:
+                    continue
+                if err:
+                    op.failed = op.failed or err
+                op.outstanding -= 1
+                if op.outstanding == 0:
+                    self._step_done(op)
 
     def _step_done(self, op: _Op) -> None:
         self._active.discard(op)
-        step = op.steps.popleft()
-        if op.failed:
-            self._finish(op)
-            return
-        if step and step[0][0] == "pread_bounce":
-            buf = memoryview(step[0][2])
-            pos = 0
-            for view in op.item.views:  # the one copy into guest memory
-                view[:] = buf[pos:pos + len(view)]
-                pos += len(view)
-        if op.steps:
+        op.steps.popleft()
+        if op.steps and not op.failed:
             self._start(op)
         else:
             self._finish(op)
 
     def _finish(self, op: _Op) -> None:
-        if op.failed:
-            op.item.status = BlkifStatus.ERROR
-            op.item.error = op.failed
-        batch = op.batch
-        batch.left -= 1
-        if batch.left == 0 and not batch.future.done():
-            batch.future.set_result(batch.items)
+        self._touched[op.sink] = None
+        op.sink.nbd_done(op)
 
     # --- the device's view ---------------------------------------------------------
 
@@ -630,12 +752,13 @@ class NbdImage:
                 "nbd_connection_losses": self.connection_losses,
                 "nbd_reconnects": self.reconnects, "nbd_timeouts": self.timed_out,
                 "nbd_resent": self.resent,
-                "nbd_waiting": len(self._queue), "nbd_in_flight": len(self._active)}
+                "nbd_waiting": len(self._queue), "nbd_in_flight": len(self._active),
+                "nbd_connections": len(self._live)}
 
     def resized(self) -> bool:
         if not self._ready:
             return False
-        size = self._h.get_size()
+        size = self._conns[0].h.get_size()
         size -= size % self.cfg.sector_size
         if size == self.size or size == 0:
             return False
@@ -650,6 +773,7 @@ class NbdImage:
         self._draining = draining
         if draining:
             self._fail_queue()
+            self._pump()
 
     def _fail_queue(self) -> None:
         while self._queue:
@@ -671,4 +795,5 @@ class NbdImage:
         for op in ops:
             op.failed = op.failed or errno.ENOTCONN
             self._finish(op)
+        self._pump()
 

@@ -146,6 +146,21 @@ class PersistentGrants:
         else:
             self._idle[gref] = entry  # most recently released: purged last
 
+    def saved(self) -> list[tuple[int, bool]]:
+        """(gref, writable) of every cached pin, the purge order first (idle ones, least
+        recently released first, then those in use): what a migrated cache re-pins."""
+        busy = [g for g in self._entries if g not in self._idle]
+        return [(g, self._entries[g].mapping.writable) for g in [*self._idle, *busy]]
+
+    def restore(self, gref: int, writable: bool) -> None:
+        """Pin and cache `gref`, idle, as the migrated cache had it (appended to the
+        purge order; no counter moves). Raises GrantError like GrantTable.map."""
+        if self._closed or gref in self._entries or len(self._entries) >= self.limit:
+            return
+        entry = _Entry(self.grants.map(gref, writable))
+        self._entries[gref] = entry
+        self._idle[gref] = entry
+
     def close(self) -> None:
         """Release every pin (those in use, when their use ends); cache nothing more."""
         self._closed = True

@@ -113,6 +113,11 @@ class RingQueue:
         self.max_pending = min(MAX_PENDING, back.size)
         self.halted = False
         self._stopping = False
+        # SUSPEND: take nothing, write nothing into the guest's memory until resume().
+        self.suspended = False
+        # Connected from a migrated state: the source signalled its responses already.
+        self.migrated = False
+        self.started = False
         self._scheduled = False
         self._blocked = False  # stopped taking because the pending pool is full
         self._waiting: collections.deque[IoItem] = collections.deque()
@@ -129,7 +134,8 @@ class RingQueue:
     # --- taking requests -----------------------------------------------------------
 
     def start(self) -> None:
-        resumed = self.back.rsp_prod_pvt != 0
+        self.started = True
+        resumed = self.back.rsp_prod_pvt != 0 and not self.migrated
         replay: list[tuple[int, bytes]] = []
         if self.inflight is not None and self._recovery is not None:
             # A new generation, or the live one resumed (see backendd/inflight.py).
@@ -166,7 +172,7 @@ class RingQueue:
 
     def _service(self) -> None:
         self._scheduled = False
-        if self.halted or self._stopping:
+        if self.halted or self._stopping or self.suspended:
             return
         try:
             self._take()
@@ -351,6 +357,34 @@ class RingQueue:
             self.inflight.published(self.back.rsp_prod_pvt)
         if notify:
             self.channel.notify()
+
+    # --- suspending ------------------------------------------------------------------
+
+    async def suspend(self) -> None:
+        """Stop taking requests; those taken complete and are answered, published and
+        signalled before this returns. From then on nothing is written into the ring or
+        the guest's pages, and no event is sent, until resume(). Kicks meanwhile stay
+        counted in the kick eventfd, which resume() listens to again."""
+        self.suspended = True
+        self.channel.stop()
+        await self._idle.wait()
+        self._push()
+
+    def resume(self) -> None:
+        """Serve again, looking at the ring first (requests posted while suspended)."""
+        self.suspended = False
+        if not self.started:
+            self.start()
+            return
+        if self.halted or self._stopping:
+            return
+        self.channel.start(self.loop, self._kick)
+        self._schedule()
+
+    def saved_indices(self) -> tuple[int, int, int]:
+        """req_cons, rsp_prod_pvt and the rsp_prod last published."""
+        back = self.back
+        return back.req_cons, back.rsp_prod_pvt, back._pushed
 
     # --- stopping --------------------------------------------------------------------
 

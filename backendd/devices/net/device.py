@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from backendd import devstate
 from backendd.dataplane import netkernel
 from backendd.dataplane.netkernel import NetKernel
 from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
@@ -27,9 +29,19 @@ from backendd.errors import ConfigError, ControlError
 from backendd.grants import GrantMapping
 from rings.netif import RX_ENTRY_SIZE, TX_ENTRY_SIZE
 from rings.ring import BackRing, SharedRing
+from rings.sring import RSP_PROD
 
 from .ratelimit import CreditScheduler, parse_rate
 from .rx import RxPath
+from .state import (
+    NetState,
+    QueueState,
+    RateState,
+    decode_state,
+    encode_mcast,
+    encode_posted,
+    encode_vif,
+)
 from .tap import (
     check_ifname,
     close_fds,
@@ -44,7 +56,9 @@ from .vif import COUNTERS, Features, VifState
 if TYPE_CHECKING:
     from backendd.evtchn import EventChannel
 
-CONFIG_KEYS = {"tap", "mac", "mtu", "bridge", "rate", "netns", "queues", "dataplane"}
+CONFIG_KEYS = {"tap", "mac", "mtu", "bridge", "rate", "netns", "queues", "dataplane",
+               "adopt-tap"}
+log = logging.getLogger(__name__)
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 DEFAULT_MTU = 1500
 MAX_QUEUES = 8
@@ -61,6 +75,9 @@ class _Queue:
     tx: TxPath
     rx: RxPath
     channels: list[EventChannel] = field(default_factory=list)
+    # (channel, what a kick runs): listened to while the queue is served.
+    listen: list[tuple[EventChannel, Callable[[], None]]] = field(default_factory=list)
+    refs: tuple[int, int, int, int] = (0, 0, 0, 0)  # tx_ref, rx_ref, tx_port, rx_port
 
     def close(self) -> None:
         self.tx.stop()
@@ -71,6 +88,22 @@ class _Queue:
             shared.release()
         self.tx_map.release()
         self.rx_map.release()
+
+
+def _back_ring(shared: SharedRing, st: tuple[int, int, int] | None, name: str) -> BackRing:
+    """The back end of a ring: attached at its rsp_prod, or where a migrated state says
+    (which the source published: the ring in this memory must show it)."""
+    if st is None:
+        return BackRing.attach(shared)
+    req_cons, rsp_prod_pvt, pushed = st
+    if pushed != rsp_prod_pvt or shared.idx[RSP_PROD] != pushed:
+        raise ControlError(errno.EINVAL, f"{name}: the ring's rsp_prod is "
+                           f"{shared.idx[RSP_PROD]}, the device state says {pushed} "
+                           f"(rsp_prod_pvt {rsp_prod_pvt}): this is not the guest's memory "
+                           "as it was at SUSPEND")
+    back = BackRing(shared, rsp_prod_pvt)
+    back.req_cons = req_cons
+    return back
 
 
 def _flag(keys: Mapping[str, str], name: str, default: bool = False) -> bool:
@@ -125,10 +158,24 @@ class NetDevice(Device):
             if self.bridge is not None:
                 raise ConfigError("net: bridge and netns: a bridge port cannot move to "
                                   "another namespace")
+        # The destination of a same-host migration: take over the tap the suspended
+        # source holds instead of creating one (tap.adopt_tap).
+        adopt = config.get("adopt-tap", "0")
+        if adopt not in ("0", "1"):
+            raise ConfigError(f"net: adopt-tap {adopt!r}: expected 0 or 1")
+        self.adopt = adopt == "1"
+        if self.adopt and not config.get("tap"):
+            raise ConfigError("net: adopt-tap=1 needs the tap's name (tap)")
+        if self.adopt and self.netns is not None:
+            raise ConfigError("net: adopt-tap with netns: a tap in another namespace "
+                              "cannot be found by name; migrate it as across hosts")
         self.counters_base: dict[str, int] = {}
         self.fds: list[int] = []
         self.queues: list[_Queue] = []
         self.vif: VifState | None = None
+        self._front_keys: dict[str, str] = {}
+        self._incoming: NetState | None = None
+        self._detached = False  # suspend() detached our tap queues
         network = getattr(daemon_config, "network", None)
         self._open_tap(bool(getattr(network, "attach_existing_taps", False)))
 
@@ -159,7 +206,10 @@ class NetDevice(Device):
         make = self.ctx.extras.get("open_tap")
         if make is None:
             self.fds = make_tap(self.tap_name, self.max_queues, self.mtu, self.bridge,
-                                self.netns, attach_existing)
+                                self.netns, attach_existing, self.adopt)
+        elif self.adopt:
+            self.fds = make(self.tap_name, self.max_queues, self.mtu, self.bridge,
+                            self.netns, adopt=True)
         else:
             self.fds = make(self.tap_name, self.max_queues, self.mtu, self.bridge,
                             self.netns)
@@ -191,6 +241,9 @@ class NetDevice(Device):
         except BaseException:
             self._teardown()
             raise
+        else:
+            self._front_keys = dict(frontend_keys)
+            self._incoming = None
         finally:
             # Channels no key named are ours too (the session handed them over).
             for port, ch in channels.items():
@@ -217,8 +270,17 @@ class NetDevice(Device):
             raise ControlError(errno.EINVAL, f"net: {nq} queues requested, at most "
                                f"{self.max_queues}")
         mtu = self.mtu if features.sg else min(self.mtu, DEFAULT_MTU)
+        incoming = self._incoming if self._incoming and self._incoming.features else None
+        if incoming is not None and (incoming.features, incoming.mtu,
+                                     len(incoming.queues)) != (features, mtu, nq):
+            raise ControlError(errno.EINVAL, f"net {self.devid}: the frontend keys differ "
+                               "from the device state's (features or queues): connect with "
+                               "the frontend's keys as they were at SUSPEND")
         self.vif = vif = VifState(self.devid, features, mtu, self._on_fatal,
                                   self.guest_error)
+        if incoming is not None:
+            vif.halted = incoming.halted
+            vif.mcast = set(incoming.mcast)
         # Offloads the kernel may hand us: only what the frontend takes, for v4 and v6.
         csum = features.csum and features.ipv6_csum
         for q in range(nq):
@@ -228,17 +290,42 @@ class NetDevice(Device):
             prefix = "" if nq == 1 else f"queue-{q}/"
             fd = self.fds[q]
             offload = set_offload(fd, csum, features.gso_tcpv4, features.gso_tcpv6)
-            if q:
+            if q and not self._detached:
                 set_queue_attached(fd, True)
+            st = incoming.queues[q] if incoming is not None else None
+            if st is not None and credit is not None and q in incoming.rates:
+                self._restore_credit(credit, incoming.rates[q])
             self.queues.append(self._connect_queue(q, prefix, keys, channels, taken, fd,
-                                                   vif, offload, credit))
-        for queue in self.queues:
-            queue.rx.start()
-            queue.tx.kick()
+                                                   vif, offload, credit, st))
+            if st is not None:
+                queue = self.queues[-1]
+                queue.rx.adopt(incoming.posted.get(q, []))
+                queue.tx._charged = st.charged
+        if not self.suspended:  # suspended: RESUME starts them
+            for queue in self.queues:
+                self._serve(queue)
+
+    def _serve(self, queue: _Queue) -> None:
+        for ch, on_kick in queue.listen:
+            ch.start(self.ctx.loop, on_kick)
+        queue.rx.start()
+        queue.tx.kick()
+
+    def _restore_credit(self, credit: CreditScheduler, rs: RateState) -> None:
+        if (rs.credit_bytes, rs.credit_usec) != (credit.credit_bytes,
+                                                  round(credit.credit_window * 1e6)):
+            log.info("net %d: rate changed across the migration: credit starts afresh",
+                     self.devid)
+            return
+        credit.remaining = rs.remaining
+        credit.waiting = rs.waiting
+        credit.window_start = (self.ctx.loop.time() + rs.window_left_usec / 1e6
+                               - credit.credit_window)
 
     def _connect_queue(self, q: int, prefix: str, keys: Mapping[str, str],
                        channels: Mapping[int, EventChannel], taken: set[int], fd: int,
-                       vif: VifState, offload: int, credit: CreditScheduler | None) -> _Queue:
+                       vif: VifState, offload: int, credit: CreditScheduler | None,
+                       st: QueueState | None = None) -> _Queue:
         grants = self.ctx.grants
         loop = self.ctx.loop
         if prefix + "event-channel-tx" in keys:
@@ -268,15 +355,27 @@ class NetDevice(Device):
         tx_shared = SharedRing(tx_page, TX_ENTRY_SIZE)
         rx_shared = SharedRing(rx_page, RX_ENTRY_SIZE)
         name = f"net{self.devid}/queue-{q}"
-        tx_back, rx_back = BackRing.attach(tx_shared), BackRing.attach(rx_shared)
+        try:
+            if st is not None and (st.tx_ref, st.rx_ref, st.tx_port, st.rx_port) != (
+                    tx_ref, rx_ref, tx_port, rx_port):
+                raise ControlError(errno.EINVAL, f"net {self.devid} queue {q}: the "
+                                   "frontend keys differ from the device state's (ring "
+                                   "refs or ports)")
+            tx_back = _back_ring(tx_shared, st.tx if st else None, f"{name} tx")
+            rx_back = _back_ring(rx_shared, st.rx if st else None, f"{name} rx")
+        except BaseException:
+            for shared in (tx_shared, rx_shared):
+                shared.release()
+            for m in maps:
+                m.release()
+            raise
         tx_back.log = RingLog(grants.memory, [tx_map.frame])
         rx_back.log = RingLog(grants.memory, [rx_map.frame])
         tx: TxPath
         if self.kernel is not None:
             from backendd.dataplane.net import CompiledTxPath  # it builds on TxPath
 
-            tx = CompiledTxPath(self.kernel, tx_back, grants, fd, vif,
-                                loop, name, credit)
+            tx = CompiledTxPath(self.kernel, tx_back, grants, fd, vif, loop, name, credit)
         else:
             tx = TxPath(tx_back, grants, fd, vif, loop, name, credit)
         rx: RxPath
@@ -289,6 +388,7 @@ class NetDevice(Device):
             rx = RxPath(rx_back, grants, fd, vif, loop, name,
                         gso_offload=bool(offload & 0x6))
         queue = _Queue(q, fd, tx_map, rx_map, tx_shared, rx_shared, tx, rx)
+        queue.refs = (tx_ref, rx_ref, tx_port, rx_port)
         tx_ch, rx_ch = channels[tx_port], channels[rx_port]
         taken.update({tx_port, rx_port})
         queue.channels = [tx_ch] if tx_ch is rx_ch else [tx_ch, rx_ch]
@@ -298,11 +398,80 @@ class NetDevice(Device):
             def both() -> None:
                 tx.kick()
                 rx.kick()
-            tx_ch.start(loop, both)
+            queue.listen = [(tx_ch, both)]
         else:
-            tx_ch.start(loop, tx.kick)
-            rx_ch.start(loop, rx.kick)
+            queue.listen = [(tx_ch, tx.kick), (rx_ch, rx.kick)]
         return queue
+
+    # --- live migration ---------------------------------------------------------------
+
+    async def suspend(self) -> None:
+        if not self.suspended:
+            self.suspended = True
+            for queue in self.queues:
+                for ch, _ in queue.listen:
+                    ch.stop()  # kicks stay counted in the eventfd
+                queue.tx.suspend()
+                queue.rx.suspend()
+        if not self._detached:
+            # No frame waits in our queues while we do not read them, and the tap is
+            # free for a same-host destination to adopt (tap.adopt_tap).
+            self._detached = True
+            for fd in self.fds:
+                with contextlib.suppress(OSError):  # a single-queue tap cannot detach
+                    set_queue_attached(fd, False)
+
+    async def resume(self) -> None:
+        if self._detached:
+            self._detached = False
+            for i, fd in enumerate(self.fds):
+                if i == 0 or i < len(self.queues):
+                    with contextlib.suppress(OSError):
+                        set_queue_attached(fd, True)
+        if not self.suspended:
+            return
+        self.suspended = False
+        for queue in self.queues:
+            for ch, on_kick in queue.listen:
+                ch.start(self.ctx.loop, on_kick)
+            queue.tx.resume()
+            queue.rx.resume()
+
+    def save_state(self, xenbus_state: int) -> list[devstate.Section]:
+        vif = self.vif
+        connected = bool(self.queues) and vif is not None
+        out = [devstate.DeviceSection(xenbus_state, connected,
+                                      self._front_keys if connected else {}).encode()]
+        if not connected or vif is None:
+            return out
+        out.append(encode_vif(vif.features, vif.mtu, len(self.queues), vif.halted,
+                              self.tap_name))
+        now = self.ctx.loop.time()
+        for queue in self.queues:
+            tx, rx = queue.tx.ring, queue.rx.ring
+            out.append(QueueState(queue.index, *queue.refs,
+                                  (tx.req_cons, tx.rsp_prod_pvt, tx._pushed),
+                                  (rx.req_cons, rx.rsp_prod_pvt, rx._pushed),
+                                  queue.tx._charged).encode())
+            out.append(encode_posted(queue.index, queue.rx.posted_buffers()))
+            c = queue.tx.credit
+            if c is not None:
+                out.append(RateState(queue.index, c.waiting, c.credit_bytes,
+                                     round(c.credit_window * 1e6), c.remaining,
+                                     round((c.next_credit - now) * 1e6)).encode())
+        out.append(encode_mcast(sorted(vif.mcast)))
+        return out
+
+    def load_state(self, sections: list[devstate.Section]) -> None:
+        if self.queues:
+            raise ControlError(errno.EBUSY, f"net {self.devid}: SET_DEVICE_STATE on a "
+                               "connected device")
+        st = decode_state(sections)
+        if st.features is not None and st.tap != self.tap_name and self.adopt:
+            raise devstate.StateError(f"the source's tap is {st.tap}, this device adopted "
+                                      f"{self.tap_name}")
+        self._incoming = st
+        self.suspended = True
 
     def _on_fatal(self, message: str) -> None:
         # netbk_fatal_tx_err: the whole vif stops; its rings stay mapped until the

@@ -84,11 +84,12 @@ def rx_responses(ids: list[int], frame_len: int, csum_flags: int,
 
 
 class _Posted:
-    __slots__ = ("id", "mapping")
+    __slots__ = ("gref", "id", "mapping")
 
-    def __init__(self, req_id: int, mapping: GrantMapping | None) -> None:
+    def __init__(self, req_id: int, mapping: GrantMapping | None, gref: int) -> None:
         self.id = req_id
         self.mapping = mapping  # None: the grant was bad; answered with an error
+        self.gref = gref
 
 
 class RxPath:
@@ -110,6 +111,7 @@ class RxPath:
         self._reading = False
         self._poll: asyncio.TimerHandle | None = None
         self.stopped = False
+        self.suspended = False  # SUSPEND: the tap is not read until resume()
         mtu_frame = vif.mtu + ETH_HLEN + VLAN_HLEN
         if gso_offload:
             self.need = pages_for(MAX_GSO_FRAME) + 1
@@ -122,7 +124,8 @@ class RxPath:
         self._resume()
 
     def _resume(self) -> None:
-        if not self._reading and not self.stopped and not self.vif.halted:
+        if not self._reading and not self.stopped and not self.suspended \
+                and not self.vif.halted:
             self._reading = True
             self.loop.add_reader(self.fd, self._readable)
 
@@ -134,9 +137,51 @@ class RxPath:
 
     def kick(self) -> None:
         """The frontend posted buffers."""
-        if not self._reading and not self.stopped and not self.vif.halted:
+        if not self._reading and not self.stopped and not self.suspended \
+                and not self.vif.halted:
             self._resume()
             self.loop.call_soon(self._readable)
+
+    def suspend(self) -> None:
+        """Stop reading the tap; every frame read is answered already (each wake-up
+        publishes its responses), so only a publish is left to do. Posted buffers stay
+        posted and pinned."""
+        self.suspended = True
+        self._pause()
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+        if self.ring.push_responses():
+            self.notify()
+
+    def resume(self) -> None:
+        self.suspended = False
+        self.kick()
+
+    def posted_buffers(self) -> list[tuple[int, bool, int]]:
+        """(id, usable, gref) of the buffers taken from the ring and not used yet, in
+        ring order (the first is the request at rsp_prod_pvt)."""
+        return [(p.id, p.mapping is not None, p.gref) for p in self.posted]
+
+    def adopt(self, posted: list[tuple[int, bool, int]]) -> None:
+        """A migrated queue's posted buffers, pinned again (writable, whole pages); one
+        that cannot be is kept in its place as unusable and answered ERROR in its turn."""
+        for req_id, usable, gref in posted:
+            self.posted.append(_Posted(req_id, self._pin(req_id, gref) if usable else None,
+                                       gref))
+
+    def _pin(self, req_id: int, gref: int) -> GrantMapping | None:
+        mapping: GrantMapping | None = None
+        try:
+            mapping = self.grants.map(gref, writable=True)
+            mapping.whole_page("an rx buffer")
+        except GuestError as e:
+            if mapping is not None:
+                mapping.release()
+            self.vif.counters["rx_bad_grant"] += 1
+            self.vif.guest_error("rx_bad_grant", f"{self.name}: rx request id {req_id}: {e}")
+            return None
+        return mapping
 
     def stop(self) -> None:
         self.stopped = True
@@ -172,18 +217,7 @@ class RxPath:
             return False
         for raw in raws:
             req_id, gref = RX_REQUEST.unpack(raw)
-            mapping: GrantMapping | None = None
-            try:
-                mapping = self.grants.map(gref, writable=True)
-                mapping.whole_page("an rx buffer")
-            except GuestError as e:
-                if mapping is not None:
-                    mapping.release()
-                    mapping = None
-                self.vif.counters["rx_bad_grant"] += 1
-                self.vif.guest_error("rx_bad_grant", f"{self.name}: rx request id {req_id}: "
-                                     f"{e}")
-            self.posted.append(_Posted(req_id, mapping))
+            self.posted.append(_Posted(req_id, self._pin(req_id, gref), gref))
         return True
 
     def _answer_bad_head(self) -> None:

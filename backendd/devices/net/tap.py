@@ -117,6 +117,15 @@ def set_queue_attached(fd: int, attached: bool) -> None:
 _executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
 
 
+def preload_netlink() -> None:
+    """Import pyroute2 on the netlink thread now, in the background. The import takes
+    about 0.2 s, which the first nic added would otherwise wait for; the destination of
+    a same-host migration adds its nic while the guest is paused."""
+    import importlib
+
+    _executor.submit(importlib.import_module, "pyroute2")
+
+
 def run_netlink(fn: Callable[..., T], *args: Any) -> T:
     """Run a pyroute2 job in the netlink thread and wait for it."""
     return _executor.submit(fn, *args).result(timeout=NETLINK_TIMEOUT)
@@ -146,16 +155,21 @@ class LinkConfig:
 
 
 def make_tap(name: str, queues: int, mtu: int | None, bridge: str | None,
-             netns: str | None, attach_existing: bool) -> list[int]:
+             netns: str | None, attach_existing: bool, adopt: bool = False) -> list[int]:
     """A nic's tap with `queues` queue fds, configured (MTU, bridge or namespace, up).
     Every queue's fd is opened now: once the tap moves to another namespace, a new fd
     could not find it by name. Queues beyond the first stay detached until a frontend asks
     for them. The first open creates the tap, and fails if the name is taken, unless
-    `attach_existing`. Blocking (netlink): called while a device is added."""
+    `attach_existing`. The taps the daemon creates are multi-queue taps even with one
+    queue, so that a same-host migration's destination can attach its queues while the
+    source still holds its own (see adopt_tap). Blocking (netlink): called while a device
+    is added."""
+    if adopt:
+        return adopt_tap(name, queues)
     fds: list[int] = []
     try:
         for i in range(queues):
-            fds.append(open_tap(name, multi_queue=queues > 1,
+            fds.append(open_tap(name, multi_queue=queues > 1 or not attach_existing,
                                 create=i == 0 and not attach_existing))
         for fd in fds[1:]:
             set_queue_attached(fd, False)
@@ -166,6 +180,54 @@ def make_tap(name: str, queues: int, mtu: int | None, bridge: str | None,
         close_fds(fds)
         raise
     return fds
+
+
+def adopt_tap(name: str, queues: int) -> list[int]:
+    """The destination of a same-host migration takes over the tap its source holds:
+    only a multi-queue tap none of whose queues is attached (the source's device is
+    suspended: it detached them), so a running device's tap is never taken. Our queues
+    are added (the first attached, so frames wait in it until the device is resumed; the
+    others detached), and the source's go when it removes its device. Link settings
+    (MTU, bridge, up) are the tap's already. Blocking (netlink)."""
+    run_netlink(_check_adoptable, name, 0)
+    fds: list[int] = []
+    try:
+        for _ in range(queues):
+            fds.append(open_tap(name, multi_queue=True))
+        for fd in fds[1:]:
+            set_queue_attached(fd, False)
+        # Still ours alone: the source did not resume meanwhile.
+        run_netlink(_check_adoptable, name, 1)
+    except BaseException:
+        close_fds(fds)
+        raise
+    return fds
+
+
+def _check_adoptable(name: str, attached: int) -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ip:
+        found = ip.link_lookup(ifname=name)
+        if not found:
+            raise ControlError(errno.ENOENT, f"net: tap {name}: no such interface to adopt "
+                               "(adopt-tap is for a same-host migration, whose source "
+                               "daemon holds the tap)")
+        data = None
+        for link in ip.link("get", index=found[0]):
+            info = link.get_attr("IFLA_LINKINFO")
+            if info is not None and info.get_attr("IFLA_INFO_KIND") == "tun":
+                data = info.get_attr("IFLA_INFO_DATA")
+        if data is None or data.get_attr("IFLA_TUN_TYPE") != IFF_TAP:
+            raise ConfigError(f"net: {name}: not a tap")
+        if not data.get_attr("IFLA_TUN_MULTI_QUEUE"):
+            raise ControlError(errno.EINVAL, f"net: tap {name}: not a multi-queue tap, so "
+                               "it cannot be handed over while its holder has it open")
+        now = data.get_attr("IFLA_TUN_NUM_QUEUES") or 0
+        if now != attached:
+            raise ControlError(errno.EBUSY, f"net: tap {name}: {now} queues attached: "
+                               "its holder is serving it (SUSPEND the source's device "
+                               "before adopting its tap)")
 
 
 def open_netns(name: str) -> int:

@@ -53,17 +53,18 @@ class TxPath:
         self._timer: asyncio.TimerHandle | None = None
         self._charged: int | None = None  # req_cons of a packet admitted but not yet sent
         self.stopped = False
+        self.suspended = False  # SUSPEND: the ring is not looked at until resume()
 
     # --- scheduling ---------------------------------------------------------------
 
     def kick(self) -> None:
-        if not self._scheduled and not self.stopped:
+        if not self._scheduled and not self.stopped and not self.suspended:
             self._scheduled = True
             self.loop.call_soon(self._run)
 
     def _run(self) -> None:
         self._scheduled = False
-        if self.stopped or self.vif.halted or self._waiting_writable:
+        if self.stopped or self.suspended or self.vif.halted or self._waiting_writable:
             return
         if self.credit is not None and self.credit.waiting:
             return
@@ -96,6 +97,27 @@ class TxPath:
         if self.credit is not None:
             self.credit.timer_fired()
         self.kick()
+
+    def suspend(self) -> None:
+        """Nothing more is taken: every packet is answered before the next is parsed,
+        so only responses may be left to publish (and signal). A packet waiting for the
+        tap or for credit stays on the ring, untouched."""
+        self.suspended = True
+        self._stop_writer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.ring.push_responses():
+            self.notify()
+
+    def resume(self) -> None:
+        self.suspended = False
+        if self.stopped:
+            return
+        if self.credit is not None and self.credit.waiting:
+            self._timer = self.loop.call_at(self.credit.resume_at, self._on_credit)
+        else:
+            self.kick()
 
     def stop(self) -> None:
         self.stopped = True

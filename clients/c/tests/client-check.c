@@ -207,6 +207,22 @@ int main(int argc, char **argv)
     EXPECT(bkd_frontend_state(c, 51712, BKD_XB_CONNECTED, &keys, &ch, 1, &state, NULL) == 0 &&
                state == BKD_XB_CONNECTED,
            "connect");
+    /* Live migration: a state blob only of a suspended device; none for a connected one. */
+    int sfd = bkd_memfd("state", 0);
+    uint64_t ssize = 0;
+    EXPECT(sfd >= 0, "state memfd");
+    r = bkd_get_device_state(c, 51712, sfd, &ssize);
+    EXPECT(r == -EBUSY, "GET_DEVICE_STATE of a running device: %d", r);
+    EXPECT(bkd_suspend(c, BKD_ALL_DEVICES) == 0, "SUSPEND");
+    EXPECT(bkd_get_device_state(c, 51712, sfd, &ssize) == 0 && ssize > 32, "GET_DEVICE_STATE");
+    char magic[8];
+    EXPECT(pread(sfd, magic, sizeof(magic), 0) == 8 && !memcmp(magic, "BKDSTATE", 8),
+           "the blob's magic");
+    r = bkd_set_device_state(c, 51712, sfd, ssize);
+    EXPECT(r == -EBUSY, "SET_DEVICE_STATE on a connected device: %d", r);
+    EXPECT(bkd_resume(c, 51712) == 0, "RESUME");
+    close(sfd);
+    printf("migration: SUSPEND, a %llu-byte state blob, RESUME\n", (unsigned long long)ssize);
     sring->req_prod = 1000; /* more requests than the ring holds */
     eventfd_write(ch.kick_fd, 1);
     struct bkd_notice n = {0};
