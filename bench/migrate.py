@@ -125,6 +125,19 @@ class IOCounts:
     mismatches: list[int] = field(default_factory=list)  # blocks read back wrong
 
 
+def initial_block(blk: int, block: int = BLOCK) -> bytes:
+    """A block's content before the guest writes it: its number, over and over. Never
+    zero and different per block, so every read brings new bytes into a guest page (a
+    read of zeros into a zero page would write nothing a missed copy could show)."""
+    return (blk + 1).to_bytes(8, "little") * (block // 8)
+
+
+def fill_image(image: Path, size: int = DISK_BYTES, block: int = BLOCK) -> None:
+    with open(image, "wb") as f:
+        for blk in range(size // block):
+            f.write(initial_block(blk, block))
+
+
 class VerifiedIO:
     """`depth` workers on the guest, each owning its own blocks of the disk: random
     writes of random data, and reads checked against what was last written there. Runs
@@ -142,6 +155,10 @@ class VerifiedIO:
         self._stop = False
         self._running = 0
         self._progress = asyncio.Event()  # set at each completion and when a worker ends
+
+    def expected(self, blk: int) -> bytes:
+        data = self.model.get(blk)
+        return data if data is not None else initial_block(blk, self.block)
 
     def stop(self) -> None:
         self._stop = True
@@ -183,7 +200,7 @@ class VerifiedIO:
                 else:
                     got = await self.front.read(sector, self.block)
                     c.reads += 1
-                    if got != self.model.get(blk, bytes(self.block)):
+                    if got != self.expected(blk):
                         c.mismatches.append(blk)
             except Exception as exc:
                 c.errors.append(f"block {blk}: {exc!r}")
@@ -196,7 +213,7 @@ class VerifiedIO:
         bad = []
         for blk in range(self.blocks):
             got = await self.front.read(blk * self.block // 512, self.block)
-            if got != self.model.get(blk, bytes(self.block)):
+            if got != self.expected(blk):
                 bad.append(blk)
         return bad
 
@@ -204,7 +221,7 @@ class VerifiedIO:
         data = image.read_bytes()
         return [blk for blk in range(self.blocks)
                 if data[blk * self.block:(blk + 1) * self.block]
-                != self.model.get(blk, bytes(self.block))]
+                != self.expected(blk)]
 
 
 # --- the TCP stream ---------------------------------------------------------------------
@@ -330,8 +347,7 @@ class Rig:
         self._namespaces: list[str] = []
 
     async def start(self) -> None:
-        with open(self.image, "wb") as f:
-            f.truncate(DISK_BYTES)
+        fill_image(self.image)
         if self.nic:
             await self._namespaces_up()
         await self.a.start()
