@@ -648,6 +648,7 @@ async def test_server_restart_under_load(vm_factory, tmp_path, servers, fmt, sig
         assert stats["errors"] == 0
         assert stats["nbd_connection_losses"] == 2 and stats["nbd_reconnects"] == 2
         assert stats["nbd_degraded"] == 0
+        assert stats["nbd_issued_in_c"] > 0  # the compiled data plane's C path
         await detach(vm, 1, front)
         srv.stop()
         if fmt == "qcow2":
