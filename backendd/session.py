@@ -392,6 +392,7 @@ class Session(NoticeSink):
             self.log.info("device_connected", conn=self.conn_id, devid=msg.devid)
         elif transition.action is Action.DISCONNECT:
             await slot.device.disconnect()
+            slot.device.drop_state()
             self.log.info("device_disconnected", conn=self.conn_id, devid=msg.devid,
                           frontend_state=XenbusState(msg.state).name)
         slot.xenbus.commit(transition)
@@ -404,9 +405,16 @@ class Session(NoticeSink):
                   else [(msg.devid, self._slot(msg.devid))])
         verb = "suspend" if isinstance(msg, Suspend) else "resume"
         # Every device quiesces at once: the reply waits for the slowest, not the sum.
-        await asyncio.gather(*(getattr(slot.device, verb)() for _, slot in chosen))
-        for devid, _ in chosen:
-            self.log.info(f"device_{verb}d", conn=self.conn_id, devid=devid)
+        # Each one is waited for even if another fails, so that an error reply never
+        # goes out while a device is still writing to guest memory.
+        results = await asyncio.gather(*(getattr(slot.device, verb)() for _, slot in chosen),
+                                       return_exceptions=True)
+        for (devid, _), result in zip(chosen, results, strict=True):
+            if not isinstance(result, BaseException):
+                self.log.info(f"device_{verb}d", conn=self.conn_id, devid=devid)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def _get_device_state(self, devid: int, fd: int) -> DeviceStateReply:
         slot = self._slot(devid)

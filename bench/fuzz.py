@@ -1091,6 +1091,21 @@ def fuzz_blk_diff(n: int, seed: int) -> Result:
     return res
 
 
+def fuzz_devstate(n: int, seed: int) -> Result:
+    """Mutated device state blobs (blk and net, with and without persistent grants and
+    posted rx buffers) through the daemon's decoding and connect-time validation
+    (bench/devstatefuzz.py): refused with EINVAL, or accepted and consistent."""
+    from bench import devstatefuzz
+
+    res = Result("device state blobs")
+    start = time.perf_counter()
+    res.inputs, _counts, bad = devstatefuzz.run(n, seed)
+    for b in bad:
+        res.violate(b)
+    res.seconds = time.perf_counter() - start
+    return res
+
+
 TARGETS: dict[str, tuple[Callable[[int, int], Result], float]] = {
     "blk": (fuzz_blk, 0.30),
     "net": (fuzz_net_tx, 0.25),
@@ -1101,6 +1116,7 @@ TARGETS: dict[str, tuple[Callable[[int, int], Result], float]] = {
     "fds": (fuzz_fds, 0.02),
     "net-diff": (fuzz_net_diff, 0.10),
     "net-rx-diff": (fuzz_net_rx_diff, 0.05),
+    "devstate": (fuzz_devstate, 0.05),
     # Not in the default mix (its own run: --targets blk-diff --inputs 1000000).
     "blk-diff": (fuzz_blk_diff, 0.0),
 }

@@ -23,6 +23,7 @@ Live migration (docs/protocol.md, SUSPEND to SET_DEVICE_STATE):
   save_state(xenbus_state)  -> the state sections of a suspended device (backendd.devstate)
   load_state(sections)      -> on the destination, before connect(): the next connect
                                resumes the rings from this state, suspended
+  drop_state()              -> the frontend closed before connecting: forget that state
 """
 
 from __future__ import annotations
@@ -155,6 +156,12 @@ class Device(abc.ABC):
 
     def save_state(self, xenbus_state: int) -> list[Section]:
         raise ControlError(errno.EOPNOTSUPP, f"{self.type_name} devices have no state blob")
+
+    def drop_state(self) -> None:
+        """Forget a state that load_state() took and no connect used: the frontend went
+        away (Closing, Closed) before connecting, so its next connect is a fresh one.
+        A device without state blobs has nothing to forget."""
+        return None
 
     def load_state(self, sections: list[Section]) -> None:
         raise ControlError(errno.EOPNOTSUPP, f"{self.type_name} devices have no state blob")

@@ -299,6 +299,9 @@ class BlkDevice(Device):
                 out.append(encode_pgrants(q.index, q.pgrants.saved()))
         return out
 
+    def drop_state(self) -> None:
+        self._incoming = None
+
     def load_state(self, sections: list[devstate.Section]) -> None:
         if self._connected is not None:
             raise ControlError(errno.EBUSY, f"blk {self.devid}: SET_DEVICE_STATE on a "

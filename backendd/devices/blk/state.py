@@ -96,6 +96,8 @@ def decode_state(sections: list[Section], max_queues: int) -> BlkState:
             r.end()
             if index in state.pgrants:
                 raise StateError(f"two persistent-grant sections for blk ring {index}")
+            if len(set(pairs[::2])) != count:
+                raise StateError(f"blk ring {index}: a persistent grant is listed twice")
             if any(w > 1 for w in pairs[1::2]):
                 raise StateError(f"blk ring {index}: a persistent grant's writable flag "
                                  "is not 0 or 1")

@@ -27,13 +27,14 @@ from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
 from backendd.dirtylog import RingLog
 from backendd.errors import ConfigError, ControlError
 from backendd.grants import GrantMapping
-from rings.netif import RX_ENTRY_SIZE, TX_ENTRY_SIZE
+from rings.netif import RX_ENTRY_SIZE, RX_REQUEST, TX_ENTRY_SIZE
 from rings.ring import BackRing, SharedRing
-from rings.sring import RSP_PROD
+from rings.sring import REQ_PROD, RSP_PROD
 
 from .ratelimit import CreditScheduler, parse_rate
 from .rx import RxPath
 from .state import (
+    MAX_QUEUES,
     NetState,
     QueueState,
     RateState,
@@ -61,7 +62,6 @@ CONFIG_KEYS = {"tap", "mac", "mtu", "bridge", "rate", "netns", "queues", "datapl
 log = logging.getLogger(__name__)
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 DEFAULT_MTU = 1500
-MAX_QUEUES = 8
 
 
 @dataclass
@@ -104,6 +104,40 @@ def _back_ring(shared: SharedRing, st: tuple[int, int, int] | None, name: str) -
     back = BackRing(shared, rsp_prod_pvt)
     back.req_cons = req_cons
     return back
+
+
+def check_posted(rx: SharedRing, st: QueueState, posted: list[tuple[int, bool, int]],
+                  name: str) -> None:
+    """The posted rx buffers of a state must be the requests the guest put in the rx
+    ring's slots from rsp_prod_pvt on (taken, not answered: still there in the copy),
+    and the ring's req_prod must be at or past the state's req_cons."""
+    _, rsp_prod_pvt, _ = st.rx
+    ahead = (rx.idx[REQ_PROD] - rsp_prod_pvt) & 0xFFFFFFFF
+    if len(posted) > min(ahead, rx.size):
+        raise ControlError(errno.EINVAL, f"{name}: the state has {len(posted)} posted rx "
+                           f"buffers, the rx ring holds {ahead} requests past rsp_prod "
+                           f"{rsp_prod_pvt} (of {rx.size}): req_cons beyond req_prod")
+    for k, (req_id, _, gref) in enumerate(posted):
+        slot = RX_REQUEST.unpack_from(rx.read_slot(rsp_prod_pvt + k))
+        if slot != (req_id, gref):
+            raise ControlError(errno.EINVAL, f"{name}: posted rx buffer {k} is id {req_id} "
+                               f"gref {gref} in the state, id {slot[0]} gref {slot[1]} in "
+                               "the rx ring")
+
+
+def restore_credit(credit: CreditScheduler, rs: RateState, now: float) -> bool:
+    """A migrated queue's credit carried on, if it was kept for the same rate (else
+    False: it starts afresh). Clamped to what the credit can hold: no more than a burst
+    banked, and the current window ending within two windows from `now` (a queue
+    waiting for credit is between the end of one window and the next)."""
+    if (rs.credit_bytes, rs.credit_usec) != (credit.credit_bytes,
+                                              round(credit.credit_window * 1e6)):
+        return False
+    credit.remaining = min(rs.remaining, credit.max_burst)
+    credit.waiting = rs.waiting
+    left = min(max(rs.window_left_usec, 0), 2 * rs.credit_usec)
+    credit.window_start = now + left / 1e6 - credit.credit_window
+    return True
 
 
 def _flag(keys: Mapping[str, str], name: str, default: bool = False) -> bool:
@@ -299,7 +333,9 @@ class NetDevice(Device):
                                                    vif, offload, credit, st))
             if st is not None:
                 queue = self.queues[-1]
-                queue.rx.adopt(incoming.posted.get(q, []))
+                posted = incoming.posted.get(q, [])
+                check_posted(queue.rx_shared, st, posted, f"net {self.devid} queue {q}")
+                queue.rx.adopt(posted)
                 queue.tx._charged = st.charged
         if not self.suspended:  # suspended: RESUME starts them
             for queue in self.queues:
@@ -312,15 +348,9 @@ class NetDevice(Device):
         queue.tx.kick()
 
     def _restore_credit(self, credit: CreditScheduler, rs: RateState) -> None:
-        if (rs.credit_bytes, rs.credit_usec) != (credit.credit_bytes,
-                                                  round(credit.credit_window * 1e6)):
+        if not restore_credit(credit, rs, self.ctx.loop.time()):
             log.info("net %d: rate changed across the migration: credit starts afresh",
                      self.devid)
-            return
-        credit.remaining = rs.remaining
-        credit.waiting = rs.waiting
-        credit.window_start = (self.ctx.loop.time() + rs.window_left_usec / 1e6
-                               - credit.credit_window)
 
     def _connect_queue(self, q: int, prefix: str, keys: Mapping[str, str],
                        channels: Mapping[int, EventChannel], taken: set[int], fd: int,
@@ -461,6 +491,9 @@ class NetDevice(Device):
                                      round((c.next_credit - now) * 1e6)).encode())
         out.append(encode_mcast(sorted(vif.mcast)))
         return out
+
+    def drop_state(self) -> None:
+        self._incoming = None
 
     def load_state(self, sections: list[devstate.Section]) -> None:
         if self.queues:

@@ -31,6 +31,7 @@ FEATURE_BITS = ("sg", "gso_tcpv4", "gso_tcpv6", "csum", "ipv6_csum", "multicast_
 _QUEUE = struct.Struct("<13I")
 _RATE = struct.Struct("<IIQQQq")
 MAX_POSTED = 256  # a one-page rx ring's entries
+MAX_QUEUES = 8  # queues a net device serves at most (NetDevice's bound)
 
 
 def features_to_bits(f: Features) -> int:
@@ -113,11 +114,22 @@ def decode_state(sections: list[Section]) -> NetState:
         return st
     nq = None
     queues: dict[int, QueueState] = {}
+    seen: set[int] = set()
     for s in rest:
+        if s.type in (NET_VIF, NET_MCAST) and s.type in seen:
+            raise StateError(f"two {'net vif' if s.type == NET_VIF else 'multicast'} "
+                             "sections")
+        seen.add(s.type)
         if s.type == NET_VIF:
             r = Reader(s, "net vif section")
             bits, st.mtu, nq, halted = r.take("IIII")
             st.features = features_from_bits(bits)
+            if not 1 <= nq <= MAX_QUEUES:
+                raise StateError(f"net vif section: {nq} queues (1..{MAX_QUEUES})")
+            if not 68 <= st.mtu <= 65535:
+                raise StateError(f"net vif section: mtu {st.mtu}")
+            if halted > 1:
+                raise StateError(f"net vif section: halted flag {halted}")
             st.halted = bool(halted)
             st.tap = r.kv().get("tap", "")
             r.end()
@@ -140,6 +152,9 @@ def decode_state(sections: list[Section]) -> NetState:
             r.end()
             if index in st.posted:
                 raise StateError(f"two posted-buffer sections for net queue {index}")
+            if any(u > 1 for u in triples[1::3]):
+                raise StateError(f"net queue {index}: a posted buffer's usable flag is "
+                                 "not 0 or 1")
             st.posted[index] = [(triples[k], bool(triples[k + 1]), triples[k + 2])
                                 for k in range(0, len(triples), 3)]
         elif s.type == NET_MCAST:
@@ -154,6 +169,10 @@ def decode_state(sections: list[Section]) -> NetState:
             r = Reader(s, "net rate section")
             index, waiting, cbytes, cusec, remaining, left = r.take("IIQQQq")
             r.end()
+            if index in st.rates:
+                raise StateError(f"two rate sections for net queue {index}")
+            if waiting > 1:
+                raise StateError(f"net queue {index}: rate waiting flag {waiting}")
             st.rates[index] = RateState(index, bool(waiting), cbytes, cusec, remaining, left)
         elif s.type in (NET_HASH, NET_CTRL):
             # Reserved for the control ring and its hash configuration: a device without
