@@ -1,7 +1,8 @@
 """Compiles and loads the data-plane kernels (blk_kernel.c, net_kernel.c; both include
-core.h and pool.h) with the system gcc against Xen's public headers.
+core.h and pool.h) with the system gcc against Xen's public headers, and nbd_kernel.c
+(an NBD disk's reads and writes, linked with libnbd).
 
-    python -m backendd.dataplane.build [--sanitize] [-o PATH] [blk] [net]
+    python -m backendd.dataplane.build [--sanitize] [-o PATH] [blk] [net] [nbd]
 
 builds the kernels named (both if none) next to this file, or one of them at PATH. The
 Makefile runs this before `demo` and `test`, and `make install` into the installed
