@@ -53,6 +53,9 @@ class NfCmd(ctypes.Structure):
 NfTable = NfCmd * K.MAX_PENDING
 
 
+assert ctypes.sizeof(K.JobDesc) == 32  # nbd_kernel.c's struct nf_desc
+
+
 class NfCtx(ctypes.Structure):
     _fields_ = [("table", ctypes.c_void_p), ("table_len", ctypes.c_uint32),
                 ("n", ctypes.c_uint32), ("slots", ctypes.c_void_p), ("errs", ctypes.c_void_p),
@@ -63,9 +66,9 @@ class NbdKernel:
     def __init__(self, path: str) -> None:
         lib = ctypes.CDLL(path)
         u32, p = ctypes.c_uint32, ctypes.c_void_p
-        self.issue = lib.nf_issue
-        self.issue.restype = u32
-        self.issue.argtypes = [p, p, p, u32, p]
+        self.issue_descs = lib.nf_issue_descs
+        self.issue_descs.restype = u32
+        self.issue_descs.argtypes = [p, p, p, u32, p, u32, ctypes.c_uint64, p, p, p]
         self.take_failed = lib.nf_take_failed
         self.take_failed.restype = u32
         self.take_failed.argtypes = [p]
@@ -91,7 +94,8 @@ class NbdRingQueue(CompiledRingQueue):
                            errs=ctypes.addressof(self._errs))
         self._table = NfTable()
         self._fast.table = ctypes.addressof(self._table)
-        self._stage = NfTable()  # the commands of one call to nf_issue
+        self._rest = (ctypes.c_uint32 * K.MAX_PENDING)()  # what C left to Python
+        self._nrest = ctypes.c_uint32()
         self._nerr = ctypes.c_int32()
         self.nf = LOADER.load()
         if self.nf is not None:
@@ -112,12 +116,11 @@ class NbdRingQueue(CompiledRingQueue):
         native = self._pool_pin = self.memory.native()
         image, k, q = self.image, self.k, self._q
         ops: list[_Op] = []
-        descs = self._descs[:n]
         self._inpool += n
         self._idle.clear()
         handle = image.fast_handle() if self.nf is not None else None
-        if handle is not None:
-            descs = self._issue_fast(handle, native, descs)
+        descs = self._issue_fast(handle, native, n) if handle is not None else \
+            self._descs[:n]
         for d in descs:
             op, length, slot = d.op, d.length, d.slot
             buf: Any = None
@@ -138,35 +141,23 @@ class NbdRingQueue(CompiledRingQueue):
                                 bounce))
         image.submit_ops(ops)
 
-    def _issue_fast(self, handle: int, native: Any, descs: list) -> list:
+    def _issue_fast(self, handle: int, native: Any, n: int) -> list:
         """Issue the plain reads and writes whose pages are one run in one mapping from
         C (nbd_kernel.c); return the descriptions left for the Python path."""
-        regions = [(r.host, r.size) for r in native.array[:native.count]]
-        stage, rest, k = self._stage, [], 0
-        seq = self.image.take_seq(len(descs))
-        for d in descs:
-            seq += 1
-            op, length, addr = d.op, d.length, d.addr
-            if d.flush or not addr or not length or op > BlkifOp.WRITE or \
-                    not any(h <= addr and addr + length <= h + size for h, size in regions):
-                rest.append(d)
-                continue
-            c = stage[k]
-            c.offset, c.addr, c.seq, c.length, c.slot, c.write = \
-                d.offset, addr, seq, length, d.slot, op == BlkifOp.WRITE
-            k += 1
-        if k:
-            done = self.nf.issue(ctypes.byref(self._fast), handle, stage, k,
-                                 ctypes.byref(self._nerr))
-            if done < k:
-                # Refused by libnbd (a dead connection, a shrunken export): the Python
-                # path finds out why and does what it does.
-                log.debug("blk ring %d: libnbd refused a command from C (errno %d)",
-                          self.index, self._nerr.value)
-                by_slot = {d.slot: d for d in descs}
-                rest[:0] = [by_slot[stage[i].slot] for i in range(done, k)]
-            self.image.fast_issued(done)
-        return rest
+        seq = self.image.take_seq(n)
+        self._nerr.value = 0
+        done = self.nf.issue_descs(ctypes.byref(self._fast), handle, self._descs, n,
+                                   native.array, native.count, seq, self._rest,
+                                   ctypes.byref(self._nrest), ctypes.byref(self._nerr))
+        self.image.fast_issued(done)
+        left = self._nrest.value
+        if self._nerr.value:
+            # Refused by libnbd (a dead connection, a shrunken export): the Python
+            # path finds out why and does what it does.
+            log.debug("blk ring %d: libnbd refused a command from C (errno %d)",
+                      self.index, self._nerr.value)
+        descs = self._descs
+        return [descs[i] for i in self._rest[:left]]
 
     # --- what nbd_kernel.c holds, for the disk's slow paths -----------------------------
 

@@ -47,6 +47,7 @@ struct nf_ctx {
 
 _Static_assert(sizeof(struct nf_cmd) == 48, "struct nf_cmd layout (blknbd.py NfCmd)");
 
+
 static int nf_complete(void *user_data, int *error)
 {
     struct nf_cmd *c = user_data;
@@ -72,36 +73,94 @@ static int nf_complete(void *user_data, int *error)
     return 1;
 }
 
-/* Issue cmds[0..n) on `h`. Returns how many were issued; when fewer than n, *err holds
- * why cmds[return value] was not (it is not in the table: Python takes it and the rest). */
-uint32_t nf_issue(struct nf_ctx *x, struct nbd_handle *h, const struct nf_cmd *cmds,
-                  uint32_t n, int32_t *err)
+static int nf_issue_one(struct nf_ctx *x, struct nbd_handle *h, const struct nf_cmd *in,
+                        int32_t *err)
 {
-    for (uint32_t i = 0; i < n; i++) {
-        const struct nf_cmd *in = &cmds[i];
-        if (in->slot >= x->table_len || x->table[in->slot].state != NF_FREE) {
-            *err = EINVAL;
-            return i;
-        }
-        struct nf_cmd *c = &x->table[in->slot];
-        *c = *in;
-        c->ctx = x;
-        c->err = 0;
-        c->state = NF_IN_FLIGHT;
-        nbd_completion_callback cb = { .callback = nf_complete, .user_data = c };
-        int64_t r = c->write
-            ? nbd_aio_pwrite(h, (const void *)(uintptr_t)c->addr, c->length, c->offset,
-                             cb, c->flags)
-            : nbd_aio_pread(h, (void *)(uintptr_t)c->addr, c->length, c->offset, cb,
-                            c->flags);
-        if (r == -1) {
-            c->state = NF_FREE;
-            *err = nbd_get_errno() ? nbd_get_errno() : EIO;
-            return i;
-        }
-        x->inflight++;
+    if (in->slot >= x->table_len || x->table[in->slot].state != NF_FREE) {
+        *err = EINVAL;
+        return -1;
     }
-    return n;
+    struct nf_cmd *c = &x->table[in->slot];
+    *c = *in;
+    c->ctx = x;
+    c->err = 0;
+    c->state = NF_IN_FLIGHT;
+    nbd_completion_callback cb = { .callback = nf_complete, .user_data = c };
+    int64_t r = c->write
+        ? nbd_aio_pwrite(h, (const void *)(uintptr_t)c->addr, c->length, c->offset, cb,
+                         c->flags)
+        : nbd_aio_pread(h, (void *)(uintptr_t)c->addr, c->length, c->offset, cb,
+                        c->flags);
+    if (r == -1) {
+        c->state = NF_FREE;
+        *err = nbd_get_errno() ? nbd_get_errno() : EIO;
+        return -1;
+    }
+    x->inflight++;
+    return 0;
+}
+
+/* blk_kernel.c's struct bk_job_desc and core.h's struct dp_region, as bk_jobs_describe
+ * and the data planes' environment have them (blknbd.py checks the sizes). */
+struct nf_desc {
+    uint16_t slot;
+    uint8_t op;
+    uint8_t flush;
+    uint32_t ring_index;
+    uint64_t offset;
+    uint64_t length;
+    uint64_t addr;
+};
+
+struct nf_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint64_t host;
+};
+
+enum { NF_OP_READ = 0, NF_OP_WRITE = 1 };
+
+/* Issue the plain reads and writes among descs[0..n) (no flush, pages one run inside
+ * one region of guest memory), numbered seq0+1.. in order. The indices of the others,
+ * and of any libnbd refused (with every one after it), go to rest (*nrest of them) for
+ * the Python path; *err says why libnbd refused one. Returns how many were issued. */
+uint32_t nf_issue_descs(struct nf_ctx *x, struct nbd_handle *h, const struct nf_desc *d,
+                        uint32_t n, const struct nf_region *regions, uint32_t nr,
+                        uint64_t seq0, uint32_t *rest, uint32_t *nrest, int32_t *err)
+{
+    uint32_t issued = 0, k = 0;
+    int refused = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct nf_desc *e = &d[i];
+        int plain = !refused && !e->flush && e->addr && e->length &&
+            e->length <= UINT32_MAX && (e->op == NF_OP_READ || e->op == NF_OP_WRITE);
+        if (plain) {
+            plain = 0;
+            for (uint32_t j = 0; j < nr; j++) {
+                const struct nf_region *r = &regions[j];
+                if (r->host <= e->addr && e->addr - r->host <= r->size &&
+                    e->length <= r->size - (e->addr - r->host)) {
+                    plain = 1;
+                    break;
+                }
+            }
+        }
+        if (plain) {
+            struct nf_cmd c = {
+                .offset = e->offset, .addr = e->addr, .seq = seq0 + i + 1,
+                .length = (uint32_t)e->length, .slot = e->slot,
+                .write = e->op == NF_OP_WRITE,
+            };
+            if (nf_issue_one(x, h, &c, err) == 0) {
+                issued++;
+                continue;
+            }
+            refused = 1;
+        }
+        rest[k++] = i;
+    }
+    *nrest = k;
+    return issued;
 }
 
 /* The FAILED entries, while the connection lives: each into the done arrays with its
