@@ -506,6 +506,33 @@ async def test_nbdkit_memory(vm, tmp_path, servers, dataplane, persistent):
     await detach(vm, 1, front)
 
 
+async def test_a_read_from_c_that_the_server_fails_is_an_error_for_it_alone(vm, tmp_path,
+                                                                          servers):
+    """A plain read issued from C (nbd_kernel.c) that the server answers with an error:
+    that request gets ERROR, the connection stays, the next read is served."""
+    trigger = tmp_path / "fail-reads"
+    srv = nbdkit_memory(tmp_path, "8M", filters=["error"],
+                        params=["error-pread=EIO", "error-pread-rate=100%",
+                                f"error-pread-file={trigger}"])
+    servers.append(srv.start())
+    front, _ = await attach(vm, 1, uri(srv))
+    data = random.Random(21).randbytes(512)
+    await front.write(64, data)
+    assert await front.read(64, 512) == data
+    before = stats_of(await vm.client.stats(1), 1)["nbd_issued_in_c"]
+    trigger.touch()
+    with pytest.raises(BlkIOError) as info:
+        await front.read(64, 512)
+    assert info.value.status == BlkifStatus.ERROR
+    assert stats_of(await vm.client.stats(1), 1)["nbd_issued_in_c"] == before + 1
+    trigger.unlink()
+    assert await front.read(64, 512) == data
+    stats = stats_of(await vm.client.stats(1), 1)
+    assert stats["errors"] == 1 and stats["nbd_connection_losses"] == 0
+    assert stats["nbd_in_flight"] == 0
+    await detach(vm, 1, front)
+
+
 async def compiled_nbd_scenario(tmp_path: Path) -> None:
     """Verified I/O of every kind through the compiled kernel on an NBD disk: direct and
     indirect, guest pages in one run and scattered (the bounce buffer), flush, discard,
@@ -530,6 +557,7 @@ async def compiled_nbd_scenario(tmp_path: Path) -> None:
             await front.read(8 * MiB // 512, 4096)
         stats = stats_of(await client.stats(1), 1)
         assert stats["errors"] == 0 and stats["invalid"] == 1
+        assert stats["nbd_issued_in_c"] > 0  # plain reads and writes: nbd_kernel.c
         await detach(vm, 1, front)
     finally:
         await closing(vm)
@@ -546,10 +574,14 @@ def test_compiled_kernel_on_an_nbd_disk_under_sanitizers(tmp_path):
 
     from backendd.dataplane.build import build
     lib = build("blk", tmp_path / "asan.so", sanitize=True)
+    nbd_lib = build("nbd", tmp_path / "asan-nbd.so", sanitize=True)
     result = _run_sanitized(lib, (
-        "import asyncio, pathlib, sys\n"
+        "import asyncio, os, pathlib, sys\n"
+        f"os.environ['BACKENDD_NBD_KERNEL'] = {str(nbd_lib)!r}\n"
         "from backendd.dataplane import kernel as K\n"
+        "from backendd.dataplane import blknbd\n"
         f"assert K.load().path == {str(lib)!r}\n"
+        "assert blknbd.LOADER.load() is not None\n"
         "import test_blk_nbd as t\n"
         "asyncio.run(t.compiled_nbd_scenario(pathlib.Path(sys.argv[1])))\n"
         "print('nbd ok')\n"), str(tmp_path))
