@@ -46,8 +46,8 @@ NET_QUEUE = 0x202   # one per net queue: refs, ports, tx and rx indices, tx char
 NET_RX_POSTED = 0x203  # one per net queue: posted rx buffers not used yet
 NET_MCAST = 0x204   # the multicast list
 NET_RATE = 0x205    # one per net queue with a rate: the credit
-NET_HASH = 0x206    # the control ring's hash configuration (reserved: no control ring yet)
-NET_CTRL = 0x207    # the control ring's refs and indices (reserved likewise)
+NET_HASH = 0x206    # the control ring's hash configuration (HashConfig.to_bytes)
+NET_CTRL = 0x207    # the control ring's ref, port and indices
 
 TYPE_NAMES = {1: "blk", 2: "net"}
 

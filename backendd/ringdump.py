@@ -18,10 +18,13 @@ from typing import Any
 from construct import Container, ListContainer
 
 from rings.blkif import BLKIF
-from rings.consts import BlkifAbi, BlkifOp, BlkifStatus, NetifRsp
+from rings.consts import BlkifAbi, BlkifOp, BlkifStatus, NetCtrlStatus, NetCtrlType, NetifRsp
 from rings.netif import (
+    CTRL_ENTRY_SIZE,
     RX_ENTRY_SIZE,
     TX_ENTRY_SIZE,
+    netif_ctrl_request,
+    netif_ctrl_response,
     netif_rx_request,
     netif_rx_response,
     netif_tx_request,
@@ -57,12 +60,14 @@ LAYOUTS: dict[str, tuple[int, Callable[[bytes], Any], Callable[[bytes], Any]]] =
                                       BLKIF[abi].response.parse) for abi in BlkifAbi},
     "netif-tx": (TX_ENTRY_SIZE, netif_tx_request.parse, netif_tx_response.parse),
     "netif-rx": (RX_ENTRY_SIZE, netif_rx_request.parse, netif_rx_response.parse),
+    "netifctrl": (CTRL_ENTRY_SIZE, netif_ctrl_request.parse, netif_ctrl_response.parse),
 }
 
 # Fields shown by name rather than number, per layout family.
 _NAMES: dict[str, dict[str, type[enum.IntEnum]]] = {
     "blkif": {"operation": BlkifOp, "indirect_op": BlkifOp, "status": BlkifStatus},
     "netif": {"status": NetifRsp},
+    "netifctrl": {"type": NetCtrlType, "status": NetCtrlStatus},
 }
 
 

@@ -290,6 +290,17 @@ def merge_status_pages(page: Callable[[int, int], dict[str, str]]) -> dict[str, 
         cursor = (int(nxt[0]), int(nxt[1]))
 
 
+def _bound_blk_io_threads(n: int) -> None:
+    """The compiled blk data plane runs its blocking I/O on threads of its own: at most
+    as many as the I/O pool has."""
+    from .dataplane import kernel as blk_kernel
+
+    with contextlib.suppress(blk_kernel.KernelError):  # a stale build: ADD_DEVICE says so
+        k = blk_kernel.load()
+        if k is not None:
+            k.io_threads(n)
+
+
 class Server:
     def __init__(self, config: Config, log: EventLog | None = None) -> None:
         self.config = config
@@ -298,6 +309,7 @@ class Server:
         self.connections: dict[int, Connection] = {}
         self._next_id = 1
         self.pool = FairPool(config.daemon.io_threads)
+        _bound_blk_io_threads(config.daemon.io_threads)
         self._listener: socket.socket | None = None
         # (path, st_dev, st_ino) of the socket file this daemon created.
         self._owns_path: tuple[Path, int, int] | None = None

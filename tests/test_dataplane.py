@@ -99,12 +99,15 @@ def test_differential_under_address_and_ub_sanitizers(tmp_path):
         "n, cases, bad = blkdiff.run(1500, seed=23, kernel=k)\n"
         "print(n, cases, bad)\n"
         "if bad: sys.exit(1)\n"
-        # The device paths the harness does not take: the pool (EAGAIN, flush, discard,
-        # O_DIRECT) and rings served in parallel on the kernel's helper threads.
+        # The device paths the harness does not take: the I/O threads (EAGAIN, writes,
+        # flush, discard, O_DIRECT), rings served in parallel on the kernel's helper
+        # threads, and a ring served beside a kicked one.
         "import asyncio, pathlib, tempfile\n"
         "from tests import test_dataplane as t\n"
         "for fn in (t.test_page_cache_misses_go_to_the_pool_and_hits_are_served_inline,\n"
         "           t.test_direct_io_images_are_served_by_the_pool,\n"
+        "           t.test_blocking_io_runs_on_the_kernels_threads_not_the_python_pool,\n"
+        "           t.test_a_ring_with_requests_is_served_beside_a_kicked_one,\n"
         "           t.test_queues_served_in_parallel_threads):\n"
         "    asyncio.run(fn(pathlib.Path(tempfile.mkdtemp(dir=sys.argv[1]))))\n"
         "print('device paths ok')\n")
@@ -198,6 +201,48 @@ async def test_queues_served_in_parallel_threads(tmp_path):
         assert stats["errors"] == stats["invalid"] == 0
     finally:
         await rig.close()  # asserts no grant is left in use
+
+
+async def test_a_ring_with_requests_is_served_beside_a_kicked_one(tmp_path):
+    """Frontends kick their queues independently, so a loop turn seldom finds two kicks:
+    a turn also serves the other rings whose requests are already published, beside the
+    kicked one. Queue 1's kicks are lost here; its read is answered all the same."""
+    rig = await _rig()
+    try:
+        image = make_image(tmp_path / "disk.img", 4 * MiB)
+        dev, front = await rig.attach({"path": image}, queues=2)
+        front.queues[1].port.send = lambda: None  # publishes, never kicks
+        silent = asyncio.ensure_future(front.read(8, 4096, queue=1))
+        await asyncio.sleep(0)  # published on queue 1
+        assert front.queues[1].front.req_prod_pvt == 1
+        assert await front.read(0, 4096, queue=0) == file_bytes(image, 0, 4096)
+        assert await asyncio.wait_for(silent, timeout=30) == file_bytes(image, 4096, 4096)
+        assert dev.queues[1].channel.kicks == 0
+    finally:
+        await rig.close()
+
+
+async def test_blocking_io_runs_on_the_kernels_threads_not_the_python_pool(tmp_path):
+    """Writes, flushes, discards and O_DIRECT reads are done by the kernel's own I/O
+    threads and reaped by the loop: the daemon's Python I/O pool never sees them."""
+    rig = await _rig()
+    try:
+        submitted: list[object] = []
+        real = rig.pool.submit
+        rig.pool.submit = lambda *a: submitted.append(a) or real(*a)  # type: ignore[method-assign]
+        image = make_image(tmp_path / "disk.img", 4 * MiB)
+        dev, front = await rig.attach({"path": image})
+        ddev, dfront = await rig.attach({"path": image, "direct-io": "1"}, devid=2)
+        data = [bytes([i]) * 4096 for i in range(1, 33)]
+        await asyncio.gather(*(front.write(i * 8, d) for i, d in enumerate(data)))
+        await front.flush()
+        await front.discard(64 * 8, 8)
+        got = await asyncio.gather(*(dfront.read(i * 8, 4096) for i in range(32)))
+        assert got == data
+        assert dev.stats()["pooled"] == 34 and ddev.stats()["pooled"] == 32
+        assert submitted == []
+    finally:
+        await rig.close()
 
 
 async def test_a_ring_full_of_requests_answered_inline_keeps_being_served(tmp_path):

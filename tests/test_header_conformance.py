@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from native_build import compile_c, field_offsets
 
+from backendd.devices.net import hash as nethash
 from rings import BLKIF, blkif_segment, consts, grant, netif, sring
 from rings.consts import BlkifAbi
 
@@ -127,6 +128,18 @@ def test_constants(dump: tuple[BlkifAbi, dict[str, int]]) -> None:
         **{f"XEN_NETIF_GSO_TYPE_{t.name}": t.value for t in consts.NetGsoType},
         **{f"NETIF_RSP_{r.name}": r.value for r in consts.NetifRsp},
         "XEN_NETIF_NR_SLOTS_MIN": consts.XEN_NETIF_NR_SLOTS_MIN,
+        **{f"XEN_NETIF_CTRL_TYPE_{t.name}": t.value for t in consts.NetCtrlType},
+        **{f"XEN_NETIF_CTRL_STATUS_{t.name}": t.value for t in consts.NetCtrlStatus},
+        "XEN_NETIF_CTRL_HASH_TYPE_IPV4": nethash.FLAG_IPV4,
+        "XEN_NETIF_CTRL_HASH_TYPE_IPV4_TCP": nethash.FLAG_IPV4_TCP,
+        "XEN_NETIF_CTRL_HASH_TYPE_IPV6": nethash.FLAG_IPV6,
+        "XEN_NETIF_CTRL_HASH_TYPE_IPV6_TCP": nethash.FLAG_IPV6_TCP,
+        "_XEN_NETIF_CTRL_HASH_TYPE_IPV4": nethash.TYPE_IPV4,
+        "_XEN_NETIF_CTRL_HASH_TYPE_IPV4_TCP": nethash.TYPE_IPV4_TCP,
+        "_XEN_NETIF_CTRL_HASH_TYPE_IPV6": nethash.TYPE_IPV6,
+        "_XEN_NETIF_CTRL_HASH_TYPE_IPV6_TCP": nethash.TYPE_IPV6_TCP,
+        "XEN_NETIF_CTRL_HASH_ALGORITHM_NONE": nethash.ALG_NONE,
+        "XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ": nethash.ALG_TOEPLITZ,
         **{f"GTF_{t.name.lower()}": t.value for t in consts.GrantType},
         "GTF_type_mask": consts.GTF_TYPE_MASK, "GTF_readonly": consts.GTF_READONLY,
         "GTF_reading": consts.GTF_READING, "GTF_writing": consts.GTF_WRITING,

@@ -6,8 +6,14 @@ import json
 
 from backendd.ringdump import decode, describe
 from rings.blkif import BLKIF
-from rings.consts import BlkifAbi, BlkifOp
-from rings.netif import TX_ENTRY_SIZE, netif_tx_request
+from rings.consts import BlkifAbi, BlkifOp, NetCtrlStatus, NetCtrlType
+from rings.netif import (
+    CTRL_ENTRY_SIZE,
+    CTRL_REQUEST,
+    CTRL_RESPONSE,
+    TX_ENTRY_SIZE,
+    netif_tx_request,
+)
 from rings.ring import BackRing, FrontRing, SharedRing
 
 PAGE = 4096
@@ -114,3 +120,22 @@ def test_netif_tx_and_a_truncated_dump() -> None:
     # A dump cut after the header still describes the header and says what is missing.
     lines = decode("netif-tx", bytes(area[:64]), PAGE, slots=1)
     assert "not in the dump" in lines[-1]
+
+
+def test_netif_control_ring_names_types_and_statuses() -> None:
+    area = bytearray(PAGE)
+    shared = SharedRing(memoryview(area), CTRL_ENTRY_SIZE)
+    shared.init()
+    front = FrontRing(shared)
+    front.put_request(CTRL_REQUEST.pack(7, NetCtrlType.SET_HASH_KEY, 12, 40, 0))
+    front.put_request(CTRL_REQUEST.pack(8, NetCtrlType.GET_HASH_MAPPING_SIZE, 0, 0, 0))
+    front.push_requests()
+    back = BackRing.attach(shared)
+    back.take_requests(1)
+    back.put_response(CTRL_RESPONSE.pack(7, NetCtrlType.SET_HASH_KEY,
+                                         NetCtrlStatus.INVALID_PARAMETER, 0) + bytes(4))
+    back.push_responses()
+    desc = describe("netifctrl", bytes(area), PAGE, slots=1)
+    texts = [s["text"] for s in desc["slots"]]
+    assert texts == ["id=7 type=set_hash_key(3) status=invalid_parameter(2) data=0",
+                     "id=8 type=get_hash_mapping_size(4) data=[0 0 0]"]  # still pending

@@ -1,12 +1,12 @@
 """A blkif ring served by the compiled kernel (blk_kernel.c): Python calls in once per
 wake-up, never per request or per segment.
 
-The kernel takes the batch, checks, pins grants, does the I/O that the page cache can
-serve without blocking (preadv2/pwritev2 with RWF_NOWAIT), answers and publishes. What
-would block comes back as pool jobs: flush and discard, O_DIRECT images and block
-devices, and any transfer that met EAGAIN. A pool thread runs them in the kernel too
-(`bk_io`, the GIL released), and the event loop hands them back (`bk_complete`), which
-unpins, answers and starts what waited behind a flush.
+The kernel takes the batch, checks, pins grants, does the reads that the page cache can
+serve without blocking (preadv2 with RWF_NOWAIT), answers and publishes. What would
+block goes to the kernel's own I/O threads: writes, flush and discard, O_DIRECT images
+and block devices, and any read that met EAGAIN. They never enter Python; when a ring's
+jobs are done they write its wake eventfd, and the event loop reaps them all with one
+call (`bk_reap`), which unpins, answers and starts what waited behind a flush.
 
 Same interface and same behaviour as backendd/devices/blk/queue.py's RingQueue (the
 reference, tested against this one by tests/test_dataplane_differential.py).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -38,23 +39,76 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BATCH = 4  # pool jobs: requests per job, as the Python path
+
+# Beyond this many rings on one loop, a turn serves only the rings due (looking at every
+# ring's shared index each turn would cost more than it gains).
+ROUND_MEMBERS = 16
 
 
 class ServiceRound(LoopRound["CompiledRingQueue"]):
     """The compiled rings due in one loop turn (kicked, or with work left), served by one
     kernel call: with two or more, the kernel serves them on its helper threads in
     parallel while the loop waits with the GIL released, so queues use the cores and
-    nothing in the control plane changes under them."""
+    nothing in the control plane changes under them. The call also serves, beside them,
+    every other ring of this loop whose guest has already published requests (its kick
+    not read yet): frontends kick independently, so a turn seldom finds two kicks."""
 
     k: K.Kernel
 
+    def __init__(self, kernel: K.Kernel, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(kernel, loop)
+        self.members: list[CompiledRingQueue] = []  # rings started and not stopped
+        self._arrays: tuple | None = None  # the members as C arrays, built when they change
+
+    def join(self, q: CompiledRingQueue) -> None:
+        self.members.append(q)
+        self._arrays = None
+
+    def leave(self, q: CompiledRingQueue) -> None:
+        if q in self.members:
+            self.members.remove(q)
+            self._arrays = None
+
     def serve(self, due: list[CompiledRingQueue]) -> None:
-        queues = []
+        due = [q for q in due if q._may_serve()]
+        members = self.members
+        if len(members) > ROUND_MEMBERS or any(q not in members for q in due):
+            self._serve_list(due)
+            return
+        if len(members) == 1:
+            if due:
+                self._serve_list(due)
+            return
+        if not due:
+            return
         for q in due:
-            if not (q.halted or q._stopping or q.suspended or q._q is None):
+            q._in_due = True
+        if self._arrays is None:
+            n = len(members)
+            self._arrays = (
+                n, (ctypes.c_void_p * n)(*(q._q for q in members)),
+                (ctypes.POINTER(K.Env) * n)(*(ctypes.pointer(q._env) for q in members)),
+                (ctypes.POINTER(K.Out) * n)(*(ctypes.pointer(q._out) for q in members)),
+                (ctypes.c_uint8 * n)(), (ctypes.c_uint8 * n)())
+        n, qs, envs, outs, due_mask, served = self._arrays
+        for k, q in enumerate(members):
+            # 1: kicked; 2: served if its guest has published requests; 0: not at all
+            due_mask[k] = 1 if q._in_due else 2 if q._may_serve() else 0
+            if due_mask[k]:
                 q._refresh()
-                queues.append(q)
+        helped = self.k.serve_round(qs, envs, outs, n, due_mask, served)
+        j = 0  # the kernel serves the first ring it takes itself, the next `helped` on helpers
+        for k, q in enumerate(members):
+            q._in_due = False
+            if served[k]:
+                if 0 < j <= helped:
+                    q.counters.parallel += 1
+                j += 1
+                q._after(q._out)
+
+    def _serve_list(self, queues: list[CompiledRingQueue]) -> None:
+        for q in queues:
+            q._refresh()
         if len(queues) == 1:
             q = queues[0]
             self.k.serve(q._q, ctypes.byref(q._env), ctypes.byref(q._out))
@@ -79,7 +133,7 @@ class CompiledRingQueue:
                  ring_maps: list[GrantMapping], channel: EventChannel, codecs: BlkifCodecs,
                  geometry: Geometry, image: Image, grants: GrantTable,
                  submit: Callable[..., asyncio.Future], loop: asyncio.AbstractEventLoop,
-                 counters: Counters, on_corrupt: Callable[[str], None], batch: int = BATCH,
+                 counters: Counters, on_corrupt: Callable[[str], None], batch: int = 4,
                  on_refused: Callable[[str], None] | None = None,
                  inflight: InflightQueue | None = None,
                  recovery: Recovery | None = None) -> None:
@@ -92,6 +146,7 @@ class CompiledRingQueue:
         self.image = image
         self.grants = grants
         self.memory = grants.memory
+        # submit and batch: RingQueue's signature; the kernel's I/O threads do that work.
         self.submit = submit
         self.loop = loop
         self.counters = counters
@@ -108,11 +163,10 @@ class CompiledRingQueue:
         self.migrated = False
         self.started = False
         self._in_round = False
+        self._in_due = False  # kicked, in the round being served
         self._round = service_round(kernel, loop)
         self._blocked = False
         self._inpool = 0
-        self._back: list[tuple[ctypes.Array, int, bool]] = []  # jobs back from the pool
-        self._take_back_due = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._recovery = recovery
@@ -139,10 +193,16 @@ class CompiledRingQueue:
                 inflight.view)
             cfg.inflight = ctypes.addressof(self._inflight_anchor)
         cfg.disk = self._disk(geometry)
+        # The kernel's I/O threads write it when jobs of this ring are done.
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        cfg.wake_fd = self._wake_fd
+        cfg.kick_fd = channel.kick_fd
         q = self.k.queue_new(ctypes.byref(cfg))
         if not q:
+            os.close(self._wake_fd)
             raise ValueError(f"blk ring {index}: the kernel refused the ring geometry")
         self._q = q
+        loop.add_reader(self._wake_fd, self._reap)
 
     # --- configuration -------------------------------------------------------------
 
@@ -215,11 +275,16 @@ class CompiledRingQueue:
             self.counters.replayed += len(replay)
             self._after(self._out)
         self.channel.start(self.loop, self._schedule)
+        self._round.join(self)
         if self._resumed:
             # An earlier daemon may have died between publishing responses and signalling
             # them: one event, so the guest looks at its ring (a spurious one is harmless).
             self.channel.notify()
         self._schedule()  # requests queued before we listened
+
+    def _may_serve(self) -> bool:
+        """Whether a round may take requests from this ring (it is listening)."""
+        return not (self.halted or self._stopping or self.suspended or self._q is None)
 
     def _schedule(self) -> None:
         self._round.add(self)
@@ -251,6 +316,11 @@ class CompiledRingQueue:
                        "of the responses")
         if out.njobs:
             self._run_jobs(out)
+        if out.inpool and self._pool_pin is None:
+            # guest pages are being read or written by the I/O threads: no region goes
+            self._pool_pin = self.memory.native()
+            self._idle.clear()
+        self._inpool = out.inpool
         if flags & K.NOTIFY:
             self.channel.notify()
         if flags & K.BLOCKED:
@@ -260,54 +330,17 @@ class CompiledRingQueue:
         self._check_idle()
 
     def _run_jobs(self, out: K.Out) -> None:
-        jobs, flush = list(out.jobs[:out.njobs]), out.job_flush
-        i = 0
-        while i < len(jobs):
-            if flush[i]:
-                group = jobs[i:i + 1]
-            else:
-                group = []
-                while i + len(group) < len(jobs) and len(group) < self.batch \
-                        and not flush[i + len(group)]:
-                    group.append(jobs[i + len(group)])
-            i += len(group)
-            arr, count = K.JobArray(*group), len(group)
-            self._inpool += count
-            self._pool_pin = self.memory.native()
-            self._idle.clear()
-            try:
-                fut = self.submit(self.k.io, self._q, arr, count)
-            except Exception:
-                log.exception("blk ring %d: cannot hand I/O to the pool", self.index)
-                fut = self.loop.create_future()
-                fut.cancel()
-            fut.add_done_callback(lambda f, a=arr, n=count: self._completed(f, a, n))
+        """Jobs handed back for a caller that moves the data itself (`Disk.external`,
+        NbdRingQueue); a queue on a file never gets any."""
+        raise NotImplementedError
 
-    def _completed(self, fut: asyncio.Future, arr: ctypes.Array, n: int) -> None:
-        """One job is back: keep it for _take_back, which the loop runs once for all the
-        jobs of this ring that came back in this turn (the pool hands them back together)."""
-        failed = fut.cancelled() or fut.exception() is not None
-        if failed and not fut.cancelled():
-            log.error("blk ring %d: I/O job failed", self.index, exc_info=fut.exception())
-        self._back.append((arr, n, failed))
-        if not self._take_back_due:
-            self._take_back_due = True
-            self.loop.call_soon(self._take_back)
-
-    def _take_back(self) -> None:
-        self._take_back_due = False
-        back, self._back = self._back, []
-        if not back:
+    def _reap(self) -> None:
+        """The ring's wake eventfd: I/O threads have finished jobs of this ring."""
+        if self._q is None:
             return
         self._refresh()
-        for failed in (False, True):
-            slots = [j for arr, n, f in back if f == failed for j in arr[:n]]
-            if not slots:
-                continue
-            self._inpool -= len(slots)
-            self.k.complete(self._q, ctypes.byref(self._env), K.JobArray(*slots),
-                            len(slots), int(failed), ctypes.byref(self._out))
-            self._after(self._out)
+        self.k.reap(self._q, ctypes.byref(self._env), ctypes.byref(self._out))
+        self._after(self._out)
         if self._blocked and not self.halted:
             self._blocked = False
             self._schedule()
@@ -365,6 +398,7 @@ class CompiledRingQueue:
     async def stop(self) -> None:
         """Stop taking requests, let what was taken complete and be answered."""
         self._stopping = True
+        self._round.leave(self)
         self.channel.stop()
         await self._idle.wait()
         self._refresh()
@@ -378,9 +412,12 @@ class CompiledRingQueue:
 
     def release(self) -> None:
         """After stop(): free the kernel's state, let go of the ring and the channel."""
+        self._round.leave(self)
         if self._q:
+            self.loop.remove_reader(self._wake_fd)
             self.k.queue_free(self._q)
             self._q = None
+            os.close(self._wake_fd)
         self._inflight_anchor = None
         self._uses_anchor = None
         self._env_key = None

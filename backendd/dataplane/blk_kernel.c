@@ -1,9 +1,9 @@
 /* The compiled blkif data plane: one call serves a whole ring batch.
  *
  * Python (backendd/dataplane/blk.py) stays the control plane: it maps the ring pages,
- * owns the event channel, the I/O pool, the stats and the logs, and calls in here once
- * per wake-up (bk_serve), once per finished pool job (bk_complete) and, in a pool thread,
- * for the blocking I/O (bk_io). Nothing here calls back into Python.
+ * owns the event channels, the stats and the logs, and calls in here once per wake-up
+ * (bk_serve) and once per wake-up of the ring's I/O threads (bk_reap). The blocking
+ * I/O runs on the kernel's own threads (below). Nothing here calls back into Python.
  *
  * The pure-Python path (backendd/devices/blk/{request,queue}.py, backendd/grants.py) is
  * the specification: every check, every grant rule and every in-flight table update
@@ -130,6 +130,9 @@ struct bk_disk {
     uint32_t readonly, discard, discard_secure, is_block;
     uint32_t max_indirect;  /* indirect segments advertised */
     uint32_t inline_io;     /* 0: every transfer goes to the pool (O_DIRECT, block dev) */
+    uint32_t external;      /* 1: the caller moves the data (an NBD export): pool jobs
+                             * come back in bk_out.jobs instead of going to the kernel's
+                             * I/O threads */
 };
 
 struct bk_config {
@@ -141,6 +144,8 @@ struct bk_config {
     uint32_t start;         /* req_cons = rsp_prod_pvt at attach */
     uint32_t req_cons;      /* != start after an in-flight table recovery */
     uint8_t *inflight;      /* this queue's table, or NULL */
+    int32_t wake_fd;        /* an eventfd the I/O threads write when jobs are done */
+    int32_t kick_fd;        /* the guest's kicks: drained when served without one */
     struct bk_disk disk;
 };
 
@@ -154,9 +159,11 @@ enum { BK_NOTIFY = 1, BK_MORE = 2, BK_BLOCKED = 4, BK_CORRUPT = 8, BK_INTERNAL =
 struct bk_out {
     struct bk_stats stats;
     uint32_t flags;
-    uint32_t njobs;          /* slots to hand to the pool, in order */
+    uint32_t njobs;          /* disk.external: slots for the caller, in order */
     uint16_t jobs[BK_MAX_PENDING];
     uint8_t job_flush[BK_MAX_PENDING];
+    uint32_t inpool;         /* requests in the pool (I/O threads or caller), not done */
+    uint32_t _pad0;
     uint64_t refused_id;     /* the first request refused in this call, for the log */
     uint32_t refused_why;    /* enum bk_why; 0: none */
     uint32_t _pad;
@@ -206,6 +213,14 @@ struct bk_queue {
     uint32_t fifo_head, fifo_count;
     uint32_t nunpub;
     uint16_t unpub[BK_MAX_RING];     /* table entries answered, response not published */
+    /* With the I/O threads (under iopool.lock): jobs waiting, jobs done and not reaped. */
+    int32_t wake_fd, kick_fd;
+    uint32_t in_run, running;
+    struct bk_queue *run_next;
+    uint16_t jq[BK_MAX_PENDING];
+    uint32_t jq_head, jq_count;
+    uint16_t done[BK_MAX_PENDING];
+    uint32_t ndone;
     uint32_t if_cap, if_nfree;
     uint16_t if_free[IF_MAX_ENTRIES]; /* free entries; the last is used next */
     /* Without a table, responses go out in ring order: one waits here, by request ring
@@ -687,7 +702,7 @@ static int transfer(struct bk_pending *s, int fd, int nowait)
 
 /* Only reads are tried inline. A write waits for a frozen filesystem in the VFS before
  * RWF_NOWAIT is looked at (file_start_write), so even a NOWAIT write can stall the
- * event loop; and ext4 refuses RWF_NOWAIT for buffered writes anyway. */
+ * event loop; and ext4 refuses RWF_NOWAIT buffered writes anyway (EOPNOTSUPP, every one). */
 static int needs_pool(const struct bk_queue *q, const struct bk_pending *s)
 {
     return s->write || s->flush || s->op == BLKIF_OP_DISCARD || !q->disk.inline_io;
@@ -726,12 +741,161 @@ static void finish(struct bk_queue *q, const struct dp_env *env, struct bk_pendi
     s->state = SLOT_FREE;
 }
 
-/* Start what waits: inline when the page cache has it, else to the pool. A flush or
- * barrier starts only once everything before it has completed, and nothing after it
+/* ---- the I/O threads ---------------------------------------------------------------- */
+
+/* The blocking part of one request, on an I/O thread: flush, discard, or the transfer
+ * (continued from where an inline attempt stopped). Touches only that slot. */
+static void run_io(const struct bk_queue *q, struct bk_pending *s)
+{
+    int fd = q->disk.fd;
+    if (s->flush && fdatasync(fd) < 0) {
+        s->status = BLKIF_RSP_ERROR;
+        s->error = errno;
+        return;
+    }
+    if (s->op == BLKIF_OP_DISCARD) {
+        if (!s->nr_sectors)
+            return;
+        uint64_t range[2] = {s->sector * BK_SECTOR, s->nr_sectors * BK_SECTOR};
+        int rc = q->disk.is_block
+            ? ioctl(fd, BLKDISCARD, range)
+            : fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                        (off_t)range[0], (off_t)range[1]);
+        if (rc < 0) {
+            s->status = BLKIF_RSP_ERROR;
+            s->error = errno;
+        }
+    } else if (s->nseg) {
+        transfer(s, fd, 0);
+    }
+}
+
+/* Threads of the kernel's own run the blocking I/O: no Python, no GIL, no future per
+ * job. Rings with jobs waiting are served in turn, BK_IO_BATCH jobs at a time, so a
+ * ring with a deep backlog on a slow disk delays another ring's job by at most a batch
+ * per thread. A thread that finishes a ring's jobs puts them on the ring's done list
+ * and, if the list was empty, writes the ring's wake eventfd; the event loop then reaps
+ * them all with one bk_reap (unpin, answer, publish), so grant use counts only ever
+ * change on the thread that owns the control plane. */
+#define BK_IO_BATCH 4
+#define BK_IO_THREADS_MAX 64
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t work;
+    struct bk_queue *head, *tail;   /* rings with jobs waiting, in turn */
+    uint32_t threads, want, idle;
+} iopool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0, 4, 0};
+
+static void run_append_locked(struct bk_queue *q)
+{
+    q->in_run = 1;
+    q->run_next = NULL;
+    if (iopool.tail)
+        iopool.tail->run_next = q;
+    else
+        iopool.head = q;
+    iopool.tail = q;
+}
+
+static void *io_thread(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&iopool.lock);
+    for (;;) {
+        while (!iopool.head) {
+            iopool.idle++;
+            pthread_cond_wait(&iopool.work, &iopool.lock);
+            iopool.idle--;
+        }
+        struct bk_queue *q = iopool.head;
+        iopool.head = q->run_next;
+        if (!iopool.head)
+            iopool.tail = NULL;
+        uint16_t jobs[BK_IO_BATCH];
+        uint32_t n = 0;
+        while (n < BK_IO_BATCH && q->jq_count) {
+            jobs[n++] = q->jq[q->jq_head];
+            q->jq_head = (q->jq_head + 1) % BK_MAX_PENDING;
+            q->jq_count--;
+        }
+        if (q->jq_count)
+            run_append_locked(q);   /* to the back of the line */
+        else
+            q->in_run = 0;
+        q->running++;
+        pthread_mutex_unlock(&iopool.lock);
+        for (uint32_t k = 0; k < n; k++)
+            run_io(q, &q->slots[jobs[k]]);
+        pthread_mutex_lock(&iopool.lock);
+        q->running--;
+        int wake = q->ndone == 0;
+        for (uint32_t k = 0; k < n; k++)
+            q->done[q->ndone++] = jobs[k];
+        if (wake && q->wake_fd >= 0) {
+            /* under the lock: once the loop has reaped everything, no thread touches
+             * the ring (or its fd) again */
+            uint64_t one = 1;
+            ssize_t rc = write(q->wake_fd, &one, sizeof(one));
+            (void)rc;   /* EAGAIN: the counter is saturated, the loop wakes anyway */
+        }
+    }
+    return NULL;
+}
+
+/* Hand jobs (slots, in ring order) to the I/O threads. */
+static void pool_submit(struct bk_queue *q, const uint16_t *jobs, uint32_t n)
+{
+    if (!n)
+        return;
+    pthread_mutex_lock(&iopool.lock);
+    for (uint32_t k = 0; k < n; k++) {
+        q->jq[(q->jq_head + q->jq_count) % BK_MAX_PENDING] = jobs[k];
+        q->jq_count++;
+    }
+    if (!q->in_run)
+        run_append_locked(q);
+    /* a thread per batch: wake idle ones, start more (up to the bound) if short */
+    uint32_t need = (n + BK_IO_BATCH - 1) / BK_IO_BATCH;
+    uint32_t wake = need < iopool.idle ? need : iopool.idle;
+    for (uint32_t k = 0; k < wake; k++)
+        pthread_cond_signal(&iopool.work);
+    need -= wake;
+    while (need && iopool.threads < iopool.want) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&t, &attr, io_thread, NULL);
+        pthread_attr_destroy(&attr);
+        if (rc)
+            break;
+        iopool.threads++;
+        need--;
+    }
+    pthread_mutex_unlock(&iopool.lock);
+}
+
+/* How many I/O threads the kernel may run (1..BK_IO_THREADS_MAX); more are started only
+ * when work waits for them. Returns the number now allowed. */
+uint32_t bk_io_threads(uint32_t n)
+{
+    pthread_mutex_lock(&iopool.lock);
+    if (n >= 1 && n <= BK_IO_THREADS_MAX)
+        iopool.want = n;
+    n = iopool.want;
+    pthread_mutex_unlock(&iopool.lock);
+    return n;
+}
+
+/* Start what waits: inline when the page cache has it, else to the I/O threads. A flush
+ * or barrier starts only once everything before it has completed, and nothing after it
  * starts until it has completed. A request runs inline only while nothing taken before
- * it is in the pool, so requests start in ring order, as on the Python path. */
+ * it is with the threads, so requests start in ring order, as on the Python path. */
 static void dispatch(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
+    uint16_t jobs[BK_MAX_PENDING];
+    uint32_t njobs = 0;
     while (q->fifo_count && !q->draining) {
         struct bk_pending *s = &q->slots[q->fifo[q->fifo_head]];
         if (s->flush) {
@@ -749,9 +913,14 @@ static void dispatch(struct bk_queue *q, const struct dp_env *env, struct bk_out
         s->state = SLOT_POOL;
         q->inpool++;
         out->stats.pooled++;
-        out->job_flush[out->njobs] = s->flush;
-        out->jobs[out->njobs++] = (uint16_t)(s - q->slots);
+        if (q->disk.external) {
+            out->job_flush[out->njobs] = s->flush;
+            out->jobs[out->njobs++] = (uint16_t)(s - q->slots);
+        } else {
+            jobs[njobs++] = (uint16_t)(s - q->slots);
+        }
     }
+    pool_submit(q, jobs, njobs);
 }
 
 /* ---- taking requests ------------------------------------------------------------ */
@@ -861,12 +1030,19 @@ struct bk_queue *bk_queue_new(const struct bk_config *cfg)
         return NULL;
     }
     q->disk = cfg->disk;
+    q->wake_fd = cfg->wake_fd;
+    q->kick_fd = cfg->kick_fd;
     bk_inflight_scan(q);
     return q;
 }
 
 void bk_queue_free(struct bk_queue *q)
 {
+    pthread_mutex_lock(&iopool.lock);
+    int busy = q->in_run || q->running || q->jq_count;
+    pthread_mutex_unlock(&iopool.lock);
+    if (busy)
+        return;     /* cannot happen (freed once all is reaped); leaked rather than freed */
     free(q);
 }
 
@@ -888,7 +1064,7 @@ void bk_queue_state(const struct bk_queue *q, uint32_t out[7])
 }
 
 /* One wake-up: take what the guest queued, check, pin, do what the page cache has,
- * answer, publish. Pool work comes back in out->jobs. */
+ * answer, publish. Pool work goes to the I/O threads (disk.external: out->jobs). */
 void bk_serve(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
     memset(out, 0, sizeof(*out));
@@ -910,6 +1086,7 @@ void bk_serve(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
         out->flags |= BK_MORE;
     }
     push(q, out);
+    out->inpool = q->inpool;
 }
 
 /* ---- several rings at once -------------------------------------------------------- */
@@ -936,6 +1113,46 @@ uint32_t bk_serve_many(struct bk_queue *const *qs, const struct dp_env *const *e
     return dp_pool_run(&pool, serve_item, &m, n);
 }
 
+/* One loop turn: the rings kicked (due[k] == 1) and, beside them, every ring that may be
+ * served (due[k] == 2) and already has requests published and room to take them. Two
+ * frontends kick independently, so a turn rarely finds both kicks: without this the
+ * rings would be served one after the other on the loop's thread and the helpers would
+ * seldom run. A ring served without its kick has the kick drained (it is served now; a
+ * kick still reported by the loop's poll finds nothing and is dropped). served[k] says
+ * which were served; returns how many ran on helper threads. */
+#define BK_ROUND_MAX 1024
+uint32_t bk_serve_round(struct bk_queue *const *qs, const struct dp_env *const *envs,
+                        struct bk_out *const *outs, uint32_t n, const uint8_t *due,
+                        uint8_t *served)
+{
+    struct bk_queue *sq[BK_ROUND_MAX];
+    const struct dp_env *se[BK_ROUND_MAX];
+    struct bk_out *so[BK_ROUND_MAX];
+    uint32_t m = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        struct bk_queue *q = qs[k];
+        int take_it = due[k] == 1;
+        if (due[k] == 2 && !q->halted && q->req_cons - q->rsp_prod_pvt < q->max_pending &&
+            dp_ring_unconsumed(q->pages[0], q->size, q->req_cons, q->rsp_prod_pvt)) {
+            take_it = 1;
+            if (q->kick_fd >= 0) {
+                uint64_t v;
+                struct iovec iov = {&v, sizeof(v)};
+                ssize_t rc = preadv2(q->kick_fd, &iov, 1, -1, RWF_NOWAIT);
+                (void)rc;   /* nothing there, or no NOWAIT: the kick comes as usual */
+            }
+        }
+        served[k] = (uint8_t)(take_it && m < BK_ROUND_MAX);
+        if (served[k]) {
+            sq[m] = q;
+            se[m] = envs[k];
+            so[m] = outs[k];
+            m++;
+        }
+    }
+    return bk_serve_many(sq, se, so, m);
+}
+
 /* Requests an earlier daemon took and never visibly answered (from the in-flight
  * table), in ring order: recorded again, then served like new ones. */
 void bk_replay(struct bk_queue *q, const struct dp_env *env, const uint8_t *raws,
@@ -960,42 +1177,47 @@ void bk_replay(struct bk_queue *q, const struct dp_env *env, const uint8_t *raws
     }
     dispatch(q, env, out);
     push(q, out);
+    out->inpool = q->inpool;
 }
 
-/* In a pool thread: the blocking part of pool jobs. Touches only the given slots. */
-void bk_io(struct bk_queue *q, const uint16_t *jobs, uint32_t n)
+/* On the event loop, woken by the ring's wake eventfd: the jobs the I/O threads have
+ * finished are answered (grants released first), what waited behind them starts. */
+void bk_reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
+    uint16_t jobs[BK_MAX_PENDING];
+    uint32_t n;
+    memset(out, 0, sizeof(*out));
+    q->env = env;
+    if (q->wake_fd >= 0) {
+        uint64_t v;
+        ssize_t rc = read(q->wake_fd, &v, sizeof(v));  /* before taking the list */
+        (void)rc;
+    }
+    pthread_mutex_lock(&iopool.lock);
+    n = q->ndone;
+    memcpy(jobs, q->done, n * sizeof(jobs[0]));
+    q->ndone = 0;
+    pthread_mutex_unlock(&iopool.lock);
     for (uint32_t k = 0; k < n; k++) {
         if (jobs[k] >= BK_MAX_PENDING)
             continue;
         struct bk_pending *s = &q->slots[jobs[k]];
         if (s->state != SLOT_POOL)
             continue;
-        int fd = q->disk.fd;
-        if (s->flush && fdatasync(fd) < 0) {
-            s->status = BLKIF_RSP_ERROR;
-            s->error = errno;
-            continue;
-        }
-        if (s->op == BLKIF_OP_DISCARD) {
-            if (!s->nr_sectors)
-                continue;
-            uint64_t range[2] = {s->sector * BK_SECTOR, s->nr_sectors * BK_SECTOR};
-            int rc = q->disk.is_block
-                ? ioctl(fd, BLKDISCARD, range)
-                : fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                            (off_t)range[0], (off_t)range[1]);
-            if (rc < 0) {
-                s->status = BLKIF_RSP_ERROR;
-                s->error = errno;
-            }
-        } else if (s->nseg) {
-            transfer(s, fd, 0);
-        }
+        q->inpool--;
+        if (s->flush)
+            q->draining = 0;
+        finish(q, env, s, out);
     }
+    if (!q->halted) {
+        dispatch(q, env, out);
+        push(q, out);
+    }
+    out->inpool = q->inpool;
 }
 
-/* On the event loop: pool jobs are back (failed: the pool failed, not the disk). */
+/* On the event loop: jobs the caller moved itself (disk.external) are back (failed: the
+ * caller could not do them). */
 void bk_complete(struct bk_queue *q, const struct dp_env *env, const uint16_t *jobs,
                  uint32_t n, int32_t failed, struct bk_out *out)
 {
@@ -1018,6 +1240,7 @@ void bk_complete(struct bk_queue *q, const struct dp_env *env, const uint16_t *j
         dispatch(q, env, out);
         push(q, out);
     }
+    out->inpool = q->inpool;
 }
 
 /* Publish what was answered (stopping). */
@@ -1026,6 +1249,7 @@ void bk_push(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
     memset(out, 0, sizeof(*out));
     q->env = env;
     push(q, out);
+    out->inpool = q->inpool;
 }
 
 /* ---- pool jobs moved by the caller (a disk on an NBD export) ---------------------- */
@@ -1079,6 +1303,7 @@ void bk_jobs_done(struct bk_queue *q, const struct dp_env *env, const uint16_t *
     }
     if (q->halted) {
         *out = done;
+        out->inpool = q->inpool;
         return;
     }
     bk_serve(q, env, out);  /* publishes these answers too */

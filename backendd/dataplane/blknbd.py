@@ -106,6 +106,7 @@ class NbdRingQueue(CompiledRingQueue):
     def _disk(self, geo: Geometry) -> K.Disk:
         disk = super()._disk(geo)
         disk.inline_io = 0  # the kernel has no fd: everything is a job
+        disk.external = 1   # ... handed back to us, not to the kernel's I/O threads
         return disk
 
     def _run_jobs(self, out: K.Out) -> None:

@@ -1,7 +1,8 @@
 """ctypes binding of blk_kernel.c: the structures it takes and the calls it exports.
 
-ctypes releases the GIL for the length of each call, so a pool thread doing blocking
-I/O in `bk_io`, or a queue served from its own thread, runs beside the event loop.
+ctypes releases the GIL for the length of each call, so rings served on the kernel's
+helper threads run beside each other; the blocking I/O runs on the kernel's own I/O
+threads, which never enter Python.
 
 build.py builds it (`make kernel`) and its `Loader` finds it: at $BACKENDD_BLK_KERNEL
 (the tests point it at a sanitizer build) or next to this file. `load()` returns None
@@ -19,6 +20,7 @@ MAX_PENDING = 64
 MAX_SEGS = 256
 MAX_RING_PAGES = 16
 MAX_RING = 1024
+ROUND_MAX = 1024  # rings in one bk_serve_round call
 SLOT_MAX = 112
 
 NOTIFY, MORE, BLOCKED, CORRUPT, INTERNAL = 1, 2, 4, 8, 16
@@ -31,7 +33,7 @@ class Disk(ctypes.Structure):
                 ("sectors", ctypes.c_uint64), ("readonly", ctypes.c_uint32),
                 ("discard", ctypes.c_uint32), ("discard_secure", ctypes.c_uint32),
                 ("is_block", ctypes.c_uint32), ("max_indirect", ctypes.c_uint32),
-                ("inline_io", ctypes.c_uint32)]
+                ("inline_io", ctypes.c_uint32), ("external", ctypes.c_uint32)]
 
 
 class Config(ctypes.Structure):
@@ -39,7 +41,7 @@ class Config(ctypes.Structure):
                 ("size", ctypes.c_uint32), ("abi", ctypes.c_uint32),
                 ("max_pending", ctypes.c_uint32), ("start", ctypes.c_uint32),
                 ("req_cons", ctypes.c_uint32), ("inflight", ctypes.c_void_p),
-                ("disk", Disk)]
+                ("wake_fd", ctypes.c_int32), ("kick_fd", ctypes.c_int32), ("disk", Disk)]
 
 
 STAT_NAMES = ("requests", "reads", "writes", "bytes_read", "bytes_written", "errors",
@@ -54,6 +56,7 @@ class Out(ctypes.Structure):
     _fields_ = [("stats", Stats), ("flags", ctypes.c_uint32), ("njobs", ctypes.c_uint32),
                 ("jobs", ctypes.c_uint16 * MAX_PENDING),
                 ("job_flush", ctypes.c_uint8 * MAX_PENDING),
+                ("inpool", ctypes.c_uint32), ("_pad0", ctypes.c_uint32),
                 ("refused_id", ctypes.c_uint64), ("refused_why", ctypes.c_uint32),
                 ("_pad", ctypes.c_uint32)]
 
@@ -115,8 +118,9 @@ class Kernel:
         self.serve = _fn(lib.bk_serve, None, [vp, envp, outp])
         self.replay = _fn(lib.bk_replay, None, [vp, envp, ctypes.c_char_p,
                                                 ctypes.POINTER(u32), u32, outp])
-        self.io = _fn(lib.bk_io, None, [vp, u16p, u32])
+        self.reap = _fn(lib.bk_reap, None, [vp, envp, outp])
         self.complete = _fn(lib.bk_complete, None, [vp, envp, u16p, u32, i32, outp])
+        self.io_threads = _fn(lib.bk_io_threads, u32, [u32])
         self.push = _fn(lib.bk_push, None, [vp, envp, outp])
         self.inflight_scan = _fn(lib.bk_inflight_scan, None, [vp])
         self.jobs_describe = _fn(lib.bk_jobs_describe, u32, [vp, u16p, u32,
@@ -129,6 +133,10 @@ class Kernel:
         self.serve_many = _fn(lib.bk_serve_many, u32, [ctypes.POINTER(vp),
                                                        ctypes.POINTER(envp),
                                                        ctypes.POINTER(outp), u32])
+        u8p = ctypes.POINTER(ctypes.c_uint8)
+        self.serve_round = _fn(lib.bk_serve_round, u32, [ctypes.POINTER(vp),
+                                                         ctypes.POINTER(envp),
+                                                         ctypes.POINTER(outp), u32, u8p, u8p])
         self._layout = _fn(lib.bk_layout, u32, [ctypes.POINTER(u32), u32])
         self._check()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import threading
 
 from backendd.devices.net.ratelimit import CreditScheduler
 from backendd.devices.net.rx import BUDGET as RX_BUDGET
@@ -73,8 +74,11 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
             if helped and len({p.name for p in ready}) > 1 \
                     and len({w.thread for w in works}) > 1:
                 self.apart += 1
+        caller = threading.get_native_id()
         for w, path in zip(works, ready, strict=True):
             path.served_on.add(w.thread)
+            if w.thread != caller:
+                path.vif.counters["parallel"] += 1  # GET_STATS: served on a helper
             try:
                 path._finish()
             except Exception:  # one path's bug must not leave the others unanswered
@@ -223,6 +227,41 @@ def _reason(code: int, detail: int, grant: int = 0) -> str:
         detail=detail, grant=nk.GRANT_REASONS.get(grant, f"refused ({grant})"))
 
 
+class NativeSteer:
+    """A vif's steering configuration as its compiled queues see it (struct nk_steer),
+    and the inboxes of frames steered between them; one per vif, shared by its queues.
+    The configuration is copied in when the vif's `hash_generation` moved."""
+
+    def __init__(self) -> None:
+        self.steer = nk.Steer()
+        self.generation = -1
+        self._buffers: list[object] = []
+
+    @classmethod
+    def of(cls, vif: VifState) -> NativeSteer:
+        if vif.native_steer is None:
+            vif.native_steer = cls()
+        native = vif.native_steer
+        assert isinstance(native, cls)
+        return native
+
+    def sync(self, vif: VifState) -> None:
+        if vif.hash_generation == self.generation:
+            return
+        self.generation = vif.hash_generation
+        st, h = self.steer, vif.hash
+        st.on, st.flags = int(h.steering), h.flags
+        st.nq = vif.num_queues
+        st.msize = len(h.mapping)
+        st.key[:] = list(h.key)
+        st.mapping[:len(h.mapping)] = h.mapping
+        if h.steering and vif.num_queues > 1 and not self._buffers:
+            for k in range(min(vif.num_queues, nk.MAX_QUEUES)):
+                buf = (ctypes.c_uint8 * nk.INBOX_BYTES)()
+                self._buffers.append(buf)
+                st.inbox[k].data = ctypes.addressof(buf)
+
+
 class CompiledRxPath(RxPath):
     """The rx path with each wake-up one call into net_kernel.c (nk_rx): the posted
     buffers (pinned writable) live in the kernel's queue; reading the tap, the
@@ -230,9 +269,10 @@ class CompiledRxPath(RxPath):
 
     def __init__(self, kernel: nk.NetKernel, ring: BackRing, grants: GrantTable, fd: int,
                  vif: VifState, loop: asyncio.AbstractEventLoop, name: str,
-                 gso_offload: bool) -> None:
-        super().__init__(ring, grants, fd, vif, loop, name, gso_offload)
+                 gso_offload: bool, index: int = 0) -> None:
+        super().__init__(ring, grants, fd, vif, loop, name, gso_offload, index)
         self.kernel = kernel
+        self.steer = NativeSteer.of(vif)
         self.native = nk.NativeEnv(grants.memory, grants)
         self.q = q = nk.RxQueue()
         self._ring_anchor: object = nk.ctypes.c_char.from_buffer(ring.ring.area)
@@ -240,6 +280,8 @@ class CompiledRxPath(RxPath):
         q.r.page = nk.ctypes.addressof(self._ring_anchor)
         q.fd = fd
         q.need = self.need
+        q.index = index
+        q.steer = ctypes.addressof(self.steer.steer)
         q.gso_offload = gso_offload
         f = vif.features
         q.gso_tcpv4, q.gso_tcpv6, q.mcast_control = (f.gso_tcpv4, f.gso_tcpv6,
@@ -299,6 +341,8 @@ class CompiledRxPath(RxPath):
             return False
         ring, q, vif = self.ring, self.q, self.vif
         q.r.load(ring)
+        self.steer.sync(vif)
+        q.need, q.reserve = self.need, self.reserve
         if q.mcast_control:
             addrs = list(vif.mcast)[:nk.MCAST_MAX]
             q.nmcast = len(addrs)
@@ -334,6 +378,10 @@ class CompiledRxPath(RxPath):
                    f"{b.lo}..{b.hi}")
             vif.guest_error("rx_bad_grant", f"{self.name}: rx request id {b.id}: "
                             f"gref {b.gref}: {why}")
+        woke = out.woke
+        for k in range(vif.num_queues):
+            if woke & (1 << k):
+                vif.wake_rx(k)
         flags = out.flags
         if flags & nk.FATAL:
             counters["rx_fatal"] += 1

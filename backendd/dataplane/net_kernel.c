@@ -647,10 +647,49 @@ struct nk_posted {          /* a buffer the guest posted, pinned writable when o
     uint8_t *page;
 };
 
+/* ---- receive-side steering: backendd/devices/net/{hash,vif}.py ------------------ */
+
+#define NK_MAX_QUEUES 8
+#define NK_HASH_KEY 40
+#define NK_HASH_MAPPING 128
+#define NK_HASH_HEAD 256        /* hash.HEAD_BYTES */
+#define NK_INBOX_FRAMES 128     /* vif.INBOX_FRAMES */
+#define NK_INBOX_BYTES (512u * 1024u)   /* vif.INBOX_BYTES */
+
+struct nk_steered {         /* one frame waiting in another queue's inbox */
+    uint32_t len;
+    uint32_t hash;
+    uint8_t vnet[10];
+    uint8_t has_hash, htype;
+    uint32_t _pad;
+    uint64_t pos;           /* where its bytes start in the inbox's byte ring */
+};
+
+struct nk_inbox {           /* vif.Inbox: the frames steered to one queue */
+    uint32_t lock, count, head, _pad;
+    uint64_t bytes, wpos;   /* bytes queued; the byte ring's next write position */
+    uint8_t *data;          /* NK_INBOX_BYTES, Python's buffer (NULL: one queue) */
+    struct nk_steered rec[NK_INBOX_FRAMES];
+};
+
+struct nk_steer {           /* one vif's HashConfig and inboxes, shared by its queues;
+                             * Python writes the configuration between calls only */
+    uint32_t on;            /* HashConfig.steering */
+    uint32_t flags;
+    uint32_t nq;
+    uint32_t msize;         /* mapping entries; 0: hash modulo nq */
+    uint8_t key[NK_HASH_KEY];
+    uint32_t mapping[NK_HASH_MAPPING];
+    struct nk_inbox inbox[NK_MAX_QUEUES];
+};
+
 struct nk_rxq {             /* one rx ring: Python's ctypes Structure, kept across calls */
     struct nk_ring r;
     int32_t fd;
     uint32_t need;          /* buffers posted before a read (RxPath.need) */
+    uint32_t index;         /* this queue's number */
+    uint32_t reserve;       /* buffers after the first kept for extra info (RxPath.reserve) */
+    struct nk_steer *steer; /* NULL: no steering state */
     uint32_t gso_offload;   /* the tap may hand us GSO frames: slot 1 kept for the extra */
     uint32_t gso_tcpv4, gso_tcpv6, mcast_control;
     uint32_t nmcast;        /* the vif's multicast list, refreshed by Python per call */
@@ -673,7 +712,8 @@ struct nk_rx_bad {
 
 struct nk_rx_out {
     uint64_t rx_packets, rx_bytes, rx_gso, rx_dropped, rx_mcast_filtered, rx_bad_grant,
-             rx_stalls;
+             rx_stalls, rx_steered;
+    uint32_t woke;          /* bit per queue given a steered frame: Python wakes them */
     uint32_t flags;
     uint32_t fatal_prod;    /* NK_FATAL: the req_prod that overran the ring */
     uint32_t nbad;
@@ -795,6 +835,216 @@ static int rx_wanted(const struct nk_rxq *q, const uint8_t *dst)
     return 0;
 }
 
+/* hash.toeplitz: for each bit of data, left-most first, XOR in the 32 key bits from
+ * that bit's position on. n <= 36, so the key's 40 bytes always cover the window. */
+static uint32_t toeplitz(const uint8_t key[NK_HASH_KEY], const uint8_t *data, uint32_t n)
+{
+    uint64_t window = 0;
+    uint32_t h = 0;
+    for (uint32_t i = 0; i < 8; i++)
+        window = window << 8 | key[i];
+    for (uint32_t i = 0; i < n; i++) {
+        for (uint32_t b = 0; b < 8; b++) {
+            if (data[i] & (0x80u >> b))
+                h ^= (uint32_t)(window >> (32 - b));
+        }
+        window = window << 8 | (i + 8 < NK_HASH_KEY ? key[i + 8] : 0);
+    }
+    return h;
+}
+
+/* hash.flow_input: the hash type number and the bytes to hash, or -1: no hash. */
+static int flow_input(const uint8_t *f, uint32_t len, uint32_t flags, uint8_t *buf,
+                      uint32_t *n)
+{
+    const uint32_t ip = 14;
+    if (len < 14)
+        return -1;
+    uint32_t ethertype = be16(f + 12);
+    if (ethertype == 0x0800) {
+        if (!(flags & 3) || len < ip + 20)
+            return -1;
+        uint32_t ihl = (f[ip] & 0xfu) * 4;
+        if (f[ip] >> 4 != 4 || ihl < 20)
+            return -1;
+        memcpy(buf, f + ip + 12, 8);
+        uint32_t frag = be16(f + ip + 6) & 0x3fff, l4 = ip + ihl;
+        if ((flags & 2) && f[ip + 9] == 6 && !frag && len >= l4 + 4) {
+            memcpy(buf + 8, f + l4, 4);
+            *n = 12;
+            return 1;
+        }
+        if (flags & 1) {
+            *n = 8;
+            return 0;
+        }
+        return -1;
+    }
+    if (ethertype == 0x86dd) {
+        if (!(flags & 12) || len < ip + 40 || f[ip] >> 4 != 6)
+            return -1;
+        memcpy(buf, f + ip + 8, 32);
+        uint32_t proto = f[ip + 6], l4 = ip + 40;
+        while ((proto == 0 || proto == 43 || proto == 60) && len >= l4 + 8) {
+            uint32_t next = f[l4];
+            l4 += ((uint32_t)f[l4 + 1] + 1) * 8;
+            proto = next;
+        }
+        if ((flags & 8) && proto == 6 && len >= l4 + 4) {
+            memcpy(buf + 32, f + l4, 4);
+            *n = 36;
+            return 3;
+        }
+        if (flags & 4) {
+            *n = 32;
+            return 2;
+        }
+        return -1;
+    }
+    return -1;
+}
+
+/* HashConfig.steer: the queue of a frame starting with head[0..len), and its hash. */
+static uint32_t steer_frame(const struct nk_steer *st, const uint8_t *head, uint32_t len,
+                            int *has_hash, uint8_t *htype, uint32_t *hash)
+{
+    uint8_t buf[36];
+    uint32_t n = 0, value = 0;
+    int t = flow_input(head, len, st->flags, buf, &n);
+    if (t >= 0)
+        value = toeplitz(st->key, buf, n);
+    *has_hash = t >= 0;
+    *htype = t >= 0 ? (uint8_t)t : 0;
+    *hash = value;
+    uint32_t nq = st->nq ? st->nq : 1;
+    uint32_t queue = st->msize && st->msize <= NK_HASH_MAPPING
+                   ? st->mapping[value % st->msize] : value % nq;
+    return queue < nq ? queue : 0;  /* not reached otherwise: entries are checked */
+}
+
+static void inbox_lock(struct nk_inbox *b) { dp_gnt_lock(&b->lock); }
+static void inbox_unlock(struct nk_inbox *b) { dp_gnt_unlock(&b->lock); }
+
+/* Inbox.put: the frame in the pages of bufs (frame_len bytes), or 0 when it is full. */
+static int inbox_put(struct nk_inbox *b, struct nk_rxq *q, const struct nk_posted **bufs,
+                     uint32_t frame_len, int has_hash, uint8_t htype, uint32_t hash)
+{
+    int ok = 0;
+    inbox_lock(b);
+    if (b->data && b->count < NK_INBOX_FRAMES && b->bytes + frame_len <= NK_INBOX_BYTES) {
+        struct nk_steered *r = &b->rec[(b->head + b->count) % NK_INBOX_FRAMES];
+        r->len = frame_len;
+        r->hash = hash;
+        r->has_hash = (uint8_t)has_hash;
+        r->htype = htype;
+        memcpy(r->vnet, q->hdr, NK_VNET_HDR);
+        r->pos = b->wpos;
+        for (uint32_t done = 0, k = 0; done < frame_len; k++) {
+            const uint8_t *src = rx_page(q, bufs[k]);
+            uint32_t chunk = frame_len - done < DP_PAGE ? frame_len - done : DP_PAGE;
+            for (uint32_t c = 0; c < chunk;) {  /* the byte ring may wrap mid-chunk */
+                uint32_t at = (uint32_t)((b->wpos + done + c) % NK_INBOX_BYTES);
+                uint32_t run = chunk - c < NK_INBOX_BYTES - at ? chunk - c
+                             : NK_INBOX_BYTES - at;
+                memcpy(b->data + at, src + c, run);
+                c += run;
+            }
+            done += chunk;
+        }
+        b->wpos += frame_len;
+        b->bytes += frame_len;
+        b->count++;
+        ok = 1;
+    }
+    inbox_unlock(b);
+    return ok;
+}
+
+/* RxPath._respond: the frame is in the posted buffers (first data page in the first,
+ * then `extras` extra-info slots, then the other data pages): unpin, answer, count. */
+static void rx_respond(struct nk_rxq *q, const struct dp_env *env, const struct vnet_hdr *v,
+                       int64_t frame_len, int gso, uint8_t gtype, int has_hash,
+                       uint8_t htype, uint32_t hash, struct nk_rx_out *out)
+{
+    uint32_t npages = (uint32_t)((frame_len + DP_PAGE - 1) / DP_PAGE);
+    uint32_t extras = (uint32_t)gso + (uint32_t)has_hash;
+    uint32_t used = npages + extras;
+    struct nk_posted entries[NK_RX_MAX_POSTED];
+    for (uint32_t i = 0; i < used; i++)
+        entries[i] = posted_pop(q);
+    int failed_any = 0;
+    for (uint32_t i = 0; i < used; i++) {
+        if (i >= 1 && i <= extras)
+            continue;       /* the extra-info slots carry no data */
+        if (!entries[i].ok)
+            failed_any = 1;
+    }
+    /* Every grant goes before the responses are published (XSA-396). */
+    for (uint32_t i = 0; i < used; i++)
+        if (entries[i].ok)
+            dp_grant_unpin_locked(env, entries[i].gref, 1);
+    uint16_t csum = 0;      /* vnet.rx_netif_flags */
+    if (v->flags & 1)
+        csum = NETRXF_csum_blank | NETRXF_data_validated;
+    else if (v->flags & 2)
+        csum = NETRXF_data_validated;
+    /* rx.rx_responses: the first data slot, the GSO and hash extras, the other data. */
+    for (uint32_t k = 0; k < npages; k++) {
+        uint32_t idx = k ? k + extras : 0;
+        uint16_t flags = k == 0 ? csum : 0;
+        if (k == 0 && extras)
+            flags |= NETRXF_extra_info;
+        if (k < npages - 1)
+            flags |= NETRXF_more_data;
+        int16_t size = k < npages - 1 ? (int16_t)DP_PAGE
+                     : (int16_t)(frame_len - (int64_t)(npages - 1) * DP_PAGE);
+        if (!entries[idx].ok)
+            size = NETIF_RSP_ERROR;
+        put_rx_response(q, entries[idx].id, flags, size);
+        if (k == 0 && gso) {
+            struct netif_extra_info e;
+            memset(&e, 0, sizeof(e));
+            e.type = XEN_NETIF_EXTRA_TYPE_GSO;
+            e.flags = has_hash ? XEN_NETIF_EXTRA_FLAG_MORE : 0;
+            e.u.gso.size = v->gso_size;
+            e.u.gso.type = gtype;
+            put_slot(&q->r, &e, sizeof(e));
+        }
+        if (k == 0 && has_hash) {
+            struct netif_extra_info e;
+            memset(&e, 0, sizeof(e));
+            e.type = XEN_NETIF_EXTRA_TYPE_HASH;
+            e.u.hash.type = htype;
+            e.u.hash.algorithm = XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ;
+            memcpy(e.u.hash.value, &hash, 4);   /* little-endian, as netback writes it */
+            put_slot(&q->r, &e, sizeof(e));
+        }
+    }
+    if (failed_any) {
+        out->rx_dropped++;  /* part of the frame went to scratch: the frontend drops it */
+        return;
+    }
+    out->rx_packets++;
+    out->rx_bytes += (uint64_t)frame_len;
+    if (gso)
+        out->rx_gso++;
+}
+
+/* vnet.rx_gso: 0 not GSO, 1 GSO (*gtype set), -1 a GSO type netif cannot express. */
+static int rx_gso(const struct vnet_hdr *v, uint8_t *gtype)
+{
+    *gtype = 0;
+    if (v->gso_type == 0)
+        return 0;
+    if (v->gso_type == 1)
+        *gtype = XEN_NETIF_GSO_TYPE_TCPV4;
+    else if (v->gso_type == 4)
+        *gtype = XEN_NETIF_GSO_TYPE_TCPV6;
+    if (!*gtype || !v->gso_size)
+        return -1;
+    return 1;
+}
+
 /* RxPath._read_one: 0 when the tap is empty, 1 when a frame was handled. */
 static int rx_read_one(struct nk_rxq *q, const struct dp_env *env, struct nk_rx_out *out)
 {
@@ -802,7 +1052,7 @@ static int rx_read_one(struct nk_rxq *q, const struct dp_env *env, struct nk_rx_
     const struct nk_posted *bufs[NK_RX_MAX_POSTED];
     uint32_t nbufs = 0;
     bufs[nbufs++] = posted_at(q, 0);
-    for (uint32_t i = q->gso_offload ? 2 : 1; i < q->need && i < q->count; i++)
+    for (uint32_t i = 1 + q->reserve; i < q->need && i < q->count; i++)
         bufs[nbufs++] = posted_at(q, i);
     iov[0].iov_base = q->hdr;
     iov[0].iov_len = NK_VNET_HDR;
@@ -828,97 +1078,107 @@ static int rx_read_one(struct nk_rxq *q, const struct dp_env *env, struct nk_rx_
     }
     struct vnet_hdr v;
     memcpy(&v, q->hdr, sizeof(v));
-    int gso = 0;
     uint8_t gtype = 0;
-    if (v.gso_type != 0) {      /* vnet.rx_gso */
-        if (v.gso_type == 1)
-            gtype = XEN_NETIF_GSO_TYPE_TCPV4;
-        else if (v.gso_type == 4)
-            gtype = XEN_NETIF_GSO_TYPE_TCPV6;
-        if (!gtype || !v.gso_size) {
-            out->rx_dropped++;
-            return 1;
-        }
-        gso = 1;
-        if (!(gtype == XEN_NETIF_GSO_TYPE_TCPV4 ? q->gso_tcpv4 : q->gso_tcpv6)) {
-            out->rx_dropped++;
-            return 1;
-        }
+    int gso = rx_gso(&v, &gtype);
+    if (gso < 0) {
+        out->rx_dropped++;
+        return 1;
+    }
+    if (gso && !(gtype == XEN_NETIF_GSO_TYPE_TCPV4 ? q->gso_tcpv4 : q->gso_tcpv6)) {
+        out->rx_dropped++;
+        return 1;
     }
     if (!rx_wanted(q, rx_page(q, bufs[0]))) {
         out->rx_mcast_filtered++;   /* the buffers stay posted */
         return 1;
     }
+    int has_hash = 0;
+    uint8_t htype = 0;
+    uint32_t hash = 0;
+    struct nk_steer *st = q->steer;
+    if (st && st->on) {
+        /* A private copy of the headers: the guest may rewrite its posted pages. */
+        uint8_t head[NK_HASH_HEAD];
+        uint32_t hlen = frame_len < NK_HASH_HEAD ? (uint32_t)frame_len : NK_HASH_HEAD;
+        memcpy(head, rx_page(q, bufs[0]), hlen);
+        uint32_t queue = steer_frame(st, head, hlen, &has_hash, &htype, &hash);
+        if (queue != q->index) {
+            /* Another queue's frame: into its inbox; our buffers stay posted. */
+            if (queue < NK_MAX_QUEUES &&
+                inbox_put(&st->inbox[queue], q, bufs, (uint32_t)frame_len, has_hash,
+                          htype, hash)) {
+                out->rx_steered++;
+                out->woke |= 1u << queue;
+            } else {
+                out->rx_dropped++;
+            }
+            return 1;
+        }
+    }
     uint32_t npages = (uint32_t)((frame_len + DP_PAGE - 1) / DP_PAGE);
-    if (!gso && q->gso_offload && npages > 1) {
-        /* Not GSO after all: slot 1's page, left free for extra info, takes data. */
+    uint32_t extras = (uint32_t)gso + (uint32_t)has_hash;
+    if (npages + extras > q->count) {
+        /* Not reached: the reserve holds every extra slot a frame can need. Never let
+         * a frame use buffers that are not posted. */
+        out->rx_dropped++;
+        return 1;
+    }
+    if (npages > 1 && extras < q->reserve) {
+        /* Fewer extra-info slots than reserved: the data pages move down. */
         for (uint32_t k = 1; k < npages; k++) {
-            const struct nk_posted *dst = k == 1 ? posted_at(q, 1) : bufs[k - 1];
-            memmove(rx_page(q, dst), rx_page(q, bufs[k]), DP_PAGE);
+            const struct nk_posted *dst = posted_at(q, extras + k);
+            memmove(rx_page(q, dst), rx_page(q, posted_at(q, q->reserve + k)), DP_PAGE);
             if (dst->ok)
                 dp_log_host(env, dst->page);
         }
     }
-    uint32_t used = npages + (gso ? 1 : 0);
-    if (used > q->count) {
-        /* Not reached with a tap that was offered GSO only with gso_offload (rx.py
-         * would stop on it); never let a frame use buffers that are not posted. */
-        out->rx_dropped++;
-        return 1;
-    }
-    struct nk_posted entries[NK_RX_MAX_POSTED];
-    for (uint32_t i = 0; i < used; i++)
-        entries[i] = posted_pop(q);
-    int failed_any = 0;
-    for (uint32_t i = 0; i < used; i++) {
-        if (gso && i == 1)
-            continue;       /* the extra-info slot carries no data */
-        if (!entries[i].ok)
-            failed_any = 1;
-    }
-    /* Every grant goes before the responses are published (XSA-396). */
-    for (uint32_t i = 0; i < used; i++)
-        if (entries[i].ok)
-            dp_grant_unpin_locked(env, entries[i].gref, 1);
-    uint16_t csum = 0;      /* vnet.rx_netif_flags */
-    if (v.flags & 1)
-        csum = NETRXF_csum_blank | NETRXF_data_validated;
-    else if (v.flags & 2)
-        csum = NETRXF_data_validated;
-    /* rx.rx_responses: the first data slot, the GSO extra, the other data slots. */
-    uint32_t pos = 0;
-    for (uint32_t k = 0; k < npages; k++) {
-        uint32_t idx = gso && k ? k + 1 : k;
-        uint16_t flags = k == 0 ? csum : 0;
-        if (k == 0 && gso)
-            flags |= NETRXF_extra_info;
-        if (k < npages - 1)
-            flags |= NETRXF_more_data;
-        int16_t size = k < npages - 1 ? (int16_t)DP_PAGE
-                     : (int16_t)(frame_len - (int64_t)(npages - 1) * DP_PAGE);
-        if (!entries[idx].ok)
-            size = NETIF_RSP_ERROR;
-        put_rx_response(q, entries[idx].id, flags, size);
-        pos++;
-        if (k == 0 && gso) {
-            struct netif_extra_info e;
-            memset(&e, 0, sizeof(e));
-            e.type = XEN_NETIF_EXTRA_TYPE_GSO;
-            e.u.gso.size = v.gso_size;
-            e.u.gso.type = gtype;
-            put_slot(&q->r, &e, sizeof(e));
-            pos++;
+    rx_respond(q, env, &v, frame_len, gso, gtype, has_hash, htype, hash, out);
+    return 1;
+}
+
+/* RxPath._deliver: the oldest frame another queue read for this one, copied into the
+ * posted buffers as a frame read here would be laid out. */
+static void rx_deliver(struct nk_rxq *q, const struct dp_env *env, struct nk_rx_out *out)
+{
+    struct nk_inbox *b = &q->steer->inbox[q->index];
+    inbox_lock(b);
+    struct nk_steered r = b->rec[b->head];
+    struct vnet_hdr v;
+    memcpy(&v, r.vnet, sizeof(v));
+    uint8_t gtype = 0;
+    int gso = rx_gso(&v, &gtype) > 0;
+    uint32_t npages = (r.len + DP_PAGE - 1) / DP_PAGE;
+    uint32_t extras = (uint32_t)gso + r.has_hash;
+    int room = npages + extras <= q->count;
+    for (uint32_t k = 0; room && k < npages; k++) {
+        const struct nk_posted *p = posted_at(q, k ? extras + k : 0);
+        uint8_t *dst = rx_page(q, p);
+        if (p->ok)      /* logged before the write, long before the response shows it */
+            dp_log_host(env, p->page);
+        uint32_t chunk = r.len - k * DP_PAGE < DP_PAGE ? r.len - k * DP_PAGE : DP_PAGE;
+        for (uint32_t c = 0; c < chunk;) {
+            uint32_t at = (uint32_t)((r.pos + (uint64_t)k * DP_PAGE + c) % NK_INBOX_BYTES);
+            uint32_t run = chunk - c < NK_INBOX_BYTES - at ? chunk - c : NK_INBOX_BYTES - at;
+            memcpy(dst + c, b->data + at, run);
+            c += run;
         }
     }
-    if (failed_any) {
-        out->rx_dropped++;  /* part of the frame went to scratch: the frontend drops it */
-        return 1;
+    b->head = (b->head + 1) % NK_INBOX_FRAMES;
+    b->count--;
+    b->bytes -= r.len;
+    inbox_unlock(b);
+    if (!room) {
+        out->rx_dropped++;  /* the frontend turned hashing off since: no room */
+        return;
     }
-    out->rx_packets++;
-    out->rx_bytes += (uint64_t)frame_len;
-    if (gso)
-        out->rx_gso++;
-    return 1;
+    rx_respond(q, env, &v, r.len, gso, gtype, r.has_hash, r.htype, r.hash, out);
+}
+
+static int inbox_waiting(const struct nk_rxq *q)
+{
+    const struct nk_steer *st = q->steer;
+    return st && q->index < NK_MAX_QUEUES &&
+           __atomic_load_n(&st->inbox[q->index].count, __ATOMIC_ACQUIRE) > 0;
 }
 
 /* RxPath._readable: up to `budget` frames. NK_RX_STALL: not enough buffers posted (the
@@ -929,7 +1189,8 @@ void nk_rx(struct nk_rxq *q, const struct dp_env *env, uint32_t budget,
     memset(out, 0, offsetof(struct nk_rx_out, bad));
     nk_env = env;
     if (q->need < 1 || q->need > NK_RX_MAX_POSTED / 2 || q->r.entry != 8 ||
-        q->r.size > NK_RX_MAX_POSTED) {
+        q->r.size > NK_RX_MAX_POSTED || q->reserve > 2 || q->reserve >= q->need ||
+        (q->steer && (q->index >= NK_MAX_QUEUES || q->steer->nq > NK_MAX_QUEUES))) {
         out->flags |= NK_FATAL;     /* a binding error, never a guest's */
         return;
     }
@@ -943,6 +1204,10 @@ void nk_rx(struct nk_rxq *q, const struct dp_env *env, uint32_t budget,
             else if (final_check(&q->r))
                 out->flags |= NK_RX_MORE;
             break;
+        }
+        if (inbox_waiting(q)) {
+            rx_deliver(q, env, out);
+            continue;
         }
         if (!rx_read_one(q, env, out))
             break;
@@ -1006,7 +1271,7 @@ uint32_t nk_layout(uint32_t *out, uint32_t n)
         sizeof(struct nk_txq), sizeof(struct nk_tx_out), sizeof(struct dp_env),
         sizeof(struct nk_rxq), sizeof(struct nk_rx_out),
         sizeof(struct dp_region), NK_BUDGET, NK_MAX_ERRORS, (uint32_t)NK_SRING_HEADER,
-        (uint32_t)NK_ENTRY, sizeof(struct nk_work),
+        (uint32_t)NK_ENTRY, sizeof(struct nk_work), sizeof(struct nk_steer),
     };
     uint32_t k = sizeof(v) / sizeof(v[0]);
     for (uint32_t i = 0; i < k && i < n; i++)

@@ -102,7 +102,31 @@ RX_MAX_POSTED = 256
 MCAST_MAX = 64
 RX_STALL, RX_MORE = 64, 128
 RX_COUNTERS = ("rx_packets", "rx_bytes", "rx_gso", "rx_dropped", "rx_mcast_filtered",
-               "rx_bad_grant", "rx_stalls")
+               "rx_bad_grant", "rx_stalls", "rx_steered")
+MAX_QUEUES = 8
+HASH_KEY, HASH_MAPPING = 40, 128
+INBOX_FRAMES = 128
+INBOX_BYTES = 512 * 1024
+
+
+class Steered(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint32), ("hash", ctypes.c_uint32),
+                ("vnet", ctypes.c_uint8 * 10), ("has_hash", ctypes.c_uint8),
+                ("htype", ctypes.c_uint8), ("_pad", ctypes.c_uint32), ("pos", ctypes.c_uint64)]
+
+
+class Inbox(ctypes.Structure):
+    _fields_ = [("lock", ctypes.c_uint32), ("count", ctypes.c_uint32),
+                ("head", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+                ("bytes", ctypes.c_uint64), ("wpos", ctypes.c_uint64),
+                ("data", ctypes.c_void_p), ("rec", Steered * INBOX_FRAMES)]
+
+
+class Steer(ctypes.Structure):
+    """One vif's steering configuration and inboxes (struct nk_steer)."""
+    _fields_ = [("on", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("nq", ctypes.c_uint32),
+                ("msize", ctypes.c_uint32), ("key", ctypes.c_uint8 * HASH_KEY),
+                ("mapping", ctypes.c_uint32 * HASH_MAPPING), ("inbox", Inbox * MAX_QUEUES)]
 
 
 class Posted(ctypes.Structure):
@@ -112,7 +136,9 @@ class Posted(ctypes.Structure):
 
 class RxQueue(ctypes.Structure):
     _fields_ = [("r", Ring), ("fd", ctypes.c_int32), ("need", ctypes.c_uint32),
-                ("gso_offload", ctypes.c_uint32), ("gso_tcpv4", ctypes.c_uint32),
+                ("index", ctypes.c_uint32), ("reserve", ctypes.c_uint32),
+                ("steer", ctypes.c_void_p), ("gso_offload", ctypes.c_uint32),
+                ("gso_tcpv4", ctypes.c_uint32),
                 ("gso_tcpv6", ctypes.c_uint32), ("mcast_control", ctypes.c_uint32),
                 ("nmcast", ctypes.c_uint32), ("mcast", (ctypes.c_uint8 * 6) * MCAST_MAX),
                 ("head", ctypes.c_uint32), ("count", ctypes.c_uint32),
@@ -127,7 +153,8 @@ class RxBad(ctypes.Structure):
 
 class RxOut(ctypes.Structure):
     _fields_ = ([(name, ctypes.c_uint64) for name in RX_COUNTERS]
-                + [("flags", ctypes.c_uint32), ("fatal_prod", ctypes.c_uint32),
+                + [("woke", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                   ("fatal_prod", ctypes.c_uint32),
                    ("nbad", ctypes.c_uint32), ("bad", RxBad * RX_MAX_POSTED)])
 
 
@@ -169,8 +196,8 @@ class NetKernel:
         want = [ctypes.sizeof(TxQueue), ctypes.sizeof(TxOut), ctypes.sizeof(Env),
                 ctypes.sizeof(RxQueue), ctypes.sizeof(RxOut), ctypes.sizeof(Region), BUDGET,
                 MAX_ERRORS]
-        if (list(buf[:len(want)]) != want or n < 11
-                or buf[10] != ctypes.sizeof(Work)):
+        if (list(buf[:len(want)]) != want or n < 12
+                or buf[10] != ctypes.sizeof(Work) or buf[11] != ctypes.sizeof(Steer)):
             raise KernelError(f"{path}: built for other layouts: {list(buf[:n])} != {want}")
 
 

@@ -61,8 +61,8 @@ class NoticeSink(abc.ABC):
 @dataclass(frozen=True)
 class RingSnapshot:
     """A copy of one shared ring, for debugging: `layout` names how to decode the slots
-    ("blkif-x86_64", "blkif-x86_32", "netif-tx", "netif-rx"), `data` is the ring's bytes
-    (shared header then slots) concatenated across its pages."""
+    ("blkif-x86_64", "blkif-x86_32", "netif-tx", "netif-rx", "netifctrl"), `data` is the
+    ring's bytes (shared header then slots) concatenated across its pages."""
 
     name: str
     layout: str

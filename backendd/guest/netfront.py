@@ -42,6 +42,7 @@ from rings.consts import (
     GTF_WRITING,
     NETIF_EXTRA_FLAG_MORE,
     PAGE_SIZE,
+    NetCtrlType,
     NetExtraType,
     NetGsoType,
     NetifRsp,
@@ -49,7 +50,11 @@ from rings.consts import (
     NetTxFlags,
 )
 from rings.netif import (
+    CTRL_ENTRY_SIZE,
+    CTRL_REQUEST,
+    CTRL_RESPONSE,
     EXTRA_GSO,
+    EXTRA_HASH,
     EXTRA_MCAST,
     RX_ENTRY_SIZE,
     RX_REQUEST,
@@ -102,12 +107,27 @@ class _Queue:
     space: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+@dataclass
+class _Ctrl:
+    page: int
+    gref: int
+    shared: SharedRing
+    ring: FrontRing
+    port: GuestPort
+    call_fd: int
+    daemon_fds: tuple[int, int, int]
+    next_id: int = 0
+    answers: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class NetFront:
     def __init__(self, ram: GuestRAM, gnttab: GuestGrantTable, devid: int, *,
                  queues: int = 1, split: bool = False, sg: bool = True, gso: bool = True,
                  csum: bool = True, multicast_control: bool = False, rx_notify: bool = True,
                  first_port: int = 1, domid: int = 0, tx_pages: int = 64,
-                 rx_sub_page: tuple[int, int] | None = None) -> None:
+                 rx_sub_page: tuple[int, int] | None = None, ctrl_ring: bool = False
+                 ) -> None:
         self.ram = ram
         self.gnttab = gnttab
         self.devid = devid
@@ -155,6 +175,18 @@ class NetFront:
             queue.tx_free_pages = list(range(tx_pages - 1, -1, -1))
             queue.tx_free_ids = list(range(tx_shared.size - 1, -1, -1))
             self.queues.append(queue)
+        # Per frame delivered: (queue, (hash type, algorithm, value) from its hash
+        # extra-info slot or None, the frame's first 128 bytes).
+        self.rx_hashes: deque[tuple[int, tuple[int, int, int] | None, bytes]] = \
+            deque(maxlen=1 << 16)
+        self.ctrl: _Ctrl | None = None
+        if ctrl_ring:
+            page = ram.alloc_page()
+            shared = SharedRing(ram.page(page), CTRL_ENTRY_SIZE)
+            shared.init()
+            guest_port, kick, call = new_channel_pair(port)
+            self.ctrl = _Ctrl(page, gnttab.grant_access(page, domid), shared,
+                              FrontRing(shared), guest_port, os.dup(call), (port, kick, call))
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -186,11 +218,87 @@ class NetFront:
                 keys[prefix + "event-channel-rx"] = str(q.rx_port.port)
             else:
                 keys[prefix + "event-channel"] = str(q.tx_port.port)
+        if self.ctrl is not None:
+            keys["ctrl-ring-ref"] = str(self.ctrl.gref)
+            keys["event-channel-ctrl"] = str(self.ctrl.port.port)
         return keys
 
     def channels(self) -> list[tuple[int, int, int]]:
         """(port, kick_fd, call_fd): the daemon's ends; whoever takes them owns them."""
-        return [ch for q in self.queues for ch in q.daemon_fds]
+        out = [ch for q in self.queues for ch in q.daemon_fds]
+        if self.ctrl is not None:
+            out.append(self.ctrl.daemon_fds)
+        return out
+
+    # --- control ring ---------------------------------------------------------------
+
+    def ctrl_post(self, req_type: int, d0: int = 0, d1: int = 0, d2: int = 0) -> int:
+        """Put one control request on the ring and notify; returns its id."""
+        c = self.ctrl
+        assert c is not None, "no control ring (ctrl_ring=True)"
+        rid = c.next_id & 0xFFFF
+        c.next_id += 1
+        c.ring.put_request(CTRL_REQUEST.pack(rid, req_type, d0, d1, d2))
+        if c.ring.push_requests():
+            c.port.send()
+        return rid
+
+    async def ctrl_request(self, req_type: int, d0: int = 0, d1: int = 0, d2: int = 0,
+                           timeout: float = 5.0) -> tuple[int, int]:
+        """One control request and its answer: (status, data)."""
+        c = self.ctrl
+        assert c is not None, "no control ring (ctrl_ring=True)"
+        rid = self.ctrl_post(req_type, d0, d1, d2)
+
+        async def answered() -> None:
+            while rid not in c.answers:
+                c.answered.clear()
+                await c.answered.wait()
+        await asyncio.wait_for(answered(), timeout)
+        rtype, status, data = c.answers.pop(rid)
+        assert rtype == req_type, f"response type {rtype} for a request of type {req_type}"
+        return status, data
+
+    async def ctrl_with_page(self, req_type: int, payload: bytes, d1: int, d2: int = 0,
+                             readonly: bool = True) -> tuple[int, int]:
+        """A control request naming a granted page holding `payload` (a key or a
+        mapping table); the grant ends after the answer, as Linux's netfront does."""
+        gfn = self.ram.alloc_page()
+        self.ram.page(gfn)[:len(payload)] = payload
+        gref = self.gnttab.grant_access(gfn, self.domid, readonly=readonly)
+        try:
+            return await self.ctrl_request(req_type, gref, d1, d2)
+        finally:
+            if self.gnttab.end_access(gref):
+                self.ram.free_page(gfn)
+
+    async def set_toeplitz(self, key: bytes, flags: int, mapping: list[int]) -> None:
+        """Set up steering as a frontend does: algorithm, hash types, key, mapping table
+        (every answer must be SUCCESS)."""
+        steps = [
+            await self.ctrl_request(NetCtrlType.SET_HASH_ALGORITHM, 1),
+            await self.ctrl_request(NetCtrlType.SET_HASH_FLAGS, flags),
+            await self.ctrl_with_page(NetCtrlType.SET_HASH_KEY, key, len(key)),
+            await self.ctrl_request(NetCtrlType.SET_HASH_MAPPING_SIZE, len(mapping)),
+        ]
+        if mapping:
+            steps.append(await self.ctrl_with_page(
+                NetCtrlType.SET_HASH_MAPPING,
+                b"".join(e.to_bytes(4, "little") for e in mapping), len(mapping), 0))
+        assert all(status == 0 for status, _ in steps), steps
+
+    def _ctrl_responses(self) -> None:
+        c = self.ctrl
+        assert c is not None
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(c.call_fd)
+        while True:
+            for raw in c.ring.take_responses():
+                rid, rtype, status, data = CTRL_RESPONSE.unpack(raw[:CTRL_RESPONSE.size])
+                c.answers[rid] = (rtype, status, data)
+            if not c.ring.final_check_for_responses():
+                break
+        c.answered.set()
 
     def new_channels(self) -> list[tuple[int, int, int]]:
         """Fresh event channels (the same port numbers) for every queue, as a VMM makes
@@ -232,6 +340,8 @@ class NetFront:
             for fd in q.call_fds:
                 self._loop.add_reader(fd, self._on_call, q, fd)
             self._post_rx(q)
+        if self.ctrl is not None:
+            self._loop.add_reader(self.ctrl.call_fd, self._ctrl_responses)
 
     # --- guest tap ------------------------------------------------------------------
 
@@ -430,11 +540,15 @@ class NetFront:
         first_id, _, first_flags, first_status = RX_RESPONSE.unpack(slots[0])
         pos = 1
         gso: tuple[int, int] | None = None
+        hashed: tuple[int, int, int] | None = None
         if first_status >= 0 and first_flags & NetRxFlags.EXTRA_INFO:
             while True:
                 if pos >= len(slots):
                     return
                 etype, eflags, size, gtype, _, _ = EXTRA_GSO.unpack(slots[pos])
+                if etype == NetExtraType.HASH:
+                    _, _, htype, alg, value = EXTRA_HASH.unpack(slots[pos])
+                    hashed = (htype, alg, int.from_bytes(value, "little"))
                 pos += 1
                 if etype == NetExtraType.GSO:
                     gso = (size, gtype)
@@ -464,6 +578,7 @@ class NetFront:
             views.append(self.ram.page(gfn, readonly=True)[offset:offset + status])
         frame_len = sum(len(v) for v in views)
         head = bytes(views[0][:256])
+        self.rx_hashes.append((q.index, hashed, head[:128]))
         vnet = guest_vnet_header(first_flags, gso, head)
         self._count("rx_packets")
         self._count("rx_bytes", frame_len)
@@ -524,4 +639,13 @@ class NetFront:
                 if self.gnttab.end_access(gref):
                     self.ram.free_page(gfn)
         self.queues = []
+        c, self.ctrl = self.ctrl, None
+        if c is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(c.call_fd)
+            close_fds([c.call_fd])
+            c.port.close()
+            c.shared.release()
+            if self.gnttab.end_access(c.gref):
+                self.ram.free_page(c.page)
 

@@ -27,18 +27,22 @@ from backendd.devices.base import Device, DeviceContext, RingSnapshot, register
 from backendd.dirtylog import RingLog
 from backendd.errors import ConfigError, ControlError
 from backendd.grants import GrantMapping
-from rings.netif import RX_ENTRY_SIZE, RX_REQUEST, TX_ENTRY_SIZE
+from rings.netif import CTRL_ENTRY_SIZE, RX_ENTRY_SIZE, RX_REQUEST, TX_ENTRY_SIZE
 from rings.ring import BackRing, SharedRing
 from rings.sring import REQ_PROD, RSP_PROD
 
+from .ctrl import CtrlRing
+from .hash import HashConfig
 from .ratelimit import CreditScheduler, parse_rate
 from .rx import RxPath
 from .state import (
     MAX_QUEUES,
+    CtrlState,
     NetState,
     QueueState,
     RateState,
     decode_state,
+    encode_hash,
     encode_mcast,
     encode_posted,
     encode_vif,
@@ -62,6 +66,21 @@ CONFIG_KEYS = {"tap", "mac", "mtu", "bridge", "rate", "netns", "queues", "datapl
 log = logging.getLogger(__name__)
 MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 DEFAULT_MTU = 1500
+
+
+@dataclass
+class _Ctrl:
+    ring: CtrlRing
+    mapping: GrantMapping
+    shared: SharedRing
+    channel: EventChannel
+    refs: tuple[int, int]  # ctrl-ring-ref, event-channel-ctrl
+
+    def close(self) -> None:
+        self.ring.stop()
+        self.channel.close()
+        self.shared.release()
+        self.mapping.release()
 
 
 @dataclass
@@ -206,6 +225,7 @@ class NetDevice(Device):
         self.counters_base: dict[str, int] = {}
         self.fds: list[int] = []
         self.queues: list[_Queue] = []
+        self.ctrl: _Ctrl | None = None
         self.vif: VifState | None = None
         self._front_keys: dict[str, str] = {}
         self._incoming: NetState | None = None
@@ -260,6 +280,7 @@ class NetDevice(Device):
             "feature-rx-flip": "0",
             "feature-split-event-channels": "1",
             "feature-multicast-control": "1",
+            "feature-ctrl-ring": "1",
             "multi-queue-max-queues": str(self.max_queues),
             "mac": self.mac,
             "mtu": str(self.mtu),
@@ -311,10 +332,20 @@ class NetDevice(Device):
                                "from the device state's (features or queues): connect with "
                                "the frontend's keys as they were at SUSPEND")
         self.vif = vif = VifState(self.devid, features, mtu, self._on_fatal,
-                                  self.guest_error)
+                                  self.guest_error, num_queues=nq)
         if incoming is not None:
             vif.halted = incoming.halted
             vif.mcast = set(incoming.mcast)
+            if incoming.hash is not None:
+                # Checked against this connect's queues (mapping entries name queues).
+                try:
+                    vif.hash = HashConfig.from_bytes(incoming.hash, nq)
+                except ValueError as e:
+                    raise ControlError(errno.EINVAL, f"net {self.devid}: {e}") from None
+                vif.hash_generation += 1
+        self._connect_ctrl(keys, channels, taken, vif,
+                           incoming.ctrl if incoming is not None else None,
+                           incoming is not None)
         # Offloads the kernel may hand us: only what the frontend takes, for v4 and v6.
         csum = features.csum and features.ipv6_csum
         for q in range(nq):
@@ -337,9 +368,13 @@ class NetDevice(Device):
                 check_posted(queue.rx_shared, st, posted, f"net {self.devid} queue {q}")
                 queue.rx.adopt(posted)
                 queue.tx._charged = st.charged
+        vif.rx_wake = [queue.rx.wake for queue in self.queues]
         if not self.suspended:  # suspended: RESUME starts them
             for queue in self.queues:
                 self._serve(queue)
+            if self.ctrl is not None:
+                self.ctrl.channel.start(self.ctx.loop, self.ctrl.ring.kick)
+                self.ctrl.ring.kick()  # requests posted before Connected are answered
 
     def _serve(self, queue: _Queue) -> None:
         for ch, on_kick in queue.listen:
@@ -351,6 +386,51 @@ class NetDevice(Device):
         if not restore_credit(credit, rs, self.ctx.loop.time()):
             log.info("net %d: rate changed across the migration: credit starts afresh",
                      self.devid)
+
+    def _connect_ctrl(self, keys: Mapping[str, str], channels: Mapping[int, EventChannel],
+                      taken: set[int], vif: VifState, st: CtrlState | None,
+                      migrated: bool) -> None:
+        """The control ring, when the frontend gives ctrl-ring-ref (netback's
+        connect_ctrl_ring): one whole page granted writable, its own event channel. From
+        a device state (`migrated`), at the indices the state gives, with the same refs."""
+        if "ctrl-ring-ref" not in keys:
+            if st is not None:
+                raise ControlError(errno.EINVAL, f"net {self.devid}: the device state has "
+                                   "a control ring, the frontend keys none")
+            return
+        ref = _uint(keys, "ctrl-ring-ref")
+        port = _uint(keys, "event-channel-ctrl")
+        if port not in channels or port in taken:
+            raise ControlError(errno.EINVAL, f"net: event channel {port}: not given "
+                               "or used twice")
+        if migrated and (st is None or (st.ref, st.port) != (ref, port)):
+            raise ControlError(errno.EINVAL, f"net {self.devid}: the control ring's keys "
+                               "differ from the device state's")
+        mapping = self.ctx.grants.map(ref, writable=True)
+        try:
+            page = mapping.whole_page("the control ring")
+            shared = SharedRing(page, CTRL_ENTRY_SIZE)
+            try:
+                back = _back_ring(shared, st.indices if st else None,
+                                  f"net{self.devid}/ctrl")
+            except BaseException:
+                shared.release()
+                raise
+        except BaseException:
+            mapping.release()
+            raise
+        back.log = RingLog(self.ctx.grants.memory, [mapping.frame])  # the dirty log
+        ring = CtrlRing(back, self.ctx.grants, vif, self.ctx.loop, f"net{self.devid}/ctrl")
+        channel = channels[port]
+        taken.add(port)
+        self.ctrl = _Ctrl(ring, mapping, shared, channel, (ref, port))
+        ring.notify = channel.notify
+        if self.suspended:
+            ring.suspend()
+
+    def hash_state(self) -> bytes:
+        """The steering configuration the frontend set (HashConfig.to_bytes)."""
+        return (self.vif.hash if self.vif is not None else HashConfig()).to_bytes()
 
     def _connect_queue(self, q: int, prefix: str, keys: Mapping[str, str],
                        channels: Mapping[int, EventChannel], taken: set[int], fd: int,
@@ -413,10 +493,10 @@ class NetDevice(Device):
             from backendd.dataplane.net import CompiledRxPath
 
             rx = CompiledRxPath(self.kernel, rx_back, grants, fd, vif,
-                                loop, name, gso_offload=bool(offload & 0x6))
+                                loop, name, gso_offload=bool(offload & 0x6), index=q)
         else:
             rx = RxPath(rx_back, grants, fd, vif, loop, name,
-                        gso_offload=bool(offload & 0x6))
+                        gso_offload=bool(offload & 0x6), index=q)
         queue = _Queue(q, fd, tx_map, rx_map, tx_shared, rx_shared, tx, rx)
         queue.refs = (tx_ref, rx_ref, tx_port, rx_port)
         tx_ch, rx_ch = channels[tx_port], channels[rx_port]
@@ -443,6 +523,9 @@ class NetDevice(Device):
                     ch.stop()  # kicks stay counted in the eventfd
                 queue.tx.suspend()
                 queue.rx.suspend()
+            if self.ctrl is not None:
+                self.ctrl.channel.stop()
+                self.ctrl.ring.suspend()
         if not self._detached:
             # No frame waits in our queues while we do not read them, and the tap is
             # free for a same-host destination to adopt (tap.adopt_tap).
@@ -466,6 +549,9 @@ class NetDevice(Device):
                 ch.start(self.ctx.loop, on_kick)
             queue.tx.resume()
             queue.rx.resume()
+        if self.ctrl is not None:
+            self.ctrl.channel.start(self.ctx.loop, self.ctrl.ring.kick)
+            self.ctrl.ring.resume()
 
     def save_state(self, xenbus_state: int) -> list[devstate.Section]:
         vif = self.vif
@@ -490,6 +576,11 @@ class NetDevice(Device):
                                      round(c.credit_window * 1e6), c.remaining,
                                      round((c.next_credit - now) * 1e6)).encode())
         out.append(encode_mcast(sorted(vif.mcast)))
+        if self.ctrl is not None:
+            c = self.ctrl.ring.ring
+            out.append(CtrlState(*self.ctrl.refs,
+                                 (c.req_cons, c.rsp_prod_pvt, c._pushed)).encode())
+            out.append(encode_hash(vif.hash.to_bytes()))
         return out
 
     def drop_state(self) -> None:
@@ -515,6 +606,9 @@ class NetDevice(Device):
         self.ctx.notices.frontend_misbehaved(self.devid, message)
 
     def _teardown(self) -> None:
+        if self.ctrl is not None:
+            self.ctrl.close()
+            self.ctrl = None
         for queue in self.queues:
             queue.close()
             if queue.index:
@@ -522,6 +616,11 @@ class NetDevice(Device):
                     set_queue_attached(queue.fd, False)
         self.queues = []
         if self.vif is not None:
+            # The vif no longer wakes the paths (nor keeps them, and the ring views they
+            # hold, alive: guest memory must be removable once the device is gone).
+            self.vif.rx_wake = []
+            for inbox in self.vif.inboxes:
+                inbox.clear()
             for key, value in self.vif.counters.items():
                 self.counters_base[key] = self.counters_base.get(key, 0) + value
             self.vif.counters.clear()
@@ -543,6 +642,7 @@ class NetDevice(Device):
             for key, value in counters.items():
                 out[key] = out.get(key, 0) + value
         out["queues"] = len(self.queues)
+        out["ctrl_ring"] = int(self.ctrl is not None)
         return out
 
     def ring_snapshots(self) -> list[RingSnapshot]:
@@ -552,8 +652,11 @@ class NetDevice(Device):
                                     bytes(q.tx_map.page_view())))
             out.append(RingSnapshot(f"queue-{q.index}/rx", "netif-rx",
                                     bytes(q.rx_map.page_view())))
+        if self.ctrl is not None:
+            out.append(RingSnapshot("ctrl", "netifctrl", bytes(self.ctrl.mapping.page_view())))
         return out
 
     def ring_names(self) -> list[str]:
-        return [f"queue-{q.index}/{way}" for q in self.queues for way in ("tx", "rx")]
+        names = [f"queue-{q.index}/{way}" for q in self.queues for way in ("tx", "rx")]
+        return names + (["ctrl"] if self.ctrl is not None else [])
 

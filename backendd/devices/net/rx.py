@@ -14,6 +14,11 @@ down one page afterwards. When the guest posts no buffers we stop reading and th
 wait in the tap's queue, whose length (txqueuelen) bounds what a stalled guest costs
 (XSA-392); the kernel drops and counts beyond it.
 
+With receive-side steering set (hash.py), a hash extra-info slot is reserved the same
+way, after the GSO one; and a frame read here that the frontend's mapping gives to
+another queue is copied into that queue's inbox (vif.Inbox), the buffers it was read into
+staying posted here; each queue delivers its inbox, in order, before reading its tap.
+
 A posted request whose grant cannot be used (bad gref, revoked, read-only, a v2 sub-page)
 fails alone, in its turn, as a failed grant copy does in netback: at the head of the
 posted buffers it is answered ERROR by itself; further on, the frame is read with a
@@ -32,11 +37,20 @@ from collections import deque
 
 from backendd.errors import GuestError
 from backendd.grants import GrantMapping, GrantTable
-from rings.consts import ETH_HLEN, PAGE_SIZE, NetExtraType, NetGsoType, NetifRsp, NetRxFlags
-from rings.netif import EXTRA_GSO, RX_ENTRY_SIZE, RX_REQUEST, RX_RESPONSE
+from rings.consts import (
+    ETH_HLEN,
+    NETIF_EXTRA_FLAG_MORE,
+    PAGE_SIZE,
+    NetExtraType,
+    NetGsoType,
+    NetifRsp,
+    NetRxFlags,
+)
+from rings.netif import EXTRA_GSO, EXTRA_HASH, RX_ENTRY_SIZE, RX_REQUEST, RX_RESPONSE
 from rings.ring import BackRing, RingCorrupted
 
-from .vif import VifState
+from . import hash
+from .vif import Steered, VifState
 from .vnet import VNET_HDR_LEN, VnetHeader, rx_gso, rx_netif_flags
 
 log = logging.getLogger(__name__)
@@ -59,27 +73,37 @@ def data_slot_sizes(frame_len: int) -> list[int]:
 
 
 def rx_responses(ids: list[int], frame_len: int, csum_flags: int,
-                 gso: tuple[int, int] | None, failed: frozenset[int] = frozenset()
-                 ) -> list[bytes]:
-    """The ring slots for one frame, in order: the first data slot, the GSO extra-info
-    slot when there is one, then the other data slots. `ids` are the request ids of the
-    slots used (the extra slot's id is not echoed: it holds extra info instead). Data
-    slots at the positions in `failed` (their buffer was unusable) carry NETIF_RSP_ERROR
-    instead of a size, with their flags kept so the frame's chain stays whole."""
+                 gso: tuple[int, int] | None, failed: frozenset[int] = frozenset(),
+                 hash_info: tuple[int, int] | None = None) -> list[bytes]:
+    """The ring slots for one frame, in order: the first data slot, the extra-info slots
+    (GSO, then the hash, as netback orders them), then the other data slots. `ids` are
+    the request ids of the slots used (an extra slot's id is not echoed: it holds extra
+    info instead). Data slots at the positions in `failed` (their buffer was unusable)
+    carry NETIF_RSP_ERROR instead of a size, with their flags kept so the frame's chain
+    stays whole."""
     sizes = data_slot_sizes(frame_len)
+    extras: list[bytes] = []
+    if gso is not None:
+        extras.append(EXTRA_GSO.pack(NetExtraType.GSO, 0, gso[0], gso[1], 0, 0))
+    if hash_info is not None:
+        extras.append(EXTRA_HASH.pack(NetExtraType.HASH, 0, hash_info[0],
+                                      hash.ALG_TOEPLITZ,
+                                      hash_info[1].to_bytes(4, "little")))
+    for k in range(len(extras) - 1):  # all but the last say another follows
+        extras[k] = bytes([extras[k][0], NETIF_EXTRA_FLAG_MORE]) + extras[k][2:]
     out: list[bytes] = []
-    data_ids = [ids[0], *ids[2:]] if gso else ids
+    data_ids = [ids[0], *ids[1 + len(extras):]]
     for n, size in enumerate(sizes):
         flags = csum_flags if n == 0 else 0
-        if n == 0 and gso:
+        if n == 0 and extras:
             flags |= NetRxFlags.EXTRA_INFO
         if n < len(sizes) - 1:
             flags |= NetRxFlags.MORE_DATA
         if len(out) in failed:
             size = NetifRsp.ERROR
         out.append(RX_RESPONSE.pack(data_ids[n], 0, flags, size))
-        if n == 0 and gso:
-            out.append(EXTRA_GSO.pack(NetExtraType.GSO, 0, gso[0], gso[1], 0, 0))
+        if n == 0:
+            out += extras
     return out
 
 
@@ -94,13 +118,15 @@ class _Posted:
 
 class RxPath:
     def __init__(self, ring: BackRing, grants: GrantTable, fd: int, vif: VifState,
-                 loop: asyncio.AbstractEventLoop, name: str, gso_offload: bool) -> None:
+                 loop: asyncio.AbstractEventLoop, name: str, gso_offload: bool,
+                 index: int = 0) -> None:
         self.ring = ring
         self.grants = grants
         self.fd = fd
         self.vif = vif
         self.loop = loop
         self.name = name
+        self.index = index  # the queue's number: frames steered to it wait in its inbox
         # The tap was told it may hand us GSO frames (TUN_F_TSO*): reserve the extra slot.
         self.gso_offload = gso_offload
         self.notify = lambda: None
@@ -114,11 +140,22 @@ class RxPath:
         self.suspended = False  # SUSPEND: the tap is not read until resume()
         mtu_frame = vif.mtu + ETH_HLEN + VLAN_HLEN
         if gso_offload:
-            self.need = pages_for(MAX_GSO_FRAME) + 1
+            self._data_pages = pages_for(MAX_GSO_FRAME)
         elif vif.features.sg:
-            self.need = pages_for(mtu_frame)
+            self._data_pages = pages_for(mtu_frame)
         else:
-            self.need = 1
+            self._data_pages = 1
+
+    @property
+    def reserve(self) -> int:
+        """Posted buffers kept after the first for extra-info slots: one for GSO when the
+        tap may hand us GSO frames, one for the hash when the frontend asked for it."""
+        return int(self.gso_offload) + int(self.vif.hash.hashing)
+
+    @property
+    def need(self) -> int:
+        """Buffers posted before a read: the largest frame's pages and the reserve."""
+        return self._data_pages + self.reserve
 
     def start(self) -> None:
         self._resume()
@@ -134,6 +171,11 @@ class RxPath:
             self._reading = False
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.fd)
+
+    def wake(self) -> None:
+        """Frames were steered to this queue: deliver them (once buffers are posted)."""
+        if self._reading and not self.stopped and not self.vif.halted:
+            self.loop.call_soon(self._readable)
 
     def kick(self) -> None:
         """The frontend posted buffers."""
@@ -239,6 +281,11 @@ class RxPath:
                 if not self._fill():
                     self._stall()
                     break
+                inbox = self.vif.inboxes[self.index] if self.index < len(
+                    self.vif.inboxes) else None
+                if inbox is not None and inbox.frames:
+                    self._deliver(inbox.take())
+                    continue
                 if not self._read_one():
                     break
         except GuestError as e:
@@ -275,8 +322,8 @@ class RxPath:
     def _read_one(self) -> bool:
         """Read one frame into the posted buffers; False when the tap is empty."""
         posted = self.posted
-        bufs = [posted[0]] + ([posted[i] for i in range(2, self.need)] if self.gso_offload
-                              else [posted[i] for i in range(1, self.need)])
+        reserve = self.reserve
+        bufs = [posted[0], *(posted[i] for i in range(1 + reserve, self.need))]
         views = [self._page(p) for p in bufs]
         try:
             n = os.readv(self.fd, [self._hdr, *views])
@@ -310,34 +357,83 @@ class RxPath:
             # The frame was written into posted buffers we simply keep posted.
             counters["rx_mcast_filtered"] += 1
             return True
+        hash_info: tuple[int, int] | None = None
+        vif = self.vif
+        if vif.hash.steering:
+            # A private copy of the headers: the guest may rewrite its posted pages.
+            head = bytes(views[0][:min(frame_len, hash.HEAD_BYTES)])
+            queue, hash_info = vif.hash.steer(head, vif.num_queues)
+            if queue != self.index:
+                # Another queue's frame: it waits in that queue's inbox, and the buffers
+                # it was read into stay posted here.
+                data = b"".join(bytes(v) for v in views)[:frame_len]
+                if vif.inbox(queue).put(Steered(bytes(self._hdr), data, hash_info)):
+                    counters["rx_steered"] += 1
+                    vif.wake_rx(queue)
+                else:
+                    counters["rx_dropped"] += 1
+                return True
         npages = pages_for(frame_len)
-        if gso is None and self.gso_offload and npages > 1:
-            # Not GSO after all: slot 1's page, left free for extra info, takes data.
-            order = [posted[0], posted[1], *bufs[1:]]
+        extras = (gso is not None) + (hash_info is not None)
+        if npages + extras > len(posted):
+            # Not reached: the reserve holds every extra slot a frame can need.
+            counters["rx_dropped"] += 1
+            return True
+        if npages > 1 and extras < reserve:
+            # Fewer extra-info slots than reserved: the data pages move down.
             for k in range(1, npages):
-                self._page(order[k])[:] = self._page(order[k + 1])
-                if log is not None and order[k].mapping is not None:
-                    log.mark(order[k].mapping.frame)
-        used = npages + (1 if gso is not None else 0)
+                self._page(posted[extras + k])[:] = self._page(posted[reserve + k])
+                if log is not None and posted[extras + k].mapping is not None:
+                    log.mark(posted[extras + k].mapping.frame)
+        self._respond(vnet, frame_len, gso, hash_info)
+        return True
+
+    def _deliver(self, s: Steered) -> None:
+        """A frame another queue read for this one: copied into the posted buffers,
+        laid out as a frame read here would be."""
+        vnet = VnetHeader.unpack(s.vnet)
+        gso = rx_gso(vnet)
+        frame_len = len(s.frame)
+        extras = (gso is not None) + (s.hash is not None)
+        if pages_for(frame_len) + extras > len(self.posted):
+            # The frontend turned hashing off since (a smaller reserve): no room.
+            self.vif.counters["rx_dropped"] += 1
+            return
+        log = self.grants.memory.log
+        for k in range(pages_for(frame_len)):
+            chunk = s.frame[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
+            dst = self.posted[extras + k if k else 0]
+            if log is not None and dst.mapping is not None:
+                log.mark(dst.mapping.frame)  # before the write, and the response
+            self._page(dst)[:len(chunk)] = chunk
+        self._respond(vnet, frame_len, gso, s.hash)
+
+    def _respond(self, vnet: VnetHeader, frame_len: int, gso: tuple[int, int] | None,
+                 hash_info: tuple[int, int] | None) -> None:
+        """Answer a frame laid out in the posted buffers: the first data page in the
+        first, the extra-info slots next, then the other data pages."""
+        posted = self.posted
+        counters = self.vif.counters
+        extras = (gso is not None) + (hash_info is not None)
+        used = pages_for(frame_len) + extras
         entries = [posted.popleft() for _ in range(used)]
-        # The extra-info slot carries no data: its buffer is neither written nor needed.
-        data_pos = [0, *range(2, used)] if gso is not None else range(used)
+        # The extra-info slots carry no data: their buffers are neither written nor needed.
+        data_pos = [0, *range(1 + extras, used)]
         failed = frozenset(i for i in data_pos if entries[i].mapping is None)
         for p in entries:
             if p.mapping is not None:
                 p.mapping.release()
         for slot in rx_responses([p.id for p in entries], frame_len,
-                                 rx_netif_flags(vnet), gso, failed):
+                                 rx_netif_flags(vnet), gso, failed, hash_info):
             self.ring.put_response(slot + bytes(RX_ENTRY_SIZE - len(slot)))
         if failed:
             # Part of the frame went to scratch: the frontend drops it (the ERROR slot).
             counters["rx_dropped"] += 1
-            return True
+            return
         counters["rx_packets"] += 1
         counters["rx_bytes"] += frame_len
         if gso is not None:
             counters["rx_gso"] += 1
-        return True
 
     def _gso_allowed(self, gtype: int) -> bool:
         f = self.vif.features

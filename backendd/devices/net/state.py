@@ -23,6 +23,7 @@ from backendd.devstate import (
 from backendd.protocol.messages import encode_kv
 from rings.consts import NETBK_MCAST_MAX
 
+from .hash import HashConfig
 from .vif import Features
 
 # Features as bits of NET_VIF's u32, in this order.
@@ -30,6 +31,7 @@ FEATURE_BITS = ("sg", "gso_tcpv4", "gso_tcpv6", "csum", "ipv6_csum", "multicast_
                 "rx_notify")
 _QUEUE = struct.Struct("<13I")
 _RATE = struct.Struct("<IIQQQq")
+_CTRL = struct.Struct("<5I")
 MAX_POSTED = 256  # a one-page rx ring's entries
 MAX_QUEUES = 8  # queues a net device serves at most (NetDevice's bound)
 
@@ -76,6 +78,23 @@ class RateState:
                                             self.window_left_usec))
 
 
+@dataclass(frozen=True)
+class CtrlState:
+    """The control ring: ctrl-ring-ref, event-channel-ctrl, and its back-end indices."""
+
+    ref: int
+    port: int
+    indices: tuple[int, int, int]  # req_cons, rsp_prod_pvt, pushed
+
+    def encode(self) -> Section:
+        return Section(NET_CTRL, _CTRL.pack(self.ref, self.port, *self.indices))
+
+
+def encode_hash(config: bytes) -> Section:
+    """The steering configuration, as HashConfig.to_bytes lays it out."""
+    return Section(NET_HASH, config)
+
+
 @dataclass
 class NetState:
     device: DeviceSection
@@ -87,6 +106,8 @@ class NetState:
     posted: dict[int, list[tuple[int, bool, int]]] = field(default_factory=dict)
     mcast: list[bytes] = field(default_factory=list)
     rates: dict[int, RateState] = field(default_factory=dict)
+    ctrl: CtrlState | None = None
+    hash: bytes | None = None  # HashConfig.to_bytes(), checked
 
 
 def encode_vif(features: Features, mtu: int, nr_queues: int, halted: bool,
@@ -174,12 +195,25 @@ def decode_state(sections: list[Section]) -> NetState:
             if waiting > 1:
                 raise StateError(f"net queue {index}: rate waiting flag {waiting}")
             st.rates[index] = RateState(index, bool(waiting), cbytes, cusec, remaining, left)
-        elif s.type in (NET_HASH, NET_CTRL):
-            # Reserved for the control ring and its hash configuration: a device without
-            # a control ring has none to restore, and a blob that carries one cannot be
-            # honoured here.
-            raise StateError("a control ring or its hash configuration, which this "
-                             "device does not support")
+        elif s.type == NET_CTRL:
+            r = Reader(s, "net control ring section")
+            ref, port, *indices = r.take("5I")
+            r.end()
+            if st.ctrl is not None:
+                raise StateError("two net control ring sections")
+            if indices[0] != indices[1]:
+                raise StateError(f"net control ring: req_cons {indices[0]} != "
+                                 f"rsp_prod_pvt {indices[1]}: every request taken is "
+                                 "answered")
+            st.ctrl = CtrlState(ref, port, (indices[0], indices[1], indices[2]))
+        elif s.type == NET_HASH:
+            if st.hash is not None:
+                raise StateError("two net hash configuration sections")
+            try:
+                HashConfig.from_bytes(s.body)
+            except ValueError as e:
+                raise StateError(f"net {e}") from None
+            st.hash = bytes(s.body)
     if nq is None or st.features is None:
         raise StateError("no net vif section")
     if sorted(queues) != list(range(nq)):
@@ -197,5 +231,8 @@ def decode_state(sections: list[Section]) -> NetState:
         if tx_cons != tx_prod_pvt:
             raise StateError(f"net queue {index}: tx req_cons {tx_cons} != rsp_prod_pvt "
                              f"{tx_prod_pvt}: every tx request taken is answered")
+    if (st.ctrl is None) != (st.hash is None):
+        raise StateError("a control ring section without a hash configuration section, "
+                         "or the other way round")
     st.queues = [queues[i] for i in range(nq)]
     return st
