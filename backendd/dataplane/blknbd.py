@@ -10,8 +10,12 @@ guest memory; one whose pages are scattered through one bounce buffer, copied in
 (`bk_job_copy`). When libnbd reports commands done, the disk tells this queue once per
 wake-up (`nbd_settle`), and one `bk_complete` unpins and answers all of them.
 
-Python is left with the libnbd calls and a little bookkeeping per request; the grants,
-the ring and the responses never cost a Python call per request.
+The plain reads and writes (no flush, pages one run in one mapping) do not even go
+through Python one by one: one call to nbd_kernel.c (`nf_issue_descs`) issues them to
+libnbd on the connection's handle, and its completion callback, in C, puts each finished
+slot into the arrays `bk_jobs_done` takes. Python sees them only on the slow paths: a
+command the server failed (answered with its errno), or a lost connection (what C had
+in flight is taken back and sent again the Python way, in order).
 """
 
 from __future__ import annotations
@@ -97,7 +101,11 @@ class NbdRingQueue(CompiledRingQueue):
         self._rest = (ctypes.c_uint32 * K.MAX_PENDING)()  # what C left to Python
         self._nrest = ctypes.c_uint32()
         self._nerr = ctypes.c_int32()
-        self.nf = LOADER.load()
+        try:
+            self.nf = LOADER.load()
+        except (OSError, AttributeError) as e:  # libnbd missing, a stale build
+            log.warning("nbd_kernel.c's library cannot be used: %s", e)
+            self.nf = None
         if self.nf is not None:
             self.image.add_fast_sink(self)
         # Each completion serves the ring again (nbd_settle): a busy guest need not kick.
@@ -179,13 +187,17 @@ class NbdRingQueue(CompiledRingQueue):
             return []
         out = NfTable()
         n = self.nf.take_back(ctypes.byref(self._fast), out)
-        native = self._pool_pin
         ops = []
         for c in out[:n]:
-            view = native.host_view(c.addr, c.length)  # checked when it was issued
+            # Sent again the slow way, through a bounce buffer the kernel copies to or
+            # from the request's pages (the slot still holds them; guest memory may
+            # have been remapped since).
+            buf = bytearray(c.length)
+            if c.write:
+                self.k.job_copy(self._q, c.slot, _pointer(buf), c.length, 0)
             kind = "pwrite" if c.write else "pread"
-            ops.append(_Op(self, c.slot, c.seq, [[(kind, c.offset, view, c.flags)]],
-                           not c.write))
+            ops.append(_Op(self, c.slot, c.seq, [[(kind, c.offset, buf, c.flags)]],
+                           not c.write, None if c.write else buf))
         return ops
 
     def release(self) -> None:

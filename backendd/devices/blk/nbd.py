@@ -13,7 +13,10 @@ host name resolves that name inside libnbd; see docs/blk.md).
 
 Requests come as ops (`op()`, `submit_ops()`) from either data plane: the compiled
 kernel's NBD rings (backendd/dataplane/blknbd.py) or the Python one (`submit`, in place of
-the I/O pool). Each op's sink hears of it when it is done, and once more after every batch
+the I/O pool). The kernel's rings issue their plain reads and writes from C instead, on
+the handle `fast_handle` names, while the connection is up with nothing waiting; this
+module hears of those only through `FastSink` (answers to settle, and what to send
+again after a loss). Each op's sink hears of it when it is done, and once more after every batch
 (`nbd_settle`), so the answers of one wake-up go out together. Guest memory is handed to
 libnbd as it is: a request whose pages are one run is read into or written from them. A
 request of several segments, contiguous on the disk but not in memory, goes as one NBD
