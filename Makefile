@@ -106,6 +106,9 @@ install:
 	@# The compiled blk and net data planes, built next to the installed package
 	@# (-I: the installed one, not the source tree in the current directory).
 	$(DESTDIR)$(LIBDIR)/bin/python -I -m backendd.dataplane.build blk net
+	@# NBD disks' reads and writes from C, if libnbd-dev is there (else from Python).
+	$(DESTDIR)$(LIBDIR)/bin/python -I -m backendd.dataplane.build nbd || \
+	  echo "nbd_kernel.c not built (libnbd-dev missing): NBD commands go from Python"
 	@# Scripts name the venv by its final path, not the staging one.
 	@if [ -n "$(DESTDIR)" ]; then \
 	  grep -lIs -- '$(DESTDIR)' $(DESTDIR)$(LIBDIR)/bin/* | \
