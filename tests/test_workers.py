@@ -27,14 +27,14 @@ from backendd.guest.blkfront import BlkFront
 from backendd.guest.machine import SimGuest
 from backendd.guest.memory import sealed_memfd
 from backendd.guest.vmm import ConnectionLost, RequestFailed, VmmClient
-from backendd.inflight import region_size
+from backendd.inflight import QUEUE_HEADER, REGION_HEADER_SIZE, region_size
 from rings.consts import XenbusState
 
 MiB = 1 << 20
 DEVID = 51712
 IMAGE = 4 * MiB
 GUARD = 30.0  # seconds: only a hang fails on it
-KILLS = 10
+KILLS = 2  # workers of guest a killed in turn, each with writes in flight
 
 
 class Daemon:
@@ -121,8 +121,8 @@ class Progress:
 class Guest:
     """A simulated guest with one disk, and the VMM that hands it to the daemon."""
 
-    def __init__(self, tmp: Path, name: str) -> None:
-        self.image = tmp / f"{name}.img"
+    def __init__(self, tmp: Path, name: str, image_dir: Path | None = None) -> None:
+        self.image = (image_dir or tmp) / f"{name}.img"
         self.image.write_bytes(bytes(IMAGE))
         self.sim = SimGuest(ram_size=32 * MiB, gnttab_frames=8)
         self.inflight = sealed_memfd("inflight", region_size(1))
@@ -151,6 +151,15 @@ class Guest:
             self.front.start()
         self.replayed += int((await client.stats(DEVID))[f"{DEVID}.replayed"])
         self.client = client
+
+    def taken_unanswered(self) -> int:
+        """Requests the daemon took and has not answered: the in-flight table's req_cons
+        less the rsp_prod the guest sees in its ring."""
+        assert self.front is not None
+        header = os.pread(self.inflight, QUEUE_HEADER.size, REGION_HEADER_SIZE)
+        live, _, req_cons, _, _, _ = QUEUE_HEADER.unpack(header)
+        rsp_prod = self.front.queues[0].shared.idx[2]
+        return (req_cons - rsp_prod) & 0xFFFFFFFF if live == 1 else 0
 
     async def verified_io(self, worker: int, stop: asyncio.Event, verify: bool) -> None:
         """Writes to this worker's own slice; with `verify`, each read back and compared."""
@@ -188,10 +197,10 @@ def proc_status(pid: int) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def two_guests(tmp_path: Path, extra: str = ""):
+async def two_guests(tmp_path: Path, extra: str = "", a_dir: Path | None = None):
     daemon = Daemon(tmp_path, extra)
     await daemon.start()
-    a, b = Guest(tmp_path, "a"), Guest(tmp_path, "b")
+    a, b = Guest(tmp_path, "a", a_dir), Guest(tmp_path, "b")
     try:
         await a.connect(daemon.sock)
         a.conn = await daemon.newest_guest()
@@ -204,19 +213,30 @@ async def two_guests(tmp_path: Path, extra: str = ""):
         await daemon.stop()
 
 
-async def test_kill_9_of_one_worker_leaves_the_other_guest_running(tmp_path):
-    async with two_guests(tmp_path) as (daemon, a, b):
+async def test_kill_9_of_one_worker_leaves_the_other_guest_running(tmp_path, freezable_dir):
+    mnt = freezable_dir
+    async with two_guests(tmp_path, a_dir=mnt) as (daemon, a, b):
         stop = asyncio.Event()
         tasks = [asyncio.create_task(a.verified_io(w, stop, verify=False)) for w in range(4)]
         tasks += [asyncio.create_task(b.verified_io(w, stop, verify=True)) for w in range(2)]
         try:
             await a.progress.beyond(10)
             await b.progress.beyond(10)
-            # Guest a has four writes in flight nearly all the time; kill until a kill
-            # has caught some (almost always the first).
             for _ in range(KILLS):
-                victim = await daemon.worker_pid(a.conn)
-                os.kill(victim, signal.SIGKILL)
+                # Guest a's disk is frozen, so the writes its worker takes stay in flight:
+                # the kill is sure to catch some, which the next worker must replay.
+                subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
+                try:
+                    for _ in range(int(GUARD * 100)):
+                        if a.taken_unanswered():
+                            break
+                        await asyncio.sleep(0.01)
+                    assert a.taken_unanswered(), "no write of a's stuck in the worker"
+                    victim = await daemon.worker_pid(a.conn)
+                    os.kill(victim, signal.SIGKILL)
+                finally:
+                    # The worker finishes dying once its I/O thread leaves the write.
+                    subprocess.run(["fsfreeze", "-u", str(mnt)], check=True)
                 line = await daemon.wait_log(f"event=worker_crashed conn={a.conn} ")
                 assert f"worker_pid={victim}" in line and "signal=SIGKILL" in line
                 assert f"pid={os.getpid()}" in line
@@ -232,8 +252,6 @@ async def test_kill_9_of_one_worker_leaves_the_other_guest_running(tmp_path):
                 await a.connect(daemon.sock)
                 a.conn = await daemon.newest_guest()
                 await a.progress.beyond(before + 10)
-                if a.replayed:
-                    break
         finally:
             stop.set()
             done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True),
@@ -246,7 +264,7 @@ async def test_kill_9_of_one_worker_leaves_the_other_guest_running(tmp_path):
             assert guest.front.stray_responses == []
             assert all(not q.waiters for q in guest.front.queues)
             assert guest.image.read_bytes() == bytes(guest.model)
-        assert a.replayed > 0 and b.replayed == 0
+        assert a.replayed >= KILLS and b.replayed == 0
 
 
 async def test_a_stopped_worker_stalls_neither_the_other_guest_nor_status(tmp_path):
