@@ -20,16 +20,26 @@ suite tests only that the credit is never exceeded, which holds at any speed; ho
 the rate comes is a figure).
 
     python -m bench.net        (root; needs iperf3)
+    python -m bench.net --only tcp,flows [--repeat N] [--perf DIR]
+
+`--only` runs some lines alone, through the compiled data plane, without the veth pair
+or the Python path: `tcp` (one flow each way, 1 queue, with the daemon CPU per 64 KiB),
+`udp` (64-byte UDP each way, with the CPU per frame), `flows` (FLOWS flows each way, 1
+and 2 queues, and their ratio). `--repeat N` makes N runs of them, one after the other,
+and prints each run's line and the medians. `--perf DIR` records the daemon with
+`perf record -g` during each TCP run (DIR/<run>-<direction>.data).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
 import os
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -317,11 +327,116 @@ def rows(daemon: Figures, python: Figures, veth: Figures) -> list[list[object]]:
     return out
 
 
+LINES = ("tcp", "udp", "flows")
+
+
+@contextlib.asynccontextmanager
+async def _perf(pid: int, path: str | None):
+    """`perf record -g` of the daemon process while the block runs (nothing without a
+    path)."""
+    if path is None:
+        yield
+        return
+    proc = await asyncio.create_subprocess_exec(
+        "perf", "record", "-g", "-q", "-p", str(pid), "-o", path,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    await asyncio.sleep(0.3)  # attached
+    try:
+        yield
+    finally:
+        proc.send_signal(2)
+        await proc.wait()
+
+
+async def _only_run(nss: Namespaces, lines: set[str], perf: str | None,
+                    run: int) -> dict[str, float]:
+    """The lines asked for, once, on the compiled data plane: name -> figure."""
+    out: dict[str, float] = {}
+    for queues in (1, 2):
+        if queues == 2 and "flows" not in lines:
+            break
+        host = nss.add(f"h{queues}{len(nss.made)}")
+        guest = nss.add(f"g{queues}{len(nss.made)}")
+        tap, gtap = f"{nss.tag}h", f"{nss.tag}g"
+        async with _daemon_process() as (sock, pid), \
+                netfront(sock, host_ns=host, guest_ns=guest, host_tap=tap, guest_tap=gtap,
+                         queues=queues, socket=True) as bridge:
+            await _run("ip", "addr", "add", f"{HOST_IP}/24", "dev", tap, ns=host)
+            await _run("ip", "addr", "add", f"{GUEST_IP}/24", "dev", gtap, ns=guest)
+
+            async def sample() -> Sample:
+                s = await bridge.stats()
+                return Sample(daemon_cpu(pid) or 0.0,
+                              s["tx_packets"] + s["rx_packets"], s["tx_bytes"] + s["rx_bytes"])
+
+            if queues == 1 and "tcp" in lines:
+                for name, extra in (("tcp_out", ()), ("tcp_in", ("-R",))):
+                    where = os.path.join(perf, f"{run}-{name}.data") if perf else None
+                    async with _perf(pid, where):
+                        r, d = await _measured(sample, _iperf(
+                            host, guest, HOST_IP, "-t", str(TCP_SECONDS), *extra))
+                    out[name] = _gbit(r)
+                    if d and d[2]:
+                        out[f"{name}_us_per_64k"] = d[0] / (d[2] / 65536) * 1e6
+                        out[f"{name}_frame_bytes"] = d[2] / d[1]
+            if queues == 1 and "udp" in lines:
+                f = Figures()
+                udp = ("-u", "-b", "0", "-l", "64", "-t", str(UDP_SECONDS))
+                o, d1 = await _measured(sample, _iperf(host, guest, HOST_IP, *udp))
+                i, d2 = await _measured(sample, _iperf(host, guest, HOST_IP, *udp, "-R"))
+                out["udp_out"], out["udp_in"] = _kpps(o), _kpps(i)
+                if d1 and d2 and d1[1] + d2[1]:
+                    f.us_per_frame = (d1[0] + d2[0]) / (d1[1] + d2[1]) * 1e6
+                    out["us_per_frame"] = f.us_per_frame
+            if "flows" in lines:
+                a, b = await _flows(host, guest, HOST_IP)
+                out[f"flows_out_{queues}q"], out[f"flows_in_{queues}q"] = a, b
+            await bridge.finish()
+    if "tcp_out_us_per_64k" in out and "tcp_in_us_per_64k" in out:
+        out["us_per_64k"] = (out["tcp_out_us_per_64k"] + out["tcp_in_us_per_64k"]) / 2
+    if "flows_out_2q" in out:
+        out["ratio_out"] = out["flows_out_2q"] / out["flows_out_1q"]
+        out["ratio_in"] = out["flows_in_2q"] / out["flows_in_1q"]
+    return out
+
+
+async def _only(lines: set[str], repeat: int, perf: str | None) -> list[dict[str, float]]:
+    runs = []
+    nss = Namespaces()
+    try:
+        for k in range(repeat):
+            r = await _only_run(nss, lines, perf, k)
+            print(f"run {k + 1}/{repeat}, load {os.getloadavg()[0]:.1f}: "
+                  + ", ".join(f"{n} {v:.2f}" for n, v in r.items()), flush=True)
+            runs.append(r)
+            nss.close()
+    finally:
+        nss.close()
+    return runs
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.net")
+    parser.add_argument("--only", help=f"comma-separated lines among {', '.join(LINES)}")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--perf", metavar="DIR", help="perf record the daemon in TCP runs")
+    args = parser.parse_args()
     if shutil.which("iperf3") is None:
         raise SystemExit("bench.net: iperf3 is missing (`make bench` installs it)")
     if os.geteuid() != 0:
         raise SystemExit("bench.net: needs root (network namespaces and taps)")
+    if args.only:
+        lines = set(args.only.split(","))
+        if not lines <= set(LINES):
+            raise SystemExit(f"bench.net: --only takes {', '.join(LINES)}")
+        if args.perf:
+            os.makedirs(args.perf, exist_ok=True)
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        print(f"bench.net --only {args.only}, {when}, load average {os.getloadavg()[0]:.1f}")
+        runs = uvloop.run(_only(lines, args.repeat, args.perf))
+        print("medians: " + ", ".join(
+            f"{n} {statistics.median(r[n] for r in runs if n in r):.2f}" for n in runs[0]))
+        return
     load0 = os.getloadavg()[0]
     daemon, python, veth, fronts, limited = uvloop.run(_main())
     load1 = os.getloadavg()[0]
