@@ -59,12 +59,21 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
                 log.exception("%s: before the kernel call", path.name)
         if not ready:
             return
+        # The tx and rx wake-ups of one queue (one tap fd) are one group, served in
+        # order on one thread; the groups (queues) in parallel.
+        ready.sort(key=lambda p: p.fd)
         n = len(ready)
         works = (nk.Work * n)()
-        for w, path in zip(works, ready, strict=True):
+        starts = (ctypes.c_uint32 * (n + 1))()
+        groups = 0
+        for k, (w, path) in enumerate(zip(works, ready, strict=True)):
             path._work(w)
+            if not k or path.fd != ready[k - 1].fd:
+                starts[groups] = k
+                groups += 1
+        starts[groups] = n
         try:
-            helped = self.k.serve_many(works, n)
+            helped = self.k.serve_groups(works, starts, groups)
         finally:
             for path in ready:
                 path._released()

@@ -1258,10 +1258,34 @@ static void serve_item(void *ctx, uint32_t k)
  * threads (pool.h) the others. Each wake-up touches only its own queue, out and env,
  * and the grant use counts under their stripe locks. Returns how many ran on helper
  * threads. */
+static struct dp_pool nk_pool = DP_POOL_INIT;
+
 uint32_t nk_serve_many(struct nk_work *works, uint32_t n)
 {
-    static struct dp_pool pool = DP_POOL_INIT;
-    return dp_pool_run(&pool, serve_item, works, n);
+    return dp_pool_run(&nk_pool, serve_item, works, n);
+}
+
+struct nk_groups {
+    struct nk_work *works;
+    const uint32_t *starts;
+};
+
+static void serve_group(void *ctx, uint32_t k)
+{
+    const struct nk_groups *g = ctx;
+    for (uint32_t i = g->starts[k]; i < g->starts[k + 1]; i++)
+        serve_one(&g->works[i]);
+}
+
+/* As nk_serve_many, by groups: group k is works[starts[k] .. starts[k + 1]), served in
+ * order on one thread; the groups in parallel. The tx and rx wake-ups of one queue go
+ * in one group: handing one of them to another thread costs more than it saves (one
+ * direction's work is mostly acknowledgements), and the queues are what spread. Returns
+ * how many groups ran on helper threads. */
+uint32_t nk_serve_groups(struct nk_work *works, const uint32_t *starts, uint32_t ngroups)
+{
+    struct nk_groups g = {works, starts};
+    return dp_pool_run(&nk_pool, serve_group, &g, ngroups);
 }
 
 /* Sizes the binding checks at load. */

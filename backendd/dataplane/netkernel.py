@@ -189,6 +189,10 @@ class NetKernel:
         lib.nk_serve_many.restype = ctypes.c_uint32
         lib.nk_serve_many.argtypes = [ctypes.POINTER(Work), ctypes.c_uint32]
         self.serve_many = lib.nk_serve_many
+        lib.nk_serve_groups.restype = ctypes.c_uint32
+        lib.nk_serve_groups.argtypes = [ctypes.POINTER(Work), ctypes.POINTER(ctypes.c_uint32),
+                                        ctypes.c_uint32]
+        self.serve_groups = lib.nk_serve_groups
         lib.nk_layout.restype = ctypes.c_uint32
         lib.nk_layout.argtypes = [ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint32]
         buf = (ctypes.c_uint32 * 16)()
