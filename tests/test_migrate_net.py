@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_migrate_state import get_state, move_guest, set_state
+from migrig import get_state, move_guest, set_state
 from test_net_harness import addr, namespaces, run, tcp_transfer, uniq, until
 
 from backendd.devices.net.state import decode_state
