@@ -259,23 +259,14 @@ async def test_persistent_grant_reads_mark_their_pages_every_time(daemon, tmp_pa
 async def test_net_rx_marks_the_buffers_it_fills_and_the_rx_ring(daemon, dataplane):
     from test_net_harness import daemon_guest, inject, namespaces, uniq
 
-    from backendd.guest.netfront import NetFront
-    from rings.consts import XenbusState
-
     host, tap = uniq("dlh"), uniq("dl") + dataplane[0]
     with namespaces(host):
-        async with daemon_guest(daemon.path) as (client, guest, fronts):
-            await client.add_device(0, "net", {"tap": tap, "netns": host,
-                                               "dataplane": dataplane})
+        async with daemon_guest(daemon.path) as dg:
+            client, guest, _ = dg
             # Split channels: rx traffic does not kick the tx ring, so the tx ring page
             # is not written either.
-            front = NetFront(guest.ram, guest.gnttab, 0, split=True)
-            fronts.append(front)
-            state, _ = await client.hand_over_channels(0, XenbusState.CONNECTED,
-                                                       front.frontend_keys(),
-                                                       front.channels())
-            assert state == XenbusState.CONNECTED
-            front.start()
+            front = await dg.add_nic({"tap": tap, "netns": host, "dataplane": dataplane},
+                                     split=True)
             ram_pages = guest.ram.size // PAGE_SIZE
             log = DirtyLog(ram_pages, guest.gnttab.size // PAGE_SIZE)
             try:

@@ -160,21 +160,15 @@ async def test_net_hostile_blobs_refused_or_clamped(daemon):
     frames flow."""
     from test_net_harness import daemon_guest, inject, namespaces, uniq
 
-    from backendd.guest.netfront import NetFront
-
     host = uniq("mhh")
     tap, tap_b = uniq("mht"), uniq("mhu")
     mac = bytes.fromhex("00163e000062")
     config = {"netns": host, "mac": "00:16:3e:00:00:62", "queues": "1",
               "dataplane": "python"}
     with namespaces(host):
-        async with daemon_guest(daemon.path) as (a, guest, fronts):
-            await a.add_device(0, "net", config | {"tap": tap})
-            front = NetFront(guest.ram, guest.gnttab, 0)
-            fronts.append(front)
-            await a.hand_over_channels(0, XenbusState.CONNECTED, front.frontend_keys(),
-                                       front.channels())
-            front.start()
+        async with daemon_guest(daemon.path) as dg:
+            a, guest, _ = dg
+            front = await dg.add_nic(config | {"tap": tap})
             # Frames in: the rx path takes posted buffers from the ring (more than it
             # uses), so the state has posted buffers.
             await inject(host, tap, [_frame(mac, n) for n in range(3)])
@@ -261,20 +255,15 @@ async def test_net_rate_credit_from_a_blob_is_clamped(daemon):
     from test_net_harness import daemon_guest, namespaces, uniq
 
     from backendd.devices.net.ratelimit import MIN_BURST
-    from backendd.guest.netfront import NetFront
 
     host = uniq("mrh")
     tap, tap_b = uniq("mrt"), uniq("mru")
     config = {"netns": host, "mac": "00:16:3e:00:00:63", "queues": "1",
               "dataplane": "python", "rate": "1000,3600000000"}  # 1000 bytes an hour
     with namespaces(host):
-        async with daemon_guest(daemon.path) as (a, guest, fronts):
-            await a.add_device(0, "net", config | {"tap": tap})
-            front = NetFront(guest.ram, guest.gnttab, 0, tx_pages=200)
-            fronts.append(front)
-            await a.hand_over_channels(0, XenbusState.CONNECTED, front.frontend_keys(),
-                                       front.channels())
-            front.start()
+        async with daemon_guest(daemon.path) as dg:
+            a, guest, _ = dg
+            front = await dg.add_nic(config | {"tap": tap}, tx_pages=200)
             await a.suspend()
             blob = await get_state(a, 0)
             rate = next(s for s in devstate.decode(blob, NET) if s.type == NET_RATE).body

@@ -150,22 +150,14 @@ async def test_net_suspend_takes_no_tx_reads_no_tap(daemon, dataplane):
     meanwhile go out once each, and frames flow again both ways."""
     from test_net_harness import daemon_guest, inject, namespaces, uniq
 
-    from backendd.guest.netfront import NetFront
-    from rings.consts import XenbusState
-
     host = uniq("msh") + dataplane[0]
     tap = uniq("mst") + dataplane[0]
     mac = bytes.fromhex("00163e000052")
     with namespaces(host):
-        async with daemon_guest(daemon.path) as (client, guest, fronts):
-            await client.add_device(0, "net", {"tap": tap, "netns": host,
-                                               "mac": "00:16:3e:00:00:52",
-                                               "dataplane": dataplane, "queues": "1"})
-            front = NetFront(guest.ram, guest.gnttab, 0, split=True)
-            fronts.append(front)
-            await client.hand_over_channels(0, XenbusState.CONNECTED, front.frontend_keys(),
-                                            front.channels())
-            front.start()
+        async with daemon_guest(daemon.path) as dg:
+            client, guest, _ = dg
+            front = await dg.add_nic({"tap": tap, "netns": host, "mac": "00:16:3e:00:00:52",
+                                      "dataplane": dataplane, "queues": "1"}, split=True)
             await inject(host, tap, [_frame(mac, 1)])
             await front.wait_rx(1)
             await front.send_frame(_frame(b"\xff" * 6, 2))
