@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 from migrig import MiB, get_state, migration_rig, move_guest, set_state
+from test_net_harness import daemon_guest
 
 from backendd import devstate
 from backendd.devstate import BLK_PGRANTS, NET_MCAST, NET_QUEUE, NET_RATE, NET_RX_POSTED, NET_VIF
@@ -158,7 +159,7 @@ async def test_net_hostile_blobs_refused_or_clamped(daemon):
     ring's req_prod, a multicast list beyond its bound: EINVAL each, at SET_DEVICE_STATE
     or at the connect that would use it, InitWait after. Then the true blob connects and
     frames flow."""
-    from test_net_harness import daemon_guest, inject, namespaces, uniq
+    from test_net_harness import inject, namespaces, uniq
 
     host = uniq("mhh")
     tap, tap_b = uniq("mht"), uniq("mhu")
@@ -252,7 +253,7 @@ async def test_net_rate_credit_from_a_blob_is_clamped(daemon):
     gives (2**62 bytes left, the window ending in 2**62 usec): the credit is clamped to
     one burst, so the guest's frames beyond it wait for the next window (counted in
     tx_rate_limited), instead of the rate limit being gone or the nic stalled for ever."""
-    from test_net_harness import daemon_guest, namespaces, uniq
+    from test_net_harness import namespaces, uniq
 
     from backendd.devices.net.ratelimit import MIN_BURST
 
@@ -311,10 +312,7 @@ async def test_a_kick_storm_while_suspended_wakes_nothing(daemon, tmp_path, data
     once."""
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(8 * MiB))
-    a = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=48 * MiB, gnttab_frames=16)
-    try:
-        await guest.attach(a)
+    async with daemon_guest(daemon.path) as (a, guest, _):
         front = await guest.add_disk(a, DEVID, {"path": str(image), "dataplane": dataplane},
                                      inflight=False)
         other = await guest.add_disk(a, DEVID + 16, {"path": str(image)}, inflight=False)
@@ -342,9 +340,6 @@ async def test_a_kick_storm_while_suspended_wakes_nothing(daemon, tmp_path, data
         assert await other.read(0, 4096) == b"k" * 4096
         after = await a.stats(DEVID)
         assert int(after[f"{DEVID}.requests"]) == int(before[f"{DEVID}.requests"]) + 1
-    finally:
-        await a.close()
-        guest.close()
 
 
 # --- control requests while suspended ----------------------------------------------------
