@@ -84,6 +84,18 @@ class Rig:
         await self.guest.attach(self.b)
         return self.b
 
+    async def switch(self, devid: int, front: BlkFront) -> None:
+        """After move() and the device's state set on B: connect `front` there on the
+        rings it has (fresh event channels), RESUME on B and close the source."""
+        assert self.b is not None
+        state, _ = await self.b.hand_over_channels(devid, XenbusState.CONNECTED,
+                                                   front.frontend_keys(),
+                                                   front.new_channels())
+        assert state == XenbusState.CONNECTED
+        front.watch(self.b)
+        await self.b.resume()
+        await self.a.close()
+
 
 @contextlib.asynccontextmanager
 async def migration_rig(daemon_path: str, tmp_path, ram_size: int = 48 * MiB,

@@ -101,12 +101,7 @@ async def test_blk_duplicate_persistent_grants_refused(daemon, tmp_path):
         body = struct.pack("<II", 0, len(hostile)) + b"".join(
             struct.pack("<II", g, w) for g, w in hostile)
         await set_state(b, DEVID, edit(blob, BLK, replace(BLK_PGRANTS, body)))
-        state, _ = await b.hand_over_channels(DEVID, XenbusState.CONNECTED,
-                                              front.frontend_keys(), front.new_channels())
-        assert state == XenbusState.CONNECTED
-        front.watch(b)
-        await b.resume()
-        await rig.a.close()
+        await rig.switch(DEVID, front)
         stats = await b.stats(DEVID)
         assert 1 <= int(stats[f"{DEVID}.pgrants"]) <= 1056
         for n in range(8):

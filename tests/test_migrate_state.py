@@ -154,12 +154,7 @@ async def test_bad_blobs_are_refused_and_leave_the_device_unconnected(daemon, tm
         assert info.value.code == errno.EINVAL and "differ" in info.value.message
         assert (await b.backend_state(DEVID))[0] == XenbusState.INIT_WAIT
         # The right keys: connected from the state, and I/O goes on.
-        state, _ = await b.hand_over_channels(DEVID, XenbusState.CONNECTED,
-                                              front.frontend_keys(), front.new_channels())
-        assert state == XenbusState.CONNECTED
-        front.watch(b)
-        await b.resume()
-        await rig.a.close()
+        await rig.switch(DEVID, front)
         assert await front.read(0, 4096) == b"a" * 4096
         # Once connected, SET_DEVICE_STATE is refused.
         with pytest.raises(RequestFailed) as info:
