@@ -4,7 +4,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEBS    := libxen-dev gcc gcc-multilib libatomic1 iproute2 iputils-ping iperf3 fio e2fsprogs \
-           prometheus python3-libnbd libnbd-bin qemu-utils nbdkit openssl
+           prometheus python3-libnbd libnbd-bin libnbd-dev qemu-utils nbdkit openssl
 # Debian's libnbd bindings (python3-libnbd: not on the Python index) are seen by the venv
 # through a .pth file naming a directory with just them, not the rest of dist-packages.
 NBDPY   := /usr/lib/python3/dist-packages
@@ -12,7 +12,8 @@ DEBSTAMP := $(VENV)/.debs
 
 KERNEL    := backendd/dataplane/_blk_kernel.so
 NETKERNEL := backendd/dataplane/_net_kernel.so
-KERNELS   := $(KERNEL) $(NETKERNEL)
+NBDKERNEL := backendd/dataplane/_nbd_kernel.so
+KERNELS   := $(KERNEL) $(NETKERNEL) $(NBDKERNEL)
 
 .PHONY: demo test lint bench fuzz clean debs native kernel netkernel install uninstall
 
@@ -45,9 +46,13 @@ fuzz: $(STAMP) $(KERNELS)
 	$(PY) -m bench.fuzz
 
 # The compiled blk data plane (gcc -Wall -Wextra -Werror against Xen's headers).
-kernel: $(KERNEL)
+kernel: $(KERNEL) $(NBDKERNEL)
 $(KERNEL): backendd/dataplane/blk_kernel.c backendd/dataplane/core.h backendd/dataplane/pool.h backendd/dataplane/build.py $(STAMP)
 	$(PY) -m backendd.dataplane.build blk
+
+# An NBD disk's reads and writes issued to libnbd from C (linked with libnbd-dev).
+$(NBDKERNEL): backendd/dataplane/nbd_kernel.c backendd/dataplane/build.py $(STAMP)
+	$(PY) -m backendd.dataplane.build nbd
 
 # The compiled netif data plane (gcc -Wall -Wextra -Werror against Xen's headers).
 netkernel: $(NETKERNEL)
@@ -101,6 +106,9 @@ install:
 	@# The compiled blk and net data planes, built next to the installed package
 	@# (-I: the installed one, not the source tree in the current directory).
 	$(DESTDIR)$(LIBDIR)/bin/python -I -m backendd.dataplane.build blk net
+	@# NBD disks' reads and writes from C, if libnbd-dev is there (else from Python).
+	$(DESTDIR)$(LIBDIR)/bin/python -I -m backendd.dataplane.build nbd || \
+	  echo "nbd_kernel.c not built (libnbd-dev missing): NBD commands go from Python"
 	@# Scripts name the venv by its final path, not the staging one.
 	@if [ -n "$(DESTDIR)" ]; then \
 	  grep -lIs -- '$(DESTDIR)' $(DESTDIR)$(LIBDIR)/bin/* | \

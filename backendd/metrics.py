@@ -78,6 +78,9 @@ DEVICE_FAMILIES: dict[str, dict[str, Family]] = {
                            "NBD servers given up on after the I/O timeout of silence."),
         "nbd_resent": _c("backendd_blk_nbd_resent_requests_total",
                          "Requests in flight on a lost NBD connection, sent again."),
+        "nbd_issued_in_c": _c("backendd_blk_nbd_issued_in_c_total",
+                              "NBD reads and writes issued and completed in C by the "
+                              "compiled data plane."),
         "nbd_waiting": Family("backendd_blk_nbd_waiting_requests", "gauge",
                               "Requests waiting for the NBD connection."),
         "nbd_in_flight": Family("backendd_blk_nbd_in_flight_requests", "gauge",

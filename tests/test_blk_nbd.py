@@ -506,6 +506,33 @@ async def test_nbdkit_memory(vm, tmp_path, servers, dataplane, persistent):
     await detach(vm, 1, front)
 
 
+async def test_a_read_from_c_that_the_server_fails_is_an_error_for_it_alone(vm, tmp_path,
+                                                                          servers):
+    """A plain read issued from C (nbd_kernel.c) that the server answers with an error:
+    that request gets ERROR, the connection stays, the next read is served."""
+    trigger = tmp_path / "fail-reads"
+    srv = nbdkit_memory(tmp_path, "8M", filters=["error"],
+                        params=["error-pread=EIO", "error-pread-rate=100%",
+                                f"error-pread-file={trigger}"])
+    servers.append(srv.start())
+    front, _ = await attach(vm, 1, uri(srv))
+    data = random.Random(21).randbytes(512)
+    await front.write(64, data)
+    assert await front.read(64, 512) == data
+    before = stats_of(await vm.client.stats(1), 1)["nbd_issued_in_c"]
+    trigger.touch()
+    with pytest.raises(BlkIOError) as info:
+        await front.read(64, 512)
+    assert info.value.status == BlkifStatus.ERROR
+    assert stats_of(await vm.client.stats(1), 1)["nbd_issued_in_c"] == before + 1
+    trigger.unlink()
+    assert await front.read(64, 512) == data
+    stats = stats_of(await vm.client.stats(1), 1)
+    assert stats["errors"] == 1 and stats["nbd_connection_losses"] == 0
+    assert stats["nbd_in_flight"] == 0
+    await detach(vm, 1, front)
+
+
 async def compiled_nbd_scenario(tmp_path: Path) -> None:
     """Verified I/O of every kind through the compiled kernel on an NBD disk: direct and
     indirect, guest pages in one run and scattered (the bounce buffer), flush, discard,
@@ -530,6 +557,7 @@ async def compiled_nbd_scenario(tmp_path: Path) -> None:
             await front.read(8 * MiB // 512, 4096)
         stats = stats_of(await client.stats(1), 1)
         assert stats["errors"] == 0 and stats["invalid"] == 1
+        assert stats["nbd_issued_in_c"] > 0  # plain reads and writes: nbd_kernel.c
         await detach(vm, 1, front)
     finally:
         await closing(vm)
@@ -546,10 +574,14 @@ def test_compiled_kernel_on_an_nbd_disk_under_sanitizers(tmp_path):
 
     from backendd.dataplane.build import build
     lib = build("blk", tmp_path / "asan.so", sanitize=True)
+    nbd_lib = build("nbd", tmp_path / "asan-nbd.so", sanitize=True)
     result = _run_sanitized(lib, (
-        "import asyncio, pathlib, sys\n"
+        "import asyncio, os, pathlib, sys\n"
+        f"os.environ['BACKENDD_NBD_KERNEL'] = {str(nbd_lib)!r}\n"
         "from backendd.dataplane import kernel as K\n"
+        "from backendd.dataplane import blknbd\n"
         f"assert K.load().path == {str(lib)!r}\n"
+        "assert blknbd.LOADER.load() is not None\n"
         "import test_blk_nbd as t\n"
         "asyncio.run(t.compiled_nbd_scenario(pathlib.Path(sys.argv[1])))\n"
         "print('nbd ok')\n"), str(tmp_path))
@@ -648,6 +680,7 @@ async def test_server_restart_under_load(vm_factory, tmp_path, servers, fmt, sig
         assert stats["errors"] == 0
         assert stats["nbd_connection_losses"] == 2 and stats["nbd_reconnects"] == 2
         assert stats["nbd_degraded"] == 0
+        assert stats["nbd_issued_in_c"] > 0  # the compiled data plane's C path
         await detach(vm, 1, front)
         srv.stop()
         if fmt == "qcow2":
@@ -939,6 +972,36 @@ async def test_tcp_on_loopback(vm_factory, tmp_path, servers):
         await detach(vm, 1, front)
         with pytest.raises(RequestFailed, match="allowed_nbd"):  # another port
             await vm.client.add_device(2, "blk", {"path": f"nbd://127.0.0.1:{port + 1}/"})
+    finally:
+        await closing(vm)
+
+
+async def test_what_c_had_in_flight_when_the_server_dies_is_sent_again(vm_factory, tmp_path,
+                                                                        servers):
+    """Plain one-page requests are issued from C (nbd_kernel.c): when the connection is
+    lost with them in flight, they are taken back and sent again after the reconnect."""
+    vm = await vm_factory(nbd_reconnect_timeout_ms=60000, nbd_io_timeout_ms=60000)
+    image = tmp_path / "disk.raw"
+    content = random.Random(12).randbytes(2 * MiB)
+    image.write_bytes(content)
+    srv = qemu_nbd(tmp_path, image, "raw")
+    servers.append(srv.start())
+    try:
+        front, _ = await attach(vm, 1, uri(srv, "disk"))
+        srv.pause()  # what the daemon sends now stays unanswered
+        read = asyncio.ensure_future(front.read(8, 512))
+        write = asyncio.ensure_future(front.write(64, b"C" * 512))
+        await in_flight_reaches(vm.client, 1, 2)
+        assert stats_of(await vm.client.stats(1), 1)["nbd_issued_in_c"] == 2
+        await asyncio.to_thread(srv.stop, signal.SIGKILL)  # it dies with both unanswered
+        await asyncio.to_thread(srv.start)
+        assert await read == content[4096:4096 + 512]
+        await write
+        assert await front.read(64, 512) == b"C" * 512
+        stats = stats_of(await vm.client.stats(1), 1)
+        assert stats["nbd_resent"] == 2 and stats["errors"] == 0
+        assert stats["nbd_reconnects"] == 1 and stats["nbd_in_flight"] == 0
+        await detach(vm, 1, front)
     finally:
         await closing(vm)
 

@@ -1182,6 +1182,30 @@ void bk_replay(struct bk_queue *q, const struct dp_env *env, const uint8_t *raws
 
 /* On the event loop, woken by the ring's wake eventfd: the jobs the I/O threads have
  * finished are answered (grants released first), what waited behind them starts. */
+/* Unpin and answer the pool jobs `jobs` (slot numbers; anything else is skipped). errs:
+ * NULL, or per job 0 or the errno that failed it; failed: every job failed. */
+static void finish_jobs(struct bk_queue *q, const struct dp_env *env, const uint16_t *jobs,
+                        const int32_t *errs, uint32_t n, int failed, struct bk_out *out)
+{
+    for (uint32_t k = 0; k < n; k++) {
+        if (jobs[k] >= BK_MAX_PENDING)
+            continue;
+        struct bk_pending *s = &q->slots[jobs[k]];
+        if (s->state != SLOT_POOL)
+            continue;
+        if (failed)
+            s->status = BLKIF_RSP_ERROR;
+        if (errs && errs[k]) {
+            s->status = BLKIF_RSP_ERROR;
+            s->error = errs[k];
+        }
+        q->inpool--;
+        if (s->flush)
+            q->draining = 0;
+        finish(q, env, s, out);
+    }
+}
+
 void bk_reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
     uint16_t jobs[BK_MAX_PENDING];
@@ -1198,17 +1222,7 @@ void bk_reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
     memcpy(jobs, q->done, n * sizeof(jobs[0]));
     q->ndone = 0;
     pthread_mutex_unlock(&iopool.lock);
-    for (uint32_t k = 0; k < n; k++) {
-        if (jobs[k] >= BK_MAX_PENDING)
-            continue;
-        struct bk_pending *s = &q->slots[jobs[k]];
-        if (s->state != SLOT_POOL)
-            continue;
-        q->inpool--;
-        if (s->flush)
-            q->draining = 0;
-        finish(q, env, s, out);
-    }
+    finish_jobs(q, env, jobs, NULL, n, 0, out);
     if (!q->halted) {
         dispatch(q, env, out);
         push(q, out);
@@ -1223,19 +1237,7 @@ void bk_complete(struct bk_queue *q, const struct dp_env *env, const uint16_t *j
 {
     memset(out, 0, sizeof(*out));
     q->env = env;
-    for (uint32_t k = 0; k < n; k++) {
-        if (jobs[k] >= BK_MAX_PENDING)
-            continue;
-        struct bk_pending *s = &q->slots[jobs[k]];
-        if (s->state != SLOT_POOL)
-            continue;
-        if (failed)
-            s->status = BLKIF_RSP_ERROR;
-        q->inpool--;
-        if (s->flush)
-            q->draining = 0;
-        finish(q, env, s, out);
-    }
+    finish_jobs(q, env, jobs, NULL, n, failed != 0, out);
     if (!q->halted) {
         dispatch(q, env, out);
         push(q, out);
@@ -1286,21 +1288,7 @@ void bk_jobs_done(struct bk_queue *q, const struct dp_env *env, const uint16_t *
     struct bk_out done;
     memset(&done, 0, sizeof(done));
     q->env = env;   /* the answers below write the ring: log its pages with this env */
-    for (uint32_t k = 0; k < n; k++) {
-        if (jobs[k] >= BK_MAX_PENDING)
-            continue;
-        struct bk_pending *s = &q->slots[jobs[k]];
-        if (s->state != SLOT_POOL)
-            continue;
-        if (errs[k]) {
-            s->status = BLKIF_RSP_ERROR;
-            s->error = errs[k];
-        }
-        q->inpool--;
-        if (s->flush)
-            q->draining = 0;
-        finish(q, env, s, &done);
-    }
+    finish_jobs(q, env, jobs, errs, n, 0, &done);
     if (q->halted) {
         *out = done;
         out->inpool = q->inpool;

@@ -10,8 +10,12 @@ guest memory; one whose pages are scattered through one bounce buffer, copied in
 (`bk_job_copy`). When libnbd reports commands done, the disk tells this queue once per
 wake-up (`nbd_settle`), and one `bk_complete` unpins and answers all of them.
 
-Python is left with the libnbd calls and a little bookkeeping per request; the grants,
-the ring and the responses never cost a Python call per request.
+The plain reads and writes (no flush, pages one run in one mapping) do not even go
+through Python one by one: one call to nbd_kernel.c (`nf_issue_descs`) issues them to
+libnbd on the connection's handle, and its completion callback, in C, puts each finished
+slot into the arrays `bk_jobs_done` takes. Python sees them only on the slow paths: a
+command the server failed (answered with its errno), or a lost connection (what C had
+in flight is taken back and sent again the Python way, in order).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from rings.consts import BlkifOp
 
 from . import kernel as K
 from .blk import CompiledRingQueue
+from .build import Loader
 
 if TYPE_CHECKING:
     from backendd.devices.blk.nbd import NbdImage, _Op
@@ -37,6 +42,48 @@ def _pointer(buf: bytearray) -> Any:
     return (ctypes.c_char * len(buf)).from_buffer(buf)
 
 
+# nbd_kernel.c: plain reads and writes issued to libnbd, and completed, in C.
+NF_FREE, NF_IN_FLIGHT, NF_FAILED = 0, 1, 2
+
+
+class NfCmd(ctypes.Structure):
+    _fields_ = [("offset", ctypes.c_uint64), ("addr", ctypes.c_uint64),
+                ("seq", ctypes.c_uint64), ("ctx", ctypes.c_void_p),
+                ("length", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("err", ctypes.c_int32), ("slot", ctypes.c_uint16),
+                ("write", ctypes.c_uint8), ("state", ctypes.c_uint8)]
+
+
+NfTable = NfCmd * K.MAX_PENDING
+
+
+assert ctypes.sizeof(K.JobDesc) == 32  # nbd_kernel.c's struct nf_desc
+
+
+class NfCtx(ctypes.Structure):
+    _fields_ = [("table", ctypes.c_void_p), ("table_len", ctypes.c_uint32),
+                ("n", ctypes.c_uint32), ("slots", ctypes.c_void_p), ("errs", ctypes.c_void_p),
+                ("inflight", ctypes.c_uint32), ("failed", ctypes.c_uint32)]
+
+
+class NbdKernel:
+    def __init__(self, path: str) -> None:
+        lib = ctypes.CDLL(path)
+        u32, p = ctypes.c_uint32, ctypes.c_void_p
+        self.issue_descs = lib.nf_issue_descs
+        self.issue_descs.restype = u32
+        self.issue_descs.argtypes = [p, p, p, u32, p, u32, ctypes.c_uint64, p, p, p]
+        self.take_failed = lib.nf_take_failed
+        self.take_failed.restype = u32
+        self.take_failed.argtypes = [p]
+        self.take_back = lib.nf_take_back
+        self.take_back.restype = u32
+        self.take_back.argtypes = [p, p]
+
+
+LOADER = Loader("nbd", NbdKernel)
+
+
 class NbdRingQueue(CompiledRingQueue):
     image: NbdImage
 
@@ -45,7 +92,22 @@ class NbdRingQueue(CompiledRingQueue):
         self._descs = K.JobDescArray()
         self._slots = K.JobArray()  # finished jobs, and their errnos, for bk_jobs_done
         self._errs = K.ErrArray()
-        self._ndone = 0
+        # What is done, by Python (nbd_done) and by nbd_kernel.c, goes to _slots/_errs;
+        # _fast.n counts both.
+        self._fast = NfCtx(table_len=K.MAX_PENDING, slots=ctypes.addressof(self._slots),
+                           errs=ctypes.addressof(self._errs))
+        self._table = NfTable()
+        self._fast.table = ctypes.addressof(self._table)
+        self._rest = (ctypes.c_uint32 * K.MAX_PENDING)()  # what C left to Python
+        self._nrest = ctypes.c_uint32()
+        self._nerr = ctypes.c_int32()
+        try:
+            self.nf = LOADER.load()
+        except (OSError, AttributeError) as e:  # libnbd missing, a stale build
+            log.warning("nbd_kernel.c's library cannot be used: %s", e)
+            self.nf = None
+        if self.nf is not None:
+            self.image.add_fast_sink(self)
         # Each completion serves the ring again (nbd_settle): a busy guest need not kick.
         self.k.queue_set_poll(self._q, 1)
 
@@ -63,7 +125,12 @@ class NbdRingQueue(CompiledRingQueue):
         native = self._pool_pin = self.memory.native()
         image, k, q = self.image, self.k, self._q
         ops: list[_Op] = []
-        for d in self._descs[:n]:
+        self._inpool += n
+        self._idle.clear()
+        handle = image.fast_handle() if self.nf is not None else None
+        descs = self._issue_fast(handle, native, n) if handle is not None else \
+            self._descs[:n]
+        for d in descs:
             op, length, slot = d.op, d.length, d.slot
             buf: Any = None
             bounce = None
@@ -81,9 +148,62 @@ class NbdRingQueue(CompiledRingQueue):
                         k.job_copy(q, slot, _pointer(buf), length, 0)
             ops.append(image.op(self, slot, op, bool(d.flush), d.offset, length, buf,
                                 bounce))
-        self._inpool += n
-        self._idle.clear()
         image.submit_ops(ops)
+
+    def _issue_fast(self, handle: int, native: Any, n: int) -> list:
+        """Issue the plain reads and writes whose pages are one run in one mapping from
+        C (nbd_kernel.c); return the descriptions left for the Python path."""
+        seq = self.image.take_seq(n)
+        self._nerr.value = 0
+        done = self.nf.issue_descs(ctypes.byref(self._fast), handle, self._descs, n,
+                                   native.array, native.count, seq, self._rest,
+                                   ctypes.byref(self._nrest), ctypes.byref(self._nerr))
+        self.image.fast_issued(done)
+        left = self._nrest.value
+        if self._nerr.value:
+            # Refused by libnbd (a dead connection, a shrunken export): the Python
+            # path finds out why and does what it does.
+            log.debug("blk ring %d: libnbd refused a command from C (errno %d)",
+                      self.index, self._nerr.value)
+        descs = self._descs
+        return [descs[i] for i in self._rest[:left]]
+
+    # --- what nbd_kernel.c holds, for the disk's slow paths -----------------------------
+
+    def nbd_fast_pending(self) -> int:
+        """Answers recorded since the last nbd_settle; FAILED commands (the connection
+        lives) become answers with their errno here."""
+        if self._fast.failed:
+            self.nf.take_failed(ctypes.byref(self._fast))
+        return self._fast.n
+
+    def nbd_fast_in_flight(self) -> int:
+        return self._fast.inflight
+
+    def nbd_take_back(self) -> list[_Op]:
+        """The connection is closed: what C had in flight, as ops to send again."""
+        from backendd.devices.blk.nbd import _Op
+        if not self._fast.inflight:
+            return []
+        out = NfTable()
+        n = self.nf.take_back(ctypes.byref(self._fast), out)
+        ops = []
+        for c in out[:n]:
+            # Sent again the slow way, through a bounce buffer the kernel copies to or
+            # from the request's pages (the slot still holds them; guest memory may
+            # have been remapped since).
+            buf = bytearray(c.length)
+            if c.write:
+                self.k.job_copy(self._q, c.slot, _pointer(buf), c.length, 0)
+            kind = "pwrite" if c.write else "pread"
+            ops.append(_Op(self, c.slot, c.seq, [[(kind, c.offset, buf, c.flags)]],
+                           not c.write, None if c.write else buf))
+        return ops
+
+    def release(self) -> None:
+        if self.nf is not None:
+            self.image.remove_fast_sink(self)
+        super().release()
 
     # --- the disk's side (nbd.Sink) -----------------------------------------------------
 
@@ -92,13 +212,15 @@ class NbdRingQueue(CompiledRingQueue):
         if not err and op.bounce is not None and \
                 self.k.job_copy(self._q, op.tag, _pointer(op.bounce), len(op.bounce), 1):
             err = 5  # EIO; cannot happen: the slot and length are the kernel's
-        n = self._ndone  # at most MAX_PENDING: each slot finishes once per hand-out
+        fast = self._fast
+        n = fast.n  # at most MAX_PENDING: each slot finishes once per hand-out
         self._slots[n] = op.tag
         self._errs[n] = err
-        self._ndone = n + 1
+        fast.n = n + 1
 
     def nbd_settle(self) -> None:
-        n, self._ndone = self._ndone, 0
+        fast = self._fast
+        n, fast.n = fast.n, 0
         if self._q is None or not n:
             return
         self._inpool -= n

@@ -1,7 +1,8 @@
 """Compiles and loads the data-plane kernels (blk_kernel.c, net_kernel.c; both include
-core.h and pool.h) with the system gcc against Xen's public headers.
+core.h and pool.h) with the system gcc against Xen's public headers, and nbd_kernel.c
+(an NBD disk's reads and writes, linked with libnbd).
 
-    python -m backendd.dataplane.build [--sanitize] [-o PATH] [blk] [net]
+    python -m backendd.dataplane.build [--sanitize] [-o PATH] [blk] [net] [nbd]
 
 builds the kernels named (both if none) next to this file, or one of them at PATH. The
 Makefile runs this before `demo` and `test`, and `make install` into the installed
@@ -45,6 +46,7 @@ class Spec:
     source: Path
     xen_header: str
     env: str
+    libs: tuple[str, ...] = ()  # gcc's -l options
 
     @property
     def library(self) -> Path:
@@ -54,6 +56,8 @@ class Spec:
 KERNELS = {
     "blk": Spec("blk", HERE / "blk_kernel.c", "io/blkif.h", "BACKENDD_BLK_KERNEL"),
     "net": Spec("net", HERE / "net_kernel.c", "io/netif.h", "BACKENDD_NET_KERNEL"),
+    # An NBD disk's reads and writes issued to libnbd (Debian libnbd-dev) from C.
+    "nbd": Spec("nbd", HERE / "nbd_kernel.c", "", "BACKENDD_NBD_KERNEL", ("-lnbd",)),
 }
 
 
@@ -92,17 +96,17 @@ class KernelError(Exception):
 
 
 def build(name: str, out: Path | None = None, sanitize: bool = False) -> Path:
-    """Compile kernel `name` ("blk" or "net") to `out` (default: next to this file)."""
+    """Compile kernel `name` ("blk", "net" or "nbd") to `out` (default: next to this file)."""
     spec = KERNELS[name]
     out = spec.library if out is None else out
     gcc = shutil.which("gcc")
     if gcc is None:
         raise BuildError("gcc is missing (the Makefile installs it)")
-    if not (XEN / spec.xen_header).exists():
+    if spec.xen_header and not (XEN / spec.xen_header).exists():
         raise BuildError("Xen public headers missing: install libxen-dev")
     flags = CFLAGS + (SANITIZE if sanitize else [])
     tmp = out.with_name(out.name + ".tmp")
-    result = subprocess.run([gcc, *flags, "-o", str(tmp), str(spec.source)],
+    result = subprocess.run([gcc, *flags, "-o", str(tmp), str(spec.source), *spec.libs],
                             capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise BuildError(f"gcc failed on {spec.source.name}:\n{result.stderr}")
@@ -139,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m backendd.dataplane.build")
     ap.add_argument("--sanitize", action="store_true")
     ap.add_argument("-o", "--output", type=Path, help="with exactly one kernel named")
-    ap.add_argument("kernels", nargs="*", metavar="{blk,net}")
+    ap.add_argument("kernels", nargs="*", metavar="{blk,net,nbd}")
     args = ap.parse_args(argv)
     names = args.kernels or list(KERNELS)
     if unknown := [n for n in names if n not in KERNELS]:
-        ap.error(f"unknown kernel {unknown[0]!r}: blk or net")
+        ap.error(f"unknown kernel {unknown[0]!r}: blk, net or nbd")
     if args.output is not None and len(names) != 1:
         ap.error("-o needs exactly one kernel")
     try:

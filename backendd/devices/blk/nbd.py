@@ -13,7 +13,10 @@ host name resolves that name inside libnbd; see docs/blk.md).
 
 Requests come as ops (`op()`, `submit_ops()`) from either data plane: the compiled
 kernel's NBD rings (backendd/dataplane/blknbd.py) or the Python one (`submit`, in place of
-the I/O pool). Each op's sink hears of it when it is done, and once more after every batch
+the I/O pool). The kernel's rings issue their plain reads and writes from C instead, on
+the handle `fast_handle` names, while the connection is up with nothing waiting; this
+module hears of those only through `FastSink` (answers to settle, and what to send
+again after a loss). Each op's sink hears of it when it is done, and once more after every batch
 (`nbd_settle`), so the answers of one wake-up go out together. Guest memory is handed to
 libnbd as it is: a request whose pages are one run is read into or written from them. A
 request of several segments, contiguous on the disk but not in memory, goes as one NBD
@@ -33,6 +36,7 @@ answered with an error. Reads, writes, flushes and trims are all safe to send tw
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import errno
 import logging
@@ -192,6 +196,20 @@ class _Op:
         self.failed = 0
 
 
+class FastSink(Protocol):
+    """A ring whose plain reads and writes are issued and completed in C
+    (backendd/dataplane/nbd_kernel.c) on the connection `fast_handle` names; the disk
+    knows of them only through these, on its slow paths."""
+
+    def nbd_fast_pending(self) -> int: ...
+
+    def nbd_fast_in_flight(self) -> int: ...
+
+    def nbd_take_back(self) -> list[_Op]: ...
+
+    def nbd_settle(self) -> None: ...
+
+
 class Sink(Protocol):
     """Who hears of finished requests: `nbd_done` for each, then `nbd_settle` once after
     every batch of them (one wake-up's worth), so answers go out together."""
@@ -232,16 +250,30 @@ class _Batch:
 class _Conn:
     """One libnbd handle and how the event loop watches its socket."""
 
-    __slots__ = ("fd", "h", "index", "o", "ready", "settled", "watch")
+    __slots__ = ("fd", "h", "index", "o", "ptr", "ready", "settled", "watch")
 
     def __init__(self, h: Any, index: int) -> None:
         self.h = h
         self.o = h._o  # the extension's handle, for its calls on the data path
+        self.ptr = _handle_pointer(self.o)  # libnbd's struct nbd_handle, for C
         self.index = index  # 0: the first, whose handshake tells about the export
         self.fd = -1
         self.watch = 0  # AIO_DIRECTION bits registered with the loop
         self.ready = False
         self.settled = False  # ready, and its socket known: no more asking libnbd
+
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def _handle_pointer(o: Any) -> int:
+    """The bindings keep libnbd's handle in a capsule named "nbd_handle"."""
+    try:
+        return _capsule_pointer(o, b"nbd_handle") or 0
+    except (ValueError, TypeError):
+        return 0
 
 
 def _close_handle(h: Any) -> None:
@@ -293,6 +325,7 @@ class NbdImage:
         self._seq = 0  # ops in the order they came
         self._queue: deque[_Op] = deque()  # waiting for a connection
         self._active: set[_Op] = set()
+        self._fast_sinks: list[FastSink] = []
         self._last_progress = 0.0
         self._down_since: float | None = None
         self._failing = False  # down for longer than the reconnect timeout
@@ -306,6 +339,7 @@ class NbdImage:
         self.connection_losses = 0
         self.timed_out = 0
         self.resent = 0  # requests in flight on a lost connection, sent again
+        self.issued_in_c = 0  # reads and writes issued from C (nbd_kernel.c)
 
     # --- opening -------------------------------------------------------------------
 
@@ -540,7 +574,7 @@ class NbdImage:
         self._drop_connection()
         self._done.clear()
         # What was in flight goes first when the server is back, in the order it came.
-        active = sorted(self._active, key=lambda op: op.key)
+        active = sorted([*self._active, *self._take_back()], key=lambda op: op.key)
         self._active.clear()
         if not self._draining:
             self.resent += len(active)
@@ -585,7 +619,7 @@ class NbdImage:
         if self._closed:
             return
         now = self.loop.time()
-        if self._conns and (self._active or not self._ready) and \
+        if self._conns and (self._active or self._fast_in_flight() or not self._ready) and \
                 now - self._last_progress >= self.policy.io_timeout:
             self.timed_out += 1
             self._lost(f"no answer for {self.policy.io_timeout:.1f} s")
@@ -711,6 +745,10 @@ class NbdImage:
             self._step_done(op)
 
     def _complete(self) -> None:
+        for sink in self._fast_sinks:
+            if sink.nbd_fast_pending():
+                self._touched[sink] = None
+                self._last_progress = self.loop.time()
         done = self._done  # the callbacks hold this list: emptied in place
         if not done:
             return
@@ -741,6 +779,46 @@ class NbdImage:
         self._touched[op.sink] = None
         op.sink.nbd_done(op)
 
+    # --- rings that issue plain reads and writes from C ------------------------------
+
+    def add_fast_sink(self, sink: FastSink) -> None:
+        self._fast_sinks.append(sink)
+
+    def remove_fast_sink(self, sink: FastSink) -> None:
+        if sink in self._fast_sinks:
+            self._fast_sinks.remove(sink)
+
+    def fast_handle(self) -> int | None:
+        """The libnbd handle to issue on from C, or None when commands must go the
+        Python way: down, failing, draining, others waiting, or several connections."""
+        if not self._ready or self._queue or self._closed or self._draining or \
+                len(self._live) != 1:
+            return None
+        return self._live[0].ptr or None
+
+    def take_seq(self, n: int) -> int:
+        """Reserve `n` places in the order of submission; returns the one before."""
+        seq = self._seq
+        self._seq += n
+        return seq
+
+    def fast_issued(self, n: int) -> None:
+        self.issued_in_c += n
+        if n and not self._active and self._fast_in_flight() == n:
+            self._last_progress = self.loop.time()  # the silence counts from now
+
+    def _fast_in_flight(self) -> int:
+        return sum(s.nbd_fast_in_flight() for s in self._fast_sinks)
+
+    def _take_back(self) -> list[_Op]:
+        ops: list[_Op] = []
+        for sink in self._fast_sinks:
+            taken = sink.nbd_take_back()
+            if taken:
+                ops.extend(taken)
+                self._touched[sink] = None  # answers recorded before the loss
+        return ops
+
     # --- the device's view ---------------------------------------------------------
 
     @property
@@ -751,8 +829,9 @@ class NbdImage:
         return {"nbd_degraded": int(self.degraded), "nbd_failing": int(self._failing),
                 "nbd_connection_losses": self.connection_losses,
                 "nbd_reconnects": self.reconnects, "nbd_timeouts": self.timed_out,
-                "nbd_resent": self.resent,
-                "nbd_waiting": len(self._queue), "nbd_in_flight": len(self._active),
+                "nbd_resent": self.resent, "nbd_issued_in_c": self.issued_in_c,
+                "nbd_waiting": len(self._queue),
+                "nbd_in_flight": len(self._active) + self._fast_in_flight(),
                 "nbd_connections": len(self._live)}
 
     def resized(self) -> bool:
@@ -788,10 +867,10 @@ class NbdImage:
             if timer is not None:
                 timer.cancel()
         self._retry = self._watchdog = None
-        ops = list(self._queue) + list(self._active)
+        self._drop_connection()
+        ops = list(self._queue) + list(self._active) + self._take_back()
         self._queue.clear()
         self._active.clear()
-        self._drop_connection()
         for op in ops:
             op.failed = op.failed or errno.ENOTCONN
             self._finish(op)
