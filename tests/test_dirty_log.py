@@ -5,8 +5,10 @@ no other; control errors get clear error replies; both data planes log the same.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -41,6 +43,23 @@ def _gnt_page(guest: SimGuest, gref: int) -> int:
     if t.version == 2:
         return (t.status_base + 2 * gref) // PAGE_SIZE
     return gref * t.entry_size // PAGE_SIZE
+
+
+@contextlib.asynccontextmanager
+async def _logged_guest(path: str, version: int = 1
+                        ) -> AsyncIterator[tuple[VmmClient, SimGuest, DirtyLog]]:
+    """A guest attached to the daemon at `path`, and a log (not yet set) that covers
+    its RAM and grant table; closed after."""
+    client = await VmmClient.connect(path)
+    guest = SimGuest(ram_size=RAM, gnttab_frames=GNT_FRAMES, gnttab_version=version)
+    log = DirtyLog(RAM_PAGES, _gnt_pages(guest))
+    try:
+        await guest.attach(client)
+        yield client, guest, log
+    finally:
+        await client.close()
+        guest.close()
+        log.close()
 
 
 class Recorder:
@@ -176,11 +195,7 @@ async def test_clear_log_without_a_log_is_fine_and_set_log_replaces(vm):
 async def test_block_reads_mark_data_ring_and_grant_pages(daemon, tmp_path, dataplane,
                                                           version):
     image = _image(tmp_path)
-    client = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=RAM, gnttab_frames=GNT_FRAMES, gnttab_version=version)
-    log = DirtyLog(RAM_PAGES, _gnt_pages(guest))
-    try:
-        await guest.attach(client)
+    async with _logged_guest(daemon.path, version) as (client, guest, log):
         front = await guest.add_disk(client, 51712, {"path": image, "dataplane": dataplane},
                                      inflight=False)
         rec = Recorder(front)
@@ -221,19 +236,11 @@ async def test_block_reads_mark_data_ring_and_grant_pages(daemon, tmp_path, data
         await client.clear_log()
         await front.read(0, 8192)
         assert log.take_ram() == set() and log.take_gnttab() == set()
-    finally:
-        await client.close()
-        guest.close()
-        log.close()
 
 
 async def test_persistent_grant_reads_mark_their_pages_every_time(daemon, tmp_path):
     image = _image(tmp_path)
-    client = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=RAM, gnttab_frames=GNT_FRAMES)
-    log = DirtyLog(RAM_PAGES, _gnt_pages(guest))
-    try:
-        await guest.attach(client)
+    async with _logged_guest(daemon.path) as (client, guest, log):
         front = await guest.add_disk(client, 51712, {"path": image, "dataplane": "python"},
                                      inflight=False, persistent=True)
         assert front.use_persistent
@@ -245,10 +252,6 @@ async def test_persistent_grant_reads_mark_their_pages_every_time(daemon, tmp_pa
             used = rec.take()
             assert log.take_ram() == {gfn for _, gfn, ro in used if not ro} | ring_gfns
             assert log.take_gnttab() <= {_gnt_page(guest, gref) for gref, _, _ in used}
-    finally:
-        await client.close()
-        guest.close()
-        log.close()
 
 
 @pytest.mark.usefixtures("root")
@@ -256,23 +259,14 @@ async def test_persistent_grant_reads_mark_their_pages_every_time(daemon, tmp_pa
 async def test_net_rx_marks_the_buffers_it_fills_and_the_rx_ring(daemon, dataplane):
     from test_net_harness import daemon_guest, inject, namespaces, uniq
 
-    from backendd.guest.netfront import NetFront
-    from rings.consts import XenbusState
-
     host, tap = uniq("dlh"), uniq("dl") + dataplane[0]
     with namespaces(host):
-        async with daemon_guest(daemon.path) as (client, guest, fronts):
-            await client.add_device(0, "net", {"tap": tap, "netns": host,
-                                               "dataplane": dataplane})
+        async with daemon_guest(daemon.path) as dg:
+            client, guest, _ = dg
             # Split channels: rx traffic does not kick the tx ring, so the tx ring page
             # is not written either.
-            front = NetFront(guest.ram, guest.gnttab, 0, split=True)
-            fronts.append(front)
-            state, _ = await client.hand_over_channels(0, XenbusState.CONNECTED,
-                                                       front.frontend_keys(),
-                                                       front.channels())
-            assert state == XenbusState.CONNECTED
-            front.start()
+            front = await dg.add_nic({"tap": tap, "netns": host, "dataplane": dataplane},
+                                     split=True)
             ram_pages = guest.ram.size // PAGE_SIZE
             log = DirtyLog(ram_pages, guest.gnttab.size // PAGE_SIZE)
             try:
@@ -315,25 +309,20 @@ async def test_per_connection_workers_log_too(tmp_path):
     image = _image(tmp_path)
     daemon = Daemon(tmp_path)
     await daemon.start()
-    client = await VmmClient.connect(daemon.sock)
-    guest = SimGuest(ram_size=RAM, gnttab_frames=GNT_FRAMES)
-    log = DirtyLog(RAM_PAGES, _gnt_pages(guest))
     try:
-        await guest.attach(client)
-        front = await guest.add_disk(client, 51712, {"path": image}, inflight=False)
-        rec = Recorder(front)
-        await client.set_log(log.fd, log.size, RAM_PAGES)
-        await front.read(16, 5 * 4096)
-        used = rec.take()
-        assert log.take_ram() == {gfn for _, gfn, ro in used if not ro} | set(front.queues[0].pages)
-        assert log.take_gnttab() == {_gnt_page(guest, gref) for gref, _, _ in used}
-        await client.clear_log()
-        await front.read(16, 4096)
-        assert log.take_ram() == set()
+        async with _logged_guest(daemon.sock) as (client, guest, log):
+            front = await guest.add_disk(client, 51712, {"path": image}, inflight=False)
+            rec = Recorder(front)
+            await client.set_log(log.fd, log.size, RAM_PAGES)
+            await front.read(16, 5 * 4096)
+            used = rec.take()
+            ring = set(front.queues[0].pages)
+            assert log.take_ram() == {gfn for _, gfn, ro in used if not ro} | ring
+            assert log.take_gnttab() == {_gnt_page(guest, gref) for gref, _, _ in used}
+            await client.clear_log()
+            await front.read(16, 4096)
+            assert log.take_ram() == set()
     finally:
-        await client.close()
-        guest.close()
-        log.close()
         await daemon.stop()
 
 
@@ -360,11 +349,7 @@ async def test_a_two_page_ring_marks_the_page_each_response_lands_in(daemon, tmp
     # 64 slots of 112 bytes after the 64-byte header: slots 0..35 lie in the first page,
     # 36.. in the second. The indexes (rsp_prod) are in the first page.
     image = _image(tmp_path)
-    client = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=RAM, gnttab_frames=GNT_FRAMES)
-    log = DirtyLog(RAM_PAGES, _gnt_pages(guest))
-    try:
-        await guest.attach(client)
+    async with _logged_guest(daemon.path) as (client, guest, log):
         front = await guest.add_disk(client, 51712, {"path": image, "dataplane": dataplane},
                                      inflight=False, ring_order=1)
         rec = Recorder(front)
@@ -377,7 +362,3 @@ async def test_a_two_page_ring_marks_the_page_each_response_lands_in(daemon, tmp
         await front.read(0, 4096)  # response 36, in the second page
         data = {gfn for _, gfn, ro in rec.take() if not ro}
         assert log.take_ram() == data | {first, second}
-    finally:
-        await client.close()
-        guest.close()
-        log.close()

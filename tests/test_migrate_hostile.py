@@ -13,7 +13,8 @@ import zlib
 from collections.abc import Callable
 
 import pytest
-from test_migrate_state import get_state, move_guest, second_daemon, set_state
+from migrig import MiB, get_state, migration_rig, move_guest, set_state
+from test_net_harness import daemon_guest
 
 from backendd import devstate
 from backendd.devstate import BLK_PGRANTS, NET_MCAST, NET_QUEUE, NET_RATE, NET_RX_POSTED, NET_VIF
@@ -25,7 +26,6 @@ from rings.consts import XenbusState
 from rings.sring import REQ_PROD, RSP_PROD
 
 DEVID = 51712
-MiB = 1 << 20
 BLK, NET = 1, 2
 
 
@@ -79,50 +79,33 @@ async def test_blk_duplicate_persistent_grants_refused(daemon, tmp_path):
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(8 * MiB))
     config = {"path": str(image), "dataplane": "python"}
-    a = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=48 * MiB, gnttab_frames=16)
-    b: VmmClient | None = None
-    try:
-        async with second_daemon(tmp_path) as daemon_b:
-            await guest.attach(a)
-            front = await guest.add_disk(a, DEVID, config, inflight=False, persistent=True)
-            for n in range(8):
-                await front.write(n * 8, bytes([n + 1]) * 4096)
-            await a.suspend()
-            blob = await get_state(a, DEVID)
-            grants = next(s for s in devstate.decode(blob, BLK) if s.type == BLK_PGRANTS)
-            count = struct.unpack_from("<I", grants.body, 4)[0]
-            assert count > 1
-            first = struct.unpack_from("<I", grants.body, 8)[0]
-            move_guest(guest)
-            b = await VmmClient.connect(daemon_b.path)
-            await guest.attach(b)
-            await b.add_device(DEVID, "blk", config)
-            dup = patch(BLK_PGRANTS, 16, "I", first)  # the second grant = the first
-            await refused(set_state(b, DEVID, edit(blob, BLK, dup)), "listed twice")
-            assert (await b.backend_state(DEVID))[0] == XenbusState.INIT_WAIT
-            # Out of the table (16 frames: 8192 entries), never granted, and 2000 of
-            # them: more than the 1056 the cache keeps.
-            hostile = [(first, 1), (1 << 30, 1), (8191, 1), (8192, 0), (0xFFFFFFFF, 1)]
-            hostile += [(g, 1) for g in range(2000, 4000)]
-            body = struct.pack("<II", 0, len(hostile)) + b"".join(
-                struct.pack("<II", g, w) for g, w in hostile)
-            await set_state(b, DEVID, edit(blob, BLK, replace(BLK_PGRANTS, body)))
-            state, _ = await b.hand_over_channels(DEVID, XenbusState.CONNECTED,
-                                                  front.frontend_keys(), front.new_channels())
-            assert state == XenbusState.CONNECTED
-            front.watch(b)
-            await b.resume()
-            await a.close()
-            stats = await b.stats(DEVID)
-            assert 1 <= int(stats[f"{DEVID}.pgrants"]) <= 1056
-            for n in range(8):
-                assert await front.read(n * 8, 4096) == bytes([n + 1]) * 4096
-    finally:
-        await a.close()
-        if b is not None:
-            await b.close()
-        guest.close()
+    async with migration_rig(daemon.path, tmp_path) as rig:
+        front = await rig.guest.add_disk(rig.a, DEVID, config, inflight=False,
+                                         persistent=True)
+        for n in range(8):
+            await front.write(n * 8, bytes([n + 1]) * 4096)
+        blob = await rig.suspend_and_get(DEVID)
+        grants = next(s for s in devstate.decode(blob, BLK) if s.type == BLK_PGRANTS)
+        count = struct.unpack_from("<I", grants.body, 4)[0]
+        assert count > 1
+        first = struct.unpack_from("<I", grants.body, 8)[0]
+        b = await rig.move()
+        await b.add_device(DEVID, "blk", config)
+        dup = patch(BLK_PGRANTS, 16, "I", first)  # the second grant = the first
+        await refused(set_state(b, DEVID, edit(blob, BLK, dup)), "listed twice")
+        assert (await b.backend_state(DEVID))[0] == XenbusState.INIT_WAIT
+        # Out of the table (16 frames: 8192 entries), never granted, and 2000 of
+        # them: more than the 1056 the cache keeps.
+        hostile = [(first, 1), (1 << 30, 1), (8191, 1), (8192, 0), (0xFFFFFFFF, 1)]
+        hostile += [(g, 1) for g in range(2000, 4000)]
+        body = struct.pack("<II", 0, len(hostile)) + b"".join(
+            struct.pack("<II", g, w) for g, w in hostile)
+        await set_state(b, DEVID, edit(blob, BLK, replace(BLK_PGRANTS, body)))
+        await rig.switch(DEVID, front)
+        stats = await b.stats(DEVID)
+        assert 1 <= int(stats[f"{DEVID}.pgrants"]) <= 1056
+        for n in range(8):
+            assert await front.read(n * 8, 4096) == bytes([n + 1]) * 4096
 
 
 async def test_state_dropped_when_the_frontend_closes_before_connecting(daemon, tmp_path):
@@ -133,41 +116,29 @@ async def test_state_dropped_when_the_frontend_closes_before_connecting(daemon, 
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(8 * MiB))
     config = {"path": str(image)}
-    a = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=48 * MiB, gnttab_frames=16)
-    b: VmmClient | None = None
-    try:
-        async with second_daemon(tmp_path) as daemon_b:
-            await guest.attach(a)
-            front = await guest.add_disk(a, DEVID, config, inflight=False)
-            await front.write(0, b"z" * 4096)
-            await a.suspend()
-            blob = await get_state(a, DEVID)
-            move_guest(guest)
-            b = await VmmClient.connect(daemon_b.path)
-            await guest.attach(b)
-            _, keys = await b.add_device(DEVID, "blk", config)
-            await set_state(b, DEVID, blob)
-            for st in (XenbusState.CLOSING, XenbusState.CLOSED, XenbusState.INITIALISING):
-                await b.frontend_state(DEVID, st, {})
-            assert (await b.backend_state(DEVID))[0] == XenbusState.INIT_WAIT
-            await a.close()
-            fresh = BlkFront(guest.ram, guest.gnttab, DEVID, backend_keys=keys)
-            try:
-                state, _ = await b.hand_over_channels(DEVID, XenbusState.CONNECTED,
-                                                      fresh.frontend_keys(), fresh.channels())
-                assert state == XenbusState.CONNECTED
-                fresh.start()
-                fresh.watch(b)
-                await b.resume()
-                assert await fresh.read(0, 4096) == b"z" * 4096
-            finally:
-                fresh.close()
-    finally:
-        await a.close()
-        if b is not None:
-            await b.close()
-        guest.close()
+    async with migration_rig(daemon.path, tmp_path) as rig:
+        guest = rig.guest
+        front = await guest.add_disk(rig.a, DEVID, config, inflight=False)
+        await front.write(0, b"z" * 4096)
+        blob = await rig.suspend_and_get(DEVID)
+        b = await rig.move()
+        _, keys = await b.add_device(DEVID, "blk", config)
+        await set_state(b, DEVID, blob)
+        for st in (XenbusState.CLOSING, XenbusState.CLOSED, XenbusState.INITIALISING):
+            await b.frontend_state(DEVID, st, {})
+        assert (await b.backend_state(DEVID))[0] == XenbusState.INIT_WAIT
+        await rig.a.close()
+        fresh = BlkFront(guest.ram, guest.gnttab, DEVID, backend_keys=keys)
+        try:
+            state, _ = await b.hand_over_channels(DEVID, XenbusState.CONNECTED,
+                                                  fresh.frontend_keys(), fresh.channels())
+            assert state == XenbusState.CONNECTED
+            fresh.start()
+            fresh.watch(b)
+            await b.resume()
+            assert await fresh.read(0, 4096) == b"z" * 4096
+        finally:
+            fresh.close()
 
 
 # --- net -------------------------------------------------------------------------------
@@ -183,9 +154,7 @@ async def test_net_hostile_blobs_refused_or_clamped(daemon):
     ring's req_prod, a multicast list beyond its bound: EINVAL each, at SET_DEVICE_STATE
     or at the connect that would use it, InitWait after. Then the true blob connects and
     frames flow."""
-    from test_net_harness import daemon_guest, inject, namespaces, uniq
-
-    from backendd.guest.netfront import NetFront
+    from test_net_harness import inject, namespaces, uniq
 
     host = uniq("mhh")
     tap, tap_b = uniq("mht"), uniq("mhu")
@@ -193,13 +162,9 @@ async def test_net_hostile_blobs_refused_or_clamped(daemon):
     config = {"netns": host, "mac": "00:16:3e:00:00:62", "queues": "1",
               "dataplane": "python"}
     with namespaces(host):
-        async with daemon_guest(daemon.path) as (a, guest, fronts):
-            await a.add_device(0, "net", config | {"tap": tap})
-            front = NetFront(guest.ram, guest.gnttab, 0)
-            fronts.append(front)
-            await a.hand_over_channels(0, XenbusState.CONNECTED, front.frontend_keys(),
-                                       front.channels())
-            front.start()
+        async with daemon_guest(daemon.path) as dg:
+            a, guest, _ = dg
+            front = await dg.add_nic(config | {"tap": tap})
             # Frames in: the rx path takes posted buffers from the ring (more than it
             # uses), so the state has posted buffers.
             await inject(host, tap, [_frame(mac, n) for n in range(3)])
@@ -283,23 +248,18 @@ async def test_net_rate_credit_from_a_blob_is_clamped(daemon):
     gives (2**62 bytes left, the window ending in 2**62 usec): the credit is clamped to
     one burst, so the guest's frames beyond it wait for the next window (counted in
     tx_rate_limited), instead of the rate limit being gone or the nic stalled for ever."""
-    from test_net_harness import daemon_guest, namespaces, uniq
+    from test_net_harness import namespaces, uniq
 
     from backendd.devices.net.ratelimit import MIN_BURST
-    from backendd.guest.netfront import NetFront
 
     host = uniq("mrh")
     tap, tap_b = uniq("mrt"), uniq("mru")
     config = {"netns": host, "mac": "00:16:3e:00:00:63", "queues": "1",
               "dataplane": "python", "rate": "1000,3600000000"}  # 1000 bytes an hour
     with namespaces(host):
-        async with daemon_guest(daemon.path) as (a, guest, fronts):
-            await a.add_device(0, "net", config | {"tap": tap})
-            front = NetFront(guest.ram, guest.gnttab, 0, tx_pages=200)
-            fronts.append(front)
-            await a.hand_over_channels(0, XenbusState.CONNECTED, front.frontend_keys(),
-                                       front.channels())
-            front.start()
+        async with daemon_guest(daemon.path) as dg:
+            a, guest, _ = dg
+            front = await dg.add_nic(config | {"tap": tap}, tx_pages=200)
             await a.suspend()
             blob = await get_state(a, 0)
             rate = next(s for s in devstate.decode(blob, NET) if s.type == NET_RATE).body
@@ -347,10 +307,7 @@ async def test_a_kick_storm_while_suspended_wakes_nothing(daemon, tmp_path, data
     once."""
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(8 * MiB))
-    a = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=48 * MiB, gnttab_frames=16)
-    try:
-        await guest.attach(a)
+    async with daemon_guest(daemon.path) as (a, guest, _):
         front = await guest.add_disk(a, DEVID, {"path": str(image), "dataplane": dataplane},
                                      inflight=False)
         other = await guest.add_disk(a, DEVID + 16, {"path": str(image)}, inflight=False)
@@ -378,9 +335,6 @@ async def test_a_kick_storm_while_suspended_wakes_nothing(daemon, tmp_path, data
         assert await other.read(0, 4096) == b"k" * 4096
         after = await a.stats(DEVID)
         assert int(after[f"{DEVID}.requests"]) == int(before[f"{DEVID}.requests"]) + 1
-    finally:
-        await a.close()
-        guest.close()
 
 
 # --- control requests while suspended ----------------------------------------------------

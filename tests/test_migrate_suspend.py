@@ -11,6 +11,7 @@ import os
 import random
 
 import pytest
+from test_net_harness import daemon_guest
 
 from backendd.guest import RequestFailed, VmmClient
 from backendd.guest.machine import SimGuest
@@ -49,10 +50,7 @@ async def test_blk_suspend_quiesces_then_resume_completes(daemon, tmp_path, data
                                                           persistent, queues):
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(16 * MiB))
-    client = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=48 * MiB, gnttab_frames=16)
-    try:
-        await guest.attach(client)
+    async with daemon_guest(daemon.path) as (client, guest, _):
         front = await guest.add_disk(client, DEVID, {"path": str(image),
                                                      "dataplane": dataplane},
                                      inflight=False, persistent=persistent, queues=queues)
@@ -89,9 +87,6 @@ async def test_blk_suspend_quiesces_then_resume_completes(daemon, tmp_path, data
         assert int(stats[f"{DEVID}.writes"]) == len(data) + len(more)
         if persistent:
             assert int(stats[f"{DEVID}.pgrants"]) > 0
-    finally:
-        await client.close()
-        guest.close()
 
 
 async def test_blk_suspend_with_a_flush_in_flight_and_resume_one_device(daemon, tmp_path):
@@ -101,41 +96,37 @@ async def test_blk_suspend_with_a_flush_in_flight_and_resume_one_device(daemon, 
     image.write_bytes(bytes(8 * MiB))
     other = tmp_path / "other.img"
     other.write_bytes(bytes(8 * MiB))
-    client = await VmmClient.connect(daemon.path)
-    guest = SimGuest(ram_size=48 * MiB, gnttab_frames=16)
     fd = sealed_memfd("state", 4096)
     try:
-        await guest.attach(client)
-        front = await guest.add_disk(client, DEVID, {"path": str(image)}, inflight=False)
-        front2 = await guest.add_disk(client, DEVID + 16, {"path": str(other)},
-                                      inflight=False, first_port=9)
-        with pytest.raises(RequestFailed) as info:
-            await client.get_device_state(DEVID, fd)
-        assert info.value.code == errno.EBUSY and "not suspended" in info.value.message
-        tasks = [asyncio.create_task(front.write(i * 8, bytes([i]) * 4096)) for i in range(8)]
-        tasks.append(asyncio.create_task(front.flush()))
-        await posted(tasks, front)
-        await client.suspend()
-        ring = front.queues[0].shared
-        stats = await client.stats(DEVID)
-        assert ring.idx[RSP_PROD] == int(stats[f"{DEVID}.requests"])
-        await client.resume(DEVID + 16)
-        # The resumed one serves; the other does not.
-        await front2.write(0, b"x" * 4096)
-        late = asyncio.create_task(front.write(1000, b"y" * 4096))
-        await posted([late], front)
-        assert await settle(client) == stats
-        assert not late.done()
-        with pytest.raises(RequestFailed) as info:
-            await client.resume(4242)
-        assert info.value.code == errno.ENOENT
-        await client.resume(DEVID)
-        await asyncio.gather(*tasks, late)
-        assert await front.read(1000, 4096) == b"y" * 4096
+        async with daemon_guest(daemon.path) as (client, guest, _):
+            front = await guest.add_disk(client, DEVID, {"path": str(image)}, inflight=False)
+            front2 = await guest.add_disk(client, DEVID + 16, {"path": str(other)},
+                                          inflight=False, first_port=9)
+            with pytest.raises(RequestFailed) as info:
+                await client.get_device_state(DEVID, fd)
+            assert info.value.code == errno.EBUSY and "not suspended" in info.value.message
+            tasks = [asyncio.create_task(front.write(i * 8, bytes([i]) * 4096)) for i in range(8)]
+            tasks.append(asyncio.create_task(front.flush()))
+            await posted(tasks, front)
+            await client.suspend()
+            ring = front.queues[0].shared
+            stats = await client.stats(DEVID)
+            assert ring.idx[RSP_PROD] == int(stats[f"{DEVID}.requests"])
+            await client.resume(DEVID + 16)
+            # The resumed one serves; the other does not.
+            await front2.write(0, b"x" * 4096)
+            late = asyncio.create_task(front.write(1000, b"y" * 4096))
+            await posted([late], front)
+            assert await settle(client) == stats
+            assert not late.done()
+            with pytest.raises(RequestFailed) as info:
+                await client.resume(4242)
+            assert info.value.code == errno.ENOENT
+            await client.resume(DEVID)
+            await asyncio.gather(*tasks, late)
+            assert await front.read(1000, 4096) == b"y" * 4096
     finally:
         os.close(fd)
-        await client.close()
-        guest.close()
 
 
 def _frame(dst: bytes, n: int) -> bytes:
@@ -148,24 +139,16 @@ async def test_net_suspend_takes_no_tx_reads_no_tap(daemon, dataplane):
     """While suspended the nic takes none of the guest's tx requests and reads nothing
     from its tap: guest memory stays as it is, no event; after RESUME the frames posted
     meanwhile go out once each, and frames flow again both ways."""
-    from test_net_harness import daemon_guest, inject, namespaces, uniq
-
-    from backendd.guest.netfront import NetFront
-    from rings.consts import XenbusState
+    from test_net_harness import inject, namespaces, uniq
 
     host = uniq("msh") + dataplane[0]
     tap = uniq("mst") + dataplane[0]
     mac = bytes.fromhex("00163e000052")
     with namespaces(host):
-        async with daemon_guest(daemon.path) as (client, guest, fronts):
-            await client.add_device(0, "net", {"tap": tap, "netns": host,
-                                               "mac": "00:16:3e:00:00:52",
-                                               "dataplane": dataplane, "queues": "1"})
-            front = NetFront(guest.ram, guest.gnttab, 0, split=True)
-            fronts.append(front)
-            await client.hand_over_channels(0, XenbusState.CONNECTED, front.frontend_keys(),
-                                            front.channels())
-            front.start()
+        async with daemon_guest(daemon.path) as dg:
+            client, guest, _ = dg
+            front = await dg.add_nic({"tap": tap, "netns": host, "mac": "00:16:3e:00:00:52",
+                                      "dataplane": dataplane, "queues": "1"}, split=True)
             await inject(host, tap, [_frame(mac, 1)])
             await front.wait_rx(1)
             await front.send_frame(_frame(b"\xff" * 6, 2))

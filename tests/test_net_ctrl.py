@@ -604,21 +604,15 @@ async def test_steered_frames_and_control_answers_are_in_the_dirty_log(daemon, p
     from test_net_harness import daemon_guest
 
     from backendd.guest.dirtylog import DirtyLog
-    from rings.consts import PAGE_SIZE, XenbusState
+    from rings.consts import PAGE_SIZE
 
     host, tap = uniq("hdl"), uniq("hd") + plane[0]
     with namespaces(host):
-        async with daemon_guest(daemon.path) as (client, guest, fronts):
-            await client.add_device(0, "net", {"tap": tap, "netns": host, "queues": "2",
-                                               "dataplane": plane})
-            front = NetFront(guest.ram, guest.gnttab, 0, queues=2, split=True,
-                             ctrl_ring=True)
-            fronts.append(front)
-            state, _ = await client.hand_over_channels(0, XenbusState.CONNECTED,
-                                                       front.frontend_keys(),
-                                                       front.channels())
-            assert state == XenbusState.CONNECTED
-            front.start()
+        async with daemon_guest(daemon.path) as dg:
+            client, guest, _ = dg
+            front = await dg.add_nic({"tap": tap, "netns": host, "queues": "2",
+                                      "dataplane": plane},
+                                     queues=2, split=True, ctrl_ring=True)
             await front.set_toeplitz(MS_KEY, h.ALL_FLAGS, [1])  # every frame to queue 1
             ram_pages = guest.ram.size // PAGE_SIZE
             log = DirtyLog(ram_pages, guest.gnttab.size // PAGE_SIZE)

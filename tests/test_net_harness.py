@@ -82,6 +82,20 @@ class DaemonGuest(NamedTuple):
     guest: SimGuest
     fronts: list[NetFront]  # closed with the guest
 
+    async def add_nic(self, config: dict[str, str], **front_kwargs: object) -> NetFront:
+        """ADD_DEVICE net device 0 with `config`, and a netfront (closed with the guest)
+        connected to it and started."""
+        await self.client.add_device(0, "net", config)
+        front = NetFront(self.guest.ram, self.guest.gnttab, 0,
+                         **front_kwargs)  # type: ignore[arg-type]
+        self.fronts.append(front)
+        state, _ = await self.client.hand_over_channels(0, XenbusState.CONNECTED,
+                                                        front.frontend_keys(),
+                                                        front.channels())
+        assert state == XenbusState.CONNECTED
+        front.start()
+        return front
+
 
 @contextlib.asynccontextmanager
 async def daemon_guest(socket_path: str, gnttab_version: int = 1

@@ -7,7 +7,6 @@ follow the shared frames in the same memfd, as SET_GRANT_TABLE describes."""
 import mmap
 import os
 import struct
-import threading
 
 from rings.atomic import PinnedAddress, cmpxchg16, full_barrier, write_barrier
 from rings.consts import (
@@ -21,13 +20,18 @@ from rings.consts import (
 from rings.grant import GRANT_ENTRY_V1_SIZE, GRANT_ENTRY_V2_SIZE
 
 from .memory import remap_fixed, sealed_memfd
+from .writes import WriteTracker
 
 # Linux keeps the first 8 entries for the toolstack (console, xenstore rings).
 NR_RESERVED_ENTRIES = 8
 
 
-class GuestGrantTable:
+class GuestGrantTable(WriteTracker):
+    """The guest's grant table. While a migration tracks writes (WriteTracker), it
+    collects the table pages this side wrote, counted from the start of the memfd."""
+
     def __init__(self, nr_frames: int = 4, version: int = 1) -> None:
+        super().__init__()
         if version not in (1, 2):
             raise ValueError(f"grant table version {version}")
         self.version = version
@@ -44,30 +48,11 @@ class GuestGrantTable:
         self._flags = memoryview(self._map).cast("H")
         self._free = list(range(self.entries - 1, NR_RESERVED_ENTRIES - 1, -1))
         self._granted: set[int] = set()  # so a double revoke never frees a gref twice
-        # Live migration: the table pages this side wrote while the VMM tracks them
-        # (backendd/guest/migration.py); counted from the start of the memfd.
-        self._dirty_lock = threading.Lock()
-        self._dirty: set[int] | None = None
 
-    def track_writes(self, on: bool) -> None:
-        """Start (with an empty set) or stop collecting the table pages we write."""
-        with self._dirty_lock:
-            self._dirty = set() if on else None
-
-    def take_dirty(self) -> set[int]:
-        """The table pages written since the last call (tracking must be on), and clear."""
-        with self._dirty_lock:
-            if self._dirty is None:
-                raise RuntimeError("write tracking is off")
-            taken, self._dirty = self._dirty, set()
-        return taken
-
-    def _wrote(self, gref: int) -> None:
-        """Called after each write to gref's entry (marked after, as GuestRAM does)."""
-        if self._dirty is not None:
-            with self._dirty_lock:
-                if self._dirty is not None:
-                    self._dirty.add(gref * self.entry_size // PAGE_SIZE)
+    def _wrote_entry(self, gref: int) -> None:
+        """Called after each write to gref's entry."""
+        page = gref * self.entry_size // PAGE_SIZE
+        self._wrote(page, page)
 
     def grant_access(self, gfn: int, domid: int = 0, readonly: bool = False,
                      sub_page: tuple[int, int] | None = None) -> int:
@@ -89,7 +74,7 @@ class GuestGrantTable:
         # domid and frame must be visible before the flags make the entry valid.
         write_barrier()
         self._flags[off // 2] = flags
-        self._wrote(gref)
+        self._wrote_entry(gref)
         return gref
 
     def rebase(self, fd: int) -> int:
@@ -109,7 +94,7 @@ class GuestGrantTable:
             # v2 clears the entry first, then looks at the status the backend sets before
             # re-checking the entry: one of the two sides always sees the other.
             self._flags[gref * self.entry_size // 2] = 0
-            self._wrote(gref)
+            self._wrote_entry(gref)
             full_barrier()
             if self.status(gref) & (GTF_READING | GTF_WRITING):
                 return False
@@ -122,7 +107,7 @@ class GuestGrantTable:
                 return False
             ok, seen = cmpxchg16(addr, flags, 0)
             if ok:
-                self._wrote(gref)
+                self._wrote_entry(gref)
                 break
             flags = seen
         self._release(gref)
@@ -150,7 +135,7 @@ class GuestGrantTable:
         else:
             struct.pack_into("<HHI", self._map, gref * GRANT_ENTRY_V1_SIZE, flags, domid,
                              frame)
-        self._wrote(gref)
+        self._wrote_entry(gref)
 
     def close(self) -> None:
         if self.fd < 0:

@@ -5,11 +5,11 @@ import ctypes
 import fcntl
 import mmap
 import os
-import threading
 
 from rings.consts import PAGE_SHIFT, PAGE_SIZE
 
 from ..memory import GuestMemory
+from .writes import WriteTracker
 
 
 def sealed_memfd(name: str, size: int, flags: int = 0) -> int:
@@ -48,13 +48,14 @@ def remap_fixed(m: mmap.mmap, fd: int, offset: int = 0) -> None:
         raise OSError(err, f"mmap(MAP_FIXED) over {size:#x} bytes: {os.strerror(err)}")
 
 
-class GuestRAM:
+class GuestRAM(WriteTracker):
     """Guest RAM in a memfd, the way a VMM backs it.
 
     `layout` is a list of (gpa, size) regions, all carved in order from one memfd, so a
     test can leave a hole between them (as the PCI hole below 4 GiB does)."""
 
     def __init__(self, size: int, layout: list[tuple[int, int]] | None = None) -> None:
+        super().__init__()
         if layout is None:
             layout = [(0, size)]
         if sum(s for _, s in layout) != size:
@@ -74,26 +75,11 @@ class GuestRAM:
                       for gfn in reversed(range(gpa >> PAGE_SHIFT, gpa + rsize >> PAGE_SHIFT))]
         self._allocated: set[int] = set()
         # Live migration: the simulated VMM tracks the guest's own writes (see
-        # backendd/guest/migration.py). `dirty` collects the frames written through
-        # write() while tracking is on; `viewed` every frame handed out as a writable
-        # view, whose later writes nobody can see (the frontends' rings, netfront's tx
-        # pages), so a migration must count them dirty in every round.
-        self._dirty_lock = threading.Lock()
-        self._dirty: set[int] | None = None
+        # backendd/guest/migration.py). WriteTracker collects the frames written through
+        # write() while tracking is on; `viewed` holds every frame handed out as a
+        # writable view, whose later writes nobody can see (the frontends' rings,
+        # netfront's tx pages), so a migration must count them dirty in every round.
         self.viewed: set[int] = set()
-
-    def track_writes(self, on: bool) -> None:
-        """Start (with an empty set) or stop collecting the frames write() touches."""
-        with self._dirty_lock:
-            self._dirty = set() if on else None
-
-    def take_dirty(self) -> set[int]:
-        """The frames written since the last call (tracking must be on), and clear."""
-        with self._dirty_lock:
-            if self._dirty is None:
-                raise RuntimeError("write tracking is off")
-            taken, self._dirty = self._dirty, set()
-        return taken
 
     @property
     def regions(self) -> list[tuple[int, int, int, int]]:
@@ -139,11 +125,8 @@ class GuestRAM:
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self._mem.write(gpa, data)
         if self._dirty is not None:
-            # Marked after the write: a VMM that takes the mark copies the new bytes.
             end = gpa + memoryview(data).nbytes
-            with self._dirty_lock:
-                if self._dirty is not None:
-                    self._dirty.update(range(gpa >> PAGE_SHIFT, (end - 1 >> PAGE_SHIFT) + 1))
+            self._wrote(gpa >> PAGE_SHIFT, end - 1 >> PAGE_SHIFT)
 
     def close(self) -> None:
         self._mem.close()
