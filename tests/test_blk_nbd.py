@@ -976,38 +976,14 @@ async def test_tcp_on_loopback(vm_factory, tmp_path, servers):
         await closing(vm)
 
 
-async def test_what_c_had_in_flight_when_the_server_dies_is_sent_again(vm_factory, tmp_path,
-                                                                        servers):
-    """Plain one-page requests are issued from C (nbd_kernel.c): when the connection is
-    lost with them in flight, they are taken back and sent again after the reconnect."""
-    vm = await vm_factory(nbd_reconnect_timeout_ms=60000, nbd_io_timeout_ms=60000)
-    image = tmp_path / "disk.raw"
-    content = random.Random(12).randbytes(2 * MiB)
-    image.write_bytes(content)
-    srv = qemu_nbd(tmp_path, image, "raw")
-    servers.append(srv.start())
-    try:
-        front, _ = await attach(vm, 1, uri(srv, "disk"))
-        srv.pause()  # what the daemon sends now stays unanswered
-        read = asyncio.ensure_future(front.read(8, 512))
-        write = asyncio.ensure_future(front.write(64, b"C" * 512))
-        await in_flight_reaches(vm.client, 1, 2)
-        assert stats_of(await vm.client.stats(1), 1)["nbd_issued_in_c"] == 2
-        await asyncio.to_thread(srv.stop, signal.SIGKILL)  # it dies with both unanswered
-        await asyncio.to_thread(srv.start)
-        assert await read == content[4096:4096 + 512]
-        await write
-        assert await front.read(64, 512) == b"C" * 512
-        stats = stats_of(await vm.client.stats(1), 1)
-        assert stats["nbd_resent"] == 2 and stats["errors"] == 0
-        assert stats["nbd_reconnects"] == 1 and stats["nbd_in_flight"] == 0
-        await detach(vm, 1, front)
-    finally:
-        await closing(vm)
-
-
-async def test_a_request_in_flight_when_the_server_dies_is_sent_again(vm_factory, tmp_path,
-                                                                       servers):
+@pytest.mark.parametrize("read_len, write_sector, write_len, issued_in_c", [
+    (512, 64, 512, 2),          # plain one-page requests: issued from C (nbd_kernel.c)
+    (64 * 1024, 1024, 8192, 0),  # multi-page ones: issued from Python
+], ids=["from-c", "from-python"])
+async def test_a_request_in_flight_when_the_server_dies_is_sent_again(
+        vm_factory, tmp_path, servers, read_len, write_sector, write_len, issued_in_c):
+    """When the connection is lost with a read and a write in flight, both are taken back
+    (from C or from Python, whichever issued them) and sent again after the reconnect."""
     vm = await vm_factory(nbd_reconnect_timeout_ms=60000, nbd_io_timeout_ms=60000)
     image = tmp_path / "disk.raw"
     content = random.Random(11).randbytes(2 * MiB)
@@ -1017,17 +993,20 @@ async def test_a_request_in_flight_when_the_server_dies_is_sent_again(vm_factory
     try:
         front, _ = await attach(vm, 1, uri(srv, "disk"))
         srv.pause()  # what the daemon sends now stays unanswered
-        read = asyncio.ensure_future(front.read(8, 64 * 1024))
-        write = asyncio.ensure_future(front.write(1024, b"W" * 8192))
+        data = bytes([0x43 + issued_in_c]) * write_len
+        read = asyncio.ensure_future(front.read(8, read_len))
+        write = asyncio.ensure_future(front.write(write_sector, data))
         await in_flight_reaches(vm.client, 1, 2)
+        assert stats_of(await vm.client.stats(1), 1)["nbd_issued_in_c"] == issued_in_c
         await asyncio.to_thread(srv.stop, signal.SIGKILL)  # it dies with both unanswered
         await asyncio.to_thread(srv.start)
-        assert await read == content[4096:4096 + 64 * 1024]
+        assert await read == content[4096:4096 + read_len]
         await write
-        assert await front.read(1024, 8192) == b"W" * 8192
+        assert await front.read(write_sector, write_len) == data
         stats = stats_of(await vm.client.stats(1), 1)
         assert stats["nbd_resent"] == 2 and stats["errors"] == 0
-        assert stats["nbd_reconnects"] == 1 and stats["nbd_degraded"] == 0
+        assert stats["nbd_reconnects"] == 1 and stats["nbd_in_flight"] == 0
+        assert stats["nbd_degraded"] == 0
         await detach(vm, 1, front)
     finally:
         await closing(vm)
