@@ -129,6 +129,12 @@ class GrantTable:
         entries = nr_frames * PAGE_SIZE // GRANT_ENTRY_V2_SIZE
         return -(-entries * GRANT_STATUS_SIZE // PAGE_SIZE)
 
+    @classmethod
+    def fd_pages(cls, nr_frames: int, version: int) -> int:
+        """Pages of the fd a table of `nr_frames` maps: its frames, and for v2 the status
+        frames after them."""
+        return nr_frames + (cls.status_frames(nr_frames) if version == 2 else 0)
+
     def set_table(self, fd: int, offset: int, nr_frames: int, version: int = 1) -> None:
         if version not in (1, 2):
             raise ControlError(errno.EOPNOTSUPP, f"grant table version {version}: "
@@ -143,7 +149,7 @@ class GrantTable:
         new_entries = nr_frames * PAGE_SIZE // entry
         if any(g >= new_entries for g in busy):
             raise ControlError(errno.EBUSY, "grant table shrink: grefs beyond it are in use")
-        total = nr_frames + (self.status_frames(nr_frames) if version == 2 else 0)
+        total = self.fd_pages(nr_frames, version)
         log = self.memory.log
         if log is not None and total > log.gnt_pages:
             raise ControlError(errno.EINVAL, f"grant table of {total} pages: the dirty "
@@ -291,8 +297,7 @@ class GrantTable:
         """Pages of the fd the table maps (v2: the status frames too)."""
         if self._map is None:
             return 0
-        return self.nr_frames + (self.status_frames(self.nr_frames) if self.version == 2
-                                 else 0)
+        return self.fd_pages(self.nr_frames, self.version)
 
     def _status_offset(self, gref: int) -> int:
         return self._status_base + gref * GRANT_STATUS_SIZE

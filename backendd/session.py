@@ -218,10 +218,9 @@ class Session(NoticeSink):
                 self.memory.remove_region(msg.gpa, msg.size)
                 return EmptyReply()
             case SetGrantTable():
-                frames = msg.nr_frames + (GrantTable.status_frames(msg.nr_frames)
-                                          if msg.version == 2 else 0)
+                pages = GrantTable.fd_pages(msg.nr_frames, msg.version)
                 require_sealed_memfd(fds[0], "SET_GRANT_TABLE", msg.mmap_offset,
-                                     frames * PAGE_SIZE)
+                                     pages * PAGE_SIZE)
                 self.grants.set_table(fds[0], msg.mmap_offset, msg.nr_frames, msg.version)
                 self.grants.backend_domid = msg.backend_domid
                 return EmptyReply()
