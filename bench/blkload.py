@@ -110,6 +110,20 @@ def _ring_order(qd: int) -> int:
     return order
 
 
+def _load_output(returncode: int | None, out: bytes, err: bytes) -> dict:
+    """blkfront_load's JSON line (its last line of output); LoadFailed if it has none or
+    the program failed."""
+    try:
+        raw = json.loads(out.decode().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise LoadFailed(f"blkfront_load exited {returncode} without results: "
+                         f"{err.decode()}") from None
+    if returncode != 0:
+        raise LoadFailed(f"blkfront_load: {raw.get('failure') or 'failed'} ({raw}); "
+                         f"{err.decode()}")
+    return raw
+
+
 async def run_load(socket_path: str, image: str, load: Load, *,
                    daemon_pid: int | None = None, binary: Path | None = None,
                    device_config: dict[str, str] | None = None,
@@ -194,14 +208,7 @@ async def run_load(socket_path: str, image: str, load: Load, *,
         await proc.stdin.drain()
         out, err = await proc.communicate()
         cpu1 = daemon_cpu(daemon_pid)
-        try:
-            raw = json.loads(out.decode().splitlines()[-1])
-        except (IndexError, ValueError):
-            raise LoadFailed(f"blkfront_load exited {proc.returncode} without results: "
-                             f"{err.decode()}") from None
-        if proc.returncode != 0:
-            raise LoadFailed(f"blkfront_load: {raw.get('failure') or 'failed'} ({raw}); "
-                             f"{err.decode()}")
+        raw = _load_output(proc.returncode, out, err)
 
         await client.frontend_state(DEVID, XenbusState.CLOSED, {})
         # A closed device holds no grant: the entries the program left granted (its
@@ -276,14 +283,7 @@ async def run_load_socket(socket_path: str, image: str, load: Load, *,
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-    try:
-        raw = json.loads(out.decode().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise LoadFailed(f"blkfront_load exited {proc.returncode} without results: "
-                         f"{err.decode()}") from None
-    if proc.returncode != 0:
-        raise LoadFailed(f"blkfront_load: {raw.get('failure') or 'failed'} ({raw}); "
-                         f"{err.decode()}")
+    raw = _load_output(proc.returncode, out, err)
     if cpu is not None:
         raw["daemon_cpu_seconds"] = cpu
     return raw

@@ -108,19 +108,9 @@ class Guest:
 
 async def measure(model: str, workdir: Path, guests: int) -> tuple[int, int, int]:
     """(idle USS, USS with `guests` guests, process count) of a daemon in `model`."""
-    sock = str(workdir / f"{model}.sock")
-    config = workdir / f"{model}.toml"
-    config.write_text(f'[daemon]\nprocess_model = "{model}"\nlog_level = "warning"\n')
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "backendd", "--config", str(config), "--socket", sock, "serve",
-        stdout=asyncio.subprocess.DEVNULL)
+    proc, sock = await start(model, workdir)
     made: list[Guest] = []
     try:
-        for _ in range(3000):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                if probe.connect_ex(sock) == 0:
-                    break
-            await asyncio.sleep(0.01)
         # The probe's own worker (per-connection) goes when it hangs up: wait for that.
         while len(family(proc.pid)) > (2 if model == "per-connection" else 1):
             await asyncio.sleep(0.01)
