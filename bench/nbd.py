@@ -75,7 +75,7 @@ def _make_image(path: Path) -> None:
             pass
 
 
-def _wait_exit(pid: int) -> None:
+def wait_exit(pid: int) -> None:
     """Wait for a process that is not our child (it daemonised) to be gone."""
     try:
         fd = os.pidfd_open(pid)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            _wait_exit(pid)
+            wait_exit(pid)
         shutil.rmtree(workdir, ignore_errors=True)
     print(table(f"blk reads through NBD: qemu-nbd, raw, unix socket, warm "
                 f"{IMAGE_SIZE // MiB} MiB image, {args.seconds:g} s a line",

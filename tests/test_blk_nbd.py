@@ -10,7 +10,6 @@ import contextlib
 import io
 import os
 import random
-import select
 import signal
 import socket
 import subprocess
@@ -31,6 +30,7 @@ from backendd.guest.vmm import RequestFailed, VmmClient
 from backendd.log import EventLog
 from backendd.metrics import render_status
 from backendd.server import Server
+from bench.nbd import wait_exit
 from rings.consts import BlkifOp, BlkifStatus, VDiskInfo, XenbusState
 
 MiB = 1 << 20
@@ -65,15 +65,7 @@ class NbdServer:
             os.kill(pid, sig)
         except ProcessLookupError:
             return
-        # Not our child (it daemonised): wait for it to go through a pidfd.
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return
-        try:
-            select.select([fd], [], [], 30)
-        finally:
-            os.close(fd)
+        wait_exit(pid)  # not our child (it daemonised)
 
     def pause(self) -> None:
         os.kill(self.pid, signal.SIGSTOP)
