@@ -3,9 +3,19 @@ tables (v1 and v2), indirect pages, in-flight tables and backing files go throug
 pure-Python path (devices/blk/queue.py, the reference) and the compiled kernel
 (backendd/dataplane); everything the guest or the VMM can see must come out identical.
 
+Persistent rings (feature-persistent, each plane's own cache: persistent.py and the
+kernel's) run in phases: after the first batch is served, the guest may rewrite grant
+entries (revoke them, point them elsewhere, make them read-only, also those cached) and
+posts another batch, which is served in turn; random cache limits, down to none, make
+the purge, overflow and upgrade paths run. Each phase fits one batch (at most
+max_pending requests), so both planes take, pin and release in the same order and their
+caches must agree entry for entry (the purge order included).
+
 Compared after each case: all of guest RAM (ring pages included; the order in which
 responses sit in the ring may differ, so response slots are compared as a multiset and
-the rest of the ring byte for byte), the grant table with its in-use bits, the image
+the rest of the ring byte for byte), the grant table with its in-use bits (with
+persistent grants also before the cache is let go, and the cache's entries in purge
+order and its counters), the image
 file's bytes and size, the in-flight table (headers, and its live entries as a
 multiset), the counters, rsp_prod and whether the ring
 was halted. Each plane runs in its own world (memfds, files), both filled alike.
@@ -27,6 +37,7 @@ from backendd.dataplane import kernel as K
 from backendd.dataplane.blk import CompiledRingQueue
 from backendd.devices.blk.config import BlkConfig
 from backendd.devices.blk.image import Image
+from backendd.devices.blk.persistent import PersistentGrants
 from backendd.devices.blk.queue import Counters, RingQueue
 from backendd.devices.blk.request import Geometry
 from backendd.dirtylog import DirtyBitmap, RingLog, gnttab_offset, log_size
@@ -36,7 +47,14 @@ from backendd.guest import GuestGrantTable
 from backendd.inflight import MAGIC, VERSION, InflightRegion, region_size, ring_id
 from backendd.memory import GuestMemory
 from rings.blkif import BLKIF_CODECS
-from rings.consts import GTF_READONLY, GTF_SUB_PAGE, BlkifAbi, BlkifOp
+from rings.consts import (
+    GTF_READING,
+    GTF_READONLY,
+    GTF_SUB_PAGE,
+    GTF_WRITING,
+    BlkifAbi,
+    BlkifOp,
+)
 from rings.ring import BackRing, SharedRing
 from rings.sring import ring_entries
 
@@ -52,6 +70,7 @@ DATA_GREFS = range(16, 48)  # random entries: data and indirect pages
 INDIRECT_GREFS = (48, 49)   # well-formed indirect pages
 IGNORED_STATS = ("inline_io", "pooled")  # where the I/O ran differs by design
 LOG_RAM_PAGES = LAYOUT[-1][0] + LAYOUT[-1][1]  # the dirty log's frames: up to RAM's end
+PGRANT_LIMITS = (0, 1, 2, 3, 5, 8, 16, 1056)  # cache bounds of persistent rings
 
 
 def _fd_offset(frame: int) -> int:
@@ -127,6 +146,11 @@ class Case:
     geometry: Geometry
     inflight: bool
     table: bytes  # the in-flight region as the VMM hands it over
+    # Persistent grants: the cache's bound (None: not negotiated), and the phases after
+    # the first: grant entries rewritten (gref, entry bytes, keep the in-use bits), then
+    # request slots posted.
+    pgrant_limit: int | None = None
+    phases: list[tuple[list[tuple[int, bytes, bool]], list[bytes]]] | None = None
 
 
 def _segment(rng: random.Random, grefs: list[int]) -> tuple[int, int, int]:
@@ -162,32 +186,36 @@ def make_case(rng: random.Random) -> Case:
     entry = 16 if version == 2 else 8
     gnt = bytearray(PAGE * (2 if version == 2 else 1))
 
+    def pack(flags: int, domid: int, frame: int, sub: tuple[int, int] = (0, 0)) -> bytes:
+        if version == 2:
+            return struct.pack("<HHHHQ", flags, domid, *sub, frame)
+        return struct.pack("<HHI", flags, domid, frame & U32)
+
     def put(gref: int, flags: int, domid: int, frame: int, sub: tuple[int, int] = (0, 0)
             ) -> None:
-        if version == 2:
-            struct.pack_into("<HHHHQ", gnt, gref * entry, flags, domid, *sub, frame)
-        else:
-            struct.pack_into("<HHI", gnt, gref * entry, flags, domid, frame & U32)
+        gnt[gref * entry:(gref + 1) * entry] = pack(flags, domid, frame, sub)
+
+    def data_entry() -> bytes:
+        r = rng.random()
+        frame = rng.choice(data_frames)
+        if r < 0.6:
+            return pack(1, 0, frame)
+        if r < 0.7:
+            return pack(1 | GTF_READONLY, 0, frame)
+        if r < 0.8 and version == 2:
+            off = rng.randrange(0, PAGE, 512)
+            return pack(1 | GTF_SUB_PAGE, 0, frame,
+                        (off, rng.choice((PAGE - off, 512, rng.randrange(PAGE + 200)))))
+        if r < 0.85:
+            return pack(1, 0, rng.choice((20, 100, 1 << 31)))  # not guest memory
+        if r < 0.9:
+            return pack(1, rng.randrange(1, 5), frame)  # another domain's grant
+        return pack(rng.getrandbits(16) & ~0x18, rng.choice((0, 0, 7)), frame)
 
     for k, f in enumerate(ring_frames):
         put(RING_GREF + k, 1, 0, f)
     for g in DATA_GREFS:
-        r = rng.random()
-        frame = rng.choice(data_frames)
-        if r < 0.6:
-            put(g, 1, 0, frame)
-        elif r < 0.7:
-            put(g, 1 | GTF_READONLY, 0, frame)
-        elif r < 0.8 and version == 2:
-            off = rng.randrange(0, PAGE, 512)
-            put(g, 1 | GTF_SUB_PAGE, 0, frame,
-                (off, rng.choice((PAGE - off, 512, rng.randrange(PAGE + 200)))))
-        elif r < 0.85:
-            put(g, 1, 0, rng.choice((20, 100, 1 << 31)))  # not guest memory
-        elif r < 0.9:
-            put(g, 1, rng.randrange(1, 5), frame)  # another domain's grant
-        else:
-            put(g, rng.getrandbits(16) & ~0x18, rng.choice((0, 0, 7)), frame)
+        gnt[g * entry:(g + 1) * entry] = data_entry()
     grefs = list(DATA_GREFS)
     for g, f in zip(INDIRECT_GREFS, indirect_frames, strict=True):
         put(g, 1 | (GTF_READONLY if rng.random() < 0.5 else 0), 0, f)
@@ -197,9 +225,12 @@ def make_case(rng: random.Random) -> Case:
 
     # The ring: header, then request slots (a few pages of it may straddle).
     start = rng.choice((0, rng.getrandbits(32), U32 - rng.randrange(40)))
+    persistent = rng.random() < 0.4
+    # A persistent ring's phases fit one batch each (see the module's docstring).
+    most = min(64, size) if persistent else size
     # Now and then a producer index beyond the ring (corruption: the ring halts).
     beyond = rng.random() < 0.05
-    nreq = size + rng.randrange(1, 1 << 16) if beyond else rng.randrange(size + 1)
+    nreq = size + rng.randrange(1, 1 << 16) if beyond else rng.randrange(most + 1)
     ring = bytearray(rng.randbytes(npages * PAGE))
     struct.pack_into("<IIII", ring, 0, (start + nreq) & U32, (start + 1) & U32,
                      start, (start + rng.randrange(3)) & U32)
@@ -211,6 +242,28 @@ def make_case(rng: random.Random) -> Case:
     for k, f in enumerate(ring_frames):
         o = _fd_offset(f)
         ram[o:o + PAGE] = ring[k * PAGE:(k + 1) * PAGE]
+    limit, phases = None, None
+    if persistent:
+        limit = rng.choice(PGRANT_LIMITS)
+        phases = []
+        for _ in range(rng.randrange(1, 5)):
+            rewrites = []
+            for _ in range(rng.choice((0, 0, 1, 2, 4))):
+                g = rng.choice((*DATA_GREFS, *INDIRECT_GREFS, rng.randrange(64)))
+                if g in INDIRECT_GREFS and rng.random() < 0.7:
+                    body = pack(rng.choice((0, 1, 1 | GTF_READONLY)), 0,
+                                indirect_frames[INDIRECT_GREFS.index(g)])
+                else:
+                    body = data_entry()
+                rewrites.append((g, body, rng.random() < 0.5))
+            # a few grefs again and again, as a frontend's pool of persistent pages
+            pool = rng.sample(grefs, rng.choice((2, 4, 8, len(grefs))))
+            slots = [_request(rng, codecs, pool) if rng.random() < 0.95
+                     else rng.randbytes(esize) for _ in range(rng.randrange(most + 1))]
+            if rng.random() < 0.4:
+                # reads only: grefs cached read-only by the writes before are upgraded
+                slots = [_as_read(slot) for slot in slots]
+            phases.append((rewrites, slots))
 
     geo = Geometry(
         sectors=rng.choice((IMAGE_SECTORS, IMAGE_SECTORS, 200, IMAGE_SECTORS + 64, 0)),
@@ -232,7 +285,8 @@ def make_case(rng: random.Random) -> Case:
             struct.pack_into("<I", t, off + 12, rng.randrange(5))
         table = bytes(t)
     return Case(version, abi, ring_frames, size, start, nreq, bytes(ram), bytes(gnt),
-                rng.randbytes(IMAGE_SECTORS * 512), geo, rng.random() < 0.5, table)
+                rng.randbytes(IMAGE_SECTORS * 512), geo, rng.random() < 0.5, table,
+                limit, phases)
 
 
 def _request(rng: random.Random, codecs, grefs: list[int]) -> bytes:
@@ -261,6 +315,15 @@ def _request(rng: random.Random, codecs, grefs: list[int]) -> bytes:
                                           *([0] * 33))
     op = rng.choice((4, 7, 8, 255, rng.randrange(256)))
     return codecs.discard.struct.pack(op, 0, 0, rid, 0, 0)
+
+
+def _as_read(slot: bytes) -> bytes:
+    """A WRITE slot made a READ (an indirect one's inner operation too)."""
+    if slot[0] == BlkifOp.WRITE:
+        return bytes((BlkifOp.READ,)) + slot[1:]
+    if slot[0] == BlkifOp.INDIRECT and slot[1] == BlkifOp.WRITE:
+        return slot[:1] + bytes((BlkifOp.READ,)) + slot[2:]
+    return slot
 
 
 def _sync_submit(loop: asyncio.AbstractEventLoop):
@@ -310,18 +373,43 @@ def run_plane(world: World, case: Case, plane: str, loop: asyncio.AbstractEventL
                 geometry=case.geometry, image=world.image, grants=grants,
                 submit=_sync_submit(loop), loop=loop, counters=counters,
                 on_corrupt=corrupt.append, inflight=table, recovery=rec)
-    q = CompiledRingQueue(kernel=kernel, **args) if plane == "compiled" else RingQueue(**args)
+    limit = case.pgrant_limit
+    if plane == "compiled":
+        q = CompiledRingQueue(kernel=kernel, **args, pgrant_limit=limit)
+    else:
+        q = RingQueue(**args, pgrants=None if limit is None
+                      else PersistentGrants(grants, limit))
+
+    def rsp_prod() -> int:
+        return q.state()["rsp_prod_pvt"] if plane == "compiled" else back.rsp_prod_pvt
+
     q.start()
     loop.run_until_complete(_settle(q))
+    responses = []
+    seen, prod = case.start, (case.start + case.nreq) & U32
+    for rewrites, slots in case.phases or []:
+        # The guest takes the responses (their slots may take requests now), rewrites
+        # grant entries, posts the next batch and kicks.
+        responses.append(_take_responses(world, case, seen, rsp_prod()))
+        seen = rsp_prod()
+        _rewrite_grants(world, case, rewrites)
+        prod = _post(world, case, prod, slots)
+        q._schedule()
+        loop.run_until_complete(_settle(q))
     loop.run_until_complete(q.stop())
-    rsp_prod_pvt = q.state()["rsp_prod_pvt"] if plane == "compiled" else back.rsp_prod_pvt
+    rsp_prod_pvt = rsp_prod()
+    pg = {}
+    if q.pgrants is not None:
+        pg = {"pgrants": q.pgrants.saved(), "pgrant_stats": q.pgrants.stats(),
+              "pgrants_cached": len(q.pgrants),
+              "gnttab_cached": os.pread(world.gt.fd, world.gt.size, 0)}
     q.release()
     table = None
     if case.inflight:
         del region
     in_use = grants.grefs_in_use()
-    ram = bytearray(os.pread(world.ram_fd, RAM_BYTES, 0))
-    responses = _mask_responses(ram, case, rsp_prod_pvt)
+    responses.append(_take_responses(world, case, seen, rsp_prod_pvt))
+    ram = os.pread(world.ram_fd, RAM_BYTES, 0)
     stats = {k: v for k, v in counters.as_dict().items() if k not in IGNORED_STATS}
     size = os.fstat(world.image.fd).st_size
     return {
@@ -331,7 +419,39 @@ def run_plane(world: World, case: Case, plane: str, loop: asyncio.AbstractEventL
         "inflight": _inflight_bytes(world, case), "stats": stats, "halted": q.halted,
         "corrupt": len(corrupt),
         "dirty_log": _dirty(world),
-    }
+    } | pg
+
+
+def _rewrite_grants(world: World, case: Case, rewrites: list[tuple[int, bytes, bool]]
+                    ) -> None:
+    """A guest rewriting entries, cached ones included; `keep`: the in-use bits the
+    backend set in a v1 entry's flags stay as they are (v2 keeps them in the status
+    words, which the guest does not write here)."""
+    esize = 16 if case.version == 2 else 8
+    for gref, body, keep in rewrites:
+        off = gref * esize
+        if keep and case.version == 1:
+            (flags,) = struct.unpack("<H", os.pread(world.gt.fd, 2, off))
+            inuse = flags & (GTF_READING | GTF_WRITING)
+            body = struct.pack("<H", struct.unpack_from("<H", body)[0] | inuse) + body[2:]
+        os.pwrite(world.gt.fd, body, off)
+
+
+def _post(world: World, case: Case, prod: int, slots: list[bytes]) -> int:
+    """Write request slots at req_prod onwards and publish them; the new req_prod."""
+    esize = BLKIF_CODECS[case.abi].entry_size
+    for k, slot in enumerate(slots):
+        _ring_write(case, world, 64 + ((prod + k) & (case.size - 1)) * esize,
+                    slot.ljust(esize, b"\0")[:esize])
+    prod = (prod + len(slots)) & U32
+    _ring_write(case, world, 0, struct.pack("<I", prod))
+    return prod
+
+
+def _ring_write(case: Case, world: World, off: int, data: bytes) -> None:
+    for k, b in enumerate(data):
+        page, pos = divmod(off + k, PAGE)
+        os.pwrite(world.ram_fd, bytes((b,)), _fd_offset(case.ring_frames[page]) + pos)
 
 
 def _dirty(world: World) -> tuple[list[int], list[int]]:
@@ -357,13 +477,22 @@ def _inflight_bytes(world: World, case: Case) -> tuple:
     return table[:128], live
 
 
-def _mask_responses(ram: bytearray, case: Case, rsp_prod_pvt: int) -> list[bytes]:
+def _take_responses(world: World, case: Case, first: int, end: int) -> list[bytes]:
+    """Cut the response slots first..end out of the ring (zeroed in guest memory);
+    returns them sorted."""
+    ram = bytearray(os.pread(world.ram_fd, RAM_BYTES, 0))
+    out = _mask_responses(ram, case, first, end)
+    os.pwrite(world.ram_fd, ram, 0)
+    return out
+
+
+def _mask_responses(ram: bytearray, case: Case, first: int, end: int) -> list[bytes]:
     """Cut the response slots out of the ring (zeroed in `ram`); returns them sorted."""
     codecs = BLKIF_CODECS[case.abi]
     esize, rsize = codecs.entry_size, codecs.response.size
     out = []
-    for k in range((rsp_prod_pvt - case.start) & U32):
-        off = 64 + ((case.start + k) & (case.size - 1)) * esize
+    for k in range((end - first) & U32):
+        off = 64 + ((first + k) & (case.size - 1)) * esize
         chunk = bytearray()
         for b in range(off, off + rsize):
             page, pos = divmod(b, PAGE)
@@ -431,7 +560,8 @@ def run(n_requests: int, seed: int, kernel: K.Kernel | None = None) -> tuple[int
             d = differ.run(case)
             if d:
                 bad.append((case_seed, d))
-            done += max(1, min(case.nreq, case.size))
+            done += max(1, min(case.nreq, case.size)) + sum(
+                len(slots) for _, slots in case.phases or [])
             cases += 1
     finally:
         kernel.io_threads(threads)

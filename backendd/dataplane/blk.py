@@ -8,6 +8,10 @@ and block devices, and any read that met EAGAIN. They never enter Python; when a
 jobs are done they write its wake eventfd, and the event loop reaps them all with one
 call (`bk_reap`), which unpins, answers and starts what waited behind a flush.
 
+With persistent grants (both ends said feature-persistent=1) the kernel keeps the ring's
+cache of pinned grants itself, with persistent.py's rules; `KernelGrantCache` is the
+control plane's view of it (counters, the grefs a migrated state carries, close).
+
 Same interface and same behaviour as backendd/devices/blk/queue.py's RingQueue (the
 reference, tested against this one by tests/test_dataplane_differential.py).
 """
@@ -21,10 +25,12 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from backendd.grants import GrantError
 from rings.sring import REQ_PROD
 
 from . import kernel as K
 from .build import set_log
+from .netkernel import GRANT_REASONS
 from .rounds import LoopRound, loop_round
 
 if TYPE_CHECKING:
@@ -128,6 +134,66 @@ def service_round(kernel: K.Kernel, loop: asyncio.AbstractEventLoop) -> ServiceR
     return loop_round(ServiceRound, kernel, loop)
 
 
+class KernelGrantCache:
+    """A ring's persistent-grant cache kept by the kernel, as PersistentGrants looks to
+    the device: stats(), len(), saved(), restore(), close(). The counters stay readable
+    after the ring is freed."""
+
+    def __init__(self, ring: CompiledRingQueue, limit: int) -> None:
+        self._ring: CompiledRingQueue | None = ring
+        self.limit = limit
+        self._last = (ctypes.c_uint64 * 6)()
+
+    def _read(self) -> ctypes.Array:
+        r = self._ring
+        if r is not None and r._q:
+            r.k.pg_stats(r._q, self._last)
+        return self._last
+
+    def __len__(self) -> int:
+        return int(self._read()[5])
+
+    def stats(self) -> dict[str, int]:
+        return dict(zip(K.PG_STAT_NAMES, self._read()[:5], strict=True))
+
+    def saved(self) -> list[tuple[int, bool]]:
+        r = self._ring
+        if r is None or not r._q:
+            return []
+        n = len(self)
+        grefs, writable = (ctypes.c_uint32 * max(n, 1))(), (ctypes.c_uint8 * max(n, 1))()
+        n = min(n, r.k.pg_saved(r._q, grefs, writable, n))
+        return [(grefs[k], bool(writable[k])) for k in range(n)]
+
+    def restore(self, gref: int, writable: bool) -> None:
+        """Pin and cache `gref`, idle, as a migrated cache had it. Raises GrantError
+        like GrantTable.map."""
+        r = self._ring
+        if r is None or not r._q:
+            return
+        if not 0 <= gref <= 0xFFFFFFFF:
+            raise GrantError(f"gref {gref}: beyond the grant table")
+        r._refresh()
+        rc = r.k.pg_restore(r._q, ctypes.byref(r._env), gref, int(writable))
+        if rc:
+            why = GRANT_REASONS.get(-rc, f"refused ({rc})")
+            raise GrantError(f"gref {gref}: {why}")
+
+    def close(self) -> None:
+        """Release every cached pin; nothing is cached afterwards."""
+        r = self._ring
+        if r is None or not r._q:
+            return
+        r._refresh()
+        r.k.pg_close(r._q, ctypes.byref(r._env))
+        self._read()
+
+    def detach(self) -> None:
+        """The ring's kernel state is about to be freed: keep the last counters."""
+        self._read()
+        self._ring = None
+
+
 class CompiledRingQueue:
     def __init__(self, *, kernel: K.Kernel, index: int, back: BackRing,
                  ring_maps: list[GrantMapping], channel: EventChannel, codecs: BlkifCodecs,
@@ -136,7 +202,8 @@ class CompiledRingQueue:
                  counters: Counters, on_corrupt: Callable[[str], None], batch: int = 4,
                  on_refused: Callable[[str], None] | None = None,
                  inflight: InflightQueue | None = None,
-                 recovery: Recovery | None = None) -> None:
+                 recovery: Recovery | None = None,
+                 pgrant_limit: int | None = None) -> None:
         self.k = kernel
         self.index = index
         self.back = back
@@ -156,7 +223,12 @@ class CompiledRingQueue:
         self.on_refused = on_refused or (lambda message: log.debug("%s", message))
         self.batch = batch
         self.inflight = inflight
-        self.pgrants = None  # persistent grants are served by the Python path
+        # With persistent grants (both ends said feature-persistent=1: a limit given)
+        # the kernel pins data and indirect pages through the ring's cache.
+        self.pgrants: KernelGrantCache | None = None
+        if pgrant_limit is not None and not 0 <= pgrant_limit <= K.PG_MAX:
+            raise ValueError(f"persistent grants: a limit of {pgrant_limit} per ring (the "
+                             f"kernel takes 0..{K.PG_MAX})")
         self.halted = False
         self._stopping = False
         self.suspended = False  # as RingQueue's
@@ -197,11 +269,16 @@ class CompiledRingQueue:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         cfg.wake_fd = self._wake_fd
         cfg.kick_fd = channel.kick_fd
+        if pgrant_limit is not None:
+            cfg.persistent = 1
+            cfg.pg_limit = pgrant_limit
         q = self.k.queue_new(ctypes.byref(cfg))
         if not q:
             os.close(self._wake_fd)
             raise ValueError(f"blk ring {index}: the kernel refused the ring geometry")
         self._q = q
+        if pgrant_limit is not None:
+            self.pgrants = KernelGrantCache(self, pgrant_limit)
         loop.add_reader(self._wake_fd, self._reap)
 
     # --- configuration -------------------------------------------------------------
@@ -411,8 +488,12 @@ class CompiledRingQueue:
             self.inflight.close()
 
     def release(self) -> None:
-        """After stop(): free the kernel's state, let go of the ring and the channel."""
+        """After stop(): let go of the persistent grants, free the kernel's state, let go
+        of the ring and the channel."""
         self._round.leave(self)
+        if self.pgrants is not None:
+            self.pgrants.close()
+            self.pgrants.detach()
         if self._q:
             self.loop.remove_reader(self._wake_fd)
             self.k.queue_free(self._q)

@@ -147,6 +147,8 @@ struct bk_config {
     int32_t wake_fd;        /* an eventfd the I/O threads write when jobs are done */
     int32_t kick_fd;        /* the guest's kicks: drained when served without one */
     struct bk_disk disk;
+    uint32_t persistent;    /* 1: both ends said feature-persistent=1: keep a cache */
+    uint32_t pg_limit;      /* cached pins at most (blkback's 1056), 0..BK_PG_MAX */
 };
 
 struct bk_stats {
@@ -176,6 +178,41 @@ enum bk_why {
     WHY_SUBPAGE, WHY_NO_DISCARD, WHY_NO_SECURE_DISCARD,
 };
 
+/* ---- persistent grants: the ring's cache of pinned grants ------------------------ */
+
+/* With feature-persistent, data and indirect pages are pinned through this cache, with
+ * the rules of docs/blk.md ("Persistent grants") and backendd/devices/blk/persistent.py,
+ * the reference it is tested against: a hit uses the cached pin; a miss pins and caches,
+ * purging the entry released longest ago among those no request uses when full; when
+ * every entry is in use the pin is not cached (overflow) and goes with its request. A
+ * read-only entry a request needs writable is upgraded when idle (writable pin first,
+ * then the read-only one let go), else that request gets an uncached writable pin.
+ * Each entry keeps the guest frame and the granted window, not a host address: the
+ * page is looked up again in the current regions at every use. Only the thread serving
+ * the ring (or the loop, in bk_reap) touches the cache; the pins and unpins beneath it
+ * go through the per-gref-stripe locks like any other. */
+#define BK_PG_MAX 65536
+
+struct bk_pgent {
+    uint32_t gref, users;
+    uint64_t frame;
+    uint32_t lo, hi;
+    uint32_t writable;
+    uint64_t seq;                   /* when it was cached, for the order of saved ones */
+    int32_t hnext;                  /* the gref's hash chain; the free list */
+    int32_t prev, next;             /* the idle list, least recently released first */
+};
+
+struct bk_pg {
+    uint32_t on, limit, count, closed;
+    uint32_t hmask;
+    uint64_t seq;
+    int32_t *heads;
+    struct bk_pgent *e;
+    int32_t idle_head, idle_tail, free_head;
+    uint64_t hits, misses, purged, overflow, upgrades;
+};
+
 /* ---- per-queue state -------------------------------------------------------------- */
 
 enum { SLOT_FREE = 0, SLOT_WAITING, SLOT_POOL };
@@ -197,6 +234,7 @@ struct bk_pending {
     uint32_t iov_next;      /* first iovec not yet moved */
     uint64_t done;          /* bytes moved so far */
     uint32_t grefs[BK_MAX_SEGS];
+    int32_t pent[BK_MAX_SEGS];      /* the persistent-grant entry used, or -1: own pin */
     struct iovec iov[BK_MAX_SEGS];
     uint8_t *page[BK_MAX_SEGS];     /* the pinned pages, for the dirty log */
 };
@@ -229,6 +267,7 @@ struct bk_queue {
     uint8_t held_rsp[BK_MAX_RING][sizeof(struct blkif_response)];
     struct bk_pending slots[BK_MAX_PENDING];
     const struct dp_env *env;        /* the current call's: its dirty log */
+    struct bk_pg pg;                 /* persistent grants (pg.on) */
 };
 
 /* ---- shared memory access (core.h) and the ring ------------------------------- */
@@ -486,17 +525,240 @@ static struct bk_pending *slot_alloc(struct bk_queue *q)
     return NULL;
 }
 
-static void slot_release(const struct dp_env *env, struct bk_pending *s)
+/* ---- the persistent-grant cache (see struct bk_pg) ------------------------------ */
+
+static inline uint32_t pg_hash(const struct bk_pg *pg, uint32_t gref)
 {
-    /* accept pins every segment writable exactly when the request reads the disk */
+    return (gref * 2654435761u) & pg->hmask;
+}
+
+static int32_t pg_find(const struct bk_pg *pg, uint32_t gref)
+{
+    for (int32_t i = pg->heads[pg_hash(pg, gref)]; i >= 0; i = pg->e[i].hnext)
+        if (pg->e[i].gref == gref)
+            return i;
+    return -1;
+}
+
+static void pg_idle_unlink(struct bk_pg *pg, int32_t i)
+{
+    struct bk_pgent *e = &pg->e[i];
+    if (e->prev >= 0)
+        pg->e[e->prev].next = e->next;
+    else
+        pg->idle_head = e->next;
+    if (e->next >= 0)
+        pg->e[e->next].prev = e->prev;
+    else
+        pg->idle_tail = e->prev;
+    e->prev = e->next = -1;
+}
+
+static void pg_idle_append(struct bk_pg *pg, int32_t i)
+{
+    struct bk_pgent *e = &pg->e[i];
+    e->next = -1;
+    e->prev = pg->idle_tail;
+    if (pg->idle_tail >= 0)
+        pg->e[pg->idle_tail].next = i;
+    else
+        pg->idle_head = i;
+    pg->idle_tail = i;
+}
+
+/* Out of the hash and back to the free list (its pin is the caller's to release). */
+static void pg_remove(struct bk_pg *pg, int32_t i)
+{
+    int32_t *link = &pg->heads[pg_hash(pg, pg->e[i].gref)];
+    while (*link != i)
+        link = &pg->e[*link].hnext;
+    *link = pg->e[i].hnext;
+    pg->e[i].hnext = pg->free_head;
+    pg->free_head = i;
+    pg->count--;
+}
+
+/* Release one cached pin (the grant table may be gone by now: nothing to clear then). */
+static void pg_unpin(const struct dp_env *env, const struct bk_pgent *e)
+{
+    if (env->gnt_version && e->gref < env->gnt_entries)
+        dp_grant_unpin_locked(env, e->gref, (int)e->writable);
+}
+
+/* The guest frame of a host address inside a region (a page dp_grant_pin returned). */
+static uint64_t pg_frame(const struct dp_env *env, const uint8_t *p)
+{
+    for (uint32_t i = 0; i < env->nr_regions; i++) {
+        const struct dp_region *r = &env->regions[i];
+        if (p >= r->host && (uint64_t)(p - r->host) < r->size)
+            return (r->gpa + (uint64_t)(p - r->host)) >> 12;
+    }
+    return UINT64_MAX;  /* cannot happen: the pin found it there */
+}
+
+/* Cache a pin just taken (a free entry must exist). */
+static int32_t pg_insert(struct bk_pg *pg, const struct dp_env *env, uint32_t gref,
+                         int writable, const uint8_t *page, uint32_t lo, uint32_t hi)
+{
+    int32_t i = pg->free_head;
+    struct bk_pgent *e = &pg->e[i];
+    pg->free_head = e->hnext;
+    e->gref = gref;
+    e->users = 0;
+    e->frame = pg_frame(env, page);
+    e->lo = lo;
+    e->hi = hi;
+    e->writable = writable != 0;
+    e->seq = pg->seq++;
+    e->prev = e->next = -1;
+    uint32_t h = pg_hash(pg, gref);
+    e->hnext = pg->heads[h];
+    pg->heads[h] = i;
+    pg->count++;
+    return i;
+}
+
+/* The idle entry released longest ago goes (its pin released). 0: none is idle. */
+static int pg_purge_one(struct bk_pg *pg, const struct dp_env *env)
+{
+    int32_t i = pg->idle_head;
+    if (i < 0)
+        return 0;
+    pg_idle_unlink(pg, i);
+    pg_remove(pg, i);
+    pg_unpin(env, &pg->e[i]);
+    pg->purged++;
+    return 1;
+}
+
+/* One use of entry i begins: its page in the current regions. */
+static int pg_use(struct bk_pg *pg, const struct dp_env *env, int32_t i, uint8_t **page,
+                  uint32_t *lo, uint32_t *hi)
+{
+    struct bk_pgent *e = &pg->e[i];
+    uint8_t *p = dp_guest_page(env, e->frame);
+    if (!p)
+        return -DP_G_FRAME;     /* its region is gone (the VMM removed it meanwhile) */
+    if (e->users++ == 0)
+        pg_idle_unlink(pg, i);
+    *page = p;
+    *lo = e->lo;
+    *hi = e->hi;
+    return 0;
+}
+
+/* A pin of gref for one request, writable if asked: *ent is the cache entry it uses, or
+ * -1 for a pin of its own (released with the request, as without the cache). Returns 0
+ * or a negated DP_G_ reason, as dp_grant_pin, and nothing is held then. The counters
+ * move exactly as persistent.py's. */
+static int pg_acquire(struct bk_queue *q, const struct dp_env *env, uint32_t gref,
+                      int writable, uint8_t **page, uint32_t *lo, uint32_t *hi, int32_t *ent)
+{
+    struct bk_pg *pg = &q->pg;
+    *ent = -1;
+    if (!pg->on)
+        return dp_grant_pin_locked(env, gref, writable, page, lo, hi);
+    int32_t i = pg->count ? pg_find(pg, gref) : -1;
+    if (i >= 0) {
+        struct bk_pgent *e = &pg->e[i];
+        if (writable && !e->writable) {
+            if (e->users) {     /* in use: an uncached writable pin of its own */
+                pg->overflow++;
+                return dp_grant_pin_locked(env, gref, 1, page, lo, hi);
+            }
+            /* Writable first, then let the read-only pin go: the grant never looks
+             * unused to the frontend in between. A read-only grant fails here and the
+             * entry stays cached read-only. */
+            int rc = dp_grant_pin_locked(env, gref, 1, page, lo, hi);
+            if (rc)
+                return rc;
+            pg_unpin(env, e);
+            e->writable = 1;
+            e->frame = pg_frame(env, *page);
+            e->lo = *lo;
+            e->hi = *hi;
+            pg->upgrades++;
+        } else {
+            pg->hits++;
+        }
+        int rc = pg_use(pg, env, i, page, lo, hi);
+        if (rc == 0)
+            *ent = i;
+        return rc;
+    }
+    int rc = dp_grant_pin_locked(env, gref, writable, page, lo, hi);
+    if (rc)
+        return rc;
+    if (pg->closed || (pg->count >= pg->limit && !pg_purge_one(pg, env))) {
+        pg->overflow++;
+        return 0;
+    }
+    pg->misses++;
+    i = pg_insert(pg, env, gref, writable, *page, *lo, *hi);
+    pg->e[i].users = 1;
+    *ent = i;
+    return 0;
+}
+
+/* One use ends: an own pin is released; a cached one becomes idle when its last use
+ * ends (most recently released: purged last), or is released if the cache is closed. */
+static void pg_put(struct bk_queue *q, const struct dp_env *env, uint32_t gref, int32_t ent,
+                   int writable)
+{
+    struct bk_pg *pg = &q->pg;
+    if (ent < 0) {
+        dp_grant_unpin_locked(env, gref, writable);
+        return;
+    }
+    struct bk_pgent *e = &pg->e[ent];
+    if (--e->users)
+        return;
+    if (pg->closed) {
+        pg_remove(pg, ent);
+        pg_unpin(env, e);
+    } else {
+        pg_idle_append(pg, ent);
+    }
+}
+
+static int pg_init(struct bk_pg *pg, uint32_t limit)
+{
+    uint32_t nb = 16;
+    while (nb < 2 * limit)
+        nb <<= 1;
+    pg->heads = malloc(nb * sizeof(*pg->heads));
+    pg->e = calloc(limit ? limit : 1, sizeof(*pg->e));
+    if (!pg->heads || !pg->e) {
+        free(pg->heads);
+        free(pg->e);
+        pg->heads = NULL;
+        pg->e = NULL;
+        return -1;
+    }
+    for (uint32_t k = 0; k < nb; k++)
+        pg->heads[k] = -1;
+    for (uint32_t k = 0; k < limit; k++)
+        pg->e[k].hnext = k + 1 < limit ? (int32_t)(k + 1) : -1;
+    pg->free_head = limit ? 0 : -1;
+    pg->idle_head = pg->idle_tail = -1;
+    pg->hmask = nb - 1;
+    pg->limit = limit;
+    pg->on = 1;
+    return 0;
+}
+
+static void slot_release(struct bk_queue *q, const struct dp_env *env, struct bk_pending *s)
+{
+    /* accept pins every segment writable exactly when the request reads the disk (a
+     * cached entry it used may be writable for a write: the cache knows) */
     for (uint32_t i = 0; i < s->nseg; i++)
-        dp_grant_unpin_locked(env, s->grefs[i], !s->write);
+        pg_put(q, env, s->grefs[i], s->pent[i], !s->write);
     s->nseg = 0;
 }
 
 /* Copy an indirect request's segment descriptors out of its indirect pages. */
-static int read_indirect(const struct dp_env *env, const struct req *f, uint32_t nseg,
-                         struct seg *segs)
+static int read_indirect(struct bk_queue *q, const struct dp_env *env, const struct req *f,
+                         uint32_t nseg, struct seg *segs)
 {
     uint32_t pages = (nseg + BK_SEGS_PER_FRAME - 1) / BK_SEGS_PER_FRAME;
     size_t left = (size_t)nseg * sizeof(struct blkif_request_segment);
@@ -505,13 +767,14 @@ static int read_indirect(const struct dp_env *env, const struct req *f, uint32_t
     for (uint32_t p = 0; p < pages; p++) {
         uint8_t *page;
         uint32_t lo, hi;
+        int32_t ent;
         size_t n = left < BK_PAGE ? left : BK_PAGE;
-        if (dp_grant_pin_locked(env, f->igrefs[p], 0, &page, &lo, &hi))
+        if (pg_acquire(q, env, f->igrefs[p], 0, &page, &lo, &hi, &ent))
             return -1;
         int ok = lo == 0 && n <= hi;
         if (ok)
             memcpy(dst, page, n);   /* a private copy, then let go */
-        dp_grant_unpin_locked(env, f->igrefs[p], 0);
+        pg_put(q, env, f->igrefs[p], ent, 0);
         if (!ok)
             return -1;
         dst += n;
@@ -569,7 +832,7 @@ static void accept(struct bk_queue *q, const struct dp_env *env, const uint8_t *
             BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST)
             goto invalid;
         why = WHY_GRANT;
-        if (read_indirect(env, &f, nseg, segs))
+        if (read_indirect(q, env, &f, nseg, segs))
             goto invalid;
         total = check_transfer(&q->disk, op, f.sector, segs, nseg, &why);
         if (total < 0)
@@ -617,17 +880,19 @@ static void accept(struct bk_queue *q, const struct dp_env *env, const uint8_t *
     for (uint32_t i = 0; i < nseg; i++) {
         uint8_t *page;
         uint32_t lo, hi;
-        if (dp_grant_pin_locked(env, segs[i].gref, writable, &page, &lo, &hi)) {
-            slot_release(env, s);
+        int32_t ent;
+        if (pg_acquire(q, env, segs[i].gref, writable, &page, &lo, &hi, &ent)) {
+            slot_release(q, env, s);
             why = WHY_GRANT;
             goto invalid;
         }
         s->grefs[s->nseg] = segs[i].gref;
+        s->pent[s->nseg] = ent;
         s->nseg++;
         uint32_t start = segs[i].first * BK_SECTOR;
         uint32_t len = (segs[i].last - segs[i].first + 1u) * BK_SECTOR;
         if (start < lo || start + len > hi) {   /* outside a v2 sub-page grant */
-            slot_release(env, s);
+            slot_release(q, env, s);
             why = WHY_SUBPAGE;
             goto invalid;
         }
@@ -735,7 +1000,7 @@ static void finish(struct bk_queue *q, const struct dp_env *env, struct bk_pendi
     if (env->log && !s->write)     /* the pages a read filled, before the answer */
         for (uint32_t i = 0; i < s->nseg; i++)
             dp_log_host(env, s->page[i]);
-    slot_release(env, s);
+    slot_release(q, env, s);
     account(s, out);
     answer(q, s->id, s->op, s->status, s->ring_index, s->if_entry);
     s->state = SLOT_FREE;
@@ -938,7 +1203,7 @@ static void halt(struct bk_queue *q, const struct dp_env *env)
         struct bk_pending *s = &q->slots[q->fifo[q->fifo_head]];
         q->fifo_head = (q->fifo_head + 1) % BK_MAX_PENDING;
         q->fifo_count--;
-        slot_release(env, s);
+        slot_release(q, env, s);
         s->state = SLOT_FREE;
     }
 }
@@ -1029,6 +1294,10 @@ struct bk_queue *bk_queue_new(const struct bk_config *cfg)
         free(q);
         return NULL;
     }
+    if (cfg->persistent && (cfg->pg_limit > BK_PG_MAX || pg_init(&q->pg, cfg->pg_limit))) {
+        free(q);
+        return NULL;
+    }
     q->disk = cfg->disk;
     q->wake_fd = cfg->wake_fd;
     q->kick_fd = cfg->kick_fd;
@@ -1043,6 +1312,8 @@ void bk_queue_free(struct bk_queue *q)
     pthread_mutex_unlock(&iopool.lock);
     if (busy)
         return;     /* cannot happen (freed once all is reaped); leaked rather than freed */
+    free(q->pg.heads);
+    free(q->pg.e);
     free(q);
 }
 
@@ -1061,6 +1332,96 @@ void bk_queue_state(const struct bk_queue *q, uint32_t out[7])
     out[4] = q->inpool;
     out[5] = q->halted;
     out[6] = q->draining;
+}
+
+/* ---- the persistent-grant cache, for the control plane ------------------------ */
+
+/* hits, misses, purged, overflow, upgrades (since the ring began), and the pins cached
+ * now. */
+void bk_pg_stats(const struct bk_queue *q, uint64_t out[6])
+{
+    const struct bk_pg *pg = &q->pg;
+    out[0] = pg->hits;
+    out[1] = pg->misses;
+    out[2] = pg->purged;
+    out[3] = pg->overflow;
+    out[4] = pg->upgrades;
+    out[5] = pg->count;
+}
+
+/* The cached grefs and their writable flag, in purge order (idle ones, released longest
+ * ago first, then those in use in the order they were cached): what a migrated cache
+ * pins again. Returns how many there are (at most max are written). */
+uint32_t bk_pg_saved(const struct bk_queue *q, uint32_t *grefs, uint8_t *writable,
+                     uint32_t max)
+{
+    const struct bk_pg *pg = &q->pg;
+    uint32_t n = 0;
+    if (!pg->on)
+        return 0;
+    for (int32_t i = pg->idle_head; i >= 0; i = pg->e[i].next, n++)
+        if (n < max) {
+            grefs[n] = pg->e[i].gref;
+            writable[n] = (uint8_t)pg->e[i].writable;
+        }
+    /* in use: by seq (a suspended ring has none) */
+    uint64_t last = 0;
+    int have = 0;
+    for (;;) {
+        int32_t best = -1;
+        for (uint32_t i = 0; i < pg->limit; i++) {
+            const struct bk_pgent *e = &pg->e[i];
+            if (!e->users || (have && e->seq <= last))
+                continue;
+            if (best < 0 || e->seq < pg->e[best].seq)
+                best = (int32_t)i;
+        }
+        if (best < 0)
+            break;
+        if (n < max) {
+            grefs[n] = pg->e[best].gref;
+            writable[n] = (uint8_t)pg->e[best].writable;
+        }
+        n++;
+        last = pg->e[best].seq;
+        have = 1;
+    }
+    return n;
+}
+
+/* Pin and cache gref, idle, as a migrated cache had it (appended to the purge order, no
+ * counter moves); skipped when closed, cached already or full. Returns 0 or a negated
+ * DP_G_ reason (not cached: a later use pins it as a miss). */
+int32_t bk_pg_restore(struct bk_queue *q, const struct dp_env *env, uint32_t gref,
+                      uint32_t writable)
+{
+    struct bk_pg *pg = &q->pg;
+    uint8_t *page;
+    uint32_t lo, hi;
+    if (!pg->on || pg->closed || pg_find(pg, gref) >= 0 || pg->count >= pg->limit)
+        return 0;
+    int rc = dp_grant_pin_locked(env, gref, writable != 0, &page, &lo, &hi);
+    if (rc)
+        return rc;
+    pg_idle_append(pg, pg_insert(pg, env, gref, writable != 0, page, lo, hi));
+    return 0;
+}
+
+/* Release every cached pin (those in use when their use ends) and cache nothing more:
+ * disconnect, close, a halted ring let go. */
+void bk_pg_close(struct bk_queue *q, const struct dp_env *env)
+{
+    struct bk_pg *pg = &q->pg;
+    q->env = env;
+    if (!pg->on)
+        return;
+    pg->closed = 1;
+    while (pg->idle_head >= 0) {
+        int32_t i = pg->idle_head;
+        pg_idle_unlink(pg, i);
+        pg_remove(pg, i);
+        pg_unpin(env, &pg->e[i]);
+    }
 }
 
 /* One wake-up: take what the guest queued, check, pin, do what the page cache has,

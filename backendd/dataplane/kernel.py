@@ -41,7 +41,14 @@ class Config(ctypes.Structure):
                 ("size", ctypes.c_uint32), ("abi", ctypes.c_uint32),
                 ("max_pending", ctypes.c_uint32), ("start", ctypes.c_uint32),
                 ("req_cons", ctypes.c_uint32), ("inflight", ctypes.c_void_p),
-                ("wake_fd", ctypes.c_int32), ("kick_fd", ctypes.c_int32), ("disk", Disk)]
+                ("wake_fd", ctypes.c_int32), ("kick_fd", ctypes.c_int32), ("disk", Disk),
+                ("persistent", ctypes.c_uint32), ("pg_limit", ctypes.c_uint32)]
+
+
+PG_MAX = 65536  # cached pins per ring the kernel takes at most (BK_PG_MAX)
+# bk_pg_stats' counters, in order: persistent.py's STAT_KEYS (a test holds them equal).
+PG_STAT_NAMES = ("pgrant_hits", "pgrant_misses", "pgrant_purged", "pgrant_overflow",
+                 "pgrant_upgrades")
 
 
 STAT_NAMES = ("requests", "reads", "writes", "bytes_read", "bytes_written", "errors",
@@ -137,6 +144,11 @@ class Kernel:
         self.serve_round = _fn(lib.bk_serve_round, u32, [ctypes.POINTER(vp),
                                                          ctypes.POINTER(envp),
                                                          ctypes.POINTER(outp), u32, u8p, u8p])
+        u64p = ctypes.POINTER(ctypes.c_uint64)
+        self.pg_stats = _fn(lib.bk_pg_stats, None, [vp, u64p])
+        self.pg_saved = _fn(lib.bk_pg_saved, u32, [vp, ctypes.POINTER(u32), u8p, u32])
+        self.pg_restore = _fn(lib.bk_pg_restore, i32, [vp, envp, u32, u32])
+        self.pg_close = _fn(lib.bk_pg_close, None, [vp, envp])
         self._layout = _fn(lib.bk_layout, u32, [ctypes.POINTER(u32), u32])
         self._check()
 

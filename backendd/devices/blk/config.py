@@ -20,9 +20,9 @@ class BlkConfig:
     sector_size: int = 512
     discard: bool = True  # "0" disables it even when the backing could punch holes
     persistent: bool = True  # offer feature-persistent (used when the frontend says 1 too)
-    # "compiled": the C kernel serves the rings (backendd/dataplane), and persistent grants
-    # are not offered; "python": the reference path; "auto": compiled when the kernel is
-    # built, except for a connection that negotiated persistent grants.
+    # "compiled": the C kernel serves the rings (backendd/dataplane); "python": the
+    # reference path; "auto": compiled when the kernel is built. Both planes keep
+    # persistent grants.
     dataplane: str = "auto"
 
 
@@ -57,6 +57,6 @@ def parse_config(config: Mapping[str, str],
         direct_io=bool(_choice(config, "direct-io", bools, "0")),
         sector_size=int(_choice(config, "sector-size", {"512": 512, "4096": 4096}, "512")),
         discard=bool(_choice(config, "discard", bools, "1")),
-        persistent=bool(_choice(config, "persistent", bools, "1")) and dataplane != "compiled",
+        persistent=bool(_choice(config, "persistent", bools, "1")),
         dataplane=dataplane,
     )

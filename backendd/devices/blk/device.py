@@ -140,9 +140,8 @@ class BlkDevice(Device):
         incoming = self._incoming if self._incoming and self._incoming.front else None
         if incoming is not None:
             self._check_incoming(incoming, front)
-        # The kernel does not keep persistent grants: a connection that uses them is
-        # served by the Python path.
-        self.compiled = self.kernel is not None and not self.persistent
+        # The kernel keeps persistent grants itself (its own per-ring cache).
+        self.compiled = self.kernel is not None
         queues: list[RingQueue | CompiledRingQueue] = []
         region = None
         if self._inflight is not None:
@@ -218,6 +217,8 @@ class BlkDevice(Device):
                     # An NBD disk's transfers go to libnbd (blknbd), a file's to the pool.
                     cls = NbdRingQueue if isinstance(self.image, NbdImage) \
                         else CompiledRingQueue
+                    if self.persistent:
+                        args["pgrant_limit"] = self.pgrant_limit
                     try:
                         queues.append(cls(kernel=self.kernel, **args))
                     except BaseException:
