@@ -320,12 +320,13 @@ class Rig:
     the guest's frontends running on its own vCPU thread."""
 
     def __init__(self, workdir: Path, nic: bool = True, tag: str | None = None,
-                 persistent: bool = True) -> None:
+                 persistent: bool = True, dataplane: str = "auto") -> None:
         self.workdir = workdir
         self.nic = nic
-        # Persistent grants: the disk is served by the Python path; without, by the
-        # compiled kernel.
+        # Whether the disk's frontend uses persistent grants, and which data plane serves
+        # it (the device's `dataplane` key: auto is the compiled kernel when built).
         self.persistent = persistent
+        self.dataplane = dataplane
         tag = tag or str(os.getpid() % 100000)
         self.host_ns, self.guest_ns = f"mgh{tag}", f"mgg{tag}"
         self.tap, self.gtap = f"mgv{tag}", f"mge{tag}"
@@ -354,7 +355,7 @@ class Rig:
         await self.b.start()
         self.client = await VmmClient.connect(self.a.sock, name="migrant")
         await self.guest.attach(self.client)
-        disk_config = {"path": str(self.image)}
+        disk_config = {"path": str(self.image), "dataplane": self.dataplane}
         _, keys = await self.client.add_device(DISK_DEVID, "blk", disk_config)
 
         async def make_disk() -> BlkFront:

@@ -1,5 +1,6 @@
 """Persistent grants: the per-ring cache against a real shared grant table, and both ends
-negotiating and using them through the real daemon."""
+negotiating and using them through the real daemon, on either data plane (the Python
+path's cache, persistent.py, and the compiled kernel's)."""
 
 from __future__ import annotations
 
@@ -121,6 +122,11 @@ def test_full_cache_purges_the_least_recently_released_and_overflows_when_all_bu
 
 # --- both ends through the daemon -------------------------------------------------------
 
+@pytest.fixture(params=["python", "compiled"])
+def dataplane(request) -> str:
+    return request.param
+
+
 def grants_in_use(guest: SimGuest) -> list[int]:
     gt = guest.gnttab
     return [g for g in range(gt.entries) if gt.entry(g)[0] & IN_USE]
@@ -137,8 +143,8 @@ async def close_and_check_released(client: VmmClient, guest: SimGuest, front: Bl
 
 
 async def connect(client: VmmClient, guest: SimGuest, image: str, *, backend: str | None,
-                  frontend: bool, queues: int = 1) -> BlkFront:
-    config = {"path": image}
+                  frontend: bool, dataplane: str, queues: int = 1) -> BlkFront:
+    config = {"path": image, "dataplane": dataplane}
     if backend is not None:
         config["persistent"] = backend
     _, keys = await client.add_device(DEVID, "blk", config)
@@ -170,11 +176,12 @@ async def verified_io(front: BlkFront, image_size: int, seed: int, rounds: int =
 
 @pytest.mark.parametrize(("backend", "frontend"), [(None, True), ("1", True), ("0", True),
                                                    ("1", False), ("0", False)])
-async def test_negotiation_matrix(vm, tmp_path, backend, frontend):
+async def test_negotiation_matrix(vm, tmp_path, backend, frontend, dataplane):
     client, guest = vm
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(4 * MiB))
-    front = await connect(client, guest, str(image), backend=backend, frontend=frontend)
+    front = await connect(client, guest, str(image), backend=backend, frontend=frontend,
+                          dataplane=dataplane)
     advertised = backend != "0"  # on unless the device says 0
     assert front.backend_keys["feature-persistent"] == str(int(advertised))
     both = advertised and frontend
@@ -182,6 +189,7 @@ async def test_negotiation_matrix(vm, tmp_path, backend, frontend):
     await verified_io(front, 4 * MiB, seed=1)
     stats = {k.split(".", 1)[1]: int(v) for k, v in (await client.stats(DEVID)).items()}
     assert stats["persistent"] == int(both)
+    assert stats["compiled"] == int(dataplane == "compiled")
     if both:
         # The frontend's pool comes back request after request: hits, nothing revoked.
         assert stats["pgrant_hits"] > 0 and stats["pgrants"] == front.pool_size > 0
@@ -196,11 +204,12 @@ async def test_negotiation_matrix(vm, tmp_path, backend, frontend):
     await close_and_check_released(client, guest, front)
 
 
-async def test_a_frontend_beyond_the_bound_still_works(vm, tmp_path):
+async def test_a_frontend_beyond_the_bound_still_works(vm, tmp_path, dataplane):
     client, guest = vm
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(8 * MiB))
-    front = await connect(client, guest, str(image), backend="1", frontend=True)
+    front = await connect(client, guest, str(image), backend="1", frontend=True,
+                          dataplane=dataplane)
     rng = random.Random(5)
 
     async def worker(w: int) -> None:
@@ -213,6 +222,7 @@ async def test_a_frontend_beyond_the_bound_still_works(vm, tmp_path):
     # 8 MiB in flight: 8 x (256 data + 1 indirect page) pool grants on one ring.
     await asyncio.gather(*(worker(w) for w in range(8)))
     stats = {k.split(".", 1)[1]: int(v) for k, v in (await client.stats(DEVID)).items()}
+    assert stats["compiled"] == int(dataplane == "compiled")
     assert front.pool_size > 1056
     assert stats["pgrants"] <= 1056
     assert stats["pgrant_purged"] + stats["pgrant_overflow"] > 0
@@ -222,11 +232,12 @@ async def test_a_frontend_beyond_the_bound_still_works(vm, tmp_path):
     await close_and_check_released(client, guest, front)
 
 
-async def test_reconnect_and_remove_release_the_cache(vm, tmp_path):
+async def test_reconnect_and_remove_release_the_cache(vm, tmp_path, dataplane):
     client, guest = vm
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(4 * MiB))
-    front = await connect(client, guest, str(image), backend="1", frontend=True, queues=2)
+    front = await connect(client, guest, str(image), backend="1", frontend=True,
+                          dataplane=dataplane, queues=2)
     await verified_io(front, 4 * MiB, seed=2)
     # A cached grant is still in use: the frontend cannot take it back while connected.
     gref, _ = front.queues[0].pool[0]

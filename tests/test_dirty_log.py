@@ -238,10 +238,12 @@ async def test_block_reads_mark_data_ring_and_grant_pages(daemon, tmp_path, data
         assert log.take_ram() == set() and log.take_gnttab() == set()
 
 
-async def test_persistent_grant_reads_mark_their_pages_every_time(daemon, tmp_path):
+@pytest.mark.parametrize("dataplane", ["python", "compiled"])
+async def test_persistent_grant_reads_mark_their_pages_every_time(daemon, tmp_path,
+                                                                  dataplane):
     image = _image(tmp_path)
     async with _logged_guest(daemon.path) as (client, guest, log):
-        front = await guest.add_disk(client, 51712, {"path": image, "dataplane": "python"},
+        front = await guest.add_disk(client, 51712, {"path": image, "dataplane": dataplane},
                                      inflight=False, persistent=True)
         assert front.use_persistent
         rec = Recorder(front)

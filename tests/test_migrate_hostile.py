@@ -71,14 +71,15 @@ async def refused(call, words: str) -> None:
 
 # --- blk -------------------------------------------------------------------------------
 
-async def test_blk_duplicate_persistent_grants_refused(daemon, tmp_path):
+@pytest.mark.parametrize("dataplane", ["python", "compiled"])
+async def test_blk_duplicate_persistent_grants_refused(daemon, tmp_path, dataplane):
     """A BLK_PGRANTS section naming one gref twice is not a cache the source had: EINVAL
     at SET_DEVICE_STATE, InitWait; the true blob then works. Grefs beyond the table, not
     granted, or more than the destination's cache holds are not pinned (the cache stays
     within its bound) and the device serves."""
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(8 * MiB))
-    config = {"path": str(image), "dataplane": "python"}
+    config = {"path": str(image), "dataplane": dataplane}
     async with migration_rig(daemon.path, tmp_path) as rig:
         front = await rig.guest.add_disk(rig.a, DEVID, config, inflight=False,
                                          persistent=True)
@@ -344,7 +345,8 @@ def _memory(guest: SimGuest) -> tuple[bytes, bytes]:
             os.pread(guest.gnttab.fd, guest.gnttab.size, 0))
 
 
-@pytest.mark.parametrize("dataplane,persistent", [("python", True), ("compiled", False)])
+@pytest.mark.parametrize("dataplane,persistent", [("python", True), ("compiled", False),
+                                                  ("compiled", True)])
 async def test_control_requests_while_suspended_write_nothing(daemon, tmp_path, dataplane,
                                                               persistent):
     """While a disk is suspended with a request posted: the grant table grows, the

@@ -75,7 +75,7 @@ class Workload:
 
 
 @pytest.mark.parametrize("dataplane,persistent", [("python", False), ("python", True),
-                                                  ("compiled", False)])
+                                                  ("compiled", False), ("compiled", True)])
 async def test_blk_moves_to_a_second_daemon_under_io(daemon, tmp_path, dataplane,
                                                      persistent):
     image = tmp_path / "disk.img"

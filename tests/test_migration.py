@@ -114,9 +114,13 @@ async def test_a_paused_guest_runs_nothing_until_released():
 
 # --- the migration, through two daemon processes ------------------------------------------
 
+PLANES = [("python", True), ("compiled", True), ("compiled", False)]
+PLANE_IDS = ["python-plane", "compiled-persistent", "compiled-plane"]
+
+
 async def _migrate(tmp_path: Path, nic: bool, use_daemon_log: bool = True,
-                   persistent: bool = True) -> None:
-    rig = Rig(tmp_path, nic=nic, persistent=persistent)
+                   persistent: bool = True, dataplane: str = "auto") -> None:
+    rig = Rig(tmp_path, nic=nic, persistent=persistent, dataplane=dataplane)
     try:
         await rig.start()
         await rig.start_load()
@@ -184,11 +188,12 @@ async def _migrate(tmp_path: Path, nic: bool, use_daemon_log: bool = True,
 
 
 @pytest.mark.usefixtures("root")
-@pytest.mark.parametrize("persistent", [True, False], ids=["python-plane", "compiled-plane"])
-async def test_disk_migrates_under_verified_io(tmp_path, persistent):
-    """With persistent grants the disk is served by the Python path, without by the
-    compiled kernel: both log what they write and move their state."""
-    await asyncio.wait_for(_migrate(tmp_path, nic=False, persistent=persistent), HANG)
+@pytest.mark.parametrize("dataplane,persistent", PLANES, ids=PLANE_IDS)
+async def test_disk_migrates_under_verified_io(tmp_path, dataplane, persistent):
+    """On the Python path and on the compiled kernel, with persistent grants and
+    without: each plane logs what it writes and moves its state (the cache included)."""
+    await asyncio.wait_for(_migrate(tmp_path, nic=False, persistent=persistent,
+                                    dataplane=dataplane), HANG)
 
 
 @pytest.mark.usefixtures("root")
@@ -197,11 +202,12 @@ async def test_disk_and_nic_migrate_under_io_and_tcp(tmp_path):
 
 
 @pytest.mark.usefixtures("root")
-@pytest.mark.parametrize("persistent", [True, False], ids=["python-plane", "compiled-plane"])
-async def test_ignoring_the_daemons_log_is_caught_at_the_switch(tmp_path, persistent):
+@pytest.mark.parametrize("dataplane,persistent", PLANES, ids=PLANE_IDS)
+async def test_ignoring_the_daemons_log_is_caught_at_the_switch(tmp_path, dataplane,
+                                                                 persistent):
     """The same migration with the daemon's dirty log ignored fails the comparison."""
     await asyncio.wait_for(_migrate(tmp_path, nic=False, use_daemon_log=False,
-                                    persistent=persistent), HANG)
+                                    persistent=persistent, dataplane=dataplane), HANG)
 
 
 class CorruptingMigration(Migration):

@@ -64,8 +64,8 @@ class BlkDevice(Device):
         self.cfg = parse_config(config, None if nbd_disk else allowed)
         self.kernel = blk_kernel.load() if self.cfg.dataplane != "python" else None
         if nbd_disk and self.kernel is not None:
-            # The kernel serves an NBD disk's rings (blknbd); it keeps no persistent
-            # grants, and pinning in C costs less than the guest's copies through them.
+            # The kernel serves an NBD disk's rings (blknbd), without persistent grants:
+            # pinning in C costs less than the guest's copies through them.
             self.cfg = dataclasses.replace(self.cfg, persistent=False)
         self.image: Image | NbdImage
         if nbd_disk:  # connected in prepare(); I/O on the event loop, not the pool
