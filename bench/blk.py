@@ -4,6 +4,11 @@ warm image file (--invalidate=0) and an eventfd ping-pong between two processes,
 measured in this one run.
 
     python -m bench.blk [--seconds S]
+    python -m bench.blk --persistent-rounds N [--seconds S]
+
+The second form runs only the 4 KiB QD32 lines (read and write, 1 and 2 queues), with
+persistent grants and without, alternated N times, and prints each line's median run
+beside the range of its N runs.
 
 The frontend is C so that the figures are the daemon's: the Python simulated guest costs
 more per request than the daemon does. It pairs with the daemon as a C VMM would, through
@@ -247,6 +252,51 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
                   for what, value, goal, at_least, unit in targets]
 
 
+async def measure_persistent(image: str, workdir: Path, seconds: float, rounds: int
+                             ) -> list[tuple]:
+    """The 4 KiB QD32 lines with and without persistent grants, alternated `rounds`
+    times on one daemon: per line, the run of median IOPS and the range of all."""
+    proc, path, log_path = await start_daemon(workdir)
+    runs: dict[tuple[str, int, bool], list[LoadResult]] = {}
+    try:
+        async def one(load: Load, measure_cpu: bool = True) -> LoadResult:
+            result = socket_result(load, await run_load_socket(
+                path, image, load, daemon_pid=proc.pid if measure_cpu else None))
+            if result.held_after_close:
+                raise LoadFailed(f"{len(result.held_after_close)} grants still in use after "
+                                 "the device was closed")
+            return result
+
+        await one(Load(bs=4096, qd=32, seconds=min(1.0, seconds)), measure_cpu=False)
+        for _ in range(rounds):
+            for rw in ("read", "write"):
+                for queues in (1, 2):
+                    for persistent in (False, True):
+                        load = Load(rw=rw, bs=4096, qd=32, queues=queues, seconds=seconds,
+                                    persistent=persistent)
+                        runs.setdefault((rw, queues, persistent), []).append(
+                            await one(load))
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        await proc.wait()
+        print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
+        raise
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    await proc.wait()
+    out = []
+    for (rw, queues, persistent), results in runs.items():
+        by_iops = sorted(results, key=lambda r: r.iops)
+        mid = by_iops[len(by_iops) // 2]
+        load = Load(rw=rw, bs=4096, qd=32, queues=queues, persistent=persistent)
+        row = _row(load, mid)
+        cpu = sorted(r.cpu_us_per_io for r in results)
+        out.append((row.what, row.iops, f"{by_iops[0].iops:,.0f}-{by_iops[-1].iops:,.0f}",
+                    row.p50_us, row.p99_us, row.cpu_us, f"{cpu[0]:.2f}-{cpu[-1]:.2f}"))
+    return out
+
+
 def _unit(value: float, unit: str) -> str:
     if value != value:
         return "-"
@@ -260,7 +310,13 @@ def _unit(value: float, unit: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.blk")
     parser.add_argument("--seconds", type=float, default=SECONDS, help="per line")
+    parser.add_argument("--persistent-rounds", type=int, default=0, metavar="N",
+                        help="only the 4 KiB lines with and without persistent grants, "
+                        "alternated N times (medians)")
     args = parser.parse_args(argv or [])
+    if args.persistent_rounds:
+        _persistent_main(args.seconds, args.persistent_rounds)
+        return
     if shutil.which("fio") is None:
         raise SystemExit("bench.blk: fio is missing, so there is no baseline to print "
                          "beside the daemon's figures: `make bench` installs it")
@@ -287,7 +343,23 @@ def main(argv: list[str] | None = None) -> None:
     nbd.main(["--seconds", f"{args.seconds:g}"])
 
 
-__all__ = ["Row", "fio", "main", "measure"]
+def _persistent_main(seconds: float, rounds: int) -> None:
+    build("blkfront_load")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-blk-", dir="/var/tmp"))
+    try:
+        image = str(workdir / "disk.img")
+        _make_image(image)
+        rows = asyncio.run(measure_persistent(image, workdir, seconds, rounds))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(table(f"blk 4 KiB QD32, persistent grants on and off alternated, {rounds} rounds "
+                f"of {seconds:g} s a line, {os.cpu_count()} CPUs, {when} (median run)",
+                ["what", "IOPS", "IOPS range", "p50 us", "p99 us", "daemon CPU us/IO",
+                 "CPU range"], rows))
+
+
+__all__ = ["Row", "fio", "main", "measure", "measure_persistent"]
 
 if __name__ == "__main__":
     main(sys.argv[1:])

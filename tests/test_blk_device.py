@@ -70,13 +70,14 @@ class Rig:
                              functools.partial(self.pool.submit, devid), self.extras)
 
     async def attach(self, config: dict[str, str], *, devid: int = 51712, queues: int = 1,
-                     ring_order: int = 0, abi: str = "x86_64-abi", seed: int = 0
-                     ) -> tuple[BlkDevice, BlkFront]:
+                     ring_order: int = 0, abi: str = "x86_64-abi", seed: int = 0,
+                     persistent: bool = False) -> tuple[BlkDevice, BlkFront]:
         config = {"dataplane": self.dataplane, **config}
         dev = BlkDevice(devid, config, self.context(devid))
         front = BlkFront(self.ram, self.gt, devid, queues=queues, ring_order=ring_order,
                          abi=abi, backend_keys=dev.backend_keys(),
-                         first_port=1 + 16 * len(self.pairs), seed=seed)
+                         first_port=1 + 16 * len(self.pairs), seed=seed,
+                         persistent=persistent)
         channels = {port: EventChannel(port, kick, call)
                     for port, kick, call in front.channels()}
         front.update_backend_keys(await dev.connect(front.frontend_keys(), channels))

@@ -108,7 +108,8 @@ def test_differential_under_address_and_ub_sanitizers(tmp_path):
         "           t.test_direct_io_images_are_served_by_the_pool,\n"
         "           t.test_blocking_io_runs_on_the_kernels_threads_not_the_python_pool,\n"
         "           t.test_a_ring_with_requests_is_served_beside_a_kicked_one,\n"
-        "           t.test_queues_served_in_parallel_threads):\n"
+        "           t.test_queues_served_in_parallel_threads,\n"
+        "           t.test_persistent_grants_on_parallel_rings_and_the_io_threads):\n"
         "    asyncio.run(fn(pathlib.Path(tempfile.mkdtemp(dir=sys.argv[1]))))\n"
         "print('device paths ok')\n")
     result = _run_sanitized(lib, code, str(tmp_path))
@@ -199,6 +200,42 @@ async def test_queues_served_in_parallel_threads(tmp_path):
         stats = dev.stats()
         assert stats["parallel"] > 0
         assert stats["errors"] == stats["invalid"] == 0
+    finally:
+        await rig.close()  # asserts no grant is left in use
+
+
+async def test_persistent_grants_on_parallel_rings_and_the_io_threads(tmp_path):
+    """The kernel's persistent-grant cache under its concurrency: four rings served in
+    parallel on helper threads, writes and O_DIRECT transfers reaped from the I/O threads
+    (bk_reap hands a cached pin back to the cache, never unpins it). The frontend's pool
+    stays pinned while connected, and nothing is left pinned after close."""
+    rig = await _rig()
+    try:
+        image = make_image(tmp_path / "disk.img", 16 * MiB)
+        direct = make_image(tmp_path / "direct.img", 4 * MiB)
+        dev, front = await rig.attach({"path": image}, queues=4, ring_order=1,
+                                      persistent=True)
+        ddev, dfront = await rig.attach({"path": direct, "direct-io": "1"}, devid=2,
+                                        persistent=True)
+        # One after the other: the simulated guest's 4096 grefs would not hold both
+        # frontends' pools at once.
+        await random_workload(front, image, 16 * MiB, workers=8, ops=24, seed=9)
+        await random_workload(dfront, direct, 4 * MiB, workers=4, ops=16, seed=10,
+                              align=4096)
+        for d, f in ((dev, front), (ddev, dfront)):
+            stats = d.stats()
+            assert stats["compiled"] == stats["persistent"] == 1
+            assert stats["errors"] == stats["invalid"] == 0
+            # Each ring caches its pool, up to the bound.
+            assert stats["pgrant_hits"] > 0
+            assert stats["pgrants"] == sum(min(len(q.pool), 1056) for q in f.queues) > 0
+            # Within the bound, nothing purged: the whole pool stays pinned between
+            # requests, though the I/O threads' completions were reaped.
+            assert stats["pgrant_purged"] == 0
+            pool = {g for q in f.queues for g, _ in q.pool}
+            assert pool <= set(rig.grants_in_use())
+        assert dev.stats()["parallel"] > 0
+        assert ddev.stats()["pooled"] > 0 and ddev.stats()["inline_io"] == 0
     finally:
         await rig.close()  # asserts no grant is left in use
 

@@ -45,7 +45,8 @@ async def posted(tasks: list[asyncio.Task], front) -> None:
 
 @pytest.mark.parametrize("dataplane,persistent,queues", [
     ("python", False, 1), ("python", True, 1), ("compiled", False, 1),
-    ("compiled", False, 3)])  # three rings: the kernel serves them in parallel
+    ("compiled", False, 3),  # three rings: the kernel serves them in parallel
+    ("compiled", True, 3)])  # the same, each with its cache of persistent grants
 async def test_blk_suspend_quiesces_then_resume_completes(daemon, tmp_path, dataplane,
                                                           persistent, queues):
     image = tmp_path / "disk.img"
