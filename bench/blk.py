@@ -6,9 +6,9 @@ measured in this one run.
     python -m bench.blk [--seconds S]
     python -m bench.blk --persistent-rounds N [--seconds S]
 
-The second form runs only the 4 KiB QD32 lines (read and write, 1 and 2 queues), with
-persistent grants and without, alternated N times, and prints each line's median run
-beside the range of its N runs.
+The second form runs only the 4 KiB QD32 lines (read and write, 1 and 2 queues) and the
+1 MiB sequential ones (QD4), with persistent grants and without, alternated N times, and
+prints each line's median run beside the range of its N runs.
 
 The frontend is C so that the figures are the daemon's: the Python simulated guest costs
 more per request than the daemon does. It pairs with the daemon as a C VMM would, through
@@ -254,10 +254,13 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
 
 async def measure_persistent(image: str, workdir: Path, seconds: float, rounds: int
                              ) -> list[tuple]:
-    """The 4 KiB QD32 lines with and without persistent grants, alternated `rounds`
-    times on one daemon: per line, the run of median IOPS and the range of all."""
+    """The 4 KiB QD32 and 1 MiB QD4 lines with and without persistent grants,
+    alternated `rounds` times on one daemon: per line, the run of median IOPS and the
+    range of all."""
     proc, path, log_path = await start_daemon(workdir)
-    runs: dict[tuple[str, int, bool], list[LoadResult]] = {}
+    runs: dict[tuple[int, str, int, bool], list[LoadResult]] = {}
+    shapes = [(4096, rw, queues) for rw in ("read", "write") for queues in (1, 2)]
+    shapes += [(MiB, rw, 1) for rw in ("read", "write")]
     try:
         async def one(load: Load, measure_cpu: bool = True) -> LoadResult:
             result = socket_result(load, await run_load_socket(
@@ -269,13 +272,11 @@ async def measure_persistent(image: str, workdir: Path, seconds: float, rounds: 
 
         await one(Load(bs=4096, qd=32, seconds=min(1.0, seconds)), measure_cpu=False)
         for _ in range(rounds):
-            for rw in ("read", "write"):
-                for queues in (1, 2):
-                    for persistent in (False, True):
-                        load = Load(rw=rw, bs=4096, qd=32, queues=queues, seconds=seconds,
-                                    persistent=persistent)
-                        runs.setdefault((rw, queues, persistent), []).append(
-                            await one(load))
+            for bs, rw, queues in shapes:
+                for persistent in (False, True):
+                    load = _persistent_load(bs, rw, queues, persistent, seconds)
+                    runs.setdefault((bs, rw, queues, persistent), []).append(
+                        await one(load))
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
@@ -286,15 +287,23 @@ async def measure_persistent(image: str, workdir: Path, seconds: float, rounds: 
         proc.terminate()
     await proc.wait()
     out = []
-    for (rw, queues, persistent), results in runs.items():
+    for (bs, rw, queues, persistent), results in runs.items():
         by_iops = sorted(results, key=lambda r: r.iops)
         mid = by_iops[len(by_iops) // 2]
-        load = Load(rw=rw, bs=4096, qd=32, queues=queues, persistent=persistent)
-        row = _row(load, mid)
+        row = _row(_persistent_load(bs, rw, queues, persistent, seconds), mid)
         cpu = sorted(r.cpu_us_per_io for r in results)
         out.append((row.what, row.iops, f"{by_iops[0].iops:,.0f}-{by_iops[-1].iops:,.0f}",
-                    row.p50_us, row.p99_us, row.cpu_us, f"{cpu[0]:.2f}-{cpu[-1]:.2f}"))
+                    row.p50_us, row.p99_us, row.cpu_us, f"{cpu[0]:.2f}-{cpu[-1]:.2f}",
+                    row.front_cpu_us))
     return out
+
+
+def _persistent_load(bs: int, rw: str, queues: int, persistent: bool, seconds: float
+                     ) -> Load:
+    if bs >= MiB:
+        return Load(rw=rw, pattern="seq", bs=bs, qd=4, seconds=seconds,
+                    persistent=persistent)
+    return Load(rw=rw, bs=bs, qd=32, queues=queues, seconds=seconds, persistent=persistent)
 
 
 def _unit(value: float, unit: str) -> str:
@@ -353,10 +362,10 @@ def _persistent_main(seconds: float, rounds: int) -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    print(table(f"blk 4 KiB QD32, persistent grants on and off alternated, {rounds} rounds "
+    print(table(f"blk, persistent grants on and off alternated, {rounds} rounds "
                 f"of {seconds:g} s a line, {os.cpu_count()} CPUs, {when} (median run)",
                 ["what", "IOPS", "IOPS range", "p50 us", "p99 us", "daemon CPU us/IO",
-                 "CPU range"], rows))
+                 "CPU range", "frontend CPU us/IO"], rows))
 
 
 __all__ = ["Row", "fio", "main", "measure", "measure_persistent"]
