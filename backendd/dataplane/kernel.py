@@ -56,9 +56,9 @@ class Out(ctypes.Structure):
     _fields_ = [("stats", Stats), ("flags", ctypes.c_uint32), ("njobs", ctypes.c_uint32),
                 ("jobs", ctypes.c_uint16 * MAX_PENDING),
                 ("job_flush", ctypes.c_uint8 * MAX_PENDING),
-                ("inpool", ctypes.c_uint32), ("_pad0", ctypes.c_uint32),
+                ("inpool", ctypes.c_uint32), ("notified", ctypes.c_uint32),
                 ("refused_id", ctypes.c_uint64), ("refused_why", ctypes.c_uint32),
-                ("_pad", ctypes.c_uint32)]
+                ("saturated", ctypes.c_uint32)]
 
 
 # enum bk_why: why the first refused request of a call was refused.
@@ -116,6 +116,7 @@ class Kernel:
         self.queue_set_disk = _fn(lib.bk_queue_set_disk, None, [vp, ctypes.POINTER(Disk)])
         self.queue_state = _fn(lib.bk_queue_state, None, [vp, ctypes.POINTER(u32)])
         self.serve = _fn(lib.bk_serve, None, [vp, envp, outp])
+        self.serve_poll = _fn(lib.bk_serve_poll, None, [vp, envp, outp, i32, u32, u32])
         self.replay = _fn(lib.bk_replay, None, [vp, envp, ctypes.c_char_p,
                                                 ctypes.POINTER(u32), u32, outp])
         self.reap = _fn(lib.bk_reap, None, [vp, envp, outp])
