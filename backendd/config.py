@@ -27,8 +27,8 @@ class DaemonSection:
     allowed_uids: list[int] = field(default_factory=list)
     log_level: str = "info"
     io_threads: int = 4
-    # The compiled blk data plane watches a ring alone on its event loop this long after
-    # each batch, serving what the guest publishes meanwhile without a wake-up (0: off).
+    # The compiled blk data plane watches its rings this long after each batch, serving
+    # what the guest publishes meanwhile without a wake-up (0: off).
     poll_us: int = 30
     # Per guest-caused message kind, at most this many log lines per minute.
     guest_log_burst: int = 10
