@@ -16,7 +16,9 @@
  *   -> pin every segment's grant (compare-and-swap, v1 or v2 rules), check each window
  *   -> the I/O: inline with RWF_NOWAIT, or handed to the pool when it would block
  *   -> unpin every grant BEFORE the response (XSA-396: once answered, the guest may
- *      revoke and reuse the page) -> response with zeroed padding (XSA-216)
+ *      revoke and reuse the page; a pin the persistent-grant cache keeps stays, as that
+ *      protocol lets it, until purge or disconnect) -> response with zeroed padding
+ *      (XSA-216)
  *   -> publish, then ring.h's notify rule.
  * Every guest value (indices, counts, sectors, grefs, frames, sub-page windows) is
  * checked before it is used as an offset; guest memory is reached only through the
