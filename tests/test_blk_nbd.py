@@ -525,6 +525,52 @@ async def test_a_read_from_c_that_the_server_fails_is_an_error_for_it_alone(vm, 
     await detach(vm, 1, front)
 
 
+def fionread(fd: int) -> int:
+    import fcntl
+    import termios
+    buf = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return int.from_bytes(buf, "little")
+
+
+async def test_one_wake_up_reads_every_reply_the_socket_holds(vm, tmp_path, servers):
+    """While only C has commands out, a readable socket is one C call (nf_wake): eight
+    reads whose replies all wait in the socket are read, answered and signalled to the
+    guest in one wake-up, not one per reply."""
+    image = tmp_path / "disk.raw"
+    content = random.Random(12).randbytes(2 * MiB)
+    image.write_bytes(content)
+    srv = qemu_nbd(tmp_path, image, "raw")
+    servers.append(srv.start())
+    front, _ = await attach(vm, 1, uri(srv, "disk"))
+    assert await front.read(0, 4096) == content[:4096]
+    (conn,) = vm.server.connections.values()  # the daemon runs on this loop
+    device = conn.session.devices[1].device
+    disk, channel = device.image, device.queues[0].channel
+    before = stats_of(await vm.client.stats(1), 1)
+    signalled = channel.notifies + channel.notifies_saturated
+    srv.pause()  # the server answers nothing until all eight are sent
+    # One sector each: pages in one run, issued from C (nbd_kernel.c).
+    reads = [asyncio.ensure_future(front.read(64 * k, 512)) for k in range(8)]
+    await in_flight_reaches(vm.client, 1, 8)
+    srv.resume()
+    # The event loop (the daemon's too) is held here, without an await, until the eight
+    # replies (structured: a 20-byte header, the offset, the data) are in the socket.
+    fd, want = disk._conns[0].fd, 8 * (20 + 8 + 512)
+    deadline = time.monotonic() + 60
+    while fionread(fd) < want:
+        assert time.monotonic() < deadline, f"{fionread(fd)} of {want} bytes arrived"
+        time.sleep(0.001)
+    assert await asyncio.gather(*reads) == [content[32768 * k:32768 * k + 512]
+                                            for k in range(8)]
+    after = stats_of(await vm.client.stats(1), 1)
+    assert after["nbd_wakes_in_c"] - before["nbd_wakes_in_c"] == 1
+    assert after["nbd_replies_in_c"] - before["nbd_replies_in_c"] == 8
+    assert after["reads"] - before["reads"] == 8 and after["errors"] == 0
+    assert channel.notifies + channel.notifies_saturated == signalled + 1  # once
+    await detach(vm, 1, front)
+
+
 async def compiled_nbd_scenario(tmp_path: Path) -> None:
     """Verified I/O of every kind through the compiled kernel on an NBD disk: direct and
     indirect, guest pages in one run and scattered (the bounce buffer), flush, discard,
@@ -547,9 +593,16 @@ async def compiled_nbd_scenario(tmp_path: Path) -> None:
         assert await front.read(4 * MiB // 512, MiB) == model[4 * MiB:5 * MiB]
         with pytest.raises(BlkIOError):  # beyond the export: the kernel refuses it
             await front.read(8 * MiB // 512, 4096)
+        # One-sector requests only, on both rings: all of them issued from C, so their
+        # replies are read and answered by nf_wake.
+        reads = [front.read(k * 4096 // 512 + 1, 512) for k in range(32)]
+        assert await asyncio.gather(*reads) == [model[k * 4096 + 512:k * 4096 + 1024]
+                                                for k in range(32)]
         stats = stats_of(await client.stats(1), 1)
         assert stats["errors"] == 0 and stats["invalid"] == 1
         assert stats["nbd_issued_in_c"] > 0  # plain reads and writes: nbd_kernel.c
+        # ... whose replies were read, answered and followed in C (nf_wake), both rings
+        assert 0 < stats["nbd_wakes_in_c"] <= stats["nbd_replies_in_c"]
         await detach(vm, 1, front)
     finally:
         await closing(vm)
@@ -604,10 +657,14 @@ async def test_nbd_reads_are_in_the_dirty_log(vm, tmp_path, servers, dataplane, 
         await front.write(64, random.Random(7).randbytes(3 * 4096))
         rec.take()
         log.take_ram()
-        for _ in range(3):
-            await front.read(64, 3 * 4096)
+        # Three pages (scattered in the guest: a bounce buffer on the compiled path) and
+        # one sector (issued from C and completed by nf_wake on the compiled path).
+        for length in (3 * 4096, 512) * 3:
+            await front.read(64, length)
             filled = {gfn for _, gfn, ro in rec.take() if not ro}
             assert filled and log.take_ram() == filled | {front.queues[0].pages[0]}
+        if dataplane == "auto":
+            assert stats_of(await vm.client.stats(1), 1)["nbd_wakes_in_c"] == 3
         await vm.client.clear_log()
     finally:
         log.close()
