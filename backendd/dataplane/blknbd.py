@@ -74,7 +74,7 @@ class NfCtx(ctypes.Structure):
                 ("inflight", ctypes.c_uint32), ("failed", ctypes.c_uint32)]
 
 
-NF_W_DEAD, NF_W_FAILED, NF_W_ERROR, NF_W_SLOW = 1, 2, 4, 8
+NF_W_DEAD, NF_W_FAILED, NF_W_ERROR, NF_W_SLOW, NF_W_ANSWERED = 1, 2, 4, 8, 16
 NF_R_OUT, NF_R_REST = 1, 2
 
 
@@ -87,7 +87,7 @@ class NfRing(ctypes.Structure):
                 ("flags", ctypes.c_uint32), ("inpool", ctypes.c_uint32),
                 ("answered", ctypes.c_uint32), ("issued", ctypes.c_uint32),
                 ("notifies", ctypes.c_uint64), ("notifies_saturated", ctypes.c_uint64),
-                ("wakes", ctypes.c_uint64), ("stats", K.Stats)]
+                ("stats", K.Stats)]
 
 
 class NfWake(ctypes.Structure):
@@ -384,6 +384,7 @@ class NbdWaker:
         image._seq = w.seq
         if w.replies:
             image._last_progress = image.loop.time()
+        if flags & NF_W_ANSWERED:
             issued = 0
             for q in self.sinks:
                 if q._ring.answered:

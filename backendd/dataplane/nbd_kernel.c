@@ -264,7 +264,7 @@ struct nf_ring {
     uint32_t answered;          /* out: answers written this call */
     uint32_t issued;            /* out: commands issued this call */
     /* Kept until Python folds them into its counters (blknbd.py fold_stats). */
-    uint64_t notifies, notifies_saturated, wakes;
+    uint64_t notifies, notifies_saturated;
     struct nf_stats stats;
 };
 
@@ -283,7 +283,7 @@ struct nf_wake {
     uint64_t calls, replies_total;  /* statistics: replies read per call */
 };
 
-enum { NF_W_DEAD = 1, NF_W_FAILED = 2, NF_W_ERROR = 4, NF_W_SLOW = 8 };
+enum { NF_W_DEAD = 1, NF_W_FAILED = 2, NF_W_ERROR = 4, NF_W_SLOW = 8, NF_W_ANSWERED = 16 };
 enum { NF_R_OUT = 1, NF_R_REST = 2 };
 enum { NF_MAX_READS = 1024 };   /* replies read in one call, at most */
 
@@ -405,8 +405,8 @@ uint32_t nf_wake(struct nf_wake *w)
         for (uint32_t i = 0; i < w->nrings; i++) {
             struct nf_ring *r = w->rings[i];
             if (r->ctx->n) {
-                r->wakes++;
                 nf_serve_ring(w, r);
+                w->flags |= NF_W_ANSWERED;
             }
             if (r->flags)
                 w->flags |= NF_W_SLOW;
