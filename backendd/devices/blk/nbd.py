@@ -16,8 +16,11 @@ kernel's NBD rings (backendd/dataplane/blknbd.py) or the Python one (`submit`, i
 the I/O pool). The kernel's rings issue their plain reads and writes from C instead, on
 the handle `fast_handle` names, while the connection is up with nothing waiting; this
 module hears of those only through `FastSink` (answers to settle, and what to send
-again after a loss). Each op's sink hears of it when it is done, and once more after every batch
-(`nbd_settle`), so the answers of one wake-up go out together. Guest memory is handed to
+again after a loss). While only C has commands out, a readable socket is served whole
+by one C call (`Waker`: every reply read, the rings answered, served again and
+signalled), and this module steps in only when it reports a failure. Each op's sink
+hears of it when it is done, and once more after every batch (`nbd_settle`), so the
+answers of one wake-up go out together. Guest memory is handed to
 libnbd as it is: a request whose pages are one run is read into or written from them. A
 request of several segments, contiguous on the disk but not in memory, goes as one NBD
 command through one bounce buffer: one command and one copy cost less than a command per
