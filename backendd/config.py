@@ -27,6 +27,9 @@ class DaemonSection:
     allowed_uids: list[int] = field(default_factory=list)
     log_level: str = "info"
     io_threads: int = 4
+    # The compiled blk data plane watches its rings this long after each batch, serving
+    # what the guest publishes meanwhile without a wake-up (0: off).
+    poll_us: int = 30
     # Per guest-caused message kind, at most this many log lines per minute.
     guest_log_burst: int = 10
     # "single": one process serves every connection. "per-connection": a supervisor
@@ -164,6 +167,9 @@ def _validate(config: Config, source: str) -> None:
     if not 1 <= config.daemon.io_threads <= 256:
         raise ConfigFileError(f"{source}: [daemon] io_threads: {config.daemon.io_threads} "
                               "is outside 1..256")
+    if not 0 <= config.daemon.poll_us <= 1000:
+        raise ConfigFileError(f"{source}: [daemon] poll_us: {config.daemon.poll_us} is not "
+                              "between 0 and 1000")
     if config.daemon.process_model not in _PROCESS_MODELS:
         raise ConfigFileError(f"{source}: [daemon] process_model: "
                               f"{config.daemon.process_model!r} is not one of "

@@ -156,6 +156,11 @@ class EventChannel:
             pass  # e.g. closed: nothing can be signalled any more
         self.notifies_saturated += 1
 
+    def count_notifies(self, written: int, saturated: int) -> None:
+        """Events the compiled data plane signalled itself (bk_serve_poll)."""
+        self.notifies += written
+        self.notifies_saturated += saturated
+
     def stop(self) -> None:
         if self._loop is not None:
             _unwatch(self._loop, self.kick_fd)

@@ -25,11 +25,13 @@ def test_full_file_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "backendd.toml"
     path.write_text(
         '[daemon]\nsocket = "/run/x.sock"\nallowed_uids = [1000, 1001]\nio_threads = 8\n'
+        'poll_us = 0\n'
         '[block]\nallowed_dirs = ["/srv/images"]\n'
         '[network]\nallowed_bridges = ["xenbr0"]\nattach_existing_taps = true\n'
         '[metrics]\nlisten = "127.0.0.1:9466"\n')
     config = load_config(path)
     assert config.daemon.socket == "/run/x.sock"
+    assert config.daemon.poll_us == 0 and Config().daemon.poll_us == 30
     assert config.peer_allowed(1001) and not config.peer_allowed(1002)
     assert config.image_allowed("/srv/images/a.img")
     assert not config.image_allowed("/srv/imagesX/a.img")
@@ -45,6 +47,8 @@ def test_full_file_round_trips(tmp_path: Path) -> None:
     ("[daemon]\nio_threads = 'four'\n", "[daemon] io_threads: expected an integer"),
     ("[daemon]\nio_threads = true\n", "[daemon] io_threads: expected an integer"),
     ("[daemon]\nio_threads = 0\n", "[daemon] io_threads: 0 is outside"),
+    ("[daemon]\npoll_us = -1\n", "[daemon] poll_us: -1 is not between 0 and 1000"),
+    ("[daemon]\npoll_us = 5000\n", "[daemon] poll_us: 5000 is not between"),
     ("[daemon]\nallowed_uids = [1, 'x']\n", "[daemon] allowed_uids[1]"),
     ("[daemon]\nlog_level = 'loud'\n", "[daemon] log_level"),
     ("[block]\nallowed_dirs = ['relative/dir']\n", "[block] allowed_dirs"),

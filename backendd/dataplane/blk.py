@@ -44,6 +44,18 @@ log = logging.getLogger(__name__)
 # ring's shared index each turn would cost more than it gains).
 ROUND_MEMBERS = 16
 
+# The rings of a loop are watched this long after each batch before the loop goes back to
+# sleep ([daemon] poll_us; bk_serve_poll, bk_serve_round_poll), and one call serves for
+# at most POLL_BUDGET_NS, so the loop's other work waits no longer than that.
+_poll_ns = 30_000
+POLL_BUDGET_NS = 500_000
+
+
+def set_poll(poll_us: int) -> None:
+    """[daemon] poll_us: how long a lone ring is watched after a batch (0: not at all)."""
+    global _poll_ns
+    _poll_ns = poll_us * 1000
+
 
 class ServiceRound(LoopRound["CompiledRingQueue"]):
     """The compiled rings due in one loop turn (kicked, or with work left), served by one
@@ -89,13 +101,25 @@ class ServiceRound(LoopRound["CompiledRingQueue"]):
                 n, (ctypes.c_void_p * n)(*(q._q for q in members)),
                 (ctypes.POINTER(K.Env) * n)(*(ctypes.pointer(q._env) for q in members)),
                 (ctypes.POINTER(K.Out) * n)(*(ctypes.pointer(q._out) for q in members)),
-                (ctypes.c_uint8 * n)(), (ctypes.c_uint8 * n)())
-        n, qs, envs, outs, due_mask, served = self._arrays
+                (ctypes.c_uint8 * n)(), (ctypes.c_uint8 * n)(), (ctypes.c_uint32 * n)(),
+                (ctypes.c_int32 * n)(*(q.channel.call_fd for q in members)),
+                n <= K.POLL_MAX and not any(q.image_external for q in members))
+        n, qs, envs, outs, due_mask, served, parallel, call_fds, pollable = self._arrays
         for k, q in enumerate(members):
             # 1: kicked; 2: served if its guest has published requests; 0: not at all
             due_mask[k] = 1 if q._in_due else 2 if q._may_serve() else 0
             if due_mask[k]:
                 q._refresh()
+        if _poll_ns and pollable:
+            self.k.serve_round_poll(qs, envs, outs, n, due_mask, served, parallel, call_fds,
+                                    _poll_ns, POLL_BUDGET_NS)
+            for k, q in enumerate(members):
+                q._in_due = False
+                if served[k]:
+                    q.counters.parallel += parallel[k]
+                    q.channel.count_notifies(q._out.notified, q._out.saturated)
+                    q._after(q._out)
+            return
         helped = self.k.serve_round(qs, envs, outs, n, due_mask, served)
         j = 0  # the kernel serves the first ring it takes itself, the next `helped` on helpers
         for k, q in enumerate(members):
@@ -111,7 +135,12 @@ class ServiceRound(LoopRound["CompiledRingQueue"]):
             q._refresh()
         if len(queues) == 1:
             q = queues[0]
-            self.k.serve(q._q, ctypes.byref(q._env), ctypes.byref(q._out))
+            if _poll_ns and not q.image_external:
+                self.k.serve_poll(q._q, ctypes.byref(q._env), ctypes.byref(q._out),
+                                  q.channel.call_fd, _poll_ns, POLL_BUDGET_NS)
+                q.channel.count_notifies(q._out.notified, q._out.saturated)
+            else:
+                self.k.serve(q._q, ctypes.byref(q._env), ctypes.byref(q._out))
         elif queues:
             n = len(queues)
             qs = (ctypes.c_void_p * n)(*(q._q for q in queues))
@@ -193,6 +222,8 @@ class CompiledRingQueue:
                 inflight.view)
             cfg.inflight = ctypes.addressof(self._inflight_anchor)
         cfg.disk = self._disk(geometry)
+        # NbdRingQueue's disk: its jobs come back to Python, so its ring is not polled
+        self.image_external = bool(cfg.disk.external)
         # The kernel's I/O threads write it when jobs of this ring are done.
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         cfg.wake_fd = self._wake_fd

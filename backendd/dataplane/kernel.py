@@ -21,6 +21,7 @@ MAX_SEGS = 256
 MAX_RING_PAGES = 16
 MAX_RING = 1024
 ROUND_MAX = 1024  # rings in one bk_serve_round call
+POLL_MAX = 16  # rings in one bk_serve_round_poll call
 SLOT_MAX = 112
 
 NOTIFY, MORE, BLOCKED, CORRUPT, INTERNAL = 1, 2, 4, 8, 16
@@ -56,9 +57,9 @@ class Out(ctypes.Structure):
     _fields_ = [("stats", Stats), ("flags", ctypes.c_uint32), ("njobs", ctypes.c_uint32),
                 ("jobs", ctypes.c_uint16 * MAX_PENDING),
                 ("job_flush", ctypes.c_uint8 * MAX_PENDING),
-                ("inpool", ctypes.c_uint32), ("_pad0", ctypes.c_uint32),
+                ("inpool", ctypes.c_uint32), ("notified", ctypes.c_uint32),
                 ("refused_id", ctypes.c_uint64), ("refused_why", ctypes.c_uint32),
-                ("_pad", ctypes.c_uint32)]
+                ("saturated", ctypes.c_uint32)]
 
 
 # enum bk_why: why the first refused request of a call was refused.
@@ -116,6 +117,7 @@ class Kernel:
         self.queue_set_disk = _fn(lib.bk_queue_set_disk, None, [vp, ctypes.POINTER(Disk)])
         self.queue_state = _fn(lib.bk_queue_state, None, [vp, ctypes.POINTER(u32)])
         self.serve = _fn(lib.bk_serve, None, [vp, envp, outp])
+        self.serve_poll = _fn(lib.bk_serve_poll, None, [vp, envp, outp, i32, u32, u32])
         self.replay = _fn(lib.bk_replay, None, [vp, envp, ctypes.c_char_p,
                                                 ctypes.POINTER(u32), u32, outp])
         self.reap = _fn(lib.bk_reap, None, [vp, envp, outp])
@@ -137,6 +139,9 @@ class Kernel:
         self.serve_round = _fn(lib.bk_serve_round, u32, [ctypes.POINTER(vp),
                                                          ctypes.POINTER(envp),
                                                          ctypes.POINTER(outp), u32, u8p, u8p])
+        self.serve_round_poll = _fn(lib.bk_serve_round_poll, None, [
+            ctypes.POINTER(vp), ctypes.POINTER(envp), ctypes.POINTER(outp), u32, u8p, u8p,
+            ctypes.POINTER(u32), ctypes.POINTER(i32), u32, u32])
         self._layout = _fn(lib.bk_layout, u32, [ctypes.POINTER(u32), u32])
         self._check()
 
