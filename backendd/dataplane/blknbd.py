@@ -278,8 +278,7 @@ class NbdRingQueue(CompiledRingQueue):
                 setattr(c, name, getattr(c, name) + value)
                 setattr(st, name, 0)
         if r.notifies or r.notifies_saturated:
-            self.channel.notifies += r.notifies
-            self.channel.notifies_saturated += r.notifies_saturated
+            self.channel.count_notifies(r.notifies, r.notifies_saturated)
             r.notifies = r.notifies_saturated = 0
 
     def nbd_woke(self) -> int:

@@ -230,10 +230,10 @@ struct nf_out {
     uint16_t jobs[NF_MAX_PENDING];
     uint8_t job_flush[NF_MAX_PENDING];
     uint32_t inpool;
-    uint32_t _pad0;
+    uint32_t notified;
     uint64_t refused_id;
     uint32_t refused_why;
-    uint32_t _pad;
+    uint32_t saturated;
 };
 
 _Static_assert(sizeof(struct nf_out) == 320, "struct bk_out layout (kernel.py Out)");
