@@ -571,6 +571,67 @@ async def test_one_wake_up_reads_every_reply_the_socket_holds(vm, tmp_path, serv
     await detach(vm, 1, front)
 
 
+@pytest.mark.parametrize("what", ["scattered", "flush", "refused"])
+async def test_a_request_the_wake_up_takes_that_c_cannot_issue(vm, tmp_path, servers, what):
+    """A request the guest posts, without a kick, while a read from C is out is taken
+    when that read's reply is answered, in the same C call (nf_wake); what C cannot
+    issue itself is left to Python: a read into scattered pages and a flush are issued
+    the Python way (NF_R_REST), a request refused is logged and counted by Python
+    (NF_R_OUT)."""
+    from backendd.dataplane.blknbd import NF_R_OUT, NF_R_REST
+
+    image = tmp_path / "disk.raw"
+    content = random.Random(13).randbytes(2 * MiB)
+    image.write_bytes(content)
+    srv = qemu_nbd(tmp_path, image, "raw")
+    servers.append(srv.start())
+    front, _ = await attach(vm, 1, uri(srv, "disk"))
+    (conn,) = vm.server.connections.values()  # the daemon runs on this loop
+    device = conn.session.devices[1].device
+    q = device.queues[0]
+    seen: list[int] = []
+    woke = q.nbd_woke
+
+    def spy() -> int:  # what nf_wake left to Python, then the real thing
+        seen.append(q._ring.flags)
+        return woke()
+
+    q.nbd_woke = spy
+    srv.pause()
+    first = asyncio.ensure_future(front.read(8, 512))  # one page: issued from C
+    await in_flight_reaches(vm.client, 1, 1)
+    # The guest posts the second request and does not kick (as a guest whose backend
+    # left req_event behind, being busy, need not): the daemon sees it only when it
+    # serves the ring after the first reply.
+    ring, port = front.queues[0], front.queues[0].port
+    port.send = lambda: None
+    if what == "scattered":
+        second = asyncio.ensure_future(front.read(64, 3 * 4096))
+    elif what == "flush":
+        second = asyncio.ensure_future(front.flush())
+    else:  # beyond the export: the kernel refuses it
+        second = asyncio.ensure_future(front.read(4 * MiB // 512, 4096))
+    while ring.front.req_prod_pvt < 2:  # 0: the first request since the connect
+        await asyncio.sleep(0)
+    del port.send
+    assert q.state()["req_cons"] == 1
+    srv.resume()
+    assert await first == content[4096:4608]
+    if what == "refused":
+        with pytest.raises(BlkIOError):
+            await second
+    else:
+        result = await second
+        if what == "scattered":
+            assert result == content[64 * 512:64 * 512 + 3 * 4096]
+    assert seen[0] == (NF_R_OUT if what == "refused" else NF_R_REST)
+    stats = stats_of(await vm.client.stats(1), 1)
+    assert stats["invalid"] == (what == "refused") and stats["errors"] == 0
+    assert stats["nbd_in_flight"] == 0 and stats["nbd_wakes_in_c"] > 0
+    assert await front.read(8, 512) == content[4096:4608]
+    await detach(vm, 1, front)
+
+
 async def compiled_nbd_scenario(tmp_path: Path) -> None:
     """Verified I/O of every kind through the compiled kernel on an NBD disk: direct and
     indirect, guest pages in one run and scattered (the bounce buffer), flush, discard,
