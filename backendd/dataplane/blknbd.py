@@ -355,7 +355,7 @@ class NbdWaker:
         first = sinks[0]
         nf, k = first.nf, first.k
         assert nf is not None
-        self.sinks = sinks
+        self.sinks = list(sinks)
         self._call = nf.wake
         self._last_error = nf.last_error
         self._rings = (ctypes.c_void_p * len(sinks))(
