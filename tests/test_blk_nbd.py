@@ -14,9 +14,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_blk_integration import connect_front
@@ -571,24 +572,16 @@ async def test_one_wake_up_reads_every_reply_the_socket_holds(vm, tmp_path, serv
     await detach(vm, 1, front)
 
 
-@pytest.mark.parametrize("what", ["scattered", "flush", "refused"])
-async def test_a_request_the_wake_up_takes_that_c_cannot_issue(vm, tmp_path, servers, what):
-    """A request the guest posts, without a kick, while a read from C is out is taken
-    when that read's reply is answered, in the same C call (nf_wake); what C cannot
-    issue itself is left to Python: a read into scattered pages and a flush are issued
-    the Python way (NF_R_REST), a request refused is logged and counted by Python
-    (NF_R_OUT)."""
-    from backendd.dataplane.blknbd import NF_R_OUT, NF_R_REST
-
-    image = tmp_path / "disk.raw"
-    content = random.Random(13).randbytes(2 * MiB)
-    image.write_bytes(content)
-    srv = qemu_nbd(tmp_path, image, "raw")
-    servers.append(srv.start())
-    front, _ = await attach(vm, 1, uri(srv, "disk"))
+async def taken_by_the_wake_up(vm: Vm, front: BlkFront, srv: NbdServer, sector: int,
+                               second: Callable[[], Awaitable[Any]]) -> tuple[bytes, Any, int]:
+    """With the server paused, read one sector at `sector` from ring 0 (issued from C),
+    then post `second()` on ring 0 without a kick (as a guest whose backend left
+    req_event behind, being busy, need not kick): the daemon sees it only when it serves
+    the ring again, after the read's reply, in the same C call (nf_wake). Returns the
+    read's data, the second request's result (or exception), and the flags nf_wake left
+    for Python on ring 0."""
     (conn,) = vm.server.connections.values()  # the daemon runs on this loop
-    device = conn.session.devices[1].device
-    q = device.queues[0]
+    q = conn.session.devices[1].device.queues[0]
     seen: list[int] = []
     woke = q.nbd_woke
 
@@ -597,34 +590,50 @@ async def test_a_request_the_wake_up_takes_that_c_cannot_issue(vm, tmp_path, ser
         return woke()
 
     q.nbd_woke = spy
-    srv.pause()
-    first = asyncio.ensure_future(front.read(8, 512))  # one page: issued from C
-    await in_flight_reaches(vm.client, 1, 1)
-    # The guest posts the second request and does not kick (as a guest whose backend
-    # left req_event behind, being busy, need not): the daemon sees it only when it
-    # serves the ring after the first reply.
-    ring, port = front.queues[0], front.queues[0].port
-    port.send = lambda: None
-    if what == "scattered":
-        second = asyncio.ensure_future(front.read(64, 3 * 4096))
-    elif what == "flush":
-        second = asyncio.ensure_future(front.flush())
-    else:  # beyond the export: the kernel refuses it
-        second = asyncio.ensure_future(front.read(4 * MiB // 512, 4096))
-    while ring.front.req_prod_pvt < 2:  # 0: the first request since the connect
-        await asyncio.sleep(0)
-    del port.send
-    assert q.state()["req_cons"] == 1
-    srv.resume()
-    assert await first == content[4096:4608]
-    if what == "refused":
-        with pytest.raises(BlkIOError):
-            await second
+    ring = front.queues[0]
+    try:
+        srv.pause()
+        first = asyncio.ensure_future(front.read(sector, 512, queue=0))
+        await in_flight_reaches(vm.client, 1, 1)
+        prod = ring.front.req_prod_pvt
+        ring.port.send = lambda: None
+        task = asyncio.ensure_future(second())
+        while ring.front.req_prod_pvt == prod:  # posted
+            await asyncio.sleep(0)
+        del ring.port.send
+        srv.resume()
+        data = await first
+        (result,) = await asyncio.gather(task, return_exceptions=True)
+    finally:
+        del q.nbd_woke
+    return data, result, seen[0]
+
+
+@pytest.mark.parametrize("what", ["scattered", "flush", "refused"])
+async def test_a_request_the_wake_up_takes_that_c_cannot_issue(vm, tmp_path, servers, what):
+    """A request taken by the wake-up in C that C cannot issue itself is left to Python:
+    a read into scattered pages and a flush are issued the Python way (NF_R_REST), a
+    request refused is logged and counted by Python (NF_R_OUT)."""
+    from backendd.dataplane.blknbd import NF_R_OUT, NF_R_REST
+
+    image = tmp_path / "disk.raw"
+    content = random.Random(13).randbytes(2 * MiB)
+    image.write_bytes(content)
+    srv = qemu_nbd(tmp_path, image, "raw")
+    servers.append(srv.start())
+    front, _ = await attach(vm, 1, uri(srv, "disk"))
+    second = {"scattered": lambda: front.read(64, 3 * 4096, queue=0),
+              "flush": lambda: front.flush(queue=0),
+              "refused": lambda: front.read(4 * MiB // 512, 4096, queue=0)}[what]
+    data, result, flags = await taken_by_the_wake_up(vm, front, srv, 8, second)
+    assert data == content[4096:4608]
+    if what == "refused":  # beyond the export: the kernel refuses it
+        assert isinstance(result, BlkIOError)
+    elif what == "scattered":
+        assert result == content[64 * 512:64 * 512 + 3 * 4096]
     else:
-        result = await second
-        if what == "scattered":
-            assert result == content[64 * 512:64 * 512 + 3 * 4096]
-    assert seen[0] == (NF_R_OUT if what == "refused" else NF_R_REST)
+        assert result is None
+    assert flags == (NF_R_OUT if what == "refused" else NF_R_REST)
     stats = stats_of(await vm.client.stats(1), 1)
     assert stats["invalid"] == (what == "refused") and stats["errors"] == 0
     assert stats["nbd_in_flight"] == 0 and stats["nbd_wakes_in_c"] > 0
@@ -659,8 +668,19 @@ async def compiled_nbd_scenario(tmp_path: Path) -> None:
         reads = [front.read(k * 4096 // 512 + 1, 512) for k in range(32)]
         assert await asyncio.gather(*reads) == [model[k * 4096 + 512:k * 4096 + 1024]
                                                 for k in range(32)]
+        # Taken by nf_wake behind a read from C: a read into scattered pages (issued by
+        # Python) and a request it refuses (answered by Python).
+        from backendd.dataplane.blknbd import NF_R_OUT, NF_R_REST
+        data, result, flags = await taken_by_the_wake_up(
+            vm, front, srv, 1, lambda: front.read(64, 3 * 4096, queue=0))
+        assert data == model[512:1024] and flags == NF_R_REST
+        assert result == model[64 * 512:64 * 512 + 3 * 4096]
+        data, result, flags = await taken_by_the_wake_up(
+            vm, front, srv, 1, lambda: front.read(8 * MiB // 512, 4096, queue=0))
+        assert data == model[512:1024] and flags == NF_R_OUT
+        assert isinstance(result, BlkIOError)
         stats = stats_of(await client.stats(1), 1)
-        assert stats["errors"] == 0 and stats["invalid"] == 1
+        assert stats["errors"] == 0 and stats["invalid"] == 2
         assert stats["nbd_issued_in_c"] > 0  # plain reads and writes: nbd_kernel.c
         # ... whose replies were read, answered and followed in C (nf_wake), both rings
         assert 0 < stats["nbd_wakes_in_c"] <= stats["nbd_replies_in_c"]
