@@ -39,6 +39,12 @@ MiB = 1 << 20
 
 # --- servers ---------------------------------------------------------------------------
 
+def server_env() -> dict[str, str]:
+    """The servers' environment: ours without a preloaded sanitizer runtime (the tests
+    run again in a sanitized process; the servers are not what they check)."""
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
 @dataclass
 class NbdServer:
     """A server we started (it daemonised once listening); stopped by its pid."""
@@ -52,7 +58,7 @@ class NbdServer:
         self.pidfile.unlink(missing_ok=True)
         # Both servers fork into the background only once they listen: when this
         # returns, the socket accepts connections.
-        subprocess.run(self.argv, check=True, timeout=60)
+        subprocess.run(self.argv, check=True, timeout=60, env=server_env())
         self.pid = int(self.pidfile.read_text())
         return self
 
@@ -147,7 +153,8 @@ class Nbdkit(NbdServer):
 
     def start(self) -> NbdServer:
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, start_new_session=True)
+                                     stdout=subprocess.PIPE, start_new_session=True,
+                                     env=server_env())
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline() == b"ready\n"
         self.pid = self.proc.pid
@@ -714,6 +721,38 @@ def test_compiled_kernel_on_an_nbd_disk_under_sanitizers(tmp_path):
     report = result.stderr
     assert "AddressSanitizer" not in report and "runtime error" not in report, report
     assert result.returncode == 0 and "nbd ok" in result.stdout, result.stdout + report
+
+
+def test_the_nbd_wake_up_under_sanitizers(tmp_path):
+    """nbd_kernel.c's slow-path exits under the sanitizers too: a read the server fails,
+    a connection lost with reads and writes from C in flight, requests left to Python,
+    several replies in one wake-up (these tests, run again in a sanitized process)."""
+    from test_dataplane import _run_sanitized
+
+    from backendd.dataplane.build import build
+    lib = build("blk", tmp_path / "asan.so", sanitize=True)
+    nbd_lib = build("nbd", tmp_path / "asan-nbd.so", sanitize=True)
+    tests = ["test_a_read_from_c_that_the_server_fails_is_an_error_for_it_alone",
+             "test_a_request_in_flight_when_the_server_dies_is_sent_again",
+             "test_a_request_the_wake_up_takes_that_c_cannot_issue",
+             "test_one_wake_up_reads_every_reply_the_socket_holds"]
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="nbd-asan-") as short:  # unix socket paths
+        result = _run_sanitized(lib, (
+            "import os, sys, pytest\n"
+            f"os.environ['BACKENDD_NBD_KERNEL'] = {str(nbd_lib)!r}\n"
+            "from backendd.dataplane import blknbd\n"
+            f"assert blknbd.LOADER.library_path() == {str(nbd_lib)!r}\n"
+            "sys.exit(pytest.main(['-q', '-s', '-p', 'no:cacheprovider', '--basetemp',\n"
+            "                      sys.argv[1], 'tests/test_blk_nbd.py', '-k', sys.argv[2]]))\n"),
+            f"{short}/t", " or ".join(tests))
+        # A process the sanitizers stopped leaves its daemonised servers behind.
+        for pidfile in Path(short).rglob("*.pid"):
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    report = result.stderr + result.stdout
+    assert "AddressSanitizer" not in report and "runtime error" not in report, report
+    assert result.returncode == 0 and "7 passed" in result.stdout, report
 
 
 @pytest.mark.parametrize("dataplane, persistent", [("auto", False), ("python", False),
