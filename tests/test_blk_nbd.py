@@ -690,7 +690,7 @@ async def compiled_nbd_scenario(tmp_path: Path) -> None:
         assert stats["errors"] == 0 and stats["invalid"] == 2
         assert stats["nbd_issued_in_c"] > 0  # plain reads and writes: nbd_kernel.c
         # ... whose replies were read, answered and followed in C (nf_wake), both rings
-        assert 0 < stats["nbd_wakes_in_c"] <= stats["nbd_replies_in_c"]
+        assert stats["nbd_wakes_in_c"] > 0 and stats["nbd_replies_in_c"] > 0
         await detach(vm, 1, front)
     finally:
         await closing(vm)
@@ -783,8 +783,8 @@ async def test_nbd_reads_are_in_the_dirty_log(vm, tmp_path, servers, dataplane, 
             await front.read(64, length)
             filled = {gfn for _, gfn, ro in rec.take() if not ro}
             assert filled and log.take_ram() == filled | {front.queues[0].pages[0]}
-        if dataplane == "auto":
-            assert stats_of(await vm.client.stats(1), 1)["nbd_wakes_in_c"] == 3
+        if dataplane == "auto":  # the one-sector reads' replies, and only theirs
+            assert stats_of(await vm.client.stats(1), 1)["nbd_replies_in_c"] == 3
         await vm.client.clear_log()
     finally:
         log.close()
