@@ -246,9 +246,9 @@ def test_a_guest_that_never_stops_does_not_hold_the_loop(rig):
     assert still_asking
     assert out.stats.requests >= 1 and out.stats.errors == 0
     assert not out.flags & (K.CORRUPT | K.INTERNAL)
-    # each answer signalled (a read the page cache could not serve may still be with
-    # the I/O threads when the budget ends the call)
-    assert out.notified == out.stats.requests - out.inpool
+    # the answers signalled (one event may cover two answers published together, and a
+    # read the page cache could not serve may be with the I/O threads at the end)
+    assert 0 < out.notified <= out.stats.requests
 
 
 def test_an_idle_ring_ends_the_call_with_req_event_set(rig):
