@@ -68,9 +68,12 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
         self.members: dict[int, list[CompiledTxPath | CompiledRxPath]] = {}
         self.polled = 0  # nk_serve_poll calls
         self.batches = 0  # batches they served (a queue served again counts again)
+        self.ends = [0, 0, 0]  # queues whose watch ended idle, by the budget, for Python
 
     def join(self, path: CompiledTxPath | CompiledRxPath) -> None:
-        self.members.setdefault(path.fd, []).append(path)
+        paths = self.members.setdefault(path.fd, [])
+        if path not in paths:
+            paths.append(path)
 
     def leave(self, path: CompiledTxPath | CompiledRxPath) -> None:
         paths = self.members.get(path.fd, [])
@@ -181,6 +184,7 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
         caller = threading.get_native_id()
         for p, (tx, rx, paths) in zip(polls, groups, strict=True):
             self.batches += p.batches
+            self.ends[min(p.ended, 2)] += 1
             for path, work, notified, saturated, kicks in (
                     (tx, p.tx, p.tx_notified, p.tx_saturated, p.tx_kicks),
                     (rx, p.rx, p.rx_notified, p.rx_saturated, p.rx_kicks)):

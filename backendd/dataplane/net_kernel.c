@@ -1467,8 +1467,11 @@ static void poll_group(void *ctx, uint32_t k)
         uint64_t wait = deadline - now < c->poll_ns ? deadline - now : c->poll_ns;
         struct timespec ts = {(time_t)(wait / 1000000000u), (long)(wait % 1000000000u)};
         int r = ppoll(fds, n, &ts, NULL);
-        if (r <= 0)
-            return;         /* idle for poll_ns (or a signal): back to the loop */
+        if (r <= 0) {       /* idle for poll_ns (or a signal): back to the loop */
+            if (wait < c->poll_ns)
+                p->ended = NK_END_BUDGET;   /* the wait was cut short by the budget */
+            return;
+        }
         p->woken++;
         if (tx_at >= 0 && (fds[tx_at].revents & POLLIN) && read_kick(fds[tx_at].fd))
             p->tx_kicks++;
