@@ -101,7 +101,7 @@ def test_differential_under_address_and_ub_sanitizers(tmp_path):
         "if bad: sys.exit(1)\n"
         # The device paths the harness does not take: the I/O threads (EAGAIN, writes,
         # flush, discard, O_DIRECT), rings served in parallel on the kernel's helper
-        # threads, and a ring served beside a kicked one.
+        # threads (watched after each round), and a ring served beside a kicked one.
         "import asyncio, pathlib, tempfile\n"
         "from tests import test_dataplane as t\n"
         "for fn in (t.test_page_cache_misses_go_to_the_pool_and_hits_are_served_inline,\n"
@@ -110,6 +110,17 @@ def test_differential_under_address_and_ub_sanitizers(tmp_path):
         "           t.test_a_ring_with_requests_is_served_beside_a_kicked_one,\n"
         "           t.test_queues_served_in_parallel_threads):\n"
         "    asyncio.run(fn(pathlib.Path(tempfile.mkdtemp(dir=sys.argv[1]))))\n"
+        # The ring watched after a batch (bk_serve_poll, bk_serve_round_poll), with a
+        # guest on another thread.
+        "from tests import test_dataplane_poll as tp\n"
+        "for fn in (tp.test_requests_published_while_watched_are_served_in_the_same_call,\n"
+        "           tp.test_an_idle_ring_ends_the_call_with_req_event_set):\n"
+        "    r = tp.PollRig(k, tempfile.mkdtemp(dir=sys.argv[1]))\n"
+        "    fn(r)\n"
+        "    r.close()\n"
+        "for fn in (tp.test_a_round_watches_every_ring_it_may_serve,\n"
+        "           tp.test_a_round_leaves_alone_the_rings_it_may_not_serve):\n"
+        "    fn(k, pathlib.Path(tempfile.mkdtemp(dir=sys.argv[1])))\n"
         "print('device paths ok')\n")
     result = _run_sanitized(lib, code, str(tmp_path))
     report = result.stderr

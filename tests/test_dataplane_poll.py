@@ -1,7 +1,8 @@
-"""bk_serve_poll: after a batch the compiled blk kernel watches the ring and serves what
-the guest publishes meanwhile in the same call, without asking for kicks; when the call
-ends, req_event is set again and a stale kick is read. The guest is a thread writing the
-shared ring in guest RAM while the loop's thread is in the kernel (GIL released)."""
+"""bk_serve_poll and bk_serve_round_poll: after a batch the compiled blk kernel watches
+the ring (or the rings of a round) and serves what the guest publishes meanwhile in the
+same call, without asking for kicks; when the call ends, req_event is set again and a
+stale kick is read. The guest is a thread writing the shared rings in guest RAM while the
+loop's thread is in the kernel (GIL released)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from rings.consts import BlkifAbi, BlkifOp
 from rings.ring import BackRing, SharedRing
 
 PAGE = 4096
-RING_FRAME = 0
-DATA_GREF, DATA_FRAME = 16, 2  # gref 16 + k names frame 2 + k
+DATA_GREF, DATA_FRAME = 16, 2  # ring r's data: grefs 16 + 4r + k name frames 2 + 4r + k
+DATA_PAGES = 4  # per ring
 REQ_PROD, REQ_EVENT, RSP_PROD, RSP_EVENT = 0, 4, 8, 12
 CODECS = BLKIF_CODECS[BlkifAbi.X86_64]
 
@@ -42,16 +43,18 @@ def kernel() -> K.Kernel:
 class Guest:
     """The frontend's side of one ring, written straight into guest RAM."""
 
-    def __init__(self, ram: mmap.mmap, size: int) -> None:
+    def __init__(self, ram: mmap.mmap, size: int, ring: int = 0) -> None:
         self.ram = ram
         self.size = size
+        self.frame = ring  # ring r's page is frame r
+        self.first_gref = DATA_GREF + DATA_PAGES * ring
         self.prod = 0
         self.kicks_asked: list[bool] = []
 
     def _word(self, field: int) -> ctypes.c_uint32:
         # one aligned 32-bit load or store, as the kernel sees a real frontend's (a
         # struct.pack_into of "<I" writes byte by byte: the kernel could see half of it)
-        return ctypes.c_uint32.from_buffer(self.ram, RING_FRAME * PAGE + field)
+        return ctypes.c_uint32.from_buffer(self.ram, self.frame * PAGE + field)
 
     def idx(self, field: int) -> int:
         return self._word(field).value
@@ -60,10 +63,10 @@ class Guest:
         self._word(field).value = value & 0xFFFFFFFF
 
     def publish_read(self, k: int) -> None:
-        """A 4 KiB read of sectors 8k.. into the page of gref 16 + k (mod 8)."""
-        segs = [DATA_GREF + k % 8, 0, 7] + [0] * 30
+        """A 4 KiB read of sectors 8k.. into the ring's data page k (mod 4)."""
+        segs = [self.first_gref + k % DATA_PAGES, 0, 7] + [0] * 30
         raw = CODECS.request.struct.pack(BlkifOp.READ, 1, 0, 100 + k, 8 * k, *segs)
-        off = RING_FRAME * PAGE + 64 + (self.prod % self.size) * CODECS.entry_size
+        off = self.frame * PAGE + 64 + (self.prod % self.size) * CODECS.entry_size
         self.ram[off:off + len(raw)] = raw
         old, self.prod = self.prod, self.prod + 1
         self.set_idx(REQ_PROD, self.prod)
@@ -85,34 +88,39 @@ class Guest:
 
 
 class PollRig:
-    def __init__(self, kernel: K.Kernel, tmpdir: str) -> None:
+    def __init__(self, kernel: K.Kernel, tmpdir: str, rings: int = 1) -> None:
         self.world = w = blkdiff.World(1, tmpdir, "poll")
         gnt = bytearray(PAGE)
-        struct.pack_into("<HHI", gnt, blkdiff.RING_GREF * 8, 1, 0, RING_FRAME)
-        for k in range(8):
-            struct.pack_into("<HHI", gnt, (DATA_GREF + k) * 8, 1, 0, DATA_FRAME + k)
         ram = bytearray(blkdiff.RAM_BYTES)
-        struct.pack_into("<IIII", ram, RING_FRAME * PAGE, 0, 1, 0, 1)
+        for r in range(rings):
+            struct.pack_into("<HHI", gnt, (blkdiff.RING_GREF + r) * 8, 1, 0, r)
+            struct.pack_into("<IIII", ram, r * PAGE, 0, 1, 0, 1)
+        for k in range(DATA_PAGES * rings):
+            struct.pack_into("<HHI", gnt, (DATA_GREF + k) * 8, 1, 0, DATA_FRAME + k)
         self.image = os.urandom(blkdiff.IMAGE_SECTORS * 512)
         geo = Geometry(sectors=blkdiff.IMAGE_SECTORS, sector_size=512, readonly=False,
                        discard=False, discard_secure=False, max_indirect_segments=32)
-        case = blkdiff.Case(1, BlkifAbi.X86_64, [RING_FRAME], 0, 0, 0, bytes(ram),
+        case = blkdiff.Case(1, BlkifAbi.X86_64, list(range(rings)), 0, 0, 0, bytes(ram),
                             bytes(gnt), self.image, geo, False, b"")
         w.load(case)
         self.loop = asyncio.new_event_loop()
-        ring_map = w.grants.map(blkdiff.RING_GREF, writable=True)
-        shared = SharedRing.over_pages([ring_map.page_view()], CODECS.entry_size)
-        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.channel = EventChannel(0, self.kick_fd, self.call_fd)
-        self.q = CompiledRingQueue(
-            kernel=kernel, index=0, back=BackRing.attach(shared), ring_maps=[ring_map],
-            channel=self.channel, codecs=CODECS, geometry=geo, image=w.image,
-            grants=w.grants, submit=blkdiff._sync_submit(self.loop), loop=self.loop,
-            counters=Counters(), on_corrupt=lambda m: None)
         self.k = kernel
         self.ram = mmap.mmap(w.ram_fd, blkdiff.RAM_BYTES)
-        self.guest = Guest(self.ram, shared.size)
+        self.qs: list[CompiledRingQueue] = []
+        self.guests: list[Guest] = []
+        for r in range(rings):
+            ring_map = w.grants.map(blkdiff.RING_GREF + r, writable=True)
+            shared = SharedRing.over_pages([ring_map.page_view()], CODECS.entry_size)
+            channel = EventChannel(r, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
+                                   os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+            self.qs.append(CompiledRingQueue(
+                kernel=kernel, index=r, back=BackRing.attach(shared), ring_maps=[ring_map],
+                channel=channel, codecs=CODECS, geometry=geo, image=w.image,
+                grants=w.grants, submit=blkdiff._sync_submit(self.loop), loop=self.loop,
+                counters=Counters(), on_corrupt=lambda m: None))
+            self.guests.append(Guest(self.ram, shared.size, r))
+        self.q, self.guest = self.qs[0], self.guests[0]
+        self.kick_fd, self.call_fd = self.q.channel.kick_fd, self.q.channel.call_fd
 
     def serve_poll(self, poll_ns: int, budget_ns: int) -> K.Out:
         q, out = self.q, K.Out()
@@ -121,9 +129,24 @@ class PollRig:
                           poll_ns, budget_ns)
         return out
 
-    def calls(self) -> int:
+    def serve_round_poll(self, due: list[int], poll_ns: int, budget_ns: int
+                         ) -> tuple[list[K.Out], list[int], list[int]]:
+        n = len(self.qs)
+        outs = [K.Out() for _ in range(n)]
+        for q in self.qs:
+            q._refresh()
+        served, parallel = (ctypes.c_uint8 * n)(), (ctypes.c_uint32 * n)()
+        self.k.serve_round_poll(
+            (ctypes.c_void_p * n)(*(q._q for q in self.qs)),
+            (ctypes.POINTER(K.Env) * n)(*(ctypes.pointer(q._env) for q in self.qs)),
+            (ctypes.POINTER(K.Out) * n)(*(ctypes.pointer(o) for o in outs)), n,
+            (ctypes.c_uint8 * n)(*due), served, parallel,
+            (ctypes.c_int32 * n)(*(q.channel.call_fd for q in self.qs)), poll_ns, budget_ns)
+        return outs, list(served), list(parallel)
+
+    def calls(self, ring: int = 0) -> int:
         try:
-            return os.eventfd_read(self.call_fd)
+            return os.eventfd_read(self.qs[ring].channel.call_fd)
         except BlockingIOError:
             return 0
 
@@ -131,8 +154,9 @@ class PollRig:
         return bytes(self.ram[(DATA_FRAME + k) * PAGE:(DATA_FRAME + k + 1) * PAGE])
 
     def close(self) -> None:
-        self.loop.run_until_complete(self.q.stop())
-        self.q.release()
+        for q in self.qs:
+            self.loop.run_until_complete(q.stop())
+            q.release()
         self.ram.close()
         self.loop.close()
         self.world.close()
@@ -208,3 +232,54 @@ def test_an_idle_ring_ends_the_call_with_req_event_set(rig):
     assert rig.guest.idx(REQ_EVENT) == 1
     rig.guest.publish_read(0)
     assert rig.guest.kicks_asked == [True]  # a sleeping backend is kicked as usual
+
+
+def test_a_round_watches_every_ring_it_may_serve(kernel, tmp_path):
+    """Ring 0 is kicked; ring 1's guest starts asking only once ring 0's first answer is
+    out and sends no kick (its first request would ask for one, req_event being as at
+    connect): both rings are served in the same call."""
+    rig = PollRig(kernel, str(tmp_path), rings=2)
+    try:
+        g0, g1 = rig.guests
+        g0.publish_read(0)
+
+        def frontend() -> None:
+            g0.wait_response(1)
+            for k in range(3):
+                g1.publish_read(k)
+                g1.wait_response(k + 1)
+            g0.publish_read(1)
+            g0.wait_response(2)
+
+        t = threading.Thread(target=frontend)
+        t.start()
+        outs, served, _ = rig.serve_round_poll([1, 2], poll_ns=2_000_000_000,
+                                               budget_ns=4_000_000_000)
+        t.join()
+        assert served == [1, 1]
+        assert [o.stats.reads for o in outs] == [2, 3]
+        assert [o.notified for o in outs] == [2, 3] and [rig.calls(0), rig.calls(1)] == [2, 3]
+        assert g1.kicks_asked == [True, False, False]  # then req_event stayed behind
+        assert g0.kicks_asked == [True, False]
+        assert g0.idx(REQ_EVENT) == 3 and g1.idx(REQ_EVENT) == 4
+        assert not any(o.flags for o in outs)
+        assert rig.page(DATA_PAGES + 2) == rig.image[2 * PAGE:3 * PAGE]  # ring 1's third
+    finally:
+        rig.close()
+
+
+def test_a_round_leaves_alone_the_rings_it_may_not_serve(kernel, tmp_path):
+    """A ring the loop does not serve (due 0: suspended, halted, stopping) is neither
+    served nor has its req_event touched."""
+    rig = PollRig(kernel, str(tmp_path), rings=2)
+    try:
+        g0, g1 = rig.guests
+        g1.set_idx(REQ_EVENT, 7)
+        g1.publish_read(0)
+        g0.publish_read(0)
+        outs, served, _ = rig.serve_round_poll([1, 0], poll_ns=1_000_000,
+                                               budget_ns=100_000_000)
+        assert served == [1, 0] and outs[0].stats.reads == 1 and outs[1].stats.reads == 0
+        assert g1.idx(REQ_EVENT) == 7 and g1.idx(RSP_PROD) == 0
+    finally:
+        rig.close()

@@ -44,9 +44,9 @@ log = logging.getLogger(__name__)
 # ring's shared index each turn would cost more than it gains).
 ROUND_MEMBERS = 16
 
-# A ring alone on its loop is watched this long after each batch before the loop goes
-# back to sleep ([daemon] poll_us; bk_serve_poll), and one call serves for at most
-# POLL_BUDGET_NS, so the loop's other work waits no longer than that.
+# The rings of a loop are watched this long after each batch before the loop goes back to
+# sleep ([daemon] poll_us; bk_serve_poll, bk_serve_round_poll), and one call serves for
+# at most POLL_BUDGET_NS, so the loop's other work waits no longer than that.
 _poll_ns = 30_000
 POLL_BUDGET_NS = 500_000
 
@@ -101,13 +101,25 @@ class ServiceRound(LoopRound["CompiledRingQueue"]):
                 n, (ctypes.c_void_p * n)(*(q._q for q in members)),
                 (ctypes.POINTER(K.Env) * n)(*(ctypes.pointer(q._env) for q in members)),
                 (ctypes.POINTER(K.Out) * n)(*(ctypes.pointer(q._out) for q in members)),
-                (ctypes.c_uint8 * n)(), (ctypes.c_uint8 * n)())
-        n, qs, envs, outs, due_mask, served = self._arrays
+                (ctypes.c_uint8 * n)(), (ctypes.c_uint8 * n)(), (ctypes.c_uint32 * n)(),
+                (ctypes.c_int32 * n)(*(q.channel.call_fd for q in members)),
+                n <= K.POLL_MAX and not any(q.image_external for q in members))
+        n, qs, envs, outs, due_mask, served, parallel, call_fds, pollable = self._arrays
         for k, q in enumerate(members):
             # 1: kicked; 2: served if its guest has published requests; 0: not at all
             due_mask[k] = 1 if q._in_due else 2 if q._may_serve() else 0
             if due_mask[k]:
                 q._refresh()
+        if _poll_ns and pollable:
+            self.k.serve_round_poll(qs, envs, outs, n, due_mask, served, parallel, call_fds,
+                                    _poll_ns, POLL_BUDGET_NS)
+            for k, q in enumerate(members):
+                q._in_due = False
+                if served[k]:
+                    q.counters.parallel += parallel[k]
+                    q.channel.count_notifies(q._out.notified, q._out.saturated)
+                    q._after(q._out)
+            return
         helped = self.k.serve_round(qs, envs, outs, n, due_mask, served)
         j = 0  # the kernel serves the first ring it takes itself, the next `helped` on helpers
         for k, q in enumerate(members):

@@ -1129,37 +1129,27 @@ static int wait_requests(const struct bk_queue *q, uint64_t end)
  * virtual machine those cost several times the request. The call ends when the ring
  * has been idle for poll_ns, after budget_ns in all (MORE then says so), or as soon as
  * anything needs the caller: jobs out, the ring blocked, halted or corrupt. */
-void bk_serve_poll(struct bk_queue *q, const struct dp_env *env, struct bk_out *out,
-                   int32_t call_fd, uint32_t poll_ns, uint32_t budget_ns)
+/* bk_serve_poll's steps, shared with bk_serve_round_poll. */
+static void poll_signal(struct bk_out *out, int32_t call_fd)
 {
-    memset(out, 0, sizeof(*out));
-    q->env = env;
-    if (q->halted)
+    if (!(out->flags & BK_NOTIFY))
         return;
-    uint64_t start = dp_now_ns();
-    q->polling = 1;
-    for (;;) {
-        out->flags &= ~(uint32_t)BK_MORE;
-        serve_batch(q, env, out);
-        if (out->flags & BK_NOTIFY) {
-            out->flags &= ~(uint32_t)BK_NOTIFY;
-            if (signal_guest(call_fd))
-                out->notified++;
-            else
-                out->saturated++;
-        }
-        if (q->halted || q->inpool || out->njobs ||
-            (out->flags & (BK_BLOCKED | BK_CORRUPT | BK_INTERNAL)))
-            break;
-        uint64_t now = dp_now_ns();
-        if (now - start >= budget_ns)
-            break;
-        if (out->flags & BK_MORE)
-            continue;
-        uint64_t end = now + poll_ns < start + budget_ns ? now + poll_ns : start + budget_ns;
-        if (!wait_requests(q, end))
-            break;
-    }
+    out->flags &= ~(uint32_t)BK_NOTIFY;
+    if (signal_guest(call_fd))
+        out->notified++;
+    else
+        out->saturated++;
+}
+
+/* Whether the caller must see the ring now: watching it further would not serve it. */
+static int poll_stop(const struct bk_queue *q, const struct bk_out *out)
+{
+    return q->halted || q->inpool || out->njobs ||
+           (out->flags & (BK_BLOCKED | BK_CORRUPT | BK_INTERNAL));
+}
+
+static void poll_end(struct bk_queue *q, struct bk_out *out)
+{
     q->polling = 0;
     if (!q->halted && !(out->flags & (BK_MORE | BK_BLOCKED)) &&
         !(q->poll_busy && q->inpool)) {
@@ -1176,6 +1166,33 @@ void bk_serve_poll(struct bk_queue *q, const struct dp_env *env, struct bk_out *
             out->flags |= BK_MORE;
     }
     out->inpool = q->inpool;
+}
+
+void bk_serve_poll(struct bk_queue *q, const struct dp_env *env, struct bk_out *out,
+                   int32_t call_fd, uint32_t poll_ns, uint32_t budget_ns)
+{
+    memset(out, 0, sizeof(*out));
+    q->env = env;
+    if (q->halted)
+        return;
+    uint64_t start = dp_now_ns();
+    q->polling = 1;
+    for (;;) {
+        out->flags &= ~(uint32_t)BK_MORE;
+        serve_batch(q, env, out);
+        poll_signal(out, call_fd);
+        if (poll_stop(q, out))
+            break;
+        uint64_t now = dp_now_ns();
+        if (now - start >= budget_ns)
+            break;
+        if (out->flags & BK_MORE)
+            continue;
+        uint64_t end = now + poll_ns < start + budget_ns ? now + poll_ns : start + budget_ns;
+        if (!wait_requests(q, end))
+            break;
+    }
+    poll_end(q, out);
 }
 
 /* ---- several rings at once -------------------------------------------------------- */
@@ -1240,6 +1257,94 @@ uint32_t bk_serve_round(struct bk_queue *const *qs, const struct dp_env *const *
         }
     }
     return bk_serve_many(sq, se, so, m);
+}
+
+/* Add one round's results for a ring to what the call has gathered for it. */
+static void out_merge(struct bk_out *into, const struct bk_out *add)
+{
+    uint64_t *a = (uint64_t *)&into->stats;
+    const uint64_t *b = (const uint64_t *)&add->stats;
+    for (size_t i = 0; i < sizeof(add->stats) / sizeof(uint64_t); i++)
+        a[i] += b[i];
+    into->flags = (into->flags & ~(uint32_t)BK_MORE) | add->flags;
+    if (!into->refused_why && add->refused_why) {
+        into->refused_id = add->refused_id;
+        into->refused_why = add->refused_why;
+    }
+}
+
+/* bk_serve_round, then, as bk_serve_poll does for one ring, the rings that may be served
+ * (due[k] != 0) are watched for up to poll_ns after each round and served again in
+ * parallel as soon as one has requests; events are signalled here (call_fds[k]). outs[k]
+ * gathers ring k's results over the call, parallel[k] counts its batches served on a
+ * helper thread. The call ends when every ring has been idle for poll_ns, after
+ * budget_ns in all, or as soon as a ring needs the caller (jobs out, blocked, halted,
+ * corrupt). Rings on an external disk are not to be passed: their jobs need Python. */
+#define BK_POLL_MAX 16
+void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const *envs,
+                         struct bk_out *const *outs, uint32_t n, const uint8_t *due,
+                         uint8_t *served, uint32_t *parallel, const int32_t *call_fds,
+                         uint32_t poll_ns, uint32_t budget_ns)
+{
+    struct bk_out tmp[BK_POLL_MAX];
+    struct bk_out *tp[BK_POLL_MAX];
+    uint8_t d[BK_POLL_MAX], s[BK_POLL_MAX];
+    if (n > BK_POLL_MAX)
+        n = BK_POLL_MAX;    /* the binding passes at most ROUND_MEMBERS */
+    for (uint32_t k = 0; k < n; k++) {
+        memset(outs[k], 0, sizeof(*outs[k]));
+        served[k] = 0;
+        parallel[k] = 0;
+        d[k] = due[k];
+        tp[k] = &tmp[k];
+        if (due[k])
+            qs[k]->polling = 1;
+    }
+    uint64_t start = dp_now_ns();
+    for (;;) {
+        uint32_t helped = bk_serve_round(qs, envs, tp, n, d, s);
+        int stop = 0, more = 0;
+        for (uint32_t k = 0, j = 0; k < n; k++) {
+            if (!s[k])
+                continue;
+            if (j > 0 && j <= helped)
+                parallel[k]++;  /* the caller serves the first ring taken, helpers the next */
+            j++;
+            served[k] = 1;
+            out_merge(outs[k], &tmp[k]);
+            poll_signal(outs[k], call_fds[k]);
+            stop |= poll_stop(qs[k], outs[k]);
+            more |= (outs[k]->flags & BK_MORE) != 0;
+        }
+        if (stop)
+            break;
+        uint64_t now = dp_now_ns();
+        if (now - start >= budget_ns)
+            break;
+        for (uint32_t k = 0; k < n; k++)
+            d[k] = due[k] ? 2 : 0;  /* from now on: the rings with requests published */
+        if (more)
+            continue;
+        uint64_t end = now + poll_ns < start + budget_ns ? now + poll_ns : start + budget_ns;
+        int any = 0;
+        for (uint32_t i = 1; !any; i++) {
+            for (uint32_t k = 0; k < n && !any; k++)
+                any = d[k] && dp_ring_unconsumed(qs[k]->pages[0], qs[k]->size,
+                                                 qs[k]->req_cons, qs[k]->rsp_prod_pvt);
+            if (!any && (i & 63) == 0 && dp_now_ns() >= end)
+                break;
+            if (!any)
+                __builtin_ia32_pause();
+        }
+        if (!any)
+            break;
+    }
+    for (uint32_t k = 0; k < n; k++) {
+        if (due[k]) {
+            served[k] = 1;  /* its results (at least req_event's check) are in outs[k] */
+            poll_end(qs[k], outs[k]);
+        }
+    }
 }
 
 /* Requests an earlier daemon took and never visibly answered (from the in-flight

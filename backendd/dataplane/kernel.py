@@ -21,6 +21,7 @@ MAX_SEGS = 256
 MAX_RING_PAGES = 16
 MAX_RING = 1024
 ROUND_MAX = 1024  # rings in one bk_serve_round call
+POLL_MAX = 16  # rings in one bk_serve_round_poll call
 SLOT_MAX = 112
 
 NOTIFY, MORE, BLOCKED, CORRUPT, INTERNAL = 1, 2, 4, 8, 16
@@ -138,6 +139,9 @@ class Kernel:
         self.serve_round = _fn(lib.bk_serve_round, u32, [ctypes.POINTER(vp),
                                                          ctypes.POINTER(envp),
                                                          ctypes.POINTER(outp), u32, u8p, u8p])
+        self.serve_round_poll = _fn(lib.bk_serve_round_poll, None, [
+            ctypes.POINTER(vp), ctypes.POINTER(envp), ctypes.POINTER(outp), u32, u8p, u8p,
+            ctypes.POINTER(u32), ctypes.POINTER(i32), u32, u32])
         self._layout = _fn(lib.bk_layout, u32, [ctypes.POINTER(u32), u32])
         self._check()
 
