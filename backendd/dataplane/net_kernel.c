@@ -1316,13 +1316,23 @@ struct nk_poll_call {
 };
 
 /* The guest's event: an eventfd write, unless the counter is full (the guest has an
- * event pending then, and a write would block). Counted as written or saturated. */
+ * event pending then, and a write would block). Counted as written or saturated; a
+ * signal arriving meanwhile does not lose it (EINTR: again). */
 static void signal_guest(int32_t fd, uint32_t *written, uint32_t *saturated)
 {
     struct pollfd p = {fd, POLLOUT, 0};
     uint64_t one = 1;
-    if (fd >= 0 && poll(&p, 1, 0) == 1 && (p.revents & POLLOUT) &&
-        write(fd, &one, sizeof(one)) == (ssize_t)sizeof(one))
+    int r;
+    ssize_t w = -1;
+    do
+        r = fd >= 0 ? poll(&p, 1, 0) : -1;
+    while (r < 0 && errno == EINTR);
+    if (r == 1 && (p.revents & POLLOUT)) {
+        do
+            w = write(fd, &one, sizeof(one));
+        while (w < 0 && errno == EINTR);
+    }
+    if (w == (ssize_t)sizeof(one))
         (*written)++;
     else
         (*saturated)++;
