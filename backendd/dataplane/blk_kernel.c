@@ -164,10 +164,10 @@ struct bk_out {
     uint16_t jobs[BK_MAX_PENDING];
     uint8_t job_flush[BK_MAX_PENDING];
     uint32_t inpool;         /* requests in the pool (I/O threads or caller), not done */
-    uint32_t notified;       /* bk_serve_poll: events it signalled to the guest itself */
+    uint32_t notified;       /* bk_serve_*poll: events it signalled to the guest itself */
     uint64_t refused_id;     /* the first request refused in this call, for the log */
     uint32_t refused_why;    /* enum bk_why; 0: none */
-    uint32_t saturated;      /* bk_serve_poll: events not written, the eventfd being full */
+    uint32_t saturated;      /* bk_serve_*poll: events not written, the eventfd being full */
 };
 
 /* Why a request was refused (the binding turns these into request.py's words). */
@@ -208,7 +208,7 @@ struct bk_queue {
     uint32_t req_cons, rsp_prod_pvt, pushed;
     uint32_t halted, draining, inpool;
     uint32_t poll_busy;     /* bk_queue_set_poll: no kick wanted while jobs are out */
-    uint32_t polling;       /* in bk_serve_poll: an empty ring asks for no kick yet */
+    uint32_t polling;       /* in bk_serve_*poll: an empty ring asks for no kick yet */
     uint8_t *inflight;
     struct bk_disk disk;
     uint32_t fifo[BK_MAX_PENDING];   /* waiting slots, in ring order */
@@ -989,7 +989,7 @@ static int take(struct bk_queue *q, const struct dp_env *env, struct bk_out *out
         if (n == 0) {
             /* With jobs out and a caller that looks at the ring again after each
              * completion, the guest need not kick: req_event is left where it is. The
-             * same while bk_serve_poll watches the ring: it asks at the end. */
+             * same while bk_serve_*poll watches the ring: it asks at the end. */
             if ((q->poll_busy && q->inpool) || q->polling)
                 return 0;
             if (!final_check(q))
@@ -1104,32 +1104,20 @@ static int signal_guest(int32_t call_fd)
 {
     struct pollfd p = {call_fd, POLLOUT, 0};
     uint64_t one = 1;
-    return poll(&p, 1, 0) == 1 && (p.revents & POLLOUT) &&
-           write(call_fd, &one, sizeof(one)) == (ssize_t)sizeof(one);
+    int rc;
+    do
+        rc = poll(&p, 1, 0);
+    while (rc < 0 && errno == EINTR);
+    if (rc != 1 || !(p.revents & POLLOUT))
+        return 0;
+    ssize_t w;
+    do
+        w = write(call_fd, &one, sizeof(one));
+    while (w < 0 && errno == EINTR);
+    return w == (ssize_t)sizeof(one);
 }
 
-/* Spin until the guest has published requests (1) or `end` has passed (0). */
-static int wait_requests(const struct bk_queue *q, uint64_t end)
-{
-    for (uint32_t i = 1;; i++) {
-        if (dp_ring_unconsumed(q->pages[0], q->size, q->req_cons, q->rsp_prod_pvt))
-            return 1;
-        if ((i & 63) == 0 && dp_now_ns() >= end)
-            return 0;
-        __builtin_ia32_pause();
-    }
-}
-
-/* bk_serve, then the ring is watched for up to poll_ns after each batch, and what the
- * guest publishes meanwhile is served in the same call, the guest's events signalled
- * here (call_fd) as each batch is published. Meanwhile req_event stays behind, so the
- * guest does not kick; it is set, and the ring looked at once more, when the call ends.
- * A guest waiting for its answers before it asks again (low queue depth) then costs no
- * sleep and wake-up of the event loop, and no pass through Python, per request: on a
- * virtual machine those cost several times the request. The call ends when the ring
- * has been idle for poll_ns, after budget_ns in all (MORE then says so), or as soon as
- * anything needs the caller: jobs out, the ring blocked, halted or corrupt. */
-/* bk_serve_poll's steps, shared with bk_serve_round_poll. */
+/* The steps of bk_serve_round_poll (below), which watches rings after a batch. */
 static void poll_signal(struct bk_out *out, int32_t call_fd)
 {
     if (!(out->flags & BK_NOTIFY))
@@ -1141,11 +1129,10 @@ static void poll_signal(struct bk_out *out, int32_t call_fd)
         out->saturated++;
 }
 
-/* Whether the caller must see the ring now: watching it further would not serve it. */
+/* Whether the caller must see the ring now: halted, or jobs only Python can do. */
 static int poll_stop(const struct bk_queue *q, const struct bk_out *out)
 {
-    return q->halted || q->inpool || out->njobs ||
-           (out->flags & (BK_BLOCKED | BK_CORRUPT | BK_INTERNAL));
+    return q->halted || out->njobs || (out->flags & (BK_CORRUPT | BK_INTERNAL));
 }
 
 static void poll_end(struct bk_queue *q, struct bk_out *out)
@@ -1166,33 +1153,6 @@ static void poll_end(struct bk_queue *q, struct bk_out *out)
             out->flags |= BK_MORE;
     }
     out->inpool = q->inpool;
-}
-
-void bk_serve_poll(struct bk_queue *q, const struct dp_env *env, struct bk_out *out,
-                   int32_t call_fd, uint32_t poll_ns, uint32_t budget_ns)
-{
-    memset(out, 0, sizeof(*out));
-    q->env = env;
-    if (q->halted)
-        return;
-    uint64_t start = dp_now_ns();
-    q->polling = 1;
-    for (;;) {
-        out->flags &= ~(uint32_t)BK_MORE;
-        serve_batch(q, env, out);
-        poll_signal(out, call_fd);
-        if (poll_stop(q, out))
-            break;
-        uint64_t now = dp_now_ns();
-        if (now - start >= budget_ns)
-            break;
-        if (out->flags & BK_MORE)
-            continue;
-        uint64_t end = now + poll_ns < start + budget_ns ? now + poll_ns : start + budget_ns;
-        if (!wait_requests(q, end))
-            break;
-    }
-    poll_end(q, out);
 }
 
 /* ---- several rings at once -------------------------------------------------------- */
@@ -1259,27 +1219,49 @@ uint32_t bk_serve_round(struct bk_queue *const *qs, const struct dp_env *const *
     return bk_serve_many(sq, se, so, m);
 }
 
-/* Add one round's results for a ring to what the call has gathered for it. */
+/* Add one round's results for a ring to what the call has gathered for it: counts add
+ * up, MORE and BLOCKED are the latest round's, CORRUPT and INTERNAL stay. */
 static void out_merge(struct bk_out *into, const struct bk_out *add)
 {
     uint64_t *a = (uint64_t *)&into->stats;
     const uint64_t *b = (const uint64_t *)&add->stats;
     for (size_t i = 0; i < sizeof(add->stats) / sizeof(uint64_t); i++)
         a[i] += b[i];
-    into->flags = (into->flags & ~(uint32_t)BK_MORE) | add->flags;
+    into->flags = (into->flags & (BK_NOTIFY | BK_CORRUPT | BK_INTERNAL)) | add->flags;
+    into->njobs += add->njobs;
     if (!into->refused_why && add->refused_why) {
         into->refused_id = add->refused_id;
         into->refused_why = add->refused_why;
     }
 }
 
-/* bk_serve_round, then, as bk_serve_poll does for one ring, the rings that may be served
- * (due[k] != 0) are watched for up to poll_ns after each round and served again in
- * parallel as soon as one has requests; events are signalled here (call_fds[k]). outs[k]
- * gathers ring k's results over the call, parallel[k] counts its batches served on a
- * helper thread. The call ends when every ring has been idle for poll_ns, after
- * budget_ns in all, or as soon as a ring needs the caller (jobs out, blocked, halted,
- * corrupt). Rings on an external disk are not to be passed: their jobs need Python. */
+static void reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *out);
+
+/* Whether a watched ring has something to do: requests published with room to take
+ * them, or jobs the I/O threads have finished. */
+static int poll_due(const struct bk_queue *q)
+{
+    if (__atomic_load_n(&q->ndone, __ATOMIC_ACQUIRE))   /* a hint: reap() takes the lock */
+        return 1;
+    return !q->halted && q->req_cons - q->rsp_prod_pvt < q->max_pending &&
+           dp_ring_unconsumed(q->pages[0], q->size, q->req_cons, q->rsp_prod_pvt);
+}
+
+/* bk_serve_round, then, as long as the guests keep them busy, more rounds in the same
+ * call: after each round the rings that may be served (due[k] != 0) are watched for up
+ * to poll_ns; a ring with requests published is served again (in parallel on the
+ * helpers when several are), a ring whose jobs the I/O threads have finished is reaped
+ * here (as bk_reap would be on its wake eventfd). While watched, req_event stays where
+ * it was, so the guest does not kick; the guest's event is signalled here (call_fds[k])
+ * as each batch is published. When the call ends (the rings idle for poll_ns, budget_ns
+ * in all, or a ring halted or with jobs only the caller can do) each ring's kick is
+ * read, its req_event set and the ring looked at once more (MORE if it has requests).
+ * A ring the loop may not serve (due[k] == 0: suspended, halted, stopping) is not
+ * touched. outs[k] gathers ring k's results over the call (inpool: at its end),
+ * served[k] says whether there are any, parallel[k] counts the batches served for it
+ * on a helper thread. A guest that waits for its answers before asking again then
+ * costs no sleep and wake-up of the event loop, and no pass through Python, per
+ * request: on a virtual machine those cost several times the request. */
 #define BK_POLL_MAX 16
 void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const *envs,
                          struct bk_out *const *outs, uint32_t n, const uint8_t *due,
@@ -1290,7 +1272,7 @@ void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const 
     struct bk_out *tp[BK_POLL_MAX];
     uint8_t d[BK_POLL_MAX], s[BK_POLL_MAX];
     if (n > BK_POLL_MAX)
-        n = BK_POLL_MAX;    /* the binding passes at most ROUND_MEMBERS */
+        n = BK_POLL_MAX;    /* the binding passes at most POLL_MAX */
     for (uint32_t k = 0; k < n; k++) {
         memset(outs[k], 0, sizeof(*outs[k]));
         served[k] = 0;
@@ -1305,16 +1287,24 @@ void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const 
         uint32_t helped = bk_serve_round(qs, envs, tp, n, d, s);
         int stop = 0, more = 0;
         for (uint32_t k = 0, j = 0; k < n; k++) {
-            if (!s[k])
-                continue;
-            if (j > 0 && j <= helped)
-                parallel[k]++;  /* the caller serves the first ring taken, helpers the next */
-            j++;
-            served[k] = 1;
-            out_merge(outs[k], &tmp[k]);
-            poll_signal(outs[k], call_fds[k]);
-            stop |= poll_stop(qs[k], outs[k]);
-            more |= (outs[k]->flags & BK_MORE) != 0;
+            if (s[k]) {
+                if (j > 0 && j <= helped)
+                    parallel[k]++;  /* the caller serves the first ring, helpers the next */
+                j++;
+                served[k] = 1;
+                out_merge(outs[k], &tmp[k]);
+            }
+            if (due[k] && __atomic_load_n(&qs[k]->ndone, __ATOMIC_ACQUIRE)) {
+                memset(&tmp[k], 0, sizeof(tmp[k]));
+                reap(qs[k], envs[k], &tmp[k]);
+                served[k] = 1;
+                out_merge(outs[k], &tmp[k]);
+            }
+            if (served[k]) {
+                poll_signal(outs[k], call_fds[k]);
+                stop |= poll_stop(qs[k], outs[k]);
+                more |= (outs[k]->flags & BK_MORE) != 0;
+            }
         }
         if (stop)
             break;
@@ -1329,8 +1319,7 @@ void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const 
         int any = 0;
         for (uint32_t i = 1; !any; i++) {
             for (uint32_t k = 0; k < n && !any; k++)
-                any = d[k] && dp_ring_unconsumed(qs[k]->pages[0], qs[k]->size,
-                                                 qs[k]->req_cons, qs[k]->rsp_prod_pvt);
+                any = d[k] && poll_due(qs[k]);
             if (!any && (i & 63) == 0 && dp_now_ns() >= end)
                 break;
             if (!any)
@@ -1345,6 +1334,17 @@ void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const 
             poll_end(qs[k], outs[k]);
         }
     }
+}
+
+/* bk_serve_round_poll for one ring, which the caller serves itself. */
+void bk_serve_poll(struct bk_queue *q, const struct dp_env *env, struct bk_out *out,
+                   int32_t call_fd, uint32_t poll_ns, uint32_t budget_ns)
+{
+    const uint8_t due = 1;
+    uint8_t served;
+    uint32_t parallel;
+    bk_serve_round_poll(&q, &env, &out, 1, &due, &served, &parallel, &call_fd, poll_ns,
+                        budget_ns);
 }
 
 /* Requests an earlier daemon took and never visibly answered (from the in-flight
@@ -1400,11 +1400,10 @@ static void finish_jobs(struct bk_queue *q, const struct dp_env *env, const uint
     }
 }
 
-void bk_reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
+static void reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
     uint16_t jobs[BK_MAX_PENDING];
     uint32_t n;
-    memset(out, 0, sizeof(*out));
     q->env = env;
     if (q->wake_fd >= 0) {
         uint64_t v;
@@ -1422,6 +1421,12 @@ void bk_reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
         push(q, out);
     }
     out->inpool = q->inpool;
+}
+
+void bk_reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
+{
+    memset(out, 0, sizeof(*out));
+    reap(q, env, out);
 }
 
 /* On the event loop: jobs the caller moved itself (disk.external) are back (failed: the
