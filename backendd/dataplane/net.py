@@ -14,6 +14,11 @@ GIL released, so the queues of a multi-queue nic use the cores. Each wake-up tou
 only its own queue's state; what the queues share (the vif's counters and multicast
 list, the grant table, the regions) is read before the call and written after it, by
 Python.
+
+On a loop with at most POLL_QUEUES queues, a round is one `nk_serve_poll` call instead:
+every queue is served and then watched ([daemon] poll_us, asleep in ppoll on its kicks
+and tap) and served again in the same call, its events signalled by the kernel, so
+Python runs once per call rather than once per wake-up.
 """
 
 from __future__ import annotations
