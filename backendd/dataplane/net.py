@@ -90,7 +90,7 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
     def serve(self, due: list[CompiledTxPath | CompiledRxPath]) -> None:
         if _poll_ns and self.members and len(self.members) <= POLL_QUEUES and all(
                 p.channel is not None for paths in self.members.values() for p in paths):
-            self._serve_poll()
+            self._serve_poll(due)
             return
         ready = []
         for path in due:
@@ -136,10 +136,12 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
                 log.exception("%s: after the kernel call", path.name)
 
 
-    def _serve_poll(self) -> None:
-        """Every queue on the loop, due or not, in one nk_serve_poll call: each is
-        served, then watched for _poll_ns after each batch and served again (its kicks
-        read and its events signalled by the kernel), on a thread of its own."""
+    def _serve_poll(self, due: list[CompiledTxPath | CompiledRxPath]) -> None:
+        """Every queue on the loop in one nk_serve_poll call, on a thread of its own:
+        what is due is served, and every queue is then watched for _poll_ns after each
+        batch and served again once ready (its kicks read and its events signalled by
+        the kernel). A path the call did not serve is left as it was."""
+        due_ids = {id(path) for path in due}
         groups: list[tuple[CompiledTxPath | None, CompiledRxPath | None,
                            list[CompiledTxPath | CompiledRxPath]]] = []
         for fd in sorted(self.members):
@@ -148,7 +150,7 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
             rx: CompiledRxPath | None = None
             for path in paths:
                 try:
-                    ready = path._prepare()
+                    ready = path._prepare(polled=True)
                 except Exception:  # one path's bug must not leave the others unserved
                     log.exception("%s: before the kernel call", path.name)
                     ready = False
@@ -166,10 +168,12 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
             if tx is not None and tx.channel is not None:
                 tx._work(p.tx)
                 p.tx_call, p.tx_kick = tx.channel.call_fd, tx.channel.kick_fd
+                p.tx_due = id(tx) in due_ids
             if rx is not None and rx.channel is not None:
                 rx._work(p.rx)
                 p.rx_call, p.rx_kick = rx.channel.call_fd, rx.channel.kick_fd
                 p.rx_stalled = int(rx._stalled and not rx._reading)
+                p.rx_due = id(rx) in due_ids and not p.rx_stalled
         try:
             helped = self.k.serve_poll(polls, len(groups), _poll_ns, POLL_BUDGET_NS)
         finally:
@@ -178,21 +182,23 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
                     if path is not None:
                         path._released()
         self.polled += 1
-        if sum((tx is not None) + (rx is not None) for tx, rx, _ in groups) > 1:
+        if sum(bool(p.tx_batches) + bool(p.rx_batches) for p in polls) > 1:
             self.shared += 1
         if len(groups) > 1:
             self.helped += helped
-            names = {path.name for tx, rx, _ in groups for path in (tx, rx) if path}
-            if helped and len(names) > 1 and len({p.tx.thread | p.rx.thread
-                                                   for p in polls}) > 1:
+            names = {path.name for (tx, rx, _), p in zip(groups, polls, strict=True)
+                     for path, n in ((tx, p.tx_batches), (rx, p.rx_batches)) if path and n}
+            if helped and len(names) > 1 and len({p.tx.thread for p in polls
+                                                   if p.batches}) > 1:
                 self.apart += 1
         caller = threading.get_native_id()
         for p, (tx, rx, paths) in zip(polls, groups, strict=True):
             self.batches += p.batches
             self.ends[min(p.ended, 2)] += 1
-            for path, work, notified, saturated, kicks in (
-                    (tx, p.tx, p.tx_notified, p.tx_saturated, p.tx_kicks),
-                    (rx, p.rx, p.rx_notified, p.rx_saturated, p.rx_kicks)):
+            served = []
+            for path, work, notified, saturated, kicks, batches in (
+                    (tx, p.tx, p.tx_notified, p.tx_saturated, p.tx_kicks, p.tx_batches),
+                    (rx, p.rx, p.rx_notified, p.rx_saturated, p.rx_kicks, p.rx_batches)):
                 if path is None or path.channel is None:
                     continue
                 path.channel.count_notifies(notified, saturated)
@@ -204,12 +210,13 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
                         if other is not tx and other is not rx \
                                 and other.channel is path.channel:
                             other.kick()
+                if not batches:
+                    continue  # not served: as it was
+                served.append(path)
                 path.served_on.add(work.thread)
                 if work.thread != caller:
                     path.vif.counters["parallel"] += 1
-            for path in (tx, rx):
-                if path is None:
-                    continue
+            for path in served:
                 try:
                     path._finish()
                 except Exception:  # one path's bug must not leave the others unanswered
@@ -256,7 +263,7 @@ class CompiledTxPath(TxPath):
         if self._prepare():
             self._call_prepared()
 
-    def _prepare(self) -> bool:
+    def _prepare(self, polled: bool = False) -> bool:
         """A wake-up is due: False if it has nothing to do, else the queue is loaded."""
         self._scheduled = False
         if self.stopped or self.suspended or self.vif.halted or self._waiting_writable:
@@ -475,12 +482,12 @@ class CompiledRxPath(RxPath):
             q.count += 1
         self.native.refresh()  # posted buffers keep the regions exported
 
-    def _prepare(self) -> bool:
-        """A wake-up is due: False if it has nothing to do, else the queue is loaded. A
-        reader paused for want of posted buffers is served too (a polled call watches
-        its ring): it resumes once a call ends with enough of them."""
+    def _prepare(self, polled: bool = False) -> bool:
+        """A wake-up is due: False if it has nothing to do, else the queue is loaded. In
+        a polled call, a reader paused for want of posted buffers is watched too: it
+        resumes once a call finds enough of them."""
         if self.stopped or self.suspended or self.vif.halted \
-                or not (self._reading or self._stalled):
+                or not (self._reading or (polled and self._stalled)):
             return False
         ring, q, vif = self.ring, self.q, self.vif
         q.r.load(ring)

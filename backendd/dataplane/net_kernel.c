@@ -1299,9 +1299,12 @@ struct nk_poll {
     struct nk_work tx, rx;
     int32_t tx_call, rx_call;   /* the guest's events, signalled as batches are published */
     int32_t tx_kick, rx_kick;   /* the guest's kicks, waited on and read; equal: shared */
+    uint32_t tx_due, rx_due;    /* served at once; otherwise once it is ready */
     uint32_t tx_notified, tx_saturated, rx_notified, rx_saturated;
     uint32_t tx_kicks, rx_kicks;    /* kick counters read (a shared channel's: tx_kicks) */
-    uint32_t batches;           /* times the queue was served, the first included */
+    uint32_t tx_batches, rx_batches;    /* times each direction was served (0: its out
+                                         * is untouched, the path left as it was) */
+    uint32_t batches;           /* times the queue was served */
     uint32_t woken;             /* waits that ended with the queue ready */
     uint32_t ended;             /* NK_END_* */
     uint32_t rx_stalled;        /* in and out: the reader waits for buffers (one stall
@@ -1389,8 +1392,9 @@ static void merge_rx(struct nk_rx_out *acc, const struct nk_rx_out *b)
  * responses published, ring.h's notify rule applied (the guest's event signalled
  * here), and req_event set by the final check when the ring is empty, so the guest
  * kicks for what it publishes next: that kick, or the tap becoming readable, or (with
- * too few rx buffers posted) the rx kick, is what the wait watches. The last batch's
- * flags are the call's, as a single wake-up's would be. */
+ * too few rx buffers posted) the rx kick, is what the wait watches. A direction is
+ * served only when it is due or ready (a ring not kicked is not touched, not even its
+ * req_event); the last batch's flags are the call's, as a single wake-up's would be. */
 static void poll_group(void *ctx, uint32_t k)
 {
     const struct nk_poll_call *c = ctx;
@@ -1401,30 +1405,31 @@ static void poll_group(void *ctx, uint32_t k)
     struct nk_rx_out *rxo = p->rx.out, rb;
     uint64_t start = dp_now_ns(), deadline = start + c->budget_ns;
     uint64_t tid = (uint64_t)syscall(SYS_gettid);
-    int first = 1;
+    int want_tx = txq && p->tx_due, want_rx = rxq && p->rx_due;
     p->tx.thread = p->rx.thread = tid;
     p->ended = NK_END_IDLE;
     for (;;) {
-        int again = 0, stop = 0;
-        p->batches++;
-        if (txq) {
-            struct nk_tx_out *o = first ? txo : &tb;
-            if (!first)
+        int again_tx = 0, again_rx = 0, stop = 0;
+        if (want_tx || want_rx)
+            p->batches++;
+        if (want_tx) {
+            struct nk_tx_out *o = p->tx_batches ? &tb : txo;
+            if (p->tx_batches)
                 txq->budget = NK_BUDGET;
             nk_tx(txq, p->tx.env, o);
             if (o->flags & NK_NOTIFY) {
                 o->flags &= ~(uint32_t)NK_NOTIFY;
                 signal_guest(p->tx_call, &p->tx_notified, &p->tx_saturated);
             }
-            if (!first)
+            if (p->tx_batches++)
                 merge_tx(txo, o);
             if (txo->flags & (NK_FATAL | NK_MCAST | NK_TAP_FULL | NK_CREDIT))
                 stop = 1;
             else if (txo->flags & NK_MORE)
-                again = 1;
+                again_tx = 1;
         }
-        if (rxq && !stop) {
-            struct nk_rx_out *o = first ? rxo : &rb;
+        if (want_rx && !stop) {
+            struct nk_rx_out *o = p->rx_batches ? &rb : rxo;
             nk_rx(rxq, p->rx.env, p->rx.budget, o);
             if (o->rx_stalls && p->rx_stalled && !(o->rx_packets | o->rx_dropped |
                                                   o->rx_mcast_filtered | o->rx_steered))
@@ -1434,14 +1439,13 @@ static void poll_group(void *ctx, uint32_t k)
                 o->flags &= ~(uint32_t)NK_NOTIFY;
                 signal_guest(p->rx_call, &p->rx_notified, &p->rx_saturated);
             }
-            if (!first)
+            if (p->rx_batches++)
                 merge_rx(rxo, o);
             if (rxo->flags & NK_FATAL)
                 stop = 1;
             else if ((rxo->flags & NK_RX_STALL) && (rxo->flags & NK_RX_MORE))
-                again = 1;
+                again_rx = 1;
         }
-        first = 0;
         if (stop) {
             p->ended = NK_END_CALLER;
             return;
@@ -1451,17 +1455,19 @@ static void poll_group(void *ctx, uint32_t k)
             p->ended = NK_END_BUDGET;
             return;
         }
-        if (again)
+        want_tx = again_tx;
+        want_rx = again_rx;
+        if (want_tx || want_rx)
             continue;
         /* Nothing left: wait for the guest's kick or the tap. */
         struct pollfd fds[3];
         nfds_t n = 0;
-        int tx_at = -1, rx_at = -1;
+        int tx_at = -1, rx_at = -1, tap_at = -1;
         if (txq && p->tx_kick >= 0) {
             tx_at = (int)n;
             fds[n++] = (struct pollfd){p->tx_kick, POLLIN, 0};
         }
-        if (rxq && (rxo->flags & NK_RX_STALL)) {
+        if (rxq && p->rx_stalled) {
             if (p->rx_kick >= 0 && p->rx_kick != p->tx_kick) {
                 rx_at = (int)n;
                 fds[n++] = (struct pollfd){p->rx_kick, POLLIN, 0};
@@ -1470,6 +1476,7 @@ static void poll_group(void *ctx, uint32_t k)
                 fds[n++] = (struct pollfd){p->rx_kick, POLLIN, 0};
             }
         } else if (rxq) {
+            tap_at = (int)n;
             fds[n++] = (struct pollfd){rxq->fd, POLLIN, 0};
         }
         if (!n)
@@ -1483,10 +1490,19 @@ static void poll_group(void *ctx, uint32_t k)
             return;
         }
         p->woken++;
-        if (tx_at >= 0 && (fds[tx_at].revents & POLLIN) && read_kick(fds[tx_at].fd))
-            p->tx_kicks++;
-        if (rx_at >= 0 && (fds[rx_at].revents & POLLIN) && read_kick(fds[rx_at].fd))
-            p->rx_kicks++;
+        if (tx_at >= 0 && fds[tx_at].revents) {
+            if (read_kick(fds[tx_at].fd))
+                p->tx_kicks++;
+            want_tx = txq != NULL;
+            want_rx |= rxq && fds[tx_at].fd == p->rx_kick;    /* a shared channel */
+        }
+        if (rx_at >= 0 && fds[rx_at].revents) {
+            if (read_kick(fds[rx_at].fd))
+                p->rx_kicks++;
+            want_rx = 1;
+        }
+        if (tap_at >= 0 && fds[tap_at].revents)
+            want_rx = 1;
     }
 }
 

@@ -171,14 +171,16 @@ class Work(ctypes.Structure):
 
 class Poll(ctypes.Structure):
     """One queue in an nk_serve_poll call (struct nk_poll): its tx and rx wake-ups (q
-    None: not served in this call), the guest's eventfds, and what the call did on
-    Python's behalf."""
+    None: not watched in this call; `due`: served at once, else once ready), the
+    guest's eventfds, and what the call did on Python's behalf."""
     _fields_ = [("tx", Work), ("rx", Work),
                 ("tx_call", ctypes.c_int32), ("rx_call", ctypes.c_int32),
                 ("tx_kick", ctypes.c_int32), ("rx_kick", ctypes.c_int32),
+                ("tx_due", ctypes.c_uint32), ("rx_due", ctypes.c_uint32),
                 ("tx_notified", ctypes.c_uint32), ("tx_saturated", ctypes.c_uint32),
                 ("rx_notified", ctypes.c_uint32), ("rx_saturated", ctypes.c_uint32),
                 ("tx_kicks", ctypes.c_uint32), ("rx_kicks", ctypes.c_uint32),
+                ("tx_batches", ctypes.c_uint32), ("rx_batches", ctypes.c_uint32),
                 ("batches", ctypes.c_uint32), ("woken", ctypes.c_uint32),
                 ("ended", ctypes.c_uint32), ("rx_stalled", ctypes.c_uint32)]
 
