@@ -81,6 +81,11 @@ DEVICE_FAMILIES: dict[str, dict[str, Family]] = {
         "nbd_issued_in_c": _c("backendd_blk_nbd_issued_in_c_total",
                               "NBD reads and writes issued and completed in C by the "
                               "compiled data plane."),
+        "nbd_wakes_in_c": _c("backendd_blk_nbd_wakeups_in_c_total",
+                             "Wake-ups of an NBD connection's socket served by one C call "
+                             "(replies read, rings answered and served, commands issued)."),
+        "nbd_replies_in_c": _c("backendd_blk_nbd_replies_in_c_total",
+                               "NBD replies read in those wake-ups."),
         "nbd_waiting": Family("backendd_blk_nbd_waiting_requests", "gauge",
                               "Requests waiting for the NBD connection."),
         "nbd_in_flight": Family("backendd_blk_nbd_in_flight_requests", "gauge",

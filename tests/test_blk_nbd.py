@@ -14,9 +14,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_blk_integration import connect_front
@@ -38,6 +39,12 @@ MiB = 1 << 20
 
 # --- servers ---------------------------------------------------------------------------
 
+def server_env() -> dict[str, str]:
+    """The servers' environment: ours without a preloaded sanitizer runtime (the tests
+    run again in a sanitized process; the servers are not what they check)."""
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
 @dataclass
 class NbdServer:
     """A server we started (it daemonised once listening); stopped by its pid."""
@@ -51,7 +58,7 @@ class NbdServer:
         self.pidfile.unlink(missing_ok=True)
         # Both servers fork into the background only once they listen: when this
         # returns, the socket accepts connections.
-        subprocess.run(self.argv, check=True, timeout=60)
+        subprocess.run(self.argv, check=True, timeout=60, env=server_env())
         self.pid = int(self.pidfile.read_text())
         return self
 
@@ -146,7 +153,8 @@ class Nbdkit(NbdServer):
 
     def start(self) -> NbdServer:
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, start_new_session=True)
+                                     stdout=subprocess.PIPE, start_new_session=True,
+                                     env=server_env())
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline() == b"ready\n"
         self.pid = self.proc.pid
@@ -525,6 +533,121 @@ async def test_a_read_from_c_that_the_server_fails_is_an_error_for_it_alone(vm, 
     await detach(vm, 1, front)
 
 
+def fionread(fd: int) -> int:
+    import fcntl
+    import termios
+    buf = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return int.from_bytes(buf, "little")
+
+
+async def test_one_wake_up_reads_every_reply_the_socket_holds(vm, tmp_path, servers):
+    """While only C has commands out, a readable socket is one C call (nf_wake): eight
+    reads whose replies all wait in the socket are read, answered and signalled to the
+    guest in one wake-up, not one per reply."""
+    image = tmp_path / "disk.raw"
+    content = random.Random(12).randbytes(2 * MiB)
+    image.write_bytes(content)
+    srv = qemu_nbd(tmp_path, image, "raw")
+    servers.append(srv.start())
+    front, _ = await attach(vm, 1, uri(srv, "disk"))
+    assert await front.read(0, 4096) == content[:4096]
+    (conn,) = vm.server.connections.values()  # the daemon runs on this loop
+    device = conn.session.devices[1].device
+    disk, channel = device.image, device.queues[0].channel
+    before = stats_of(await vm.client.stats(1), 1)
+    signalled = channel.notifies + channel.notifies_saturated
+    srv.pause()  # the server answers nothing until all eight are sent
+    # One sector each: pages in one run, issued from C (nbd_kernel.c).
+    reads = [asyncio.ensure_future(front.read(64 * k, 512)) for k in range(8)]
+    await in_flight_reaches(vm.client, 1, 8)
+    srv.resume()
+    # The event loop (the daemon's too) is held here, without an await, until the eight
+    # replies (structured: a 20-byte header, the offset, the data) are in the socket.
+    fd, want = disk._conns[0].fd, 8 * (20 + 8 + 512)
+    deadline = time.monotonic() + 60
+    while fionread(fd) < want:
+        assert time.monotonic() < deadline, f"{fionread(fd)} of {want} bytes arrived"
+        time.sleep(0.001)
+    assert await asyncio.gather(*reads) == [content[32768 * k:32768 * k + 512]
+                                            for k in range(8)]
+    after = stats_of(await vm.client.stats(1), 1)
+    assert after["nbd_wakes_in_c"] - before["nbd_wakes_in_c"] == 1
+    assert after["nbd_replies_in_c"] - before["nbd_replies_in_c"] == 8
+    assert after["reads"] - before["reads"] == 8 and after["errors"] == 0
+    assert channel.notifies + channel.notifies_saturated == signalled + 1  # once
+    await detach(vm, 1, front)
+
+
+async def taken_by_the_wake_up(vm: Vm, front: BlkFront, srv: NbdServer, sector: int,
+                               second: Callable[[], Awaitable[Any]]) -> tuple[bytes, Any, int]:
+    """With the server paused, read one sector at `sector` from ring 0 (issued from C),
+    then post `second()` on ring 0 without a kick (as a guest whose backend left
+    req_event behind, being busy, need not kick): the daemon sees it only when it serves
+    the ring again, after the read's reply, in the same C call (nf_wake). Returns the
+    read's data, the second request's result (or exception), and the flags nf_wake left
+    for Python on ring 0."""
+    (conn,) = vm.server.connections.values()  # the daemon runs on this loop
+    q = conn.session.devices[1].device.queues[0]
+    seen: list[int] = []
+    woke = q.nbd_woke
+
+    def spy() -> int:  # what nf_wake left to Python, then the real thing
+        seen.append(q._ring.flags)
+        return woke()
+
+    q.nbd_woke = spy
+    ring = front.queues[0]
+    try:
+        srv.pause()
+        first = asyncio.ensure_future(front.read(sector, 512, queue=0))
+        await in_flight_reaches(vm.client, 1, 1)
+        prod = ring.front.req_prod_pvt
+        ring.port.send = lambda: None
+        task = asyncio.ensure_future(second())
+        while ring.front.req_prod_pvt == prod:  # posted
+            await asyncio.sleep(0)
+        del ring.port.send
+        srv.resume()
+        data = await first
+        (result,) = await asyncio.gather(task, return_exceptions=True)
+    finally:
+        del q.nbd_woke
+    return data, result, seen[0]
+
+
+@pytest.mark.parametrize("what", ["scattered", "flush", "refused"])
+async def test_a_request_the_wake_up_takes_that_c_cannot_issue(vm, tmp_path, servers, what):
+    """A request taken by the wake-up in C that C cannot issue itself is left to Python:
+    a read into scattered pages and a flush are issued the Python way (NF_R_REST), a
+    request refused is logged and counted by Python (NF_R_OUT)."""
+    from backendd.dataplane.blknbd import NF_R_OUT, NF_R_REST
+
+    image = tmp_path / "disk.raw"
+    content = random.Random(13).randbytes(2 * MiB)
+    image.write_bytes(content)
+    srv = qemu_nbd(tmp_path, image, "raw")
+    servers.append(srv.start())
+    front, _ = await attach(vm, 1, uri(srv, "disk"))
+    second = {"scattered": lambda: front.read(64, 3 * 4096, queue=0),
+              "flush": lambda: front.flush(queue=0),
+              "refused": lambda: front.read(4 * MiB // 512, 4096, queue=0)}[what]
+    data, result, flags = await taken_by_the_wake_up(vm, front, srv, 8, second)
+    assert data == content[4096:4608]
+    if what == "refused":  # beyond the export: the kernel refuses it
+        assert isinstance(result, BlkIOError)
+    elif what == "scattered":
+        assert result == content[64 * 512:64 * 512 + 3 * 4096]
+    else:
+        assert result is None
+    assert flags == (NF_R_OUT if what == "refused" else NF_R_REST)
+    stats = stats_of(await vm.client.stats(1), 1)
+    assert stats["invalid"] == (what == "refused") and stats["errors"] == 0
+    assert stats["nbd_in_flight"] == 0 and stats["nbd_wakes_in_c"] > 0
+    assert await front.read(8, 512) == content[4096:4608]
+    await detach(vm, 1, front)
+
+
 async def compiled_nbd_scenario(tmp_path: Path) -> None:
     """Verified I/O of every kind through the compiled kernel on an NBD disk: direct and
     indirect, guest pages in one run and scattered (the bounce buffer), flush, discard,
@@ -547,9 +670,27 @@ async def compiled_nbd_scenario(tmp_path: Path) -> None:
         assert await front.read(4 * MiB // 512, MiB) == model[4 * MiB:5 * MiB]
         with pytest.raises(BlkIOError):  # beyond the export: the kernel refuses it
             await front.read(8 * MiB // 512, 4096)
+        # One-sector requests only, on both rings: all of them issued from C, so their
+        # replies are read and answered by nf_wake.
+        reads = [front.read(k * 4096 // 512 + 1, 512) for k in range(32)]
+        assert await asyncio.gather(*reads) == [model[k * 4096 + 512:k * 4096 + 1024]
+                                                for k in range(32)]
+        # Taken by nf_wake behind a read from C: a read into scattered pages (issued by
+        # Python) and a request it refuses (answered by Python).
+        from backendd.dataplane.blknbd import NF_R_OUT, NF_R_REST
+        data, result, flags = await taken_by_the_wake_up(
+            vm, front, srv, 1, lambda: front.read(64, 3 * 4096, queue=0))
+        assert data == model[512:1024] and flags == NF_R_REST
+        assert result == model[64 * 512:64 * 512 + 3 * 4096]
+        data, result, flags = await taken_by_the_wake_up(
+            vm, front, srv, 1, lambda: front.read(8 * MiB // 512, 4096, queue=0))
+        assert data == model[512:1024] and flags == NF_R_OUT
+        assert isinstance(result, BlkIOError)
         stats = stats_of(await client.stats(1), 1)
-        assert stats["errors"] == 0 and stats["invalid"] == 1
+        assert stats["errors"] == 0 and stats["invalid"] == 2
         assert stats["nbd_issued_in_c"] > 0  # plain reads and writes: nbd_kernel.c
+        # ... whose replies were read, answered and followed in C (nf_wake), both rings
+        assert stats["nbd_wakes_in_c"] > 0 and stats["nbd_replies_in_c"] > 0
         await detach(vm, 1, front)
     finally:
         await closing(vm)
@@ -582,6 +723,38 @@ def test_compiled_kernel_on_an_nbd_disk_under_sanitizers(tmp_path):
     assert result.returncode == 0 and "nbd ok" in result.stdout, result.stdout + report
 
 
+def test_the_nbd_wake_up_under_sanitizers(tmp_path):
+    """nbd_kernel.c's slow-path exits under the sanitizers too: a read the server fails,
+    a connection lost with reads and writes from C in flight, requests left to Python,
+    several replies in one wake-up (these tests, run again in a sanitized process)."""
+    from test_dataplane import _run_sanitized
+
+    from backendd.dataplane.build import build
+    lib = build("blk", tmp_path / "asan.so", sanitize=True)
+    nbd_lib = build("nbd", tmp_path / "asan-nbd.so", sanitize=True)
+    tests = ["test_a_read_from_c_that_the_server_fails_is_an_error_for_it_alone",
+             "test_a_request_in_flight_when_the_server_dies_is_sent_again",
+             "test_a_request_the_wake_up_takes_that_c_cannot_issue",
+             "test_one_wake_up_reads_every_reply_the_socket_holds"]
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="nbd-asan-") as short:  # unix socket paths
+        result = _run_sanitized(lib, (
+            "import os, sys, pytest\n"
+            f"os.environ['BACKENDD_NBD_KERNEL'] = {str(nbd_lib)!r}\n"
+            "from backendd.dataplane import blknbd\n"
+            f"assert blknbd.LOADER.library_path() == {str(nbd_lib)!r}\n"
+            "sys.exit(pytest.main(['-q', '-s', '-p', 'no:cacheprovider', '--basetemp',\n"
+            "                      sys.argv[1], 'tests/test_blk_nbd.py', '-k', sys.argv[2]]))\n"),
+            f"{short}/t", " or ".join(tests))
+        # A process the sanitizers stopped leaves its daemonised servers behind.
+        for pidfile in Path(short).rglob("*.pid"):
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    report = result.stderr + result.stdout
+    assert "AddressSanitizer" not in report and "runtime error" not in report, report
+    assert result.returncode == 0 and "7 passed" in result.stdout, report
+
+
 @pytest.mark.parametrize("dataplane, persistent", [("auto", False), ("python", False),
                                                    ("python", True)],
                          ids=["compiled", "python", "python-persistent-grants"])
@@ -604,10 +777,14 @@ async def test_nbd_reads_are_in_the_dirty_log(vm, tmp_path, servers, dataplane, 
         await front.write(64, random.Random(7).randbytes(3 * 4096))
         rec.take()
         log.take_ram()
-        for _ in range(3):
-            await front.read(64, 3 * 4096)
+        # Three pages (scattered in the guest: a bounce buffer on the compiled path) and
+        # one sector (issued from C and completed by nf_wake on the compiled path).
+        for length in (3 * 4096, 512) * 3:
+            await front.read(64, length)
             filled = {gfn for _, gfn, ro in rec.take() if not ro}
             assert filled and log.take_ram() == filled | {front.queues[0].pages[0]}
+        if dataplane == "auto":  # the one-sector reads' replies, and only theirs
+            assert stats_of(await vm.client.stats(1), 1)["nbd_replies_in_c"] == 3
         await vm.client.clear_log()
     finally:
         log.close()

@@ -16,6 +16,14 @@ libnbd on the connection's handle, and its completion callback, in C, puts each 
 slot into the arrays `bk_jobs_done` takes. Python sees them only on the slow paths: a
 command the server failed (answered with its errno), or a lost connection (what C had
 in flight is taken back and sent again the Python way, in order).
+
+While only C has commands out on the disk's one connection, the whole wake-up of its
+socket is one call (`NbdWaker`, nbd_kernel.c's nf_wake, with the GIL released): every
+reply the socket holds is read, each ring is answered and served again, what it hands
+out is issued, its guest signalled at most once; Python gets counts and flags, and acts
+only when a flag asks (a failed command, a lost connection, a request refused, a flush
+or a scattered request to issue the Python way). The ring's counters are kept in C
+until they are read (`fold_stats`).
 """
 
 from __future__ import annotations
@@ -66,10 +74,51 @@ class NfCtx(ctypes.Structure):
                 ("inflight", ctypes.c_uint32), ("failed", ctypes.c_uint32)]
 
 
+NF_W_DEAD, NF_W_FAILED, NF_W_ERROR, NF_W_SLOW, NF_W_ANSWERED = 1, 2, 4, 8, 16
+NF_R_OUT, NF_R_REST = 1, 2
+
+
+class NfRing(ctypes.Structure):
+    """struct nf_ring: one ring served by nf_wake."""
+
+    _fields_ = [("ctx", ctypes.c_void_p), ("q", ctypes.c_void_p), ("env", ctypes.c_void_p),
+                ("out", ctypes.c_void_p), ("descs", ctypes.c_void_p), ("rest", ctypes.c_void_p),
+                ("nrest", ctypes.c_uint32), ("call_fd", ctypes.c_int32),
+                ("flags", ctypes.c_uint32), ("inpool", ctypes.c_uint32),
+                ("answered", ctypes.c_uint32), ("issued", ctypes.c_uint32),
+                ("notifies", ctypes.c_uint64), ("notifies_saturated", ctypes.c_uint64),
+                ("stats", K.Stats)]
+
+
+class NfWake(ctypes.Structure):
+    """struct nf_wake: one connection's wake-up."""
+
+    _fields_ = [("h", ctypes.c_void_p), ("jobs_done", ctypes.c_void_p),
+                ("describe", ctypes.c_void_p), ("rings", ctypes.c_void_p),
+                ("nrings", ctypes.c_uint32), ("fd", ctypes.c_int32), ("seq", ctypes.c_uint64),
+                ("flags", ctypes.c_uint32), ("replies", ctypes.c_uint32),
+                ("direction", ctypes.c_uint32), ("err", ctypes.c_int32),
+                ("calls", ctypes.c_uint64), ("replies_total", ctypes.c_uint64)]
+
+
 class NbdKernel:
     def __init__(self, path: str) -> None:
         lib = ctypes.CDLL(path)
         u32, p = ctypes.c_uint32, ctypes.c_void_p
+        sizes = (u32 * 8)()
+        lib.nf_sizes.restype = u32
+        lib.nf_sizes.argtypes = [p, u32]
+        n = lib.nf_sizes(sizes, 8)
+        want = [ctypes.sizeof(t) for t in (NfCmd, NfCtx, NfRing, NfWake, K.Out)]
+        if list(sizes[:n]) != want:
+            raise AttributeError(f"{path}: structure sizes {list(sizes[:n])}, the binding "
+                                 f"has {want}")
+        self.wake = lib.nf_wake
+        self.wake.restype = u32
+        self.wake.argtypes = [p]
+        self.last_error = lib.nf_last_error
+        self.last_error.restype = ctypes.c_char_p
+        self.last_error.argtypes = []
         self.issue_descs = lib.nf_issue_descs
         self.issue_descs.restype = u32
         self.issue_descs.argtypes = [p, p, p, u32, p, u32, ctypes.c_uint64, p, p, p]
@@ -101,6 +150,11 @@ class NbdRingQueue(CompiledRingQueue):
         self._rest = (ctypes.c_uint32 * K.MAX_PENDING)()  # what C left to Python
         self._nrest = ctypes.c_uint32()
         self._nerr = ctypes.c_int32()
+        self._ring = NfRing(ctx=ctypes.addressof(self._fast), q=self._q,
+                            env=ctypes.addressof(self._env), out=ctypes.addressof(self._out),
+                            descs=ctypes.addressof(self._descs),
+                            rest=ctypes.addressof(self._rest),
+                            call_fd=self.channel.call_fd)
         try:
             self.nf = LOADER.load()
         except (OSError, AttributeError) as e:  # libnbd missing, a stale build
@@ -123,13 +177,18 @@ class NbdRingQueue(CompiledRingQueue):
             log.error("blk ring %d: %d of %d jobs not in the pool", self.index,
                       out.njobs - n, out.njobs)
         native = self._pool_pin = self.memory.native()
-        image, k, q = self.image, self.k, self._q
-        ops: list[_Op] = []
+        image = self.image
         self._inpool += n
         self._idle.clear()
         handle = image.fast_handle() if self.nf is not None else None
         descs = self._issue_fast(handle, native, n) if handle is not None else \
             self._descs[:n]
+        self._run_descs(descs, native)
+
+    def _run_descs(self, descs: list, native: Any) -> None:
+        """Issue jobs the Python way (flushes, trims, scattered pages, no fast handle)."""
+        image, k, q = self.image, self.k, self._q
+        ops: list[_Op] = []
         for d in descs:
             op, length, slot = d.op, d.length, d.slot
             buf: Any = None
@@ -203,7 +262,44 @@ class NbdRingQueue(CompiledRingQueue):
     def release(self) -> None:
         if self.nf is not None:
             self.image.remove_fast_sink(self)
+        self.fold_stats()
         super().release()
+
+    # --- nf_wake's side (NbdWaker) ------------------------------------------------------
+
+    def fold_stats(self) -> None:
+        """Add what nf_wake counted since the last fold to the device's counters and the
+        event channel's."""
+        r = self._ring
+        st, c = r.stats, self.counters
+        for name in K.STAT_NAMES:
+            value = getattr(st, name)
+            if value:
+                setattr(c, name, getattr(c, name) + value)
+                setattr(st, name, 0)
+        if r.notifies or r.notifies_saturated:
+            self.channel.count_notifies(r.notifies, r.notifies_saturated)
+            r.notifies = r.notifies_saturated = 0
+
+    def nbd_woke(self) -> int:
+        """After nf_wake answered and served this ring: the Python side of what it did,
+        and what it left (NF_R_*). Returns the commands it issued."""
+        r = self._ring
+        inpool = self._inpool = r.inpool
+        if inpool:
+            self._pool_pin = self.memory.native()  # guest pages are out with libnbd
+            self._idle.clear()
+        else:
+            self._check_idle()
+        flags = r.flags
+        if flags:
+            if flags & NF_R_OUT:  # refused requests, a halt, more to take: as bk_serve's
+                self._after(self._out)
+            if flags & NF_R_REST:  # flushes, trims, scattered pages
+                descs = self._descs
+                self._run_descs([descs[i] for i in self._rest[:r.nrest]],
+                                self.memory.native())
+        return r.issued
 
     # --- the disk's side (nbd.Sink) -----------------------------------------------------
 
@@ -217,6 +313,16 @@ class NbdRingQueue(CompiledRingQueue):
         self._slots[n] = op.tag
         self._errs[n] = err
         fast.n = n + 1
+
+    def nbd_waker(self, sinks: list[Any]) -> NbdWaker | None:
+        if self.nf is None or any(not isinstance(q, NbdRingQueue) or q.nf is None
+                                  for q in sinks):
+            return None
+        return NbdWaker(sinks)
+
+    def nbd_may_wake(self) -> bool:
+        """Whether nf_wake may answer this ring and take from it."""
+        return self._q is not None and not (self.halted or self._stopping or self.suspended)
 
     def nbd_settle(self) -> None:
         fast = self._fast
@@ -239,3 +345,57 @@ class NbdRingQueue(CompiledRingQueue):
             self.k.jobs_done(self._q, env, self._slots, self._errs, n, out)
             self._after(self._out)
         self._check_idle()
+
+
+class NbdWaker:
+    """One connection's wake-up in one C call (nf_wake) for the rings `sinks` whose
+    commands go on it; built by the disk (NbdImage) when its rings change."""
+
+    def __init__(self, sinks: list[NbdRingQueue]) -> None:
+        first = sinks[0]
+        nf, k = first.nf, first.k
+        assert nf is not None
+        self.sinks = list(sinks)
+        self._call = nf.wake
+        self._last_error = nf.last_error
+        self._rings = (ctypes.c_void_p * len(sinks))(
+            *(ctypes.addressof(q._ring) for q in sinks))
+        self.w = NfWake(jobs_done=ctypes.cast(k.jobs_done, ctypes.c_void_p).value,
+                        describe=ctypes.cast(k.jobs_describe, ctypes.c_void_p).value,
+                        rings=ctypes.addressof(self._rings), nrings=len(sinks))
+        self._wp = ctypes.addressof(self.w)
+
+    def ready(self) -> bool:
+        return all(q.nbd_may_wake() for q in self.sinks)
+
+    def run(self, image: NbdImage, handle: int, fd: int, watch: int) -> bool:
+        """The socket is readable: the wake-up, then what Python must do of it. True
+        when the caller's slow path must take over: the connection is gone, a command
+        failed, libnbd failed, or the socket is to be watched for other directions than
+        `watch`."""
+        w = self.w
+        w.h = handle
+        w.fd = fd
+        w.seq = image._seq
+        for q in self.sinks:
+            q._refresh()
+        flags = self._call(self._wp)
+        image._seq = w.seq
+        if w.replies:
+            image._last_progress = image.loop.time()
+        if flags & NF_W_ANSWERED:
+            issued = 0
+            for q in self.sinks:
+                if q._ring.answered:
+                    issued += q.nbd_woke()
+            if issued:
+                image.issued_in_c += issued
+        if w.err:
+            log.debug("nbd: libnbd refused a command from C (errno %d)", w.err)
+        if flags & NF_W_ERROR:
+            image._connect_error = (self._last_error() or b"").decode(errors="replace")
+        return bool(flags & (NF_W_DEAD | NF_W_FAILED | NF_W_ERROR)) or w.direction != watch
+
+    def stats(self) -> tuple[int, int]:
+        """(wake-ups, replies read in them)."""
+        return self.w.calls, self.w.replies_total

@@ -385,6 +385,10 @@ class BlkDevice(Device):
                 for k, v in q.pgrants.stats().items():
                     pg[k] += v
         pg["pgrants"] = sum(len(q.pgrants) for q in self.queues if q.pgrants is not None)
+        for q in self.queues:
+            fold = getattr(q, "fold_stats", None)  # counters kept in C until read
+            if fold is not None:
+                fold()
         extra = self.image.stats() if isinstance(self.image, NbdImage) else {}
         return self.counters.as_dict() | pg | {"queues": len(self.queues),
                                               "persistent": int(self.persistent),

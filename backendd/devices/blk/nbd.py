@@ -16,8 +16,11 @@ kernel's NBD rings (backendd/dataplane/blknbd.py) or the Python one (`submit`, i
 the I/O pool). The kernel's rings issue their plain reads and writes from C instead, on
 the handle `fast_handle` names, while the connection is up with nothing waiting; this
 module hears of those only through `FastSink` (answers to settle, and what to send
-again after a loss). Each op's sink hears of it when it is done, and once more after every batch
-(`nbd_settle`), so the answers of one wake-up go out together. Guest memory is handed to
+again after a loss). While only C has commands out, a readable socket is served whole
+by one C call (`Waker`: every reply read, the rings answered, served again and
+signalled), and this module steps in only when it reports a failure. Each op's sink
+hears of it when it is done, and once more after every batch (`nbd_settle`), so the
+answers of one wake-up go out together. Guest memory is handed to
 libnbd as it is: a request whose pages are one run is read into or written from them. A
 request of several segments, contiguous on the disk but not in memory, goes as one NBD
 command through one bounce buffer: one command and one copy cost less than a command per
@@ -209,6 +212,19 @@ class FastSink(Protocol):
 
     def nbd_settle(self) -> None: ...
 
+    def nbd_waker(self, sinks: list[Any]) -> Waker | None: ...
+
+
+class Waker(Protocol):
+    """The whole wake-up of the connection's socket in one C call, for `FastSink`s
+    (backendd/dataplane/blknbd.py NbdWaker)."""
+
+    def ready(self) -> bool: ...
+
+    def run(self, image: NbdImage, handle: int, fd: int, watch: int) -> bool: ...
+
+    def stats(self) -> tuple[int, int]: ...
+
 
 class Sink(Protocol):
     """Who hears of finished requests: `nbd_done` for each, then `nbd_settle` once after
@@ -326,6 +342,9 @@ class NbdImage:
         self._queue: deque[_Op] = deque()  # waiting for a connection
         self._active: set[_Op] = set()
         self._fast_sinks: list[FastSink] = []
+        self._waker: Waker | None = None  # for _fast_sinks; None: to be made
+        self._waker_calls = 0  # wake-ups and replies of wakers gone
+        self._waker_replies = 0
         self._last_progress = 0.0
         self._down_since: float | None = None
         self._failing = False  # down for longer than the reconnect timeout
@@ -471,7 +490,7 @@ class NbdImage:
         changed = want ^ conn.watch
         if changed & 1:  # AIO_DIRECTION_READ
             if want & 1:
-                self.loop.add_reader(conn.fd, self._notify, self._mod.aio_notify_read, conn)
+                self.loop.add_reader(conn.fd, self._readable, conn)
             else:
                 self.loop.remove_reader(conn.fd)
         if changed & 2:  # AIO_DIRECTION_WRITE
@@ -488,6 +507,24 @@ class NbdImage:
         if conn.watch & 2:
             self.loop.remove_writer(conn.fd)
         conn.watch = 0
+
+    def _readable(self, conn: _Conn) -> None:
+        """The socket has something to read. While C has every command out on the one
+        connection (no op of Python's active or waiting), the wake-up is one C call;
+        otherwise, or when that call meets a failure, the Python way."""
+        if conn.o is None:
+            return
+        if self._fast_sinks and not self._active and not self._queue and not self._done \
+                and self._ready and not self._draining and conn.settled and conn.ptr \
+                and len(self._live) == 1:
+            waker = self._waker
+            if waker is None:
+                waker = self._waker = self._fast_sinks[0].nbd_waker(self._fast_sinks)
+            if waker is not None and waker.ready():
+                if waker.run(self, conn.ptr, conn.fd, conn.watch) or self._touched:
+                    self._pump()  # a failure, or the socket to watch another way
+                return
+        self._notify(self._mod.aio_notify_read, conn)
 
     def _notify(self, call: Callable[[Any], object], conn: _Conn) -> None:
         if conn.o is None:
@@ -783,10 +820,19 @@ class NbdImage:
 
     def add_fast_sink(self, sink: FastSink) -> None:
         self._fast_sinks.append(sink)
+        self._drop_waker()
 
     def remove_fast_sink(self, sink: FastSink) -> None:
         if sink in self._fast_sinks:
             self._fast_sinks.remove(sink)
+            self._drop_waker()
+
+    def _drop_waker(self) -> None:
+        if self._waker is not None:
+            calls, replies = self._waker.stats()
+            self._waker_calls += calls
+            self._waker_replies += replies
+            self._waker = None
 
     def fast_handle(self) -> int | None:
         """The libnbd handle to issue on from C, or None when commands must go the
@@ -830,9 +876,15 @@ class NbdImage:
                 "nbd_connection_losses": self.connection_losses,
                 "nbd_reconnects": self.reconnects, "nbd_timeouts": self.timed_out,
                 "nbd_resent": self.resent, "nbd_issued_in_c": self.issued_in_c,
+                **self._wake_stats(),
                 "nbd_waiting": len(self._queue),
                 "nbd_in_flight": len(self._active) + self._fast_in_flight(),
                 "nbd_connections": len(self._live)}
+
+    def _wake_stats(self) -> dict[str, int]:
+        calls, replies = self._waker.stats() if self._waker is not None else (0, 0)
+        return {"nbd_wakes_in_c": self._waker_calls + calls,
+                "nbd_replies_in_c": self._waker_replies + replies}
 
     def resized(self) -> bool:
         if not self._ready:
