@@ -27,8 +27,9 @@ class DaemonSection:
     allowed_uids: list[int] = field(default_factory=list)
     log_level: str = "info"
     io_threads: int = 4
-    # The compiled blk data plane watches its rings this long after each batch, serving
-    # what the guest publishes meanwhile without a wake-up (0: off).
+    # The compiled data planes watch their rings this long after each batch, serving
+    # what the guest publishes meanwhile without a wake-up of the event loop (blk:
+    # spinning; net: every queue of a loop with at most four, asleep in ppoll); 0: off.
     poll_us: int = 30
     # Per guest-caused message kind, at most this many log lines per minute.
     guest_log_burst: int = 10

@@ -161,6 +161,10 @@ class EventChannel:
         self.notifies += written
         self.notifies_saturated += saturated
 
+    def count_kicks(self, read: int) -> None:
+        """Kicks the compiled data plane read itself (nk_serve_poll)."""
+        self.kicks += read
+
     def stop(self) -> None:
         if self._loop is not None:
             _unwatch(self._loop, self.kick_fd)

@@ -41,6 +41,7 @@ from backendd.devices.net.hash import HashConfig
 from backendd.devices.net.rx import RxPath
 from backendd.devices.net.vif import Features, VifState
 from backendd.dirtylog import RingLog
+from backendd.evtchn import EventChannel
 from rings.consts import GrantType
 from rings.netif import RX_ENTRY_SIZE, RX_REQUEST
 from rings.ring import BackRing, SharedRing
@@ -366,14 +367,17 @@ def run_case(kernel: nk.NetKernel, seed: int, rounds: int) -> int:
     return inputs
 
 
-def concurrent(kernel: nk.NetKernel, rounds: int, seed: int) -> dict[str, int]:
+def concurrent(kernel: nk.NetKernel, rounds: int, seed: int,
+               polled: bool = False) -> dict[str, int]:
     """Two compiled queues of one steered vif served at once: frames on both taps and
     buffers on both rings each round, both queues kicked together, so each kernel call
     (nk_serve_many) serves them on two threads while frames cross between their
     inboxes. Nothing is compared with the Python path (the interleaving is the
     threads'); every frame must be accounted for, and the caller runs it under the
     sanitizers. Returns the counters, with `frames` offered, `apart` (calls that served
-    the two queues on two threads) and `inboxed` (frames still waiting)."""
+    the two queues on two threads) and `inboxed` (frames still waiting). `polled`: the
+    queues have event channels (eventfd pairs), as the daemon's do, so each round is an
+    nk_serve_poll call that watches them after each batch."""
     rng = random.Random(seed)
     config = HashConfig(hash.ALG_TOEPLITZ, hash.ALL_FLAGS, rng.randbytes(40),
                         [rng.randrange(2) for _ in range(64)])
@@ -383,6 +387,14 @@ def concurrent(kernel: nk.NetKernel, rounds: int, seed: int) -> dict[str, int]:
     for path, _, _, _, _ in w.sides():
         assert isinstance(path, CompiledRxPath)
         path.round = net_round(kernel, w.loop)  # the daemon's round: all due at once
+    channels: list[EventChannel] = []
+    if polled:
+        for path, _, _, _, _ in w.sides():
+            assert isinstance(path, CompiledRxPath)
+            ch = EventChannel(len(channels), os.eventfd(0, os.EFD_CLOEXEC),
+                              os.eventfd(0, os.EFD_CLOEXEC))
+            path.channel = ch
+            channels.append(ch)
     try:
         pool = [w.gt.grant_access(f) for f in FRAMES for _ in range(8)]
         ids = [[0], [0]]
@@ -410,10 +422,12 @@ def concurrent(kernel: nk.NetKernel, rounds: int, seed: int) -> dict[str, int]:
         boxes = w.path.steer.steer.inbox
         out |= {"frames": offered, "left_in_tap": left,
                 "inboxed": boxes[0].count + boxes[1].count,
-                "apart": w.path.round.apart}
+                "apart": w.path.round.apart, "polled": w.path.round.polled}
         return out
     finally:
         w.close()
+        for ch in channels:
+            ch.close()
 
 
 def _short(v: object) -> str:

@@ -81,10 +81,11 @@ def test_differential_under_address_and_ub_sanitizers(tmp_path):
 
 
 def test_parallel_serving_under_address_and_ub_sanitizers(tmp_path):
-    """nk_serve_many with two queues of one steered vif on two threads at once, frames
+    """nk_serve_groups with two queues of one steered vif on two threads at once, frames
     crossing between their inboxes, in the sanitizer build: no report, every frame
     accounted for, the calls did serve both queues apart, and GET_STATS's `parallel`
-    counts the wake-ups served on a helper thread."""
+    counts the wake-ups served on a helper thread. Then the same with event channels,
+    so that each round is an nk_serve_poll call watching both queues."""
     lib = build("net", tmp_path / "asan.so", sanitize=True)
     libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
                              text=True, check=True).stdout.strip()
@@ -98,16 +99,37 @@ def test_parallel_serving_under_address_and_ub_sanitizers(tmp_path):
             "assert 'libasan' in open('/proc/self/maps').read()\n"
             "k = nk.load()\n"
             "assert k is not None and k.path.endswith('asan.so')\n"
-            "print(json.dumps(netdiff_rx.concurrent(k, 40, 3)))\n")
+            "print(json.dumps(netdiff_rx.concurrent(k, 40, 3)))\n"
+            "print(json.dumps(netdiff_rx.concurrent(k, 40, 4, polled=True)))\n")
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    c = json.loads(result.stdout.strip().splitlines()[-1])
-    assert c["frames"] == (c.get("rx_packets", 0) + c.get("rx_dropped", 0)
-                           + c.get("rx_mcast_filtered", 0) + c["left_in_tap"]
-                           + c["inboxed"])
-    assert c["apart"] > 0 and c["parallel"] > 0 and c["rx_steered"] > 0
-    assert c["rx_packets"] > 0
+    grouped, polled = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
+    for c in (grouped, polled):
+        assert c["frames"] == (c.get("rx_packets", 0) + c.get("rx_dropped", 0)
+                               + c.get("rx_mcast_filtered", 0) + c["left_in_tap"]
+                               + c["inboxed"])
+        assert c["apart"] > 0 and c["parallel"] > 0 and c["rx_steered"] > 0
+        assert c["rx_packets"] > 0
+    assert grouped["polled"] == 0 and polled["polled"] > 0  # nk_serve_poll ran
+
+
+def test_polled_calls_under_address_and_ub_sanitizers(tmp_path):
+    """nk_serve_poll's own tests (tests/test_net_poll.py: a guest thread publishing tx
+    packets or posting rx buffers while the call waits, an idle queue, a guest that
+    never stops) against the sanitizer build: no report, all pass."""
+    lib = build("net", tmp_path / "asan.so", sanitize=True)
+    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    env = os.environ | {"LD_PRELOAD": libasan, "BACKENDD_NET_KERNEL": str(lib),
+                        "ASAN_OPTIONS": "detect_leaks=0:exitcode=97",
+                        "UBSAN_OPTIONS": "halt_on_error=1:exitcode=98",
+                        "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "tests/test_net_poll.py"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
 
 
 # --- the bad input rules, on both paths --------------------------------------------

@@ -14,6 +14,11 @@ GIL released, so the queues of a multi-queue nic use the cores. Each wake-up tou
 only its own queue's state; what the queues share (the vif's counters and multicast
 list, the grant table, the regions) is read before the call and written after it, by
 Python.
+
+On a loop with at most POLL_QUEUES queues, a round is one `nk_serve_poll` call instead:
+every queue is served and then watched ([daemon] poll_us, asleep in ppoll on its kicks
+and tap) and served again in the same call, its events signalled by the kernel, so
+Python runs once per call rather than once per wake-up.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from backendd.devices.net.rx import RxPath
 from backendd.devices.net.tx import TxFatal
 from backendd.devices.net.txpath import BUDGET, TxPath
 from backendd.devices.net.vif import VifState
+from backendd.evtchn import EventChannel
 from backendd.grants import GrantTable
 from rings.ring import BackRing
 
@@ -36,6 +42,21 @@ from . import netkernel as nk
 from .rounds import LoopRound, loop_round
 
 log = logging.getLogger(__name__)
+
+# After each batch a queue is watched this long for its next one ([daemon] poll_us, the
+# setting the blk plane's polling uses too; nk_serve_poll), and one call lasts at most
+# POLL_BUDGET_NS, so the loop's other work waits no longer than that. Each queue watched
+# takes a thread for the call: a loop with more than POLL_QUEUES compiled queues is
+# served one wake-up round at a time, as without polling.
+_poll_ns = 30_000
+POLL_BUDGET_NS = 500_000
+POLL_QUEUES = 4
+
+
+def set_poll(poll_us: int) -> None:
+    """[daemon] poll_us: how long a queue is watched after a batch (0: not at all)."""
+    global _poll_ns
+    _poll_ns = poll_us * 1000
 
 
 class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
@@ -48,8 +69,29 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
         self.shared = 0  # kernel calls that served two or more wake-ups
         self.helped = 0  # wake-ups served on a helper thread
         self.apart = 0  # calls that served two queues (by name) on two threads
+        # The compiled paths on this loop, by queue (tap fd): what a polled call watches.
+        self.members: dict[int, list[CompiledTxPath | CompiledRxPath]] = {}
+        self.polled = 0  # nk_serve_poll calls
+        self.batches = 0  # batches they served (a queue served again counts again)
+        self.ends = [0, 0, 0]  # queues whose watch ended idle, by the budget, for Python
+
+    def join(self, path: CompiledTxPath | CompiledRxPath) -> None:
+        paths = self.members.setdefault(path.fd, [])
+        if path not in paths:
+            paths.append(path)
+
+    def leave(self, path: CompiledTxPath | CompiledRxPath) -> None:
+        paths = self.members.get(path.fd, [])
+        if path in paths:
+            paths.remove(path)
+        if not paths:
+            self.members.pop(path.fd, None)
 
     def serve(self, due: list[CompiledTxPath | CompiledRxPath]) -> None:
+        if _poll_ns and self.members and len(self.members) <= POLL_QUEUES and all(
+                p.channel is not None for paths in self.members.values() for p in paths):
+            self._serve_poll(due)
+            return
         ready = []
         for path in due:
             try:
@@ -94,6 +136,93 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
                 log.exception("%s: after the kernel call", path.name)
 
 
+    def _serve_poll(self, due: list[CompiledTxPath | CompiledRxPath]) -> None:
+        """Every queue on the loop in one nk_serve_poll call, on a thread of its own:
+        what is due is served, and every queue is then watched for _poll_ns after each
+        batch and served again once ready (its kicks read and its events signalled by
+        the kernel). A path the call did not serve is left as it was."""
+        due_ids = {id(path) for path in due}
+        groups: list[tuple[CompiledTxPath | None, CompiledRxPath | None,
+                           list[CompiledTxPath | CompiledRxPath]]] = []
+        for fd in sorted(self.members):
+            paths = list(self.members[fd])
+            tx: CompiledTxPath | None = None
+            rx: CompiledRxPath | None = None
+            for path in paths:
+                try:
+                    ready = path._prepare(polled=True)
+                except Exception:  # one path's bug must not leave the others unserved
+                    log.exception("%s: before the kernel call", path.name)
+                    ready = False
+                if ready and isinstance(path, CompiledTxPath):
+                    tx = path
+                elif ready and isinstance(path, CompiledRxPath):
+                    rx = path
+            if tx is not None or rx is not None:
+                groups.append((tx, rx, paths))
+        if not groups:
+            return
+        polls = (nk.Poll * len(groups))()
+        for p, (tx, rx, _) in zip(polls, groups, strict=True):
+            p.tx_kick = p.rx_kick = p.tx_call = p.rx_call = -1
+            if tx is not None and tx.channel is not None:
+                tx._work(p.tx)
+                p.tx_call, p.tx_kick = tx.channel.call_fd, tx.channel.kick_fd
+                p.tx_due = id(tx) in due_ids
+            if rx is not None and rx.channel is not None:
+                rx._work(p.rx)
+                p.rx_call, p.rx_kick = rx.channel.call_fd, rx.channel.kick_fd
+                p.rx_stalled = int(rx._stalled and not rx._reading)
+                p.rx_due = id(rx) in due_ids and not p.rx_stalled
+        try:
+            helped = self.k.serve_poll(polls, len(groups), _poll_ns, POLL_BUDGET_NS)
+        finally:
+            for tx, rx, _ in groups:
+                for path in (tx, rx):
+                    if path is not None:
+                        path._released()
+        self.polled += 1
+        if sum(bool(p.tx_batches) + bool(p.rx_batches) for p in polls) > 1:
+            self.shared += 1
+        if len(groups) > 1:
+            self.helped += helped
+            names = {path.name for (tx, rx, _), p in zip(groups, polls, strict=True)
+                     for path, n in ((tx, p.tx_batches), (rx, p.rx_batches)) if path and n}
+            if helped and len(names) > 1 and len({p.tx.thread for p in polls
+                                                   if p.batches}) > 1:
+                self.apart += 1
+        caller = threading.get_native_id()
+        for p, (tx, rx, paths) in zip(polls, groups, strict=True):
+            self.batches += p.batches
+            self.ends[min(p.ended, 2)] += 1
+            served = []
+            for path, work, notified, saturated, kicks, batches in (
+                    (tx, p.tx, p.tx_notified, p.tx_saturated, p.tx_kicks, p.tx_batches),
+                    (rx, p.rx, p.rx_notified, p.rx_saturated, p.rx_kicks, p.rx_batches)):
+                if path is None or path.channel is None:
+                    continue
+                path.channel.count_notifies(notified, saturated)
+                path.channel.count_kicks(kicks)
+                if kicks:
+                    # A kick read here may be for a path of the same channel that was
+                    # not served (an rx waiting for buffers): it is given its kick.
+                    for other in paths:
+                        if other is not tx and other is not rx \
+                                and other.channel is path.channel:
+                            other.kick()
+                if not batches:
+                    continue  # not served: as it was
+                served.append(path)
+                path.served_on.add(work.thread)
+                if work.thread != caller:
+                    path.vif.counters["parallel"] += 1
+            for path in served:
+                try:
+                    path._finish()
+                except Exception:  # one path's bug must not leave the others unanswered
+                    log.exception("%s: after the kernel call", path.name)
+
+
 def net_round(kernel: nk.NetKernel, loop: asyncio.AbstractEventLoop) -> NetRound:
     return loop_round(NetRound, kernel, loop)
 
@@ -114,9 +243,14 @@ class CompiledTxPath(TxPath):
         self.round = net_round(kernel, loop)
         self._in_round = False
         self.served_on: set[int] = set()  # thread ids that served its wake-ups
+        # Its event channel (set by the device): a polled call reads its kicks and
+        # signals its events itself.
+        self.channel: EventChannel | None = None
+        self.round.join(self)
 
     def stop(self) -> None:
         super().stop()
+        self.round.leave(self)
         self._ring_anchor = None  # the ring mapping may go now
 
     def kick(self) -> None:
@@ -129,7 +263,7 @@ class CompiledTxPath(TxPath):
         if self._prepare():
             self._call_prepared()
 
-    def _prepare(self) -> bool:
+    def _prepare(self, polled: bool = False) -> bool:
         """A wake-up is due: False if it has nothing to do, else the queue is loaded."""
         self._scheduled = False
         if self.stopped or self.suspended or self.vif.halted or self._waiting_writable:
@@ -299,6 +433,9 @@ class CompiledRxPath(RxPath):
         self.round = net_round(kernel, loop)
         self._in_round = False
         self.served_on: set[int] = set()  # thread ids that served its wake-ups
+        self.channel: EventChannel | None = None  # as CompiledTxPath.channel
+        self._stalled = False  # paused by the last call: too few buffers posted
+        self.round.join(self)
 
     @property
     def posted_count(self) -> int:
@@ -306,6 +443,7 @@ class CompiledRxPath(RxPath):
 
     def stop(self) -> None:
         super().stop()
+        self.round.leave(self)
         if self._ring_anchor is None:
             return
         self.native.refresh()
@@ -344,9 +482,12 @@ class CompiledRxPath(RxPath):
             q.count += 1
         self.native.refresh()  # posted buffers keep the regions exported
 
-    def _prepare(self) -> bool:
-        """A wake-up is due: False if it has nothing to do, else the queue is loaded."""
-        if self.stopped or self.suspended or self.vif.halted or not self._reading:
+    def _prepare(self, polled: bool = False) -> bool:
+        """A wake-up is due: False if it has nothing to do, else the queue is loaded. In
+        a polled call, a reader paused for want of posted buffers is watched too: it
+        resumes once a call finds enough of them."""
+        if self.stopped or self.suspended or self.vif.halted \
+                or not (self._reading or (polled and self._stalled)):
             return False
         ring, q, vif = self.ring, self.q, self.vif
         q.r.load(ring)
@@ -392,6 +533,9 @@ class CompiledRxPath(RxPath):
             if woke & (1 << k):
                 vif.wake_rx(k)
         flags = out.flags
+        self._stalled = bool(flags & nk.RX_STALL) and not flags & nk.FATAL
+        if not flags & (nk.RX_STALL | nk.FATAL) and not self._reading:
+            self._resume()  # paused for buffers, which a polled call found posted
         if flags & nk.FATAL:
             counters["rx_fatal"] += 1
             vif.fatal(f"{self.name}: rx: req_prod {out.fatal_prod} is more than a ring "

@@ -24,11 +24,13 @@
 #define _GNU_SOURCE
 #define __XEN_INTERFACE_VERSION__ 0x00040e00
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -1288,6 +1290,234 @@ uint32_t nk_serve_groups(struct nk_work *works, const uint32_t *starts, uint32_t
     return dp_pool_run(&nk_pool, serve_group, &g, ngroups);
 }
 
+/* ---- one queue watched after its wake-up: nk_serve_poll ------------------------ */
+
+/* One queue in an nk_serve_poll call: its tx and rx wake-ups (q NULL: that direction
+ * is not served in this call) and the guest's eventfds. Counters are what the call did
+ * on Python's behalf: events signalled, kicks read. */
+struct nk_poll {
+    struct nk_work tx, rx;
+    int32_t tx_call, rx_call;   /* the guest's events, signalled as batches are published */
+    int32_t tx_kick, rx_kick;   /* the guest's kicks, waited on and read; equal: shared */
+    uint32_t tx_due, rx_due;    /* served at once; otherwise once it is ready */
+    uint32_t tx_notified, tx_saturated, rx_notified, rx_saturated;
+    uint32_t tx_kicks, rx_kicks;    /* kick counters read (a shared channel's: tx_kicks) */
+    uint32_t tx_batches, rx_batches;    /* times each direction was served (0: its out
+                                         * is untouched, the path left as it was) */
+    uint32_t batches;           /* times the queue was served */
+    uint32_t woken;             /* waits that ended with the queue ready */
+    uint32_t ended;             /* NK_END_* */
+    uint32_t rx_stalled;        /* in and out: the reader waits for buffers (one stall
+                                 * is counted once, however often it is looked at) */
+};
+
+enum { NK_END_IDLE = 0, NK_END_BUDGET = 1, NK_END_CALLER = 2 };
+
+struct nk_poll_call {
+    struct nk_poll *polls;
+    uint32_t poll_ns, budget_ns;
+};
+
+/* The guest's event: an eventfd write, unless the counter is full (the guest has an
+ * event pending then, and a write would block). Counted as written or saturated; a
+ * signal arriving meanwhile does not lose it (EINTR: again). */
+static void signal_guest(int32_t fd, uint32_t *written, uint32_t *saturated)
+{
+    struct pollfd p = {fd, POLLOUT, 0};
+    uint64_t one = 1;
+    int r;
+    ssize_t w = -1;
+    do
+        r = fd >= 0 ? poll(&p, 1, 0) : -1;
+    while (r < 0 && errno == EINTR);
+    if (r == 1 && (p.revents & POLLOUT)) {
+        do
+            w = write(fd, &one, sizeof(one));
+        while (w < 0 && errno == EINTR);
+    }
+    if (w == (ssize_t)sizeof(one))
+        (*written)++;
+    else
+        (*saturated)++;
+}
+
+/* Reset a kick eventfd without blocking, whatever its O_NONBLOCK (RWF_NOWAIT); whether
+ * it had been kicked. */
+static int read_kick(int32_t fd)
+{
+    uint64_t v;
+    struct iovec iov = {&v, sizeof(v)};
+    return preadv2(fd, &iov, 1, -1, RWF_NOWAIT) == (ssize_t)sizeof(v);
+}
+
+static void merge_tx(struct nk_tx_out *acc, const struct nk_tx_out *b)
+{
+    acc->tx_packets += b->tx_packets;
+    acc->tx_bytes += b->tx_bytes;
+    acc->tx_gso += b->tx_gso;
+    acc->tx_errors += b->tx_errors;
+    acc->tx_dropped_csum += b->tx_dropped_csum;
+    acc->tx_dropped_tap += b->tx_dropped_tap;
+    acc->tx_tap_full += b->tx_tap_full;
+    acc->tx_rate_limited += b->tx_rate_limited;
+    acc->charged += b->charged;
+    acc->flags = b->flags;
+    acc->fatal_reason = b->fatal_reason;
+    acc->fatal_detail = b->fatal_detail;
+    for (uint32_t i = 0; i < b->nerrors && acc->nerrors < NK_MAX_ERRORS; i++)
+        acc->errors[acc->nerrors++] = b->errors[i];    /* the log keeps the first ones */
+}
+
+static void merge_rx(struct nk_rx_out *acc, const struct nk_rx_out *b)
+{
+    acc->rx_packets += b->rx_packets;
+    acc->rx_bytes += b->rx_bytes;
+    acc->rx_gso += b->rx_gso;
+    acc->rx_dropped += b->rx_dropped;
+    acc->rx_mcast_filtered += b->rx_mcast_filtered;
+    acc->rx_bad_grant += b->rx_bad_grant;
+    acc->rx_stalls += b->rx_stalls;
+    acc->rx_steered += b->rx_steered;
+    acc->woke |= b->woke;
+    acc->flags = b->flags;
+    acc->fatal_prod = b->fatal_prod;
+    for (uint32_t i = 0; i < b->nbad && acc->nbad < NK_RX_MAX_POSTED; i++)
+        acc->bad[acc->nbad++] = b->bad[i];
+}
+
+/* Serve the queue, then wait (sleeping in ppoll, never spinning) up to poll_ns for it
+ * to be ready again and serve it again, until it has been idle for poll_ns, budget_ns
+ * have passed since the call began, or it needs Python (a fatal ring, a multicast
+ * packet, a full tap, the credit spent). Every batch ends as a wake-up does: its
+ * responses published, ring.h's notify rule applied (the guest's event signalled
+ * here), and req_event set by the final check when the ring is empty, so the guest
+ * kicks for what it publishes next: that kick, or the tap becoming readable, or (with
+ * too few rx buffers posted) the rx kick, is what the wait watches. A direction is
+ * served only when it is due or ready (a ring not kicked is not touched, not even its
+ * req_event); the last batch's flags are the call's, as a single wake-up's would be. */
+static void poll_group(void *ctx, uint32_t k)
+{
+    const struct nk_poll_call *c = ctx;
+    struct nk_poll *p = &c->polls[k];
+    struct nk_txq *txq = p->tx.q;
+    struct nk_rxq *rxq = p->rx.q;
+    struct nk_tx_out *txo = p->tx.out, tb;
+    struct nk_rx_out *rxo = p->rx.out, rb;
+    uint64_t start = dp_now_ns(), deadline = start + c->budget_ns;
+    uint64_t tid = (uint64_t)syscall(SYS_gettid);
+    int want_tx = txq && p->tx_due, want_rx = rxq && p->rx_due;
+    p->tx.thread = p->rx.thread = tid;
+    p->ended = NK_END_IDLE;
+    for (;;) {
+        int again_tx = 0, again_rx = 0, stop = 0;
+        if (want_tx || want_rx)
+            p->batches++;
+        if (want_tx) {
+            struct nk_tx_out *o = p->tx_batches ? &tb : txo;
+            if (p->tx_batches)
+                txq->budget = NK_BUDGET;
+            nk_tx(txq, p->tx.env, o);
+            if (o->flags & NK_NOTIFY) {
+                o->flags &= ~(uint32_t)NK_NOTIFY;
+                signal_guest(p->tx_call, &p->tx_notified, &p->tx_saturated);
+            }
+            if (p->tx_batches++)
+                merge_tx(txo, o);
+            if (txo->flags & (NK_FATAL | NK_MCAST | NK_TAP_FULL | NK_CREDIT))
+                stop = 1;
+            else if (txo->flags & NK_MORE)
+                again_tx = 1;
+        }
+        if (want_rx && !stop) {
+            struct nk_rx_out *o = p->rx_batches ? &rb : rxo;
+            nk_rx(rxq, p->rx.env, p->rx.budget, o);
+            if (o->rx_stalls && p->rx_stalled && !(o->rx_packets | o->rx_dropped |
+                                                  o->rx_mcast_filtered | o->rx_steered))
+                o->rx_stalls = 0;   /* still the stall counted before */
+            p->rx_stalled = !!(o->flags & NK_RX_STALL);
+            if (o->flags & NK_NOTIFY) {
+                o->flags &= ~(uint32_t)NK_NOTIFY;
+                signal_guest(p->rx_call, &p->rx_notified, &p->rx_saturated);
+            }
+            if (p->rx_batches++)
+                merge_rx(rxo, o);
+            if (rxo->flags & NK_FATAL)
+                stop = 1;
+            else if ((rxo->flags & NK_RX_STALL) && (rxo->flags & NK_RX_MORE))
+                again_rx = 1;
+        }
+        if (stop) {
+            p->ended = NK_END_CALLER;
+            return;
+        }
+        uint64_t now = dp_now_ns();
+        if (now >= deadline) {
+            p->ended = NK_END_BUDGET;
+            return;
+        }
+        want_tx = again_tx;
+        want_rx = again_rx;
+        if (want_tx || want_rx)
+            continue;
+        /* Nothing left: wait for the guest's kick or the tap. */
+        struct pollfd fds[3];
+        nfds_t n = 0;
+        int tx_at = -1, rx_at = -1, tap_at = -1;
+        if (txq && p->tx_kick >= 0) {
+            tx_at = (int)n;
+            fds[n++] = (struct pollfd){p->tx_kick, POLLIN, 0};
+        }
+        if (rxq && p->rx_stalled) {
+            if (p->rx_kick >= 0 && p->rx_kick != p->tx_kick) {
+                rx_at = (int)n;
+                fds[n++] = (struct pollfd){p->rx_kick, POLLIN, 0};
+            } else if (p->rx_kick >= 0 && tx_at < 0) {
+                tx_at = (int)n;     /* a shared channel, tx not served: counted as tx */
+                fds[n++] = (struct pollfd){p->rx_kick, POLLIN, 0};
+            }
+        } else if (rxq) {
+            tap_at = (int)n;
+            fds[n++] = (struct pollfd){rxq->fd, POLLIN, 0};
+        }
+        if (!n)
+            return;
+        uint64_t wait = deadline - now < c->poll_ns ? deadline - now : c->poll_ns;
+        struct timespec ts = {(time_t)(wait / 1000000000u), (long)(wait % 1000000000u)};
+        int r = ppoll(fds, n, &ts, NULL);
+        if (r <= 0) {       /* idle for poll_ns (or a signal): back to the loop */
+            if (wait < c->poll_ns)
+                p->ended = NK_END_BUDGET;   /* the wait was cut short by the budget */
+            return;
+        }
+        p->woken++;
+        if (tx_at >= 0 && fds[tx_at].revents) {
+            if (read_kick(fds[tx_at].fd))
+                p->tx_kicks++;
+            want_tx = txq != NULL;
+            want_rx |= rxq && fds[tx_at].fd == p->rx_kick;    /* a shared channel */
+        }
+        if (rx_at >= 0 && fds[rx_at].revents) {
+            if (read_kick(fds[rx_at].fd))
+                p->rx_kicks++;
+            want_rx = 1;
+        }
+        if (tap_at >= 0 && fds[tap_at].revents)
+            want_rx = 1;
+    }
+}
+
+/* As nk_serve_groups with one queue per group (polls[k]: its tx and rx), each queue
+ * then watched for poll_ns after each batch and served again in the same call
+ * (poll_group), for at most budget_ns; the queues in parallel, as there. Python runs
+ * once per call instead of once per wake-up. Returns how many queues ran on helper
+ * threads. */
+uint32_t nk_serve_poll(struct nk_poll *polls, uint32_t n, uint32_t poll_ns,
+                       uint32_t budget_ns)
+{
+    struct nk_poll_call c = {polls, poll_ns, budget_ns};
+    return dp_pool_run(&nk_pool, poll_group, &c, n);
+}
+
 /* Sizes the binding checks at load. */
 uint32_t nk_layout(uint32_t *out, uint32_t n)
 {
@@ -1296,6 +1526,7 @@ uint32_t nk_layout(uint32_t *out, uint32_t n)
         sizeof(struct nk_rxq), sizeof(struct nk_rx_out),
         sizeof(struct dp_region), NK_BUDGET, NK_MAX_ERRORS, (uint32_t)NK_SRING_HEADER,
         (uint32_t)NK_ENTRY, sizeof(struct nk_work), sizeof(struct nk_steer),
+        sizeof(struct nk_poll),
     };
     uint32_t k = sizeof(v) / sizeof(v[0]);
     for (uint32_t i = 0; i < k && i < n; i++)

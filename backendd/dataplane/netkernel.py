@@ -169,6 +169,26 @@ class Work(ctypes.Structure):
                 ("thread", ctypes.c_uint64)]
 
 
+class Poll(ctypes.Structure):
+    """One queue in an nk_serve_poll call (struct nk_poll): its tx and rx wake-ups (q
+    None: not watched in this call; `due`: served at once, else once ready), the
+    guest's eventfds, and what the call did on Python's behalf."""
+    _fields_ = [("tx", Work), ("rx", Work),
+                ("tx_call", ctypes.c_int32), ("rx_call", ctypes.c_int32),
+                ("tx_kick", ctypes.c_int32), ("rx_kick", ctypes.c_int32),
+                ("tx_due", ctypes.c_uint32), ("rx_due", ctypes.c_uint32),
+                ("tx_notified", ctypes.c_uint32), ("tx_saturated", ctypes.c_uint32),
+                ("rx_notified", ctypes.c_uint32), ("rx_saturated", ctypes.c_uint32),
+                ("tx_kicks", ctypes.c_uint32), ("rx_kicks", ctypes.c_uint32),
+                ("tx_batches", ctypes.c_uint32), ("rx_batches", ctypes.c_uint32),
+                ("batches", ctypes.c_uint32), ("woken", ctypes.c_uint32),
+                ("ended", ctypes.c_uint32), ("rx_stalled", ctypes.c_uint32)]
+
+
+# Why an nk_serve_poll call stopped watching a queue.
+END_IDLE, END_BUDGET, END_CALLER = 0, 1, 2
+
+
 class NetKernel:
     """The loaded library with typed entry points."""
 
@@ -193,6 +213,10 @@ class NetKernel:
         lib.nk_serve_groups.argtypes = [ctypes.POINTER(Work), ctypes.POINTER(ctypes.c_uint32),
                                         ctypes.c_uint32]
         self.serve_groups = lib.nk_serve_groups
+        lib.nk_serve_poll.restype = ctypes.c_uint32
+        lib.nk_serve_poll.argtypes = [ctypes.POINTER(Poll), ctypes.c_uint32, ctypes.c_uint32,
+                                      ctypes.c_uint32]
+        self.serve_poll = lib.nk_serve_poll
         lib.nk_layout.restype = ctypes.c_uint32
         lib.nk_layout.argtypes = [ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint32]
         buf = (ctypes.c_uint32 * 16)()
@@ -200,8 +224,9 @@ class NetKernel:
         want = [ctypes.sizeof(TxQueue), ctypes.sizeof(TxOut), ctypes.sizeof(Env),
                 ctypes.sizeof(RxQueue), ctypes.sizeof(RxOut), ctypes.sizeof(Region), BUDGET,
                 MAX_ERRORS]
-        if (list(buf[:len(want)]) != want or n < 12
-                or buf[10] != ctypes.sizeof(Work) or buf[11] != ctypes.sizeof(Steer)):
+        if (list(buf[:len(want)]) != want or n < 13
+                or buf[10] != ctypes.sizeof(Work) or buf[11] != ctypes.sizeof(Steer)
+                or buf[12] != ctypes.sizeof(Poll)):
             raise KernelError(f"{path}: built for other layouts: {list(buf[:n])} != {want}")
 
 

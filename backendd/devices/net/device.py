@@ -504,6 +504,9 @@ class NetDevice(Device):
         queue.channels = [tx_ch] if tx_ch is rx_ch else [tx_ch, rx_ch]
         tx.notify = tx_ch.notify
         rx.notify = rx_ch.notify
+        if self.kernel is not None:  # a polled kernel call reads kicks and signals itself
+            tx.channel = tx_ch
+            rx.channel = rx_ch
         if tx_ch is rx_ch:
             def both() -> None:
                 tx.kick()
