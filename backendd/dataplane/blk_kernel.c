@@ -1501,6 +1501,12 @@ static int poll_stop(const struct bk_queue *q, const struct bk_out *out)
 static void poll_end(struct bk_queue *q, struct bk_out *out)
 {
     q->polling = 0;
+    /* Blocked for want of room, but jobs reaped since made room: no completion will come
+     * to resume the ring (as in serve_batch). */
+    if ((out->flags & BK_BLOCKED) && q->req_cons - q->rsp_prod_pvt < q->max_pending) {
+        out->flags &= ~(uint32_t)BK_BLOCKED;
+        out->flags |= BK_MORE;
+    }
     if (!q->halted && !(out->flags & (BK_MORE | BK_BLOCKED)) &&
         !(q->poll_busy && q->inpool)) {
         /* As take() does on an empty ring: ask for a kick, then look once more. A kick
@@ -1534,12 +1540,13 @@ static void serve_item(void *ctx, uint32_t k)
 }
 
 /* Serve n rings, in parallel when n > 1. Returns how many ran on helper threads. */
+static struct dp_pool serve_pool = DP_POOL_INIT;
+
 uint32_t bk_serve_many(struct bk_queue *const *qs, const struct dp_env *const *envs,
                        struct bk_out *const *outs, uint32_t n)
 {
-    static struct dp_pool pool = DP_POOL_INIT;
     struct bk_many m = {qs, envs, outs};
-    return dp_pool_run(&pool, serve_item, &m, n);
+    return dp_pool_run(&serve_pool, serve_item, &m, n);
 }
 
 /* One loop turn: the rings kicked (due[k] == 1) and, beside them, every ring that may be
@@ -1582,15 +1589,14 @@ uint32_t bk_serve_round(struct bk_queue *const *qs, const struct dp_env *const *
     return bk_serve_many(sq, se, so, m);
 }
 
-/* Add one round's results for a ring to what the call has gathered for it: counts add
- * up, MORE and BLOCKED are the latest round's, CORRUPT and INTERNAL stay. */
+/* Add one batch's (or reap's) results for a ring to what the call has gathered for it. */
 static void out_merge(struct bk_out *into, const struct bk_out *add)
 {
     uint64_t *a = (uint64_t *)&into->stats;
     const uint64_t *b = (const uint64_t *)&add->stats;
     for (size_t i = 0; i < sizeof(add->stats) / sizeof(uint64_t); i++)
         a[i] += b[i];
-    into->flags = (into->flags & (BK_NOTIFY | BK_CORRUPT | BK_INTERNAL)) | add->flags;
+    into->flags |= add->flags;
     into->njobs += add->njobs;
     if (!into->refused_why && add->refused_why) {
         into->refused_id = add->refused_id;
@@ -1600,89 +1606,82 @@ static void out_merge(struct bk_out *into, const struct bk_out *add)
 
 static void reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *out);
 
-/* Whether a watched ring has something to do: requests published with room to take
- * them, or jobs the I/O threads have finished. */
-static int poll_due(const struct bk_queue *q)
+/* Whether a watched ring has requests published and room to take them. */
+static int ring_has_requests(const struct bk_queue *q)
 {
-    if (__atomic_load_n(&q->ndone, __ATOMIC_ACQUIRE))   /* a hint: reap() takes the lock */
-        return 1;
     return !q->halted && q->req_cons - q->rsp_prod_pvt < q->max_pending &&
            dp_ring_unconsumed(q->pages[0], q->size, q->req_cons, q->rsp_prod_pvt);
 }
 
-/* bk_serve_round, then, as long as the guests keep them busy, more rounds in the same
- * call: after each round the rings that may be served (due[k] != 0) are watched for up
- * to poll_ns; a ring with requests published is served again (in parallel on the
- * helpers when several are), a ring whose jobs the I/O threads have finished is reaped
- * here (as bk_reap would be on its wake eventfd). While watched, req_event stays where
- * it was, so the guest does not kick; the guest's event is signalled here (call_fds[k])
- * as each batch is published. When the call ends (the rings idle for poll_ns, budget_ns
- * in all, or a ring halted or with jobs only the caller can do) each ring's kick is
- * read, its req_event set and the ring looked at once more (MORE if it has requests).
- * A ring the loop may not serve (due[k] == 0: suspended, halted, stopping) is not
- * touched. outs[k] gathers ring k's results over the call (inpool: at its end),
- * served[k] says whether there are any, parallel[k] counts the batches served for it
- * on a helper thread. A guest that waits for its answers before asking again then
- * costs no sleep and wake-up of the event loop, and no pass through Python, per
- * request: on a virtual machine those cost several times the request. */
-#define BK_POLL_MAX 16
-void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const *envs,
-                         struct bk_out *const *outs, uint32_t n, const uint8_t *due,
-                         uint8_t *served, uint32_t *parallel, const int32_t *call_fds,
-                         uint32_t poll_ns, uint32_t budget_ns)
+/* ... or jobs the I/O threads have finished. */
+static int poll_due(const struct bk_queue *q)
 {
-    struct bk_out tmp[BK_POLL_MAX];
-    struct bk_out *tp[BK_POLL_MAX];
-    uint8_t d[BK_POLL_MAX], s[BK_POLL_MAX];
-    if (n > BK_POLL_MAX)
-        n = BK_POLL_MAX;    /* the binding passes at most POLL_MAX */
-    for (uint32_t k = 0; k < n; k++) {
-        memset(outs[k], 0, sizeof(*outs[k]));
-        served[k] = 0;
-        parallel[k] = 0;
-        d[k] = due[k];
-        tp[k] = &tmp[k];
-        if (due[k])
-            qs[k]->polling = 1;
-    }
-    uint64_t start = dp_now_ns();
-    for (;;) {
-        uint32_t helped = bk_serve_round(qs, envs, tp, n, d, s);
-        int stop = 0, more = 0;
-        for (uint32_t k = 0, j = 0; k < n; k++) {
-            if (s[k]) {
-                if (j > 0 && j <= helped)
-                    parallel[k]++;  /* the caller serves the first ring, helpers the next */
-                j++;
-                served[k] = 1;
-                out_merge(outs[k], &tmp[k]);
+    return __atomic_load_n(&q->ndone, __ATOMIC_ACQUIRE) ||  /* a hint: reap() locks */
+           ring_has_requests(q);
+}
+
+#define BK_POLL_MAX 16
+
+/* bk_serve_round_poll's call: the rings it watches (due ones only), split among threads. */
+struct bk_poll {
+    struct bk_queue *const *qs;
+    const struct dp_env *const *envs;
+    struct bk_out *const *outs;
+    const uint8_t *due;
+    const int32_t *call_fds;
+    uint32_t *parallel;
+    uint32_t ring[BK_POLL_MAX];     /* indices of the due rings */
+    uint32_t nrings, nthreads, poll_ns;
+    uint64_t end;                   /* the budget's end */
+};
+
+/* Thread t of the call watches rings t, t + nthreads, ...: serves each when it has
+ * requests (a kicked ring at once), reaps its finished jobs, signals its guest, and
+ * waits for any of them for up to poll_ns, until the budget's end. A ring that needs
+ * the caller (halted, jobs only Python can do) is no longer watched. */
+static void poll_thread(void *ctx, uint32_t t)
+{
+    struct bk_poll *c = ctx;
+    uint32_t mine[BK_POLL_MAX], n = 0;
+    for (uint32_t i = t; i < c->nrings; i += c->nthreads)
+        mine[n++] = c->ring[i];
+    int first = 1;
+    while (n) {
+        int more = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            uint32_t k = mine[i];
+            struct bk_queue *q = c->qs[k];
+            struct bk_out *out = c->outs[k], tmp;
+            out->flags &= ~(uint32_t)(BK_MORE | BK_BLOCKED);  /* the latest batch's say */
+            if ((first && c->due[k] == 1) || ring_has_requests(q)) {
+                bk_serve(q, c->envs[k], &tmp);
+                out_merge(out, &tmp);
+                if (t > 0)
+                    c->parallel[k]++;
             }
-            if (due[k] && __atomic_load_n(&qs[k]->ndone, __ATOMIC_ACQUIRE)) {
-                memset(&tmp[k], 0, sizeof(tmp[k]));
-                reap(qs[k], envs[k], &tmp[k]);
-                served[k] = 1;
-                out_merge(outs[k], &tmp[k]);
+            if (__atomic_load_n(&q->ndone, __ATOMIC_ACQUIRE)) {
+                memset(&tmp, 0, sizeof(tmp));
+                reap(q, c->envs[k], &tmp);
+                out_merge(out, &tmp);
             }
-            if (served[k]) {
-                poll_signal(outs[k], call_fds[k]);
-                stop |= poll_stop(qs[k], outs[k]);
-                more |= (outs[k]->flags & BK_MORE) != 0;
+            poll_signal(out, c->call_fds[k]);
+            if (poll_stop(q, out)) {
+                mine[i--] = mine[--n];  /* the caller must see it: no longer watched */
+                continue;
             }
+            more |= (out->flags & BK_MORE) != 0;
         }
-        if (stop)
-            break;
+        first = 0;
         uint64_t now = dp_now_ns();
-        if (now - start >= budget_ns)
+        if (!n || now >= c->end)
             break;
-        for (uint32_t k = 0; k < n; k++)
-            d[k] = due[k] ? 2 : 0;  /* from now on: the rings with requests published */
         if (more)
             continue;
-        uint64_t end = now + poll_ns < start + budget_ns ? now + poll_ns : start + budget_ns;
+        uint64_t end = now + c->poll_ns < c->end ? now + c->poll_ns : c->end;
         int any = 0;
         for (uint32_t i = 1; !any; i++) {
-            for (uint32_t k = 0; k < n && !any; k++)
-                any = d[k] && poll_due(qs[k]);
+            for (uint32_t j = 0; j < n && !any; j++)
+                any = poll_due(c->qs[mine[j]]);
             if (!any && (i & 63) == 0 && dp_now_ns() >= end)
                 break;
             if (!any)
@@ -1691,12 +1690,48 @@ void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const 
         if (!any)
             break;
     }
+}
+
+/* The rings that may be served (due[k] != 0; 1: kicked, 2: served when its guest has
+ * published requests) are served and then watched, in parallel: each on a thread of its
+ * own (the caller's and the helpers'; with more rings than threads, a thread watches
+ * several). After each batch a thread watches its rings for up to poll_ns: a ring with
+ * requests published is served again, a ring whose jobs the I/O threads have finished
+ * is reaped (as bk_reap would be on its wake eventfd), and the guest's event is
+ * signalled here (call_fds[k]) as each batch is published. While watched, req_event
+ * stays where it was, so the guest does not kick. When the call ends (every ring idle
+ * for poll_ns, or budget_ns in all; a ring halted or with jobs only the caller can do
+ * stops being watched at once) each ring's kick is read, its req_event set and the ring
+ * looked at once more (MORE if it has requests). A ring the loop may not serve
+ * (due[k] == 0: suspended, halted, stopping) is not touched. outs[k] gathers ring k's
+ * results over the call (inpool: at its end), served[k] says whether there are any,
+ * parallel[k] counts its batches served on a helper thread. A guest that waits for its
+ * answers before asking again then costs no sleep and wake-up of the event loop and no
+ * pass through Python per request, which on a virtual machine cost several times the
+ * request; and each ring keeps a thread to itself, not waiting for the others' batches. */
+void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const *envs,
+                         struct bk_out *const *outs, uint32_t n, const uint8_t *due,
+                         uint8_t *served, uint32_t *parallel, const int32_t *call_fds,
+                         uint32_t poll_ns, uint32_t budget_ns)
+{
+    struct bk_poll c = {qs, envs, outs, due, call_fds, parallel, {0}, 0, 0, poll_ns, 0};
+    if (n > BK_POLL_MAX)
+        n = BK_POLL_MAX;    /* the binding passes at most POLL_MAX */
     for (uint32_t k = 0; k < n; k++) {
+        memset(outs[k], 0, sizeof(*outs[k]));
+        served[k] = due[k] != 0;    /* its results (at least the last check) are in outs */
+        parallel[k] = 0;
         if (due[k]) {
-            served[k] = 1;  /* its results (at least req_event's check) are in outs[k] */
-            poll_end(qs[k], outs[k]);
+            qs[k]->env = envs[k];
+            qs[k]->polling = 1;
+            c.ring[c.nrings++] = k;
         }
     }
+    c.nthreads = c.nrings < DP_HELPERS + 1 ? c.nrings : DP_HELPERS + 1;
+    c.end = dp_now_ns() + budget_ns;
+    dp_pool_run(&serve_pool, poll_thread, &c, c.nthreads);
+    for (uint32_t i = 0; i < c.nrings; i++)
+        poll_end(qs[c.ring[i]], outs[c.ring[i]]);
 }
 
 /* bk_serve_round_poll for one ring, which the caller serves itself. */
