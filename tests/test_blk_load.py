@@ -5,6 +5,7 @@ and run the same way, so the benchmark's frontend cannot rot."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import random
@@ -73,6 +74,18 @@ async def test_verified_4k_random_two_queues(daemon, image):
 async def test_verified_1mib_indirect_sequential(daemon, image):
     await check(daemon, image, Load(bs=MiB, qd=4, pattern="seq", count=6, verify=True,
                                     seed=7))
+
+
+async def test_verified_direct_io_beside_a_cached_disk(daemon, image, tmp_path):
+    """An O_DIRECT disk (every request with the kernel's I/O threads, its ring waited for
+    asleep and woken by kicks and completions) served in the same calls as a cached
+    disk's ring (watched spinning): both verified."""
+    cached = tmp_path / "cached.img"
+    cached.write_bytes(random.Random(6).randbytes(IMAGE_SIZE))
+    direct = Load(bs=4096, qd=8, queues=2, count=200, verify=True, seed=21)
+    plain = Load(bs=4096, qd=32, count=400, verify=True, seed=22)
+    await asyncio.gather(check(daemon, image, direct, device_config={"direct-io": "1"}),
+                         check(daemon, cached, plain))
 
 
 async def test_verified_persistent_pool(daemon, image):

@@ -1635,6 +1635,43 @@ struct bk_poll {
     uint64_t end;                   /* the budget's end */
 };
 
+/* Rings whose every request is with the I/O threads (an O_DIRECT disk, a burst of
+ * writes) are waited for asleep: their guests wait for those answers, and the disk
+ * takes far longer than a wake-up, while a spinning thread would take a CPU another
+ * guest's ring could use. req_event is set first (the guest kicks for what it asks
+ * meanwhile), then the thread sleeps on the rings' kicks and wake eventfds until `end`
+ * (the budget's: such a ring is not idle).
+ * Whether something is due. */
+static int sleep_for_rings(const struct bk_poll *c, const uint32_t *mine, uint32_t n,
+                           uint64_t end)
+{
+    struct pollfd pf[2 * BK_POLL_MAX];
+    for (uint32_t j = 0; j < n; j++) {
+        struct bk_queue *q = c->qs[mine[j]];
+        if (final_check(q) || __atomic_load_n(&q->ndone, __ATOMIC_ACQUIRE))
+            return 1;
+        pf[2 * j] = (struct pollfd){q->kick_fd, POLLIN, 0};
+        pf[2 * j + 1] = (struct pollfd){q->wake_fd, POLLIN, 0};
+    }
+    uint64_t now = dp_now_ns();
+    if (now >= end)
+        return 0;
+    struct timespec ts = {(time_t)((end - now) / 1000000000u),
+                          (long)((end - now) % 1000000000u)};
+    int rc = ppoll(pf, 2 * n, &ts, NULL);
+    if (rc < 0)
+        return errno == EINTR;
+    for (uint32_t j = 0; j < n; j++) {
+        if (pf[2 * j].revents & POLLIN) {   /* read here: the next sleep must not see it */
+            uint64_t v;
+            struct iovec iov = {&v, sizeof(v)};
+            ssize_t r = preadv2(pf[2 * j].fd, &iov, 1, -1, RWF_NOWAIT);
+            (void)r;
+        }
+    }
+    return rc > 0;
+}
+
 /* Thread t of the call watches rings t, t + nthreads, ...: serves each when it has
  * requests (a kicked ring at once), reaps its finished jobs, signals its guest, and
  * waits for any of them for up to poll_ns, until the budget's end. A ring that needs
@@ -1678,14 +1715,21 @@ static void poll_thread(void *ctx, uint32_t t)
         if (more)
             continue;
         uint64_t end = now + c->poll_ns < c->end ? now + c->poll_ns : c->end;
-        int any = 0;
-        for (uint32_t i = 1; !any; i++) {
-            for (uint32_t j = 0; j < n && !any; j++)
-                any = poll_due(c->qs[mine[j]]);
-            if (!any && (i & 63) == 0 && dp_now_ns() >= end)
-                break;
-            if (!any)
-                __builtin_ia32_pause();
+        int any = 0, io_only = 1;
+        for (uint32_t j = 0; j < n && io_only; j++)
+            io_only = c->qs[mine[j]]->inpool > 0;
+        if (io_only) {
+            /* not idle: its answers are coming, so waited for until the budget's end */
+            any = sleep_for_rings(c, mine, n, c->end);
+        } else {
+            for (uint32_t i = 1; !any; i++) {
+                for (uint32_t j = 0; j < n && !any; j++)
+                    any = poll_due(c->qs[mine[j]]);
+                if (!any && (i & 63) == 0 && dp_now_ns() >= end)
+                    break;
+                if (!any)
+                    __builtin_ia32_pause();
+            }
         }
         if (!any)
             break;
