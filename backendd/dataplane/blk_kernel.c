@@ -1632,6 +1632,7 @@ struct bk_poll {
     uint32_t *parallel;
     uint32_t ring[BK_POLL_MAX];     /* indices of the due rings */
     uint32_t nrings, nthreads, poll_ns;
+    uint32_t busy;                  /* threads not idle */
     uint64_t end;                   /* the budget's end */
 };
 
@@ -1682,9 +1683,9 @@ static void poll_thread(void *ctx, uint32_t t)
     uint32_t mine[BK_POLL_MAX], n = 0;
     for (uint32_t i = t; i < c->nrings; i += c->nthreads)
         mine[n++] = c->ring[i];
-    int first = 1;
+    int first = 1, idle = 0;
     while (n) {
-        int more = 0;
+        int more = 0, did = 0;
         for (uint32_t i = 0; i < n; i++) {
             uint32_t k = mine[i];
             struct bk_queue *q = c->qs[k];
@@ -1693,6 +1694,7 @@ static void poll_thread(void *ctx, uint32_t t)
             if ((first && c->due[k] == 1) || ring_has_requests(q)) {
                 bk_serve(q, c->envs[k], &tmp);
                 out_merge(out, &tmp);
+                did = 1;
                 if (t > 0)
                     c->parallel[k]++;
             }
@@ -1700,6 +1702,7 @@ static void poll_thread(void *ctx, uint32_t t)
                 memset(&tmp, 0, sizeof(tmp));
                 reap(q, c->envs[k], &tmp);
                 out_merge(out, &tmp);
+                did = 1;
             }
             poll_signal(out, c->call_fds[k]);
             if (poll_stop(q, out)) {
@@ -1709,6 +1712,10 @@ static void poll_thread(void *ctx, uint32_t t)
             more |= (out->flags & BK_MORE) != 0;
         }
         first = 0;
+        if (did && idle) {
+            idle = 0;
+            __atomic_add_fetch(&c->busy, 1, __ATOMIC_ACQ_REL);
+        }
         uint64_t now = dp_now_ns();
         if (!n || now >= c->end)
             break;
@@ -1716,24 +1723,33 @@ static void poll_thread(void *ctx, uint32_t t)
             continue;
         uint64_t end = now + c->poll_ns < c->end ? now + c->poll_ns : c->end;
         int any = 0, io_only = 1;
+        for (uint32_t i = 1; !any; i++) {
+            for (uint32_t j = 0; j < n && !any; j++)
+                any = poll_due(c->qs[mine[j]]);
+            if (!any && (i & 63) == 0 && dp_now_ns() >= end)
+                break;
+            if (!any)
+                __builtin_ia32_pause();
+        }
         for (uint32_t j = 0; j < n && io_only; j++)
             io_only = c->qs[mine[j]]->inpool > 0;
-        if (io_only) {
-            /* not idle: its answers are coming, so waited for until the budget's end */
+        /* Not idle: its answers are coming, so waited for, asleep, until the budget's
+         * end (a page-cache write is done within the spin above; a disk read is not). */
+        if (!any && io_only)
             any = sleep_for_rings(c, mine, n, c->end);
-        } else {
-            for (uint32_t i = 1; !any; i++) {
-                for (uint32_t j = 0; j < n && !any; j++)
-                    any = poll_due(c->qs[mine[j]]);
-                if (!any && (i & 63) == 0 && dp_now_ns() >= end)
-                    break;
-                if (!any)
-                    __builtin_ia32_pause();
-            }
+        if (any)
+            continue;
+        /* Idle for poll_ns. While another thread of the call still works, the call goes
+         * on, so this one goes on watching its rings too. */
+        if (!idle) {
+            idle = 1;
+            __atomic_sub_fetch(&c->busy, 1, __ATOMIC_ACQ_REL);
         }
-        if (!any)
+        if (!__atomic_load_n(&c->busy, __ATOMIC_ACQUIRE))
             break;
     }
+    if (!idle)
+        __atomic_sub_fetch(&c->busy, 1, __ATOMIC_ACQ_REL);
 }
 
 /* The rings that may be served (due[k] != 0; 1: kicked, 2: served when its guest has
@@ -1758,7 +1774,7 @@ void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const 
                          uint8_t *served, uint32_t *parallel, const int32_t *call_fds,
                          uint32_t poll_ns, uint32_t budget_ns)
 {
-    struct bk_poll c = {qs, envs, outs, due, call_fds, parallel, {0}, 0, 0, poll_ns, 0};
+    struct bk_poll c = {qs, envs, outs, due, call_fds, parallel, {0}, 0, 0, poll_ns, 0, 0};
     if (n > BK_POLL_MAX)
         n = BK_POLL_MAX;    /* the binding passes at most POLL_MAX */
     for (uint32_t k = 0; k < n; k++) {
@@ -1772,6 +1788,7 @@ void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const 
         }
     }
     c.nthreads = c.nrings < DP_HELPERS + 1 ? c.nrings : DP_HELPERS + 1;
+    c.busy = c.nthreads;
     c.end = dp_now_ns() + budget_ns;
     dp_pool_run(&serve_pool, poll_thread, &c, c.nthreads);
     for (uint32_t i = 0; i < c.nrings; i++)
