@@ -1722,8 +1722,17 @@ static void poll_thread(void *ctx, uint32_t t)
         if (more)
             continue;
         uint64_t end = now + c->poll_ns < c->end ? now + c->poll_ns : c->end;
-        int any = 0, io_only = 1;
-        for (uint32_t i = 1; !any; i++) {
+        int any = 0, io_only = 1, disk_only = 1;
+        for (uint32_t j = 0; j < n && io_only; j++) {
+            io_only = c->qs[mine[j]]->inpool > 0;
+            disk_only &= !c->qs[mine[j]]->disk.inline_io;
+        }
+        /* An O_DIRECT image or a block device: its jobs wait for the disk, so their
+         * rings are not spun for at all (spinning through a stream of disk reads would
+         * take a CPU for it). */
+        if (io_only && disk_only)
+            end = now;
+        for (uint32_t i = 1; !any && end > now; i++) {
             for (uint32_t j = 0; j < n && !any; j++)
                 any = poll_due(c->qs[mine[j]]);
             if (!any && (i & 63) == 0 && dp_now_ns() >= end)
@@ -1731,6 +1740,7 @@ static void poll_thread(void *ctx, uint32_t t)
             if (!any)
                 __builtin_ia32_pause();
         }
+        io_only = 1;
         for (uint32_t j = 0; j < n && io_only; j++)
             io_only = c->qs[mine[j]]->inpool > 0;
         /* Not idle: its answers are coming, so waited for, asleep, until the budget's
