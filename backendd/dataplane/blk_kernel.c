@@ -51,6 +51,9 @@
 #define BK_SRING_HEADER offsetof(struct blkif_sring, ring)
 #define BK_MAX_PENDING 64       /* requests taken and not answered, per ring */
 #define BK_BUDGET 64            /* requests taken per call */
+#ifndef BK_PUSH_EVERY
+#define BK_PUSH_EVERY 8         /* while watched: answers published per push */
+#endif
 #define BK_MAX_SEGS 256         /* indirect segments we advertise (blkback's default) */
 #define BK_MAX_RING_PAGES 16
 #define BK_MAX_RING 1024        /* entries: the in-flight table's bound */
@@ -249,6 +252,8 @@ struct bk_queue {
     uint32_t halted, draining, inpool;
     uint32_t poll_busy;     /* bk_queue_set_poll: no kick wanted while jobs are out */
     uint32_t polling;       /* in bk_serve_*poll: an empty ring asks for no kick yet */
+    int32_t call_fd;        /* in bk_serve_*poll: the guest's event, signalled here */
+    uint32_t since_push;    /* requests answered inline since the last push */
     uint8_t *inflight;
     struct bk_disk disk;
     uint32_t fifo[BK_MAX_PENDING];   /* waiting slots, in ring order */
@@ -1161,6 +1166,8 @@ uint32_t bk_io_threads(uint32_t n)
  * or barrier starts only once everything before it has completed, and nothing after it
  * starts until it has completed. A request runs inline only while nothing taken before
  * it is with the threads, so requests start in ring order, as on the Python path. */
+static void poll_signal(struct bk_out *out, int32_t call_fd);
+
 static void dispatch(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
     uint16_t jobs[BK_MAX_PENDING];
@@ -1177,6 +1184,13 @@ static void dispatch(struct bk_queue *q, const struct dp_env *env, struct bk_out
         if (!needs_pool(q, s) && !q->inpool && transfer(s, q->disk.fd, 1) == 0) {
             out->stats.inline_io++;
             finish(q, env, s, out);
+            /* While watched, a long batch is published and signalled in parts, so the
+             * guest works on the first answers while the rest are served. */
+            if (q->call_fd >= 0 && ++q->since_push >= BK_PUSH_EVERY) {
+                q->since_push = 0;
+                push(q, out);
+                poll_signal(out, q->call_fd);
+            }
             continue;
         }
         s->state = SLOT_POOL;
@@ -1306,6 +1320,7 @@ struct bk_queue *bk_queue_new(const struct bk_config *cfg)
     q->disk = cfg->disk;
     q->wake_fd = cfg->wake_fd;
     q->kick_fd = cfg->kick_fd;
+    q->call_fd = -1;
     bk_inflight_scan(q);
     return q;
 }
@@ -1501,6 +1516,7 @@ static int poll_stop(const struct bk_queue *q, const struct bk_out *out)
 static void poll_end(struct bk_queue *q, struct bk_out *out)
 {
     q->polling = 0;
+    q->call_fd = -1;
     /* Blocked for want of room, but jobs reaped since made room: no completion will come
      * to resume the ring (as in serve_batch). */
     if ((out->flags & BK_BLOCKED) && q->req_cons - q->rsp_prod_pvt < q->max_pending) {
@@ -1794,6 +1810,7 @@ void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const 
         if (due[k]) {
             qs[k]->env = envs[k];
             qs[k]->polling = 1;
+            qs[k]->call_fd = call_fds[k];
             c.ring[c.nrings++] = k;
         }
     }
