@@ -1814,7 +1814,21 @@ void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const 
             c.ring[c.nrings++] = k;
         }
     }
-    c.nthreads = c.nrings < DP_HELPERS + 1 ? c.nrings : DP_HELPERS + 1;
+    /* A thread for each ring whose reads the page cache serves inline; the rings of
+     * O_DIRECT images and block devices, whose requests all wait for the disk, share
+     * those threads (one looks at their completions between its own ring's batches,
+     * which costs no wake-up), or one thread of their own if there are no others. */
+    uint32_t ninline = 0;
+    for (uint32_t i = 0; i < c.nrings; i++) {
+        uint32_t k = c.ring[i];
+        if (qs[k]->disk.inline_io) {
+            c.ring[i] = c.ring[ninline];
+            c.ring[ninline++] = k;
+        }
+    }
+    c.nthreads = ninline ? ninline : c.nrings ? 1 : 0;
+    if (c.nthreads > DP_HELPERS + 1)
+        c.nthreads = DP_HELPERS + 1;
     c.busy = c.nthreads;
     c.end = dp_now_ns() + budget_ns;
     dp_pool_run(&serve_pool, poll_thread, &c, c.nthreads);
