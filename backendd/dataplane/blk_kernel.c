@@ -32,6 +32,7 @@
 #include <linux/fs.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1751,8 +1752,14 @@ static void poll_thread(void *ctx, uint32_t t)
         for (uint32_t i = 1; !any && end > now; i++) {
             for (uint32_t j = 0; j < n && !any; j++)
                 any = poll_due(c->qs[mine[j]]);
-            if (!any && (i & 63) == 0 && dp_now_ns() >= end)
-                break;
+            if (!any && (i & 63) == 0) {
+                if (dp_now_ns() >= end)
+                    break;
+                /* With several threads watching, the guests' threads they wake may be
+                 * waiting for this CPU (two vCPUs here): let them have it. */
+                if (c->nthreads > 1)
+                    sched_yield();
+            }
             if (!any)
                 __builtin_ia32_pause();
         }
