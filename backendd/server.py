@@ -24,8 +24,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import Config
-from .dataplane import blk as blk_plane
-from .dataplane import net as net_plane
+from .dataplane import rounds
 from .errors import ControlError, StartupError
 from .iopool import FairPool
 from .log import EventLog, GuestLogLimiter
@@ -312,8 +311,7 @@ class Server:
         self._next_id = 1
         self.pool = FairPool(config.daemon.io_threads)
         _bound_blk_io_threads(config.daemon.io_threads)
-        blk_plane.set_poll(config.daemon.poll_us)
-        net_plane.set_poll(config.daemon.poll_us)
+        rounds.set_poll(config.daemon.poll_us)
         self._listener: socket.socket | None = None
         # (path, st_dev, st_ino) of the socket file this daemon created.
         self._owns_path: tuple[Path, int, int] | None = None

@@ -15,6 +15,7 @@ import pytest
 
 from backendd.dataplane import net as net_plane
 from backendd.dataplane import netkernel as nk
+from backendd.dataplane.rounds import POLL
 from backendd.devices.net.vif import Features
 from backendd.evtchn import EventChannel
 from bench import netdiff, netdiff_rx
@@ -36,8 +37,8 @@ def kernel() -> nk.NetKernel:
 @pytest.fixture
 def polling(monkeypatch):
     # 30 ms, and a budget of 1 s: a guest thread's pace
-    monkeypatch.setattr(net_plane, "_poll_ns", 30_000_000)
-    monkeypatch.setattr(net_plane, "POLL_BUDGET_NS", 1_000_000_000)
+    monkeypatch.setattr(POLL, "ns", 30_000_000)
+    monkeypatch.setattr(POLL, "budget_ns", 1_000_000_000)
 
 
 def _udp_frame(n: int) -> bytes:
@@ -137,7 +138,7 @@ def test_what_the_guest_publishes_while_watched_is_served_in_the_same_call(
 def test_an_idle_queue_ends_the_call_with_req_event_set(kernel, monkeypatch):
     """Nothing published while it waits: the call ends after poll_us, and req_event asks
     for a kick at the next request, so nothing the guest publishes later is missed."""
-    monkeypatch.setattr(net_plane, "_poll_ns", 100_000)
+    monkeypatch.setattr(POLL, "ns", 100_000)
     w = netdiff._world(kernel, 1, None, 4 << 20, mcast_control=False)
     ch = _channel(w.path)
     try:
@@ -158,9 +159,9 @@ def test_an_idle_queue_ends_the_call_with_req_event_set(kernel, monkeypatch):
 
 def test_a_guest_that_never_stops_still_lets_the_call_end(kernel, polling, monkeypatch):
     """A guest that publishes again as soon as it is answered keeps the queue busy: the
-    call ends after POLL_BUDGET_NS all the same (20 ms here, for a guest thread's pace),
+    call ends after POLL.budget_ns all the same (20 ms here, for a guest thread's pace),
     what it served answered and counted."""
-    monkeypatch.setattr(net_plane, "POLL_BUDGET_NS", 20_000_000)
+    monkeypatch.setattr(POLL, "budget_ns", 20_000_000)
     w = netdiff._world(kernel, 1, None, 4 << 20, mcast_control=False)
     ch = _channel(w.path)
     served = w.path.round
@@ -242,7 +243,7 @@ def test_a_reader_waiting_for_buffers_is_served_when_the_guest_posts_them(
 
 
 def test_poll_us_zero_serves_one_wake_up_per_call(kernel, monkeypatch):
-    monkeypatch.setattr(net_plane, "_poll_ns", 0)
+    monkeypatch.setattr(POLL, "ns", 0)
     w = netdiff._world(kernel, 1, None, 4 << 20, mcast_control=False)
     ch = _channel(w.path)
     try:

@@ -31,7 +31,7 @@ from rings.sring import REQ_PROD
 from . import kernel as K
 from .build import set_log
 from .netkernel import GRANT_REASONS
-from .rounds import LoopRound, loop_round
+from .rounds import POLL, LoopRound, loop_round
 
 if TYPE_CHECKING:
     from backendd.devices.blk.image import Image
@@ -49,19 +49,6 @@ log = logging.getLogger(__name__)
 # Beyond this many rings on one loop, a turn serves only the rings due (looking at every
 # ring's shared index each turn would cost more than it gains).
 ROUND_MEMBERS = 16
-
-# The rings of a loop are watched this long after each batch before the loop goes back to
-# sleep ([daemon] poll_us; bk_serve_poll, bk_serve_round_poll), and one call serves for
-# at most POLL_BUDGET_NS, so the loop's other work waits no longer than that.
-_poll_ns = 30_000
-POLL_BUDGET_NS = 500_000
-
-
-def set_poll(poll_us: int) -> None:
-    """[daemon] poll_us: how long a lone ring is watched after a batch (0: not at all)."""
-    global _poll_ns
-    _poll_ns = poll_us * 1000
-
 
 class ServiceRound(LoopRound["CompiledRingQueue"]):
     """The compiled rings due in one loop turn (kicked, or with work left), served by one
@@ -116,9 +103,9 @@ class ServiceRound(LoopRound["CompiledRingQueue"]):
             due_mask[k] = 1 if q._in_due else 2 if q._may_serve() else 0
             if due_mask[k]:
                 q._refresh()
-        if _poll_ns and pollable:
+        if POLL.ns and pollable:
             self.k.serve_round_poll(qs, envs, outs, n, due_mask, served, parallel, call_fds,
-                                    _poll_ns, POLL_BUDGET_NS)
+                                    POLL.ns, POLL.budget_ns)
             for k, q in enumerate(members):
                 q._in_due = False
                 if served[k]:
@@ -141,9 +128,9 @@ class ServiceRound(LoopRound["CompiledRingQueue"]):
             q._refresh()
         if len(queues) == 1:
             q = queues[0]
-            if _poll_ns and not q.image_external:
+            if POLL.ns and not q.image_external:
                 self.k.serve_poll(q._q, ctypes.byref(q._env), ctypes.byref(q._out),
-                                  q.channel.call_fd, _poll_ns, POLL_BUDGET_NS)
+                                  q.channel.call_fd, POLL.ns, POLL.budget_ns)
                 q.channel.count_notifies(q._out.notified, q._out.saturated)
             else:
                 self.k.serve(q._q, ctypes.byref(q._env), ctypes.byref(q._out))

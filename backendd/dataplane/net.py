@@ -39,24 +39,14 @@ from backendd.grants import GrantTable
 from rings.ring import BackRing
 
 from . import netkernel as nk
-from .rounds import LoopRound, loop_round
+from .rounds import POLL, LoopRound, loop_round
 
 log = logging.getLogger(__name__)
 
-# After each batch a queue is watched this long for its next one ([daemon] poll_us, the
-# setting the blk plane's polling uses too; nk_serve_poll), and one call lasts at most
-# POLL_BUDGET_NS, so the loop's other work waits no longer than that. Each queue watched
-# takes a thread for the call: a loop with more than POLL_QUEUES compiled queues is
-# served one wake-up round at a time, as without polling.
-_poll_ns = 30_000
-POLL_BUDGET_NS = 500_000
+# After each batch a queue is watched for its next one (rounds.POLL, nk_serve_poll). Each
+# queue watched takes a thread for the call: a loop with more than POLL_QUEUES compiled
+# queues is served one wake-up round at a time, as without polling.
 POLL_QUEUES = 4
-
-
-def set_poll(poll_us: int) -> None:
-    """[daemon] poll_us: how long a queue is watched after a batch (0: not at all)."""
-    global _poll_ns
-    _poll_ns = poll_us * 1000
 
 
 class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
@@ -88,7 +78,7 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
             self.members.pop(path.fd, None)
 
     def serve(self, due: list[CompiledTxPath | CompiledRxPath]) -> None:
-        if _poll_ns and self.members and len(self.members) <= POLL_QUEUES and all(
+        if POLL.ns and self.members and len(self.members) <= POLL_QUEUES and all(
                 p.channel is not None for paths in self.members.values() for p in paths):
             self._serve_poll(due)
             return
@@ -138,7 +128,7 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
 
     def _serve_poll(self, due: list[CompiledTxPath | CompiledRxPath]) -> None:
         """Every queue on the loop in one nk_serve_poll call, on a thread of its own:
-        what is due is served, and every queue is then watched for _poll_ns after each
+        what is due is served, and every queue is then watched for POLL.ns after each
         batch and served again once ready (its kicks read and its events signalled by
         the kernel). A path the call did not serve is left as it was."""
         due_ids = {id(path) for path in due}
@@ -175,7 +165,7 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
                 p.rx_stalled = int(rx._stalled and not rx._reading)
                 p.rx_due = id(rx) in due_ids and not p.rx_stalled
         try:
-            helped = self.k.serve_poll(polls, len(groups), _poll_ns, POLL_BUDGET_NS)
+            helped = self.k.serve_poll(polls, len(groups), POLL.ns, POLL.budget_ns)
         finally:
             for tx, rx, _ in groups:
                 for path in (tx, rx):

@@ -18,6 +18,22 @@ class Due(Protocol):
 
 
 D = TypeVar("D", bound=Due)
+
+
+class PollSetting:
+    """[daemon] poll_us, for both compiled planes: after a batch their rings are watched
+    this long for the next one before the loop goes back to sleep (0: not at all), and
+    one such call lasts at most budget_ns, so the loop's other work waits no longer."""
+
+    ns = 30_000
+    budget_ns = 500_000
+
+
+POLL = PollSetting()
+
+
+def set_poll(poll_us: int) -> None:
+    POLL.ns = poll_us * 1000
 R = TypeVar("R", bound="LoopRound[Any]")
 
 
