@@ -115,6 +115,12 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else NAN
 
 
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    await proc.wait()
+
+
 async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row], list[tuple]]:
     proc, path, log_path = await start_daemon(workdir)
     rows: list[Row] = []
@@ -190,14 +196,10 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
         rows.append((await fio_direct)._replace_what(
             "fio psync 4k randread O_DIRECT x4 threads (beside the line above)"))
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        await proc.wait()
+        await _stop(proc)
         print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
         raise
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    await proc.wait()
+    await _stop(proc)
 
     base = {}
     for key, engine, bs, rw, depth in (
@@ -278,14 +280,10 @@ async def measure_persistent(image: str, workdir: Path, seconds: float, rounds: 
                     runs.setdefault((bs, rw, queues, persistent), []).append(
                         await one(load))
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        await proc.wait()
+        await _stop(proc)
         print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
         raise
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    await proc.wait()
+    await _stop(proc)
     out = []
     for (bs, rw, queues, persistent), results in runs.items():
         by_iops = sorted(results, key=lambda r: r.iops)

@@ -56,14 +56,19 @@ def test_rx_differential_posted_buffers_and_frames(kernel):
     assert inputs >= 4000
 
 
-def test_differential_under_address_and_ub_sanitizers(tmp_path):
+def _sanitized_env(tmp_path) -> dict[str, str]:
+    """The environment of a Python that loads the net kernel built with the sanitizers."""
     lib = build("net", tmp_path / "asan.so", sanitize=True)
     libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
                              text=True, check=True).stdout.strip()
-    env = os.environ | {"LD_PRELOAD": libasan, "BACKENDD_NET_KERNEL": str(lib),
-                        "ASAN_OPTIONS": "detect_leaks=0:exitcode=97",
-                        "UBSAN_OPTIONS": "halt_on_error=1:exitcode=98",
-                        "PYTHONPATH": str(ROOT)}
+    return os.environ | {"LD_PRELOAD": libasan, "BACKENDD_NET_KERNEL": str(lib),
+                         "ASAN_OPTIONS": "detect_leaks=0:exitcode=97",
+                         "UBSAN_OPTIONS": "halt_on_error=1:exitcode=98",
+                         "PYTHONPATH": str(ROOT)}
+
+
+def test_differential_under_address_and_ub_sanitizers(tmp_path):
+    env = _sanitized_env(tmp_path)
     code = ("from backendd.dataplane import netkernel as nk\n"
             "from bench import netdiff, netdiff_rx\n"
             "assert 'libasan' in open('/proc/self/maps').read()\n"
@@ -86,13 +91,7 @@ def test_parallel_serving_under_address_and_ub_sanitizers(tmp_path):
     accounted for, the calls did serve both queues apart, and GET_STATS's `parallel`
     counts the wake-ups served on a helper thread. Then the same with event channels,
     so that each round is an nk_serve_poll call watching both queues."""
-    lib = build("net", tmp_path / "asan.so", sanitize=True)
-    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-    env = os.environ | {"LD_PRELOAD": libasan, "BACKENDD_NET_KERNEL": str(lib),
-                        "ASAN_OPTIONS": "detect_leaks=0:exitcode=97",
-                        "UBSAN_OPTIONS": "halt_on_error=1:exitcode=98",
-                        "PYTHONPATH": str(ROOT)}
+    env = _sanitized_env(tmp_path)
     code = ("import json\n"
             "from backendd.dataplane import netkernel as nk\n"
             "from bench import netdiff_rx\n"
@@ -118,13 +117,7 @@ def test_polled_calls_under_address_and_ub_sanitizers(tmp_path):
     """nk_serve_poll's own tests (tests/test_net_poll.py: a guest thread publishing tx
     packets or posting rx buffers while the call waits, an idle queue, a guest that
     never stops) against the sanitizer build: no report, all pass."""
-    lib = build("net", tmp_path / "asan.so", sanitize=True)
-    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-    env = os.environ | {"LD_PRELOAD": libasan, "BACKENDD_NET_KERNEL": str(lib),
-                        "ASAN_OPTIONS": "detect_leaks=0:exitcode=97",
-                        "UBSAN_OPTIONS": "halt_on_error=1:exitcode=98",
-                        "PYTHONPATH": str(ROOT)}
+    env = _sanitized_env(tmp_path)
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                              "tests/test_net_poll.py"], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
