@@ -254,6 +254,7 @@ struct bk_queue {
     uint32_t poll_busy;     /* bk_queue_set_poll: no kick wanted while jobs are out */
     uint32_t polling;       /* in bk_serve_*poll: an empty ring asks for no kick yet */
     int32_t call_fd;        /* in bk_serve_*poll: the guest's event, signalled here */
+    uint32_t push_every;    /* in bk_serve_*poll: answers per push in a long batch (0: one) */
     uint32_t since_push;    /* requests answered inline since the last push */
     uint8_t *inflight;
     struct bk_disk disk;
@@ -1187,7 +1188,7 @@ static void dispatch(struct bk_queue *q, const struct dp_env *env, struct bk_out
             finish(q, env, s, out);
             /* While watched, a long batch is published and signalled in parts, so the
              * guest works on the first answers while the rest are served. */
-            if (q->call_fd >= 0 && ++q->since_push >= BK_PUSH_EVERY) {
+            if (q->push_every && ++q->since_push >= q->push_every) {
                 q->since_push = 0;
                 push(q, out);
                 poll_signal(out, q->call_fd);
@@ -1518,6 +1519,7 @@ static void poll_end(struct bk_queue *q, struct bk_out *out)
 {
     q->polling = 0;
     q->call_fd = -1;
+    q->push_every = 0;
     /* Blocked for want of room, but jobs reaped since made room: no completion will come
      * to resume the ring (as in serve_batch). */
     if ((out->flags & BK_BLOCKED) && q->req_cons - q->rsp_prod_pvt < q->max_pending) {
@@ -1837,6 +1839,11 @@ void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const 
     if (c.nthreads > DP_HELPERS + 1)
         c.nthreads = DP_HELPERS + 1;
     c.busy = c.nthreads;
+    /* One thread watching: the guest's threads have the other CPUs, and publishing a
+     * long batch in parts lets them work beside it. Several: the CPUs are shared with
+     * the guests' threads, whose extra wake-ups would cost more than they gain. */
+    for (uint32_t i = 0; i < c.nrings; i++)
+        qs[c.ring[i]]->push_every = c.nthreads == 1 ? BK_PUSH_EVERY : 0;
     c.end = dp_now_ns() + budget_ns;
     dp_pool_run(&serve_pool, poll_thread, &c, c.nthreads);
     for (uint32_t i = 0; i < c.nrings; i++)
