@@ -1608,13 +1608,18 @@ uint32_t bk_serve_round(struct bk_queue *const *qs, const struct dp_env *const *
     return bk_serve_many(sq, se, so, m);
 }
 
+static void stats_add(struct bk_stats *into, const struct bk_stats *add)
+{
+    uint64_t *a = (uint64_t *)into;
+    const uint64_t *b = (const uint64_t *)add;
+    for (size_t i = 0; i < sizeof(*add) / sizeof(uint64_t); i++)
+        a[i] += b[i];
+}
+
 /* Add one batch's (or reap's) results for a ring to what the call has gathered for it. */
 static void out_merge(struct bk_out *into, const struct bk_out *add)
 {
-    uint64_t *a = (uint64_t *)&into->stats;
-    const uint64_t *b = (const uint64_t *)&add->stats;
-    for (size_t i = 0; i < sizeof(add->stats) / sizeof(uint64_t); i++)
-        a[i] += b[i];
+    stats_add(&into->stats, &add->stats);
     into->flags |= add->flags;
     into->njobs += add->njobs;
     if (!into->refused_why && add->refused_why) {
@@ -1888,8 +1893,6 @@ void bk_replay(struct bk_queue *q, const struct dp_env *env, const uint8_t *raws
     out->inpool = q->inpool;
 }
 
-/* On the event loop, woken by the ring's wake eventfd: the jobs the I/O threads have
- * finished are answered (grants released first), what waited behind them starts. */
 /* Unpin and answer the pool jobs `jobs` (slot numbers; anything else is skipped). errs:
  * NULL, or per job 0 or the errno that failed it; failed: every job failed. */
 static void finish_jobs(struct bk_queue *q, const struct dp_env *env, const uint16_t *jobs,
@@ -1914,6 +1917,21 @@ static void finish_jobs(struct bk_queue *q, const struct dp_env *env, const uint
     }
 }
 
+/* finish_jobs, then what waited behind them starts and the answers are published. */
+static void answer_jobs(struct bk_queue *q, const struct dp_env *env, const uint16_t *jobs,
+                        uint32_t n, int failed, struct bk_out *out)
+{
+    finish_jobs(q, env, jobs, NULL, n, failed, out);
+    if (!q->halted) {
+        dispatch(q, env, out);
+        push(q, out);
+    }
+    out->inpool = q->inpool;
+}
+
+/* Woken by the ring's wake eventfd (on the event loop, or while a call watches the ring):
+ * the jobs the I/O threads have finished are answered (grants released first), what
+ * waited behind them starts. */
 static void reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
     uint16_t jobs[BK_MAX_PENDING];
@@ -1929,12 +1947,7 @@ static void reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *ou
     memcpy(jobs, q->done, n * sizeof(jobs[0]));
     q->ndone = 0;
     pthread_mutex_unlock(&iopool.lock);
-    finish_jobs(q, env, jobs, NULL, n, 0, out);
-    if (!q->halted) {
-        dispatch(q, env, out);
-        push(q, out);
-    }
-    out->inpool = q->inpool;
+    answer_jobs(q, env, jobs, n, 0, out);
 }
 
 void bk_reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
@@ -1950,12 +1963,7 @@ void bk_complete(struct bk_queue *q, const struct dp_env *env, const uint16_t *j
 {
     memset(out, 0, sizeof(*out));
     q->env = env;
-    finish_jobs(q, env, jobs, NULL, n, failed != 0, out);
-    if (!q->halted) {
-        dispatch(q, env, out);
-        push(q, out);
-    }
-    out->inpool = q->inpool;
+    answer_jobs(q, env, jobs, n, failed != 0, out);
 }
 
 /* Publish what was answered (stopping). */
@@ -2008,10 +2016,7 @@ void bk_jobs_done(struct bk_queue *q, const struct dp_env *env, const uint16_t *
         return;
     }
     bk_serve(q, env, out);  /* publishes these answers too */
-    uint64_t *sum = (uint64_t *)&out->stats;
-    const uint64_t *add = (const uint64_t *)&done.stats;
-    for (size_t i = 0; i < sizeof(done.stats) / sizeof(uint64_t); i++)
-        sum[i] += add[i];
+    stats_add(&out->stats, &done.stats);
 }
 
 /* Describe n jobs (slots from out->jobs). Returns how many were described: slots that
