@@ -329,13 +329,7 @@ def main(argv: list[str] | None = None) -> None:
                          "beside the daemon's figures: `make bench` installs it")
     for name in ("blkfront_load", "eventfd_pingpong"):
         build(name)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-blk-", dir="/var/tmp"))
-    try:
-        image = str(workdir / "disk.img")
-        _make_image(image)
-        rows, targets = asyncio.run(measure(image, workdir, args.seconds))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    rows, targets = _on_a_warm_image(measure, args.seconds)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(table(f"blk on a warm {IMAGE_SIZE // MiB} MiB image file, {args.seconds:g} s a "
                 f"line, {os.cpu_count()} CPUs, {when} (QD per queue)",
@@ -350,15 +344,20 @@ def main(argv: list[str] | None = None) -> None:
     nbd.main(["--seconds", f"{args.seconds:g}"])
 
 
-def _persistent_main(seconds: float, rounds: int) -> None:
-    build("blkfront_load")
+def _on_a_warm_image(measure_fn, *args):
+    """measure_fn(image, workdir, *args) on a fresh warm image in a scratch directory."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-blk-", dir="/var/tmp"))
     try:
         image = str(workdir / "disk.img")
         _make_image(image)
-        rows = asyncio.run(measure_persistent(image, workdir, seconds, rounds))
+        return asyncio.run(measure_fn(image, workdir, *args))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _persistent_main(seconds: float, rounds: int) -> None:
+    build("blkfront_load")
+    rows = _on_a_warm_image(measure_persistent, seconds, rounds)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(table(f"blk, persistent grants on and off alternated, {rounds} rounds "
                 f"of {seconds:g} s a line, {os.cpu_count()} CPUs, {when} (median run)",

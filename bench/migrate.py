@@ -53,6 +53,25 @@ class RigError(Exception):
 
 # --- daemons ----------------------------------------------------------------------------
 
+async def wait_ready(notify: socket.socket, proc: asyncio.subprocess.Process,
+                     timeout: float | None = None) -> bool:
+    """Whether READY=1 came on the non-blocking datagram socket `notify` (the daemon's
+    NOTIFY_SOCKET) before `proc` exited or `timeout` passed."""
+    loop = asyncio.get_running_loop()
+
+    async def ready() -> None:
+        while b"READY=1" not in await loop.sock_recv(notify, 4096):
+            pass
+
+    waiting = asyncio.ensure_future(ready())
+    exited = asyncio.ensure_future(proc.wait())
+    await asyncio.wait([waiting, exited], timeout=timeout,
+                       return_when=asyncio.FIRST_COMPLETED)
+    for fut in (waiting, exited):
+        fut.cancel()
+    return waiting.done() and not waiting.cancelled()
+
+
 class DaemonProcess:
     """`backendd serve` as a process of its own, started and waited for (READY=1)."""
 
@@ -76,19 +95,7 @@ class DaemonProcess:
                     *prefix, sys.executable, "-m", "backendd", "--config", str(self.config),
                     "--socket", self.sock, "serve",
                     stdout=log, stderr=log, env={**os.environ, "NOTIFY_SOCKET": notify_path})
-            loop = asyncio.get_running_loop()
-
-            async def ready() -> None:
-                while b"READY=1" not in await loop.sock_recv(notify, 4096):
-                    pass
-
-            waiting = asyncio.ensure_future(ready())
-            exited = asyncio.ensure_future(self.proc.wait())
-            await asyncio.wait([waiting, exited], timeout=HANG,
-                               return_when=asyncio.FIRST_COMPLETED)
-            for fut in (waiting, exited):
-                fut.cancel()
-            if not waiting.done() or waiting.cancelled():
+            if not await wait_ready(notify, self.proc, HANG):
                 raise RigError(f"daemon {self.sock} did not start: {self.log()}")
         finally:
             notify.close()

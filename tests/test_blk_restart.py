@@ -23,6 +23,7 @@ from backendd.guest.machine import SimGuest
 from backendd.guest.memory import sealed_memfd
 from backendd.guest.vmm import ConnectionLost, RequestFailed, VmmClient
 from backendd.inflight import region_size
+from bench.migrate import wait_ready
 from rings.consts import XenbusState
 
 MiB = 1 << 20
@@ -62,18 +63,7 @@ class Vmm:
                 sys.executable, "-m", "backendd", "--socket", self.sock, "serve",
                 stdout=self.log, stderr=self.log,
                 env={**os.environ, "NOTIFY_SOCKET": notify_path})
-            loop = asyncio.get_running_loop()
-
-            async def ready() -> None:
-                while b"READY=1" not in await loop.sock_recv(notify, 4096):
-                    pass
-
-            waiting = asyncio.ensure_future(ready())
-            exited = asyncio.ensure_future(self.proc.wait())
-            await asyncio.wait([waiting, exited], return_when=asyncio.FIRST_COMPLETED)
-            for fut in (waiting, exited):
-                fut.cancel()
-            assert waiting.done() and not waiting.cancelled(), (
+            assert await wait_ready(notify, self.proc), (
                 f"daemon exited with {self.proc.returncode} before READY=1")
         finally:
             notify.close()
