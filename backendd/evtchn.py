@@ -165,6 +165,21 @@ class EventChannel:
         """Kicks the compiled data plane read itself (nk_serve_poll)."""
         self.kicks += read
 
+    def mute(self) -> bool:
+        """Keep the kick fd out of the loop's watch for a while (the compiled data plane
+        watches it itself meanwhile); whether it was watched. `unmute` undoes it: the
+        watch is level-triggered, so a kick that came meanwhile is seen then."""
+        w = _watchers.get(self._loop) if self._loop is not None else None
+        if w is None or self.kick_fd not in w.callbacks:
+            return False
+        w.epoll.modify(self.kick_fd, 0)
+        return True
+
+    def unmute(self) -> None:
+        w = _watchers.get(self._loop) if self._loop is not None else None
+        if w is not None and self.kick_fd in w.callbacks:
+            w.epoll.modify(self.kick_fd, select.EPOLLIN)
+
     def stop(self) -> None:
         if self._loop is not None:
             _unwatch(self._loop, self.kick_fd)

@@ -86,3 +86,25 @@ def test_close_releases_both_fds_and_is_idempotent():
     assert _open_fds() == before + 2
     guest.close()
     assert _open_fds() == before
+
+
+async def test_mute_keeps_a_kick_out_of_the_loop_until_unmuted():
+    """mute: the loop is not woken for the channel's kicks (the compiled data plane
+    watches the fd itself meanwhile); unmute: a kick that came meanwhile is delivered."""
+    guest, kick, call = new_channel_pair()
+    ch = EventChannel(2, kick, call)
+    calls: list[None] = []
+    try:
+        assert not ch.mute()  # not watched: nothing to mute
+        ch.start(asyncio.get_running_loop(), lambda: calls.append(None))
+        assert ch.mute()
+        guest.send()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert calls == [] and ch.kicks == 0
+        ch.unmute()
+        await _until(lambda: calls)
+        assert ch.kicks == 1
+    finally:
+        ch.close()
+        guest.close()

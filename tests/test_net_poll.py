@@ -6,6 +6,7 @@ released); the event channel is a real pair of eventfds and the tap a socket pai
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import threading
@@ -37,8 +38,10 @@ def kernel() -> nk.NetKernel:
 @pytest.fixture
 def polling(monkeypatch):
     # 30 ms, and a budget of 1 s: a guest thread's pace
-    monkeypatch.setattr(POLL, "ns", 30_000_000)
-    monkeypatch.setattr(POLL, "budget_ns", 1_000_000_000)
+    for name in ("ns", "net_ns"):
+        monkeypatch.setattr(POLL, name, 30_000_000)
+    for name in ("budget_ns", "net_budget_ns"):
+        monkeypatch.setattr(POLL, name, 1_000_000_000)
 
 
 def _udp_frame(n: int) -> bytes:
@@ -139,6 +142,7 @@ def test_an_idle_queue_ends_the_call_with_req_event_set(kernel, monkeypatch):
     """Nothing published while it waits: the call ends after poll_us, and req_event asks
     for a kick at the next request, so nothing the guest publishes later is missed."""
     monkeypatch.setattr(POLL, "ns", 100_000)
+    monkeypatch.setattr(POLL, "net_ns", 100_000)
     w = netdiff._world(kernel, 1, None, 4 << 20, mcast_control=False)
     ch = _channel(w.path)
     try:
@@ -162,6 +166,7 @@ def test_a_guest_that_never_stops_still_lets_the_call_end(kernel, polling, monke
     call ends after POLL.budget_ns all the same (20 ms here, for a guest thread's pace),
     what it served answered and counted."""
     monkeypatch.setattr(POLL, "budget_ns", 20_000_000)
+    monkeypatch.setattr(POLL, "net_budget_ns", 20_000_000)
     w = netdiff._world(kernel, 1, None, 4 << 20, mcast_control=False)
     ch = _channel(w.path)
     served = w.path.round
@@ -258,3 +263,94 @@ def test_poll_us_zero_serves_one_wake_up_per_call(kernel, monkeypatch):
         w.close()
         ch.close()
 
+
+
+def test_the_call_stays_in_the_kernel_until_the_loop_has_work(kernel, polling):
+    """The loop's own poll set is watched by the call, with the queue's kick fd kept out
+    of it meanwhile: a kick (the channel watched by the loop, as in the daemon) is read
+    and served by the call itself, after a pause in which the queue was idle; then
+    another fd of the loop becomes readable and the call ends for Python's turn, its
+    kick fd watched by the loop again."""
+    w = netdiff._world(kernel, 1, None, 4 << 20, mcast_control=False)
+    ch = _channel(w.path)
+    served = w.path.round
+    other_r, other_w = os.pipe()
+    loop_kicks: list[None] = []
+    try:
+        ch.start(w.loop, lambda: loop_kicks.append(None))
+        w.loop.add_reader(other_r, lambda: None)
+        guest = TxGuest(w, ch)
+        guest.publish()
+        guest.kicked_before()
+        stop = threading.Event()
+
+        def guest_then_loop() -> None:
+            if not guest.wait_answered(1, stop):
+                return
+            time.sleep(0.002)  # idle meanwhile, less than POLL.net_ns
+            guest.publish()
+            if guest.wait_answered(2, stop):
+                os.write(other_w, b"x")  # the loop has other work
+
+        t = threading.Thread(target=guest_then_loop)
+        t.start()
+        polled = served.polled
+        try:
+            served.serve([w.path])
+        finally:
+            stop.set()
+            t.join()
+        assert served.polled == polled + 1
+        assert w.shared.idx[RSP_PROD] == 2  # both served by that one call
+        assert served.ends[nk.END_LOOP] == 1  # ended for the loop's work
+        assert guest.kicks == 1 and ch.kicks == 1  # the kick was the call's to read
+        assert loop_kicks == []
+        # The kick fd is the loop's to watch again.
+        guest.publish()
+        assert guest.kicks == 2
+        w.loop.remove_reader(other_r)
+        w.loop.run_until_complete(asyncio.sleep(0))
+        assert loop_kicks == [None]
+    finally:
+        w.loop.remove_reader(other_r)
+        ch.stop()
+        w.close()
+        ch.close()
+        os.close(other_r)
+        os.close(other_w)
+
+
+def test_a_queue_that_needs_python_ends_the_other_queues_watch(kernel, polling):
+    """Two queues in one call: the first runs out of credit (Python arms the timer),
+    which ends the call for both at once, so the second's watch does not hold Python
+    up for the budget; and the credit timer's time is the call's budget at most."""
+    limited = netdiff._world(kernel, 1, (50, 100_000), 4 << 20, mcast_control=False)
+    other = netdiff._world(kernel, 1, None, 4 << 20, mcast_control=False)
+    channels = [_channel(limited.path), _channel(other.path)]
+    served = limited.path.round
+    other.path.round.leave(other.path)
+    other.path.round = served
+    served.join(other.path)
+    try:
+        guest = TxGuest(limited, channels[0])
+        guest.publish()  # 100 bytes: more than the credit of 50
+        guest.kicked_before()
+        polled = served.polled
+        served.serve([limited.path])
+        assert served.polled == polled + 1
+        assert limited.vif.counters["tx_rate_limited"] == 1
+        assert limited.path._timer is not None  # armed by Python after the call
+        assert served.ends[nk.END_CALLER] == 1  # the first queue needed Python
+        assert served.ends[nk.END_LOOP] == 1  # and the other left with it
+        assert limited.shared.idx[RSP_PROD] == 0
+        # While the first waits for its credit, a call serving the other lasts until
+        # the credit timer at most (the next 100 ms window), not the 1 s budget.
+        fd, budget_ns, _ = served._loop_watch()
+        assert fd >= 0
+        assert budget_ns <= 100_000_000 < POLL.net_budget_ns
+    finally:
+        served.leave(other.path)
+        limited.close()
+        other.close()
+        for ch in channels:
+            ch.close()

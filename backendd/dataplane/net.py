@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import threading
+import weakref
 
 from backendd.devices.net.ratelimit import CreditScheduler
 from backendd.devices.net.rx import BUDGET as RX_BUDGET
@@ -63,7 +65,46 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
         self.members: dict[int, list[CompiledTxPath | CompiledRxPath]] = {}
         self.polled = 0  # nk_serve_poll calls
         self.batches = 0  # batches they served (a queue served again counts again)
-        self.ends = [0, 0, 0]  # queues whose watch ended idle, by the budget, for Python
+        # Queues whose watch ended idle, by the budget, for their own Python work, for
+        # the loop's (or another queue's).
+        self.ends = [0, 0, 0, 0]
+        self._deferred = False  # this round went to the back of the loop's queue once
+        # Written by a polled call's thread to end the other queues' waits too.
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        weakref.finalize(self, os.close, self._wake_fd)
+
+    def _loop_watch(self) -> tuple[int, int, bool]:
+        """The loop's own poll set (an epoll fd: uvloop's libuv backend, or the
+        selector's), or -1 when it has none or has callbacks queued (a base asyncio
+        loop says so); the budget, cut to the first timer due that this round knows of
+        (its paths': the credit, an rx poll; and a base loop's own); and whether to go
+        to the back of the loop's queue first (a running loop that does not say what
+        it has queued: uvloop)."""
+        loop = self.loop
+        if not POLL.net_ns:
+            return -1, POLL.budget_ns, False
+        backend = getattr(loop, "_get_backend_id", None)
+        defer = backend is not None and loop.is_running()
+        if backend is not None:
+            fd = backend()
+        else:
+            selector = getattr(loop, "_selector", None)
+            fd = selector.fileno() if hasattr(selector, "fileno") else -1
+            if getattr(loop, "_ready", None):
+                fd = -1
+        if fd < 0:
+            return -1, POLL.budget_ns, False
+        now = loop.time()
+        first = now + POLL.net_budget_ns / 1e9
+        timers = [h for paths in self.members.values() for path in paths
+                  for h in (getattr(path, "_timer", None), getattr(path, "_poll", None))
+                  if h is not None]
+        scheduled = getattr(loop, "_scheduled", None)
+        if scheduled:
+            timers.append(scheduled[0])
+        for h in timers:
+            first = min(first, h.when())
+        return fd, max(0, int((first - now) * 1e9)), defer
 
     def join(self, path: CompiledTxPath | CompiledRxPath) -> None:
         paths = self.members.setdefault(path.fd, [])
@@ -128,9 +169,21 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
 
     def _serve_poll(self, due: list[CompiledTxPath | CompiledRxPath]) -> None:
         """Every queue on the loop in one nk_serve_poll call, on a thread of its own:
-        what is due is served, and every queue is then watched for POLL.ns after each
-        batch and served again once ready (its kicks read and its events signalled by
-        the kernel). A path the call did not serve is left as it was."""
+        what is due is served, and every queue is then watched and served again once
+        ready (its kicks read and its events signalled by the kernel). The call also
+        watches the loop's own poll set, with this call's fds kept out of it meanwhile,
+        and stays in the kernel until the loop or a queue needs Python, every queue has
+        been idle for POLL.net_ns, or POLL.net_budget_ns. A path the call did not serve
+        is left as it was."""
+        loop_fd, budget_ns, defer = self._loop_watch()
+        if defer and not self._deferred:
+            # Once to the back of the loop's queue: callbacks queued before this round
+            # run first, not after a call that may last the budget.
+            self._deferred = True
+            for path in due:
+                self.add(path)
+            return
+        self._deferred = False
         due_ids = {id(path) for path in due}
         groups: list[tuple[CompiledTxPath | None, CompiledRxPath | None,
                            list[CompiledTxPath | CompiledRxPath]]] = []
@@ -153,20 +206,44 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
         if not groups:
             return
         polls = (nk.Poll * len(groups))()
+        muted: list[EventChannel] = []
+        readers: list[CompiledRxPath] = []
         for p, (tx, rx, _) in zip(polls, groups, strict=True):
-            p.tx_kick = p.rx_kick = p.tx_call = p.rx_call = -1
+            p.tx_kick = p.rx_kick = p.tx_call = p.rx_call = p.rx_wake = -1
             if tx is not None and tx.channel is not None:
                 tx._work(p.tx)
                 p.tx_call, p.tx_kick = tx.channel.call_fd, tx.channel.kick_fd
                 p.tx_due = id(tx) in due_ids
+                muted.append(tx.channel)
             if rx is not None and rx.channel is not None:
                 rx._work(p.rx)
                 p.rx_call, p.rx_kick = rx.channel.call_fd, rx.channel.kick_fd
                 p.rx_stalled = int(rx._stalled and not rx._reading)
                 p.rx_due = id(rx) in due_ids and not p.rx_stalled
+                if loop_fd >= 0:
+                    # Muted even while it reads: the call watches the rx kick itself
+                    # once it runs short of buffers.
+                    p.rx_wake = rx.wake_fd()
+                    muted.append(rx.channel)
+                    if rx._reading:
+                        readers.append(rx)
+        if loop_fd >= 0:
+            # What the call watches itself stays out of the loop's watch meanwhile, so
+            # that the loop's poll set becomes ready only for other work.
+            muted = [ch for ch in dict.fromkeys(muted) if ch.mute()]
+            for rx in readers:
+                self.loop.remove_reader(rx.fd)
+        else:
+            muted = []
         try:
-            helped = self.k.serve_poll(polls, len(groups), POLL.ns, POLL.budget_ns)
+            helped = self.k.serve_poll(polls, len(groups), POLL.net_ns if loop_fd >= 0
+                                       else POLL.ns, budget_ns, loop_fd, self._wake_fd)
         finally:
+            for ch in muted:
+                ch.unmute()
+            for rx in readers:
+                if rx._reading:
+                    self.loop.add_reader(rx.fd, rx._readable)
             for tx, rx, _ in groups:
                 for path in (tx, rx):
                     if path is not None:
@@ -184,7 +261,7 @@ class NetRound(LoopRound["CompiledTxPath | CompiledRxPath"]):
         caller = threading.get_native_id()
         for p, (tx, rx, paths) in zip(polls, groups, strict=True):
             self.batches += p.batches
-            self.ends[min(p.ended, 2)] += 1
+            self.ends[min(p.ended, nk.END_LOOP)] += 1
             served = []
             for path, work, notified, saturated, kicks, batches in (
                     (tx, p.tx, p.tx_notified, p.tx_saturated, p.tx_kicks, p.tx_batches),
@@ -425,15 +502,29 @@ class CompiledRxPath(RxPath):
         self.served_on: set[int] = set()  # thread ids that served its wake-ups
         self.channel: EventChannel | None = None  # as CompiledTxPath.channel
         self._stalled = False  # paused by the last call: too few buffers posted
+        self._wake: int | None = None  # wake_fd()
         self.round.join(self)
 
     @property
     def posted_count(self) -> int:
         return self.q.count
 
+    def wake_fd(self) -> int:
+        """While steering is on: an eventfd that another queue's thread of a polled call
+        writes when it steers a frame into this queue's inbox, so that this queue's
+        wait ends and delivers it in the same call; -1 otherwise."""
+        if not self.steer.steer.on:
+            return -1
+        if self._wake is None:
+            self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        return self._wake
+
     def stop(self) -> None:
         super().stop()
         self.round.leave(self)
+        if self._wake is not None:
+            os.close(self._wake)
+            self._wake = None
         if self._ring_anchor is None:
             return
         self.native.refresh()

@@ -1308,15 +1308,49 @@ struct nk_poll {
     uint32_t woken;             /* waits that ended with the queue ready */
     uint32_t ended;             /* NK_END_* */
     uint32_t rx_stalled;        /* in and out: the reader waits for buffers (one stall
-                                 * is counted once, however often it is looked at) */
+                                 * is counted once, however often it is looked at) */    int32_t rx_wake;            /* an eventfd written when a frame is steered to this
+                                 * queue's inbox by another queue of the call; -1 */
 };
 
-enum { NK_END_IDLE = 0, NK_END_BUDGET = 1, NK_END_CALLER = 2 };
+enum { NK_END_IDLE = 0, NK_END_BUDGET = 1, NK_END_CALLER = 2, NK_END_LOOP = 3 };
 
+/* What the queues of one nk_serve_poll call share. With a loop fd, the call is one
+ * watch over all of them: it ends for every queue at once (`end`), when Python has
+ * something to do. The thread that finds so writes wake_fd, which every queue's wait
+ * watches too, so the others leave their waits; nobody reads wake_fd during the call
+ * (it stays readable), the call resets it when it starts. */
 struct nk_poll_call {
     struct nk_poll *polls;
+    uint32_t n;
     uint32_t poll_ns, budget_ns;
+    int32_t loop_fd;        /* the event loop's own poll set (epoll fd); -1: none */
+    int32_t wake_fd;        /* an eventfd of the call's; -1 without loop_fd */
+    uint32_t end;           /* set once: every queue leaves its watch */
+    uint32_t idle;          /* queues idle for poll_ns; all of them: the call ends */
 };
+
+#define NK_LOOP_CHECK_NS 50000u     /* a queue that never waits looks at the loop so often */
+
+/* Whether fd is readable now (without waiting). */
+static int fd_ready(int32_t fd)
+{
+    struct pollfd p = {fd, POLLIN, 0};
+    return fd >= 0 && poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
+}
+
+/* The whole call ends: every queue leaves its watch. */
+static void call_end(struct nk_poll_call *c)
+{
+    if (__atomic_exchange_n(&c->end, 1, __ATOMIC_ACQ_REL))
+        return;
+    if (c->wake_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t w;
+        do
+            w = write(c->wake_fd, &one, sizeof(one));
+        while (w < 0 && errno == EINTR);
+    }
+}
 
 /* The guest's event: an eventfd write, unless the counter is full (the guest has an
  * event pending then, and a write would block). Counted as written or saturated; a
@@ -1385,33 +1419,67 @@ static void merge_rx(struct nk_rx_out *acc, const struct nk_rx_out *b)
         acc->bad[acc->nbad++] = b->bad[i];
 }
 
-/* Serve the queue, then wait (sleeping in ppoll, never spinning) up to poll_ns for it
- * to be ready again and serve it again, until it has been idle for poll_ns, budget_ns
- * have passed since the call began, or it needs Python (a fatal ring, a multicast
- * packet, a full tap, the credit spent). Every batch ends as a wake-up does: its
- * responses published, ring.h's notify rule applied (the guest's event signalled
- * here), and req_event set by the final check when the ring is empty, so the guest
- * kicks for what it publishes next: that kick, or the tap becoming readable, or (with
- * too few rx buffers posted) the rx kick, is what the wait watches. A direction is
- * served only when it is due or ready (a ring not kicked is not touched, not even its
- * req_event); the last batch's flags are the call's, as a single wake-up's would be. */
+/* A frame was steered to queue `index` of the vif whose steering state is st: if that
+ * queue is watched in this call, its wait is ended so that it delivers the frame. */
+static void wake_steered(const struct nk_poll_call *c, const struct nk_steer *st,
+                         uint32_t woke)
+{
+    for (uint32_t k = 0; k < c->n; k++) {
+        const struct nk_poll *o = &c->polls[k];
+        const struct nk_rxq *q = o->rx.q;
+        if (q && q->steer == st && q->index < 32 && (woke & (1u << q->index)) &&
+            o->rx_wake >= 0) {
+            uint64_t one = 1;
+            ssize_t w;
+            do
+                w = write(o->rx_wake, &one, sizeof(one));
+            while (w < 0 && errno == EINTR);
+        }
+    }
+}
+
+/* Serve the queue, then wait (sleeping in ppoll, never spinning) for it to be ready
+ * again and serve it again. Without a loop fd, its watch ends once it has been idle
+ * for poll_ns, budget_ns after the call began, or when it needs Python (a fatal ring,
+ * a multicast packet, a full tap, the credit spent). With one (the event loop's own
+ * poll set, which the caller keeps this call's fds out of), the watch is the whole
+ * call's: it goes on while any queue is busy and ends for every queue at once when the
+ * loop has work (its fd readable), a queue needs Python, every queue has been idle for
+ * poll_ns, or at budget_ns. Every batch ends as a wake-up does: its responses
+ * published, ring.h's notify rule applied (the guest's event signalled here), and
+ * req_event set by the final check when the ring is empty, so the guest kicks for what
+ * it publishes next: that kick, or the tap becoming readable, or (with too few rx
+ * buffers posted) the rx kick, is what the wait watches. A direction is served only
+ * when it is due or ready (a ring not kicked is not touched, not even its req_event);
+ * the last batch's flags are the call's, as a single wake-up's would be. The queue's
+ * record is worked on in a private copy and written back at the end, so two queues'
+ * threads share no cache line they write. */
 static void poll_group(void *ctx, uint32_t k)
 {
-    const struct nk_poll_call *c = ctx;
-    struct nk_poll *p = &c->polls[k];
+    struct nk_poll_call *c = ctx;
+    struct nk_poll lp = c->polls[k], *p = &lp;
     struct nk_txq *txq = p->tx.q;
     struct nk_rxq *rxq = p->rx.q;
     struct nk_tx_out *txo = p->tx.out, tb;
     struct nk_rx_out *rxo = p->rx.out, rb;
     uint64_t start = dp_now_ns(), deadline = start + c->budget_ns;
     uint64_t tid = (uint64_t)syscall(SYS_gettid);
+    uint64_t last_work = start, last_look = start;
     int want_tx = txq && p->tx_due, want_rx = rxq && p->rx_due;
+    int whole = c->loop_fd >= 0, idle = 0;
     p->tx.thread = p->rx.thread = tid;
     p->ended = NK_END_IDLE;
     for (;;) {
         int again_tx = 0, again_rx = 0, stop = 0;
-        if (want_tx || want_rx)
+        /* What is wanted here is always served before the queue leaves: a kick read
+         * is not read again. */
+        if (want_tx || want_rx) {
             p->batches++;
+            if (idle) {
+                idle = 0;
+                __atomic_fetch_sub(&c->idle, 1, __ATOMIC_ACQ_REL);
+            }
+        }
         if (want_tx) {
             struct nk_tx_out *o = p->tx_batches ? &tb : txo;
             if (p->tx_batches)
@@ -1439,30 +1507,55 @@ static void poll_group(void *ctx, uint32_t k)
                 o->flags &= ~(uint32_t)NK_NOTIFY;
                 signal_guest(p->rx_call, &p->rx_notified, &p->rx_saturated);
             }
+            if (whole && o->woke)
+                wake_steered(c, rxq->steer, o->woke);
             if (p->rx_batches++)
                 merge_rx(rxo, o);
             if (rxo->flags & NK_FATAL)
                 stop = 1;
             else if ((rxo->flags & NK_RX_STALL) && (rxo->flags & NK_RX_MORE))
                 again_rx = 1;
+            else if (!(rxo->flags & NK_RX_STALL) && inbox_waiting(rxq))
+                again_rx = 1;   /* frames steered here while this batch ran */
         }
         if (stop) {
             p->ended = NK_END_CALLER;
-            return;
+            if (whole)
+                call_end(c);
+            break;
         }
         uint64_t now = dp_now_ns();
+        if (want_tx || want_rx)
+            last_work = now;    /* idle from the end of the last batch on */
         if (now >= deadline) {
             p->ended = NK_END_BUDGET;
-            return;
+            if (whole)
+                call_end(c);
+            break;
         }
         want_tx = again_tx;
         want_rx = again_rx;
-        if (want_tx || want_rx)
+        int ending = whole && __atomic_load_n(&c->end, __ATOMIC_ACQUIRE);
+        if ((want_tx || want_rx) && !ending) {
+            if (whole && now - last_look >= NK_LOOP_CHECK_NS) {
+                last_look = now;
+                if (fd_ready(c->loop_fd)) {     /* the loop has work: Python's turn */
+                    p->ended = NK_END_LOOP;
+                    call_end(c);    /* the work left is flagged (MORE): Python's */
+                    break;
+                }
+            }
             continue;
-        /* Nothing left: wait for the guest's kick or the tap. */
-        struct pollfd fds[3];
+        }
+        if (ending) {
+            p->ended = NK_END_LOOP;
+            break;
+        }
+        /* Nothing left: wait for the guest's kick or the tap (and, for the whole call,
+         * the loop and the other queues). */
+        struct pollfd fds[6];
         nfds_t n = 0;
-        int tx_at = -1, rx_at = -1, tap_at = -1;
+        int tx_at = -1, rx_at = -1, tap_at = -1, wake_at = -1, loop_at = -1;
         if (txq && p->tx_kick >= 0) {
             tx_at = (int)n;
             fds[n++] = (struct pollfd){p->tx_kick, POLLIN, 0};
@@ -1479,17 +1572,41 @@ static void poll_group(void *ctx, uint32_t k)
             tap_at = (int)n;
             fds[n++] = (struct pollfd){rxq->fd, POLLIN, 0};
         }
-        if (!n)
-            return;
-        uint64_t wait = deadline - now < c->poll_ns ? deadline - now : c->poll_ns;
+        if (!n && !whole)
+            break;
+        if (whole) {
+            loop_at = (int)n;
+            fds[n++] = (struct pollfd){c->loop_fd, POLLIN, 0};
+            if (c->wake_fd >= 0)
+                fds[n++] = (struct pollfd){c->wake_fd, POLLIN, 0};
+            if (rxq && p->rx_wake >= 0) {
+                wake_at = (int)n;
+                fds[n++] = (struct pollfd){p->rx_wake, POLLIN, 0};
+            }
+        }
+        uint64_t until = deadline;
+        if (!idle && last_work + c->poll_ns < until)
+            until = last_work + c->poll_ns;
+        if (until <= now) {     /* idle for poll_ns */
+            if (!whole)
+                break;
+            idle = 1;
+            if (__atomic_add_fetch(&c->idle, 1, __ATOMIC_ACQ_REL) >= c->n) {
+                call_end(c);    /* every queue idle: back to the loop */
+                break;
+            }
+            continue;
+        }
+        uint64_t wait = until - now;
         struct timespec ts = {(time_t)(wait / 1000000000u), (long)(wait % 1000000000u)};
         int r = ppoll(fds, n, &ts, NULL);
-        if (r <= 0) {       /* idle for poll_ns (or a signal): back to the loop */
-            if (wait < c->poll_ns)
-                p->ended = NK_END_BUDGET;   /* the wait was cut short by the budget */
-            return;
+        if (r < 0 && errno != EINTR) {
+            if (whole)      /* not reached: the fds are the caller's, checked */
+                call_end(c);
+            break;
         }
-        p->woken++;
+        if (r <= 0)
+            continue;       /* the time is looked at above */
         if (tx_at >= 0 && fds[tx_at].revents) {
             if (read_kick(fds[tx_at].fd))
                 p->tx_kicks++;
@@ -1503,18 +1620,38 @@ static void poll_group(void *ctx, uint32_t k)
         }
         if (tap_at >= 0 && fds[tap_at].revents)
             want_rx = 1;
+        if (wake_at >= 0 && fds[wake_at].revents) {
+            read_kick(fds[wake_at].fd);
+            want_rx |= !p->rx_stalled;  /* frames in its inbox, buffers permitting */
+        }
+        if (want_tx || want_rx) {
+            p->woken++;
+        } else if (loop_at >= 0 && fds[loop_at].revents) {
+            p->ended = NK_END_LOOP;     /* the loop has work: Python's turn */
+            call_end(c);
+            break;
+        }
     }
+    c->polls[k] = lp;
 }
 
 /* As nk_serve_groups with one queue per group (polls[k]: its tx and rx), each queue
- * then watched for poll_ns after each batch and served again in the same call
- * (poll_group), for at most budget_ns; the queues in parallel, as there. Python runs
- * once per call instead of once per wake-up. Returns how many queues ran on helper
- * threads. */
+ * then watched and served again in the same call (poll_group); the queues in parallel,
+ * as there. Python runs once per call instead of once per wake-up: without a loop fd
+ * (-1) each queue's watch ends after poll_ns idle or budget_ns; with the event loop's
+ * poll set as loop_fd (and wake_fd, an eventfd of the caller's), the call lasts until
+ * the loop or a queue needs Python, every queue has been idle for poll_ns, or
+ * budget_ns. Returns how many queues ran on helper threads. */
 uint32_t nk_serve_poll(struct nk_poll *polls, uint32_t n, uint32_t poll_ns,
-                       uint32_t budget_ns)
+                       uint32_t budget_ns, int32_t loop_fd, int32_t wake_fd)
 {
-    struct nk_poll_call c = {polls, poll_ns, budget_ns};
+    struct nk_poll_call c = {polls, n, poll_ns, budget_ns, loop_fd,
+                             loop_fd >= 0 ? wake_fd : -1, 0, 0};
+    if (c.wake_fd >= 0)
+        read_kick(c.wake_fd);   /* written by the call before */
+    for (uint32_t k = 0; k < n; k++)
+        if (polls[k].rx.q && polls[k].rx_wake >= 0)
+            read_kick(polls[k].rx_wake);
     return dp_pool_run(&nk_pool, poll_group, &c, n);
 }
 

@@ -182,11 +182,14 @@ class Poll(ctypes.Structure):
                 ("tx_kicks", ctypes.c_uint32), ("rx_kicks", ctypes.c_uint32),
                 ("tx_batches", ctypes.c_uint32), ("rx_batches", ctypes.c_uint32),
                 ("batches", ctypes.c_uint32), ("woken", ctypes.c_uint32),
-                ("ended", ctypes.c_uint32), ("rx_stalled", ctypes.c_uint32)]
+                ("ended", ctypes.c_uint32), ("rx_stalled", ctypes.c_uint32),
+                ("rx_wake", ctypes.c_int32)]
 
 
-# Why an nk_serve_poll call stopped watching a queue.
-END_IDLE, END_BUDGET, END_CALLER = 0, 1, 2
+# Why an nk_serve_poll call stopped watching a queue: idle, its budget, the queue needs
+# Python (a fatal ring, a multicast packet, a full tap, the credit spent), the loop (or
+# another queue of the call) needs Python.
+END_IDLE, END_BUDGET, END_CALLER, END_LOOP = 0, 1, 2, 3
 
 
 class NetKernel:
@@ -215,7 +218,7 @@ class NetKernel:
         self.serve_groups = lib.nk_serve_groups
         lib.nk_serve_poll.restype = ctypes.c_uint32
         lib.nk_serve_poll.argtypes = [ctypes.POINTER(Poll), ctypes.c_uint32, ctypes.c_uint32,
-                                      ctypes.c_uint32]
+                                      ctypes.c_uint32, ctypes.c_int32, ctypes.c_int32]
         self.serve_poll = lib.nk_serve_poll
         lib.nk_layout.restype = ctypes.c_uint32
         lib.nk_layout.argtypes = [ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint32]

@@ -27,6 +27,12 @@ class PollSetting:
 
     ns = 30_000
     budget_ns = 500_000
+    # The nic queues' call (dataplane.net) watches the event loop's own poll set too, so
+    # it can stay in the kernel while traffic flows: it ends when the loop or a queue
+    # needs Python, once every queue has been idle for net_ns, or after net_budget_ns
+    # (what the loop's timers and queued callbacks may wait at most).
+    net_ns = 1_000_000
+    net_budget_ns = 5_000_000
 
 
 POLL = PollSetting()
@@ -34,6 +40,7 @@ POLL = PollSetting()
 
 def set_poll(poll_us: int) -> None:
     POLL.ns = poll_us * 1000
+    POLL.net_ns = PollSetting.net_ns if poll_us else 0
 R = TypeVar("R", bound="LoopRound[Any]")
 
 
