@@ -16,9 +16,10 @@ list, the grant table, the regions) is read before the call and written after it
 Python.
 
 On a loop with at most POLL_QUEUES queues, a round is one `nk_serve_poll` call instead:
-every queue is served and then watched ([daemon] poll_us, asleep in ppoll on its kicks
-and tap) and served again in the same call, its events signalled by the kernel, so
-Python runs once per call rather than once per wake-up.
+every queue is served and then watched (asleep in ppoll on its kicks and tap, and on the
+loop's own poll set) and served again in the same call, its events signalled by the
+kernel, until the loop or a queue needs Python, every queue is idle or the budget is
+spent: Python runs once per call rather than once per wake-up.
 """
 
 from __future__ import annotations
