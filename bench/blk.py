@@ -5,10 +5,17 @@ measured in this one run.
 
     python -m bench.blk [--seconds S]
     python -m bench.blk --persistent-rounds N [--seconds S]
+    python -m bench.blk --queues-rounds N [--seconds S] [--kernel PATH ...]
 
 The second form runs only the 4 KiB QD32 lines (read and write, 1 and 2 queues) and the
 1 MiB sequential ones (QD4), with persistent grants and without, alternated N times, and
 prints each line's median run beside the range of its N runs.
+
+The third runs only the lines of the queue and latency targets (4 KiB randread QD32 at 1
+and 2 queues, and QD1), alternated N times, and prints each line's median run, the range,
+and the frontend's kicks and sleeps per I/O. With --kernel (once per build), one daemon
+per compiled blk kernel (BACKENDD_BLK_KERNEL), each round running every line on each
+daemon in turn: two builds compared in the same minutes.
 
 The frontend is C so that the figures are the daemon's: the Python simulated guest costs
 more per request than the daemon does. It pairs with the daemon as a C VMM would, through
@@ -296,6 +303,72 @@ async def measure_persistent(image: str, workdir: Path, seconds: float, rounds: 
     return out
 
 
+QUEUE_LINES = (("1q", Load(bs=4096, qd=32)), ("2q", Load(bs=4096, qd=32, queues=2)),
+               ("qd1", Load(bs=4096, qd=1)))
+
+
+async def measure_queues(image: str, workdir: Path, seconds: float, rounds: int,
+                         kernels: list[str]) -> list[tuple]:
+    """The lines of the queue and QD1 targets alternated `rounds` times, on one daemon
+    per kernel in `kernels` (BACKENDD_BLK_KERNEL; "" the default build), the kernels
+    taking turns within each round: per kernel and line, the run of median IOPS, the
+    range, and per round the 2-queue / 1-queue ratio."""
+    daemons = []
+    try:
+        for n, kernel in enumerate(kernels or [""]):
+            saved = os.environ.get("BACKENDD_BLK_KERNEL")
+            if kernel:
+                os.environ["BACKENDD_BLK_KERNEL"] = kernel
+            try:
+                d = workdir / f"daemon{n}"
+                d.mkdir()
+                daemons.append((kernel or "default", *await start_daemon(d)))
+            finally:
+                if saved is None:
+                    os.environ.pop("BACKENDD_BLK_KERNEL", None)
+                else:
+                    os.environ["BACKENDD_BLK_KERNEL"] = saved
+        runs: dict[tuple[str, str], list[LoadResult]] = {}
+
+        async def one(proc: asyncio.subprocess.Process, path: str, load: Load,
+                      measure_cpu: bool = True) -> LoadResult:
+            return socket_result(load, await run_load_socket(
+                path, image, load, daemon_pid=proc.pid if measure_cpu else None))
+
+        for _, proc, path, _ in daemons:
+            await one(proc, path, Load(bs=4096, qd=32, seconds=min(1.0, seconds)), False)
+        for _ in range(rounds):
+            for name, proc, path, _ in daemons:
+                for line, load in QUEUE_LINES:
+                    load = Load(bs=load.bs, qd=load.qd, queues=load.queues, seconds=seconds)
+                    runs.setdefault((name, line), []).append(await one(proc, path, load))
+    except BaseException:
+        for _, proc, _, log_path in daemons:
+            await _stop(proc)
+            print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
+        raise
+    for _, proc, _, _ in daemons:
+        await _stop(proc)
+    out = []
+    for name, _, _, _ in daemons:
+        for line, _ in QUEUE_LINES:
+            results = runs[(name, line)]
+            by_iops = sorted(results, key=lambda r: r.iops)
+            mid = by_iops[len(by_iops) // 2]
+            ios = sum(r.ios for r in results)
+            ratio = ""
+            if line == "2q":
+                ratios = sorted(_ratio(two.iops, one_.iops) for two, one_ in
+                                zip(results, runs[(name, "1q")], strict=True))
+                ratio = ", ".join(f"{x:.2f}" for x in ratios)
+            out.append((f"{Path(name).name} {_describe(mid.load, mid)}", mid.iops,
+                        f"{by_iops[0].iops:,.0f}-{by_iops[-1].iops:,.0f}", mid.lat_ns["p50"] / 1e3,
+                        mid.cpu_us_per_io, mid.frontend_cpu_us_per_io,
+                        f'{sum(r.raw["kicks"] for r in results) / ios:.4f}',
+                        f'{sum(r.raw["waits"] for r in results) / ios:.4f}', ratio))
+    return out
+
+
 def _persistent_load(bs: int, rw: str, queues: int, persistent: bool, seconds: float
                      ) -> Load:
     if bs >= MiB:
@@ -320,7 +393,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--persistent-rounds", type=int, default=0, metavar="N",
                         help="only the 4 KiB lines with and without persistent grants, "
                         "alternated N times (medians)")
+    parser.add_argument("--queues-rounds", type=int, default=0, metavar="N",
+                        help="only the 4 KiB randread QD32 1- and 2-queue lines and QD1, "
+                        "alternated N times (medians)")
+    parser.add_argument("--kernel", action="append", default=[], metavar="PATH",
+                        help="with --queues-rounds: a blk kernel build to run (one daemon "
+                        "each, alternated); default: the worktree's own")
     args = parser.parse_args(argv or [])
+    if args.kernel and not args.queues_rounds:
+        parser.error("--kernel goes with --queues-rounds")
+    if args.queues_rounds:
+        _queues_main(args.seconds, args.queues_rounds, args.kernel)
+        return
     if args.persistent_rounds:
         _persistent_main(args.seconds, args.persistent_rounds)
         return
@@ -365,7 +449,19 @@ def _persistent_main(seconds: float, rounds: int) -> None:
                  "CPU range", "frontend CPU us/IO"], rows))
 
 
-__all__ = ["Row", "fio", "main", "measure", "measure_persistent"]
+def _queues_main(seconds: float, rounds: int, kernels: list[str]) -> None:
+    build("blkfront_load")
+    rows = _on_a_warm_image(measure_queues, seconds, rounds, kernels)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load = os.getloadavg()
+    print(table(f"blk queues, {rounds} rounds of {seconds:g} s a line alternated, "
+                f"{os.cpu_count()} CPUs, {when}, load average {load[0]:.2f} {load[1]:.2f} "
+                "(median run)",
+                ["what", "IOPS", "IOPS range", "p50 us", "daemon CPU us/IO",
+                 "frontend CPU us/IO", "kicks/IO", "sleeps/IO", "2q/1q per round"], rows))
+
+
+__all__ = ["Row", "fio", "main", "measure", "measure_persistent", "measure_queues"]
 
 if __name__ == "__main__":
     main(sys.argv[1:])
