@@ -122,6 +122,7 @@ def test_differential_under_address_and_ub_sanitizers(tmp_path):
         "for fn in (tp.test_a_round_watches_every_ring_it_may_serve,\n"
         "           tp.test_a_round_leaves_alone_the_rings_it_may_not_serve):\n"
         "    fn(k, pathlib.Path(tempfile.mkdtemp(dir=sys.argv[1])))\n"
+        "tp.test_each_thread_of_a_round_gets_the_ring_whose_guest_is_on_its_cpu(k)\n"
         "print('device paths ok')\n")
     result = _run_sanitized(lib, code, str(tmp_path))
     report = result.stderr

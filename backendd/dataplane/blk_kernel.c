@@ -255,6 +255,7 @@ struct bk_queue {
     uint32_t polling;       /* in bk_serve_*poll: an empty ring asks for no kick yet */
     int32_t call_fd;        /* in bk_serve_*poll: the guest's event, signalled here */
     uint32_t push_every;    /* in bk_serve_*poll: answers per push in a long batch (0: one) */
+    int32_t front_cpu;      /* the CPU its guest was last seen running on (-1: not known) */
     uint32_t since_push;    /* requests answered inline since the last push */
     uint8_t *inflight;
     struct bk_disk disk;
@@ -1322,6 +1323,7 @@ struct bk_queue *bk_queue_new(const struct bk_config *cfg)
     q->disk = cfg->disk;
     q->wake_fd = cfg->wake_fd;
     q->kick_fd = cfg->kick_fd;
+    q->front_cpu = -1;
     q->call_fd = -1;
     bk_inflight_scan(q);
     return q;
@@ -1697,6 +1699,61 @@ static int sleep_for_rings(const struct bk_poll *c, const uint32_t *mine, uint32
     return rc > 0;
 }
 
+/* Which thread serves which ring. With several threads watching and few CPUs (two
+ * vCPUs here, each shared by a thread of ours and the guests' threads), a ring is
+ * served best by the thread on its guest's CPU: the two take turns there (the guest
+ * runs while the thread yields, the thread while the guest sleeps), each finds the
+ * other's cache lines (ring slots, grant entries) in that CPU's cache, and neither
+ * spins on one CPU while the other waits for the other CPU. The scheduler does not
+ * know which threads go together; the kernel can see it. A thread whose yield let
+ * something else run on its CPU (the yield took BK_YIELDED_NS or more) notes, for each
+ * ring of the call whose guest published requests meanwhile, that its guest runs on
+ * this CPU; each thread notes its own CPU as the call ends; the next call gives each
+ * thread the ring whose guest is on its CPU (bk_place_rings). */
+#define BK_YIELDED_NS 2000
+static int32_t bk_thread_cpu[DP_HELPERS + 1];   /* 1 + the CPU thread t ended its last call on */
+
+static void poll_yield(const struct bk_poll *c)
+{
+    uint32_t before[BK_POLL_MAX];
+    for (uint32_t i = 0; i < c->nrings; i++)
+        before[i] = dp_load32(c->qs[c->ring[i]]->pages[0] + DP_SRING_REQ_PROD);
+    uint64_t t0 = dp_now_ns();
+    sched_yield();
+    if (dp_now_ns() - t0 < BK_YIELDED_NS)
+        return;     /* nothing else wanted this CPU */
+    int32_t cpu = sched_getcpu();
+    for (uint32_t i = 0; i < c->nrings; i++) {
+        struct bk_queue *q = c->qs[c->ring[i]];
+        if (dp_load32(q->pages[0] + DP_SRING_REQ_PROD) != before[i])
+            __atomic_store_n(&q->front_cpu, cpu, __ATOMIC_RELAXED);
+    }
+}
+
+/* ring[0..n) are ring numbers, ring[i] served by thread i % nthreads; front[k] is the
+ * CPU ring k's guest runs on, cpu[t] thread t's (-1: not known). Each thread's first
+ * ring not on its thread's CPU is swapped with one whose guest is there and that is not
+ * on its own thread's CPU already. Returns how many swaps were made. */
+uint32_t bk_place_rings(uint32_t *ring, uint32_t n, uint32_t nthreads, const int32_t *front,
+                        const int32_t *cpu)
+{
+    uint32_t swaps = 0;
+    for (uint32_t t = 0; t < nthreads && t < n; t++) {
+        if (cpu[t] < 0 || front[ring[t]] == cpu[t])
+            continue;
+        for (uint32_t j = 0; j < n; j++) {
+            if (j != t && front[ring[j]] == cpu[t] && front[ring[j]] != cpu[j % nthreads]) {
+                uint32_t x = ring[t];
+                ring[t] = ring[j];
+                ring[j] = x;
+                swaps++;
+                break;
+            }
+        }
+    }
+    return swaps;
+}
+
 /* Thread t of the call watches rings t, t + nthreads, ...: serves each when it has
  * requests (a kicked ring at once), reaps its finished jobs, signals its guest, and
  * waits for any of them for up to poll_ns, until the budget's end. A ring that needs
@@ -1765,7 +1822,7 @@ static void poll_thread(void *ctx, uint32_t t)
                 /* With several threads watching, the guests' threads they wake may be
                  * waiting for this CPU (two vCPUs here): let them have it. */
                 if (c->nthreads > 1)
-                    sched_yield();
+                    poll_yield(c);
             }
             if (!any)
                 __builtin_ia32_pause();
@@ -1790,6 +1847,8 @@ static void poll_thread(void *ctx, uint32_t t)
     }
     if (!idle)
         __atomic_sub_fetch(&c->busy, 1, __ATOMIC_ACQ_REL);
+    if (c->nthreads > 1)
+        __atomic_store_n(&bk_thread_cpu[t], sched_getcpu() + 1, __ATOMIC_RELAXED);
 }
 
 /* The rings that may be served (due[k] != 0; 1: kicked, 2: served when its guest has
@@ -1844,6 +1903,15 @@ void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const 
     if (c.nthreads > DP_HELPERS + 1)
         c.nthreads = DP_HELPERS + 1;
     c.busy = c.nthreads;
+    if (c.nthreads > 1) {   /* each thread the ring whose guest is on its CPU */
+        int32_t front[BK_POLL_MAX], cpu[DP_HELPERS + 1];
+        for (uint32_t i = 0; i < ninline; i++)
+            front[c.ring[i]] = __atomic_load_n(&qs[c.ring[i]]->front_cpu, __ATOMIC_RELAXED);
+        cpu[0] = sched_getcpu();    /* the caller's, now */
+        for (uint32_t t = 1; t < c.nthreads; t++)
+            cpu[t] = __atomic_load_n(&bk_thread_cpu[t], __ATOMIC_RELAXED) - 1;
+        bk_place_rings(c.ring, ninline, c.nthreads, front, cpu);
+    }
     /* One thread watching: the guest's threads have the other CPUs, and publishing a
      * long batch in parts lets them work beside it. Several: the CPUs are shared with
      * the guests' threads, whose extra wake-ups would cost more than they gain. */
