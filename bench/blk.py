@@ -322,13 +322,13 @@ async def measure_queues(image: str, workdir: Path, seconds: float, rounds: int,
             try:
                 d = workdir / f"daemon{n}"
                 d.mkdir()
-                daemons.append((kernel or "default", *await start_daemon(d)))
+                daemons.append((n, *await start_daemon(d)))
             finally:
                 if saved is None:
                     os.environ.pop("BACKENDD_BLK_KERNEL", None)
                 else:
                     os.environ["BACKENDD_BLK_KERNEL"] = saved
-        runs: dict[tuple[str, str], list[LoadResult]] = {}
+        runs: dict[tuple[int, str], list[LoadResult]] = {}
 
         async def one(proc: asyncio.subprocess.Process, path: str, load: Load,
                       measure_cpu: bool = True) -> LoadResult:
@@ -338,10 +338,10 @@ async def measure_queues(image: str, workdir: Path, seconds: float, rounds: int,
         for _, proc, path, _ in daemons:
             await one(proc, path, Load(bs=4096, qd=32, seconds=min(1.0, seconds)), False)
         for _ in range(rounds):
-            for name, proc, path, _ in daemons:
+            for n, proc, path, _ in daemons:
                 for line, load in QUEUE_LINES:
                     load = Load(bs=load.bs, qd=load.qd, queues=load.queues, seconds=seconds)
-                    runs.setdefault((name, line), []).append(await one(proc, path, load))
+                    runs.setdefault((n, line), []).append(await one(proc, path, load))
     except BaseException:
         for _, proc, _, log_path in daemons:
             await _stop(proc)
@@ -350,18 +350,19 @@ async def measure_queues(image: str, workdir: Path, seconds: float, rounds: int,
     for _, proc, _, _ in daemons:
         await _stop(proc)
     out = []
-    for name, _, _, _ in daemons:
+    for n, _, _, _ in daemons:
+        name = Path(kernels[n]).name if kernels else "default"
         for line, _ in QUEUE_LINES:
-            results = runs[(name, line)]
+            results = runs[(n, line)]
             by_iops = sorted(results, key=lambda r: r.iops)
             mid = by_iops[len(by_iops) // 2]
             ios = sum(r.ios for r in results)
             ratio = ""
             if line == "2q":
                 ratios = sorted(_ratio(two.iops, one_.iops) for two, one_ in
-                                zip(results, runs[(name, "1q")], strict=True))
+                                zip(results, runs[(n, "1q")], strict=True))
                 ratio = ", ".join(f"{x:.2f}" for x in ratios)
-            out.append((f"{Path(name).name} {_describe(mid.load, mid)}", mid.iops,
+            out.append((f"{name} {_describe(mid.load, mid)}", mid.iops,
                         f"{by_iops[0].iops:,.0f}-{by_iops[-1].iops:,.0f}", mid.lat_ns["p50"] / 1e3,
                         mid.cpu_us_per_io, mid.frontend_cpu_us_per_io,
                         f'{sum(r.raw["kicks"] for r in results) / ios:.4f}',
@@ -458,7 +459,8 @@ def _queues_main(seconds: float, rounds: int, kernels: list[str]) -> None:
                 f"{os.cpu_count()} CPUs, {when}, load average {load[0]:.2f} {load[1]:.2f} "
                 "(median run)",
                 ["what", "IOPS", "IOPS range", "p50 us", "daemon CPU us/IO",
-                 "frontend CPU us/IO", "kicks/IO", "sleeps/IO", "2q/1q per round"], rows))
+                 "frontend CPU us/IO", "kicks/IO", "sleeps/IO",
+                 "2q/1q of each round, sorted"], rows))
 
 
 __all__ = ["Row", "fio", "main", "measure", "measure_persistent", "measure_queues"]
