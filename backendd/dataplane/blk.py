@@ -458,6 +458,14 @@ class CompiledRingQueue:
                  "draining")
         return dict(zip(names, st, strict=True))
 
+    def uring(self) -> dict[str, int]:
+        """The queue's io_uring: whether it has one (an O_DIRECT image or a block device
+        that has moved data), transfers submitted to it, transfers in flight there."""
+        st = (ctypes.c_uint64 * 3)()
+        if self.k.queue_uring is not None and self._q is not None:
+            self.k.queue_uring(self._q, st)
+        return dict(zip(("on", "submitted", "in_flight"), st, strict=True))
+
     # --- suspending ------------------------------------------------------------------
 
     async def suspend(self) -> None:
