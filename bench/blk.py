@@ -362,9 +362,10 @@ async def measure_beside(image: str, workdir: Path, seconds: float, rounds: int
         ratios = sorted(row[3] for row in mine)
         iops = sorted(row[2] for row in mine)
         cpu = sorted(row[4] for row in mine)
+        other = sorted(row[5] for row in mine)
         summary.append((what, iops[len(iops) // 2], _unit(ratios[len(ratios) // 2], "%"),
                         f"{_unit(ratios[0], '%')}-{_unit(ratios[-1], '%')}",
-                        cpu[len(cpu) // 2]))
+                        cpu[len(cpu) // 2], other[len(other) // 2]))
     return per_round, summary
 
 
@@ -457,7 +458,8 @@ def _beside_main(seconds: float, rounds: int) -> None:
                  "O_DIRECT reader IOPS"], per_round))
     print()
     print(table("medians over the rounds", ["cached guest", "IOPS", "/ alone", "range",
-                                            "daemon CPU us/IO"], summary))
+                                            "daemon CPU us/IO", "O_DIRECT reader IOPS"],
+                summary))
 
 
 __all__ = ["Row", "fio", "main", "measure", "measure_beside", "measure_persistent"]
