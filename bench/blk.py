@@ -448,9 +448,9 @@ def _beside_main(seconds: float, rounds: int) -> None:
     if shutil.which("fio") is None:
         raise SystemExit("bench.blk: fio is missing: `make bench` installs it")
     build("blkfront_load")
+    load = os.getloadavg()
     per_round, summary = _on_a_warm_image(measure_beside, seconds, rounds)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load = os.getloadavg()
     print(table(f"cached 4 KiB randread QD32 x1q beside O_DIRECT readers, {rounds} rounds "
                 f"of {seconds:g} s a line, {os.cpu_count()} CPUs, {when}, load "
                 f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} before",
