@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
+import resource
 from collections.abc import Iterator
 
 import pytest
@@ -190,5 +192,50 @@ async def test_disconnect_with_transfers_in_the_io_uring(tmp_path):
             assert got == [file_bytes(image, i * size, size) for i in range(24)]
             assert file_bytes(image, 64 * size, 24 * size) == b"".join(data)
             assert rig.grants_in_use() == []
+        finally:
+            await rig.close()
+
+
+@contextlib.contextmanager
+def no_file_descriptor_left() -> Iterator[None]:
+    """Every descriptor the open-file limit allows is taken (the limit lowered to just
+    above those open now), so the next one asked for fails with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+    try:
+        with pytest.raises(OSError) as info:
+            while True:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+        assert info.value.errno == errno.EMFILE
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_queue_that_cannot_get_an_io_uring_uses_the_io_threads(tmp_path):
+    """io_uring_setup fails at the queue's first transfer (here for want of a file
+    descriptor; likewise without io_uring in the kernel or under a seccomp filter):
+    that transfer and every later one of the queue go to the I/O threads, and are
+    answered right."""
+    with transfers_through("uring"):
+        rig = Rig(dataplane="compiled")
+        try:
+            image = make_image(tmp_path / "disk.img", 4 * MiB)
+            want = file_bytes(image, 0, 2 * MiB)
+            dev, front = await rig.attach({"path": image, "direct-io": "1"})
+            with no_file_descriptor_left():
+                got = await asyncio.wait_for(front.read(0, 64 * 1024), timeout=60)
+                assert uring_stats(dev)["on"] == 0
+            assert got == want[:64 * 1024]
+            data = os.urandom(4096)
+            await front.write(8, data)  # a descriptor could be had now: not tried again
+            got = await asyncio.gather(*(front.read(i * 128, 64 * 1024) for i in range(32)))
+            assert b"".join(got) == want[:4096] + data + want[8192:]
+            stats = dev.stats()
+            assert stats["pooled"] == 34 and stats["errors"] == 0
+            assert uring_stats(dev) == {"on": 0, "submitted": 0, "in_flight": 0}
         finally:
             await rig.close()
