@@ -14,7 +14,8 @@
  *   -> record it in the in-flight table -> decode and check the copy
  *   -> indirect pages: pin, check the window, copy, unpin, check the copy
  *   -> pin every segment's grant (compare-and-swap, v1 or v2 rules), check each window
- *   -> the I/O: inline with RWF_NOWAIT, or handed to the pool when it would block
+ *   -> the I/O: inline with RWF_NOWAIT, or handed to the pool when it would block (an
+ *      O_DIRECT image's or a block device's transfers: to the queue's io_uring)
  *   -> unpin every grant BEFORE the response (XSA-396: once answered, the guest may
  *      revoke and reuse the page; a pin the persistent-grant cache keeps stays, as that
  *      protocol lets it, until purge or disconnect) -> response with zeroed padding
