@@ -5,13 +5,17 @@ measured in this one run.
 
     python -m bench.blk [--seconds S]
     python -m bench.blk --persistent-rounds N [--seconds S]
+    python -m bench.blk --beside-rounds N [--seconds S]
     python -m bench.blk --queues-rounds N [--seconds S] [--kernel PATH ...]
 
 The second form runs only the 4 KiB QD32 lines (read and write, 1 and 2 queues) and the
 1 MiB sequential ones (QD4), with persistent grants and without, alternated N times, and
-prints each line's median run beside the range of its N runs.
+prints each line's median run beside the range of its N runs. The third runs only the
+cached guest's 4 KiB QD32 reads alone, beside an O_DIRECT guest and beside fio's O_DIRECT
+reads (psync x4 threads, and io_uring QD32 x1), N rounds in turn, with each round's
+ratios to the run alone just before it.
 
-The third runs only the lines of the queue and latency targets (4 KiB randread QD32 at 1
+The fourth runs only the lines of the queue and latency targets (4 KiB randread QD32 at 1
 and 2 queues, and QD1), alternated N times, and prints each line's median run, the range,
 and the frontend's kicks and sleeps per I/O. With --kernel (once per build), one daemon
 per compiled blk kernel (BACKENDD_BLK_KERNEL), each round running every line on each
@@ -202,6 +206,15 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
             "backendd 4 KiB randread QD32 x1q beside fio O_DIRECT randread"))
         rows.append((await fio_direct)._replace_what(
             "fio psync 4k randread O_DIRECT x4 threads (beside the line above)"))
+        # The same beside fio's io_uring reads, QD32 from one thread as the O_DIRECT guest
+        # asks: the machine's part when the reads cost no thread hand-off per I/O.
+        fio_direct = asyncio.create_task(asyncio.to_thread(
+            fio, image, "io_uring", "4k", "randread", 32, seconds, 1))
+        results["beside-fio-uring"] = beside_fio = await one(cached_load)
+        rows.append(_row(cached_load, beside_fio)._replace_what(
+            "backendd 4 KiB randread QD32 x1q beside fio io_uring O_DIRECT randread"))
+        rows.append((await fio_direct)._replace_what(
+            "fio io_uring 4k randread O_DIRECT QD32 x1 (beside the line above)"))
     except BaseException:
         await _stop(proc)
         print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
@@ -251,6 +264,8 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
          _ratio(results["beside-direct"].iops, results["alone"].iops), 0.8, True, "%"),
         ("the same, beside fio's O_DIRECT reads instead / alone (the machine's part)",
          _ratio(results["beside-fio-direct"].iops, results["alone"].iops), 0.8, True, "%"),
+        ("the same, beside fio io_uring QD32 O_DIRECT reads / alone",
+         _ratio(results["beside-fio-uring"].iops, results["alone"].iops), 0.8, True, "%"),
         ("4 KiB randread QD32 1q, dirty log on / off (IOPS)",
          _ratio(results["log-on"].iops, results["log-off"].iops), 0.90, True, "%"),
         ("QD1 4 KiB read p50 / eventfd ping-pong p50",
@@ -301,6 +316,64 @@ async def measure_persistent(image: str, workdir: Path, seconds: float, rounds: 
                     row.p50_us, row.p99_us, row.cpu_us, f"{cpu[0]:.2f}-{cpu[-1]:.2f}",
                     row.front_cpu_us))
     return out
+
+
+# --beside-rounds: the cached guest's reads alone, then beside each O_DIRECT reader.
+BESIDE = (("alone", "alone"), ("direct", "beside an O_DIRECT guest"),
+          ("fio-psync", "beside fio psync O_DIRECT x4 threads"),
+          ("fio-uring", "beside fio io_uring O_DIRECT QD32 x1"))
+
+
+async def measure_beside(image: str, workdir: Path, seconds: float, rounds: int
+                         ) -> tuple[list[tuple], list[tuple]]:
+    """The cached guest alone and beside each O_DIRECT reader, `rounds` times in turn
+    on one daemon. Returns per round and kind: (round, kind, cached IOPS, ratio to the
+    run alone of that round, cached daemon CPU us/IO, the O_DIRECT reader's IOPS)."""
+    proc, path, log_path = await start_daemon(workdir)
+    cached = Load(bs=4096, qd=32, seconds=seconds)
+    out: list[tuple] = []
+    try:
+        async def one(load: Load, measure_cpu: bool = True, **kw) -> LoadResult:
+            return socket_result(load, await run_load_socket(
+                path, image, load, daemon_pid=proc.pid if measure_cpu else None, **kw))
+
+        await one(Load(bs=4096, qd=32, seconds=min(1.0, seconds)), measure_cpu=False)
+        for r in range(rounds):
+            alone = await one(cached)
+            out.append((r, "alone", alone.iops, 1.0, alone.cpu_us_per_io, NAN))
+            beside, direct = await asyncio.gather(
+                one(cached),
+                one(Load(bs=4096, qd=32, seconds=seconds, seed=9), measure_cpu=False,
+                    device_config={"direct-io": "1"}))
+            out.append((r, "direct", beside.iops, _ratio(beside.iops, alone.iops),
+                        beside.cpu_us_per_io, direct.iops))
+            for kind, engine, depth, jobs in (("fio-psync", "psync", 1, 4),
+                                              ("fio-uring", "io_uring", 32, 1)):
+                task = asyncio.create_task(asyncio.to_thread(
+                    fio, image, engine, "4k", "randread", depth, seconds, jobs))
+                beside = await one(cached)
+                other = await task
+                out.append((r, kind, beside.iops, _ratio(beside.iops, alone.iops),
+                            beside.cpu_us_per_io, other.iops))
+    except BaseException:
+        await _stop(proc)
+        print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
+        raise
+    await _stop(proc)
+    words = dict(BESIDE)
+    per_round = [(r, words[kind], iops, _unit(ratio, "%"), cpu, other)
+                 for r, kind, iops, ratio, cpu, other in out]
+    summary = []
+    for kind, what in BESIDE:
+        mine = [row for row in out if row[1] == kind]
+        ratios = sorted(row[3] for row in mine)
+        iops = sorted(row[2] for row in mine)
+        cpu = sorted(row[4] for row in mine)
+        other = sorted(row[5] for row in mine)
+        summary.append((what, iops[len(iops) // 2], _unit(ratios[len(ratios) // 2], "%"),
+                        f"{_unit(ratios[0], '%')}-{_unit(ratios[-1], '%')}",
+                        cpu[len(cpu) // 2], other[len(other) // 2]))
+    return per_round, summary
 
 
 QUEUE_LINES = (("1q", Load(bs=4096, qd=32)), ("2q", Load(bs=4096, qd=32, queues=2)),
@@ -394,6 +467,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--persistent-rounds", type=int, default=0, metavar="N",
                         help="only the 4 KiB lines with and without persistent grants, "
                         "alternated N times (medians)")
+    parser.add_argument("--beside-rounds", type=int, default=0, metavar="N",
+                        help="only the cached 4 KiB reads alone and beside O_DIRECT "
+                        "readers, N rounds in turn")
     parser.add_argument("--queues-rounds", type=int, default=0, metavar="N",
                         help="only the 4 KiB randread QD32 1- and 2-queue lines and QD1, "
                         "alternated N times (medians)")
@@ -405,6 +481,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--kernel goes with --queues-rounds")
     if args.queues_rounds:
         _queues_main(args.seconds, args.queues_rounds, args.kernel)
+        return
+    if args.beside_rounds:
+        _beside_main(args.seconds, args.beside_rounds)
         return
     if args.persistent_rounds:
         _persistent_main(args.seconds, args.persistent_rounds)
@@ -450,6 +529,24 @@ def _persistent_main(seconds: float, rounds: int) -> None:
                  "CPU range", "frontend CPU us/IO"], rows))
 
 
+def _beside_main(seconds: float, rounds: int) -> None:
+    if shutil.which("fio") is None:
+        raise SystemExit("bench.blk: fio is missing: `make bench` installs it")
+    build("blkfront_load")
+    load = os.getloadavg()
+    per_round, summary = _on_a_warm_image(measure_beside, seconds, rounds)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(table(f"cached 4 KiB randread QD32 x1q beside O_DIRECT readers, {rounds} rounds "
+                f"of {seconds:g} s a line, {os.cpu_count()} CPUs, {when}, load "
+                f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} before",
+                ["round", "cached guest", "IOPS", "/ alone", "daemon CPU us/IO",
+                 "O_DIRECT reader IOPS"], per_round))
+    print()
+    print(table("medians over the rounds", ["cached guest", "IOPS", "/ alone", "range",
+                                            "daemon CPU us/IO", "O_DIRECT reader IOPS"],
+                summary))
+
+
 def _queues_main(seconds: float, rounds: int, kernels: list[str]) -> None:
     build("blkfront_load")
     rows = _on_a_warm_image(measure_queues, seconds, rounds, kernels)
@@ -463,7 +560,8 @@ def _queues_main(seconds: float, rounds: int, kernels: list[str]) -> None:
                  "2q/1q of each round, sorted"], rows))
 
 
-__all__ = ["Row", "fio", "main", "measure", "measure_persistent", "measure_queues"]
+__all__ = ["Row", "fio", "main", "measure", "measure_beside", "measure_persistent",
+           "measure_queues"]
 
 if __name__ == "__main__":
     main(sys.argv[1:])
