@@ -5,10 +5,21 @@ measured in this one run.
 
     python -m bench.blk [--seconds S]
     python -m bench.blk --persistent-rounds N [--seconds S]
+    python -m bench.blk --beside-rounds N [--seconds S]
+    python -m bench.blk --queues-rounds N [--seconds S] [--kernel PATH ...]
 
 The second form runs only the 4 KiB QD32 lines (read and write, 1 and 2 queues) and the
 1 MiB sequential ones (QD4), with persistent grants and without, alternated N times, and
-prints each line's median run beside the range of its N runs.
+prints each line's median run beside the range of its N runs. The third runs only the
+cached guest's 4 KiB QD32 reads alone, beside an O_DIRECT guest and beside fio's O_DIRECT
+reads (psync x4 threads, and io_uring QD32 x1), N rounds in turn, with each round's
+ratios to the run alone just before it.
+
+The fourth runs only the lines of the queue and latency targets (4 KiB randread QD32 at 1
+and 2 queues, and QD1), alternated N times, and prints each line's median run, the range,
+and the frontend's kicks and sleeps per I/O. With --kernel (once per build), one daemon
+per compiled blk kernel (BACKENDD_BLK_KERNEL), each round running every line on each
+daemon in turn: two builds compared in the same minutes.
 
 The frontend is C so that the figures are the daemon's: the Python simulated guest costs
 more per request than the daemon does. It pairs with the daemon as a C VMM would, through
@@ -195,6 +206,15 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
             "backendd 4 KiB randread QD32 x1q beside fio O_DIRECT randread"))
         rows.append((await fio_direct)._replace_what(
             "fio psync 4k randread O_DIRECT x4 threads (beside the line above)"))
+        # The same beside fio's io_uring reads, QD32 from one thread as the O_DIRECT guest
+        # asks: the machine's part when the reads cost no thread hand-off per I/O.
+        fio_direct = asyncio.create_task(asyncio.to_thread(
+            fio, image, "io_uring", "4k", "randread", 32, seconds, 1))
+        results["beside-fio-uring"] = beside_fio = await one(cached_load)
+        rows.append(_row(cached_load, beside_fio)._replace_what(
+            "backendd 4 KiB randread QD32 x1q beside fio io_uring O_DIRECT randread"))
+        rows.append((await fio_direct)._replace_what(
+            "fio io_uring 4k randread O_DIRECT QD32 x1 (beside the line above)"))
     except BaseException:
         await _stop(proc)
         print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
@@ -244,6 +264,8 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
          _ratio(results["beside-direct"].iops, results["alone"].iops), 0.8, True, "%"),
         ("the same, beside fio's O_DIRECT reads instead / alone (the machine's part)",
          _ratio(results["beside-fio-direct"].iops, results["alone"].iops), 0.8, True, "%"),
+        ("the same, beside fio io_uring QD32 O_DIRECT reads / alone",
+         _ratio(results["beside-fio-uring"].iops, results["alone"].iops), 0.8, True, "%"),
         ("4 KiB randread QD32 1q, dirty log on / off (IOPS)",
          _ratio(results["log-on"].iops, results["log-off"].iops), 0.90, True, "%"),
         ("QD1 4 KiB read p50 / eventfd ping-pong p50",
@@ -296,6 +318,131 @@ async def measure_persistent(image: str, workdir: Path, seconds: float, rounds: 
     return out
 
 
+# --beside-rounds: the cached guest's reads alone, then beside each O_DIRECT reader.
+BESIDE = (("alone", "alone"), ("direct", "beside an O_DIRECT guest"),
+          ("fio-psync", "beside fio psync O_DIRECT x4 threads"),
+          ("fio-uring", "beside fio io_uring O_DIRECT QD32 x1"))
+
+
+async def measure_beside(image: str, workdir: Path, seconds: float, rounds: int
+                         ) -> tuple[list[tuple], list[tuple]]:
+    """The cached guest alone and beside each O_DIRECT reader, `rounds` times in turn
+    on one daemon. Returns per round and kind: (round, kind, cached IOPS, ratio to the
+    run alone of that round, cached daemon CPU us/IO, the O_DIRECT reader's IOPS)."""
+    proc, path, log_path = await start_daemon(workdir)
+    cached = Load(bs=4096, qd=32, seconds=seconds)
+    out: list[tuple] = []
+    try:
+        async def one(load: Load, measure_cpu: bool = True, **kw) -> LoadResult:
+            return socket_result(load, await run_load_socket(
+                path, image, load, daemon_pid=proc.pid if measure_cpu else None, **kw))
+
+        await one(Load(bs=4096, qd=32, seconds=min(1.0, seconds)), measure_cpu=False)
+        for r in range(rounds):
+            alone = await one(cached)
+            out.append((r, "alone", alone.iops, 1.0, alone.cpu_us_per_io, NAN))
+            beside, direct = await asyncio.gather(
+                one(cached),
+                one(Load(bs=4096, qd=32, seconds=seconds, seed=9), measure_cpu=False,
+                    device_config={"direct-io": "1"}))
+            out.append((r, "direct", beside.iops, _ratio(beside.iops, alone.iops),
+                        beside.cpu_us_per_io, direct.iops))
+            for kind, engine, depth, jobs in (("fio-psync", "psync", 1, 4),
+                                              ("fio-uring", "io_uring", 32, 1)):
+                task = asyncio.create_task(asyncio.to_thread(
+                    fio, image, engine, "4k", "randread", depth, seconds, jobs))
+                beside = await one(cached)
+                other = await task
+                out.append((r, kind, beside.iops, _ratio(beside.iops, alone.iops),
+                            beside.cpu_us_per_io, other.iops))
+    except BaseException:
+        await _stop(proc)
+        print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
+        raise
+    await _stop(proc)
+    words = dict(BESIDE)
+    per_round = [(r, words[kind], iops, _unit(ratio, "%"), cpu, other)
+                 for r, kind, iops, ratio, cpu, other in out]
+    summary = []
+    for kind, what in BESIDE:
+        mine = [row for row in out if row[1] == kind]
+        ratios = sorted(row[3] for row in mine)
+        iops = sorted(row[2] for row in mine)
+        cpu = sorted(row[4] for row in mine)
+        other = sorted(row[5] for row in mine)
+        summary.append((what, iops[len(iops) // 2], _unit(ratios[len(ratios) // 2], "%"),
+                        f"{_unit(ratios[0], '%')}-{_unit(ratios[-1], '%')}",
+                        cpu[len(cpu) // 2], other[len(other) // 2]))
+    return per_round, summary
+
+
+QUEUE_LINES = (("1q", Load(bs=4096, qd=32)), ("2q", Load(bs=4096, qd=32, queues=2)),
+               ("qd1", Load(bs=4096, qd=1)))
+
+
+async def measure_queues(image: str, workdir: Path, seconds: float, rounds: int,
+                         kernels: list[str]) -> list[tuple]:
+    """The lines of the queue and QD1 targets alternated `rounds` times, on one daemon
+    per kernel in `kernels` (BACKENDD_BLK_KERNEL; "" the default build), the kernels
+    taking turns within each round: per kernel and line, the run of median IOPS, the
+    range, and per round the 2-queue / 1-queue ratio."""
+    daemons = []
+    try:
+        for n, kernel in enumerate(kernels or [""]):
+            saved = os.environ.get("BACKENDD_BLK_KERNEL")
+            if kernel:
+                os.environ["BACKENDD_BLK_KERNEL"] = kernel
+            try:
+                d = workdir / f"daemon{n}"
+                d.mkdir()
+                daemons.append((n, *await start_daemon(d)))
+            finally:
+                if saved is None:
+                    os.environ.pop("BACKENDD_BLK_KERNEL", None)
+                else:
+                    os.environ["BACKENDD_BLK_KERNEL"] = saved
+        runs: dict[tuple[int, str], list[LoadResult]] = {}
+
+        async def one(proc: asyncio.subprocess.Process, path: str, load: Load,
+                      measure_cpu: bool = True) -> LoadResult:
+            return socket_result(load, await run_load_socket(
+                path, image, load, daemon_pid=proc.pid if measure_cpu else None))
+
+        for _, proc, path, _ in daemons:
+            await one(proc, path, Load(bs=4096, qd=32, seconds=min(1.0, seconds)), False)
+        for _ in range(rounds):
+            for n, proc, path, _ in daemons:
+                for line, load in QUEUE_LINES:
+                    load = Load(bs=load.bs, qd=load.qd, queues=load.queues, seconds=seconds)
+                    runs.setdefault((n, line), []).append(await one(proc, path, load))
+    except BaseException:
+        for _, proc, _, log_path in daemons:
+            await _stop(proc)
+            print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
+        raise
+    for _, proc, _, _ in daemons:
+        await _stop(proc)
+    out = []
+    for n, _, _, _ in daemons:
+        name = Path(kernels[n]).name if kernels else "default"
+        for line, _ in QUEUE_LINES:
+            results = runs[(n, line)]
+            by_iops = sorted(results, key=lambda r: r.iops)
+            mid = by_iops[len(by_iops) // 2]
+            ios = sum(r.ios for r in results)
+            ratio = ""
+            if line == "2q":
+                ratios = sorted(_ratio(two.iops, one_.iops) for two, one_ in
+                                zip(results, runs[(n, "1q")], strict=True))
+                ratio = ", ".join(f"{x:.2f}" for x in ratios)
+            out.append((f"{name} {_describe(mid.load, mid)}", mid.iops,
+                        f"{by_iops[0].iops:,.0f}-{by_iops[-1].iops:,.0f}", mid.lat_ns["p50"] / 1e3,
+                        mid.cpu_us_per_io, mid.frontend_cpu_us_per_io,
+                        f'{sum(r.raw["kicks"] for r in results) / ios:.4f}',
+                        f'{sum(r.raw["waits"] for r in results) / ios:.4f}', ratio))
+    return out
+
+
 def _persistent_load(bs: int, rw: str, queues: int, persistent: bool, seconds: float
                      ) -> Load:
     if bs >= MiB:
@@ -320,7 +467,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--persistent-rounds", type=int, default=0, metavar="N",
                         help="only the 4 KiB lines with and without persistent grants, "
                         "alternated N times (medians)")
+    parser.add_argument("--beside-rounds", type=int, default=0, metavar="N",
+                        help="only the cached 4 KiB reads alone and beside O_DIRECT "
+                        "readers, N rounds in turn")
+    parser.add_argument("--queues-rounds", type=int, default=0, metavar="N",
+                        help="only the 4 KiB randread QD32 1- and 2-queue lines and QD1, "
+                        "alternated N times (medians)")
+    parser.add_argument("--kernel", action="append", default=[], metavar="PATH",
+                        help="with --queues-rounds: a blk kernel build to run (one daemon "
+                        "each, alternated); default: the worktree's own")
     args = parser.parse_args(argv or [])
+    if args.kernel and not args.queues_rounds:
+        parser.error("--kernel goes with --queues-rounds")
+    if args.queues_rounds:
+        _queues_main(args.seconds, args.queues_rounds, args.kernel)
+        return
+    if args.beside_rounds:
+        _beside_main(args.seconds, args.beside_rounds)
+        return
     if args.persistent_rounds:
         _persistent_main(args.seconds, args.persistent_rounds)
         return
@@ -365,7 +529,39 @@ def _persistent_main(seconds: float, rounds: int) -> None:
                  "CPU range", "frontend CPU us/IO"], rows))
 
 
-__all__ = ["Row", "fio", "main", "measure", "measure_persistent"]
+def _beside_main(seconds: float, rounds: int) -> None:
+    if shutil.which("fio") is None:
+        raise SystemExit("bench.blk: fio is missing: `make bench` installs it")
+    build("blkfront_load")
+    load = os.getloadavg()
+    per_round, summary = _on_a_warm_image(measure_beside, seconds, rounds)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(table(f"cached 4 KiB randread QD32 x1q beside O_DIRECT readers, {rounds} rounds "
+                f"of {seconds:g} s a line, {os.cpu_count()} CPUs, {when}, load "
+                f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} before",
+                ["round", "cached guest", "IOPS", "/ alone", "daemon CPU us/IO",
+                 "O_DIRECT reader IOPS"], per_round))
+    print()
+    print(table("medians over the rounds", ["cached guest", "IOPS", "/ alone", "range",
+                                            "daemon CPU us/IO", "O_DIRECT reader IOPS"],
+                summary))
+
+
+def _queues_main(seconds: float, rounds: int, kernels: list[str]) -> None:
+    build("blkfront_load")
+    rows = _on_a_warm_image(measure_queues, seconds, rounds, kernels)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load = os.getloadavg()
+    print(table(f"blk queues, {rounds} rounds of {seconds:g} s a line alternated, "
+                f"{os.cpu_count()} CPUs, {when}, load average {load[0]:.2f} {load[1]:.2f} "
+                "(median run)",
+                ["what", "IOPS", "IOPS range", "p50 us", "daemon CPU us/IO",
+                 "frontend CPU us/IO", "kicks/IO", "sleeps/IO",
+                 "2q/1q of each round, sorted"], rows))
+
+
+__all__ = ["Row", "fio", "main", "measure", "measure_beside", "measure_persistent",
+           "measure_queues"]
 
 if __name__ == "__main__":
     main(sys.argv[1:])

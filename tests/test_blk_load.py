@@ -200,3 +200,24 @@ async def test_eventfd_pingpong_builds_and_runs():
     """The latency baseline bench.blk prints beside the daemon's QD1 figure."""
     result = await pingpong(200)
     assert result["rounds"] == 200 and 0 < result["p50_ns"] <= result["p99_ns"]
+
+
+async def test_bench_queue_lines_alternate_the_kernels_they_are_given(image: Path,
+                                                                       tmp_path: Path):
+    """bench.blk --queues-rounds: the 1- and 2-queue QD32 lines and QD1, one daemon per
+    kernel build given, each round running every line on each daemon in turn."""
+    from backendd.dataplane import kernel as K
+    from bench import blk
+
+    kernel = K.load()
+    assert kernel is not None
+    work = tmp_path / "work"
+    work.mkdir()
+    rows = await blk.measure_queues(str(image), work, 0.2, 2, [kernel.path, kernel.path])
+    name = Path(kernel.path).name
+    assert [r[0] for r in rows] == [f"{name} backendd 4 KiB randread QD{qd} x{q}q"
+                                    for _ in range(2) for qd, q in ((32, 1), (32, 2), (1, 1))]
+    assert all(r[1] > 0 for r in rows)
+    two_queue = [r for r in rows if r[0].endswith("x2q")]
+    assert all(len(r[-1].split(", ")) == 2 for r in two_queue)  # one ratio per round
+    assert all(r[-1] == "" for r in rows if not r[0].endswith("x2q"))

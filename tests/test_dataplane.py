@@ -111,6 +111,18 @@ def test_differential_under_address_and_ub_sanitizers(tmp_path):
         "           t.test_queues_served_in_parallel_threads,\n"
         "           t.test_persistent_grants_on_parallel_rings_and_the_io_threads):\n"
         "    asyncio.run(fn(pathlib.Path(tempfile.mkdtemp(dir=sys.argv[1]))))\n"
+        # O_DIRECT transfers through the queues' io_uring and, for the same tests, the
+        # I/O threads; suspend and disconnect with transfers in flight; a queue whose
+        # io_uring cannot be set up.
+        "from tests import test_blk_uring as tu\n"
+        "for mode in tu.MODES:\n"
+        "    for fn in (tu.test_direct_io_reads_and_writes,\n"
+        "               tu.test_a_short_transfer_is_finished_or_fails_as_on_the_io_threads):\n"
+        "        asyncio.run(fn(pathlib.Path(tempfile.mkdtemp(dir=sys.argv[1])), mode))\n"
+        "for fn in (tu.test_suspend_waits_for_transfers_in_the_io_uring,\n"
+        "           tu.test_disconnect_with_transfers_in_the_io_uring,\n"
+        "           tu.test_a_queue_that_cannot_get_an_io_uring_uses_the_io_threads):\n"
+        "    asyncio.run(fn(pathlib.Path(tempfile.mkdtemp(dir=sys.argv[1]))))\n"
         # The ring watched after a batch (bk_serve_poll, bk_serve_round_poll), with a
         # guest on another thread.
         "from tests import test_dataplane_poll as tp\n"
@@ -122,6 +134,7 @@ def test_differential_under_address_and_ub_sanitizers(tmp_path):
         "for fn in (tp.test_a_round_watches_every_ring_it_may_serve,\n"
         "           tp.test_a_round_leaves_alone_the_rings_it_may_not_serve):\n"
         "    fn(k, pathlib.Path(tempfile.mkdtemp(dir=sys.argv[1])))\n"
+        "tp.test_each_thread_of_a_round_gets_the_ring_whose_guest_is_on_its_cpu(k)\n"
         "print('device paths ok')\n")
     result = _run_sanitized(lib, code, str(tmp_path))
     report = result.stderr

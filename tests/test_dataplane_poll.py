@@ -312,3 +312,39 @@ def test_a_round_leaves_alone_the_rings_it_may_not_serve(kernel, tmp_path):
         assert g1.idx(REQ_EVENT) == 7 and g1.idx(RSP_PROD) == 0
     finally:
         rig.close()
+
+
+def _place(kernel: K.Kernel, ring: list[int], nthreads: int, front: list[int],
+           cpu: list[int]) -> tuple[list[int], int]:
+    fn = ctypes.CDLL(kernel.path).bk_place_rings
+    fn.restype = ctypes.c_uint32
+    n = len(ring)
+    order = (ctypes.c_uint32 * n)(*ring)
+    swaps = fn(order, n, nthreads, (ctypes.c_int32 * len(front))(*front),
+               (ctypes.c_int32 * len(cpu))(*cpu))
+    return list(order), swaps
+
+
+def test_each_thread_of_a_round_gets_the_ring_whose_guest_is_on_its_cpu(kernel):
+    """bk_place_rings, which orders a round's rings among its threads (ring i to thread
+    i % nthreads) from where each ring's guest was seen running and where each thread
+    is: a ring goes to the thread on its guest's CPU when that takes it from nowhere
+    better."""
+    # crossed: ring 0's guest is on thread 1's CPU and ring 1's on thread 0's
+    assert _place(kernel, [0, 1], 2, front=[1, 0], cpu=[0, 1]) == ([1, 0], 1)
+    # already together, or nothing known: as it was
+    assert _place(kernel, [0, 1], 2, front=[0, 1], cpu=[0, 1]) == ([0, 1], 0)
+    assert _place(kernel, [0, 1], 2, front=[-1, -1], cpu=[0, 1]) == ([0, 1], 0)
+    assert _place(kernel, [0, 1], 2, front=[1, 0], cpu=[-1, -1]) == ([0, 1], 0)
+    # both guests on one CPU: the ring already with its guest keeps its thread
+    assert _place(kernel, [0, 1], 2, front=[0, 0], cpu=[1, 0]) == ([0, 1], 0)
+    assert _place(kernel, [0, 1], 2, front=[0, 0], cpu=[0, 1]) == ([0, 1], 0)
+    # every ring with its guest already (ring 2 is thread 0's second): as it was
+    assert _place(kernel, [0, 1, 2], 2, front=[1, 0, 1], cpu=[1, 0]) == ([0, 1, 2], 0)
+    # more rings than threads: each thread's first ring is the one with its guest there
+    assert _place(kernel, [0, 1, 2, 3], 2, front=[5, 5, 0, 1], cpu=[1, 0]) == \
+        ([3, 2, 1, 0], 2)
+    assert _place(kernel, [2, 0, 1], 3, front=[7, 7, 8], cpu=[7, 9, 8]) == ([0, 1, 2], 2)
+    # a ring with its guest at its own thread is not taken from it (two threads on one
+    # CPU: thread 0 gets nothing better)
+    assert _place(kernel, [0, 1], 2, front=[1, 0], cpu=[0, 0]) == ([0, 1], 0)

@@ -3,10 +3,11 @@ wake-up, never per request or per segment.
 
 The kernel takes the batch, checks, pins grants, does the reads that the page cache can
 serve without blocking (preadv2 with RWF_NOWAIT), answers and publishes. What would
-block goes to the kernel's own I/O threads: writes, flush and discard, O_DIRECT images
-and block devices, and any read that met EAGAIN. They never enter Python; when a ring's
-jobs are done they write its wake eventfd, and the event loop reaps them all with one
-call (`bk_reap`), which unpins, answers and starts what waited behind a flush.
+block goes to the kernel's own I/O threads: writes, flush and discard, and any read that
+met EAGAIN; the reads and writes of O_DIRECT images and block devices go to the queue's
+io_uring instead. Neither enters Python; when a ring's jobs are done its wake eventfd is
+written, and the event loop reaps them all with one call (`bk_reap`), which unpins,
+answers and starts what waited behind a flush.
 
 With persistent grants (both ends said feature-persistent=1) the kernel keeps the ring's
 cache of pinned grants itself, with persistent.py's rules; `KernelGrantCache` is the
@@ -457,6 +458,14 @@ class CompiledRingQueue:
         names = ("req_cons", "rsp_prod_pvt", "pushed", "waiting", "in_pool", "halted",
                  "draining")
         return dict(zip(names, st, strict=True))
+
+    def uring(self) -> dict[str, int]:
+        """The queue's io_uring: whether it has one (an O_DIRECT image or a block device
+        that has moved data), transfers submitted to it, transfers in flight there."""
+        st = (ctypes.c_uint64 * 3)()
+        if self.k.queue_uring is not None and self._q is not None:
+            self.k.queue_uring(self._q, st)
+        return dict(zip(("on", "submitted", "in_flight"), st, strict=True))
 
     # --- suspending ------------------------------------------------------------------
 

@@ -14,7 +14,8 @@
  *   -> record it in the in-flight table -> decode and check the copy
  *   -> indirect pages: pin, check the window, copy, unpin, check the copy
  *   -> pin every segment's grant (compare-and-swap, v1 or v2 rules), check each window
- *   -> the I/O: inline with RWF_NOWAIT, or handed to the pool when it would block
+ *   -> the I/O: inline with RWF_NOWAIT, or handed to the pool when it would block (an
+ *      O_DIRECT image's or a block device's transfers: to the queue's io_uring)
  *   -> unpin every grant BEFORE the response (XSA-396: once answered, the guest may
  *      revoke and reuse the page; a pin the persistent-grant cache keeps stays, as that
  *      protocol lets it, until purge or disconnect) -> response with zeroed padding
@@ -30,6 +31,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <linux/io_uring.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
@@ -38,6 +40,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -222,6 +226,23 @@ struct bk_pg {
 
 /* ---- per-queue state -------------------------------------------------------------- */
 
+/* The queue's io_uring (see "io_uring" below): the transfers of an O_DIRECT image or a
+ * block device. Set up at the first such transfer; fd -1 until then (or for good when
+ * set-up failed: failed 1, the I/O threads serve). */
+struct bk_uring {
+    int32_t fd;
+    uint32_t failed;
+    uint32_t inflight;              /* submitted, completion not reaped */
+    uint32_t sq_mask, cq_mask;
+    uint32_t *sq_head, *sq_tail, *sq_array;
+    uint32_t *cq_head, *cq_tail;
+    struct io_uring_sqe *sqes;
+    struct io_uring_cqe *cqes;
+    void *sq_map, *cq_map, *sqe_map;
+    size_t sq_len, cq_len, sqe_len;
+    uint64_t submitted;             /* transfers (and continuations) submitted */
+};
+
 enum { SLOT_FREE = 0, SLOT_WAITING, SLOT_POOL };
 
 struct bk_pending {
@@ -255,6 +276,7 @@ struct bk_queue {
     uint32_t polling;       /* in bk_serve_*poll: an empty ring asks for no kick yet */
     int32_t call_fd;        /* in bk_serve_*poll: the guest's event, signalled here */
     uint32_t push_every;    /* in bk_serve_*poll: answers per push in a long batch (0: one) */
+    int32_t front_cpu;      /* the CPU its guest was last seen running on (-1: not known) */
     uint32_t since_push;    /* requests answered inline since the last push */
     uint8_t *inflight;
     struct bk_disk disk;
@@ -279,6 +301,7 @@ struct bk_queue {
     struct bk_pending slots[BK_MAX_PENDING];
     const struct dp_env *env;        /* the current call's: its dirty log */
     struct bk_pg pg;                 /* persistent grants (pg.on) */
+    struct bk_uring ur;              /* O_DIRECT image or block device: its transfers */
 };
 
 /* ---- shared memory access (core.h) and the ring ------------------------------- */
@@ -934,6 +957,21 @@ refuse:
 
 /* ---- the I/O ---------------------------------------------------------------------- */
 
+/* n more bytes of a transfer moved: its iovecs start past them. */
+static void advance(struct bk_pending *s, size_t n)
+{
+    s->done += (uint64_t)n;
+    while (s->iov_next < s->nseg && n >= s->iov[s->iov_next].iov_len) {
+        n -= s->iov[s->iov_next].iov_len;
+        s->iov[s->iov_next].iov_len = 0;
+        s->iov_next++;
+    }
+    if (n) {
+        s->iov[s->iov_next].iov_base = (uint8_t *)s->iov[s->iov_next].iov_base + n;
+        s->iov[s->iov_next].iov_len -= n;
+    }
+}
+
 /* Move what is left of a transfer. Returns 0 when done (status set on error), 1 when
  * it would block (RWF_NOWAIT only): the pool continues from where it stopped; 2 when
  * the filesystem does not do RWF_NOWAIT for this direction at all. */
@@ -961,17 +999,7 @@ static int transfer(struct bk_pending *s, int fd, int nowait)
             s->error = EIO;
             return 0;
         }
-        s->done += (uint64_t)n;
-        size_t left = (size_t)n;
-        while (s->iov_next < s->nseg && left >= s->iov[s->iov_next].iov_len) {
-            left -= s->iov[s->iov_next].iov_len;
-            s->iov[s->iov_next].iov_len = 0;
-            s->iov_next++;
-        }
-        if (left) {
-            s->iov[s->iov_next].iov_base = (uint8_t *)s->iov[s->iov_next].iov_base + left;
-            s->iov[s->iov_next].iov_len -= left;
-        }
+        advance(s, (size_t)n);
     }
     return 0;
 }
@@ -1164,6 +1192,238 @@ uint32_t bk_io_threads(uint32_t n)
     return n;
 }
 
+/* ---- io_uring: the transfers of O_DIRECT images and block devices ----------------- */
+
+/* Every read and write of a disk whose I/O all waits for the device (an O_DIRECT image,
+ * a block device) is submitted to the queue's own io_uring by the thread serving the
+ * queue, and its completion is read from the completion ring by the thread that reaps
+ * it: no hand-off to an I/O thread, no futex wake-up, no context switch per transfer.
+ * The ring's wake eventfd is registered with it, so its completions wake the event loop
+ * or a watching thread exactly as the I/O threads' do. A queue is served by one thread
+ * at a time (the event loop, or the one helper thread a call gives it), and both the
+ * submission and the completion ring are only ever touched there. Such transfers count
+ * in q->inpool like any pool job: a flush waits for them, and a suspend or stop waits
+ * until they are reaped. Flush, discard and everything of a page-cache image stay with
+ * the I/O threads; so does a transfer the io_uring would not take (its set-up failed:
+ * no io_uring in the kernel, or a seccomp filter; submission refused) or that stopped
+ * short (the pool finishes it as it finishes a read that met EAGAIN). bk_set_uring(0)
+ * keeps new queues on the I/O threads. */
+static uint32_t bk_uring_on = 1;
+
+/* Whether queues set up from now on use io_uring (on < 0: only ask). Returns the
+ * setting before. */
+int32_t bk_set_uring(int32_t on)
+{
+    int32_t was = (int32_t)__atomic_load_n(&bk_uring_on, __ATOMIC_RELAXED);
+    if (on >= 0)
+        __atomic_store_n(&bk_uring_on, on != 0, __ATOMIC_RELAXED);
+    return was;
+}
+
+/* The queue's io_uring: whether it has one, transfers submitted, in flight now. */
+void bk_queue_uring(const struct bk_queue *q, uint64_t out[3])
+{
+    out[0] = q->ur.fd >= 0;
+    out[1] = q->ur.submitted;
+    out[2] = q->ur.inflight;
+}
+
+static void uring_unmap(struct bk_uring *u)
+{
+    if (u->sqe_map)
+        munmap(u->sqe_map, u->sqe_len);
+    if (u->cq_map && u->cq_map != u->sq_map)
+        munmap(u->cq_map, u->cq_len);
+    if (u->sq_map)
+        munmap(u->sq_map, u->sq_len);
+    if (u->fd >= 0)
+        close(u->fd);
+    u->sq_map = u->cq_map = u->sqe_map = NULL;
+    u->fd = -1;
+}
+
+static void *uring_map(int fd, size_t len, off_t off)
+{
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                   fd, off);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+/* Set up the queue's io_uring (0), or mark it failed for good (-1). */
+static int uring_init(struct bk_queue *q)
+{
+    struct bk_uring *u = &q->ur;
+    struct io_uring_params p;
+    if (q->wake_fd < 0)
+        goto fail;
+    /* Never more than BK_MAX_PENDING transfers out: the submission ring is empty
+     * whenever io_uring_enter returns, and the completion ring cannot overflow. */
+    uint32_t flags = IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP | IORING_SETUP_SUBMIT_ALL;
+    int fd;
+    do {
+        memset(&p, 0, sizeof(p));
+        p.flags = flags;
+        p.cq_entries = 2 * BK_MAX_PENDING;
+        fd = (int)syscall(__NR_io_uring_setup, BK_MAX_PENDING, &p);
+        if (fd < 0 && errno == EINVAL && (flags & IORING_SETUP_SUBMIT_ALL))
+            flags &= ~(uint32_t)IORING_SETUP_SUBMIT_ALL;   /* before Linux 5.18 */
+        else
+            break;
+    } while (1);
+    if (fd < 0)
+        goto fail;
+    u->fd = fd;
+    u->sq_len = p.sq_off.array + p.sq_entries * sizeof(uint32_t);
+    u->cq_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    if (p.features & IORING_FEAT_SINGLE_MMAP) {
+        if (u->cq_len > u->sq_len)
+            u->sq_len = u->cq_len;
+        u->cq_len = u->sq_len;
+    }
+    u->sq_map = uring_map(fd, u->sq_len, IORING_OFF_SQ_RING);
+    if (!u->sq_map)
+        goto fail_unmap;
+    u->cq_map = p.features & IORING_FEAT_SINGLE_MMAP
+        ? u->sq_map : uring_map(fd, u->cq_len, IORING_OFF_CQ_RING);
+    if (!u->cq_map)
+        goto fail_unmap;
+    u->sqe_len = p.sq_entries * sizeof(struct io_uring_sqe);
+    u->sqe_map = uring_map(fd, u->sqe_len, IORING_OFF_SQES);
+    if (!u->sqe_map)
+        goto fail_unmap;
+    uint8_t *sq = u->sq_map, *cq = u->cq_map;
+    u->sq_head = (uint32_t *)(sq + p.sq_off.head);
+    u->sq_tail = (uint32_t *)(sq + p.sq_off.tail);
+    u->sq_mask = *(uint32_t *)(sq + p.sq_off.ring_mask);
+    u->sq_array = (uint32_t *)(sq + p.sq_off.array);
+    u->cq_head = (uint32_t *)(cq + p.cq_off.head);
+    u->cq_tail = (uint32_t *)(cq + p.cq_off.tail);
+    u->cq_mask = *(uint32_t *)(cq + p.cq_off.ring_mask);
+    u->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+    u->sqes = u->sqe_map;
+    if (p.sq_entries < BK_MAX_PENDING || p.cq_entries < BK_MAX_PENDING)
+        goto fail_unmap;
+    int32_t efd = q->wake_fd;
+    if (syscall(__NR_io_uring_register, fd, IORING_REGISTER_EVENTFD, &efd, 1) < 0)
+        goto fail_unmap;
+    return 0;
+fail_unmap:
+    uring_unmap(u);
+fail:
+    u->failed = 1;
+    return -1;
+}
+
+/* Whether transfer s goes to the queue's io_uring (set up now if need be). */
+static int uring_takes(struct bk_queue *q, const struct bk_pending *s)
+{
+    if (q->disk.inline_io || q->disk.external || s->flush || s->op == BLKIF_OP_DISCARD ||
+        !s->nseg || q->ur.failed)
+        return 0;
+    if (q->ur.fd < 0 &&
+        (!__atomic_load_n(&bk_uring_on, __ATOMIC_RELAXED) || uring_init(q)))
+        return 0;
+    return 1;
+}
+
+/* Submit what is left of the transfers `slots`; those the kernel did not take are
+ * appended to rest (for the I/O threads). */
+static void uring_submit(struct bk_queue *q, const uint16_t *slots, uint32_t n,
+                         uint16_t *rest, uint32_t *nrest)
+{
+    struct bk_uring *u = &q->ur;
+    if (!n)
+        return;
+    uint32_t tail = *u->sq_tail;    /* only this thread moves it */
+    for (uint32_t k = 0; k < n; k++) {
+        struct bk_pending *s = &q->slots[slots[k]];
+        uint32_t idx = tail++ & u->sq_mask;
+        struct io_uring_sqe *e = &u->sqes[idx];
+        uint32_t cnt = s->nseg - s->iov_next;
+        memset(e, 0, sizeof(*e));
+        e->fd = q->disk.fd;
+        e->off = s->sector * BK_SECTOR + s->done;
+        if (cnt == 1) {
+            e->opcode = s->write ? IORING_OP_WRITE : IORING_OP_READ;
+            e->addr = (uint64_t)(uintptr_t)s->iov[s->iov_next].iov_base;
+            e->len = (uint32_t)s->iov[s->iov_next].iov_len;
+        } else {
+            e->opcode = s->write ? IORING_OP_WRITEV : IORING_OP_READV;
+            e->addr = (uint64_t)(uintptr_t)&s->iov[s->iov_next];
+            e->len = cnt;
+        }
+        e->user_data = slots[k];
+        u->sq_array[idx] = idx;
+    }
+    __atomic_store_n(u->sq_tail, tail, __ATOMIC_RELEASE);
+    uint32_t left = n;
+    while (left) {
+        long rc = syscall(__NR_io_uring_enter, u->fd, left, 0, 0, NULL, 0);
+        if (rc > 0)
+            left -= (uint32_t)rc < left ? (uint32_t)rc : left;
+        else if (!(rc < 0 && errno == EINTR))
+            break;      /* EAGAIN, EBUSY, ENOMEM...: the rest go to the I/O threads */
+    }
+    /* What the kernel did not consume is taken back: the tail returns to its head (no
+     * SQPOLL, so the kernel reads the submission ring only inside io_uring_enter). */
+    uint32_t head = __atomic_load_n(u->sq_head, __ATOMIC_ACQUIRE);
+    for (uint32_t i = head; i != tail; i++)
+        rest[(*nrest)++] = (uint16_t)u->sqes[i & u->sq_mask].user_data;
+    __atomic_store_n(u->sq_tail, head, __ATOMIC_RELEASE);
+    u->inflight += n - (tail - head);
+    u->submitted += n - (tail - head);
+}
+
+/* Completions posted and not yet read (a hint for the watching threads). */
+static int uring_due(const struct bk_queue *q)
+{
+    return q->ur.inflight &&
+           __atomic_load_n(q->ur.cq_tail, __ATOMIC_ACQUIRE) != *q->ur.cq_head;
+}
+
+/* Read the completion ring: finished transfers go to done (n at most BK_MAX_PENDING in
+ * all), as run_io would have left them; those that moved only part are submitted again
+ * from where they stopped, or go to the I/O threads (EINTR, EAGAIN, or not taken). */
+static void uring_reap(struct bk_queue *q, uint16_t *done, uint32_t *ndone)
+{
+    struct bk_uring *u = &q->ur;
+    uint16_t again[BK_MAX_PENDING], pool[BK_MAX_PENDING];
+    uint32_t nagain = 0, npool = 0;
+    if (!u->inflight)
+        return;
+    uint32_t head = *u->cq_head, tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
+    for (; head != tail; head++) {
+        const struct io_uring_cqe *c = &u->cqes[head & u->cq_mask];
+        uint64_t slot = c->user_data;
+        int32_t res = c->res;
+        u->inflight--;
+        if (slot >= BK_MAX_PENDING || q->slots[slot].state != SLOT_POOL)
+            continue;   /* cannot happen: only our own transfers are submitted */
+        struct bk_pending *s = &q->slots[slot];
+        if (res == -EINTR || res == -EAGAIN) {
+            pool[npool++] = (uint16_t)slot;
+            continue;
+        }
+        if (res < 0) {
+            s->status = BLKIF_RSP_ERROR;
+            s->error = -res;
+        } else if (res == 0) {  /* the backing store ended before the request did */
+            s->status = BLKIF_RSP_ERROR;
+            s->error = EIO;
+        } else {
+            advance(s, (size_t)res);
+            if (s->iov_next < s->nseg) {
+                again[nagain++] = (uint16_t)slot;
+                continue;
+            }
+        }
+        done[(*ndone)++] = (uint16_t)slot;
+    }
+    __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
+    uring_submit(q, again, nagain, pool, &npool);
+    pool_submit(q, pool, npool);
+}
+
 /* Start what waits: inline when the page cache has it, else to the I/O threads. A flush
  * or barrier starts only once everything before it has completed, and nothing after it
  * starts until it has completed. A request runs inline only while nothing taken before
@@ -1172,8 +1432,8 @@ static void poll_signal(struct bk_out *out, int32_t call_fd);
 
 static void dispatch(struct bk_queue *q, const struct dp_env *env, struct bk_out *out)
 {
-    uint16_t jobs[BK_MAX_PENDING];
-    uint32_t njobs = 0;
+    uint16_t jobs[BK_MAX_PENDING], ujobs[BK_MAX_PENDING];
+    uint32_t njobs = 0, nujobs = 0;
     while (q->fifo_count && !q->draining) {
         struct bk_pending *s = &q->slots[q->fifo[q->fifo_head]];
         if (s->flush) {
@@ -1201,10 +1461,13 @@ static void dispatch(struct bk_queue *q, const struct dp_env *env, struct bk_out
         if (q->disk.external) {
             out->job_flush[out->njobs] = s->flush;
             out->jobs[out->njobs++] = (uint16_t)(s - q->slots);
+        } else if (uring_takes(q, s)) {
+            ujobs[nujobs++] = (uint16_t)(s - q->slots);
         } else {
             jobs[njobs++] = (uint16_t)(s - q->slots);
         }
     }
+    uring_submit(q, ujobs, nujobs, jobs, &njobs);
     pool_submit(q, jobs, njobs);
 }
 
@@ -1322,7 +1585,9 @@ struct bk_queue *bk_queue_new(const struct bk_config *cfg)
     q->disk = cfg->disk;
     q->wake_fd = cfg->wake_fd;
     q->kick_fd = cfg->kick_fd;
+    q->front_cpu = -1;
     q->call_fd = -1;
+    q->ur.fd = -1;
     bk_inflight_scan(q);
     return q;
 }
@@ -1332,8 +1597,9 @@ void bk_queue_free(struct bk_queue *q)
     pthread_mutex_lock(&iopool.lock);
     int busy = q->in_run || q->running || q->jq_count;
     pthread_mutex_unlock(&iopool.lock);
-    if (busy)
+    if (busy || q->ur.inflight)
         return;     /* cannot happen (freed once all is reaped); leaked rather than freed */
+    uring_unmap(&q->ur);
     free(q->pg.heads);
     free(q->pg.e);
     free(q);
@@ -1637,11 +1903,16 @@ static int ring_has_requests(const struct bk_queue *q)
            dp_ring_unconsumed(q->pages[0], q->size, q->req_cons, q->rsp_prod_pvt);
 }
 
-/* ... or jobs the I/O threads have finished. */
+/* Jobs the I/O threads or the io_uring have finished (a hint: reap() locks). */
+static int jobs_due(const struct bk_queue *q)
+{
+    return __atomic_load_n(&q->ndone, __ATOMIC_ACQUIRE) || uring_due(q);
+}
+
+/* ... or jobs finished. */
 static int poll_due(const struct bk_queue *q)
 {
-    return __atomic_load_n(&q->ndone, __ATOMIC_ACQUIRE) ||  /* a hint: reap() locks */
-           ring_has_requests(q);
+    return jobs_due(q) || ring_has_requests(q);
 }
 
 #define BK_POLL_MAX 16
@@ -1673,7 +1944,7 @@ static int sleep_for_rings(const struct bk_poll *c, const uint32_t *mine, uint32
     struct pollfd pf[2 * BK_POLL_MAX];
     for (uint32_t j = 0; j < n; j++) {
         struct bk_queue *q = c->qs[mine[j]];
-        if (final_check(q) || __atomic_load_n(&q->ndone, __ATOMIC_ACQUIRE))
+        if (final_check(q) || jobs_due(q))
             return 1;
         pf[2 * j] = (struct pollfd){q->kick_fd, POLLIN, 0};
         pf[2 * j + 1] = (struct pollfd){q->wake_fd, POLLIN, 0};
@@ -1695,6 +1966,61 @@ static int sleep_for_rings(const struct bk_poll *c, const uint32_t *mine, uint32
         }
     }
     return rc > 0;
+}
+
+/* Which thread serves which ring. With several threads watching and few CPUs (two
+ * vCPUs here, each shared by a thread of ours and the guests' threads), a ring is
+ * served best by the thread on its guest's CPU: the two take turns there (the guest
+ * runs while the thread yields, the thread while the guest sleeps), each finds the
+ * other's cache lines (ring slots, grant entries) in that CPU's cache, and neither
+ * spins on one CPU while the other waits for the other CPU. The scheduler does not
+ * know which threads go together; the kernel can see it. A thread whose yield let
+ * something else run on its CPU (the yield took BK_YIELDED_NS or more) notes, for each
+ * ring of the call whose guest published requests meanwhile, that its guest runs on
+ * this CPU; each thread notes its own CPU as the call ends; the next call gives each
+ * thread the ring whose guest is on its CPU (bk_place_rings). */
+#define BK_YIELDED_NS 2000
+static int32_t bk_thread_cpu[DP_HELPERS + 1];   /* 1 + the CPU thread t ended its last call on */
+
+static void poll_yield(const struct bk_poll *c)
+{
+    uint32_t before[BK_POLL_MAX];
+    for (uint32_t i = 0; i < c->nrings; i++)
+        before[i] = dp_load32(c->qs[c->ring[i]]->pages[0] + DP_SRING_REQ_PROD);
+    uint64_t t0 = dp_now_ns();
+    sched_yield();
+    if (dp_now_ns() - t0 < BK_YIELDED_NS)
+        return;     /* nothing else wanted this CPU */
+    int32_t cpu = sched_getcpu();
+    for (uint32_t i = 0; i < c->nrings; i++) {
+        struct bk_queue *q = c->qs[c->ring[i]];
+        if (dp_load32(q->pages[0] + DP_SRING_REQ_PROD) != before[i])
+            __atomic_store_n(&q->front_cpu, cpu, __ATOMIC_RELAXED);
+    }
+}
+
+/* ring[0..n) are ring numbers, ring[i] served by thread i % nthreads; front[k] is the
+ * CPU ring k's guest runs on, cpu[t] thread t's (-1: not known). Each thread's first
+ * ring not on its thread's CPU is swapped with one whose guest is there and that is not
+ * on its own thread's CPU already. Returns how many swaps were made. */
+uint32_t bk_place_rings(uint32_t *ring, uint32_t n, uint32_t nthreads, const int32_t *front,
+                        const int32_t *cpu)
+{
+    uint32_t swaps = 0;
+    for (uint32_t t = 0; t < nthreads && t < n; t++) {
+        if (cpu[t] < 0 || front[ring[t]] == cpu[t])
+            continue;
+        for (uint32_t j = 0; j < n; j++) {
+            if (j != t && front[ring[j]] == cpu[t] && front[ring[j]] != cpu[j % nthreads]) {
+                uint32_t x = ring[t];
+                ring[t] = ring[j];
+                ring[j] = x;
+                swaps++;
+                break;
+            }
+        }
+    }
+    return swaps;
 }
 
 /* Thread t of the call watches rings t, t + nthreads, ...: serves each when it has
@@ -1722,7 +2048,7 @@ static void poll_thread(void *ctx, uint32_t t)
                 if (t > 0)
                     c->parallel[k]++;
             }
-            if (__atomic_load_n(&q->ndone, __ATOMIC_ACQUIRE)) {
+            if (jobs_due(q)) {
                 memset(&tmp, 0, sizeof(tmp));
                 reap(q, c->envs[k], &tmp);
                 out_merge(out, &tmp);
@@ -1765,7 +2091,7 @@ static void poll_thread(void *ctx, uint32_t t)
                 /* With several threads watching, the guests' threads they wake may be
                  * waiting for this CPU (two vCPUs here): let them have it. */
                 if (c->nthreads > 1)
-                    sched_yield();
+                    poll_yield(c);
             }
             if (!any)
                 __builtin_ia32_pause();
@@ -1790,6 +2116,8 @@ static void poll_thread(void *ctx, uint32_t t)
     }
     if (!idle)
         __atomic_sub_fetch(&c->busy, 1, __ATOMIC_ACQ_REL);
+    if (c->nthreads > 1)
+        __atomic_store_n(&bk_thread_cpu[t], sched_getcpu() + 1, __ATOMIC_RELAXED);
 }
 
 /* The rings that may be served (due[k] != 0; 1: kicked, 2: served when its guest has
@@ -1844,6 +2172,15 @@ void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const 
     if (c.nthreads > DP_HELPERS + 1)
         c.nthreads = DP_HELPERS + 1;
     c.busy = c.nthreads;
+    if (c.nthreads > 1) {   /* each thread the ring whose guest is on its CPU */
+        int32_t front[BK_POLL_MAX], cpu[DP_HELPERS + 1];
+        for (uint32_t i = 0; i < ninline; i++)
+            front[c.ring[i]] = __atomic_load_n(&qs[c.ring[i]]->front_cpu, __ATOMIC_RELAXED);
+        cpu[0] = sched_getcpu();    /* the caller's, now */
+        for (uint32_t t = 1; t < c.nthreads; t++)
+            cpu[t] = __atomic_load_n(&bk_thread_cpu[t], __ATOMIC_RELAXED) - 1;
+        bk_place_rings(c.ring, ninline, c.nthreads, front, cpu);
+    }
     /* One thread watching: the guest's threads have the other CPUs, and publishing a
      * long batch in parts lets them work beside it. Several: the CPUs are shared with
      * the guests' threads, whose extra wake-ups would cost more than they gain. */
@@ -1947,6 +2284,7 @@ static void reap(struct bk_queue *q, const struct dp_env *env, struct bk_out *ou
     memcpy(jobs, q->done, n * sizeof(jobs[0]));
     q->ndone = 0;
     pthread_mutex_unlock(&iopool.lock);
+    uring_reap(q, jobs, &n);
     answer_jobs(q, env, jobs, n, 0, out);
 }
 

@@ -154,6 +154,13 @@ class Kernel:
         self.serve_round_poll = _fn(lib.bk_serve_round_poll, None, [
             ctypes.POINTER(vp), ctypes.POINTER(envp), ctypes.POINTER(outp), u32, u8p, u8p,
             ctypes.POINTER(u32), ctypes.POINTER(i32), u32, u32])
+        # The transfers of O_DIRECT images and block devices go through each queue's
+        # io_uring (set_uring(0): through the I/O threads, for queues set up after).
+        # None: a library built without it.
+        self.set_uring = (_fn(lib.bk_set_uring, i32, [i32])
+                          if hasattr(lib, "bk_set_uring") else None)
+        self.queue_uring = (_fn(lib.bk_queue_uring, None, [vp, u64p])
+                            if hasattr(lib, "bk_queue_uring") else None)
         self._layout = _fn(lib.bk_layout, u32, [ctypes.POINTER(u32), u32])
         self._check()
 
