@@ -109,7 +109,6 @@ def test_differential_under_address_and_ub_sanitizers(tmp_path):
         "           t.test_blocking_io_runs_on_the_kernels_threads_not_the_python_pool,\n"
         "           t.test_a_ring_with_requests_is_served_beside_a_kicked_one,\n"
         "           t.test_queues_served_in_parallel_threads,\n"
-        "           t.test_a_direct_ring_beside_a_cached_one_is_served_on_a_thread_of_its_own,\n"
         "           t.test_persistent_grants_on_parallel_rings_and_the_io_threads):\n"
         "    asyncio.run(fn(pathlib.Path(tempfile.mkdtemp(dir=sys.argv[1]))))\n"
         # O_DIRECT transfers through the queues' io_uring and, for the same tests, the
@@ -227,34 +226,6 @@ async def test_queues_served_in_parallel_threads(tmp_path):
         assert stats["errors"] == stats["invalid"] == 0
     finally:
         await rig.close()  # asserts no grant is left in use
-
-
-async def test_a_direct_ring_beside_a_cached_one_is_served_on_a_thread_of_its_own(
-        tmp_path):
-    """A guest reading a cached image and one reading an O_DIRECT image at once: the
-    kernel call watching both serves the O_DIRECT ring on a thread of its own (a helper
-    thread: its batches count as parallel), not on the caller's thread that serves the
-    cached ring, so the cached ring's thread submits none of its transfers. The data
-    stays right."""
-    rig = await _rig()
-    try:
-        image = make_image(tmp_path / "disk.img", 8 * MiB)
-        direct = make_image(tmp_path / "direct.img", 4 * MiB)
-        dev, front = await rig.attach({"path": image})
-        ddev, dfront = await rig.attach({"path": direct, "direct-io": "1"}, devid=2)
-        for seed in range(1, 21):    # until a call has had both rings to watch
-            await asyncio.gather(
-                random_workload(front, image, 8 * MiB, workers=8, ops=40, seed=seed),
-                random_workload(dfront, direct, 4 * MiB, workers=8, ops=20,
-                                seed=100 + seed, align=4096))
-            if ddev.stats()["parallel"]:
-                break
-        assert ddev.stats()["parallel"] > 0
-        assert ddev.stats()["inline_io"] == 0
-        for d in (dev, ddev):
-            assert d.stats()["errors"] == d.stats()["invalid"] == 0
-    finally:
-        await rig.close()
 
 
 async def test_persistent_grants_on_parallel_rings_and_the_io_threads(tmp_path):
