@@ -32,7 +32,6 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <linux/io_uring.h>
-#include <sys/eventfd.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
@@ -1928,9 +1927,7 @@ struct bk_poll {
     uint32_t *parallel;
     uint32_t ring[BK_POLL_MAX];     /* indices of the due rings */
     uint32_t nrings, nthreads, poll_ns;
-    uint32_t ninline;               /* ring[0..ninline): rings the page cache serves */
-    int32_t stop_fd;                /* >= 0: the last thread is the disk rings' own */
-    uint32_t busy;                  /* threads not idle (the disk rings' own not counted) */
+    uint32_t busy;                  /* threads not idle */
     uint64_t end;                   /* the budget's end */
 };
 
@@ -1944,7 +1941,7 @@ struct bk_poll {
 static int sleep_for_rings(const struct bk_poll *c, const uint32_t *mine, uint32_t n,
                            uint64_t end)
 {
-    struct pollfd pf[2 * BK_POLL_MAX + 1];
+    struct pollfd pf[2 * BK_POLL_MAX];
     for (uint32_t j = 0; j < n; j++) {
         struct bk_queue *q = c->qs[mine[j]];
         if (final_check(q) || jobs_due(q))
@@ -1957,8 +1954,7 @@ static int sleep_for_rings(const struct bk_poll *c, const uint32_t *mine, uint32
         return 0;
     struct timespec ts = {(time_t)((end - now) / 1000000000u),
                           (long)((end - now) % 1000000000u)};
-    pf[2 * n] = (struct pollfd){c->stop_fd, POLLIN, 0};   /* ignored if < 0 */
-    int rc = ppoll(pf, 2 * n + 1, &ts, NULL);
+    int rc = ppoll(pf, 2 * n, &ts, NULL);
     if (rc < 0)
         return errno == EINTR;
     for (uint32_t j = 0; j < n; j++) {
@@ -2027,50 +2023,6 @@ uint32_t bk_place_rings(uint32_t *ring, uint32_t n, uint32_t nthreads, const int
     return swaps;
 }
 
-/* The thread of a call's O_DIRECT and block-device rings when the call has rings the
- * page cache serves too (those threads then do none of the disk rings' work: the
- * submissions to their io_urings take several microseconds each, which the cached
- * rings' guests would wait for). It never spins: it serves and reaps its rings, signals
- * their guests, and sleeps (req_event set, so their guests kick) on their kicks, their
- * wake eventfds and the call's stop eventfd, which the other threads write as the call
- * ends. It does not keep the call going: the other threads end it as they would
- * without it, and what is in flight then is reaped on the wake eventfds as usual. */
-static void disk_thread(struct bk_poll *c, uint32_t t, uint32_t *mine, uint32_t n)
-{
-    int first = 1;
-    while (n) {
-        int more = 0;
-        for (uint32_t i = 0; i < n; i++) {
-            uint32_t k = mine[i];
-            struct bk_queue *q = c->qs[k];
-            struct bk_out *out = c->outs[k], tmp;
-            out->flags &= ~(uint32_t)(BK_MORE | BK_BLOCKED);
-            if ((first && c->due[k] == 1) || ring_has_requests(q)) {
-                bk_serve(q, c->envs[k], &tmp);
-                out_merge(out, &tmp);
-                c->parallel[k]++;
-            }
-            if (jobs_due(q)) {
-                memset(&tmp, 0, sizeof(tmp));
-                reap(q, c->envs[k], &tmp);
-                out_merge(out, &tmp);
-            }
-            poll_signal(out, c->call_fds[k]);
-            if (poll_stop(q, out)) {
-                mine[i--] = mine[--n];
-                continue;
-            }
-            more |= (out->flags & BK_MORE) != 0;   /* a batch cut short */
-        }
-        first = 0;
-        if (!n || dp_now_ns() >= c->end || !__atomic_load_n(&c->busy, __ATOMIC_ACQUIRE))
-            break;
-        if (!more)
-            sleep_for_rings(c, mine, n, c->end);
-    }
-    (void)t;
-}
-
 /* Thread t of the call watches rings t, t + nthreads, ...: serves each when it has
  * requests (a kicked ring at once), reaps its finished jobs, signals its guest, and
  * waits for any of them for up to poll_ns, until the budget's end. A ring that needs
@@ -2079,16 +2031,7 @@ static void poll_thread(void *ctx, uint32_t t)
 {
     struct bk_poll *c = ctx;
     uint32_t mine[BK_POLL_MAX], n = 0;
-    int disk = c->stop_fd >= 0 && t == c->nthreads - 1;
-    if (disk) {
-        for (uint32_t i = c->ninline; i < c->nrings; i++)
-            mine[n++] = c->ring[i];
-        disk_thread(c, t, mine, n);
-        return;
-    }
-    uint32_t nwatch = c->stop_fd >= 0 ? c->ninline : c->nrings;
-    uint32_t nthreads = c->stop_fd >= 0 ? c->nthreads - 1 : c->nthreads;
-    for (uint32_t i = t; i < nwatch; i += nthreads)
+    for (uint32_t i = t; i < c->nrings; i += c->nthreads)
         mine[n++] = c->ring[i];
     int first = 1, idle = 0;
     while (n) {
@@ -2173,38 +2116,8 @@ static void poll_thread(void *ctx, uint32_t t)
     }
     if (!idle)
         __atomic_sub_fetch(&c->busy, 1, __ATOMIC_ACQ_REL);
-    if (c->stop_fd >= 0 && !__atomic_load_n(&c->busy, __ATOMIC_ACQUIRE)) {
-        uint64_t one = 1;   /* the call ends: the disk rings' thread too */
-        ssize_t r = write(c->stop_fd, &one, sizeof(one));
-        (void)r;
-    }
     if (c->nthreads > 1)
         __atomic_store_n(&bk_thread_cpu[t], sched_getcpu() + 1, __ATOMIC_RELAXED);
-}
-
-/* The call's stop eventfd (created once; -1 if it cannot be), emptied for a new call. */
-static int bk_stop_fd = -1;
-static int stop_fd(void)
-{
-    if (bk_stop_fd < 0)
-        bk_stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (bk_stop_fd >= 0) {
-        uint64_t v;
-        ssize_t r = read(bk_stop_fd, &v, sizeof(v));
-        (void)r;
-    }
-    return bk_stop_fd;
-}
-
-/* Whether a call's O_DIRECT and block-device rings get a thread of their own when it
- * has cached rings too (on < 0: only ask). Returns the setting before. */
-static int32_t bk_disk_own = 1;
-int32_t bk_set_disk_thread(int32_t on)
-{
-    int32_t was = bk_disk_own;
-    if (on >= 0)
-        bk_disk_own = on != 0;
-    return was;
 }
 
 /* The rings that may be served (due[k] != 0; 1: kicked, 2: served when its guest has
@@ -2229,8 +2142,7 @@ void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const 
                          uint8_t *served, uint32_t *parallel, const int32_t *call_fds,
                          uint32_t poll_ns, uint32_t budget_ns)
 {
-    struct bk_poll c = {qs, envs, outs, due, call_fds, parallel, {0}, 0, 0, poll_ns, 0, -1,
-                        0, 0};
+    struct bk_poll c = {qs, envs, outs, due, call_fds, parallel, {0}, 0, 0, poll_ns, 0, 0};
     if (n > BK_POLL_MAX)
         n = BK_POLL_MAX;    /* the binding passes at most POLL_MAX */
     for (uint32_t k = 0; k < n; k++) {
@@ -2259,28 +2171,21 @@ void bk_serve_round_poll(struct bk_queue *const *qs, const struct dp_env *const 
     c.nthreads = ninline ? ninline : c.nrings ? 1 : 0;
     if (c.nthreads > DP_HELPERS + 1)
         c.nthreads = DP_HELPERS + 1;
-    c.ninline = ninline;
     c.busy = c.nthreads;
-    uint32_t ncached = c.nthreads;
-    if (ninline && ninline < c.nrings && c.nthreads < DP_HELPERS + 1 && bk_disk_own &&
-        stop_fd() >= 0) {
-        c.stop_fd = bk_stop_fd;     /* the disk rings on a thread of their own */
-        c.nthreads++;
-    }
-    if (ncached > 1) {   /* each thread the ring whose guest is on its CPU */
+    if (c.nthreads > 1) {   /* each thread the ring whose guest is on its CPU */
         int32_t front[BK_POLL_MAX], cpu[DP_HELPERS + 1];
         for (uint32_t i = 0; i < ninline; i++)
             front[c.ring[i]] = __atomic_load_n(&qs[c.ring[i]]->front_cpu, __ATOMIC_RELAXED);
         cpu[0] = sched_getcpu();    /* the caller's, now */
-        for (uint32_t t = 1; t < ncached; t++)
+        for (uint32_t t = 1; t < c.nthreads; t++)
             cpu[t] = __atomic_load_n(&bk_thread_cpu[t], __ATOMIC_RELAXED) - 1;
-        bk_place_rings(c.ring, ninline, ncached, front, cpu);
+        bk_place_rings(c.ring, ninline, c.nthreads, front, cpu);
     }
     /* One thread watching: the guest's threads have the other CPUs, and publishing a
      * long batch in parts lets them work beside it. Several: the CPUs are shared with
      * the guests' threads, whose extra wake-ups would cost more than they gain. */
     for (uint32_t i = 0; i < c.nrings; i++)
-        qs[c.ring[i]]->push_every = ncached == 1 ? BK_PUSH_EVERY : 0;
+        qs[c.ring[i]]->push_every = c.nthreads == 1 ? BK_PUSH_EVERY : 0;
     c.end = dp_now_ns() + budget_ns;
     dp_pool_run(&serve_pool, poll_thread, &c, c.nthreads);
     for (uint32_t i = 0; i < c.nrings; i++)

@@ -159,9 +159,6 @@ class Kernel:
         # None: a library built without it.
         self.set_uring = (_fn(lib.bk_set_uring, i32, [i32])
                           if hasattr(lib, "bk_set_uring") else None)
-        # O_DIRECT and block-device rings on a thread of their own beside cached ones.
-        self.set_disk_thread = (_fn(lib.bk_set_disk_thread, i32, [i32])
-                                if hasattr(lib, "bk_set_disk_thread") else None)
         self.queue_uring = (_fn(lib.bk_queue_uring, None, [vp, u64p])
                             if hasattr(lib, "bk_queue_uring") else None)
         self._layout = _fn(lib.bk_layout, u32, [ctypes.POINTER(u32), u32])
