@@ -143,6 +143,10 @@ def test_an_idle_queue_ends_the_call_with_req_event_set(kernel, monkeypatch):
     for a kick at the next request, so nothing the guest publishes later is missed."""
     monkeypatch.setattr(POLL, "ns", 100_000)
     monkeypatch.setattr(POLL, "net_ns", 100_000)
+    # only idleness may end this call: a budget a busy machine could outrun (a thread
+    # descheduled for longer than it) would end it first
+    monkeypatch.setattr(POLL, "budget_ns", 1_000_000_000)
+    monkeypatch.setattr(POLL, "net_budget_ns", 1_000_000_000)
     w = netdiff._world(kernel, 1, None, 4 << 20, mcast_control=False)
     ch = _channel(w.path)
     try:
