@@ -196,25 +196,25 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
             "backendd 4 KiB randread QD32 x1q beside an O_DIRECT guest"))
         rows.append(_row(cached_load, direct)._replace_what(
             "backendd 4 KiB randread QD32 x1q, O_DIRECT (the other guest)"))
+        async def beside_fio(key: str, engine: str, depth: int, jobs: int, what: str,
+                             fio_what: str) -> None:
+            reads = asyncio.create_task(asyncio.to_thread(
+                fio, image, engine, "4k", "randread", depth, seconds, jobs))
+            results[key] = beside_it = await one(cached_load)
+            rows.append(_row(cached_load, beside_it)._replace_what(
+                "backendd 4 KiB randread QD32 x1q beside " + what))
+            rows.append((await reads)._replace_what(fio_what + " (beside the line above)"))
+
         # The baseline for that line: the same O_DIRECT reads done by fio (4 threads, as
         # the I/O pool), no daemon work at all. What the cached guest keeps here is what
         # this machine leaves it when another process reads the disk directly.
-        fio_direct = asyncio.create_task(asyncio.to_thread(
-            fio, image, "psync", "4k", "randread", 1, seconds, 4))
-        results["beside-fio-direct"] = beside_fio = await one(cached_load)
-        rows.append(_row(cached_load, beside_fio)._replace_what(
-            "backendd 4 KiB randread QD32 x1q beside fio O_DIRECT randread"))
-        rows.append((await fio_direct)._replace_what(
-            "fio psync 4k randread O_DIRECT x4 threads (beside the line above)"))
+        await beside_fio("beside-fio-direct", "psync", 1, 4, "fio O_DIRECT randread",
+                         "fio psync 4k randread O_DIRECT x4 threads")
         # The same beside fio's io_uring reads, QD32 from one thread as the O_DIRECT guest
         # asks: the machine's part when the reads cost no thread hand-off per I/O.
-        fio_direct = asyncio.create_task(asyncio.to_thread(
-            fio, image, "io_uring", "4k", "randread", 32, seconds, 1))
-        results["beside-fio-uring"] = beside_fio = await one(cached_load)
-        rows.append(_row(cached_load, beside_fio)._replace_what(
-            "backendd 4 KiB randread QD32 x1q beside fio io_uring O_DIRECT randread"))
-        rows.append((await fio_direct)._replace_what(
-            "fio io_uring 4k randread O_DIRECT QD32 x1 (beside the line above)"))
+        await beside_fio("beside-fio-uring", "io_uring", 32, 1,
+                         "fio io_uring O_DIRECT randread",
+                         "fio io_uring 4k randread O_DIRECT QD32 x1")
     except BaseException:
         await _stop(proc)
         print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
