@@ -7,6 +7,7 @@ released); the event channel is a real pair of eventfds and the tap a socket pai
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import select
 import threading
@@ -358,3 +359,24 @@ def test_a_queue_that_needs_python_ends_the_other_queues_watch(kernel, polling):
         other.close()
         for ch in channels:
             ch.close()
+
+
+def test_a_dropped_loop_takes_its_nic_round_and_eventfd_with_it(kernel):
+    """The nic round of a loop owns an eventfd; once the loop is closed and dropped, the
+    round and that fd go too (many loops, as in tests and the fuzz, used to keep every
+    round and its fd for the life of the process)."""
+    from backendd.dataplane.rounds import loop_round
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    gc.collect()
+    before = open_fds()
+    for _ in range(20):
+        loop = asyncio.new_event_loop()
+        served = loop_round(net_plane.NetRound, kernel, loop)
+        assert served.loop is loop
+        loop.close()
+        del loop, served
+    gc.collect()
+    assert open_fds() == before

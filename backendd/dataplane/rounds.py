@@ -47,9 +47,18 @@ R = TypeVar("R", bound="LoopRound[Any]")
 class LoopRound(Generic[D]):
     def __init__(self, kernel: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.k = kernel
-        self.loop = loop
+        # Weak: `_rounds` keeps a round for as long as its loop lives, so a strong
+        # reference from the round would keep both (and what the round owns, such as
+        # a nic round's eventfd) alive for ever once the loop is dropped.
+        self._loop = weakref.ref(loop)
         self.due: list[D] = []
         self.scheduled = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop()
+        assert loop is not None, "a round is used only while its loop lives"
+        return loop
 
     def add(self, item: D) -> None:
         if item._in_round:
