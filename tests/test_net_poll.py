@@ -102,6 +102,19 @@ class TxGuest:
         self.kicks = 0
 
 
+def _serve_beside(served, paths, guest_side) -> None:
+    """One call of `served` for `paths` while `guest_side(stop)` plays the guest on a
+    thread of its own; `stop` is set and the thread joined once the call returns."""
+    stop = threading.Event()
+    t = threading.Thread(target=guest_side, args=(stop,))
+    t.start()
+    try:
+        served.serve(paths)
+    finally:
+        stop.set()
+        t.join()
+
+
 def test_what_the_guest_publishes_while_watched_is_served_in_the_same_call(
         kernel, polling):
     """The guest publishes a packet once the first is answered, while the call waits:
@@ -114,18 +127,13 @@ def test_what_the_guest_publishes_while_watched_is_served_in_the_same_call(
         guest = TxGuest(w, ch)
         guest.publish()
         guest.kicked_before()
-        stop = threading.Event()
 
-        def second() -> None:
+        def second(stop: threading.Event) -> None:
             if guest.wait_answered(1, stop):
                 guest.publish()
 
-        t = threading.Thread(target=second)
-        t.start()
         polled = served.polled
-        served.serve([w.path])
-        stop.set()
-        t.join()
+        _serve_beside(served, [w.path], second)
         assert served.polled == polled + 1
         assert w.shared.idx[RSP_PROD] == 2  # both answered by that one call
         assert len(netdiff._frames(w)) == 2
@@ -177,23 +185,16 @@ def test_a_guest_that_never_stops_still_lets_the_call_end(kernel, polling, monke
     served = w.path.round
     try:
         guest = TxGuest(w, ch)
-        stop = threading.Event()
         guest.publish()
         guest.kicked_before()
 
-        def forever() -> None:
+        def forever(stop: threading.Event) -> None:
             while not stop.is_set():
                 if guest.wait_answered(guest.prod, stop):
                     guest.publish()
 
-        t = threading.Thread(target=forever)
-        t.start()
         batches = served.batches
-        try:
-            served.serve([w.path])
-        finally:
-            stop.set()
-            t.join()
+        _serve_beside(served, [w.path], forever)
         assert served.batches - batches > 2
         assert served.ends[nk.END_BUDGET] == 1
         answered = w.shared.idx[RSP_PROD]
@@ -222,10 +223,9 @@ def test_a_reader_waiting_for_buffers_is_served_when_the_guest_posts_them(
         assert w.vif.counters["rx_stalls"] == 1
         # one frame's buffers and one more, so the reader does not stall again after it
         grefs = [w.gt.grant_access(f) for f in netdiff_rx.FRAMES[:path.need + 1]]
-        stop = threading.Event()
         kicked = []
 
-        def post() -> None:
+        def post(_stop: threading.Event) -> None:
             time.sleep(0.005)  # let the call reach its wait (either way it is served)
             shared = w.shared
             prod = shared.idx[REQ_PROD]
@@ -237,11 +237,7 @@ def test_a_reader_waiting_for_buffers_is_served_when_the_guest_posts_them(
                 os.eventfd_write(ch.kick_fd, 1)
                 kicked.append(True)
 
-        t = threading.Thread(target=post)
-        t.start()
-        path.round.serve([path])
-        stop.set()
-        t.join()
+        _serve_beside(path.round, [path], post)
         assert kicked == [True]  # the stalled reader asked for a kick
         assert w.vif.counters["rx_packets"] == 1
         assert w.vif.counters["rx_stalls"] == 1  # the stall looked at again is the same
@@ -287,9 +283,8 @@ def test_the_call_stays_in_the_kernel_until_the_loop_has_work(kernel, polling):
         guest = TxGuest(w, ch)
         guest.publish()
         guest.kicked_before()
-        stop = threading.Event()
 
-        def guest_then_loop() -> None:
+        def guest_then_loop(stop: threading.Event) -> None:
             if not guest.wait_answered(1, stop):
                 return
             time.sleep(0.002)  # idle meanwhile, less than POLL.net_ns
@@ -297,14 +292,8 @@ def test_the_call_stays_in_the_kernel_until_the_loop_has_work(kernel, polling):
             if guest.wait_answered(2, stop):
                 os.write(other_w, b"x")  # the loop has other work
 
-        t = threading.Thread(target=guest_then_loop)
-        t.start()
         polled = served.polled
-        try:
-            served.serve([w.path])
-        finally:
-            stop.set()
-            t.join()
+        _serve_beside(served, [w.path], guest_then_loop)
         assert served.polled == polled + 1
         assert w.shared.idx[RSP_PROD] == 2  # both served by that one call
         assert served.ends[nk.END_LOOP] == 1  # ended for the loop's work
