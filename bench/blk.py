@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -132,6 +133,26 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
     await proc.wait()
 
 
+async def _one(proc: asyncio.subprocess.Process, path: str, image: str, load: Load,
+               measure_cpu: bool = True, **kw) -> LoadResult:
+    """One load generator run against the daemon `proc` (its CPU measured unless not)."""
+    return socket_result(load, await run_load_socket(
+        path, image, load, daemon_pid=proc.pid if measure_cpu else None, **kw))
+
+
+async def _warm_up(proc: asyncio.subprocess.Process, path: str, image: str,
+                   seconds: float) -> None:
+    # Not reported: the first line would otherwise also pay for the daemon's first
+    # connection (threads started, memory touched for the first time).
+    await _one(proc, path, image, Load(bs=4096, qd=32, seconds=min(1.0, seconds)),
+               measure_cpu=False)
+
+
+async def _stop_after_failure(proc: asyncio.subprocess.Process, log_path: Path) -> None:
+    await _stop(proc)
+    print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
+
+
 async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row], list[tuple]]:
     proc, path, log_path = await start_daemon(workdir)
     rows: list[Row] = []
@@ -139,9 +160,7 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
     try:
         pp = await pingpong()
 
-        async def one(load: Load, measure_cpu: bool = True, **kw) -> LoadResult:
-            return socket_result(load, await run_load_socket(
-                path, image, load, daemon_pid=proc.pid if measure_cpu else None, **kw))
+        one = functools.partial(_one, proc, path, image)
 
         async def run(key: str, load: Load) -> LoadResult:
             result = await one(load)
@@ -152,9 +171,7 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
             rows.append(_row(load, result))
             return result
 
-        # Not reported: the first line would otherwise also pay for the daemon's first
-        # connection (threads started, memory touched for the first time).
-        await one(Load(bs=4096, qd=32, seconds=min(1.0, seconds)), measure_cpu=False)
+        await _warm_up(proc, path, image, seconds)
         for rw in ("read", "write"):
             for queues in (1, 2):
                 for persistent in (False, True):
@@ -216,8 +233,7 @@ async def measure(image: str, workdir: Path, seconds: float) -> tuple[list[Row],
                          "fio io_uring O_DIRECT randread",
                          "fio io_uring 4k randread O_DIRECT QD32 x1")
     except BaseException:
-        await _stop(proc)
-        print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
+        await _stop_after_failure(proc, log_path)
         raise
     await _stop(proc)
 
@@ -286,15 +302,14 @@ async def measure_persistent(image: str, workdir: Path, seconds: float, rounds: 
     shapes = [(4096, rw, queues) for rw in ("read", "write") for queues in (1, 2)]
     shapes += [(MiB, rw, 1) for rw in ("read", "write")]
     try:
-        async def one(load: Load, measure_cpu: bool = True) -> LoadResult:
-            result = socket_result(load, await run_load_socket(
-                path, image, load, daemon_pid=proc.pid if measure_cpu else None))
+        async def one(load: Load) -> LoadResult:
+            result = await _one(proc, path, image, load)
             if result.held_after_close:
                 raise LoadFailed(f"{len(result.held_after_close)} grants still in use after "
                                  "the device was closed")
             return result
 
-        await one(Load(bs=4096, qd=32, seconds=min(1.0, seconds)), measure_cpu=False)
+        await _warm_up(proc, path, image, seconds)
         for _ in range(rounds):
             for bs, rw, queues in shapes:
                 for persistent in (False, True):
@@ -302,8 +317,7 @@ async def measure_persistent(image: str, workdir: Path, seconds: float, rounds: 
                     runs.setdefault((bs, rw, queues, persistent), []).append(
                         await one(load))
     except BaseException:
-        await _stop(proc)
-        print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
+        await _stop_after_failure(proc, log_path)
         raise
     await _stop(proc)
     out = []
@@ -333,11 +347,8 @@ async def measure_beside(image: str, workdir: Path, seconds: float, rounds: int
     cached = Load(bs=4096, qd=32, seconds=seconds)
     out: list[tuple] = []
     try:
-        async def one(load: Load, measure_cpu: bool = True, **kw) -> LoadResult:
-            return socket_result(load, await run_load_socket(
-                path, image, load, daemon_pid=proc.pid if measure_cpu else None, **kw))
-
-        await one(Load(bs=4096, qd=32, seconds=min(1.0, seconds)), measure_cpu=False)
+        one = functools.partial(_one, proc, path, image)
+        await _warm_up(proc, path, image, seconds)
         for r in range(rounds):
             alone = await one(cached)
             out.append((r, "alone", alone.iops, 1.0, alone.cpu_us_per_io, NAN))
@@ -356,8 +367,7 @@ async def measure_beside(image: str, workdir: Path, seconds: float, rounds: int
                 out.append((r, kind, beside.iops, _ratio(beside.iops, alone.iops),
                             beside.cpu_us_per_io, other.iops))
     except BaseException:
-        await _stop(proc)
-        print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
+        await _stop_after_failure(proc, log_path)
         raise
     await _stop(proc)
     words = dict(BESIDE)
@@ -402,23 +412,17 @@ async def measure_queues(image: str, workdir: Path, seconds: float, rounds: int,
                 else:
                     os.environ["BACKENDD_BLK_KERNEL"] = saved
         runs: dict[tuple[int, str], list[LoadResult]] = {}
-
-        async def one(proc: asyncio.subprocess.Process, path: str, load: Load,
-                      measure_cpu: bool = True) -> LoadResult:
-            return socket_result(load, await run_load_socket(
-                path, image, load, daemon_pid=proc.pid if measure_cpu else None))
-
         for _, proc, path, _ in daemons:
-            await one(proc, path, Load(bs=4096, qd=32, seconds=min(1.0, seconds)), False)
+            await _warm_up(proc, path, image, seconds)
         for _ in range(rounds):
             for n, proc, path, _ in daemons:
                 for line, load in QUEUE_LINES:
                     load = Load(bs=load.bs, qd=load.qd, queues=load.queues, seconds=seconds)
-                    runs.setdefault((n, line), []).append(await one(proc, path, load))
+                    runs.setdefault((n, line), []).append(
+                        await _one(proc, path, image, load))
     except BaseException:
         for _, proc, _, log_path in daemons:
-            await _stop(proc)
-            print("daemon log:\n" + log_path.read_text()[-4000:], file=sys.stderr)
+            await _stop_after_failure(proc, log_path)
         raise
     for _, proc, _, _ in daemons:
         await _stop(proc)
