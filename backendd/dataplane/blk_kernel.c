@@ -972,6 +972,20 @@ static void advance(struct bk_pending *s, size_t n)
     }
 }
 
+/* One step of a transfer moved res bytes, or failed with -res: an error is answered
+ * ERROR with its errno kept, nothing moved (the backing store ended before the request
+ * did) ERROR with EIO. Returns whether the transfer goes on (not failed, not done). */
+static int step_moved(struct bk_pending *s, int64_t res)
+{
+    if (res <= 0) {
+        s->status = BLKIF_RSP_ERROR;
+        s->error = res ? (int32_t)-res : EIO;
+        return 0;
+    }
+    advance(s, (size_t)res);
+    return s->iov_next < s->nseg;
+}
+
 /* Move what is left of a transfer. Returns 0 when done (status set on error), 1 when
  * it would block (RWF_NOWAIT only): the pool continues from where it stopped; 2 when
  * the filesystem does not do RWF_NOWAIT for this direction at all. */
@@ -990,16 +1004,9 @@ static int transfer(struct bk_pending *s, int fd, int nowait)
                 return 1;
             if (nowait && errno == EOPNOTSUPP)
                 return 2;
-            s->status = BLKIF_RSP_ERROR;
-            s->error = errno;
-            return 0;
         }
-        if (n == 0) {   /* the backing store ended before the request did */
-            s->status = BLKIF_RSP_ERROR;
-            s->error = EIO;
+        if (!step_moved(s, n < 0 ? -(int64_t)errno : (int64_t)n))
             return 0;
-        }
-        advance(s, (size_t)n);
     }
     return 0;
 }
@@ -1404,20 +1411,10 @@ static void uring_reap(struct bk_queue *q, uint16_t *done, uint32_t *ndone)
             pool[npool++] = (uint16_t)slot;
             continue;
         }
-        if (res < 0) {
-            s->status = BLKIF_RSP_ERROR;
-            s->error = -res;
-        } else if (res == 0) {  /* the backing store ended before the request did */
-            s->status = BLKIF_RSP_ERROR;
-            s->error = EIO;
-        } else {
-            advance(s, (size_t)res);
-            if (s->iov_next < s->nseg) {
-                again[nagain++] = (uint16_t)slot;
-                continue;
-            }
-        }
-        done[(*ndone)++] = (uint16_t)slot;
+        if (step_moved(s, res))
+            again[nagain++] = (uint16_t)slot;
+        else
+            done[(*ndone)++] = (uint16_t)slot;
     }
     __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
     uring_submit(q, again, nagain, pool, &npool);
